@@ -1,0 +1,55 @@
+//! Arguments and helpers shared by subcommands: which model, which device, loading with a progress bar.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dejavu::backend::DeviceKind;
+use dejavu::{Model, ModelFiles};
+
+#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json), a GGUF file, or a Hub id
+    /// such as facebook/opt-125m (read from the hf-hub cache; downloaded unless HF_HUB_OFFLINE=1).
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Where the reference forward runs.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+pub fn resolve(spec: &str) -> anyhow::Result<ModelFiles> {
+    ModelFiles::resolve(spec).with_context(|| format!("while opening model `{spec}`"))
+}
+
+/// Load the weights onto the device, showing a bar over layers.
+pub fn load_model<B: Backend>(files: &ModelFiles, device: &B::Device, quiet: bool) -> anyhow::Result<Model<B>> {
+    let t0 = Instant::now();
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(files.config.layers as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(files.identity.clone());
+    let model = Model::<B>::load(&files.config, files.checkpoint.as_ref(), device, |_| bar.inc(1))
+        .with_context(|| format!("while loading the weights of `{}`", files.identity))?;
+    bar.finish_and_clear();
+    if !quiet {
+        let c = &files.config;
+        eprintln!(
+            "loaded {} ({:?}, {} layers, d={}, ffn={}, heads={}/{}, {:.1}M params) in {:.1}s",
+            files.identity,
+            c.family,
+            c.layers,
+            c.hidden,
+            c.ffn,
+            c.heads,
+            c.kv_heads,
+            c.param_count() as f64 / 1e6,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(model)
+}

@@ -1,0 +1,30 @@
+//! Subcommands, one file each: clap arguments plus a `run` that calls into the library.
+
+pub mod common;
+pub mod generate;
+pub mod ppl;
+
+use clap::{Parser, Subcommand};
+
+/// dejavu: find and run the sparse parts of an LLM (Deja Vu predictors, CATS thresholds).
+#[derive(Debug, Parser)]
+#[command(name = "dejavu", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt with the dense reference forward (greedy by default).
+    Generate(generate::Args),
+    /// Perplexity of a text file with a sliding window.
+    Ppl(ppl::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Ppl(a) => ppl::run(a),
+    }
+}

@@ -1,0 +1,324 @@
+//! Seeded tiny random models with Hugging Face key names, config.json and a byte-level BPE tokenizer.json built
+//! here, so tests (and CI's smoke runs) exercise the real loaders end to end without downloading anything.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::{tensor::TensorView, Dtype};
+use serde_json::json;
+
+use crate::config::{Family, ModelConfig};
+use crate::generate::SplitMix64;
+
+/// One fixture model: its name (directory name), `config.json` contents and RNG seed.
+#[derive(Debug, Clone)]
+pub struct FixtureSpec {
+    pub name: &'static str,
+    pub config: serde_json::Value,
+    pub seed: u64,
+}
+
+pub const VOCAB: usize = 320;
+
+/// OPT with pre-LayerNorm and `word_embed_proj_dim == hidden` (OPT-125m's layout, scaled down).
+pub fn tiny_opt() -> FixtureSpec {
+    FixtureSpec {
+        name: "tiny-opt",
+        seed: 1,
+        config: json!({
+            "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
+            "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "do_layer_norm_before": true, "word_embed_proj_dim": 32, "activation_function": "relu",
+            "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
+            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
+        }),
+    }
+}
+
+/// OPT-350m's layout: post-LayerNorm, no final norm, 16-wide embeddings projected into a 32-wide model.
+pub fn tiny_opt_proj() -> FixtureSpec {
+    FixtureSpec {
+        name: "tiny-opt-proj",
+        seed: 2,
+        config: json!({
+            "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
+            "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "do_layer_norm_before": false, "word_embed_proj_dim": 16, "activation_function": "relu",
+            "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
+            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
+        }),
+    }
+}
+
+/// Llama with grouped-query attention (4 query heads, 2 kv heads) and an untied lm_head.
+pub fn tiny_llama() -> FixtureSpec {
+    FixtureSpec {
+        name: "tiny-llama",
+        seed: 3,
+        config: json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+        }),
+    }
+}
+
+/// Llama with tied embeddings, plain multi-head attention and a non-default RoPE base.
+pub fn tiny_llama_tied() -> FixtureSpec {
+    FixtureSpec {
+        name: "tiny-llama-tied",
+        seed: 4,
+        config: json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
+            "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "hidden_act": "silu",
+            "tie_word_embeddings": true, "attention_bias": false, "mlp_bias": false,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+        }),
+    }
+}
+
+pub fn all() -> Vec<FixtureSpec> {
+    vec![tiny_opt(), tiny_opt_proj(), tiny_llama(), tiny_llama_tied()]
+}
+
+/// What kind of values a tensor holds, which sets how it is drawn.
+#[derive(Clone, Copy)]
+enum Init {
+    /// Gaussian with this standard deviation.
+    Normal(f32),
+    /// 1 + Gaussian noise (norm weights).
+    NearOne,
+}
+
+/// Hugging Face tensor names and shapes of a model with this config.
+pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    layout(cfg).into_iter().map(|(n, s, _)| (n, s)).collect()
+}
+
+fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let (d, f, dh) = (cfg.hidden, cfg.ffn, cfg.head_dim);
+    let (qo, kvo) = (cfg.heads * dh, cfg.kv_heads * dh);
+    let w = Init::Normal(0.2);
+    let bias = Init::Normal(0.05);
+    let mut v: Vec<(String, Vec<usize>, Init)> = Vec::new();
+    let mut push = |n: String, s: Vec<usize>, i: Init| v.push((n, s, i));
+    match cfg.family {
+        Family::Opt => {
+            let p = "model.decoder";
+            push(format!("{p}.embed_tokens.weight"), vec![cfg.vocab_size, cfg.embed_dim], Init::Normal(0.5));
+            push(format!("{p}.embed_positions.weight"), vec![cfg.max_positions + 2, d], Init::Normal(0.2));
+            if cfg.embed_dim != d {
+                push(format!("{p}.project_in.weight"), vec![d, cfg.embed_dim], w);
+                push(format!("{p}.project_out.weight"), vec![cfg.embed_dim, d], w);
+            }
+            for i in 0..cfg.layers {
+                let l = format!("{p}.layers.{i}");
+                for (name, o, inp) in [("q_proj", qo, d), ("k_proj", kvo, d), ("v_proj", kvo, d), ("out_proj", d, qo)] {
+                    push(format!("{l}.self_attn.{name}.weight"), vec![o, inp], w);
+                    push(format!("{l}.self_attn.{name}.bias"), vec![o], bias);
+                }
+                for n in ["self_attn_layer_norm", "final_layer_norm"] {
+                    push(format!("{l}.{n}.weight"), vec![d], Init::NearOne);
+                    push(format!("{l}.{n}.bias"), vec![d], bias);
+                }
+                push(format!("{l}.fc1.weight"), vec![f, d], w);
+                push(format!("{l}.fc1.bias"), vec![f], bias);
+                push(format!("{l}.fc2.weight"), vec![d, f], w);
+                push(format!("{l}.fc2.bias"), vec![d], bias);
+            }
+            if cfg.final_norm {
+                push(format!("{p}.final_layer_norm.weight"), vec![d], Init::NearOne);
+                push(format!("{p}.final_layer_norm.bias"), vec![d], bias);
+            }
+        }
+        Family::Llama => {
+            push("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], Init::Normal(0.5));
+            for i in 0..cfg.layers {
+                let l = format!("model.layers.{i}");
+                for (name, o, inp) in [("q_proj", qo, d), ("k_proj", kvo, d), ("v_proj", kvo, d), ("o_proj", d, qo)] {
+                    push(format!("{l}.self_attn.{name}.weight"), vec![o, inp], w);
+                }
+                push(format!("{l}.mlp.gate_proj.weight"), vec![f, d], w);
+                push(format!("{l}.mlp.up_proj.weight"), vec![f, d], w);
+                push(format!("{l}.mlp.down_proj.weight"), vec![d, f], w);
+                push(format!("{l}.input_layernorm.weight"), vec![d], Init::NearOne);
+                push(format!("{l}.post_attention_layernorm.weight"), vec![d], Init::NearOne);
+            }
+            push("model.norm.weight".into(), vec![d], Init::NearOne);
+            if !cfg.tie_embeddings {
+                push("lm_head.weight".into(), vec![cfg.vocab_size, d], w);
+            }
+        }
+    }
+    v
+}
+
+/// Element type the weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FixtureDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Write `config.json`, `model.safetensors` and `tokenizer.json` of `spec` into `dir` (created if needed).
+pub fn write(spec: &FixtureSpec, dir: &Path, dtype: FixtureDtype) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cfg = ModelConfig::from_json(&spec.config, &dir.join("config.json"))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&spec.config)? + "\n")?;
+    let mut rng = SplitMix64(spec.seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape, init) in layout(&cfg) {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|_| match init {
+                Init::Normal(sd) => sd * gaussian(&mut rng),
+                Init::NearOne => 1.0 + 0.1 * gaussian(&mut rng),
+            })
+            .collect();
+        let bytes: Vec<u8> = match dtype {
+            FixtureDtype::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            FixtureDtype::F16 => vals.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            FixtureDtype::BF16 => vals.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        };
+        tensors.push((name, shape, bytes));
+    }
+    let st_dtype = match dtype {
+        FixtureDtype::F32 => Dtype::F32,
+        FixtureDtype::F16 => Dtype::F16,
+        FixtureDtype::BF16 => Dtype::BF16,
+    };
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(st_dtype, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+        })
+        .collect::<std::io::Result<_>>()?;
+    let meta: Option<std::collections::HashMap<String, String>> =
+        Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    safetensors::serialize_to_file(views, meta, &dir.join("model.safetensors"))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bos = if cfg.family == Family::Opt { "</s>" } else { "<s>" };
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer_json(cfg.vocab_size, bos))?)?;
+    Ok(())
+}
+
+fn gaussian(rng: &mut SplitMix64) -> f32 {
+    // Box-Muller; 1 - u keeps the log argument in (0, 1].
+    let u1 = 1.0 - rng.next_f64();
+    let u2 = rng.next_f64();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// GPT-2's reversible map from bytes to printable characters (byte-level BPE symbols).
+pub fn byte_to_char() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..=255u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut map = vec![' '; 256];
+    for (b, c) in printable.iter().zip(chars.iter()) {
+        map[*b as usize] = char::from_u32(*c).unwrap_or('?');
+    }
+    map
+}
+
+/// Text the fixture tokenizer learns its merges from (written for this project).
+const MERGE_CORPUS: &str = "the cat sat on the mat. the dog ran to the park and the cat ran after the dog. \
+once upon a time there was a little model that wanted to be sparse. it kept only the neurons it needed, \
+and the answer was the same as the dense answer. then the model ran fast on the card.";
+
+/// A byte-level BPE tokenizer.json with 4 special tokens, the 256 byte symbols and merges learned greedily from
+/// [`MERGE_CORPUS`] up to `vocab` entries. `bos` is prepended by the post-processor (OPT: `</s>`, Llama: `<s>`).
+pub fn tokenizer_json(vocab: usize, bos: &str) -> serde_json::Value {
+    let specials = ["<s>", "<pad>", "</s>", "<unk>"];
+    let b2c = byte_to_char();
+    let mut vocab_map: BTreeMap<String, usize> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for s in specials {
+        vocab_map.insert(s.to_string(), order.len());
+        order.push(s.to_string());
+    }
+    for c in &b2c {
+        let s = c.to_string();
+        vocab_map.insert(s.clone(), order.len());
+        order.push(s);
+    }
+    // Words as GPT-2 pre-tokenizes them (a leading space joins the word), mapped to byte symbols.
+    let mut words: Vec<Vec<String>> = Vec::new();
+    for (i, w) in MERGE_CORPUS.split(' ').enumerate() {
+        let text = if i == 0 { w.to_string() } else { format!(" {w}") };
+        words.push(text.bytes().map(|b| b2c[b as usize].to_string()).collect());
+    }
+    let mut merges: Vec<(String, String)> = Vec::new();
+    while order.len() < vocab {
+        let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for w in &words {
+            for p in w.windows(2) {
+                *counts.entry((p[0].clone(), p[1].clone())).or_default() += 1;
+            }
+        }
+        // Most frequent pair; ties broken by the pair's text so the result is deterministic.
+        let Some((pair, _)) = counts.into_iter().filter(|(p, _)| !vocab_map.contains_key(&format!("{}{}", p.0, p.1))).max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))) else {
+            break;
+        };
+        let joined = format!("{}{}", pair.0, pair.1);
+        for w in &mut words {
+            let mut i = 0;
+            while i + 1 < w.len() {
+                if w[i] == pair.0 && w[i + 1] == pair.1 {
+                    w[i] = joined.clone();
+                    w.remove(i + 1);
+                }
+                i += 1;
+            }
+        }
+        vocab_map.insert(joined.clone(), order.len());
+        order.push(joined);
+        merges.push(pair);
+    }
+    // Pad with unused symbols if the corpus ran out of pairs, so ids cover exactly `vocab`.
+    while order.len() < vocab {
+        let s = format!("<extra_{}>", order.len());
+        vocab_map.insert(s.clone(), order.len());
+        order.push(s);
+    }
+    let bos_id = specials.iter().position(|s| *s == bos).unwrap_or(0);
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": specials.iter().enumerate().map(|(i, s)| json!({
+            "id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        })).collect::<Vec<_>>(),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab_map,
+            "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()
+        }
+    })
+}

@@ -1,0 +1,22 @@
+//! dejavu: contextual sparsity for LLM inference.
+//!
+//! This crate holds the library side of the `dejavu` binary: model sources and checkpoint readers, the burn
+//! reference forward for OPT and Llama (with per-layer taps for later collection), generation and perplexity.
+//! The CLI in `src/cli` only parses flags and calls in here.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fixture;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod ppl;
+pub mod source;
+pub mod weights;
+
+pub use config::{Family, ModelConfig};
+pub use error::LoadError;
+pub use model::Model;
+pub use source::ModelFiles;

@@ -1,0 +1,378 @@
+//! The reference forward for OPT and Llama in burn, generic over the backend. It is the ground truth every
+//! later stage (collection, calibration, CPU evaluation, the CUDA engine) is checked against.
+//!
+//! One forward serves scoring and decoding: it takes a batch of equal-length token rows (pad on the right
+//! when scoring rows of different lengths: causal attention keeps padding from touching earlier tokens),
+//! appends to a [`KvCache`], and can record per-layer [`Taps`] on the way.
+
+pub mod layers;
+
+use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Family, ModelConfig};
+use crate::error::{LoadError, Result};
+use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
+
+/// Which per-layer values a forward records. Collection asks for all of them in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapSet {
+    /// Residual stream entering the block (the attention input, before its norm).
+    pub block_input: bool,
+    /// Residual stream entering the MLP sub-block (before its norm).
+    pub mlp_input: bool,
+    /// MLP hidden activation: OPT post-ReLU fc1 output; Llama SiLU(gate)·up, plus SiLU(gate) alone.
+    pub mlp_act: bool,
+    /// L2 norm of each attention head's output (before the output projection).
+    pub head_norm: bool,
+}
+
+impl TapSet {
+    pub fn all() -> Self {
+        TapSet { block_input: true, mlp_input: true, mlp_act: true, head_norm: true }
+    }
+    pub fn any(&self) -> bool {
+        self.block_input || self.mlp_input || self.mlp_act || self.head_norm
+    }
+}
+
+/// Values recorded in one layer during one forward call.
+#[derive(Debug, Clone)]
+pub struct LayerTaps<B: Backend> {
+    /// `[batch, seq, hidden]`
+    pub block_input: Option<Tensor<B, 3>>,
+    /// `[batch, seq, hidden]`
+    pub mlp_input: Option<Tensor<B, 3>>,
+    /// `[batch, seq, ffn]`: OPT post-ReLU fc1; Llama SiLU(gate)·up (signed; take |·| for magnitudes).
+    pub mlp_act: Option<Tensor<B, 3>>,
+    /// `[batch, seq, ffn]`: Llama only, SiLU(gate) (CATS thresholds this).
+    pub gate_act: Option<Tensor<B, 3>>,
+    /// `[batch, seq, heads]`
+    pub head_norm: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Default for LayerTaps<B> {
+    fn default() -> Self {
+        LayerTaps { block_input: None, mlp_input: None, mlp_act: None, gate_act: None, head_norm: None }
+    }
+}
+
+/// Per-layer key/value cache. `k, v: [batch, kv_heads, positions, head_dim]`, keys after RoPE.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers] }
+    }
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Mlp<B: Backend> {
+    /// OPT: fc2(ReLU(fc1 x))
+    Relu { fc1: Linear<B>, fc2: Linear<B> },
+    /// Llama: down(SiLU(gate x) · up x)
+    SwiGlu { gate: Linear<B>, up: Linear<B>, down: Linear<B> },
+}
+
+struct Layer<B: Backend> {
+    attn_norm: Norm<B>,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    o: Linear<B>,
+    mlp_norm: Norm<B>,
+    mlp: Mlp<B>,
+}
+
+/// A loaded model on one burn device.
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    /// `[vocab, embed_dim]`
+    embed: Tensor<B, 2>,
+    /// OPT: `[max_positions + 2, hidden]` (positions are offset by 2, as in fairseq).
+    pos_embed: Option<Tensor<B, 2>>,
+    /// OPT-350m style: `[embed_dim -> hidden]` and back.
+    project_in: Option<Linear<B>>,
+    project_out: Option<Linear<B>>,
+    layers: Vec<Layer<B>>,
+    final_norm: Option<Norm<B>>,
+    /// `[embed_dim, vocab]`
+    lm_head: Tensor<B, 2>,
+    device: B::Device,
+}
+
+/// OPT position offset (fairseq legacy: positions 0 and 1 are reserved).
+const OPT_POS_OFFSET: usize = 2;
+
+impl<B: Backend> Model<B> {
+    /// Load weights following the checkpoint's Hugging Face key names; `on_layer` is called after each layer
+    /// (for a progress bar).
+    pub fn load(cfg: &ModelConfig, ck: &dyn Checkpoint, dev: &B::Device, mut on_layer: impl FnMut(usize)) -> Result<Self> {
+        let c = cfg;
+        let (d, f, dh) = (c.hidden, c.ffn, c.head_dim);
+        let q_out = c.heads * dh;
+        let kv_out = c.kv_heads * dh;
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>> {
+            let t = ck.get_shaped(name, &[rows, cols])?;
+            Ok(Tensor::from_data(TensorData::new(t.data, [rows, cols]), dev))
+        };
+        let transposed = |t: Tensor<B, 2>| Tensor::<B, 2>::from_data(t.transpose().into_data(), dev);
+        let mut layers = Vec::with_capacity(c.layers);
+        let model = match c.family {
+            Family::Opt => {
+                let p = if ck.contains("model.decoder.embed_tokens.weight") {
+                    "model.decoder"
+                } else if ck.contains("decoder.embed_tokens.weight") {
+                    "decoder"
+                } else {
+                    return Err(LoadError::tensor(
+                        ck.file_of("model.decoder.embed_tokens.weight"),
+                        "model.decoder.embed_tokens.weight",
+                        "missing from the checkpoint (an OPT checkpoint needs it)",
+                    ));
+                };
+                let embed = mat(&format!("{p}.embed_tokens.weight"), c.vocab_size, c.embed_dim)?;
+                let pos_embed = mat(&format!("{p}.embed_positions.weight"), c.max_positions + OPT_POS_OFFSET, d)?;
+                let (project_in, project_out) = if c.embed_dim != d {
+                    (
+                        Some(Linear::load(ck, &format!("{p}.project_in"), c.embed_dim, d, false, dev)?),
+                        Some(Linear::load(ck, &format!("{p}.project_out"), d, c.embed_dim, false, dev)?),
+                    )
+                } else {
+                    (None, None)
+                };
+                for i in 0..c.layers {
+                    let l = format!("{p}.layers.{i}");
+                    let lin = |name: &str, din, dout, bias| Linear::load(ck, &format!("{l}.{name}"), din, dout, bias, dev);
+                    layers.push(Layer {
+                        attn_norm: Norm::layer(ck, &format!("{l}.self_attn_layer_norm"), d, c.norm_eps, dev)?,
+                        q: lin("self_attn.q_proj", d, q_out, c.attn_bias)?,
+                        k: lin("self_attn.k_proj", d, kv_out, c.attn_bias)?,
+                        v: lin("self_attn.v_proj", d, kv_out, c.attn_bias)?,
+                        o: lin("self_attn.out_proj", q_out, d, c.attn_bias)?,
+                        mlp_norm: Norm::layer(ck, &format!("{l}.final_layer_norm"), d, c.norm_eps, dev)?,
+                        mlp: Mlp::Relu { fc1: lin("fc1", d, f, c.mlp_bias)?, fc2: lin("fc2", f, d, c.mlp_bias)? },
+                    });
+                    on_layer(i);
+                }
+                let final_norm = if c.final_norm {
+                    Some(Norm::layer(ck, &format!("{p}.final_layer_norm"), d, c.norm_eps, dev)?)
+                } else {
+                    None
+                };
+                let lm_head = if c.tie_embeddings || !ck.contains("lm_head.weight") {
+                    transposed(embed.clone())
+                } else {
+                    transposed(mat("lm_head.weight", c.vocab_size, c.embed_dim)?)
+                };
+                Model {
+                    cfg: c.clone(),
+                    embed,
+                    pos_embed: Some(pos_embed),
+                    project_in,
+                    project_out,
+                    layers,
+                    final_norm,
+                    lm_head,
+                    device: dev.clone(),
+                }
+            }
+            Family::Llama => {
+                let embed = mat("model.embed_tokens.weight", c.vocab_size, d)?;
+                for i in 0..c.layers {
+                    let l = format!("model.layers.{i}");
+                    let lin = |name: &str, din, dout, bias| Linear::load(ck, &format!("{l}.{name}"), din, dout, bias, dev);
+                    layers.push(Layer {
+                        attn_norm: Norm::rms(ck, &format!("{l}.input_layernorm"), d, c.norm_eps, dev)?,
+                        q: lin("self_attn.q_proj", d, q_out, c.attn_bias)?,
+                        k: lin("self_attn.k_proj", d, kv_out, c.attn_bias)?,
+                        v: lin("self_attn.v_proj", d, kv_out, c.attn_bias)?,
+                        o: lin("self_attn.o_proj", q_out, d, false)?,
+                        mlp_norm: Norm::rms(ck, &format!("{l}.post_attention_layernorm"), d, c.norm_eps, dev)?,
+                        mlp: Mlp::SwiGlu {
+                            gate: lin("mlp.gate_proj", d, f, c.mlp_bias)?,
+                            up: lin("mlp.up_proj", d, f, c.mlp_bias)?,
+                            down: lin("mlp.down_proj", f, d, c.mlp_bias)?,
+                        },
+                    });
+                    on_layer(i);
+                }
+                let final_norm = Some(Norm::rms(ck, "model.norm", d, c.norm_eps, dev)?);
+                let lm_head = if c.tie_embeddings {
+                    transposed(embed.clone())
+                } else {
+                    transposed(mat("lm_head.weight", c.vocab_size, d)?)
+                };
+                Model {
+                    cfg: c.clone(),
+                    embed,
+                    pos_embed: None,
+                    project_in: None,
+                    project_out: None,
+                    layers,
+                    final_norm,
+                    lm_head,
+                    device: dev.clone(),
+                }
+            }
+        };
+        Ok(model)
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.cfg.layers)
+    }
+
+    /// Token rows (all the same length) as an Int tensor `[batch, seq]`.
+    pub fn tokens(&self, rows: &[Vec<u32>]) -> Tensor<B, 2, Int> {
+        let b = rows.len();
+        let s = rows.first().map(|r| r.len()).unwrap_or(0);
+        debug_assert!(rows.iter().all(|r| r.len() == s), "token rows must have equal lengths");
+        let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&t| t as i64)).collect();
+        Tensor::from_data(TensorData::new(flat, [b, s]), &self.device)
+    }
+
+    /// Run the decoder over `tokens: [batch, seq]` placed after the `cache.len()` cached positions, append their
+    /// keys/values to the cache, and return the final hidden states `[batch, seq, embed_dim]` (after the final
+    /// norm and `project_out`: feed them to [`Model::logits`]). When `taps` is given, the values it asks for are
+    /// recorded, one [`LayerTaps`] per layer, replacing what it held.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        mut taps: Option<(&TapSet, &mut Vec<LayerTaps<B>>)>,
+    ) -> Tensor<B, 3> {
+        let c = &self.cfg;
+        let [b, s] = tokens.dims();
+        let past = cache.len();
+        let ids = tokens.reshape([b * s]);
+        let mut x = self.embed.clone().select(0, ids).reshape([b, s, c.embed_dim]); // [b, s, embed_dim]
+        if let Some(p) = &self.project_in {
+            x = p.forward(x);
+        }
+        if let Some(pos) = &self.pos_embed {
+            let start = past + OPT_POS_OFFSET;
+            let pe = pos.clone().slice([start..start + s, 0..c.hidden]); // [s, hidden]
+            x = x + pe.unsqueeze::<3>();
+        }
+        let rope = (c.family == Family::Llama).then(|| rope_tables::<B>(past, s, c.head_dim, c.rope_theta, &self.device));
+        if let Some((_, out)) = taps.as_mut() {
+            out.clear();
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut lt = LayerTaps::default();
+            let want = taps.as_ref().map(|(w, _)| **w).unwrap_or_default();
+            x = self.layer_forward(layer, x, cache, i, rope.as_ref(), &want, &mut lt);
+            if let Some((_, out)) = taps.as_mut() {
+                out.push(lt);
+            }
+        }
+        if let Some(n) = &self.final_norm {
+            x = n.forward(x);
+        }
+        if let Some(p) = &self.project_out {
+            x = p.forward(x);
+        }
+        x
+    }
+
+    /// `h: [batch, seq, embed_dim] -> logits [batch, seq, vocab]`
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, e] = h.dims();
+        h.reshape([b * s, e]).matmul(self.lm_head.clone()).reshape([b, s, self.cfg.vocab_size])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &Layer<B>,
+        x: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+        index: usize,
+        rope: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
+        want: &TapSet,
+        taps: &mut LayerTaps<B>,
+    ) -> Tensor<B, 3> {
+        let c = &self.cfg;
+        let [b, s, _] = x.dims();
+        let (h, kv, dh) = (c.heads, c.kv_heads, c.head_dim);
+        if want.block_input {
+            taps.block_input = Some(x.clone());
+        }
+
+        // Attention sub-block.
+        let residual = x.clone();
+        let a_in = if c.norm_before { layer.attn_norm.forward(x) } else { x };
+        let q = layer.q.forward(a_in.clone()).reshape([b, s, h, dh]).swap_dims(1, 2); // [b, h, s, dh]
+        let k = layer.k.forward(a_in.clone()).reshape([b, s, kv, dh]).swap_dims(1, 2); // [b, kv, s, dh]
+        let v = layer.v.forward(a_in).reshape([b, s, kv, dh]).swap_dims(1, 2); // [b, kv, s, dh]
+        let (q, k) = match rope {
+            Some((cos, sin)) => (apply_rope(q, cos, sin), apply_rope(k, cos, sin)),
+            None => (q, k),
+        };
+        let (k, v) = match cache.layers[index].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        cache.layers[index] = Some((k.clone(), v.clone()));
+        let att = causal_attention(q, k, v, 1.0 / (dh as f64).sqrt()); // [b, h, s, dh]
+        if want.head_norm {
+            taps.head_norm = Some(att.clone().powi_scalar(2).sum_dim(3).sqrt().reshape([b, h, s]).swap_dims(1, 2));
+        }
+        let att = att.swap_dims(1, 2).reshape([b, s, h * dh]);
+        let mut x = residual + layer.o.forward(att);
+        if !c.norm_before {
+            x = layer.attn_norm.forward(x);
+        }
+
+        // MLP sub-block.
+        if want.mlp_input {
+            taps.mlp_input = Some(x.clone());
+        }
+        let residual = x.clone();
+        let m_in = if c.norm_before { layer.mlp_norm.forward(x) } else { x };
+        let m_out = match &layer.mlp {
+            Mlp::Relu { fc1, fc2 } => {
+                let act = activation::relu(fc1.forward(m_in)); // [b, s, ffn]
+                if want.mlp_act {
+                    taps.mlp_act = Some(act.clone());
+                }
+                fc2.forward(act)
+            }
+            Mlp::SwiGlu { gate, up, down } => {
+                let g = activation::silu(gate.forward(m_in.clone())); // [b, s, ffn]
+                let act = g.clone() * up.forward(m_in); // [b, s, ffn]
+                if want.mlp_act {
+                    taps.gate_act = Some(g);
+                    taps.mlp_act = Some(act.clone());
+                }
+                down.forward(act)
+            }
+        };
+        let mut x = residual + m_out;
+        if !c.norm_before {
+            x = layer.mlp_norm.forward(x);
+        }
+        x
+    }
+}
+
+/// Read a `[batch, seq, n]` float tensor back to the host as nested rows.
+pub fn to_host_3d<B: Backend>(t: Tensor<B, 3>) -> (Vec<f32>, [usize; 3]) {
+    let dims = t.dims();
+    let data = t.into_data().convert::<f32>();
+    (data.to_vec::<f32>().unwrap_or_default(), dims)
+}

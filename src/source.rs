@@ -1,0 +1,174 @@
+//! Where models come from: a local Hugging Face directory, a Hub id through hf-hub's cache, or a GGUF file.
+//! [`ModelFiles::resolve`] turns the one `--model` argument into a config, a checkpoint and a tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
+use crate::checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
+use crate::config::ModelConfig;
+use crate::error::{LoadError, Result};
+
+/// The kind of source a `--model` argument named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    HfDir(PathBuf),
+    Gguf(PathBuf),
+    Hub { id: String, snapshot: PathBuf },
+}
+
+/// Everything needed to build a model: its config, its tensors, its tokenizer.
+pub struct ModelFiles {
+    pub kind: SourceKind,
+    pub config: ModelConfig,
+    pub checkpoint: Box<dyn Checkpoint>,
+    pub tokenizer: Tokenizer,
+    /// Human-readable identity (path or Hub id) for reports and manifests.
+    pub identity: String,
+}
+
+impl ModelFiles {
+    /// Resolve a `--model` argument: an existing path (directory or `.gguf` file) wins; otherwise a string of
+    /// the form `owner/name` is taken as a Hugging Face Hub id.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Self::from_hf_dir(path, SourceKind::HfDir(path.to_path_buf()), spec.to_string());
+        }
+        if path.is_file() {
+            return Self::from_gguf(path);
+        }
+        if looks_like_hub_id(spec) {
+            return Self::from_hub(spec);
+        }
+        Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory (and not a Hub id of the form owner/name)")))
+    }
+
+    fn from_hf_dir(dir: &Path, kind: SourceKind, identity: String) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let checkpoint: Box<dyn Checkpoint> = if index.is_file() {
+            Box::new(SafetensorsCheckpoint::open_index(&index)?)
+        } else if single.exists() {
+            Box::new(SafetensorsCheckpoint::open_file(&single)?)
+        } else {
+            return Err(LoadError::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this directory (pytorch .bin is not supported)",
+            ));
+        };
+        let tokenizer = load_tokenizer_json(&dir.join("tokenizer.json"))?;
+        Ok(ModelFiles { kind, config, checkpoint, tokenizer, identity })
+    }
+
+    fn from_gguf(path: &Path) -> Result<Self> {
+        let ck = GgufCheckpoint::open(path)?;
+        let config = ModelConfig::from_json(&ck.file.hf_config()?, path)?;
+        let beside = path.with_file_name("tokenizer.json");
+        let tokenizer = if beside.is_file() { load_tokenizer_json(&beside)? } else { ck.file.tokenizer()? };
+        Ok(ModelFiles {
+            kind: SourceKind::Gguf(path.to_path_buf()),
+            config,
+            checkpoint: Box::new(ck),
+            tokenizer,
+            identity: path.display().to_string(),
+        })
+    }
+
+    fn from_hub(id: &str) -> Result<Self> {
+        let snapshot = hub::fetch(id)?;
+        Self::from_hf_dir(&snapshot, SourceKind::Hub { id: id.to_string(), snapshot: snapshot.clone() }, id.to_string())
+    }
+}
+
+pub fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
+    if !path.is_file() {
+        return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
+    }
+    Tokenizer::from_file(path).map_err(|e| LoadError::format(path, format!("not a valid tokenizer.json: {e}")))
+}
+
+fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Hugging Face Hub access through hf-hub's cache layout (`$HF_HOME/hub`).
+pub mod hub {
+    use super::*;
+
+    /// True when `HF_HUB_OFFLINE` asks for no network (hf-hub 0.5 does not read it itself).
+    pub fn offline() -> bool {
+        matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes") | Ok("ON") | Ok("on"))
+    }
+
+    /// Make sure config.json, tokenizer.json and the safetensors weights of `id` are in the local cache
+    /// (downloading what is missing unless offline) and return the snapshot directory holding them.
+    pub fn fetch(id: &str) -> Result<PathBuf> {
+        let cache = hf_hub::Cache::from_env();
+        let repo = cache.model(id.to_string());
+        let cache_dir = cache.path().display().to_string();
+        if offline() {
+            let get = |f: &str| {
+                repo.get(f).ok_or_else(|| {
+                    LoadError::Hub(format!(
+                        "{id}: `{f}` is not in the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE=1 forbids downloading it"
+                    ))
+                })
+            };
+            let config = get("config.json")?;
+            get("tokenizer.json")?;
+            if let Some(index) = repo.get("model.safetensors.index.json") {
+                for shard in shard_names(&index)? {
+                    get(&shard)?;
+                }
+            } else {
+                get("model.safetensors")?;
+            }
+            return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            .with_progress(true)
+            .build()
+            .map_err(|e| LoadError::Hub(format!("{id}: cannot start the Hub client: {e}")))?;
+        let api_repo = api.model(id.to_string());
+        let get = |f: &str| -> Result<PathBuf> {
+            if let Some(p) = repo.get(f) {
+                return Ok(p);
+            }
+            api_repo.get(f).map_err(|e| LoadError::Hub(format!("{id}: cannot download `{f}`: {e}")))
+        };
+        let config = get("config.json")?;
+        get("tokenizer.json")?;
+        match get("model.safetensors.index.json") {
+            Ok(index) => {
+                for shard in shard_names(&index)? {
+                    get(&shard)?;
+                }
+            }
+            Err(_) => {
+                get("model.safetensors")?;
+            }
+        }
+        Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+    }
+
+    fn shard_names(index: &Path) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index).map_err(|e| LoadError::io(index, e))?;
+        let idx: Index = serde_json::from_str(&text).map_err(|e| LoadError::Json { path: index.into(), err: e })?;
+        let mut v: Vec<String> = idx.weight_map.into_values().collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+}

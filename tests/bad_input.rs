@@ -1,0 +1,167 @@
+//! Bad input gives a one-line error naming the file (and tensor or field), a non-zero exit, and no panic.
+
+mod common;
+
+use std::path::Path;
+
+fn assert_clean_failure(out: &common::Output, must_contain: &[&str]) {
+    assert_eq!(out.code, 1, "exit code; stderr: {}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    for s in must_contain {
+        assert!(lines[0].contains(s), "`{s}` missing from: {}", lines[0]);
+    }
+}
+
+fn generate(model: &Path) -> common::Output {
+    common::dejavu(&["generate", "--model", model.to_str().unwrap(), "-n", "2"], &[])
+}
+
+#[test]
+fn missing_model_path() {
+    let out = generate(Path::new("/nonexistent/dejavu/model-dir"));
+    assert_clean_failure(&out, &["/nonexistent/dejavu/model-dir", "no such file"]);
+}
+
+#[test]
+fn missing_tokenizer_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-opt", tmp.path());
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["tokenizer.json", "not found"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-opt", tmp.path());
+    let st = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["model.safetensors", "truncated", "tensor `"]);
+}
+
+#[test]
+fn safetensors_header_lies_about_offsets() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-llama", tmp.path());
+    let st = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    // Shift one tensor's start by 4 bytes: its range now overlaps its neighbour and no longer fits its shape.
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let offs = header[name]["data_offsets"].as_array().unwrap().clone();
+    let start = offs[0].as_u64().unwrap();
+    header[name]["data_offsets"] = serde_json::json!([start + 4, offs[1]]);
+    let mut text = serde_json::to_string(&header).unwrap();
+    while text.len() < n {
+        text.push(' ');
+    }
+    assert_eq!(text.len(), n, "header must keep its length");
+    let mut out = bytes[..8].to_vec();
+    out.extend(text.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(&st, out).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["model.safetensors", name]);
+}
+
+#[test]
+fn tensor_shape_disagrees_with_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-opt", tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["ffn_dim"] = serde_json::json!(72);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["model.safetensors", "model.decoder.layers.0.fc1.weight", "[64, 32]", "[72, 32]"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-opt", tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = serde_json::json!("gpt_neox");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["config.json", "model_type", "gpt_neox"]);
+}
+
+#[test]
+fn config_missing_a_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_fixture("tiny-llama", tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("intermediate_size");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_failure(&generate(tmp.path()), &["config.json", "intermediate_size"]);
+}
+
+#[test]
+fn gguf_with_unsupported_quant_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("q4k.gguf");
+    // type 12 is Q4_K: 256-element super-blocks of 144 bytes. A tokenizer.json beside the file lets loading
+    // reach the weights.
+    std::fs::copy(common::fixture_dir("tiny-llama").join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    common::write_gguf(&path, &[("token_embd.weight", vec![8, 32], 12, vec![7u8; 144])], None);
+    assert_clean_failure(&generate(&path), &["q4k.gguf", "token_embd.weight", "Q4_K"]);
+}
+
+#[test]
+fn gguf_with_offset_past_end_of_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("badoff.gguf");
+    std::fs::copy(common::fixture_dir("tiny-llama").join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    let data: Vec<u8> = (0..8 * 4).map(|i| i as u8).collect();
+    common::write_gguf(
+        &path,
+        &[("output_norm.weight", vec![8], 0, data.clone()), ("blk.0.attn_norm.weight", vec![8], 0, data)],
+        Some((1, 1 << 20)),
+    );
+    assert_clean_failure(&generate(&path), &["badoff.gguf", "blk.0.attn_norm.weight"]);
+}
+
+#[test]
+fn uncached_hub_id_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let out = common::dejavu(
+        &["generate", "--model", "facebook/opt-125m", "-n", "2"],
+        &[("HF_HOME", home.path().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert_clean_failure(&out, &["facebook/opt-125m", "config.json", "HF_HUB_OFFLINE=1"]);
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = common::dejavu(&["generate", "--no-such-flag"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let out = common::dejavu(&["generate", "--model", "x", "--device", "tpu"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+#[test]
+fn ppl_on_missing_and_binary_text() {
+    let llama = common::fixture_dir("tiny-llama");
+    let out = common::dejavu(&["ppl", "--model", llama.to_str().unwrap(), "--text", "/nonexistent/t.txt"], &[]);
+    assert_clean_failure(&out, &["/nonexistent/t.txt"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin.dat");
+    std::fs::write(&bin, [0xffu8, 0xfe, 0x00, 0x80, 0x81]).unwrap();
+    let out = common::dejavu(&["ppl", "--model", llama.to_str().unwrap(), "--text", bin.to_str().unwrap()], &[]);
+    assert_clean_failure(&out, &["bin.dat", "UTF-8"]);
+}
+
+#[test]
+fn cuda_device_without_the_feature_or_driver_is_a_clear_error() {
+    let opt = common::fixture_dir("tiny-opt");
+    let out = common::dejavu(&["generate", "--model", opt.to_str().unwrap(), "--device", "cuda", "-n", "1"], &[]);
+    if out.code == 0 {
+        return; // a machine with CUDA and a cuda build: nothing to check here
+    }
+    assert_clean_failure(&out, &["--device cuda"]);
+}

@@ -1,0 +1,107 @@
+//! Shared test helpers: paths, the CLI runner, and a minimal GGUF writer for bad-input cases.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    manifest_dir().join("tests/fixtures").join(name)
+}
+
+/// `../shared` beside the checkout (or `DEJAVU_SHARED`), if it exists.
+pub fn shared_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("DEJAVU_SHARED").map(PathBuf::from).unwrap_or_else(|| manifest_dir().join("../shared"));
+    p.is_dir().then_some(p)
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the `dejavu` binary with `args` and extra environment.
+pub fn dejavu(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dejavu"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running the dejavu binary");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Copy a fixture directory into `dst` so a test can damage the copy.
+pub fn copy_fixture(name: &str, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture_dir(name).join(f), dst.join(f)).unwrap();
+    }
+}
+
+/// A GGUF v3 file: llama metadata for a 1-layer model and the given tensors `(name, dims (ggml order), type, data)`.
+/// `data_offset_override` replaces the offset of the tensor with that index (to point past the end of file).
+pub fn write_gguf(path: &Path, tensors: &[(&str, Vec<u64>, u32, Vec<u8>)], offset_override: Option<(usize, u64)>) {
+    fn s(out: &mut Vec<u8>, v: &str) {
+        out.extend((v.len() as u64).to_le_bytes());
+        out.extend(v.as_bytes());
+    }
+    let mut out = Vec::new();
+    out.extend(b"GGUF");
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    let kv_u32: &[(&str, u32)] = &[
+        ("llama.embedding_length", 8),
+        ("llama.feed_forward_length", 16),
+        ("llama.block_count", 1),
+        ("llama.attention.head_count", 2),
+        ("llama.attention.head_count_kv", 2),
+        ("llama.context_length", 64),
+    ];
+    out.extend((kv_u32.len() as u64 + 2).to_le_bytes());
+    s(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes()); // string
+    s(&mut out, "llama");
+    for (k, v) in kv_u32 {
+        s(&mut out, k);
+        out.extend(4u32.to_le_bytes()); // uint32
+        out.extend(v.to_le_bytes());
+    }
+    s(&mut out, "llama.attention.layer_norm_rms_epsilon");
+    out.extend(6u32.to_le_bytes()); // float32
+    out.extend(1e-5f32.to_le_bytes());
+    let mut offset = 0u64;
+    for (i, (name, dims, ty, data)) in tensors.iter().enumerate() {
+        s(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        let off = match offset_override {
+            Some((j, o)) if j == i => o,
+            _ => offset,
+        };
+        out.extend(off.to_le_bytes());
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    // Tensors follow one another, each padded to the 32-byte alignment, at the offsets written above.
+    for (_, _, _, data) in tensors {
+        out.extend(data);
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
