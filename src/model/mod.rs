@@ -6,6 +6,7 @@
 //! appends to a [`KvCache`], and can record per-layer [`Taps`] on the way.
 
 pub mod layers;
+pub mod sparse;
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
@@ -13,6 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{LoadError, Result};
 use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
+use sparse::{topk_mask, HeadRule, LayerPlan, MlpRule, SparsityPlan, SparsityStats};
 
 /// Which per-layer values a forward records. Collection asks for all of them in one pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -253,8 +255,13 @@ impl<B: Backend> Model<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
-        mut taps: Option<(&TapSet, &mut Vec<LayerTaps<B>>)>,
+        taps: Option<(&TapSet, &mut Vec<LayerTaps<B>>)>,
     ) -> Tensor<B, 3> {
+        self.forward_with(tokens, cache, Forward { taps, ..Default::default() })
+    }
+
+    /// [`Model::forward`] with every option: taps, a sparsity plan, and realised-sparsity counting.
+    pub fn forward_with(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>, mut opts: Forward<'_, B>) -> Tensor<B, 3> {
         let c = &self.cfg;
         let [b, s] = tokens.dims();
         let past = cache.len();
@@ -269,14 +276,33 @@ impl<B: Backend> Model<B> {
             x = x + pe.unsqueeze::<3>();
         }
         let rope = (c.family == Family::Llama).then(|| rope_tables::<B>(past, s, c.head_dim, c.rope_theta, &self.device));
-        if let Some((_, out)) = taps.as_mut() {
+        if let Some((_, out)) = opts.taps.as_mut() {
             out.clear();
         }
+        if let Some(st) = opts.stats.as_mut() {
+            if st.layers.len() != c.layers {
+                **st = SparsityStats::new(c.layers);
+            }
+        }
+        let mut prev_block_input = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let mut lt = LayerTaps::default();
-            let want = taps.as_ref().map(|(w, _)| **w).unwrap_or_default();
-            x = self.layer_forward(layer, x, cache, i, rope.as_ref(), &want, &mut lt);
-            if let Some((_, out)) = taps.as_mut() {
+            let want = opts.taps.as_ref().map(|(w, _)| **w).unwrap_or_default();
+            let plan = opts.plan.map(|p| p.layers.get(i).copied().unwrap_or(LayerPlan::DENSE)).unwrap_or(LayerPlan::DENSE);
+            let ctx = LayerCtx {
+                index: i,
+                rope: rope.as_ref(),
+                want,
+                plan,
+                scorer: opts.plan.and_then(|p| p.scorer),
+                prev_block_input: &prev_block_input,
+                stats: opts.stats.as_deref_mut(),
+                valid: opts.valid.as_ref(),
+            };
+            let input = x.clone();
+            x = self.layer_forward(layer, x, cache, ctx, &mut lt);
+            prev_block_input = input;
+            if let Some((_, out)) = opts.taps.as_mut() {
                 out.push(lt);
             }
         }
@@ -295,17 +321,16 @@ impl<B: Backend> Model<B> {
         h.reshape([b * s, e]).matmul(self.lm_head.clone()).reshape([b, s, self.cfg.vocab_size])
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &Layer<B>,
         x: Tensor<B, 3>,
         cache: &mut KvCache<B>,
-        index: usize,
-        rope: Option<&(Tensor<B, 2>, Tensor<B, 2>)>,
-        want: &TapSet,
+        ctx: LayerCtx<'_, B>,
         taps: &mut LayerTaps<B>,
     ) -> Tensor<B, 3> {
+        let LayerCtx { index, rope, want, plan, scorer, prev_block_input, stats, valid } = ctx;
+        let want = &want;
         let c = &self.cfg;
         let [b, s, _] = x.dims();
         let (h, kv, dh) = (c.heads, c.kv_heads, c.head_dim);
@@ -329,10 +354,22 @@ impl<B: Backend> Model<B> {
         };
         cache.layers[index] = Some((k.clone(), v.clone()));
         let att = causal_attention(q, k, v, 1.0 / (dh as f64).sqrt()); // [b, h, s, dh]
+        let need_norm = want.head_norm || matches!(plan.heads, HeadRule::OracleTopK(_));
+        let norms = need_norm.then(|| att.clone().powi_scalar(2).sum_dim(3).sqrt().reshape([b, h, s]).swap_dims(1, 2)); // [b, s, h]
         if want.head_norm {
-            taps.head_norm = Some(att.clone().powi_scalar(2).sum_dim(3).sqrt().reshape([b, h, s]).swap_dims(1, 2));
+            taps.head_norm = norms.clone();
         }
-        let att = att.swap_dims(1, 2).reshape([b, s, h * dh]);
+        let head_mask = match (plan.heads, scorer) {
+            (HeadRule::Dense, _) => None,
+            (HeadRule::OracleTopK(k), _) => norms.map(|n| topk_mask(n, k)),
+            (HeadRule::PredictedTopK(k), Some(sc)) => Some(topk_mask(sc.head_scores(index, prev_block_input.clone()), k)),
+            (HeadRule::PredictedTopK(_), None) => None,
+        }; // [b, s, h]
+        let mut att = att.swap_dims(1, 2); // [b, s, h, dh]
+        if let Some(m) = &head_mask {
+            att = att * m.clone().unsqueeze_dim::<4>(3);
+        }
+        let att = att.reshape([b, s, h * dh]);
         let mut x = residual + layer.o.forward(att);
         if !c.norm_before {
             x = layer.attn_norm.forward(x);
@@ -344,23 +381,44 @@ impl<B: Backend> Model<B> {
         }
         let residual = x.clone();
         let m_in = if c.norm_before { layer.mlp_norm.forward(x) } else { x };
+        let predicted = match (plan.mlp, scorer) {
+            (MlpRule::PredictedTopK(k), Some(sc)) => Some(topk_mask(sc.neuron_scores(index, residual.clone()), k)),
+            _ => None,
+        };
+        // `gate_mag` is what CATS thresholds, `act` the hidden value fed to the down projection. [b, s, ffn]
+        let (gate_mag, act) = match &layer.mlp {
+            Mlp::Relu { fc1, .. } => {
+                let act = activation::relu(fc1.forward(m_in));
+                (act.clone(), act)
+            }
+            Mlp::SwiGlu { gate, up, .. } => {
+                let g = activation::silu(gate.forward(m_in.clone()));
+                if want.mlp_act {
+                    taps.gate_act = Some(g.clone());
+                }
+                let act = g.clone() * up.forward(m_in);
+                (g.abs(), act)
+            }
+        };
+        if want.mlp_act {
+            taps.mlp_act = Some(act.clone());
+        }
+        let mask = match plan.mlp {
+            MlpRule::Dense => None,
+            MlpRule::Threshold(t) => Some(gate_mag.greater_equal_elem(t).float()),
+            MlpRule::OracleTopK(k) => Some(topk_mask(act.clone().abs(), k)),
+            MlpRule::PredictedTopK(_) => predicted,
+        };
+        let act = match mask {
+            Some(m) => act * m,
+            None => act,
+        };
+        if let Some(st) = stats {
+            st.record(index, &act, head_mask.as_ref(), h, valid);
+        }
         let m_out = match &layer.mlp {
-            Mlp::Relu { fc1, fc2 } => {
-                let act = activation::relu(fc1.forward(m_in)); // [b, s, ffn]
-                if want.mlp_act {
-                    taps.mlp_act = Some(act.clone());
-                }
-                fc2.forward(act)
-            }
-            Mlp::SwiGlu { gate, up, down } => {
-                let g = activation::silu(gate.forward(m_in.clone())); // [b, s, ffn]
-                let act = g.clone() * up.forward(m_in); // [b, s, ffn]
-                if want.mlp_act {
-                    taps.gate_act = Some(g);
-                    taps.mlp_act = Some(act.clone());
-                }
-                down.forward(act)
-            }
+            Mlp::Relu { fc2, .. } => fc2.forward(act),
+            Mlp::SwiGlu { down, .. } => down.forward(act),
         };
         let mut x = residual + m_out;
         if !c.norm_before {
@@ -368,6 +426,35 @@ impl<B: Backend> Model<B> {
         }
         x
     }
+}
+
+/// Options of [`Model::forward_with`].
+pub struct Forward<'a, B: Backend> {
+    pub taps: Option<(&'a TapSet, &'a mut Vec<LayerTaps<B>>)>,
+    pub plan: Option<&'a SparsityPlan<'a, B>>,
+    /// Where realised sparsity is counted (reset to the model's layer count if its length differs).
+    pub stats: Option<&'a mut SparsityStats>,
+    /// `[batch, seq]`: 1.0 for real tokens, 0.0 for right padding (excluded from `stats`).
+    pub valid: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for Forward<'_, B> {
+    fn default() -> Self {
+        Forward { taps: None, plan: None, stats: None, valid: None }
+    }
+}
+
+/// Per-layer inputs of `layer_forward` beyond the hidden state.
+struct LayerCtx<'a, B: Backend> {
+    index: usize,
+    rope: Option<&'a (Tensor<B, 2>, Tensor<B, 2>)>,
+    want: TapSet,
+    plan: LayerPlan,
+    scorer: Option<&'a dyn sparse::Scorer<B>>,
+    /// Block input of the previous layer (layer 0: its own), read by look-ahead head predictors.
+    prev_block_input: &'a Tensor<B, 3>,
+    stats: Option<&'a mut SparsityStats>,
+    valid: Option<&'a Tensor<B, 2>>,
 }
 
 /// Read a `[batch, seq, n]` float tensor back to the host as nested rows.
