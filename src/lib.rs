@@ -5,15 +5,18 @@
 //! The CLI in `src/cli` only parses flags and calls in here.
 
 pub mod backend;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod fixture;
 pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod ppl;
 pub mod source;
+pub mod text;
 pub mod weights;
 
 pub use config::{Family, ModelConfig};

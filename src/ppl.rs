@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
-use crate::model::Model;
+use crate::model::sparse::{SparsityPlan, SparsityStats};
+use crate::model::{Forward, Model};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PplResult {
@@ -43,11 +44,14 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<(usize, usize, usize)
 
 /// Sum of negative log-likelihoods of `ids[1..]` positions that fall in each window's counted tail.
 /// `on_window` is called after each window with the window's length (for progress).
+/// With a `plan`, the forward is sparse and realised sparsity is added to `stats`.
 pub fn perplexity<B: Backend>(
     model: &Model<B>,
     ids: &[u32],
     ctx: usize,
     stride: usize,
+    plan: Option<&SparsityPlan<'_, B>>,
+    mut stats: Option<&mut SparsityStats>,
     mut on_window: impl FnMut(usize),
 ) -> PplResult {
     let t0 = Instant::now();
@@ -61,7 +65,7 @@ pub fn perplexity<B: Backend>(
         // Position i predicts token i+1; targets are scored when i+1 lies in the counted tail.
         let first_target = (len - counted).max(1);
         if first_target < len {
-            let nll = token_nll(model, w);
+            let nll = token_nll(model, w, plan, stats.as_deref_mut());
             for &x in &nll[first_target - 1..] {
                 nll_sum += x as f64;
             }
@@ -75,13 +79,18 @@ pub fn perplexity<B: Backend>(
 }
 
 /// Negative log-likelihood of each next token in one sequence: `nll[i] = -log p(w[i+1] | w[..=i])`, length `len-1`.
-pub fn token_nll<B: Backend>(model: &Model<B>, w: &[u32]) -> Vec<f32> {
+pub fn token_nll<B: Backend>(
+    model: &Model<B>,
+    w: &[u32],
+    plan: Option<&SparsityPlan<'_, B>>,
+    stats: Option<&mut SparsityStats>,
+) -> Vec<f32> {
     let len = w.len();
     if len < 2 {
         return Vec::new();
     }
     let mut cache = model.new_cache();
-    let h = model.forward(model.tokens(&[w[..len - 1].to_vec()]), &mut cache, None);
+    let h = model.forward_with(model.tokens(&[w[..len - 1].to_vec()]), &mut cache, Forward { plan, stats, ..Default::default() });
     let logp = activation::log_softmax(model.logits(h), 2); // [1, len-1, vocab]
     let targets: Vec<i64> = w[1..].iter().map(|&t| t as i64).collect();
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, len - 1, 1]), model.device());

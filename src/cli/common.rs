@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use dejavu::backend::DeviceKind;
 use dejavu::{Model, ModelFiles};
 
-#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
     /// Model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json), a GGUF file, or a Hub id
     /// such as facebook/opt-125m (read from the hf-hub cache; downloaded unless HF_HUB_OFFLINE=1).

@@ -11,7 +11,7 @@ use dejavu::ModelFiles;
 
 use super::common::{load_model, resolve, ModelArgs};
 
-#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]

@@ -1,6 +1,8 @@
 //! Subcommands, one file each: clap arguments plus a `run` that calls into the library.
 
+pub mod calibrate;
 pub mod common;
+pub mod eval;
 pub mod generate;
 pub mod ppl;
 
@@ -20,11 +22,17 @@ pub enum Command {
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window.
     Ppl(ppl::Args),
+    /// CATS: per-layer activation thresholds at requested sparsity levels.
+    Calibrate(calibrate::Args),
+    /// Zero-shot accuracy, perplexity and realised sparsity, dense or sparse.
+    Eval(eval::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

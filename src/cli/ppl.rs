@@ -12,7 +12,7 @@ use dejavu::ModelFiles;
 
 use super::common::{load_model, resolve, ModelArgs};
 
-#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
@@ -78,7 +78,7 @@ impl BackendTask for Task {
             ProgressStyle::with_template("ppl [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let r = perplexity(&model, &ids, args.ctx, args.stride, |n| bar.inc(n as u64));
+        let r = perplexity(&model, &ids, args.ctx, args.stride, None, None, |n| bar.inc(n as u64));
         bar.finish_and_clear();
         let secs = r.elapsed.as_secs_f64();
         println!("| model | text | tokens | scored | ctx | stride | ppl | tokens/s |");

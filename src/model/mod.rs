@@ -76,6 +76,17 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The cache of a batch-1 prefix repeated `n` times along the batch axis (to score several continuations
+    /// of one shared context together).
+    pub fn repeat_batch(&self, n: usize) -> Self {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n))))
+                .collect(),
+        }
+    }
 }
 
 enum Mlp<B: Backend> {
@@ -232,6 +243,11 @@ impl<B: Backend> Model<B> {
 
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// Longest sequence the model can position (OPT's learned table); `None` for RoPE models.
+    pub fn max_positions(&self) -> Option<usize> {
+        self.pos_embed.as_ref().map(|_| self.cfg.max_positions)
     }
 
     pub fn new_cache(&self) -> KvCache<B> {

@@ -1,0 +1,198 @@
+//! CATS calibration: per-layer thresholds at a quantile of MLP gate magnitudes (Llama |SiLU(gate)|, OPT
+//! post-ReLU fc1), from streaming histograms so memory stays bounded for any number of tokens.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::model::{LayerTaps, Model, TapSet};
+use crate::source::ModelIdentity;
+
+/// Mantissa bits kept per bin: bins are 2^-7 ≈ 0.8% wide in relative terms.
+const MANTISSA_BITS: u32 = 7;
+const BINS: usize = 1 << (8 + MANTISSA_BITS);
+
+/// Histogram of magnitudes with log-spaced bins taken straight from the f32 bit pattern (sign dropped):
+/// bin = exponent and top mantissa bits, so binning is exact, monotone and costs one shift.
+#[derive(Debug, Clone)]
+pub struct MagnitudeHistogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Default for MagnitudeHistogram {
+    fn default() -> Self {
+        MagnitudeHistogram { counts: vec![0; BINS], total: 0 }
+    }
+}
+
+impl MagnitudeHistogram {
+    fn bin(v: f32) -> usize {
+        ((v.abs().to_bits() & 0x7fff_ffff) >> (23 - MANTISSA_BITS)) as usize
+    }
+    fn bin_lo(i: usize) -> f32 {
+        f32::from_bits((i as u32) << (23 - MANTISSA_BITS))
+    }
+
+    pub fn add_all(&mut self, values: &[f32]) {
+        for &v in values {
+            if v.is_finite() {
+                self.counts[Self::bin(v)] += 1;
+                self.total += 1;
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The magnitude below which a fraction `q` of the values lie (linear within a bin).
+    pub fn quantile(&self, q: f64) -> f32 {
+        if self.total == 0 || q <= 0.0 {
+            return 0.0;
+        }
+        let target = q.min(1.0) * self.total as f64;
+        let mut seen = 0.0f64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            if seen + c as f64 >= target {
+                // Exact zeros share bin 0 with subnormals; a quantile inside a mass of zeros is 0 (keep all).
+                let (lo, hi) = (Self::bin_lo(i) as f64, Self::bin_lo(i + 1) as f64);
+                if i == 0 {
+                    return 0.0;
+                }
+                let frac = (target - seen) / c as f64;
+                return (lo + frac * (hi - lo)) as f32;
+            }
+            seen += c as f64;
+        }
+        f32::MAX
+    }
+
+    /// Fraction of recorded values strictly below `t` (up to bin resolution).
+    pub fn fraction_below(&self, t: f32) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let b = Self::bin(t);
+        let below: u64 = self.counts[..b].iter().sum();
+        below as f64 / self.total as f64
+    }
+}
+
+/// One histogram per layer over the magnitudes CATS thresholds.
+pub struct Calibrator {
+    pub layers: Vec<MagnitudeHistogram>,
+    pub tokens: u64,
+}
+
+impl Calibrator {
+    pub fn new(layers: usize) -> Self {
+        Calibrator { layers: vec![MagnitudeHistogram::default(); layers], tokens: 0 }
+    }
+
+    /// Run one batch-1 sequence and add its gate magnitudes.
+    pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32]) {
+        if ids.is_empty() {
+            return;
+        }
+        let want = TapSet { mlp_act: true, ..Default::default() };
+        let mut taps: Vec<LayerTaps<B>> = Vec::new();
+        let mut cache = model.new_cache();
+        let _ = model.forward(model.tokens(&[ids.to_vec()]), &mut cache, Some((&want, &mut taps)));
+        for (hist, t) in self.layers.iter_mut().zip(taps) {
+            // Llama: |SiLU(gate)|; OPT: post-ReLU fc1 (non-negative already).
+            let Some(g) = t.gate_act.or(t.mlp_act) else { continue };
+            let v = g.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+            hist.add_all(&v);
+        }
+        self.tokens += ids.len() as u64;
+    }
+}
+
+/// The thresholds file `calibrate` writes and `eval --mode cats` reads.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Thresholds {
+    pub model: ModelIdentity,
+    /// What is thresholded, in words.
+    pub criterion: String,
+    pub tokens: u64,
+    pub text: Vec<String>,
+    pub levels: Vec<ThresholdLevel>,
+    pub dejavu_version: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ThresholdLevel {
+    /// Requested MLP sparsity (fraction of neurons zeroed).
+    pub sparsity: f64,
+    /// One threshold per layer: keep a neuron when its gate magnitude is >= the threshold.
+    pub thresholds: Vec<f32>,
+    /// Sparsity each threshold realises on the calibration tokens (histogram estimate).
+    pub realised: Vec<f64>,
+}
+
+impl Thresholds {
+    pub fn level(&self, sparsity: f64) -> Option<&ThresholdLevel> {
+        self.levels.iter().find(|l| (l.sparsity - sparsity).abs() < 1e-9)
+    }
+
+    /// Read a thresholds file and check it belongs to `model`.
+    pub fn load(path: &Path, model: &ModelIdentity) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let t: Thresholds =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a dejavu thresholds file: {e}", path.display()))?;
+        model.ensure_same(&t.model, path).map_err(anyhow::Error::msg)?;
+        for l in &t.levels {
+            if l.thresholds.len() != model.layers {
+                anyhow::bail!(
+                    "{}: field `levels[sparsity={}].thresholds` has {} entries, the model has {} layers",
+                    path.display(),
+                    l.sparsity,
+                    l.thresholds.len(),
+                    model.layers
+                );
+            }
+        }
+        Ok(t)
+    }
+}
+
+pub fn criterion(family: crate::config::Family) -> &'static str {
+    match family {
+        crate::config::Family::Llama => "|SiLU(gate_proj x)| per neuron (CATS)",
+        crate::config::Family::Opt => "post-ReLU fc1 output per neuron",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_of_a_known_distribution() {
+        // 100k evenly spaced magnitudes in (0, 10]: the q-quantile is 10q.
+        let v: Vec<f32> = (1..=100_000).map(|i| i as f32 * 1e-4).collect();
+        let mut h = MagnitudeHistogram::default();
+        h.add_all(&v);
+        for q in [0.1, 0.5, 0.7, 0.9] {
+            let t = h.quantile(q) as f64;
+            assert!((t - 10.0 * q).abs() / (10.0 * q) < 0.01, "q={q}: {t}");
+            let below = v.iter().filter(|&&x| (x as f64) < t).count() as f64 / v.len() as f64;
+            assert!((below - q).abs() < 0.005, "q={q}: {below}");
+        }
+    }
+
+    #[test]
+    fn zeros_give_a_zero_threshold() {
+        let mut h = MagnitudeHistogram::default();
+        h.add_all(&[0.0; 80]);
+        h.add_all(&[1.0; 20]);
+        assert_eq!(h.quantile(0.5), 0.0);
+        assert!(h.quantile(0.9) >= 1.0);
+        assert!((h.fraction_below(1.0) - 0.8).abs() < 1e-12);
+    }
+}

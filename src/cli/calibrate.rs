@@ -1,0 +1,112 @@
+//! `dejavu calibrate`: CATS per-layer thresholds at requested sparsity levels, from streaming histograms.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dejavu::backend::{dispatch, BackendTask};
+use dejavu::calibrate::{criterion, Calibrator, ThresholdLevel, Thresholds};
+use dejavu::text::TokenWindows;
+use dejavu::ModelFiles;
+
+use super::common::{load_model, resolve, ModelArgs};
+
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct Args {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    /// Calibration text files (UTF-8), read in order and streamed.
+    #[arg(long, num_args = 1.., required = true)]
+    pub text: Vec<PathBuf>,
+    /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub sparsity: Vec<f64>,
+    /// Calibration tokens.
+    #[arg(long, default_value_t = 65536)]
+    pub tokens: usize,
+    /// Tokens per forward window.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Output thresholds file (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    for &s in &args.sparsity {
+        if !(0.0..1.0).contains(&s) {
+            bail!("--sparsity: {s} is not in [0, 1)");
+        }
+    }
+    if args.tokens == 0 || args.seq_len == 0 {
+        bail!("--tokens and --seq-len must be positive");
+    }
+    let files = resolve(&args.model.model)?;
+    dispatch(args.model.device, Task { args: args.clone(), files })
+}
+
+struct Task {
+    args: Args,
+    files: ModelFiles,
+}
+
+impl BackendTask for Task {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let Task { args, files } = self;
+        let identity = files.identity().context("while fingerprinting the model")?;
+        let model = load_model::<B>(&files, &device, false)?;
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens);
+        let mut cal = Calibrator::new(files.config.layers);
+        let bar = ProgressBar::new(args.tokens as u64);
+        bar.set_style(
+            ProgressStyle::with_template("calibrate [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        while let Some(w) = windows.next_window()? {
+            cal.add_sequence(&model, &w);
+            bar.inc(w.len() as u64);
+        }
+        bar.finish_and_clear();
+        if cal.tokens == 0 {
+            bail!("{}: no tokens in the calibration text", args.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        }
+        if (cal.tokens as usize) < args.tokens {
+            eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
+        }
+        let levels: Vec<ThresholdLevel> = args
+            .sparsity
+            .iter()
+            .map(|&s| {
+                let thresholds: Vec<f32> = cal.layers.iter().map(|h| h.quantile(s)).collect();
+                let realised = cal.layers.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
+                ThresholdLevel { sparsity: s, thresholds, realised }
+            })
+            .collect();
+        let out = Thresholds {
+            model: identity,
+            criterion: criterion(files.config.family).to_string(),
+            tokens: cal.tokens,
+            text: args.text.iter().map(|p| p.display().to_string()).collect(),
+            levels,
+            dejavu_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
+        }
+        std::fs::write(&args.out, serde_json::to_string_pretty(&out)?).with_context(|| format!("while writing {}", args.out.display()))?;
+        println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
+        println!("|---|---|---|---|---|");
+        for l in &out.levels {
+            let mut t = l.thresholds.clone();
+            t.sort_by(f32::total_cmp);
+            let mean_real = l.realised.iter().sum::<f64>() / l.realised.len() as f64;
+            println!("| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} |", l.sparsity, t[0], t[t.len() / 2], t[t.len() - 1], mean_real);
+        }
+        eprintln!("wrote {} ({} tokens, {} layers)", args.out.display(), out.tokens, files.config.layers);
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! Zero-shot evaluation on the reference forward, dense or sparse: the lm-evaluation-harness scoring rules
+//! (log-likelihood of a continuation, acc and acc_norm, greedy match for LAMBADA) with the shared context of
+//! each example computed once and its continuations scored together as one batch.
+
+pub mod tasks;
+
+use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+use tokenizers::Tokenizer;
+
+use crate::model::sparse::{SparsityPlan, SparsityStats};
+use crate::model::{Forward, KvCache, Model};
+use tasks::{Example, Task, TaskKind};
+
+/// Log-likelihood of one continuation and whether greedy decoding reproduces it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestScore {
+    pub loglik: f64,
+    pub greedy: bool,
+}
+
+/// Scores requests with one model and one sparsity plan.
+pub struct Evaluator<'a, B: Backend> {
+    pub model: &'a Model<B>,
+    pub tokenizer: &'a Tokenizer,
+    pub plan: Option<&'a SparsityPlan<'a, B>>,
+    /// Longest sequence fed to the model; contexts are cut from the left to fit.
+    pub max_len: usize,
+    /// Token put before an empty context (the harness uses end-of-text).
+    pub empty_context_token: u32,
+}
+
+impl<'a, B: Backend> Evaluator<'a, B> {
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?.get_ids().to_vec())
+    }
+
+    /// The harness's pair encoding: trailing spaces of the context move to the continuation; the continuation's
+    /// tokens are those of `context + continuation` past the context's own tokens.
+    pub fn encode_pair(&self, context: &str, continuation: &str) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        let trimmed = context.trim_end_matches(' ');
+        let moved = &context[trimmed.len()..];
+        let cont = format!("{moved}{continuation}");
+        let whole = self.encode(&format!("{trimmed}{cont}"))?;
+        let mut ctx = self.encode(trimmed)?;
+        let split = ctx.len().min(whole.len());
+        let mut cont_ids = whole[split..].to_vec();
+        if cont_ids.is_empty() {
+            cont_ids = self.encode(&cont)?;
+        }
+        if ctx.is_empty() {
+            ctx.push(self.empty_context_token);
+        }
+        Ok((ctx, cont_ids))
+    }
+
+    /// Score all requests of one example, grouping those that share a context.
+    pub fn score_example(&self, ex: &Example, stats: &mut SparsityStats) -> anyhow::Result<Vec<RequestScore>> {
+        let mut out = vec![RequestScore { loglik: 0.0, greedy: false }; ex.requests.len()];
+        let mut done = vec![false; ex.requests.len()];
+        for i in 0..ex.requests.len() {
+            if done[i] {
+                continue;
+            }
+            let members: Vec<usize> = (i..ex.requests.len()).filter(|&j| !done[j] && ex.requests[j].0 == ex.requests[i].0).collect();
+            let mut ctx = Vec::new();
+            let mut conts = Vec::new();
+            for &j in &members {
+                let (c, x) = self.encode_pair(&ex.requests[j].0, &ex.requests[j].1)?;
+                ctx = c;
+                conts.push(x);
+                done[j] = true;
+            }
+            let scores = self.score_group(&ctx, &conts, stats);
+            for (k, &j) in members.iter().enumerate() {
+                out[j] = scores[k];
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prefill `ctx` once, then score every continuation in one batch from copies of its cache.
+    pub fn score_group(&self, ctx: &[u32], conts: &[Vec<u32>], stats: &mut SparsityStats) -> Vec<RequestScore> {
+        let m = self.model;
+        let max_len = m.max_positions().map_or(self.max_len, |p| p.min(self.max_len)).max(2);
+        // As the harness does, the window keeps the end of the sequence: a continuation longer than the window
+        // is scored on its last `max_len - 1` tokens, after at least one context token.
+        let conts: Vec<Vec<u32>> = conts.iter().map(|c| c[c.len().saturating_sub(max_len - 1)..].to_vec()).collect();
+        let conts = &conts[..];
+        let longest = conts.iter().map(|c| c.len()).max().unwrap_or(0);
+        let keep = max_len.saturating_sub(longest).max(1);
+        let ctx = &ctx[ctx.len().saturating_sub(keep)..];
+        let mut cache: KvCache<B> = m.new_cache();
+        let h = m.forward_with(m.tokens(&[ctx.to_vec()]), &mut cache, Forward { plan: self.plan, stats: Some(stats), ..Default::default() });
+        let [_, s, e] = h.dims();
+        let last = activation::log_softmax(m.logits(h.slice([0..1, s - 1..s, 0..e])), 2);
+        let first: Vec<f32> = last.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let first_argmax = crate::generate::argmax(&first) as u32;
+        let mut scores: Vec<RequestScore> = conts
+            .iter()
+            .map(|c| RequestScore { loglik: first[c[0] as usize] as f64, greedy: c[0] == first_argmax })
+            .collect();
+        if longest <= 1 {
+            return scores;
+        }
+        // Rows: each continuation minus its last token, right-padded; targets: the continuation minus its first.
+        let (n, w) = (conts.len(), longest - 1);
+        let mut rows = vec![vec![0u32; w]; n];
+        let mut targets = vec![0i64; n * w];
+        let mut valid = vec![0f32; n * w];
+        for (r, c) in conts.iter().enumerate() {
+            for t in 0..c.len() - 1 {
+                rows[r][t] = c[t];
+                targets[r * w + t] = c[t + 1] as i64;
+                valid[r * w + t] = 1.0;
+            }
+        }
+        let dev = m.device();
+        let mut batch_cache = cache.repeat_batch(n);
+        let valid_t = Tensor::<B, 2>::from_data(TensorData::new(valid.clone(), [n, w]), dev);
+        let h = m.forward_with(
+            m.tokens(&rows),
+            &mut batch_cache,
+            Forward { plan: self.plan, stats: Some(stats), valid: Some(valid_t), ..Default::default() },
+        );
+        let logp = activation::log_softmax(m.logits(h), 2); // [n, w, vocab]
+        let greedy: Vec<i64> = logp.clone().argmax(2).reshape([n * w]).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+        let tgt = Tensor::<B, 3, Int>::from_data(TensorData::new(targets.clone(), [n, w, 1]), dev);
+        let picked: Vec<f32> = logp.gather(2, tgt).reshape([n * w]).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        for (r, score) in scores.iter_mut().enumerate() {
+            for i in r * w..(r + 1) * w {
+                if valid[i] > 0.5 {
+                    score.loglik += picked[i] as f64;
+                    score.greedy &= greedy.get(i) == Some(&targets[i]);
+                }
+            }
+        }
+        scores
+    }
+}
+
+/// Accuracy numbers of one task.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub kind: TaskKind,
+    pub n: usize,
+    pub acc: f64,
+    pub acc_stderr: f64,
+    pub acc_norm: Option<f64>,
+    pub acc_norm_stderr: Option<f64>,
+    pub mlp_sparsity: f64,
+    pub head_sparsity: f64,
+    pub seconds: f64,
+    pub examples_per_s: f64,
+    #[serde(skip)]
+    pub stats: SparsityStats,
+}
+
+/// Sample standard error of a mean of 0/1 outcomes, as the harness reports it.
+pub fn stderr(p: f64, n: usize) -> f64 {
+    if n < 2 { 0.0 } else { (p * (1.0 - p) / (n as f64 - 1.0)).sqrt() }
+}
+
+fn argmax_f64(v: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Evaluate one task; `on_example` is called after each example (progress).
+pub fn run_task<B: Backend>(ev: &Evaluator<'_, B>, task: &Task, mut on_example: impl FnMut()) -> anyhow::Result<TaskResult> {
+    let t0 = std::time::Instant::now();
+    let mut stats = SparsityStats::new(ev.model.cfg.layers);
+    let (mut hits, mut hits_norm) = (0usize, 0usize);
+    for ex in &task.examples {
+        let scores = ev.score_example(ex, &mut stats)?;
+        match task.spec.kind {
+            TaskKind::LanguageModel => hits += scores[0].greedy as usize,
+            TaskKind::Schema => hits += (argmax_f64(scores.iter().map(|s| s.loglik)) == ex.gold) as usize,
+            TaskKind::MultipleChoice => {
+                hits += (argmax_f64(scores.iter().map(|s| s.loglik)) == ex.gold) as usize;
+                let norm = scores.iter().zip(&ex.choice_bytes).map(|(s, &b)| s.loglik / b.max(1) as f64);
+                hits_norm += (argmax_f64(norm) == ex.gold) as usize;
+            }
+        }
+        on_example();
+    }
+    let n = task.examples.len();
+    let acc = hits as f64 / n as f64;
+    let acc_norm = (task.spec.kind == TaskKind::MultipleChoice).then(|| hits_norm as f64 / n as f64);
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(TaskResult {
+        task: task.spec.name.to_string(),
+        kind: task.spec.kind,
+        n,
+        acc,
+        acc_stderr: stderr(acc, n),
+        acc_norm,
+        acc_norm_stderr: acc_norm.map(|a| stderr(a, n)),
+        mlp_sparsity: stats.mlp_sparsity(),
+        head_sparsity: stats.head_sparsity(),
+        seconds: secs,
+        examples_per_s: n as f64 / secs.max(1e-9),
+        stats,
+    })
+}
