@@ -1,6 +1,7 @@
 //! `dejavu eval`: zero-shot accuracy, perplexity and realised sparsity for dense and sparse modes.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -60,6 +61,10 @@ pub struct Args {
     /// Longest sequence scored (contexts are cut from the left).
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
+    /// Write every scored request (token ids, log-likelihood, greedy match, gold) as JSON lines to this file,
+    /// for cross-checking with another implementation (scripts/hf_eval_check.py).
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
     /// Directory for results.json, results.csv and layers.csv.
     #[arg(long, default_value = "dejavu-eval")]
     pub out: PathBuf,
@@ -170,6 +175,10 @@ impl BackendTask for Task {
         };
         let head_k = |s: f64| ((1.0 - s) * cfg.heads as f64).round().max(1.0) as usize;
         let mut results: Vec<ModeResult> = Vec::new();
+        let mut dump = match &args.dump {
+            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("while creating {}", p.display()))?)),
+            None => None,
+        };
         for mode in &modes {
             let layers: Vec<LayerPlan> = match mode.kind.as_str() {
                 "dense" => vec![LayerPlan::DENSE; cfg.layers],
@@ -209,7 +218,24 @@ impl BackendTask for Task {
                         .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 bar.set_message(format!("{} {}", mode.label(), task.spec.name));
-                let r = run_task(&ev, task, || bar.inc(1)).with_context(|| format!("while evaluating {}", task.path.display()))?;
+                let mut dump_err = None;
+                let r = run_task(&ev, task, |i, scores| {
+                    bar.inc(1);
+                    if let Some(w) = dump.as_mut() {
+                        let ex = &task.examples[i];
+                        let rec = serde_json::json!({
+                            "mode": mode.label(), "task": task.spec.name, "example": i, "gold": ex.gold,
+                            "choice_bytes": ex.choice_bytes, "requests": scores,
+                        });
+                        if let Err(e) = writeln!(w, "{rec}") {
+                            dump_err = Some(e);
+                        }
+                    }
+                })
+                .with_context(|| format!("while evaluating {}", task.path.display()))?;
+                if let Some(e) = dump_err {
+                    bail!("while writing the --dump file: {e}");
+                }
                 bar.finish_and_clear();
                 all_stats.merge(&r.stats);
                 task_results.push(r);

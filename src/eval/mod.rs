@@ -12,10 +12,14 @@ use crate::model::{Forward, KvCache, Model};
 use tasks::{Example, Task, TaskKind};
 
 /// Log-likelihood of one continuation and whether greedy decoding reproduces it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RequestScore {
     pub loglik: f64,
     pub greedy: bool,
+    /// The sequence as scored (context after any truncation, then the continuation).
+    pub tokens: Vec<u32>,
+    /// How many trailing tokens of `tokens` are the scored continuation.
+    pub n_cont: usize,
 }
 
 /// Scores requests with one model and one sparsity plan.
@@ -55,7 +59,7 @@ impl<'a, B: Backend> Evaluator<'a, B> {
 
     /// Score all requests of one example, grouping those that share a context.
     pub fn score_example(&self, ex: &Example, stats: &mut SparsityStats) -> anyhow::Result<Vec<RequestScore>> {
-        let mut out = vec![RequestScore { loglik: 0.0, greedy: false }; ex.requests.len()];
+        let mut out = vec![RequestScore { loglik: 0.0, greedy: false, tokens: Vec::new(), n_cont: 0 }; ex.requests.len()];
         let mut done = vec![false; ex.requests.len()];
         for i in 0..ex.requests.len() {
             if done[i] {
@@ -71,8 +75,8 @@ impl<'a, B: Backend> Evaluator<'a, B> {
                 done[j] = true;
             }
             let scores = self.score_group(&ctx, &conts, stats);
-            for (k, &j) in members.iter().enumerate() {
-                out[j] = scores[k];
+            for (score, &j) in scores.into_iter().zip(&members) {
+                out[j] = score;
             }
         }
         Ok(out)
@@ -97,7 +101,12 @@ impl<'a, B: Backend> Evaluator<'a, B> {
         let first_argmax = crate::generate::argmax(&first) as u32;
         let mut scores: Vec<RequestScore> = conts
             .iter()
-            .map(|c| RequestScore { loglik: first[c[0] as usize] as f64, greedy: c[0] == first_argmax })
+            .map(|c| RequestScore {
+                loglik: first[c[0] as usize] as f64,
+                greedy: c[0] == first_argmax,
+                tokens: ctx.iter().chain(c).copied().collect(),
+                n_cont: c.len(),
+            })
             .collect();
         if longest <= 1 {
             return scores;
@@ -171,12 +180,16 @@ fn argmax_f64(v: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
-/// Evaluate one task; `on_example` is called after each example (progress).
-pub fn run_task<B: Backend>(ev: &Evaluator<'_, B>, task: &Task, mut on_example: impl FnMut()) -> anyhow::Result<TaskResult> {
+/// Evaluate one task; `on_example` sees each example's index and request scores (progress, dumps).
+pub fn run_task<B: Backend>(
+    ev: &Evaluator<'_, B>,
+    task: &Task,
+    mut on_example: impl FnMut(usize, &[RequestScore]),
+) -> anyhow::Result<TaskResult> {
     let t0 = std::time::Instant::now();
     let mut stats = SparsityStats::new(ev.model.cfg.layers);
     let (mut hits, mut hits_norm) = (0usize, 0usize);
-    for ex in &task.examples {
+    for (idx, ex) in task.examples.iter().enumerate() {
         let scores = ev.score_example(ex, &mut stats)?;
         match task.spec.kind {
             TaskKind::LanguageModel => hits += scores[0].greedy as usize,
@@ -187,7 +200,7 @@ pub fn run_task<B: Backend>(ev: &Evaluator<'_, B>, task: &Task, mut on_example: 
                 hits_norm += (argmax_f64(norm) == ex.gold) as usize;
             }
         }
-        on_example();
+        on_example(idx, &scores);
     }
     let n = task.examples.len();
     let acc = hits as f64 / n as f64;
