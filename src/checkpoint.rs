@@ -19,6 +19,8 @@ pub trait Checkpoint {
     fn contains(&self, name: &str) -> bool;
     /// The file that holds `name` (or the checkpoint's main file), for error messages.
     fn file_of(&self, name: &str) -> PathBuf;
+    /// Every file the checkpoint reads (for fingerprints).
+    fn files(&self) -> Vec<PathBuf>;
 
     /// `get` plus a check that the shape is what `config.json` implies.
     fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
@@ -179,6 +181,10 @@ impl Checkpoint for SafetensorsCheckpoint {
         self.index.contains_key(name)
     }
 
+    fn files(&self) -> Vec<PathBuf> {
+        self.shards.iter().map(|s| s.0.clone()).collect()
+    }
+
     fn file_of(&self, name: &str) -> PathBuf {
         match self.index.get(name) {
             Some(&i) => self.shards[i].0.clone(),
@@ -211,5 +217,8 @@ impl Checkpoint for GgufCheckpoint {
     }
     fn file_of(&self, _name: &str) -> PathBuf {
         self.path.clone()
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
     }
 }

@@ -82,6 +82,88 @@ impl ModelFiles {
     }
 }
 
+/// What later stages record about the model they were fed, so a stage can refuse artifacts of another model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelIdentity {
+    /// The `--model` argument as given (path or Hub id); informational, not compared.
+    pub source: String,
+    /// Content fingerprint (see [`ModelFiles::fingerprint`]); this is what is compared.
+    pub fingerprint: String,
+    pub family: crate::config::Family,
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl ModelIdentity {
+    /// `Err` with a one-line reason when `other` (read from `artifact`) is not the same model.
+    pub fn ensure_same(&self, other: &ModelIdentity, artifact: &Path) -> std::result::Result<(), String> {
+        if self.fingerprint != other.fingerprint {
+            return Err(format!(
+                "{}: made for model `{}` (fingerprint {}), but the model given is `{}` (fingerprint {})",
+                artifact.display(),
+                other.source,
+                other.fingerprint,
+                self.source,
+                self.fingerprint
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelFiles {
+    /// A content fingerprint: FNV-1a (64-bit) over the runtime config and, for every checkpoint file, its size
+    /// and its first and last MiB. Cheap on multi-GB checkpoints and changes when weights are swapped.
+    pub fn fingerprint(&self) -> Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut h = Fnv64::new();
+        h.update(serde_json::to_string(&self.config).unwrap_or_default().as_bytes());
+        for path in self.checkpoint.files() {
+            let mut f = std::fs::File::open(&path).map_err(|e| LoadError::io(&path, e))?;
+            let len = f.metadata().map_err(|e| LoadError::io(&path, e))?.len();
+            h.update(&len.to_le_bytes());
+            let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+            f.read_exact(&mut buf).map_err(|e| LoadError::io(&path, e))?;
+            h.update(&buf);
+            f.seek(SeekFrom::Start(len - buf.len() as u64)).map_err(|e| LoadError::io(&path, e))?;
+            f.read_exact(&mut buf).map_err(|e| LoadError::io(&path, e))?;
+            h.update(&buf);
+        }
+        Ok(format!("{:016x}", h.0))
+    }
+
+    pub fn identity(&self) -> Result<ModelIdentity> {
+        let c = &self.config;
+        Ok(ModelIdentity {
+            source: self.identity.clone(),
+            fingerprint: self.fingerprint()?,
+            family: c.family,
+            layers: c.layers,
+            hidden: c.hidden,
+            ffn: c.ffn,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+        })
+    }
+}
+
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 pub fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
