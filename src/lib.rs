@@ -6,11 +6,13 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod collect;
 pub mod config;
 pub mod error;
 pub mod fixture;
 pub mod generate;
 pub mod gguf;
+pub mod manifest;
 pub mod model;
 pub mod ppl;
 pub mod source;

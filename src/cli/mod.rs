@@ -1,5 +1,6 @@
 //! Subcommands, one file each: clap arguments plus a `run` that calls into the library.
 
+pub mod collect;
 pub mod common;
 pub mod generate;
 pub mod ppl;
@@ -20,11 +21,14 @@ pub enum Command {
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window.
     Ppl(ppl::Args),
+    /// Record per-layer activations over calibration text into RUN/acts (resumable).
+    Collect(collect::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::Collect(a) => collect::run(a),
     }
 }
