@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod ppl;
+pub mod predictors;
 pub mod source;
 pub mod weights;
 

@@ -4,6 +4,7 @@ pub mod collect;
 pub mod common;
 pub mod generate;
 pub mod ppl;
+pub mod train_predictors;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ pub enum Command {
     Ppl(ppl::Args),
     /// Record per-layer activations over calibration text into RUN/acts (resumable).
     Collect(collect::Args),
+    /// Train per-layer neuron and head predictors from RUN/acts into RUN/predictors.
+    TrainPredictors(train_predictors::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Collect(a) => collect::run(a),
+        Command::TrainPredictors(a) => train_predictors::run(a),
     }
 }
