@@ -16,6 +16,10 @@ pub struct Args {
     /// Run directory holding RUN/acts (from `dejavu collect`); predictors go to RUN/predictors.
     #[arg(long)]
     pub run: PathBuf,
+    /// Optional: the model the activations must come from (path, GGUF or Hub id); refused when the activations
+    /// manifest names another model.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
     /// Where training runs.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
@@ -70,6 +74,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let acts = Activations::open(&args.run).context("while opening the activations")?;
+    if let Some(spec) = &args.model {
+        let files = super::common::resolve(spec)?;
+        let id = files.identity().with_context(|| format!("while fingerprinting model `{spec}`"))?;
+        id.ensure_same(&acts.manifest.model, &acts.dir.join("manifest.json")).map_err(anyhow::Error::msg)?;
+    }
     dispatch(args.device, Task { args, acts })
 }
 
