@@ -623,7 +623,8 @@ pub fn svg_plot(m: &PredictorsManifest) -> String {
         s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{l}</text>\n", x(l), top + ph + 16.0);
     }
     s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">layer</text>\n", left + pw / 2.0, h - 10.0);
-    let series: [(&str, &str, &str, fn(&LayerMetrics) -> f64); 4] = [
+    type Series = (&'static str, &'static str, &'static str, fn(&LayerMetrics) -> f64);
+    let series: [Series; 4] = [
         ("neuron recall", "#1f77b4", "", |r| r.neuron_recall),
         ("neuron density k/ffn", "#1f77b4", "6,4", |r| r.neuron_density),
         ("head recall", "#d62728", "", |r| r.head_recall),

@@ -112,7 +112,7 @@ fn ppl_equals_exp_of_mean_nll_from_full_forward() {
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 320).collect();
     let r = dejavu::ppl::perplexity(&model, &ids, 64, 64, |_| {});
     let mut cache = model.new_cache();
-    let (logits, [_, s, v]) = to_host_3d(model.logits(model.forward(model.tokens(&[ids.clone()]), &mut cache, None)));
+    let (logits, [_, s, v]) = to_host_3d(model.logits(model.forward(model.tokens(std::slice::from_ref(&ids)), &mut cache, None)));
     let mut nll = 0.0f64;
     for i in 0..s - 1 {
         let row = &logits[i * v..(i + 1) * v];
