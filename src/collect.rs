@@ -23,7 +23,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::tensor::{backend::Backend, DType, FloatDType, Tensor};
+use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use tokenizers::Tokenizer;
 
@@ -115,13 +115,15 @@ impl Tap {
             (Tap::HeadNorm, _) => "L2 norm of each attention head's output (before the output projection)",
         }
     }
-    fn take<B: Backend>(self, lt: &LayerTaps<B>) -> Option<Tensor<B, 3>> {
+    /// Move the tap out of `lt`: a tensor with a single owner reads back to the host without a copy through an
+    /// element iterator (NdArray).
+    fn take<B: Backend>(self, lt: &mut LayerTaps<B>) -> Option<Tensor<B, 3>> {
         match self {
-            Tap::BlockInput => lt.block_input.clone(),
-            Tap::MlpInput => lt.mlp_input.clone(),
-            Tap::MlpAct => lt.mlp_act.clone(),
-            Tap::GateAct => lt.gate_act.clone(),
-            Tap::HeadNorm => lt.head_norm.clone(),
+            Tap::BlockInput => lt.block_input.take(),
+            Tap::MlpInput => lt.mlp_input.take(),
+            Tap::MlpAct => lt.mlp_act.take(),
+            Tap::GateAct => lt.gate_act.take(),
+            Tap::HeadNorm => lt.head_norm.take(),
         }
     }
 }
@@ -390,7 +392,7 @@ impl Collector {
         let bos = m.bos_token_id;
         let text_per_seq = m.seq_len - bos.is_some() as usize;
         let delay = std::env::var(SLOW_ENV).ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
-        let mut shard = ShardBuf::new(cfg.layers, &taps, &widths, start);
+        let mut shard = ShardBuf::new(cfg.layers, &taps, &widths, cfg.family, start);
         let mut writer: Option<std::thread::JoinHandle<Result<()>>> = None;
         let mut left = m.tokens_requested - m.tokens;
         let mut exhausted = false;
@@ -443,26 +445,31 @@ impl Collector {
                 let tf = Instant::now();
                 let id_rows: Vec<Vec<u32>> = group.iter().map(|r| r.ids.clone()).collect();
                 let (b, s) = (id_rows.len(), id_rows[0].len());
-                let packed = record_forward(model, &id_rows, &taps); // [b, s, layers × Σ widths] f16
+                let recorded = record_forward(model, &id_rows, &taps);
                 let tr = Instant::now();
-                let data = packed.into_data();
-                report.forward_seconds += (tr - tf).as_secs_f64();
-                let elems = b * s * shard.row_bytes / 2;
-                let packed = match data.dtype {
-                    DType::F16 if data.as_bytes().len() == 2 * elems => Packed::F16(data.as_bytes()),
-                    DType::F32 => Packed::F32(data.as_slice::<f32>().map_err(|e| CollectError::Invalid(format!("reading the taps back: {e:?}")))?),
-                    other => {
-                        return Err(CollectError::Invalid(format!(
-                            "the backend returned the packed taps as {other:?} with {} bytes, expected {elems} F16 or F32 values",
-                            data.as_bytes().len()
-                        )))
-                    }
+                // On the device path this waits for the forward; on the host path the forward has finished.
+                let datas: Vec<TensorData> = match recorded {
+                    Recorded::Packed(t) => vec![t.into_data()],
+                    Recorded::PerTap(ts) => ts.into_iter().map(|t| t.into_data()).collect(),
                 };
-                if let Packed::F32(v) = packed {
-                    if v.len() != elems {
-                        return Err(CollectError::Invalid(format!("the packed taps hold {} values, expected {elems}", v.len())));
+                report.forward_seconds += (tr - tf).as_secs_f64();
+                let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
+                let slices: Vec<&[f32]>;
+                let packed = if datas.len() == 1 {
+                    let d = &datas[0];
+                    if d.dtype != DType::F16 || d.as_bytes().len() != b * s * shard.row_bytes {
+                        return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * shard.row_bytes)));
                     }
-                }
+                    Packed::F16(d.as_bytes())
+                } else {
+                    slices = datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<_>>()?;
+                    for (sl, &w) in slices.iter().zip(&shard.shapes_w) {
+                        if sl.len() != b * s * w {
+                            return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));
+                        }
+                    }
+                    Packed::F32(&slices)
+                };
                 let first = bos.is_some() as usize;
                 for (ri, row) in group.iter().enumerate() {
                     let base = ri * s;
@@ -522,36 +529,70 @@ struct Row {
     end: TextPos,
 }
 
-/// One forward with every tap, packed on the device into one f16 tensor `[b, s, layers × Σ widths]` (per token:
-/// layer 0's taps in `taps` order, then layer 1's, ...), so the host sees one transfer per forward.
-fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap]) -> Tensor<B, 3> {
+/// The taps of one forward: on backends with f16 (GPUs) packed on the device into one f16 tensor
+/// `[b, s, layers × Σ widths]` (per token: layer 0's taps in `taps` order, then layer 1's, ...) so the host sees
+/// one transfer; elsewhere (NdArray) the f32 tap tensors as they are, `[b, s, width]` each in the same order,
+/// converted on the host in one pass.
+enum Recorded<B: Backend> {
+    Packed(Tensor<B, 3>),
+    PerTap(Vec<Tensor<B, 2>>),
+}
+
+fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap]) -> Recorded<B> {
     let mut cache = model.new_cache();
     let mut out = Vec::new();
     let _ = model.forward(model.tokens(rows), &mut cache, Some((&TapSet::all(), &mut out)));
+    let mut parts: Vec<Tensor<B, 3>> = Vec::with_capacity(out.len() * taps.len());
+    for lt in out.iter_mut() {
+        parts.extend(taps.iter().filter_map(|&t| t.take(lt)));
+    }
+    drop(out);
+    if !B::supports_dtype(model.device(), DType::F16) {
+        // As 2-D `[b·s, width]`: NdArray reads a `[1, s, w]` array (whose size-1 axis can carry stride 0) back
+        // through a per-element iterator (~25 ns per value), which would dominate collection.
+        return Recorded::PerTap(
+            parts
+                .into_iter()
+                .map(|t| {
+                    let [b, s, w] = t.dims();
+                    t.reshape([b * s, w])
+                })
+                .collect(),
+        );
+    }
     let llama = model.cfg.family == Family::Llama;
-    let mut parts = Vec::with_capacity(out.len() * taps.len());
-    for lt in &out {
-        for &t in taps {
-            if let Some(x) = t.take(lt) {
-                let x = if llama && matches!(t, Tap::MlpAct | Tap::GateAct) { x.abs() } else { x };
-                parts.push(x);
-            }
-        }
-    }
-    let packed = Tensor::cat(parts, 2).clamp(-65504.0, 65504.0);
-    // Halve the transfer where the backend has f16 (GPUs); NdArray does not, and the host converts instead.
-    if B::supports_dtype(model.device(), DType::F16) {
-        packed.cast(FloatDType::F16)
-    } else {
-        packed
-    }
+    let parts: Vec<Tensor<B, 3>> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| if llama && matches!(taps[i % taps.len()], Tap::MlpAct | Tap::GateAct) { x.abs() } else { x })
+        .collect();
+    Recorded::Packed(Tensor::cat(parts, 2).clamp(-65504.0, 65504.0).cast(FloatDType::F16))
 }
 
-/// The packed taps of one forward as the host received them: f16 bytes, or f32 values to convert.
+/// One forward's taps as the host received them: packed f16 bytes, or one f32 slice per (layer, tap).
 #[derive(Clone, Copy)]
 enum Packed<'a> {
     F16(&'a [u8]),
-    F32(&'a [f32]),
+    F32(&'a [&'a [f32]]),
+}
+
+/// Append `src` as little-endian f16, saturating at ±65504 (as the device path clamps) and dropping the sign
+/// when `abs`.
+fn push_f16(buf: &mut Vec<u8>, src: &[f32], abs: bool, scratch: &mut Vec<half::f16>) {
+    use half::slice::HalfFloatSliceExt;
+    scratch.resize(src.len(), half::f16::ZERO);
+    scratch.convert_from_f32_slice(src);
+    buf.reserve(2 * src.len());
+    for x in scratch.iter() {
+        let mut bits = x.to_bits();
+        if abs {
+            bits &= 0x7fff;
+        }
+        if bits & 0x7fff == 0x7c00 {
+            bits = (bits & 0x8000) | 0x7bff;
+        }
+        buf.extend_from_slice(&bits.to_le_bytes());
+    }
 }
 
 /// In-memory shard: per (layer, tap) a little-endian f16 byte buffer `[T, width]`.
@@ -566,12 +607,16 @@ struct ShardBuf {
     sequences: usize,
     start: TextPos,
     end: TextPos,
+    /// Per (layer, tap): store magnitudes (Llama MLP taps) on the host path.
+    abs: Vec<bool>,
     scratch: Vec<half::f16>,
-    scratch_bytes: Vec<u8>,
 }
 
 impl ShardBuf {
-    fn new(layers: usize, taps: &[Tap], widths: &[usize], start: TextPos) -> Self {
+    fn new(layers: usize, taps: &[Tap], widths: &[usize], family: Family, start: TextPos) -> Self {
+        let abs: Vec<bool> = (0..layers)
+            .flat_map(|_| taps.iter().map(move |t| family == Family::Llama && matches!(t, Tap::MlpAct | Tap::GateAct)))
+            .collect();
         let mut names = Vec::new();
         for l in 0..layers {
             for &t in taps {
@@ -590,31 +635,29 @@ impl ShardBuf {
             sequences: 0,
             start,
             end: start,
+            abs,
             scratch: Vec::new(),
-            scratch_bytes: Vec::new(),
         }
     }
 
-    /// Append token `index` of the packed forward output (`row_bytes / 2` values per token).
+    /// Append token `index` (row-major over `[b, s]`) of one forward's taps.
     fn push_token(&mut self, id: u32, pos: u32, packed: &Packed<'_>, index: usize) {
-        use half::slice::HalfFloatSliceExt;
         self.tokens.push(id);
         self.positions.push(pos);
-        let n = self.row_bytes / 2;
-        let row: &[u8] = match *packed {
-            Packed::F16(b) => &b[index * 2 * n..(index + 1) * 2 * n],
-            Packed::F32(v) => {
-                self.scratch.resize(n, half::f16::ZERO);
-                self.scratch.convert_from_f32_slice(&v[index * n..(index + 1) * n]);
-                self.scratch_bytes.clear();
-                self.scratch_bytes.extend(self.scratch.iter().flat_map(|x| x.to_le_bytes()));
-                &self.scratch_bytes
+        match *packed {
+            Packed::F16(bytes) => {
+                let mut o = index * self.row_bytes;
+                for (buf, &w) in self.data.iter_mut().zip(&self.shapes_w) {
+                    buf.extend_from_slice(&bytes[o..o + 2 * w]);
+                    o += 2 * w;
+                }
             }
-        };
-        let mut o = 0;
-        for (buf, &w) in self.data.iter_mut().zip(&self.shapes_w) {
-            buf.extend_from_slice(&row[o..o + 2 * w]);
-            o += 2 * w;
+            Packed::F32(slices) => {
+                for (j, ((buf, &w), src)) in self.data.iter_mut().zip(&self.shapes_w).zip(slices).enumerate() {
+                    let abs = self.abs[j];
+                    push_f16(buf, &src[index * w..(index + 1) * w], abs, &mut self.scratch);
+                }
+            }
         }
     }
 
@@ -629,8 +672,8 @@ impl ShardBuf {
             sequences: 0,
             start: self.end,
             end: self.end,
+            abs: self.abs.clone(),
             scratch: Vec::new(),
-            scratch_bytes: Vec::new(),
         };
         std::mem::replace(self, next)
     }
