@@ -117,6 +117,8 @@ pub struct LayerMetrics {
     pub neuron_label_density: f64,
     pub neuron_pos_weight: f64,
     pub neuron_epochs: usize,
+    /// Held-out neuron recall when keeping the top half of the neurons (k = ffn/2).
+    pub neuron_recall_at_half: f64,
     pub k_heads: usize,
     pub heads: usize,
     pub head_density: f64,
@@ -124,6 +126,8 @@ pub struct LayerMetrics {
     pub head_precision: f64,
     pub head_label_density: f64,
     pub head_epochs: usize,
+    /// Held-out head recall when keeping floor(0.7 × heads) heads.
+    pub head_recall_at_70: f64,
     pub seconds: f64,
 }
 
@@ -198,6 +202,8 @@ struct Fit {
     label_density: f64,
     pos_weight: f64,
     epochs: usize,
+    /// Held-out recall at the fixed `report_k` given to [`fit`].
+    recall_at_report_k: f64,
 }
 
 /// Progress events from [`train`].
@@ -369,7 +375,7 @@ fn train_layer<B: Backend>(
     };
     drop(act);
     let seed = opts.seed ^ (l as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let neur = fit::<B>(device, &x, &labels, d, ffn, train_n, opts, opts.target_recall, seed, &|e, k| {
+    let neur = fit::<B>(device, &x, &labels, d, ffn, train_n, opts, opts.target_recall, ffn / 2, seed, &|e, k| {
         on_event(TrainEvent::Epoch { layer: l, what: "neurons", epoch: e, k, n: ffn })
     }, &|skipped| on_event(TrainEvent::Stopped { layer: l, what: "neurons", skipped }))?;
     drop((x, labels));
@@ -377,7 +383,7 @@ fn train_layer<B: Backend>(
     let (x, _) = acts.read(l.saturating_sub(1), Tap::BlockInput, total)?;
     let (hn, _) = acts.read(l, Tap::HeadNorm, total)?;
     let labels = topk_labels(&hn, heads, topk_count(opts.head_density, heads));
-    let head = fit::<B>(device, &x, &labels, d, heads, train_n, opts, opts.head_target_recall, seed ^ 1, &|e, k| {
+    let head = fit::<B>(device, &x, &labels, d, heads, train_n, opts, opts.head_target_recall, (heads * 7) / 10, seed ^ 1, &|e, k| {
         on_event(TrainEvent::Epoch { layer: l, what: "heads", epoch: e, k, n: heads })
     }, &|skipped| on_event(TrainEvent::Stopped { layer: l, what: "heads", skipped }))?;
     let lm = LayerMetrics {
@@ -390,6 +396,7 @@ fn train_layer<B: Backend>(
         neuron_label_density: neur.label_density,
         neuron_pos_weight: neur.pos_weight,
         neuron_epochs: neur.epochs,
+        neuron_recall_at_half: neur.recall_at_report_k,
         k_heads: head.k,
         heads,
         head_density: head.k as f64 / heads as f64,
@@ -397,6 +404,7 @@ fn train_layer<B: Backend>(
         head_precision: head.precision,
         head_label_density: head.label_density,
         head_epochs: head.epochs,
+        head_recall_at_70: head.recall_at_report_k,
         seconds: t0.elapsed().as_secs_f64(),
     };
     Ok((lm, neur.weights, head.weights))
@@ -476,6 +484,7 @@ fn fit<B: Backend>(
     train_n: usize,
     opts: &TrainOptions,
     target: f64,
+    report_k: usize,
     seed: u64,
     on_epoch: &dyn Fn(usize, usize),
     on_stop: &dyn Fn(usize),
@@ -518,7 +527,7 @@ fn fit<B: Backend>(
         let hits = hits_by_k(&s, &labels[..rows * n], n);
         let (k, recall, precision) = k_at_recall(&hits, target, rows);
         let p = hits[n].max(1) as f64;
-        (k, recall, precision, hits[k_label] as f64 / p)
+        (k, recall, precision, hits[k_label] as f64 / p, hits[report_k.min(n)] as f64 / p)
     };
     for epoch in 0..opts.epochs {
         let mut perm: Vec<i64> = (0..train_n as i64).collect();
@@ -536,7 +545,7 @@ fn fit<B: Backend>(
         }
         epochs = epoch + 1;
         let valid = model.valid();
-        let (k, _, _, recall_at_label) = score(&valid, z_eval.clone(), val_labels, eval_n);
+        let (k, _, _, recall_at_label, _) = score(&valid, z_eval.clone(), val_labels, eval_n);
         on_epoch(epochs, k);
         let better = match &best {
             None => true,
@@ -556,7 +565,7 @@ fn fit<B: Backend>(
     let Some((_, _, best)) = best else {
         return Err(PredictorError::Invalid("no epoch was run".into()));
     };
-    let (k, recall, precision, _) = score(&best, z_val, val_labels, val_n);
+    let (k, recall, precision, _, recall_at_report_k) = score(&best, z_val, val_labels, val_n);
     let bias = |b: &Option<burn::module::Param<Tensor<B, 1>>>, len: usize| b.as_ref().map(|p| host(p.val())).unwrap_or_else(|| vec![0.0; len]);
     let weights = LowRankHost {
         in_mean: host(mean),
@@ -566,7 +575,7 @@ fn fit<B: Backend>(
         w2: host(best.l2.weight.val()),
         b2: bias(&best.l2.bias, n),
     };
-    Ok(Fit { weights, k, recall, precision, label_density, pos_weight, epochs })
+    Ok(Fit { weights, k, recall, precision, label_density, pos_weight, epochs, recall_at_report_k })
 }
 
 fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {

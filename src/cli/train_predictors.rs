@@ -147,11 +147,11 @@ impl BackendTask for Task {
             .with_context(|| format!("while training predictors from {}", acts.dir.display()))?;
         bar.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
-        println!("| layer | k_neurons | density | recall | precision | label density | k_heads | heads kept | head recall | head precision | epochs n/h | s |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| layer | k_neurons | density | recall | precision | label density | recall@ffn/2 | k_heads | heads kept | head recall | head precision | head recall@70% | epochs n/h | s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &pm.layers {
             println!(
-                "| {} | {}/{} | {:.3} | {:.4} | {:.4} | {:.3} | {}/{} | {:.3} | {:.4} | {:.4} | {}/{} | {:.1} |",
+                "| {} | {}/{} | {:.3} | {:.4} | {:.4} | {:.3} | {:.4} | {}/{} | {:.3} | {:.4} | {:.4} | {:.4} | {}/{} | {:.1} |",
                 r.layer,
                 r.k_neurons,
                 r.ffn,
@@ -159,11 +159,13 @@ impl BackendTask for Task {
                 r.neuron_recall,
                 r.neuron_precision,
                 r.neuron_label_density,
+                r.neuron_recall_at_half,
                 r.k_heads,
                 r.heads,
                 r.head_density,
                 r.head_recall,
                 r.head_precision,
+                r.head_recall_at_70,
                 r.neuron_epochs,
                 r.head_epochs,
                 r.seconds
@@ -172,14 +174,16 @@ impl BackendTask for Task {
         let n = pm.layers.len().max(1) as f64;
         let mean = |f: fn(&dejavu::predictors::LayerMetrics) -> f64| pm.layers.iter().map(f).sum::<f64>() / n;
         println!(
-            "| mean | | {:.3} | {:.4} | {:.4} | {:.3} | | {:.3} | {:.4} | {:.4} | | |",
+            "| mean | | {:.3} | {:.4} | {:.4} | {:.3} | {:.4} | | {:.3} | {:.4} | {:.4} | {:.4} | | |",
             mean(|r| r.neuron_density),
             mean(|r| r.neuron_recall),
             mean(|r| r.neuron_precision),
             mean(|r| r.neuron_label_density),
+            mean(|r| r.neuron_recall_at_half),
             mean(|r| r.head_density),
             mean(|r| r.head_recall),
-            mean(|r| r.head_precision)
+            mean(|r| r.head_precision),
+            mean(|r| r.head_recall_at_70)
         );
         eprintln!(
             "trained {} layers in {:.1}s (rank {}, {} train / {} held-out tokens); wrote {}",
