@@ -1,10 +1,12 @@
 //! Subcommands, one file each: clap arguments plus a `run` that calls into the library.
 
 pub mod calibrate;
+pub mod collect;
 pub mod common;
 pub mod eval;
 pub mod generate;
 pub mod ppl;
+pub mod train_predictors;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,10 @@ pub enum Command {
     Calibrate(calibrate::Args),
     /// Zero-shot accuracy, perplexity and realised sparsity, dense or sparse.
     Eval(eval::Args),
+    /// Record per-layer activations over calibration text into RUN/acts (resumable).
+    Collect(collect::Args),
+    /// Train per-layer neuron and head predictors from RUN/acts into RUN/predictors.
+    TrainPredictors(train_predictors::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,5 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ppl(a) => ppl::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Collect(a) => collect::run(a),
+        Command::TrainPredictors(a) => train_predictors::run(a),
     }
 }

@@ -1,0 +1,134 @@
+//! `dejavu collect`: record per-layer activations of the dense model over calibration text into `RUN/acts`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dejavu::backend::{dispatch, BackendTask};
+use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
+use dejavu::manifest::human_bytes;
+use dejavu::ModelFiles;
+
+use super::common::{load_model, resolve, ModelArgs};
+
+#[derive(Debug, Clone, clap::Args, serde::Deserialize)]
+pub struct Args {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    /// Calibration text files (UTF-8), read in order as one stream; streamed, never loaded whole.
+    #[arg(long, num_args = 1.., required = true)]
+    pub text: Vec<PathBuf>,
+    /// Tokens to record (BOS positions are run but not counted). Fewer are recorded if the text runs out.
+    #[arg(long, short = 'n')]
+    pub tokens: usize,
+    /// Sequence length, including the BOS token when the model has one.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Run directory; activations go to RUN/acts. Rerunning with the same arguments resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Upper bound on a shard's size in MB (a shard always holds at least one sequence).
+    #[arg(long, default_value_t = 1024.0)]
+    pub shard_mb: f64,
+    /// Full-length sequences per forward.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if !(args.shard_mb.is_finite() && args.shard_mb > 0.0) {
+        anyhow::bail!("--shard-mb must be > 0 (got {})", args.shard_mb);
+    }
+    let files = resolve(&args.model.model)?;
+    dispatch(args.model.device, Task { args: args.clone(), files })
+}
+
+struct Task {
+    args: Args,
+    files: ModelFiles,
+}
+
+impl BackendTask for Task {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let Task { args, files } = self;
+        let identity = files.identity().with_context(|| format!("while fingerprinting model `{}`", files.identity))?;
+        let opts = CollectOptions {
+            texts: args.text.clone(),
+            tokens: args.tokens,
+            seq_len: args.seq_len,
+            shard_bytes: (args.shard_mb * 1e6) as u64,
+            batch: args.batch,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+        };
+        let collector = Collector::open(&args.out, &files.config, identity, opts)
+            .with_context(|| format!("while preparing the collection in {}", args.out.display()))?;
+        let m = collector.manifest().clone();
+        if m.complete {
+            eprintln!(
+                "{}: already complete ({} tokens{}); nothing to do",
+                collector.dir().display(),
+                m.tokens,
+                if m.text_exhausted { ", text exhausted" } else { "" }
+            );
+            return Ok(());
+        }
+        if m.tokens > 0 {
+            eprintln!("resuming {}: {} of {} tokens already recorded in {} shards", collector.dir().display(), m.tokens, m.tokens_requested, m.shards.len());
+        }
+        eprintln!(
+            "recording {} tokens × {} per token = {} into {}",
+            m.tokens_requested - m.tokens,
+            human_bytes(m.bytes_per_token),
+            human_bytes((m.tokens_requested - m.tokens) as u64 * m.bytes_per_token),
+            collector.dir().display()
+        );
+        let model = load_model::<B>(&files, &device, false)?;
+        let bar = ProgressBar::new(m.tokens_requested as u64);
+        bar.set_style(
+            ProgressStyle::with_template("collect [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(m.tokens as u64);
+        bar.reset_eta();
+        let dir = collector.dir().to_path_buf();
+        let r = collector
+            .run(&model, &files.tokenizer, |n| bar.inc(n as u64))
+            .with_context(|| format!("while collecting activations into {}", dir.display()))?;
+        bar.finish_and_clear();
+        if r.text_exhausted {
+            eprintln!(
+                "warning: the text ran out after {} tokens of the {} asked; recorded {} tokens (manifest `tokens`)",
+                r.tokens, r.tokens_requested, r.tokens
+            );
+        }
+        let secs = r.seconds.max(1e-9);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!("| model | tokens | shards | size | recorded now | seconds | tokens/s | forward tokens/s | forward s | record s | write wait s |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            println!(
+                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                files.identity,
+                r.tokens,
+                r.shards,
+                human_bytes(r.bytes),
+                r.recorded_now,
+                r.seconds,
+                r.recorded_now as f64 / secs,
+                r.forward_tokens_now as f64 / secs,
+                r.forward_seconds,
+                r.record_seconds,
+                r.write_wait_seconds
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! `collect` → `train-predictors` on the tiny fixtures: end to end, model-identity checks, kill-and-resume, and
+//! bad input (empty or binary text, text shorter than N, a full disk, an unknown run directory).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Tensor, TensorData};
+use dejavu::collect::{Activations, Tap};
+use dejavu::predictors::Predictors;
+use dejavu::ModelFiles;
+
+type B = burn::backend::NdArray<f32>;
+
+/// Deterministic calibration text (written for these tests): varied lines so the tokenizer sees many merges.
+fn write_text(path: &Path, lines: usize) {
+    let words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "model", "sparse", "neurons", "fast", "card"];
+    let mut s = String::new();
+    let mut x: u64 = 7;
+    for i in 0..lines {
+        s += &format!("line {i}:");
+        for _ in 0..9 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s.push(' ');
+            s += words[(x >> 33) as usize % words.len()];
+        }
+        s += ".\n";
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn fixture(name: &str) -> String {
+    common::fixture_dir(name).to_str().unwrap().to_string()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn collect(model: &str, text: &Path, n: usize, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> common::Output {
+    let n = n.to_string();
+    let mut args = vec!["collect", "--model", model, "--text", p(text), "--tokens", &n, "--seq-len", "16", "--out", p(out)];
+    args.extend_from_slice(extra);
+    common::dejavu(&args, env)
+}
+
+fn assert_ok(out: &common::Output) {
+    assert_eq!(out.code, 0, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+}
+
+fn assert_clean_failure(out: &common::Output, must_contain: &[&str]) {
+    assert_eq!(out.code, 1, "exit code; stderr: {}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
+    for s in must_contain {
+        assert!(lines[0].contains(s), "`{s}` missing from: {}", lines[0]);
+    }
+}
+
+fn manifest(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("acts/manifest.json")).unwrap()).unwrap()
+}
+
+fn end_to_end(name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 300);
+    let run = tmp.path().join("run");
+    let n = 2000;
+    assert_ok(&collect(&fixture(name), &text, n, &run, &["--shard-mb", "0.2"], &[]));
+    let m = manifest(&run);
+    assert_eq!(m["tokens"], n);
+    assert_eq!(m["complete"], true);
+    assert!(m["shards"].as_array().unwrap().len() > 1, "expected several shards");
+
+    let out = common::dejavu(
+        &["train-predictors", "--run", p(&run), "--model", &fixture(name), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2"],
+        &[],
+    );
+    assert_ok(&out);
+    let dir = run.join("predictors");
+    for f in ["predictors.safetensors", "manifest.json", "metrics.csv", "recall_density.svg"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let files = ModelFiles::resolve(&fixture(name)).unwrap();
+    let id = files.identity().unwrap();
+    let dev = Default::default();
+    let pred = Predictors::<B>::load(&dir, &id, &dev).unwrap();
+    let cfg = &files.config;
+    assert_eq!(pred.layers(), cfg.layers);
+
+    // The loaded predictor reproduces the held-out recall measured during training.
+    let acts = Activations::open(&run).unwrap();
+    let train_n = pred.manifest.train_tokens;
+    let total = acts.manifest.tokens;
+    for l in 0..cfg.layers {
+        let k = pred.k_neurons(l);
+        assert!(k >= 1 && k <= cfg.ffn);
+        assert!(pred.k_heads(l) >= 1 && pred.k_heads(l) <= cfg.heads);
+        let lm = &pred.manifest.layers[l];
+        assert!(lm.neuron_recall >= 0.99 - 1e-9 && lm.head_recall >= 0.95 - 1e-9, "{lm:?}");
+        let (x, _) = acts.read(l, Tap::MlpInput, total).unwrap();
+        let (act, _) = acts.read(l, Tap::MlpAct, total).unwrap();
+        let rows = total - train_n;
+        let d = cfg.hidden;
+        let xv = Tensor::<B, 3>::from_data(TensorData::new(x[train_n * d..].to_vec(), [1, rows, d]), &dev);
+        let scores = pred.neuron_scores(l, xv);
+        assert_eq!(scores.dims(), [1, rows, cfg.ffn]);
+        let s: Vec<f32> = scores.into_data().to_vec().unwrap();
+        let mut hits = 0usize;
+        let mut pos = 0usize;
+        for r in 0..rows {
+            let row = &s[r * cfg.ffn..(r + 1) * cfg.ffn];
+            let a = &act[(train_n + r) * cfg.ffn..(train_n + r + 1) * cfg.ffn];
+            let mut idx: Vec<usize> = (0..cfg.ffn).collect();
+            idx.sort_unstable_by(|&i, &j| row[j].total_cmp(&row[i]));
+            let labels: Vec<bool> = match cfg.family {
+                dejavu::Family::Opt => a.iter().map(|&v| v > 0.0).collect(),
+                dejavu::Family::Llama => {
+                    // Top half by magnitude (the default --neuron-density 0.5); ties are broken by index.
+                    let kk = (0.5 * cfg.ffn as f64).round() as usize;
+                    let mut o: Vec<usize> = (0..cfg.ffn).collect();
+                    o.sort_by(|&i, &j| a[j].total_cmp(&a[i]).then(i.cmp(&j)));
+                    let mut lab = vec![false; cfg.ffn];
+                    for &i in &o[..kk] {
+                        lab[i] = true;
+                    }
+                    lab
+                }
+            };
+            pos += labels.iter().filter(|&&b| b).count();
+            hits += idx[..k].iter().filter(|&&i| labels[i]).count();
+        }
+        let recall = hits as f64 / pos.max(1) as f64;
+        assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall {recall} vs trained {}", lm.neuron_recall);
+        let h = pred.head_scores(l, Tensor::<B, 3>::zeros([2, 3, d], &dev));
+        assert_eq!(h.dims(), [2, 3, cfg.heads]);
+    }
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), cfg.layers + 1);
+    assert!(std::fs::read_to_string(dir.join("recall_density.svg")).unwrap().starts_with("<svg"));
+}
+
+#[test]
+fn end_to_end_tiny_opt() {
+    end_to_end("tiny-opt");
+}
+
+#[test]
+fn end_to_end_tiny_llama() {
+    end_to_end("tiny-llama");
+}
+
+#[test]
+fn refuses_artifacts_of_another_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 60);
+    let run = tmp.path().join("run");
+    assert_ok(&collect(&fixture("tiny-opt"), &text, 300, &run, &[], &[]));
+    // train-predictors told the model is another one.
+    let out = common::dejavu(&["train-predictors", "--run", p(&run), "--model", &fixture("tiny-opt-proj"), "--epochs", "1"], &[]);
+    assert_clean_failure(&out, &["acts/manifest.json", "made for model", "tiny-opt-proj"]);
+    // collect resuming into a run of another model.
+    let out = collect(&fixture("tiny-llama"), &text, 300, &run, &[], &[]);
+    assert_clean_failure(&out, &["acts/manifest.json", "made for model"]);
+    // Predictors of tiny-opt loaded for tiny-llama.
+    assert_ok(&common::dejavu(&["train-predictors", "--run", p(&run), "--epochs", "1"], &[]));
+    let other = ModelFiles::resolve(&fixture("tiny-llama")).unwrap().identity().unwrap();
+    let err = Predictors::<B>::load(&run.join("predictors"), &other, &Default::default()).err().expect("must refuse");
+    let msg = err.to_string();
+    assert!(msg.contains("predictors/manifest.json") && msg.contains("made for model") && !msg.contains('\n'), "{msg}");
+}
+
+/// Every recorded tensor of a run, concatenated over shards.
+fn all_taps(run: &Path) -> Vec<Vec<f32>> {
+    let acts = Activations::open(run).unwrap();
+    let mut out = vec![acts.tokens(usize::MAX).unwrap().into_iter().map(|t| t as f32).collect()];
+    for l in 0..acts.manifest.layers {
+        for tap in acts.manifest.tap_list() {
+            out.push(acts.read(l, tap, usize::MAX).unwrap().0);
+        }
+    }
+    out
+}
+
+#[test]
+fn killed_run_resumes_without_loss_or_duplication() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 200);
+    let n = 500; // not a multiple of the 15 text tokens per sequence: the last one is short
+    let model = fixture("tiny-llama");
+    let reference = tmp.path().join("ref");
+    assert_ok(&collect(&model, &text, n, &reference, &["--shard-mb", "0.03"], &[]));
+
+    let run = tmp.path().join("run");
+    let n_s = n.to_string();
+    let args = ["collect", "--model", &model, "--text", p(&text), "--tokens", &n_s, "--seq-len", "16", "--out", p(&run), "--shard-mb", "0.03"];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dejavu"))
+        .args(args)
+        .env(dejavu::collect::SLOW_ENV, "40")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mpath = run.join("acts/manifest.json");
+    loop {
+        let shards = std::fs::read_to_string(&mpath)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|m| m["shards"].as_array().map(|a| a.len()).unwrap_or(0))
+            .unwrap_or(0);
+        if shards >= 1 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(60), "no shard appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Let it get into the middle of the next shard, then kill it.
+    std::thread::sleep(Duration::from_millis(60));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = manifest(&run);
+    assert_eq!(partial["complete"], false, "killed too late to test resumption");
+    let partial_tokens = partial["tokens"].as_u64().unwrap();
+    assert!(partial_tokens > 0 && partial_tokens < n as u64);
+
+    let out = common::dejavu(&args, &[]);
+    assert_ok(&out);
+    assert!(out.stderr.contains("resuming"), "{}", out.stderr);
+    let m = manifest(&run);
+    assert_eq!(m["tokens"], n);
+    let sum: u64 = m["shards"].as_array().unwrap().iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(sum, n as u64);
+    let a = all_taps(&reference);
+    let b = all_taps(&run);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.len(), y.len(), "tensor {i}: length");
+        assert!(x == y, "tensor {i}: resumed activations differ from an uninterrupted run");
+    }
+    // A third run with the same arguments has nothing left to do.
+    let out = common::dejavu(&args, &[]);
+    assert_ok(&out);
+    assert!(out.stderr.contains("already complete"), "{}", out.stderr);
+}
+
+#[test]
+fn empty_text_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("empty.txt");
+    std::fs::write(&text, "").unwrap();
+    let out = collect(&fixture("tiny-opt"), &text, 100, &tmp.path().join("run"), &[], &[]);
+    assert_clean_failure(&out, &["empty.txt", "empty text file"]);
+}
+
+#[test]
+fn binary_text_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("model.bin");
+    std::fs::write(&text, [0x7fu8, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0xff, 0xfe]).unwrap();
+    let out = collect(&fixture("tiny-opt"), &text, 100, &tmp.path().join("run"), &[], &[]);
+    assert_clean_failure(&out, &["model.bin", "binary file", "offset 7"]);
+    let bad_utf8 = tmp.path().join("latin1.txt");
+    std::fs::write(&bad_utf8, b"caf\xe9 au lait\n").unwrap();
+    let out = collect(&fixture("tiny-opt"), &bad_utf8, 100, &tmp.path().join("run2"), &[], &[]);
+    assert_clean_failure(&out, &["latin1.txt", "not UTF-8", "offset 3"]);
+}
+
+#[test]
+fn text_shorter_than_n_stops_with_what_it_has() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("short.txt");
+    write_text(&text, 5);
+    let run = tmp.path().join("run");
+    let out = collect(&fixture("tiny-opt"), &text, 100_000, &run, &[], &[]);
+    assert_ok(&out);
+    assert!(out.stderr.contains("ran out"), "{}", out.stderr);
+    let m = manifest(&run);
+    let got = m["tokens"].as_u64().unwrap();
+    assert!(got > 0 && got < 100_000);
+    assert_eq!(m["text_exhausted"], true);
+    assert_eq!(m["complete"], true);
+    let acts = Activations::open(&run).unwrap();
+    assert_eq!(acts.tokens(usize::MAX).unwrap().len() as u64, got);
+}
+
+#[test]
+fn disk_too_small() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 20);
+    let run = tmp.path().join("run");
+    let out = collect(&fixture("tiny-opt"), &text, 100_000, &run, &[], &[(dejavu::manifest::FREE_BYTES_ENV, "1000000")]);
+    assert_clean_failure(&out, &["run", "not enough disk", "100000 tokens", "only 1.0 MB is free"]);
+    assert!(!run.join("acts/manifest.json").exists());
+}
+
+#[test]
+fn unknown_run_directory() {
+    let out = common::dejavu(&["train-predictors", "--run", "/nonexistent/dejavu/run"], &[]);
+    assert_clean_failure(&out, &["/nonexistent/dejavu/run", "no such run directory"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = common::dejavu(&["train-predictors", "--run", p(tmp.path())], &[]);
+    assert_clean_failure(&out, &["acts/manifest.json", "not found"]);
+}
