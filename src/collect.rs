@@ -219,6 +219,9 @@ pub struct CollectOptions {
     /// Full-length sequences per forward.
     pub batch: usize,
     pub chunk_bytes: usize,
+    /// Pack the taps into one f16 tensor on the device before reading them back (GPUs: halves the transfer and
+    /// makes it one). CPU backends read each tap back as is and convert on the host, which is cheaper there.
+    pub pack_on_device: bool,
 }
 
 /// Outcome of a collection run (this invocation only for the timings).
@@ -445,7 +448,7 @@ impl Collector {
                 let tf = Instant::now();
                 let id_rows: Vec<Vec<u32>> = group.iter().map(|r| r.ids.clone()).collect();
                 let (b, s) = (id_rows.len(), id_rows[0].len());
-                let recorded = record_forward(model, &id_rows, &taps);
+                let recorded = record_forward(model, &id_rows, &taps, self.opts.pack_on_device);
                 let tr = Instant::now();
                 // On the device path this waits for the forward; on the host path the forward has finished.
                 let datas: Vec<TensorData> = match recorded {
@@ -529,16 +532,16 @@ struct Row {
     end: TextPos,
 }
 
-/// The taps of one forward: on backends with f16 (GPUs) packed on the device into one f16 tensor
+/// The taps of one forward: on GPU backends with f16, packed on the device into one f16 tensor
 /// `[b, s, layers × Σ widths]` (per token: layer 0's taps in `taps` order, then layer 1's, ...) so the host sees
-/// one transfer; elsewhere (NdArray) the f32 tap tensors as they are, `[b, s, width]` each in the same order,
+/// one transfer; on CPU backends the f32 tap tensors as they are, `[b, s, width]` each in the same order,
 /// converted on the host in one pass.
 enum Recorded<B: Backend> {
     Packed(Tensor<B, 3>),
     PerTap(Vec<Tensor<B, 2>>),
 }
 
-fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap]) -> Recorded<B> {
+fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap], pack_on_device: bool) -> Recorded<B> {
     let mut cache = model.new_cache();
     let mut out = Vec::new();
     let _ = model.forward(model.tokens(rows), &mut cache, Some((&TapSet::all(), &mut out)));
@@ -547,7 +550,7 @@ fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap])
         parts.extend(taps.iter().filter_map(|&t| t.take(lt)));
     }
     drop(out);
-    if !B::supports_dtype(model.device(), DType::F16) {
+    if !(pack_on_device && B::supports_dtype(model.device(), DType::F16)) {
         // As 2-D `[b·s, width]`: NdArray reads a `[1, s, w]` array (whose size-1 axis can carry stride 0) back
         // through a per-element iterator (~25 ns per value), which would dominate collection.
         return Recorded::PerTap(

@@ -6,7 +6,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::backend::{dispatch, BackendTask};
+use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
 use dejavu::manifest::human_bytes;
 use dejavu::ModelFiles;
@@ -66,6 +66,7 @@ impl BackendTask for Task {
             shard_bytes: (args.shard_mb * 1e6) as u64,
             batch: args.batch,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            pack_on_device: matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu),
         };
         let collector = Collector::open(&args.out, &files.config, identity, opts)
             .with_context(|| format!("while preparing the collection in {}", args.out.display()))?;
