@@ -777,6 +777,16 @@ impl<B: Backend> Predictors<B> {
     }
 }
 
+/// Trained predictors drive the reference forward's `PredictedTopK` rules.
+impl<B: Backend> crate::model::sparse::Scorer<B> for Predictors<B> {
+    fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3> {
+        Predictors::neuron_scores(self, layer, mlp_input)
+    }
+    fn head_scores(&self, layer: usize, prev_block_input: Tensor<B, 3>) -> Tensor<B, 3> {
+        Predictors::head_scores(self, layer, prev_block_input)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

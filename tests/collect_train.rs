@@ -138,6 +138,37 @@ fn end_to_end(name: &str) {
         let h = pred.head_scores(l, Tensor::<B, 3>::zeros([2, 3, d], &dev));
         assert_eq!(h.dims(), [2, 3, cfg.heads]);
     }
+    // `eval --mode dejavu` runs the sparse forward with these predictors; realised sparsity follows their k.
+    let tasks = tmp.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    std::fs::write(tasks.join("copa.jsonl"), "{\"query\": \"the cat sat on\", \"choices\": [\"the mat.\", \"the dog.\"], \"gold\": 0}\n".repeat(3)).unwrap();
+    let eval_out = tmp.path().join("eval");
+    let out = common::dejavu(
+        &["eval", "--model", &fixture(name), "--tasks-dir", p(&tasks), "--tasks", "copa", "--mode", "dejavu", "--predictors", p(&dir), "--out", p(&eval_out)],
+        &[],
+    );
+    assert_ok(&out);
+    let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval_out.join("results.json")).unwrap()).unwrap();
+    let layers = res["modes"][0]["layers"].as_array().unwrap();
+    for (l, row) in layers.iter().enumerate() {
+        let want_heads = 1.0 - pred.k_heads(l) as f64 / cfg.heads as f64;
+        assert!((row["head_sparsity"].as_f64().unwrap() - want_heads).abs() < 1e-9, "layer {l}: {row}");
+        let want_mlp = 1.0 - pred.k_neurons(l) as f64 / cfg.ffn as f64;
+        let got = row["mlp_sparsity"].as_f64().unwrap();
+        // SiLU·up is never exactly zero, so Llama realises exactly the predictor's k; ReLU can only add zeros.
+        match cfg.family {
+            dejavu::Family::Llama => assert!((got - want_mlp).abs() < 1e-9, "layer {l}: {got} vs {want_mlp}"),
+            dejavu::Family::Opt => assert!(got >= want_mlp - 1e-9, "layer {l}: {got} vs {want_mlp}"),
+        }
+    }
+    // Predictors of this model are refused for another model.
+    let other = if name == "tiny-opt" { fixture("tiny-opt-proj") } else { fixture("tiny-llama-tied") };
+    let out = common::dejavu(
+        &["eval", "--model", &other, "--tasks-dir", p(&tasks), "--tasks", "copa", "--mode", "dejavu", "--predictors", p(&dir), "--out", p(&eval_out)],
+        &[],
+    );
+    assert_clean_failure(&out, &["manifest.json", "fingerprint"]);
+
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), cfg.layers + 1);
     assert!(std::fs::read_to_string(dir.join("recall_density.svg")).unwrap().starts_with("<svg"));

@@ -161,6 +161,10 @@ impl BackendTask for Task {
         if args.stride == 0 || args.stride > args.ctx {
             bail!("--stride must be in 1..=--ctx ({}) (got {})", args.ctx, args.stride);
         }
+        let predictors = match &args.predictors {
+            Some(dir) => Some(dejavu::predictors::Predictors::<B>::load(dir, &identity, &device)?),
+            None => None,
+        };
         let model = load_model::<B>(&files, &device, false)?;
         let eot = cfg.eos_token_ids.first().copied().or(cfg.bos_token_id).unwrap_or(0);
         let ppl_ids: Option<Vec<u32>> = match &args.ppl {
@@ -205,9 +209,26 @@ impl BackendTask for Task {
                     };
                     vec![LayerPlan { mlp: MlpRule::OracleTopK(k), heads }; cfg.layers]
                 }
-                _ => bail!("mode {}: needs --predictors DIR from `dejavu train-predictors`", mode.label()),
+                _ => {
+                    let Some(p) = &predictors else {
+                        bail!("mode {}: needs --predictors DIR from `dejavu train-predictors`", mode.label());
+                    };
+                    (0..cfg.layers)
+                        .map(|l| LayerPlan {
+                            mlp: MlpRule::PredictedTopK(match mode.sparsity {
+                                Some(s) => ((1.0 - s) * cfg.ffn as f64).round() as usize,
+                                None => p.k_neurons(l),
+                            }),
+                            heads: HeadRule::PredictedTopK(match args.head_sparsity {
+                                Some(hs) => head_k(hs),
+                                None => p.k_heads(l),
+                            }),
+                        })
+                        .collect()
+                }
             };
-            let plan = SparsityPlan { layers, scorer: None };
+            let scorer = predictors.as_ref().map(|p| p as &dyn dejavu::model::sparse::Scorer<B>);
+            let plan = SparsityPlan { layers, scorer };
             let ev = Evaluator { model: &model, tokenizer: &files.tokenizer, plan: Some(&plan), max_len: args.max_len, empty_context_token: eot };
             let mut task_results = Vec::new();
             let mut all_stats = SparsityStats::new(cfg.layers);
