@@ -19,7 +19,7 @@ prep)
   mkdir -p $R
   cat $S/a/gguf_part_aa .carry/b/gguf_part_ab > $M
   (cd $R && sha256sum SmolLM2-135M-Instruct.Q4_1.gguf) | diff - <(sed 's#models/smollm2/##' $S/a/gguf.sha256)
-  zstd -d -q -f .carry/b/dejavu.zst -o $BIN && chmod +x $BIN
+  [ -f .carry/b/dejavu.xz ] && python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" .carry/b/dejavu.xz $BIN && chmod +x $BIN
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $S/a/*.whl
   echo prep ok ;;
 dense)
@@ -42,7 +42,8 @@ PY
   ;;
 hfcheck)
   export PYTHONPATH=/tmp/site
-  python3 scripts/hf_eval_check.py $R SmolLM2-135M-Instruct.Q4_1.gguf $R/dump_dense.jsonl | tee $OUT/hf_check.md ;;
+  dump=${DUMP:-$R/dump_dense.jsonl}
+  python3 scripts/hf_eval_check.py $R SmolLM2-135M-Instruct.Q4_1.gguf $dump 2>&1 | grep -v Warning | tee $OUT/hf_check.md ;;
 sparse)
   $BIN calibrate --model $M --device cuda --text $S/c/text/wikitext2-valid.tokenized.txt --sparsity 0.5,0.7 --tokens 65536 \
     --out $OUT/thresholds.json 2>&1 | tail -4
