@@ -59,7 +59,7 @@ impl BackendTask for Task {
         let Task { args, files } = self;
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
-        let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens);
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;
         let mut cal = Calibrator::new(files.config.layers);
         let bar = ProgressBar::new(args.tokens as u64);
         bar.set_style(
