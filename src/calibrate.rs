@@ -5,7 +5,8 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
-use crate::model::{LayerTaps, Model, TapSet};
+use crate::model::sparse::{HeadRule, LayerPlan, MlpRule, SparsityPlan};
+use crate::model::{Forward, LayerTaps, Model, TapSet};
 use crate::source::ModelIdentity;
 
 /// Mantissa bits kept per bin: bins are 2^-7 ≈ 0.8% wide in relative terms.
@@ -96,13 +97,24 @@ impl Calibrator {
 
     /// Run one batch-1 sequence and add its gate magnitudes.
     pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32]) {
+        self.add_sequence_under(model, ids, None);
+    }
+
+    /// As [`Calibrator::add_sequence`], with the forward itself sparse under `plan`: each layer's gate magnitudes
+    /// are then those it sees when the layers before it are already masked, which is what a refinement pass
+    /// needs so that the realised sparsity of every layer, not just the first, meets the requested level.
+    pub fn add_sequence_under<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], plan: Option<&SparsityPlan<'_, B>>) {
         if ids.is_empty() {
             return;
         }
         let want = TapSet { mlp_act: true, ..Default::default() };
         let mut taps: Vec<LayerTaps<B>> = Vec::new();
         let mut cache = model.new_cache();
-        let _ = model.forward(model.tokens(&[ids.to_vec()]), &mut cache, Some((&want, &mut taps)));
+        let _ = model.forward_with(
+            model.tokens(&[ids.to_vec()]),
+            &mut cache,
+            Forward { taps: Some((&want, &mut taps)), plan, ..Default::default() },
+        );
         for (hist, t) in self.layers.iter_mut().zip(taps) {
             // Llama: |SiLU(gate)|; OPT: post-ReLU fc1 (non-negative already).
             let Some(g) = t.gate_act.or(t.mlp_act) else { continue };
@@ -110,6 +122,14 @@ impl Calibrator {
             hist.add_all(&v);
         }
         self.tokens += ids.len() as u64;
+    }
+}
+
+/// The CATS plan for per-layer `thresholds`.
+pub fn threshold_plan<'a, B: Backend>(thresholds: &[f32]) -> SparsityPlan<'a, B> {
+    SparsityPlan {
+        layers: thresholds.iter().map(|&t| LayerPlan { mlp: MlpRule::Threshold(t), heads: HeadRule::Dense }).collect(),
+        scorer: None,
     }
 }
 

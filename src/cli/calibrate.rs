@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask};
-use dejavu::calibrate::{criterion, Calibrator, ThresholdLevel, Thresholds};
+use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, Thresholds};
 use dejavu::text::TokenWindows;
 use dejavu::ModelFiles;
 
@@ -30,6 +30,10 @@ pub struct Args {
     /// Tokens per forward window.
     #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
+    /// Refinement passes per level: re-measure each layer's magnitudes with the earlier layers already masked at
+    /// the current thresholds, so every layer (not only the first) realises the requested sparsity.
+    #[arg(long, default_value_t = 1)]
+    pub refine: usize,
     /// Output thresholds file (JSON).
     #[arg(long)]
     pub out: PathBuf,
@@ -63,7 +67,7 @@ impl BackendTask for Task {
         let mut cal = Calibrator::new(files.config.layers);
         let bar = ProgressBar::new(args.tokens as u64);
         bar.set_style(
-            ProgressStyle::with_template("calibrate [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+            ProgressStyle::with_template("calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         while let Some(w) = windows.next_window()? {
@@ -77,15 +81,27 @@ impl BackendTask for Task {
         if (cal.tokens as usize) < args.tokens {
             eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
         }
-        let levels: Vec<ThresholdLevel> = args
-            .sparsity
-            .iter()
-            .map(|&s| {
-                let thresholds: Vec<f32> = cal.layers.iter().map(|h| h.quantile(s)).collect();
-                let realised = cal.layers.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
-                ThresholdLevel { sparsity: s, thresholds, realised }
-            })
-            .collect();
+        let mut levels: Vec<ThresholdLevel> = Vec::new();
+        for &sp in &args.sparsity {
+            let mut hists = cal.layers.clone();
+            let mut thresholds: Vec<f32> = hists.iter().map(|h| h.quantile(sp)).collect();
+            for pass in 0..args.refine {
+                let plan = threshold_plan::<B>(&thresholds);
+                let mut refined = Calibrator::new(files.config.layers);
+                let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;
+                bar.reset();
+                bar.set_message(format!("refine {sp} pass {}", pass + 1));
+                while let Some(w) = windows.next_window()? {
+                    refined.add_sequence_under(&model, &w, Some(&plan));
+                    bar.inc(w.len() as u64);
+                }
+                hists = refined.layers;
+                thresholds = hists.iter().map(|h| h.quantile(sp)).collect();
+            }
+            bar.finish_and_clear();
+            let realised = hists.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
+            levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
+        }
         let out = Thresholds {
             model: identity,
             criterion: criterion(files.config.family).to_string(),
