@@ -6,12 +6,11 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::backend::{dispatch, BackendTask};
 use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, Thresholds};
 use dejavu::text::TokenWindows;
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, ModelArgs};
+use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
@@ -48,19 +47,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tokens == 0 || args.seq_len == 0 {
         bail!("--tokens and --seq-len must be positive");
     }
-    let files = resolve(&args.model.model)?;
-    dispatch(args.model.device, Task { args: args.clone(), files })
+    run_with_model(args)
 }
 
-struct Task {
-    args: Args,
-    files: ModelFiles,
-}
+impl ModelCommand for Args {
+    fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
 
-impl BackendTask for Task {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let Task { args, files } = self;
+    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+        let args = self;
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
         let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;

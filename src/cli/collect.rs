@@ -6,12 +6,12 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::backend::{dispatch, BackendTask, DeviceKind};
+use dejavu::backend::DeviceKind;
 use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
 use dejavu::manifest::human_bytes;
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, ModelArgs};
+use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
@@ -45,19 +45,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.shard_mb.is_finite() && args.shard_mb > 0.0) {
         anyhow::bail!("--shard-mb must be > 0 (got {})", args.shard_mb);
     }
-    let files = resolve(&args.model.model)?;
-    dispatch(args.model.device, Task { args: args.clone(), files })
+    run_with_model(args)
 }
 
-struct Task {
-    args: Args,
-    files: ModelFiles,
-}
+impl ModelCommand for Args {
+    fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
 
-impl BackendTask for Task {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let Task { args, files } = self;
+    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+        let args = self;
         let identity = files.identity().with_context(|| format!("while fingerprinting model `{}`", files.identity))?;
         let opts = CollectOptions {
             texts: args.text.clone(),

@@ -6,7 +6,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::backend::DeviceKind;
+use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::{Model, ModelFiles};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -52,4 +52,29 @@ pub fn load_model<B: Backend>(files: &ModelFiles, device: &B::Device, quiet: boo
         );
     }
     Ok(model)
+}
+
+/// A subcommand that resolves `--model`, then runs generic code on the chosen backend.
+pub trait ModelCommand: Sized {
+    fn model_args(&self) -> &ModelArgs;
+    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()>;
+}
+
+struct WithModel<A> {
+    args: A,
+    files: ModelFiles,
+}
+
+impl<A: ModelCommand> BackendTask for WithModel<A> {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        self.args.run_on::<B>(self.files, device)
+    }
+}
+
+/// Resolve the model `args` names and run it on the device it asks for.
+pub fn run_with_model<A: ModelCommand>(args: A) -> anyhow::Result<()> {
+    let files = resolve(&args.model_args().model)?;
+    let device = args.model_args().device;
+    dispatch(device, WithModel { args, files })
 }

@@ -5,11 +5,10 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 
-use dejavu::backend::{dispatch, BackendTask};
 use dejavu::generate::{generate, Sampling};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, ModelArgs};
+use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
@@ -48,19 +47,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
     }
-    let files = resolve(&args.model.model)?;
-    dispatch(args.model.device, Task { args: args.clone(), files })
+    run_with_model(args)
 }
 
-struct Task {
-    args: Args,
-    files: ModelFiles,
-}
+impl ModelCommand for Args {
+    fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
 
-impl BackendTask for Task {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let Task { args, files } = self;
+    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+        let args = self;
         let model = load_model::<B>(&files, &device, false)?;
         let tok = &files.tokenizer;
         let enc = tok.encode(args.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("while tokenizing the prompt: {e}"))?;

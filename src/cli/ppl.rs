@@ -6,11 +6,10 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::backend::{dispatch, BackendTask};
 use dejavu::ppl::{perplexity, windows};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, ModelArgs};
+use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
@@ -41,19 +40,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.stride == 0 || args.stride > args.ctx {
         bail!("--stride must be in 1..=--ctx ({}) (got {})", args.ctx, args.stride);
     }
-    let files = resolve(&args.model.model)?;
-    dispatch(args.model.device, Task { args: args.clone(), files })
+    run_with_model(args)
 }
 
-struct Task {
-    args: Args,
-    files: ModelFiles,
-}
+impl ModelCommand for Args {
+    fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
 
-impl BackendTask for Task {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let Task { args, files } = self;
+    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+        let args = self;
         let bytes = std::fs::read(&args.text).with_context(|| format!("while reading {}", args.text.display()))?;
         let text = String::from_utf8(bytes)
             .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", args.text.display(), e.utf8_error().valid_up_to()))?;
