@@ -1,53 +1,78 @@
 #!/usr/bin/env bash
 # Issue 4 on the GPU box: (a) `ppl` vs `collect` forward throughput on the same model and device, (b) collect
-# 100k tokens, (c) train predictors on the GPU, (d) print the per-layer table and wall times last.
-# Builds nothing. Usage (from the repo root):
-#   scripts/h100_issue4.sh BIN MODEL.gguf TEXT OUTDIR
+# 100k tokens, (c) train predictors on the GPU with the defaults, (d) an independent
+# transformers check of what a linear neuron score can reach (scripts/neuron_ceiling.py), (f) two training
+# variants that share the activations, (e) the tables and wall times. Builds nothing.
+#
+# Direct use (from the repo root, anywhere with a CUDA build of dejavu):
+#   scripts/h100_issue4.sh all BIN MODEL.gguf TEXT OUTDIR
 #     BIN     the dejavu binary built with --features cuda
 #     MODEL   e.g. SmolLM2-135M-Instruct.Q4_1.gguf
 #     TEXT    e.g. wikitext2-valid.tokenized.txt
 #     OUTDIR  everything is written under it (about 26 GB for 100k SmolLM2 tokens)
+#
+# On the device tool's box (no Rust, no ../shared, each call at most 10 minutes, ignored files kept while the
+# machine is held), from .carry/ (git-ignored): a/ = GGUF part 1 + gguf wheel + sha256, b/ = GGUF part 2 +
+# dejavu.xz, d/ = the text file.
+#   stash   copy .carry/a and .carry/d to /root/stash (call 1)
+#   prep    reassemble the GGUF, check it, unpack the binary, install gguf (call 2, carrying b)
+#   start   run `all` detached (setsid), so it outlives the call, then wait like `wait`
+#   tput    (foreground) acceptance 5: steady forward throughput of ppl vs collect (batch 1 and 4), table last
+#   wait    follow the log for up to $WAIT_S seconds; when `all` has finished, copy the results to $OUT
 set -euo pipefail
-if [ $# -ne 4 ]; then
-  echo "usage: $0 BIN MODEL.gguf TEXT OUTDIR" >&2
-  exit 2
-fi
-BIN=$(readlink -f "$1"); MODEL=$2; TEXT=$3; OUT=$4
-N=${N:-100000}            # tokens for the full collection
-TPUT_N=${TPUT_N:-16384}   # tokens for the throughput comparison
-SEQ=${SEQ:-512}
-BATCH=${BATCH:-4}         # sequences per forward for the full collection
-TRAIN_ARGS=${TRAIN_ARGS:-}  # extra train-predictors flags, e.g. "--neuron-density 0.25 --rank 192"
-mkdir -p "$OUT"
+R=/root/run
+S=/root/stash
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
 
-echo "== warm-up (cubecl autotune/NVRTC cache; not timed)"
-"$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --max-tokens 2048 > "$OUT/warmup_ppl.txt"
-rm -rf "$OUT/warm"; "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens 2048 --seq-len "$SEQ" --out "$OUT/warm" --json > /dev/null
-rm -rf "$OUT/warm"
+all() {
+  BIN=$(readlink -f "$1"); MODEL=$2; TEXT=$3; OUTD=$4
+  N=${N:-100000}            # tokens for the full collection
+  TPUT_N=${TPUT_N:-16384}   # tokens for the throughput comparison
+  SEQ=${SEQ:-512}
+  BATCH=${BATCH:-4}         # sequences per forward for the full collection
+  VARIANTS=${VARIANTS:-"r576:--rank_576 d25:--neuron-density_0.25"}  # name:flags, "_" for spaces
+  mkdir -p "$OUTD"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTD/gpu.txt" || true
 
-echo "== (a) throughput: ppl vs collect, batch 1, ctx/seq-len $SEQ, $TPUT_N tokens"
-"$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --stride "$SEQ" --max-tokens "$TPUT_N" --json "$OUT/ppl_tput.json" | tee "$OUT/ppl_tput.txt"
-rm -rf "$OUT/tput"
-"$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$TPUT_N" --seq-len "$SEQ" --batch 1 --out "$OUT/tput" --json > "$OUT/collect_tput.json"
-rm -rf "$OUT/tput"
+  echo "== warm-up (cubecl autotune/NVRTC cache; not timed)"
+  "$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --max-tokens 2048 > "$OUTD/warmup_ppl.txt"
+  rm -rf "$OUTD/warm"; "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens 2048 --seq-len "$SEQ" --out "$OUTD/warm" --json > /dev/null
+  rm -rf "$OUTD/warm"
 
-echo "== (b) collect $N tokens (batch $BATCH)"
-t0=$(now)
-"$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUT/run" --json > "$OUT/collect_run.json"
-t1=$(now)
+  echo "== (a) throughput: ppl vs collect, batch 1, ctx/seq-len $SEQ, $TPUT_N tokens"
+  "$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --stride "$SEQ" --max-tokens "$TPUT_N" --json "$OUTD/ppl_tput.json" | tee "$OUTD/ppl_tput.txt"
+  rm -rf "$OUTD/tput"
+  "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$TPUT_N" --seq-len "$SEQ" --batch 1 --out "$OUTD/tput" --json > "$OUTD/collect_tput.json"
+  rm -rf "$OUTD/tput"
 
-echo "== (c) train predictors on the GPU"
-# shellcheck disable=SC2086
-"$BIN" train-predictors --device cuda --run "$OUT/run" -m "$MODEL" $TRAIN_ARGS > "$OUT/train_table.md"
-t2=$(now)
-du -sh "$OUT/run/acts" "$OUT/run/predictors" | tee "$OUT/sizes.txt"
+  echo "== (b) collect $N tokens (batch $BATCH)"
+  t0=$(now)
+  "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUTD/run" --json > "$OUTD/collect_run.json"
+  t1=$(now)
+  echo "collect wall: $(secs "$t0" "$t1") s" | tee "$OUTD/walls.txt"
 
-echo
-echo "== (d) results"
-python3 - "$OUT" <<'PY'
+  echo "== (c) train predictors on the GPU (defaults)"
+  "$BIN" train-predictors --device cuda --run "$OUTD/run" -m "$MODEL" > "$OUTD/train_default.md"
+  t2=$(now)
+  echo "train-predictors (defaults) wall: $(secs "$t1" "$t2") s" | tee -a "$OUTD/walls.txt"
+  du -sh "$OUTD/run/acts" "$OUTD/run/predictors" | tee "$OUTD/sizes.txt"
+  echo "== (d) linear-score ceiling, transformers on the same GGUF"
+  python3 "$(dirname "$0")/neuron_ceiling.py" "$(dirname "$MODEL")" "$(basename "$MODEL")" "$TEXT" --tokens 8192 > "$OUTD/ceiling.md" 2> "$OUTD/ceiling.err" || echo "ceiling check failed: see $OUTD/ceiling.err"
+
+  for v in $VARIANTS; do
+    name=${v%%:*}; args=${v#*:}; args=${args//_/ }
+    mkdir -p "$OUTD/v_$name"; ln -sfn "$OUTD/run/acts" "$OUTD/v_$name/acts"
+    echo "== (f) train-predictors $args"
+    t3=$(now)
+    # shellcheck disable=SC2086
+    "$BIN" train-predictors --device cuda --run "$OUTD/v_$name" -m "$MODEL" $args > "$OUTD/train_$name.md"
+    echo "train-predictors ($args) wall: $(secs "$t3" "$(now)") s" | tee -a "$OUTD/walls.txt"
+  done
+
+  echo
+  echo "== (e) results"
+  python3 - "$OUTD" <<'PY' | tee "$OUTD/summary.txt"
 import json, sys
 out = sys.argv[1]
 p = json.load(open(f"{out}/ppl_tput.json"))
@@ -61,6 +86,71 @@ print(f"collect / ppl: {col_tps / ppl_tps:.3f}   (split: forward {c['forward_sec
 r = json.load(open(f"{out}/collect_run.json"))
 print(f"full collection: {r['tokens']} tokens in {r['seconds']:.1f}s ({r['recorded_now']/r['seconds']:.1f} tokens/s), {r['bytes']/1e9:.1f} GB, {r['shards']} shards")
 PY
-echo "collect wall: $(secs "$t0" "$t1") s; train-predictors wall: $(secs "$t1" "$t2") s"
-echo
-cat "$OUT/train_table.md"
+  cat "$OUTD/walls.txt" "$OUTD/ceiling.md"
+  for f in "$OUTD"/train_*.md; do echo "-- $f"; grep -E "^\| mean|^trained" "$f" || true; done
+  echo ALL-DONE
+}
+
+case "${1:-}" in
+all) shift; all "$@" ;;
+stash)
+  mkdir -p $S && cp -r .carry/a .carry/d $S/ && ls -la $S/a $S/d && nvidia-smi --query-gpu=name,memory.used --format=csv ;;
+prep)
+  mkdir -p $R
+  cat $S/a/gguf_part_aa .carry/b/gguf_part_ab > $R/SmolLM2-135M-Instruct.Q4_1.gguf
+  (cd $R && sha256sum SmolLM2-135M-Instruct.Q4_1.gguf) | diff - <(sed 's#models/smollm2/##' $S/a/gguf.sha256)
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" .carry/b/dejavu.xz $R/dejavu
+  chmod +x $R/dejavu
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site $S/a/*.whl
+  cp scripts/h100_issue4.sh scripts/neuron_ceiling.py $R/   # the detached job must not read the tree the next call replaces
+  echo prep ok ;;
+tput)
+  # Acceptance 5: plain `ppl` vs `collect` (batch 1 and 4) forward throughput on the same model, device and text,
+  # each warmed up first in its own process (cubecl keeps autotune results on disk). "steady" leaves out each
+  # run's first forward, which carries the per-process kernel compilation. Sizes keep every forward the same shape
+  # (32 windows of 512; 32 sequences of 1 BOS + 511 tokens). Prints a table last.
+  M=$R/SmolLM2-135M-Instruct.Q4_1.gguf; T=$S/d/wikitext2-valid.tokenized.txt
+  D=$R/tput; mkdir -p $D
+  c() { rm -rf $D/c; $R/dejavu collect --device cuda -m $M --text $T --seq-len 512 --out $D/c --json "$@"; }
+  $R/dejavu ppl --device cuda -m $M --text $T --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
+  $R/dejavu ppl --device cuda -m $M --text $T --ctx 512 --stride 512 --max-tokens 16384 --json $D/ppl.json > /dev/null
+  for b in 1 4; do
+    c --tokens 4088 --batch $b > /dev/null
+    c --tokens 16352 --batch $b > $D/collect_b$b.json
+  done
+  rm -rf $D/c; cp $D/*.json "$OUT/"
+  python3 - $D <<'PY'
+import json, sys
+d = sys.argv[1]
+p = json.load(open(f"{d}/ppl.json"))
+base, base_all = p["steady_tokens_per_s"], p["forward_tokens_per_s"]
+print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | forward s | record s | write wait s | handoff wait s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | |")
+for b in (1, 4):
+    j = json.load(open(f"{d}/collect_b{b}.json"))
+    st = j["steady_tokens_per_s"]
+    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} |")
+print(f"first window/forward (compilation): ppl {p['result']['first_window_seconds']:.1f}s; " + "; ".join(
+    f"collect b{b} {json.load(open(f'{d}/collect_b{b}.json'))['first_forward_seconds']:.1f}s" for b in (1, 4)))
+PY
+  ;;
+start)
+  export PYTHONPATH=/tmp/site
+  setsid nohup bash $R/h100_issue4.sh all $R/dejavu $R/SmolLM2-135M-Instruct.Q4_1.gguf $S/d/wikitext2-valid.tokenized.txt $R/out > $R/log 2>&1 < /dev/null &
+  sleep 5; "$0" wait ;;
+wait)
+  end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while (( $(date +%s) < end )); do
+    grep -q ALL-DONE $R/log 2>/dev/null && break
+    sleep 15
+  done
+  tail -c 3000 $R/log
+  cd $R/out
+  tar czf "$OUT/results.tgz" ./*.err ./*.md ./*.txt ./*.json run/predictors/manifest.json run/predictors/metrics.csv run/predictors/*.svg run/acts/manifest.json v_*/predictors/metrics.csv ../log 2>/dev/null || true
+  if grep -q ALL-DONE $R/log; then
+    tar cf - run/predictors | xz -T8 -1 > /tmp/pred.tar.xz && split -b 15M /tmp/pred.tar.xz "$OUT/pred.tar.xz."
+    ls -la "$OUT"
+  fi ;;
+*) echo "usage: $0 all BIN MODEL TEXT OUTDIR | stash | prep | start | wait" >&2; exit 2 ;;
+esac

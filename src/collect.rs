@@ -238,12 +238,27 @@ pub struct CollectReport {
     pub text_exhausted: bool,
     pub bytes: u64,
     pub seconds: f64,
-    /// Time inside the model forward (up to the tap tensors).
+    /// Time running the forwards and reading their taps back to the host.
     pub forward_seconds: f64,
-    /// Time moving taps to the host, converting and packing them.
+    /// Time the recorder thread spent converting and packing taps into shard buffers (it overlaps the next
+    /// forward).
     pub record_seconds: f64,
-    /// Time waiting for the previous shard write to finish.
+    /// Time the recorder waited for the previous shard write to finish.
     pub write_wait_seconds: f64,
+    /// Time the forward loop waited for the recorder to take a forward's taps (> 0 when recording, not the
+    /// forward, is the bottleneck).
+    pub handoff_wait_seconds: f64,
+    /// The first forward alone (on GPU backends it carries the one-off kernel compilation and autotuning): its
+    /// tokens and the seconds from the start until its taps were recorded.
+    pub first_forward_tokens: usize,
+    pub first_forward_seconds: f64,
+}
+
+impl CollectReport {
+    /// Forward tokens per second after the first forward (the steady rate; NaN with a single forward).
+    pub fn steady_tokens_per_s(&self) -> f64 {
+        (self.forward_tokens_now - self.first_forward_tokens) as f64 / (self.seconds - self.first_forward_seconds)
+    }
 }
 
 /// An opened (new or resumed) collection in `RUN/acts`: manifest checked against the model and options, text
@@ -384,6 +399,9 @@ impl Collector {
             forward_seconds: 0.0,
             record_seconds: 0.0,
             write_wait_seconds: 0.0,
+            handoff_wait_seconds: 0.0,
+            first_forward_tokens: 0,
+            first_forward_seconds: 0.0,
         };
         if m.complete {
             return Ok(report);
@@ -399,107 +417,138 @@ impl Collector {
         let mut writer: Option<std::thread::JoinHandle<Result<()>>> = None;
         let mut left = m.tokens_requested - m.tokens;
         let mut exhausted = false;
+        let first = bos.is_some() as usize;
+        let (seq_len, bytes_per_token, batch) = (m.seq_len, m.bytes_per_token, self.opts.batch);
+        let (dir, shard_bytes, pack) = (self.dir.clone(), self.opts.shard_bytes, self.opts.pack_on_device);
 
-        while left > 0 && !exhausted {
-            // Build up to `batch` rows; a short row (end of text or of N) runs alone.
-            let mut rows: Vec<Row> = Vec::new();
-            while rows.len() < self.opts.batch && left > 0 {
-                let want = text_per_seq.min(left);
-                let mut ids = Vec::with_capacity(m.seq_len);
-                ids.extend(bos);
-                while ids.len() - (bos.is_some() as usize) < want {
-                    match stream.next_token()? {
-                        Some(t) => ids.push(t),
-                        None => {
-                            exhausted = true;
+        // Two stages, overlapped: this thread runs each forward and reads its taps back; a recorder thread
+        // repacks them into the shard buffers and hands full shards to the writer, while the next forward runs.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Forwarded>(1);
+        let (fwd_res, rec_res) = std::thread::scope(|sc| {
+            let recorder = sc.spawn(|| -> Result<(f64, f64)> {
+                let (mut record_s, mut wait_s) = (0.0, 0.0);
+                for f in rx {
+                    let tr = Instant::now();
+                    let (b, s) = (f.rows.len(), f.rows[0].ids.len());
+                    let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
+                    let slices: Vec<&[f32]>;
+                    let packed = if f.datas.len() == 1 {
+                        let d = &f.datas[0];
+                        if d.dtype != DType::F16 || d.as_bytes().len() != b * s * shard.row_bytes {
+                            return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * shard.row_bytes)));
+                        }
+                        Packed::F16(d.as_bytes())
+                    } else {
+                        slices = f.datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<_>>()?;
+                        for (sl, &w) in slices.iter().zip(&shard.shapes_w) {
+                            if sl.len() != b * s * w {
+                                return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));
+                            }
+                        }
+                        Packed::F32(&slices)
+                    };
+                    for (ri, row) in f.rows.iter().enumerate() {
+                        for p in first..s {
+                            shard.push_token(row.ids[p], p as u32, &packed, ri * s + p);
+                        }
+                        shard.sequences += 1;
+                        shard.end = row.end;
+                        // A shard holds whole sequences: cut when the next full sequence would not fit.
+                        let next = (shard.tokens.len() + text_per_seq) as u64 * bytes_per_token;
+                        if next > shard_bytes {
+                            let tw = Instant::now();
+                            flush(&dir, m, &mut shard, &mut writer)?;
+                            wait_s += tw.elapsed().as_secs_f64();
+                        }
+                    }
+                    record_s += tr.elapsed().as_secs_f64();
+                }
+                Ok((record_s - wait_s, wait_s))
+            });
+            let fwd = (|| -> Result<()> {
+                while left > 0 && !exhausted {
+                    // Build up to `batch` rows; a short row (end of text or of N) runs alone.
+                    let mut rows: Vec<Row> = Vec::new();
+                    while rows.len() < batch && left > 0 {
+                        let want = text_per_seq.min(left);
+                        let mut ids = Vec::with_capacity(seq_len);
+                        ids.extend(bos);
+                        while ids.len() - first < want {
+                            match stream.next_token()? {
+                                Some(t) => ids.push(t),
+                                None => {
+                                    exhausted = true;
+                                    break;
+                                }
+                            }
+                        }
+                        let n_text = ids.len() - first;
+                        if n_text == 0 {
+                            break;
+                        }
+                        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                            return Err(CollectError::Invalid(format!(
+                                "the tokenizer produced id {bad}, outside the model's vocab_size {}",
+                                cfg.vocab_size
+                            )));
+                        }
+                        left -= n_text;
+                        let full = n_text == text_per_seq;
+                        rows.push(Row { ids, end: stream.pos() });
+                        if !full || exhausted {
                             break;
                         }
                     }
-                }
-                let n_text = ids.len() - bos.is_some() as usize;
-                if n_text == 0 {
-                    break;
-                }
-                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                    return Err(CollectError::Invalid(format!(
-                        "the tokenizer produced id {bad}, outside the model's vocab_size {}",
-                        cfg.vocab_size
-                    )));
-                }
-                left -= n_text;
-                let full = n_text == text_per_seq;
-                rows.push(Row { ids, end: stream.pos() });
-                if !full || exhausted {
-                    break;
-                }
-            }
-            if rows.is_empty() {
-                break;
-            }
-            // Rows in one forward must share a length: run the batch of full rows, then any short row alone.
-            let mut groups: Vec<Vec<Row>> = Vec::new();
-            for r in rows {
-                match groups.last_mut() {
-                    Some(g) if g[0].ids.len() == r.ids.len() => g.push(r),
-                    _ => groups.push(vec![r]),
-                }
-            }
-            for group in groups {
-                let tf = Instant::now();
-                let id_rows: Vec<Vec<u32>> = group.iter().map(|r| r.ids.clone()).collect();
-                let (b, s) = (id_rows.len(), id_rows[0].len());
-                let recorded = record_forward(model, &id_rows, &taps, self.opts.pack_on_device);
-                let tr = Instant::now();
-                // On the device path this waits for the forward; on the host path the forward has finished.
-                let datas: Vec<TensorData> = match recorded {
-                    Recorded::Packed(t) => vec![t.into_data()],
-                    Recorded::PerTap(ts) => ts.into_iter().map(|t| t.into_data()).collect(),
-                };
-                report.forward_seconds += (tr - tf).as_secs_f64();
-                let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
-                let slices: Vec<&[f32]>;
-                let packed = if datas.len() == 1 {
-                    let d = &datas[0];
-                    if d.dtype != DType::F16 || d.as_bytes().len() != b * s * shard.row_bytes {
-                        return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * shard.row_bytes)));
+                    if rows.is_empty() {
+                        break;
                     }
-                    Packed::F16(d.as_bytes())
-                } else {
-                    slices = datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<_>>()?;
-                    for (sl, &w) in slices.iter().zip(&shard.shapes_w) {
-                        if sl.len() != b * s * w {
-                            return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));
+                    // Rows in one forward must share a length: run the batch of full rows, then any short row alone.
+                    let mut groups: Vec<Vec<Row>> = Vec::new();
+                    for r in rows {
+                        match groups.last_mut() {
+                            Some(g) if g[0].ids.len() == r.ids.len() => g.push(r),
+                            _ => groups.push(vec![r]),
                         }
                     }
-                    Packed::F32(&slices)
-                };
-                let first = bos.is_some() as usize;
-                for (ri, row) in group.iter().enumerate() {
-                    let base = ri * s;
-                    for p in first..s {
-                        shard.push_token(row.ids[p], p as u32, &packed, base + p);
-                    }
-                    shard.sequences += 1;
-                    shard.end = row.end;
-                    let n = s - first;
-                    report.recorded_now += n;
-                    on_tokens(n);
-                    // A shard holds whole sequences: cut when the next full sequence would not fit.
-                    let next = (shard.tokens.len() + text_per_seq) as u64 * m.bytes_per_token;
-                    if next > self.opts.shard_bytes {
-                        report.record_seconds += tr.elapsed().as_secs_f64();
-                        let tw = Instant::now();
-                        flush(&self.dir, m, &mut shard, &mut writer)?;
-                        report.write_wait_seconds += tw.elapsed().as_secs_f64();
+                    for group in groups {
+                        let tf = Instant::now();
+                        let id_rows: Vec<Vec<u32>> = group.iter().map(|r| r.ids.clone()).collect();
+                        let (b, s) = (id_rows.len(), id_rows[0].len());
+                        // Reading back waits for the forward on lazy (GPU) backends.
+                        let datas: Vec<TensorData> = match record_forward(model, &id_rows, &taps, pack) {
+                            Recorded::Packed(t) => vec![t.into_data()],
+                            Recorded::PerTap(ts) => ts.into_iter().map(|t| t.into_data()).collect(),
+                        };
+                        let th = Instant::now();
+                        report.forward_seconds += (th - tf).as_secs_f64();
+                        // Blocks while the recorder is still busy with the forward before the previous one.
+                        if tx.send(Forwarded { rows: group, datas }).is_err() {
+                            return Ok(()); // the recorder stopped on an error, which it returns
+                        }
+                        report.handoff_wait_seconds += th.elapsed().as_secs_f64();
+                        report.forward_tokens_now += b * s;
+                        let n = b * (s - first);
+                        report.recorded_now += n;
+                        on_tokens(n);
+                        if report.first_forward_tokens == 0 {
+                            report.first_forward_tokens = b * s;
+                            report.first_forward_seconds = t0.elapsed().as_secs_f64();
+                        }
+                        if let Some(d) = delay {
+                            std::thread::sleep(d);
+                        }
                     }
                 }
-                report.forward_tokens_now += b * s;
-                report.record_seconds += tr.elapsed().as_secs_f64();
-                if let Some(d) = delay {
-                    std::thread::sleep(d);
-                }
-            }
-        }
+                Ok(())
+            })();
+            drop(tx);
+            let rec = recorder.join().unwrap_or_else(|_| Err(CollectError::Invalid("the recorder thread panicked".into())));
+            (fwd, rec)
+        });
+        let (record_s, wait_s) = rec_res?;
+        fwd_res?;
+        report.record_seconds += record_s;
+        report.write_wait_seconds += wait_s;
         if exhausted || left == 0 {
             m.text_exhausted = exhausted && left > 0;
         }
@@ -530,6 +579,12 @@ impl Collector {
 struct Row {
     ids: Vec<u32>,
     end: TextPos,
+}
+
+/// One forward's rows and their taps as read back, on their way to the recorder thread.
+struct Forwarded {
+    rows: Vec<Row>,
+    datas: Vec<TensorData>,
 }
 
 /// The taps of one forward: on GPU backends with f16, packed on the device into one f16 tensor

@@ -19,8 +19,19 @@ pub struct PplResult {
     pub windows: usize,
     /// Tokens run through the forward (window lengths summed), for throughput.
     pub forward_tokens: usize,
+    /// The first window alone (on GPU backends it carries the one-off kernel compilation and autotuning):
+    /// its tokens and the seconds until its scores were back.
+    pub first_window_tokens: usize,
+    pub first_window_seconds: f64,
     #[serde(skip)]
     pub elapsed: Duration,
+}
+
+impl PplResult {
+    /// Forward tokens per second after the first window (the steady rate; NaN with a single window).
+    pub fn steady_tokens_per_s(&self) -> f64 {
+        (self.forward_tokens - self.first_window_tokens) as f64 / (self.elapsed.as_secs_f64() - self.first_window_seconds)
+    }
 }
 
 /// The windows of the Hugging Face recipe: `(begin, end, counted)` where the last `counted` positions of
@@ -58,6 +69,7 @@ pub fn perplexity<B: Backend>(
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
     let mut forward_tokens = 0usize;
+    let mut first = (0usize, 0.0f64);
     let wins = windows(ids.len(), ctx, stride);
     for &(begin, end, counted) in &wins {
         let w = &ids[begin..end];
@@ -72,10 +84,23 @@ pub fn perplexity<B: Backend>(
             scored += len - first_target;
         }
         forward_tokens += len;
+        if first.0 == 0 {
+            first = (len, t0.elapsed().as_secs_f64());
+        }
         on_window(len);
     }
     let ppl = if scored > 0 { (nll_sum / scored as f64).exp() } else { f64::NAN };
-    PplResult { tokens: ids.len(), scored, nll_sum, ppl, windows: wins.len(), forward_tokens, elapsed: t0.elapsed() }
+    PplResult {
+        tokens: ids.len(),
+        scored,
+        nll_sum,
+        ppl,
+        windows: wins.len(),
+        forward_tokens,
+        first_window_tokens: first.0,
+        first_window_seconds: first.1,
+        elapsed: t0.elapsed(),
+    }
 }
 
 /// Negative log-likelihood of each next token in one sequence: `nll[i] = -log p(w[i+1] | w[..=i])`, length `len-1`.

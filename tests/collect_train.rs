@@ -340,3 +340,73 @@ fn unknown_run_directory() {
     let out = common::dejavu(&["train-predictors", "--run", p(tmp.path())], &[]);
     assert_clean_failure(&out, &["acts/manifest.json", "not found"]);
 }
+
+/// What collect stores equals the model's own per-sequence forward taps (rounded to f16), whatever the batch size
+/// (full and short rows) and however the taps come back from the backend.
+#[test]
+fn recorded_taps_equal_the_forward() {
+    use dejavu::model::{to_host_3d, TapSet};
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    write_text(&text, 40);
+    let name = "tiny-llama";
+    let files = ModelFiles::resolve(&fixture(name)).unwrap();
+    let cfg = files.config.clone();
+    let model = dejavu::Model::<B>::load(&cfg, files.checkpoint.as_ref(), &Default::default(), |_| {}).unwrap();
+    let n = 100; // 6 full sequences of 15 tokens (seq-len 16 with BOS) and a short one of 10
+    let mut runs = Vec::new();
+    for (tag, extra) in [
+        ("b1", vec!["--batch", "1"]),
+        ("b4-packed", vec!["--batch", "4", "--readback", "packed"]),
+        ("b4-per-tap", vec!["--batch", "4", "--readback", "per-tap"]),
+    ] {
+        let run = dir.path().join(tag);
+        assert_ok(&collect(&fixture(name), &text, n, &run, &extra, &[]));
+        runs.push((tag, run));
+    }
+    let acts = Activations::open(&runs[0].1).unwrap();
+    let toks = acts.tokens(usize::MAX).unwrap();
+    assert_eq!(toks.len(), n);
+    let bos = acts.manifest.bos_token_id;
+    let first = bos.is_some() as usize;
+    let taps = acts.manifest.tap_list();
+    let mut reference: Vec<Vec<f32>> = vec![Vec::new(); cfg.layers * taps.len()];
+    for chunk in toks.chunks(16 - first) {
+        let mut ids: Vec<u32> = bos.into_iter().collect();
+        ids.extend_from_slice(chunk);
+        let mut cache = model.new_cache();
+        let mut out = Vec::new();
+        let _ = model.forward(model.tokens(&[ids]), &mut cache, Some((&TapSet::all(), &mut out)));
+        for (l, lt) in out.into_iter().enumerate() {
+            for (j, tap) in taps.iter().enumerate() {
+                let t = match tap {
+                    Tap::BlockInput => lt.block_input.clone(),
+                    Tap::MlpInput => lt.mlp_input.clone(),
+                    Tap::MlpAct => lt.mlp_act.clone(),
+                    Tap::GateAct => lt.gate_act.clone(),
+                    Tap::HeadNorm => lt.head_norm.clone(),
+                }
+                .unwrap();
+                let (v, [_, _, w]) = to_host_3d(t);
+                let abs = matches!(tap, Tap::MlpAct | Tap::GateAct);
+                reference[l * taps.len() + j].extend(v[first * w..].iter().map(|&x| if abs { x.abs() } else { x }));
+            }
+        }
+    }
+    for (tag, run) in &runs {
+        let a = Activations::open(run).unwrap();
+        assert_eq!(a.tokens(usize::MAX).unwrap(), toks, "{tag}: tokens");
+        for l in 0..cfg.layers {
+            for (j, &tap) in taps.iter().enumerate() {
+                let (got, _) = a.read(l, tap, usize::MAX).unwrap();
+                let want = &reference[l * taps.len() + j];
+                assert_eq!(got.len(), want.len(), "{tag}: layer {l} {}", tap.name());
+                // f16's step is at most 2^-10 ≈ 9.8e-4 of the value; allow about two steps, since slightly
+                // different f32 sums (batched vs one sequence, Flex vs NdArray) can round to neighbouring f16
+                // values. A misplaced token or tap would be off by O(1).
+                let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1e-4 + w.abs())).fold(0.0f32, f32::max);
+                assert!(worst < 2.5e-3, "{tag}: layer {l} {}: worst relative error {worst}", tap.name());
+            }
+        }
+    }
+}

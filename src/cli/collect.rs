@@ -39,6 +39,19 @@ pub struct Args {
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// How the taps come back from the device after each forward: `packed` (cast to f16 and concatenated on the
+    /// device, one transfer) or `per-tap` (one f32 transfer per layer and tap, converted on the host). Default:
+    /// packed on GPUs, per-tap on CPUs.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub readback: Option<Readback>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readback {
+    Packed,
+    PerTap,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -63,7 +76,10 @@ impl ModelCommand for Args {
             shard_bytes: (args.shard_mb * 1e6) as u64,
             batch: args.batch,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
-            pack_on_device: matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu),
+            pack_on_device: match args.readback {
+                Some(r) => r == Readback::Packed,
+                None => matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu),
+            },
         };
         let collector = Collector::open(&args.out, &files.config, identity, opts)
             .with_context(|| format!("while preparing the collection in {}", args.out.display()))?;
@@ -108,12 +124,14 @@ impl ModelCommand for Args {
         }
         let secs = r.seconds.max(1e-9);
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            let mut v = serde_json::to_value(&r)?;
+            v["steady_tokens_per_s"] = serde_json::json!(r.steady_tokens_per_s());
+            println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("| model | tokens | shards | size | recorded now | seconds | tokens/s | forward tokens/s | forward s | record s | write wait s |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            println!("| model | tokens | shards | size | recorded now | seconds | tokens/s | forward tokens/s | forward s | record s | write wait s | handoff wait s |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
             println!(
-                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 files.identity,
                 r.tokens,
                 r.shards,
@@ -124,7 +142,8 @@ impl ModelCommand for Args {
                 r.forward_tokens_now as f64 / secs,
                 r.forward_seconds,
                 r.record_seconds,
-                r.write_wait_seconds
+                r.write_wait_seconds,
+                r.handoff_wait_seconds
             );
         }
         Ok(())

@@ -95,6 +95,7 @@ impl ModelCommand for Args {
                 "model": files.identity, "text": args.text, "ctx": args.ctx, "stride": args.stride,
                 "device": args.model.device, "result": r, "seconds": secs,
                 "forward_tokens_per_s": r.forward_tokens as f64 / secs.max(1e-9),
+                "steady_tokens_per_s": r.steady_tokens_per_s(),
             });
             std::fs::write(path, serde_json::to_string_pretty(&rec)?)
                 .with_context(|| format!("while writing {}", path.display()))?;
