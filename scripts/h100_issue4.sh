@@ -17,7 +17,7 @@
 #   stash   copy .carry/a and .carry/d to /root/stash (call 1)
 #   prep    reassemble the GGUF, check it, unpack the binary, install gguf (call 2, carrying b)
 #   start   run `all` detached (setsid), so it outlives the call, then wait like `wait`
-#   tput    (foreground) acceptance 5: steady forward throughput of ppl vs collect (batch 1 and 4), table last
+#   tput    (foreground) step (a) alone: steady forward throughput of ppl vs collect (batch 1 and 4)
 #   wait    follow the log for up to $WAIT_S seconds; when `all` has finished, copy the results to $OUT
 set -euo pipefail
 R=/root/run
@@ -25,26 +25,50 @@ S=/root/stash
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 
+# Acceptance 5: plain `ppl` vs `collect` (batch 1 and 4) forward throughput on the same model, device and text,
+# each warmed up first in its own process (cubecl keeps autotune results on disk). "steady" leaves out each run's
+# first forward, which carries the per-process kernel compilation. Sizes keep every forward the same shape (32
+# windows of 512; 32 sequences of 1 BOS + 511 tokens). Writes DIR/{ppl,collect_b1,collect_b4}.json and
+# DIR/tput.md (the table, also printed).
+throughput() {
+  local BIN=$1 M=$2 T=$3 D=$4
+  mkdir -p "$D"
+  c() { rm -rf "$D/c"; "$BIN" collect --device cuda -m "$M" --text "$T" --seq-len 512 --out "$D/c" --json "$@"; }
+  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
+  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 16384 --json "$D/ppl.json" > /dev/null
+  for b in 1 4; do
+    c --tokens 4088 --batch $b > /dev/null
+    c --tokens 16352 --batch $b > "$D/collect_b$b.json"
+  done
+  rm -rf "$D/c"
+  python3 - "$D" <<'PY' | tee "$D/tput.md"
+import json, sys
+d = sys.argv[1]
+p = json.load(open(f"{d}/ppl.json"))
+base, base_all = p["steady_tokens_per_s"], p["forward_tokens_per_s"]
+print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | forward s | record s | write wait s | handoff wait s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | |")
+for b in (1, 4):
+    j = json.load(open(f"{d}/collect_b{b}.json"))
+    st = j["steady_tokens_per_s"]
+    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} |")
+print(f"first window/forward (compilation): ppl {p['result']['first_window_seconds']:.1f}s; " + "; ".join(
+    f"collect b{b} {json.load(open(f'{d}/collect_b{b}.json'))['first_forward_seconds']:.1f}s" for b in (1, 4)))
+PY
+}
+
 all() {
   BIN=$(readlink -f "$1"); MODEL=$2; TEXT=$3; OUTD=$4
   N=${N:-100000}            # tokens for the full collection
-  TPUT_N=${TPUT_N:-16384}   # tokens for the throughput comparison
   SEQ=${SEQ:-512}
   BATCH=${BATCH:-4}         # sequences per forward for the full collection
   VARIANTS=${VARIANTS:-"r576:--rank_576 d25:--neuron-density_0.25"}  # name:flags, "_" for spaces
   mkdir -p "$OUTD"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTD/gpu.txt" || true
 
-  echo "== warm-up (cubecl autotune/NVRTC cache; not timed)"
-  "$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --max-tokens 2048 > "$OUTD/warmup_ppl.txt"
-  rm -rf "$OUTD/warm"; "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens 2048 --seq-len "$SEQ" --out "$OUTD/warm" --json > /dev/null
-  rm -rf "$OUTD/warm"
-
-  echo "== (a) throughput: ppl vs collect, batch 1, ctx/seq-len $SEQ, $TPUT_N tokens"
-  "$BIN" ppl --device cuda -m "$MODEL" --text "$TEXT" --ctx "$SEQ" --stride "$SEQ" --max-tokens "$TPUT_N" --json "$OUTD/ppl_tput.json" | tee "$OUTD/ppl_tput.txt"
-  rm -rf "$OUTD/tput"
-  "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$TPUT_N" --seq-len "$SEQ" --batch 1 --out "$OUTD/tput" --json > "$OUTD/collect_tput.json"
-  rm -rf "$OUTD/tput"
+  echo "== (a) throughput: ppl vs collect"
+  throughput "$BIN" "$MODEL" "$TEXT" "$OUTD/tput"
 
   echo "== (b) collect $N tokens (batch $BATCH)"
   t0=$(now)
@@ -75,18 +99,10 @@ all() {
   python3 - "$OUTD" <<'PY' | tee "$OUTD/summary.txt"
 import json, sys
 out = sys.argv[1]
-p = json.load(open(f"{out}/ppl_tput.json"))
-c = json.load(open(f"{out}/collect_tput.json"))
-ppl_tps = p["forward_tokens_per_s"]
-col_tps = c["forward_tokens_now"] / c["seconds"]
-rec_tps = c["recorded_now"] / c["seconds"]
-print(f"ppl forward tokens/s (incl. lm_head + log_softmax): {ppl_tps:.1f}")
-print(f"collect forward tokens/s (recording all taps, incl. shard writes): {col_tps:.1f}  (recorded tokens/s {rec_tps:.1f})")
-print(f"collect / ppl: {col_tps / ppl_tps:.3f}   (split: forward {c['forward_seconds']:.2f}s, record {c['record_seconds']:.2f}s, write wait {c['write_wait_seconds']:.2f}s)")
 r = json.load(open(f"{out}/collect_run.json"))
 print(f"full collection: {r['tokens']} tokens in {r['seconds']:.1f}s ({r['recorded_now']/r['seconds']:.1f} tokens/s), {r['bytes']/1e9:.1f} GB, {r['shards']} shards")
 PY
-  cat "$OUTD/walls.txt" "$OUTD/ceiling.md"
+  cat "$OUTD/tput/tput.md" "$OUTD/walls.txt" "$OUTD/ceiling.md"
   for f in "$OUTD"/train_*.md; do echo "-- $f"; grep -E "^\| mean|^trained" "$f" || true; done
   echo ALL-DONE
 }
@@ -105,36 +121,8 @@ prep)
   cp scripts/h100_issue4.sh scripts/neuron_ceiling.py $R/   # the detached job must not read the tree the next call replaces
   echo prep ok ;;
 tput)
-  # Acceptance 5: plain `ppl` vs `collect` (batch 1 and 4) forward throughput on the same model, device and text,
-  # each warmed up first in its own process (cubecl keeps autotune results on disk). "steady" leaves out each
-  # run's first forward, which carries the per-process kernel compilation. Sizes keep every forward the same shape
-  # (32 windows of 512; 32 sequences of 1 BOS + 511 tokens). Prints a table last.
-  M=$R/SmolLM2-135M-Instruct.Q4_1.gguf; T=$S/d/wikitext2-valid.tokenized.txt
-  D=$R/tput; mkdir -p $D
-  c() { rm -rf $D/c; $R/dejavu collect --device cuda -m $M --text $T --seq-len 512 --out $D/c --json "$@"; }
-  $R/dejavu ppl --device cuda -m $M --text $T --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
-  $R/dejavu ppl --device cuda -m $M --text $T --ctx 512 --stride 512 --max-tokens 16384 --json $D/ppl.json > /dev/null
-  for b in 1 4; do
-    c --tokens 4088 --batch $b > /dev/null
-    c --tokens 16352 --batch $b > $D/collect_b$b.json
-  done
-  rm -rf $D/c; cp $D/*.json "$OUT/"
-  python3 - $D <<'PY'
-import json, sys
-d = sys.argv[1]
-p = json.load(open(f"{d}/ppl.json"))
-base, base_all = p["steady_tokens_per_s"], p["forward_tokens_per_s"]
-print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | forward s | record s | write wait s | handoff wait s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | |")
-for b in (1, 4):
-    j = json.load(open(f"{d}/collect_b{b}.json"))
-    st = j["steady_tokens_per_s"]
-    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} |")
-print(f"first window/forward (compilation): ppl {p['result']['first_window_seconds']:.1f}s; " + "; ".join(
-    f"collect b{b} {json.load(open(f'{d}/collect_b{b}.json'))['first_forward_seconds']:.1f}s" for b in (1, 4)))
-PY
-  ;;
+  throughput $R/dejavu $R/SmolLM2-135M-Instruct.Q4_1.gguf $S/d/wikitext2-valid.tokenized.txt $R/tput
+  cp $R/tput/*.json "$OUT/" ;;
 start)
   export PYTHONPATH=/tmp/site
   setsid nohup bash $R/h100_issue4.sh all $R/dejavu $R/SmolLM2-135M-Instruct.Q4_1.gguf $S/d/wikitext2-valid.tokenized.txt $R/out > $R/log 2>&1 < /dev/null &
@@ -147,7 +135,7 @@ wait)
   done
   tail -c 3000 $R/log
   cd $R/out
-  tar czf "$OUT/results.tgz" ./*.err ./*.md ./*.txt ./*.json run/predictors/manifest.json run/predictors/metrics.csv run/predictors/*.svg run/acts/manifest.json v_*/predictors/metrics.csv ../log 2>/dev/null || true
+  tar czf "$OUT/results.tgz" ./*.err ./*.md tput/tput.md ./*.txt ./*.json run/predictors/manifest.json run/predictors/metrics.csv run/predictors/*.svg run/acts/manifest.json v_*/predictors/metrics.csv ../log 2>/dev/null || true
   if grep -q ALL-DONE $R/log; then
     tar cf - run/predictors | xz -T8 -1 > /tmp/pred.tar.xz && split -b 15M /tmp/pred.tar.xz "$OUT/pred.tar.xz."
     ls -la "$OUT"

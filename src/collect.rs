@@ -429,24 +429,8 @@ impl Collector {
                 let (mut record_s, mut wait_s) = (0.0, 0.0);
                 for f in rx {
                     let tr = Instant::now();
-                    let (b, s) = (f.rows.len(), f.rows[0].ids.len());
-                    let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
-                    let slices: Vec<&[f32]>;
-                    let packed = if f.datas.len() == 1 {
-                        let d = &f.datas[0];
-                        if d.dtype != DType::F16 || d.as_bytes().len() != b * s * shard.row_bytes {
-                            return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * shard.row_bytes)));
-                        }
-                        Packed::F16(d.as_bytes())
-                    } else {
-                        slices = f.datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<_>>()?;
-                        for (sl, &w) in slices.iter().zip(&shard.shapes_w) {
-                            if sl.len() != b * s * w {
-                                return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));
-                            }
-                        }
-                        Packed::F32(&slices)
-                    };
+                    let s = f.rows[0].ids.len();
+                    let packed = shard.check_forward(&f)?;
                     for (ri, row) in f.rows.iter().enumerate() {
                         for p in first..s {
                             shard.push_token(row.ids[p], p as u32, &packed, ri * s + p);
@@ -628,10 +612,9 @@ fn record_forward<B: Backend>(model: &Model<B>, rows: &[Vec<u32>], taps: &[Tap],
 }
 
 /// One forward's taps as the host received them: packed f16 bytes, or one f32 slice per (layer, tap).
-#[derive(Clone, Copy)]
 enum Packed<'a> {
     F16(&'a [u8]),
-    F32(&'a [&'a [f32]]),
+    F32(Vec<&'a [f32]>),
 }
 
 /// Append `src` as little-endian f16, saturating at ±65504 (as the device path clamps) and dropping the sign
@@ -698,11 +681,30 @@ impl ShardBuf {
         }
     }
 
+    /// One forward's taps as read back, checked against this shard's layout.
+    fn check_forward<'a>(&self, f: &'a Forwarded) -> Result<Packed<'a>> {
+        let (b, s) = (f.rows.len(), f.rows[0].ids.len());
+        let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
+        if let [d] = f.datas.as_slice() {
+            if d.dtype != DType::F16 || d.as_bytes().len() != b * s * self.row_bytes {
+                return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * self.row_bytes)));
+            }
+            return Ok(Packed::F16(d.as_bytes()));
+        }
+        let slices = f.datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<Vec<_>>>()?;
+        for (sl, &w) in slices.iter().zip(&self.shapes_w) {
+            if sl.len() != b * s * w {
+                return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));
+            }
+        }
+        Ok(Packed::F32(slices))
+    }
+
     /// Append token `index` (row-major over `[b, s]`) of one forward's taps.
     fn push_token(&mut self, id: u32, pos: u32, packed: &Packed<'_>, index: usize) {
         self.tokens.push(id);
         self.positions.push(pos);
-        match *packed {
+        match packed {
             Packed::F16(bytes) => {
                 let mut o = index * self.row_bytes;
                 for (buf, &w) in self.data.iter_mut().zip(&self.shapes_w) {
