@@ -27,32 +27,43 @@ secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 
 # Acceptance 5: plain `ppl` vs `collect` (batch 1 and 4) forward throughput on the same model, device and text,
 # each warmed up first in its own process (cubecl keeps autotune results on disk). "steady" leaves out each run's
-# first forward, which carries the per-process kernel compilation. Sizes keep every forward the same shape (32
-# windows of 512; 32 sequences of 1 BOS + 511 tokens). Writes DIR/{ppl,collect_b1,collect_b4}.json and
-# DIR/tput.md (the table, also printed).
+# first forward, which carries the per-process kernel compilation, and includes everything after it (the write
+# of the last shard too). Sizes keep every forward the same shape: $TPUT_SEQS (default 128) windows of 512 for
+# ppl, as many sequences of 1 BOS + 511 tokens for collect. The floor beside collect is the larger of its steady
+# forward time and its bytes over the disk's measured write rate (dd, 4 GiB, fsync). Writes
+# DIR/{ppl,collect_b1,collect_b4}.json, DIR/disk.txt and DIR/tput.md (the table, also printed).
 throughput() {
-  local BIN=$1 M=$2 T=$3 D=$4
+  local BIN=$1 M=$2 T=$3 D=$4 N=${TPUT_SEQS:-128}
   mkdir -p "$D"
   c() { rm -rf "$D/c"; "$BIN" collect --device cuda -m "$M" --text "$T" --seq-len 512 --out "$D/c" --json "$@"; }
+  dd if=/dev/zero of="$D/dd" bs=64M count=64 conv=fsync 2>&1 | tail -1 | tee "$D/disk.txt"; rm -f "$D/dd"
   "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
-  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 16384 --json "$D/ppl.json" > /dev/null
+  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens $((N * 512)) --json "$D/ppl.json" > /dev/null
   for b in 1 4; do
     c --tokens 4088 --batch $b > /dev/null
-    c --tokens 16352 --batch $b > "$D/collect_b$b.json"
+    c --tokens $((N * 511)) --batch $b > "$D/collect_b$b.json"
   done
   rm -rf "$D/c"
   python3 - "$D" <<'PY' | tee "$D/tput.md"
-import json, sys
+import json, re, sys
 d = sys.argv[1]
+m = re.search(r"([\d.]+) ([GM])B/s", open(f"{d}/disk.txt").read())
+disk = float(m.group(1)) * (1e9 if m.group(2) == "G" else 1e6) if m else float("nan")
+print(f"disk write (dd 4 GiB, fsync): {disk / 1e9:.2f} GB/s")
 p = json.load(open(f"{d}/ppl.json"))
 base, base_all = p["steady_tokens_per_s"], p["forward_tokens_per_s"]
-print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | forward s | record s | write wait s | handoff wait s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | |")
+print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | floor tokens/s | forward s | record s | write wait s | handoff wait s | GB written |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | | | |")
 for b in (1, 4):
     j = json.load(open(f"{d}/collect_b{b}.json"))
     st = j["steady_tokens_per_s"]
-    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} |")
+    # steady part: everything after the first forward
+    tok = j["forward_tokens_now"] - j["first_forward_tokens"]
+    fwd = j["forward_seconds"] - j["first_forward_seconds"]
+    nbytes = j["bytes"] * tok / j["forward_tokens_now"]
+    floor = tok / max(fwd, nbytes / disk)
+    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {floor:.0f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} | {j['bytes'] / 1e9:.1f} |")
 print(f"first window/forward (compilation): ppl {p['result']['first_window_seconds']:.1f}s; " + "; ".join(
     f"collect b{b} {json.load(open(f'{d}/collect_b{b}.json'))['first_forward_seconds']:.1f}s" for b in (1, 4)))
 PY
@@ -64,26 +75,33 @@ all() {
   SEQ=${SEQ:-512}
   BATCH=${BATCH:-4}         # sequences per forward for the full collection
   VARIANTS=${VARIANTS:-"r576:--rank_576 d25:--neuron-density_0.25"}  # name:flags, "_" for spaces
+  STEPS=${STEPS:-"tput collect train ceiling variants"}  # which of the steps below to run
+  has() { [[ " $STEPS " == *" $1 "* ]]; }
   mkdir -p "$OUTD"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTD/gpu.txt" || true
 
-  echo "== (a) throughput: ppl vs collect"
-  throughput "$BIN" "$MODEL" "$TEXT" "$OUTD/tput"
+  if has tput; then
+    echo "== (a) throughput: ppl vs collect"
+    throughput "$BIN" "$MODEL" "$TEXT" "$OUTD/tput"
+  fi
 
   echo "== (b) collect $N tokens (batch $BATCH)"
   t0=$(now)
-  "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUTD/run" --json > "$OUTD/collect_run.json"
+  has collect && "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUTD/run" --json > "$OUTD/collect_run.json"
   t1=$(now)
   echo "collect wall: $(secs "$t0" "$t1") s" | tee "$OUTD/walls.txt"
 
   echo "== (c) train predictors on the GPU (defaults)"
-  "$BIN" train-predictors --device cuda --run "$OUTD/run" -m "$MODEL" > "$OUTD/train_default.md"
+  has train && "$BIN" train-predictors --device cuda --run "$OUTD/run" -m "$MODEL" > "$OUTD/train_default.md"
   t2=$(now)
   echo "train-predictors (defaults) wall: $(secs "$t1" "$t2") s" | tee -a "$OUTD/walls.txt"
-  du -sh "$OUTD/run/acts" "$OUTD/run/predictors" | tee "$OUTD/sizes.txt"
-  echo "== (d) linear-score ceiling, transformers on the same GGUF"
-  python3 "$(dirname "$0")/neuron_ceiling.py" "$(dirname "$MODEL")" "$(basename "$MODEL")" "$TEXT" --tokens 8192 > "$OUTD/ceiling.md" 2> "$OUTD/ceiling.err" || echo "ceiling check failed: see $OUTD/ceiling.err"
+  du -sh "$OUTD/run/acts" "$OUTD/run/predictors" | tee "$OUTD/sizes.txt" || true
+  if has ceiling; then
+    echo "== (d) linear-score ceiling, transformers on the same GGUF"
+    python3 "$(dirname "$0")/neuron_ceiling.py" "$(dirname "$MODEL")" "$(basename "$MODEL")" "$TEXT" --tokens 8192 > "$OUTD/ceiling.md" 2> "$OUTD/ceiling.err" || echo "ceiling check failed: see $OUTD/ceiling.err"
+  fi
 
+  has variants || VARIANTS=""
   for v in $VARIANTS; do
     name=${v%%:*}; args=${v#*:}; args=${args//_/ }
     mkdir -p "$OUTD/v_$name"; ln -sfn "$OUTD/run/acts" "$OUTD/v_$name/acts"
@@ -102,7 +120,7 @@ out = sys.argv[1]
 r = json.load(open(f"{out}/collect_run.json"))
 print(f"full collection: {r['tokens']} tokens in {r['seconds']:.1f}s ({r['recorded_now']/r['seconds']:.1f} tokens/s), {r['bytes']/1e9:.1f} GB, {r['shards']} shards")
 PY
-  cat "$OUTD/tput/tput.md" "$OUTD/walls.txt" "$OUTD/ceiling.md"
+  cat "$OUTD/tput/tput.md" "$OUTD/walls.txt" "$OUTD/ceiling.md" 2>/dev/null || true
   for f in "$OUTD"/train_*.md; do echo "-- $f"; grep -E "^\| mean|^trained" "$f" || true; done
   echo ALL-DONE
 }
@@ -137,7 +155,9 @@ wait)
   cd $R/out
   tar czf "$OUT/results.tgz" ./*.err ./*.md tput/tput.md ./*.txt ./*.json run/predictors/manifest.json run/predictors/metrics.csv run/predictors/*.svg run/acts/manifest.json v_*/predictors/metrics.csv ../log 2>/dev/null || true
   if grep -q ALL-DONE $R/log; then
-    tar cf - run/predictors | xz -T8 -1 > /tmp/pred.tar.xz && split -b 15M /tmp/pred.tar.xz "$OUT/pred.tar.xz."
+    # PRED: which predictor sets to bring back (one set is ~35 MB compressed; a call returns at most 64 MiB)
+    # shellcheck disable=SC2086,SC2046
+    tar cf - $(ls -d ${PRED:-run/predictors v_*/predictors} 2>/dev/null) | xz -T8 -1 > /tmp/pred.tar.xz && split -b 15M /tmp/pred.tar.xz "$OUT/pred.tar.xz."
     ls -la "$OUT"
   fi ;;
 *) echo "usage: $0 all BIN MODEL TEXT OUTDIR | stash | prep | start | wait" >&2; exit 2 ;;

@@ -413,8 +413,11 @@ impl Collector {
         let bos = m.bos_token_id;
         let text_per_seq = m.seq_len - bos.is_some() as usize;
         let delay = std::env::var(SLOW_ENV).ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
-        let mut shard = ShardBuf::new(cfg.layers, &taps, &widths, cfg.family, start);
-        let mut writer: Option<std::thread::JoinHandle<Result<()>>> = None;
+        // Buffers sized for a full shard up front and recycled from the writer, so the recorder never regrows
+        // them or faults in fresh pages after the first two shards.
+        let shard_tokens = ((self.opts.shard_bytes / m.bytes_per_token.max(1)) as usize).max(text_per_seq).min(m.tokens_requested.saturating_sub(m.tokens));
+        let mut shard = ShardBuf::new(cfg.layers, &taps, &widths, cfg.family, start, shard_tokens);
+        let mut writer: Option<Writer> = None;
         let mut left = m.tokens_requested - m.tokens;
         let mut exhausted = false;
         let first = bos.is_some() as usize;
@@ -654,7 +657,8 @@ struct ShardBuf {
 }
 
 impl ShardBuf {
-    fn new(layers: usize, taps: &[Tap], widths: &[usize], family: Family, start: TextPos) -> Self {
+    /// Empty buffers with room for `cap` tokens.
+    fn new(layers: usize, taps: &[Tap], widths: &[usize], family: Family, start: TextPos, cap: usize) -> Self {
         let abs: Vec<bool> = (0..layers)
             .flat_map(|_| taps.iter().map(move |t| family == Family::Llama && matches!(t, Tap::MlpAct | Tap::GateAct)))
             .collect();
@@ -667,9 +671,9 @@ impl ShardBuf {
         let shapes_w: Vec<usize> = (0..layers).flat_map(|_| widths.iter().cloned()).collect();
         let row_bytes = 2 * shapes_w.iter().sum::<usize>();
         ShardBuf {
-            tokens: Vec::new(),
-            positions: Vec::new(),
-            data: vec![Vec::new(); names.len()],
+            tokens: Vec::with_capacity(cap),
+            positions: Vec::with_capacity(cap),
+            data: shapes_w.iter().map(|&w| Vec::with_capacity(2 * w * cap)).collect(),
             names,
             shapes_w,
             row_bytes,
@@ -721,11 +725,25 @@ impl ShardBuf {
         }
     }
 
-    fn take(&mut self) -> ShardBuf {
+    /// Hand over the filled shard and continue in `spare`'s buffers (emptied; their capacity kept), or in fresh
+    /// ones of this shard's capacity.
+    fn take(&mut self, spare: Option<ShardBuf>) -> ShardBuf {
+        let cap = self.tokens.capacity();
+        let (mut tokens, mut positions, mut data) = match spare {
+            Some(s) => (s.tokens, s.positions, s.data),
+            None => (
+                Vec::with_capacity(cap),
+                Vec::with_capacity(cap),
+                self.shapes_w.iter().map(|&w| Vec::with_capacity(2 * w * cap)).collect(),
+            ),
+        };
+        tokens.clear();
+        positions.clear();
+        data.iter_mut().for_each(Vec::clear);
         let next = ShardBuf {
-            tokens: Vec::new(),
-            positions: Vec::new(),
-            data: vec![Vec::new(); self.data.len()],
+            tokens,
+            positions,
+            data,
             names: self.names.clone(),
             shapes_w: self.shapes_w.clone(),
             row_bytes: self.row_bytes,
@@ -739,7 +757,10 @@ impl ShardBuf {
     }
 }
 
-fn join(h: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+/// The thread writing the previous shard; it hands the shard's buffers back for reuse.
+type Writer = std::thread::JoinHandle<Result<ShardBuf>>;
+
+fn join(h: Writer) -> Result<ShardBuf> {
     h.join().map_err(|_| CollectError::Invalid("the shard writer thread panicked".into()))?
 }
 
@@ -749,12 +770,10 @@ fn flush(
     dir: &Path,
     m: &mut ActsManifest,
     shard: &mut ShardBuf,
-    writer: &mut Option<std::thread::JoinHandle<Result<()>>>,
+    writer: &mut Option<Writer>,
 ) -> Result<()> {
-    if let Some(h) = writer.take() {
-        join(h)?;
-    }
-    let buf = shard.take();
+    let spare = writer.take().map(join).transpose()?;
+    let buf = shard.take(spare);
     let idx = m.shards.len();
     let file = format!("shard-{idx:05}.safetensors");
     let tokens = buf.tokens.len();
@@ -767,7 +786,8 @@ fn flush(
         let path = dir.join(&file);
         write_shard(&path, &buf)?;
         let mpath = dir.join("manifest.json");
-        manifest::write_json(&mpath, &snapshot).map_err(|e| CollectError::io(&mpath, e))
+        manifest::write_json(&mpath, &snapshot).map_err(|e| CollectError::io(&mpath, e))?;
+        Ok(buf)
     }));
     Ok(())
 }
