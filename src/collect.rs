@@ -417,7 +417,7 @@ impl Collector {
         // them or faults in fresh pages after the first two shards.
         let shard_tokens = ((self.opts.shard_bytes / m.bytes_per_token.max(1)) as usize).max(text_per_seq).min(m.tokens_requested.saturating_sub(m.tokens));
         let mut shard = ShardBuf::new(cfg.layers, &taps, &widths, cfg.family, start, shard_tokens);
-        let mut writer: Option<Writer> = None;
+        let mut writer = Writers::new();
         let mut left = m.tokens_requested - m.tokens;
         let mut exhausted = false;
         let first = bos.is_some() as usize;
@@ -543,9 +543,7 @@ impl Collector {
         if !shard.tokens.is_empty() {
             flush(&self.dir, m, &mut shard, &mut writer)?;
         }
-        if let Some(h) = writer.take() {
-            join(h)?;
-        }
+        writer.finish()?;
         m.complete = true;
         if m.tokens == 0 {
             let names = m.sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -757,22 +755,72 @@ impl ShardBuf {
     }
 }
 
-/// The thread writing the previous shard; it hands the shard's buffers back for reuse.
-type Writer = std::thread::JoinHandle<Result<ShardBuf>>;
-
-fn join(h: Writer) -> Result<ShardBuf> {
-    h.join().map_err(|_| CollectError::Invalid("the shard writer thread panicked".into()))?
+/// Shard writes in flight, at most [`WRITERS`] at once, so one shard's copy into the page cache overlaps another's
+/// fsync and the disk stays busy. Writer N commits the manifest only after writer N-1 has committed its own, so
+/// the manifest never names a shard that is not whole; each writer hands its buffers back for reuse as soon as
+/// its shard is written.
+struct Writers {
+    /// The latest writer; joining it means every shard handed over so far is on disk and in the manifest.
+    last: Option<std::thread::JoinHandle<Result<()>>>,
+    pool_tx: std::sync::mpsc::Sender<ShardBuf>,
+    pool_rx: std::sync::mpsc::Receiver<ShardBuf>,
+    /// Shard buffers allocated besides the first.
+    allocated: usize,
 }
 
-/// Hand the shard to a writer thread (after the previous write finished) and update the manifest once the shard
-/// is on disk, so the manifest never names a shard that is not whole.
-fn flush(
-    dir: &Path,
-    m: &mut ActsManifest,
-    shard: &mut ShardBuf,
-    writer: &mut Option<Writer>,
-) -> Result<()> {
-    let spare = writer.take().map(join).transpose()?;
+const WRITERS: usize = 2;
+
+/// Returns a shard's buffers to the pool when dropped, also if the write failed or panicked, so the recorder
+/// never waits for buffers that will not come back.
+struct Recycle(Option<ShardBuf>, std::sync::mpsc::Sender<ShardBuf>);
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            let _ = self.1.send(b);
+        }
+    }
+}
+
+impl Writers {
+    fn new() -> Self {
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel();
+        Writers { last: None, pool_tx, pool_rx, allocated: 0 }
+    }
+
+    /// Buffers to go on filling: recycled ones, fresh ones while fewer than [`WRITERS`] writes can be in flight,
+    /// else the next to come back.
+    fn spare(&mut self) -> Option<ShardBuf> {
+        if let Ok(b) = self.pool_rx.try_recv() {
+            return Some(b);
+        }
+        if self.allocated < WRITERS {
+            self.allocated += 1;
+            return None;
+        }
+        self.pool_rx.recv().ok()
+    }
+
+    /// Wait for every write handed over so far.
+    fn finish(&mut self) -> Result<()> {
+        match self.last.take() {
+            Some(h) => join(h),
+            None => Ok(()),
+        }
+    }
+}
+
+fn join(h: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+    h.join().map_err(|_| CollectError::Invalid("a shard writer thread panicked".into()))?
+}
+
+/// Hand the shard to a writer thread and go on in spare buffers; the writer updates the manifest once this shard
+/// and every earlier one are on disk. A failed earlier write surfaces here.
+fn flush(dir: &Path, m: &mut ActsManifest, shard: &mut ShardBuf, writers: &mut Writers) -> Result<()> {
+    if writers.last.as_ref().is_some_and(|h| h.is_finished()) {
+        writers.finish()?;
+    }
+    let spare = writers.spare();
     let buf = shard.take(spare);
     let idx = m.shards.len();
     let file = format!("shard-{idx:05}.safetensors");
@@ -782,12 +830,17 @@ fn flush(
     m.tokens += tokens;
     let snapshot = m.clone();
     let dir = dir.to_path_buf();
-    *writer = Some(std::thread::spawn(move || {
+    let prev = writers.last.take();
+    let recycle = Recycle(Some(buf), writers.pool_tx.clone());
+    writers.last = Some(std::thread::spawn(move || {
         let path = dir.join(&file);
-        write_shard(&path, &buf)?;
+        let written = write_shard(&path, recycle.0.as_ref().expect("the shard being written"));
+        drop(recycle);
+        let before = prev.map(join).unwrap_or(Ok(()));
+        written?;
+        before?;
         let mpath = dir.join("manifest.json");
-        manifest::write_json(&mpath, &snapshot).map_err(|e| CollectError::io(&mpath, e))?;
-        Ok(buf)
+        manifest::write_json(&mpath, &snapshot).map_err(|e| CollectError::io(&mpath, e))
     }));
     Ok(())
 }

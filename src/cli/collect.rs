@@ -30,8 +30,8 @@ pub struct Args {
     /// Run directory; activations go to RUN/acts. Rerunning with the same arguments resumes.
     #[arg(long)]
     pub out: PathBuf,
-    /// Upper bound on a shard's size in MB (a shard always holds at least one sequence). Recording holds two
-    /// shards in memory (one filling, one being written); the last shard's write is not overlapped with a forward.
+    /// Upper bound on a shard's size in MB (a shard always holds at least one sequence). Recording holds up to
+    /// three shards in memory (one filling, two being written); the last shard's write is not overlapped with a forward.
     #[arg(long, default_value_t = 512.0)]
     pub shard_mb: f64,
     /// Full-length sequences per forward.
