@@ -29,8 +29,9 @@ secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 # each warmed up first in its own process (cubecl keeps autotune results on disk). "steady" leaves out each run's
 # first forward, which carries the per-process kernel compilation, and includes everything after it (the write
 # of the last shard too). Sizes keep every forward the same shape: $TPUT_SEQS (default 128) windows of 512 for
-# ppl, as many sequences of 1 BOS + 511 tokens for collect. The floor beside collect is the larger of its steady
-# forward time and its bytes over the disk's measured write rate (dd, 4 GiB, fsync). Writes
+# ppl, as many sequences of 1 BOS + 511 tokens for collect. Beside collect: its forward-only rate (what it would
+# reach if recording were free) and the rate it wrote to disk, next to dd's one-stream write rate (4 GiB, fsync),
+# since writing 254 KB per token is what bounds it on the GPU. Writes
 # DIR/{ppl,collect_b1,collect_b4}.json, DIR/disk.txt and DIR/tput.md (the table, also printed).
 throughput() {
   local BIN=$1 M=$2 T=$3 D=$4 N=${TPUT_SEQS:-128}
@@ -52,18 +53,17 @@ disk = float(m.group(1)) * (1e9 if m.group(2) == "G" else 1e6) if m else float("
 print(f"disk write (dd 4 GiB, fsync): {disk / 1e9:.2f} GB/s")
 p = json.load(open(f"{d}/ppl.json"))
 base, base_all = p["steady_tokens_per_s"], p["forward_tokens_per_s"]
-print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | floor tokens/s | forward s | record s | write wait s | handoff wait s | GB written |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | | | |")
+print("| run | forward tokens | seconds | tokens/s (all) | steady tokens/s | steady vs ppl | forward-only tokens/s | disk write GB/s | forward s | record s | write wait s | handoff wait s | GB written |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| ppl ctx 512 | {p['result']['forward_tokens']} | {p['seconds']:.1f} | {base_all:.0f} | {base:.0f} | 1.000 | | | | | | | |")
 for b in (1, 4):
     j = json.load(open(f"{d}/collect_b{b}.json"))
     st = j["steady_tokens_per_s"]
     # steady part: everything after the first forward
     tok = j["forward_tokens_now"] - j["first_forward_tokens"]
     fwd = j["forward_seconds"] - j["first_forward_seconds"]
-    nbytes = j["bytes"] * tok / j["forward_tokens_now"]
-    floor = tok / max(fwd, nbytes / disk)
-    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {floor:.0f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} | {j['bytes'] / 1e9:.1f} |")
+    wrate = j["bytes"] * tok / j["forward_tokens_now"] / (j["seconds"] - j["first_forward_seconds"])
+    print(f"| collect --batch {b} | {j['forward_tokens_now']} | {j['seconds']:.1f} | {j['forward_tokens_now'] / j['seconds']:.0f} | {st:.0f} | {st / base:.3f} | {tok / fwd:.0f} | {wrate / 1e9:.2f} | {j['forward_seconds']:.1f} | {j['record_seconds']:.1f} | {j['write_wait_seconds']:.1f} | {j.get('handoff_wait_seconds', 0):.1f} | {j['bytes'] / 1e9:.1f} |")
 print(f"first window/forward (compilation): ppl {p['result']['first_window_seconds']:.1f}s; " + "; ".join(
     f"collect b{b} {json.load(open(f'{d}/collect_b{b}.json'))['first_forward_seconds']:.1f}s" for b in (1, 4)))
 PY

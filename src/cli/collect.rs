@@ -34,9 +34,11 @@ pub struct Args {
     /// three shards in memory (one filling, two being written); the last shard's write is not overlapped with a forward.
     #[arg(long, default_value_t = 512.0)]
     pub shard_mb: f64,
-    /// Full-length sequences per forward.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
+    /// Full-length sequences per forward. Default: 4 on GPUs, where one sequence leaves the device underused
+    /// (on the H100 batch 4 recorded SmolLM2 1.9× as fast as batch 1), 1 on CPUs, where batching does not help.
+    #[arg(long)]
+    #[serde(default)]
+    pub batch: Option<usize>,
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -70,16 +72,17 @@ impl ModelCommand for Args {
     fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let args = self;
         let identity = files.identity().with_context(|| format!("while fingerprinting model `{}`", files.identity))?;
+        let gpu = matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu);
         let opts = CollectOptions {
             texts: args.text.clone(),
             tokens: args.tokens,
             seq_len: args.seq_len,
             shard_bytes: (args.shard_mb * 1e6) as u64,
-            batch: args.batch,
+            batch: args.batch.unwrap_or(if gpu { 4 } else { 1 }),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             pack_on_device: match args.readback {
                 Some(r) => r == Readback::Packed,
-                None => matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu),
+                None => gpu,
             },
         };
         let collector = Collector::open(&args.out, &files.config, identity, opts)
