@@ -17,6 +17,7 @@
 #   stash   copy .carry/a and .carry/d to /root/stash (call 1)
 #   prep    reassemble the GGUF, check it, unpack the binary, install gguf (call 2, carrying b)
 #   start   run `all` detached (setsid), so it outlives the call, then wait like `wait`
+#   throughput BIN MODEL TEXT DIR: step (a) alone, anywhere (DEV=cpu for a CPU; WARM=0 skips the warm-up runs)
 #   tput    (foreground) step (a) alone: steady forward throughput of ppl vs collect (batch 1 and 4)
 #   wait    follow the log for up to $WAIT_S seconds; when `all` has finished, copy the results to $OUT
 set -euo pipefail
@@ -34,14 +35,14 @@ secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 # since writing 254 KB per token is what bounds it on the GPU. Writes
 # DIR/{ppl,collect_b1,collect_b4}.json, DIR/disk.txt and DIR/tput.md (the table, also printed).
 throughput() {
-  local BIN=$1 M=$2 T=$3 D=$4 N=${TPUT_SEQS:-128}
+  local BIN=$1 M=$2 T=$3 D=$4 N=${TPUT_SEQS:-128} DEV=${DEV:-cuda} WARM=${WARM:-1}
   mkdir -p "$D"
-  c() { rm -rf "$D/c"; "$BIN" collect --device cuda -m "$M" --text "$T" --seq-len 512 --out "$D/c" --json "$@"; }
+  c() { rm -rf "$D/c"; "$BIN" collect --device "$DEV" -m "$M" --text "$T" --seq-len 512 --out "$D/c" --json "$@"; }
   dd if=/dev/zero of="$D/dd" bs=64M count=64 conv=fsync 2>&1 | tail -1 | tee "$D/disk.txt"; rm -f "$D/dd"
-  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
-  "$BIN" ppl --device cuda -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens $((N * 512)) --json "$D/ppl.json" > /dev/null
+  [[ $WARM == 1 ]] && "$BIN" ppl --device "$DEV" -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
+  "$BIN" ppl --device "$DEV" -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens $((N * 512)) --json "$D/ppl.json" > /dev/null
   for b in 1 4; do
-    c --tokens 4088 --batch $b > /dev/null
+    [[ $WARM == 1 ]] && c --tokens 4088 --batch $b > /dev/null
     c --tokens $((N * 511)) --batch $b > "$D/collect_b$b.json"
   done
   rm -rf "$D/c"
@@ -127,6 +128,8 @@ PY
 
 case "${1:-}" in
 all) shift; all "$@" ;;
+# step (a) alone anywhere, e.g. on a CPU: DEV=cpu WARM=0 TPUT_SEQS=8 scripts/h100_issue4.sh throughput BIN MODEL TEXT DIR
+throughput) shift; throughput "$@" ;;
 stash)
   mkdir -p $S && cp -r .carry/a .carry/d $S/ && ls -la $S/a $S/d && nvidia-smi --query-gpu=name,memory.used --format=csv ;;
 prep)
