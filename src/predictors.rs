@@ -74,6 +74,32 @@ pub fn default_rank(hidden: usize) -> usize {
     ((hidden / 4) / 32 * 32).clamp(16, 1024).min(hidden)
 }
 
+/// Which recorded Llama activation the neuron labels rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NeuronTarget {
+    /// |SiLU(gate)·up|: the neuron's actual contribution to the MLP output (Deja Vu's sense of "needed").
+    #[default]
+    Act,
+    /// |SiLU(gate)|: CATS' criterion.
+    Gate,
+}
+
+impl NeuronTarget {
+    fn tap(self) -> Tap {
+        match self {
+            NeuronTarget::Act => Tap::MlpAct,
+            NeuronTarget::Gate => Tap::GateAct,
+        }
+    }
+    fn describe(self) -> &'static str {
+        match self {
+            NeuronTarget::Act => "|SiLU(gate)·up|",
+            NeuronTarget::Gate => "|SiLU(gate)|",
+        }
+    }
+}
+
 /// How training is run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {
@@ -88,8 +114,11 @@ pub struct TrainOptions {
     pub holdout: f64,
     pub target_recall: f64,
     pub head_target_recall: f64,
-    /// Llama: fraction of neurons labelled active per token (top-k of |SiLU(gate)·up|).
+    /// Llama: fraction of neurons labelled active per token (top-k of `neuron_target`).
     pub neuron_density: f64,
+    /// Llama: the activation the neuron labels rank.
+    #[serde(default)]
+    pub neuron_target: NeuronTarget,
     /// Fraction of heads labelled active per token (top-k of head output norm).
     pub head_density: f64,
     pub seed: u64,
@@ -314,7 +343,8 @@ pub fn train<B: Backend>(
     let neuron_label = match id.family {
         Family::Opt => "active when post-ReLU fc1 output > 0".to_string(),
         Family::Llama => format!(
-            "top-k of |SiLU(gate)·up| per token, k = round({} × ffn) = {}",
+            "top-k of {} per token, k = round({} × ffn) = {}",
+            opts.neuron_target.describe(),
             opts.neuron_density,
             topk_count(opts.neuron_density, id.ffn)
         ),
@@ -368,7 +398,8 @@ fn train_layer<B: Backend>(
     let (d, ffn, heads) = (id.hidden, id.ffn, id.heads);
     // Neurons.
     let (x, _) = acts.read(l, Tap::MlpInput, total)?;
-    let (act, _) = acts.read(l, Tap::MlpAct, total)?;
+    let target = if id.family == Family::Llama { opts.neuron_target.tap() } else { Tap::MlpAct };
+    let (act, _) = acts.read(l, target, total)?;
     let labels = match id.family {
         Family::Opt => act.iter().map(|&v| (v > 0.0) as u8).collect(),
         Family::Llama => topk_labels(&act, ffn, topk_count(opts.neuron_density, ffn)),

@@ -63,6 +63,48 @@ fn manifest(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("acts/manifest.json")).unwrap()).unwrap()
 }
 
+/// Held-out neuron recall of the loaded predictor of layer `l` at its chosen k, against labels recomputed here
+/// from the recorded `label_tap` (OPT: > 0; Llama: top half by magnitude, the default --neuron-density 0.5).
+fn loader_recall(pred: &Predictors<B>, acts: &Activations, l: usize, cfg: &dejavu::ModelConfig, label_tap: Tap) -> f64 {
+    let dev = Default::default();
+    let train_n = pred.manifest.train_tokens;
+    let total = acts.manifest.tokens;
+    let k = pred.k_neurons(l);
+    let (x, _) = acts.read(l, Tap::MlpInput, total).unwrap();
+    let (act, _) = acts.read(l, label_tap, total).unwrap();
+    let rows = total - train_n;
+    let d = cfg.hidden;
+    let xv = Tensor::<B, 3>::from_data(TensorData::new(x[train_n * d..].to_vec(), [1, rows, d]), &dev);
+    let scores = pred.neuron_scores(l, xv);
+    assert_eq!(scores.dims(), [1, rows, cfg.ffn]);
+    let s: Vec<f32> = scores.into_data().to_vec().unwrap();
+    let mut hits = 0usize;
+    let mut pos = 0usize;
+    for r in 0..rows {
+        let row = &s[r * cfg.ffn..(r + 1) * cfg.ffn];
+        let a = &act[(train_n + r) * cfg.ffn..(train_n + r + 1) * cfg.ffn];
+        let mut idx: Vec<usize> = (0..cfg.ffn).collect();
+        idx.sort_unstable_by(|&i, &j| row[j].total_cmp(&row[i]));
+        let labels: Vec<bool> = match cfg.family {
+            dejavu::Family::Opt => a.iter().map(|&v| v > 0.0).collect(),
+            dejavu::Family::Llama => {
+                // Top half by magnitude (the default --neuron-density 0.5); ties are broken by index.
+                let kk = (0.5 * cfg.ffn as f64).round() as usize;
+                let mut o: Vec<usize> = (0..cfg.ffn).collect();
+                o.sort_by(|&i, &j| a[j].total_cmp(&a[i]).then(i.cmp(&j)));
+                let mut lab = vec![false; cfg.ffn];
+                for &i in &o[..kk] {
+                    lab[i] = true;
+                }
+                lab
+            }
+        };
+        pos += labels.iter().filter(|&&b| b).count();
+        hits += idx[..k].iter().filter(|&&i| labels[i]).count();
+    }
+    hits as f64 / pos.max(1) as f64
+}
+
 fn end_to_end(name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let text = tmp.path().join("calib.txt");
@@ -93,47 +135,14 @@ fn end_to_end(name: &str) {
 
     // The loaded predictor reproduces the held-out recall measured during training.
     let acts = Activations::open(&run).unwrap();
-    let train_n = pred.manifest.train_tokens;
-    let total = acts.manifest.tokens;
+    let d = cfg.hidden;
     for l in 0..cfg.layers {
         let k = pred.k_neurons(l);
         assert!(k >= 1 && k <= cfg.ffn);
         assert!(pred.k_heads(l) >= 1 && pred.k_heads(l) <= cfg.heads);
         let lm = &pred.manifest.layers[l];
         assert!(lm.neuron_recall >= 0.99 - 1e-9 && lm.head_recall >= 0.95 - 1e-9, "{lm:?}");
-        let (x, _) = acts.read(l, Tap::MlpInput, total).unwrap();
-        let (act, _) = acts.read(l, Tap::MlpAct, total).unwrap();
-        let rows = total - train_n;
-        let d = cfg.hidden;
-        let xv = Tensor::<B, 3>::from_data(TensorData::new(x[train_n * d..].to_vec(), [1, rows, d]), &dev);
-        let scores = pred.neuron_scores(l, xv);
-        assert_eq!(scores.dims(), [1, rows, cfg.ffn]);
-        let s: Vec<f32> = scores.into_data().to_vec().unwrap();
-        let mut hits = 0usize;
-        let mut pos = 0usize;
-        for r in 0..rows {
-            let row = &s[r * cfg.ffn..(r + 1) * cfg.ffn];
-            let a = &act[(train_n + r) * cfg.ffn..(train_n + r + 1) * cfg.ffn];
-            let mut idx: Vec<usize> = (0..cfg.ffn).collect();
-            idx.sort_unstable_by(|&i, &j| row[j].total_cmp(&row[i]));
-            let labels: Vec<bool> = match cfg.family {
-                dejavu::Family::Opt => a.iter().map(|&v| v > 0.0).collect(),
-                dejavu::Family::Llama => {
-                    // Top half by magnitude (the default --neuron-density 0.5); ties are broken by index.
-                    let kk = (0.5 * cfg.ffn as f64).round() as usize;
-                    let mut o: Vec<usize> = (0..cfg.ffn).collect();
-                    o.sort_by(|&i, &j| a[j].total_cmp(&a[i]).then(i.cmp(&j)));
-                    let mut lab = vec![false; cfg.ffn];
-                    for &i in &o[..kk] {
-                        lab[i] = true;
-                    }
-                    lab
-                }
-            };
-            pos += labels.iter().filter(|&&b| b).count();
-            hits += idx[..k].iter().filter(|&&i| labels[i]).count();
-        }
-        let recall = hits as f64 / pos.max(1) as f64;
+        let recall = loader_recall(&pred, &acts, l, cfg, Tap::MlpAct);
         assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall {recall} vs trained {}", lm.neuron_recall);
         let h = pred.head_scores(l, Tensor::<B, 3>::zeros([2, 3, d], &dev));
         assert_eq!(h.dims(), [2, 3, cfg.heads]);
@@ -182,6 +191,33 @@ fn end_to_end_tiny_opt() {
 #[test]
 fn end_to_end_tiny_llama() {
     end_to_end("tiny-llama");
+}
+
+/// `--neuron-target gate` labels Llama neurons by |SiLU(gate)| (CATS' criterion): the recall the loaded predictors
+/// reach against labels recomputed here from the recorded gate activations matches the trained one. OPT refuses it.
+#[test]
+fn neuron_target_gate_labels_by_silu_gate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 300);
+    let run = tmp.path().join("run");
+    assert_ok(&collect(&fixture("tiny-llama"), &text, 2000, &run, &[], &[]));
+    let args = ["train-predictors", "--run", p(&run), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2", "--neuron-target", "gate"];
+    assert_ok(&common::dejavu(&args, &[]));
+    let files = ModelFiles::resolve(&fixture("tiny-llama")).unwrap();
+    let pred = Predictors::<B>::load(&run.join("predictors"), &files.identity().unwrap(), &Default::default()).unwrap();
+    assert!(pred.manifest.neuron_label.contains("|SiLU(gate)|") && !pred.manifest.neuron_label.contains("up"), "{}", pred.manifest.neuron_label);
+    let acts = Activations::open(&run).unwrap();
+    for l in 0..files.config.layers {
+        let lm = &pred.manifest.layers[l];
+        let recall = loader_recall(&pred, &acts, l, &files.config, Tap::GateAct);
+        assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall {recall} vs trained {}", lm.neuron_recall);
+    }
+
+    let opt_run = tmp.path().join("opt");
+    assert_ok(&collect(&fixture("tiny-opt"), &text, 300, &opt_run, &[], &[]));
+    let out = common::dejavu(&["train-predictors", "--run", p(&opt_run), "--neuron-target", "gate"], &[]);
+    assert_clean_failure(&out, &["acts/manifest.json", "--neuron-target gate", "Llama"]);
 }
 
 #[test]

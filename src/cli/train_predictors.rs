@@ -9,7 +9,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
-use dejavu::predictors::{default_rank, train, TrainEvent, TrainOptions};
+use dejavu::predictors::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NeuronTargetArg {
+    #[default]
+    Act,
+    Gate,
+}
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
@@ -49,9 +57,15 @@ pub struct Args {
     /// Head recall the chosen k must reach on held-out tokens.
     #[arg(long, default_value_t = 0.95)]
     pub head_target_recall: f64,
-    /// Llama: fraction of neurons labelled active per token (top-k of |SiLU(gate)·up|). OPT labels by ReLU > 0.
+    /// Llama: fraction of neurons labelled active per token (top-k of the --neuron-target activation). OPT
+    /// labels by ReLU > 0.
     #[arg(long, default_value_t = 0.5)]
     pub neuron_density: f64,
+    /// Llama: what the neuron labels rank: `act` = |SiLU(gate)·up| (each neuron's contribution to the MLP output)
+    /// or `gate` = |SiLU(gate)| (CATS' criterion, a function of one linear projection).
+    #[arg(long, value_enum, default_value = "act")]
+    #[serde(default)]
+    pub neuron_target: NeuronTargetArg,
     /// Fraction of heads labelled active per token (top-k of head output norm).
     #[arg(long, default_value_t = 0.5)]
     pub head_density: f64,
@@ -78,6 +92,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let files = super::common::resolve(spec)?;
         let id = files.identity().with_context(|| format!("while fingerprinting model `{spec}`"))?;
         id.ensure_same(&acts.manifest.model, &acts.dir.join("manifest.json")).map_err(anyhow::Error::msg)?;
+    }
+    if args.neuron_target == NeuronTargetArg::Gate && acts.manifest.model.family != dejavu::Family::Llama {
+        anyhow::bail!(
+            "{}: --neuron-target gate needs a Llama model (these activations are of an OPT model, labelled by ReLU > 0)",
+            acts.dir.join("manifest.json").display()
+        );
     }
     dispatch(args.device, Task { args, acts })
 }
@@ -108,6 +128,10 @@ impl BackendTask for Task {
             target_recall: args.target_recall,
             head_target_recall: args.head_target_recall,
             neuron_density: args.neuron_density,
+            neuron_target: match args.neuron_target {
+                NeuronTargetArg::Act => NeuronTarget::Act,
+                NeuronTargetArg::Gate => NeuronTarget::Gate,
+            },
             head_density: args.head_density,
             seed: args.seed,
             max_tokens: args.max_tokens.unwrap_or(usize::MAX),
