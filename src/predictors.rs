@@ -75,7 +75,7 @@ pub fn default_rank(hidden: usize) -> usize {
 }
 
 /// Which recorded Llama activation the neuron labels rank.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NeuronTarget {
     /// |SiLU(gate)·up|: the neuron's actual contribution to the MLP output (Deja Vu's sense of "needed").

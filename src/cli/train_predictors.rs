@@ -11,14 +11,6 @@ use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
 use dejavu::predictors::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NeuronTargetArg {
-    #[default]
-    Act,
-    Gate,
-}
-
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
     /// Run directory holding RUN/acts (from `dejavu collect`); predictors go to RUN/predictors.
@@ -65,7 +57,7 @@ pub struct Args {
     /// or `gate` = |SiLU(gate)| (CATS' criterion, a function of one linear projection).
     #[arg(long, value_enum, default_value = "act")]
     #[serde(default)]
-    pub neuron_target: NeuronTargetArg,
+    pub neuron_target: NeuronTarget,
     /// Fraction of heads labelled active per token (top-k of head output norm).
     #[arg(long, default_value_t = 0.5)]
     pub head_density: f64,
@@ -93,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let id = files.identity().with_context(|| format!("while fingerprinting model `{spec}`"))?;
         id.ensure_same(&acts.manifest.model, &acts.dir.join("manifest.json")).map_err(anyhow::Error::msg)?;
     }
-    if args.neuron_target == NeuronTargetArg::Gate && acts.manifest.model.family != dejavu::Family::Llama {
+    if args.neuron_target == NeuronTarget::Gate && acts.manifest.model.family != dejavu::Family::Llama {
         anyhow::bail!(
             "{}: --neuron-target gate needs a Llama model (these activations are of an OPT model, labelled by ReLU > 0)",
             acts.dir.join("manifest.json").display()
@@ -128,10 +120,7 @@ impl BackendTask for Task {
             target_recall: args.target_recall,
             head_target_recall: args.head_target_recall,
             neuron_density: args.neuron_density,
-            neuron_target: match args.neuron_target {
-                NeuronTargetArg::Act => NeuronTarget::Act,
-                NeuronTargetArg::Gate => NeuronTarget::Gate,
-            },
+            neuron_target: args.neuron_target,
             head_density: args.head_density,
             seed: args.seed,
             max_tokens: args.max_tokens.unwrap_or(usize::MAX),
