@@ -637,6 +637,11 @@ fn push_f16(buf: &mut Vec<u8>, src: &[f32], abs: bool, scratch: &mut Vec<half::f
     }
 }
 
+/// Token ids, positions and per-(layer, tap) f16 byte buffers with room for `cap` tokens.
+fn empty_buffers(shapes_w: &[usize], cap: usize) -> (Vec<u32>, Vec<u32>, Vec<Vec<u8>>) {
+    (Vec::with_capacity(cap), Vec::with_capacity(cap), shapes_w.iter().map(|&w| Vec::with_capacity(2 * w * cap)).collect())
+}
+
 /// In-memory shard: per (layer, tap) a little-endian f16 byte buffer `[T, width]`.
 struct ShardBuf {
     tokens: Vec<u32>,
@@ -668,10 +673,11 @@ impl ShardBuf {
         }
         let shapes_w: Vec<usize> = (0..layers).flat_map(|_| widths.iter().cloned()).collect();
         let row_bytes = 2 * shapes_w.iter().sum::<usize>();
+        let (tokens, positions, data) = empty_buffers(&shapes_w, cap);
         ShardBuf {
-            tokens: Vec::with_capacity(cap),
-            positions: Vec::with_capacity(cap),
-            data: shapes_w.iter().map(|&w| Vec::with_capacity(2 * w * cap)).collect(),
+            tokens,
+            positions,
+            data,
             names,
             shapes_w,
             row_bytes,
@@ -729,11 +735,7 @@ impl ShardBuf {
         let cap = self.tokens.capacity();
         let (mut tokens, mut positions, mut data) = match spare {
             Some(s) => (s.tokens, s.positions, s.data),
-            None => (
-                Vec::with_capacity(cap),
-                Vec::with_capacity(cap),
-                self.shapes_w.iter().map(|&w| Vec::with_capacity(2 * w * cap)).collect(),
-            ),
+            None => empty_buffers(&self.shapes_w, cap),
         };
         tokens.clear();
         positions.clear();
