@@ -5,8 +5,9 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
-use crate::model::sparse::{HeadRule, LayerPlan, MlpRule, SparsityPlan};
-use crate::model::{Forward, LayerTaps, Model, TapSet};
+use crate::error::OptionError;
+use crate::model::{to_host, Forward, LayerTaps, Model, Sparse, TapSet};
+use crate::sparse::{HeadRule, LayerPlan, MlpRule, Plan};
 use crate::source::ModelIdentity;
 
 /// Mantissa bits kept per bin: bins are 2^-7 ≈ 0.8% wide in relative terms.
@@ -97,40 +98,40 @@ impl Calibrator {
 
     /// Run one batch-1 sequence and add its gate magnitudes.
     pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32]) {
-        self.add_sequence_under(model, ids, None);
+        // No plan: nothing to refuse.
+        let _ = self.add_sequence_under(model, ids, None);
     }
 
     /// As [`Calibrator::add_sequence`], with the forward itself sparse under `plan`: each layer's gate magnitudes
     /// are then those it sees when the layers before it are already masked, which is what a refinement pass
     /// needs so that the realised sparsity of every layer, not just the first, meets the requested level.
-    pub fn add_sequence_under<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], plan: Option<&SparsityPlan<'_, B>>) {
+    /// `plan` may not have predicted rules (there is no scorer here).
+    pub fn add_sequence_under<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], plan: Option<&Plan>) -> Result<(), OptionError> {
         if ids.is_empty() {
-            return;
+            return Ok(());
         }
+        let sparse = plan.map(Sparse::unscored).transpose()?;
         let want = TapSet { mlp_act: true, ..Default::default() };
         let mut taps: Vec<LayerTaps<B>> = Vec::new();
         let mut cache = model.new_cache();
         let _ = model.forward_with(
             model.tokens(&[ids.to_vec()]),
             &mut cache,
-            Forward { taps: Some((&want, &mut taps)), plan, ..Default::default() },
+            Forward { taps: Some((&want, &mut taps)), sparse, ..Default::default() },
         );
         for (hist, t) in self.layers.iter_mut().zip(taps) {
             // Llama: |SiLU(gate)|; OPT: post-ReLU fc1 (non-negative already).
             let Some(g) = t.gate_act.or(t.mlp_act) else { continue };
-            let v = g.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-            hist.add_all(&v);
+            hist.add_all(&to_host(g));
         }
         self.tokens += ids.len() as u64;
+        Ok(())
     }
 }
 
 /// The CATS plan for per-layer `thresholds`.
-pub fn threshold_plan<'a, B: Backend>(thresholds: &[f32]) -> SparsityPlan<'a, B> {
-    SparsityPlan {
-        layers: thresholds.iter().map(|&t| LayerPlan { mlp: MlpRule::Threshold(t), heads: HeadRule::Dense }).collect(),
-        scorer: None,
-    }
+pub fn threshold_plan(thresholds: &[f32]) -> Plan {
+    Plan { layers: thresholds.iter().map(|&t| LayerPlan { mlp: MlpRule::Threshold { t }, heads: HeadRule::Dense }).collect() }
 }
 
 /// The thresholds file `calibrate` writes and `eval --mode cats` reads.

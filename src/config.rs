@@ -125,6 +125,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The hard limit on positions a forward can reach: OPT's learned position table; `None` for RoPE models,
+    /// which can run past `max_position_embeddings` (with degraded quality).
+    pub fn position_limit(&self) -> Option<usize> {
+        (self.family == Family::Opt).then_some(self.max_positions)
+    }
+
     /// Read and validate a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;

@@ -37,3 +37,18 @@ impl LoadError {
 }
 
 pub type Result<T, E = LoadError> = std::result::Result<T, E>;
+
+/// A value handed to a library entry point is invalid. `field` names the option (`mode`, `head_sparsity`, …); the
+/// CLI maps it to its flag and a recipe to its key, so the library never names either.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {msg}")]
+pub struct OptionError {
+    pub field: &'static str,
+    pub msg: String,
+}
+
+impl OptionError {
+    pub fn new(field: &'static str, msg: impl Into<String>) -> Self {
+        OptionError { field, msg: msg.into() }
+    }
+}

@@ -8,7 +8,7 @@ use safetensors::{tensor::TensorView, Dtype};
 use serde_json::json;
 
 use crate::config::{Family, ModelConfig};
-use crate::generate::SplitMix64;
+use crate::decode::SplitMix64;
 
 /// One fixture model: its name (directory name), `config.json` contents and RNG seed.
 #[derive(Debug, Clone)]

@@ -9,16 +9,17 @@ pub mod calibrate;
 pub mod checkpoint;
 pub mod collect;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod fixture;
-pub mod generate;
 pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod ppl;
 pub mod predictors;
 pub mod source;
+pub mod sparse;
 pub mod text;
 pub mod weights;
 

@@ -3,10 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
-
-use crate::model::sparse::{SparsityPlan, SparsityStats};
-use crate::model::{Forward, Model};
+use crate::decode::{DecodeError, Decoder};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PplResult {
@@ -55,16 +52,14 @@ pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<(usize, usize, usize)
 
 /// Sum of negative log-likelihoods of `ids[1..]` positions that fall in each window's counted tail.
 /// `on_window` is called after each window with the window's length (for progress).
-/// With a `plan`, the forward is sparse and realised sparsity is added to `stats`.
-pub fn perplexity<B: Backend>(
-    model: &Model<B>,
+/// The decoder's plan applies (a sparse decoder gives the sparse perplexity and counts its realised sparsity).
+pub fn perplexity(
+    dec: &mut dyn Decoder,
     ids: &[u32],
     ctx: usize,
     stride: usize,
-    plan: Option<&SparsityPlan<'_, B>>,
-    mut stats: Option<&mut SparsityStats>,
     mut on_window: impl FnMut(usize),
-) -> PplResult {
+) -> Result<PplResult, DecodeError> {
     let t0 = Instant::now();
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
@@ -77,7 +72,7 @@ pub fn perplexity<B: Backend>(
         // Position i predicts token i+1; targets are scored when i+1 lies in the counted tail.
         let first_target = (len - counted).max(1);
         if first_target < len {
-            let nll = token_nll(model, w, plan, stats.as_deref_mut());
+            let nll = token_nll(dec, w)?;
             for &x in &nll[first_target - 1..] {
                 nll_sum += x as f64;
             }
@@ -90,7 +85,7 @@ pub fn perplexity<B: Backend>(
         on_window(len);
     }
     let ppl = if scored > 0 { (nll_sum / scored as f64).exp() } else { f64::NAN };
-    PplResult {
+    Ok(PplResult {
         tokens: ids.len(),
         scored,
         nll_sum,
@@ -100,27 +95,20 @@ pub fn perplexity<B: Backend>(
         first_window_tokens: first.0,
         first_window_seconds: first.1,
         elapsed: t0.elapsed(),
-    }
+    })
 }
 
-/// Negative log-likelihood of each next token in one sequence: `nll[i] = -log p(w[i+1] | w[..=i])`, length `len-1`.
-pub fn token_nll<B: Backend>(
-    model: &Model<B>,
-    w: &[u32],
-    plan: Option<&SparsityPlan<'_, B>>,
-    stats: Option<&mut SparsityStats>,
-) -> Vec<f32> {
+/// Negative log-likelihood of each next token in one sequence from an empty cache:
+/// `nll[i] = -log p(w[i+1] | w[..=i])`, length `len-1`.
+pub fn token_nll(dec: &mut dyn Decoder, w: &[u32]) -> Result<Vec<f32>, DecodeError> {
     let len = w.len();
     if len < 2 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let mut cache = model.new_cache();
-    let h = model.forward_with(model.tokens(&[w[..len - 1].to_vec()]), &mut cache, Forward { plan, stats, ..Default::default() });
-    let logp = activation::log_softmax(model.logits(h), 2); // [1, len-1, vocab]
-    let targets: Vec<i64> = w[1..].iter().map(|&t| t as i64).collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, len - 1, 1]), model.device());
-    let picked = logp.gather(2, targets); // [1, len-1, 1]
-    picked.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default().into_iter().map(|x| -x).collect()
+    dec.reset();
+    dec.prefill(&[w[..len - 1].to_vec()], None)?;
+    let scores = dec.score(&[w[1..].to_vec()])?;
+    Ok(scores.into_iter().flatten().map(|s| -s.logprob).collect())
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::collect::{Activations, CollectError, Tap};
 use crate::config::Family;
-use crate::generate::SplitMix64;
+use crate::decode::SplitMix64;
 use crate::manifest;
 use crate::source::ModelIdentity;
 
@@ -809,7 +809,7 @@ impl<B: Backend> Predictors<B> {
 }
 
 /// Trained predictors drive the reference forward's `PredictedTopK` rules.
-impl<B: Backend> crate::model::sparse::Scorer<B> for Predictors<B> {
+impl<B: Backend> crate::model::Scorer<B> for Predictors<B> {
     fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3> {
         Predictors::neuron_scores(self, layer, mlp_input)
     }

@@ -110,7 +110,7 @@ fn ppl_equals_exp_of_mean_nll_from_full_forward() {
     let files = ModelFiles::resolve(dir.to_str().unwrap()).unwrap();
     let model: Model<B> = Model::load(&files.config, files.checkpoint.as_ref(), &Default::default(), |_| {}).unwrap();
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 320).collect();
-    let r = dejavu::ppl::perplexity(&model, &ids, 64, 64, None, None, |_| {});
+    let r = dejavu::ppl::perplexity(&mut dejavu::decode::RefDecoder::dense(&model), &ids, 64, 64, |_| {}).unwrap();
     let mut cache = model.new_cache();
     let (logits, [_, s, v]) = to_host_3d(model.logits(model.forward(model.tokens(std::slice::from_ref(&ids)), &mut cache, None)));
     let mut nll = 0.0f64;

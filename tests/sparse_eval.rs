@@ -5,9 +5,10 @@ mod common;
 use burn::tensor::{backend::Backend, Tensor};
 use dejavu::backend::CpuBackend as B;
 use dejavu::calibrate::{threshold_plan, Calibrator};
+use dejavu::decode::RefDecoder;
 use dejavu::eval::{tasks, Evaluator};
-use dejavu::model::sparse::{HeadRule, LayerPlan, MlpRule, Scorer, SparsityPlan, SparsityStats};
-use dejavu::model::{to_host_3d, Forward};
+use dejavu::model::{to_host_3d, Forward, Scorer, Sparse};
+use dejavu::sparse::{HeadRule, LayerPlan, MlpRule, Plan, SparsityStats};
 use dejavu::{Model, ModelFiles};
 
 fn load(name: &str) -> (ModelFiles, Model<B>) {
@@ -20,9 +21,14 @@ fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 131 + seed * 17 + 7) % 320).collect()
 }
 
-fn logits(model: &Model<B>, rows: &[Vec<u32>], plan: Option<&SparsityPlan<B>>, stats: Option<&mut SparsityStats>) -> Vec<f32> {
+fn logits(model: &Model<B>, rows: &[Vec<u32>], plan: Option<&Plan>, stats: Option<&mut SparsityStats>) -> Vec<f32> {
+    scored_logits(model, rows, plan, None, stats)
+}
+
+fn scored_logits(model: &Model<B>, rows: &[Vec<u32>], plan: Option<&Plan>, scorer: Option<&dyn Scorer<B>>, stats: Option<&mut SparsityStats>) -> Vec<f32> {
     let mut cache = model.new_cache();
-    let h = model.forward_with(model.tokens(rows), &mut cache, Forward { plan, stats, ..Default::default() });
+    let sparse = plan.map(|p| Sparse::new(p, scorer).unwrap());
+    let h = model.forward_with(model.tokens(rows), &mut cache, Forward { sparse, stats, ..Default::default() });
     to_host_3d(model.logits(h)).0
 }
 
@@ -52,20 +58,17 @@ fn keep_all_plans_equal_dense_exactly() {
         let rows = vec![ids(12, 1), ids(12, 2)];
         let dense = logits(&model, &rows, None, None);
         let plans = [
-            LayerPlan { mlp: MlpRule::Threshold(0.0), heads: HeadRule::Dense },
-            LayerPlan { mlp: MlpRule::OracleTopK(c.ffn), heads: HeadRule::OracleTopK(c.heads) },
+            LayerPlan { mlp: MlpRule::Threshold { t: 0.0 }, heads: HeadRule::Dense },
+            LayerPlan { mlp: MlpRule::OracleTopK { k: c.ffn }, heads: HeadRule::OracleTopK { k: c.heads } },
         ];
         for p in plans {
-            let plan = SparsityPlan::uniform(c.layers, p);
+            let plan = Plan::uniform(c.layers, p);
             assert_eq!(logits(&model, &rows, Some(&plan), None), dense, "{name}: {p:?}");
         }
         // Predicted rules with k = all (the scorer's ranking is irrelevant when everything is kept).
         let scorer = ArbitraryScorer { ffn: c.ffn, heads: c.heads };
-        let plan = SparsityPlan {
-            layers: vec![LayerPlan { mlp: MlpRule::PredictedTopK(c.ffn), heads: HeadRule::PredictedTopK(c.heads) }; c.layers],
-            scorer: Some(&scorer),
-        };
-        assert_eq!(logits(&model, &rows, Some(&plan), None), dense, "{name}: predicted keep-all");
+        let plan = Plan::uniform(c.layers, LayerPlan { mlp: MlpRule::PredictedTopK { k: c.ffn }, heads: HeadRule::PredictedTopK { k: c.heads } });
+        assert_eq!(scored_logits(&model, &rows, Some(&plan), Some(&scorer), None), dense, "{name}: predicted keep-all");
     }
 }
 
@@ -75,7 +78,7 @@ fn oracle_keeps_exactly_k_per_token_and_changes_the_output() {
         let (files, model) = load(name);
         let c = &files.config;
         let k = c.ffn / 4;
-        let plan = SparsityPlan::uniform(c.layers, LayerPlan { mlp: MlpRule::OracleTopK(k), heads: HeadRule::OracleTopK(c.heads / 2) });
+        let plan = Plan::uniform(c.layers, LayerPlan { mlp: MlpRule::OracleTopK { k }, heads: HeadRule::OracleTopK { k: c.heads / 2 } });
         let mut stats = SparsityStats::new(c.layers);
         let rows = vec![ids(16, 3)];
         let sparse = logits(&model, &rows, Some(&plan), Some(&mut stats));
@@ -111,12 +114,12 @@ fn cats_realises_the_calibrated_sparsity_on_the_calibration_text() {
             let dense_th: Vec<f32> = cal.layers.iter().map(|h| h.quantile(s)).collect();
             let mut refined = Calibrator::new(c.layers);
             for w in &windows {
-                refined.add_sequence_under(&model, w, Some(&threshold_plan::<B>(&dense_th)));
+                refined.add_sequence_under(&model, w, Some(&threshold_plan(&dense_th))).unwrap();
             }
             let th: Vec<f32> = refined.layers.iter().map(|h| h.quantile(s)).collect();
             let mut stats = SparsityStats::new(c.layers);
             for w in &windows {
-                logits(&model, std::slice::from_ref(w), Some(&threshold_plan::<B>(&th)), Some(&mut stats));
+                logits(&model, std::slice::from_ref(w), Some(&threshold_plan(&th)), Some(&mut stats));
             }
             let per_layer: Vec<f64> = stats.layers.iter().map(|l| l.mlp_sparsity()).collect();
             eprintln!("{name} @ {s}: realised per layer {per_layer:?}");
@@ -137,9 +140,14 @@ fn shared_context_batched_scoring_equals_one_sequence_at_a_time() {
     // Independent recomputation: each request as one full sequence through a fresh forward, log-softmax in f64.
     for name in ["tiny-opt", "tiny-llama"] {
         let (files, model) = load(name);
-        let plan = SparsityPlan::uniform(files.config.layers, LayerPlan { mlp: MlpRule::OracleTopK(files.config.ffn / 2), heads: HeadRule::Dense });
+        let plan = Plan::uniform(files.config.layers, LayerPlan { mlp: MlpRule::OracleTopK { k: files.config.ffn / 2 }, heads: HeadRule::Dense });
         for p in [None, Some(&plan)] {
-            let ev = Evaluator { model: &model, tokenizer: &files.tokenizer, plan: p, max_len: 256, empty_context_token: 2 };
+            let ev = Evaluator { tokenizer: &files.tokenizer, max_len: 256, empty_context_token: 2 };
+            let mut dec = match p {
+                Some(p) => RefDecoder::new(&model, p, None).unwrap(),
+                None => RefDecoder::dense(&model),
+            }
+            .counting(true);
             let ctx = "the cat sat on the";
             let conts = [" mat.", " dog ran to the park", " a"];
             let ex = tasks::Example {
@@ -147,8 +155,8 @@ fn shared_context_batched_scoring_equals_one_sequence_at_a_time() {
                 gold: 0,
                 choice_bytes: vec![1; 3],
             };
-            let mut stats = SparsityStats::new(files.config.layers);
-            let got = ev.score_example(&ex, &mut stats).unwrap();
+            let got = ev.score_example(&mut dec, &ex).unwrap();
+            let stats = dejavu::decode::Decoder::take_stats(&mut dec);
             for (j, cont) in conts.iter().enumerate() {
                 let (c_ids, x_ids) = ev.encode_pair(ctx, cont).unwrap();
                 let whole: Vec<u32> = c_ids.iter().chain(&x_ids).cloned().collect();
@@ -160,7 +168,7 @@ fn shared_context_batched_scoring_equals_one_sequence_at_a_time() {
                     let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
                     let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
                     ll += row[whole[t] as usize] as f64 - lse;
-                    greedy &= dejavu::generate::argmax(row) as u32 == whole[t];
+                    greedy &= dejavu::decode::argmax(row) as u32 == whole[t];
                 }
                 assert!((got[j].loglik - ll).abs() < 1e-3, "{name} sparse={} {cont:?}: {} vs {ll}", p.is_some(), got[j].loglik);
                 assert_eq!(got[j].greedy, greedy);
@@ -179,20 +187,25 @@ fn eval_cli_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::fixture_dir("tiny-llama");
     let m = model.to_str().unwrap();
-    let run = |args: &[&str]| common::dejavu(&[&["eval", "--model", m, "--tasks-dir", tmp.path().to_str().unwrap()], args].concat(), &[]);
-    let check = |out: common::Output, needles: &[&str]| {
-        assert_eq!(out.code, 1, "{}", out.stderr);
+    let out_dir = tmp.path().join("out");
+    let run = |args: &[&str]| {
+        common::dejavu(&[&["eval", "--model", m, "--tasks-dir", tmp.path().to_str().unwrap(), "--out", out_dir.to_str().unwrap()], args].concat(), &[])
+    };
+    // Bad files exit 1; bad flag values (an unknown task, a sparsity the thresholds file lacks) exit 2.
+    let check_code = |code: i32, out: common::Output, needles: &[&str]| {
+        assert_eq!(out.code, code, "{}", out.stderr);
         assert!(!out.stderr.contains("panicked"));
         let line = out.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string();
         for n in needles {
             assert!(line.contains(n), "`{n}` missing from {line}");
         }
     };
+    let check = |out: common::Output, needles: &[&str]| check_code(1, out, needles);
     std::fs::write(tmp.path().join("copa.jsonl"), "{\"query\": \"a\", \"choices\": [\"b\", \"c\"], \"gold\": 0}\n{not json\n").unwrap();
     check(run(&["--tasks", "copa"]), &["copa.jsonl:2", "invalid JSON"]);
     std::fs::write(tmp.path().join("piqa.jsonl"), "{\"query\": \"a\", \"choices\": [\"b\", \"c\"], \"gold\": 2}\n").unwrap();
     check(run(&["--tasks", "piqa"]), &["piqa.jsonl:1", "gold", "out of range"]);
-    check(run(&["--tasks", "nosuchtask"]), &["unknown task `nosuchtask`", "piqa"]);
+    check_code(2, run(&["--tasks", "nosuchtask"]), &["--tasks", "unknown task `nosuchtask`", "piqa"]);
     // Thresholds calibrated on another model are refused.
     std::fs::write(tmp.path().join("copa.jsonl"), "{\"query\": \"a\", \"choices\": [\"b\", \"c\"], \"gold\": 0}\n").unwrap();
     let thr = tmp.path().join("thr.json");
@@ -213,10 +226,7 @@ fn eval_cli_runs_and_writes_results() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::fixture_dir("tiny-opt");
     let out_dir = tmp.path().join("out");
-    let Some(shared) = common::shared_dir() else {
-        eprintln!("skipped: ../shared not found");
-        return;
-    };
+    let shared = common::shared_dir();
     let tasks_dir = shared.join("data/tasks");
     let out = common::dejavu(
         &["eval", "--model", model.to_str().unwrap(), "--tasks-dir", tasks_dir.to_str().unwrap(), "--tasks", "copa,winogrande,lambada,hellaswag",

@@ -10,7 +10,8 @@ use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, T
 use dejavu::text::TokenWindows;
 use dejavu::ModelFiles;
 
-use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
+use super::common::{load_model, run_with_model, ModelArgs, ModelCommand};
+use super::usage;
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
@@ -41,11 +42,11 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     for &s in &args.sparsity {
         if !(0.0..1.0).contains(&s) {
-            bail!("--sparsity: {s} is not in [0, 1)");
+            return Err(usage(format!("--sparsity: {s} is not in [0, 1)")));
         }
     }
     if args.tokens == 0 || args.seq_len == 0 {
-        bail!("--tokens and --seq-len must be positive");
+        return Err(usage("--tokens and --seq-len must be positive"));
     }
     run_with_model(args)
 }
@@ -82,13 +83,13 @@ impl ModelCommand for Args {
             let mut hists = cal.layers.clone();
             let mut thresholds: Vec<f32> = hists.iter().map(|h| h.quantile(sp)).collect();
             for pass in 0..args.refine {
-                let plan = threshold_plan::<B>(&thresholds);
+                let plan = threshold_plan(&thresholds);
                 let mut refined = Calibrator::new(files.config.layers);
                 let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;
                 bar.reset();
                 bar.set_message(format!("refine {sp} pass {}", pass + 1));
                 while let Some(w) = windows.next_window()? {
-                    refined.add_sequence_under(&model, &w, Some(&plan));
+                    refined.add_sequence_under(&model, &w, Some(&plan))?;
                     bar.inc(w.len() as u64);
                 }
                 hists = refined.layers;

@@ -1,20 +1,24 @@
-//! `dejavu generate`: greedy (or sampled) text generation with the dense reference forward.
+//! `dejavu generate`: greedy (or sampled) text generation on the reference decoder, dense or sparse.
 
-use std::io::Write;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use burn::tensor::backend::Backend;
 
-use dejavu::generate::{generate, Sampling};
+use dejavu::decode::{generate, Decoder, Sampling};
 use dejavu::ModelFiles;
 
-use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
+use super::common::{load_model, run_with_model, ModelArgs, ModelCommand, SparseArgs};
+use super::{out, usage};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sparse: SparseArgs,
     /// Prompt text. Empty starts from the model's BOS token.
     #[arg(long, short = 'p', default_value = "")]
     pub prompt: String,
@@ -27,6 +31,7 @@ pub struct Args {
     /// Nucleus sampling mass (with --temperature > 0).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Seed of the sampler (with --temperature > 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep generating after an end-of-sequence token.
@@ -35,17 +40,17 @@ pub struct Args {
     /// Print timing (prefill, per-token decode) to stderr.
     #[arg(long)]
     pub timings: bool,
-    /// Write a JSON record (tokens, text, timings) to this file.
+    /// Write a JSON record (tokens, text, timings, realised sparsity) to this file.
     #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
+    pub json: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.temperature < 0.0 || !args.temperature.is_finite() {
-        bail!("--temperature must be >= 0 (got {})", args.temperature);
+        return Err(usage(format!("--temperature must be >= 0 (got {})", args.temperature)));
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1] (got {})", args.top_p);
+        return Err(usage(format!("--top-p must be in (0, 1] (got {})", args.top_p)));
     }
     run_with_model(args)
 }
@@ -57,31 +62,33 @@ impl ModelCommand for Args {
 
     fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let args = self;
-        let model = load_model::<B>(&files, &device, false)?;
+        let cfg = &files.config;
+        let loaded = args.sparse.load::<B>(&[args.sparse.mode], &files, &device)?;
+        let plan = args.sparse.plan(args.sparse.mode, cfg, &loaded)?;
         let tok = &files.tokenizer;
         let enc = tok.encode(args.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("while tokenizing the prompt: {e}"))?;
         let mut prompt: Vec<u32> = enc.get_ids().to_vec();
         if prompt.is_empty() {
-            let bos = files.config.bos_token_id.context(
-                "the prompt is empty and the model config has no bos_token_id to start from; give --prompt",
-            )?;
+            let bos = cfg.bos_token_id.context("the prompt is empty and the model config has no bos_token_id to start from; give --prompt")?;
             prompt.push(bos);
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= files.config.vocab_size) {
-            bail!("the tokenizer produced id {bad}, outside the model's vocab_size {}", files.config.vocab_size);
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            anyhow::bail!("the tokenizer produced id {bad}, outside the model's vocab_size {}", cfg.vocab_size);
         }
-        let max_pos = files.config.max_positions;
-        if files.config.family == dejavu::Family::Opt && prompt.len() + args.n > max_pos {
-            bail!("prompt ({}) + -n ({}) exceeds the model's max_position_embeddings {max_pos}", prompt.len(), args.n);
+        if let Some(max) = cfg.position_limit().filter(|&m| prompt.len() + args.n > m) {
+            return Err(usage(format!("prompt ({}) + -n ({}) exceeds the model's max_position_embeddings {max}", prompt.len(), args.n)));
         }
-        let eos = if args.ignore_eos { vec![] } else { files.config.eos_token_ids.clone() };
-        print!("{}", args.prompt);
-        std::io::stdout().flush().ok();
+        let model = load_model::<B>(&files, &device, false)?;
+        let mut dec = loaded.decoder(&model, &plan)?;
+        let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
+        out(&args.prompt)?;
         // Decode the growing sequence and print only the new suffix, so multi-token characters come out whole.
+        let prefix = tok.decode(&prompt, true).unwrap_or_default();
         let mut shown = String::new();
         let mut new_ids = Vec::new();
-        let out = generate(
-            &model,
+        let mut closed = None;
+        let gen = generate(
+            &mut dec,
             &prompt,
             args.n,
             Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
@@ -90,46 +97,64 @@ impl ModelCommand for Args {
                 new_ids.push(t);
                 let all: Vec<u32> = prompt.iter().chain(new_ids.iter()).cloned().collect();
                 let text = tok.decode(&all, true).unwrap_or_default();
-                let prefix = tok.decode(&prompt, true).unwrap_or_default();
-                let gen = text.strip_prefix(prefix.as_str()).unwrap_or(&text).to_string();
-                if let Some(suffix) = gen.strip_prefix(shown.as_str()) {
+                let text = text.strip_prefix(prefix.as_str()).unwrap_or(&text).to_string();
+                if let Some(suffix) = text.strip_prefix(shown.as_str()) {
                     if !suffix.ends_with('\u{FFFD}') {
-                        print!("{suffix}");
-                        std::io::stdout().flush().ok();
-                        shown = gen.clone();
+                        if let Err(e) = out(suffix) {
+                            closed = Some(e);
+                            return false;
+                        }
+                        shown = text.clone();
                     }
                 }
+                true
             },
-        );
-        println!();
-        let decode_s: f64 = out.step_times.iter().map(|d| d.as_secs_f64()).sum();
-        let steps = out.step_times.len();
+        )
+        .context("while generating")?;
+        if let Some(e) = closed {
+            return Err(e);
+        }
+        out("\n")?;
+        let decode_s: f64 = gen.step_times.iter().map(|d| d.as_secs_f64()).sum();
+        let steps = gen.step_times.len();
+        let stats = dec.stats();
         if args.timings {
             eprintln!(
                 "prompt {} tokens, prefill {:.3}s ({:.1} tok/s); decode {} tokens in {:.3}s ({:.2} tok/s, {:.1} ms/token)",
                 prompt.len(),
-                out.prefill.as_secs_f64(),
-                prompt.len() as f64 / out.prefill.as_secs_f64().max(1e-9),
+                gen.prefill.as_secs_f64(),
+                prompt.len() as f64 / gen.prefill.as_secs_f64().max(1e-9),
                 steps,
                 decode_s,
                 steps as f64 / decode_s.max(1e-9),
                 1e3 * decode_s / (steps.max(1) as f64)
             );
         }
+        if !plan.is_dense() {
+            eprintln!(
+                "mode {}: realised MLP sparsity {:.3} (plan-dropped {:.3}), head sparsity {:.3}",
+                args.sparse.mode,
+                stats.mlp_sparsity(),
+                stats.mlp_plan_sparsity(),
+                stats.head_sparsity()
+            );
+        }
         if let Some(path) = &args.json {
-            let text = tok.decode(&out.new_tokens, true).unwrap_or_default();
+            let text = tok.decode(&gen.new_tokens, true).unwrap_or_default();
             let rec = serde_json::json!({
                 "model": files.identity,
+                "mode": args.sparse.mode,
                 "prompt": args.prompt,
                 "prompt_ids": prompt,
-                "new_ids": out.new_tokens,
+                "new_ids": gen.new_tokens,
                 "text": text,
-                "stopped_at_eos": out.stopped_at_eos,
-                "prefill_s": out.prefill.as_secs_f64(),
-                "step_ms": out.step_times.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                "stopped_at_eos": gen.stopped_at_eos,
+                "prefill_s": gen.prefill.as_secs_f64(),
+                "step_ms": gen.step_times.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                "mlp_sparsity": stats.mlp_sparsity(),
+                "head_sparsity": stats.head_sparsity(),
             });
-            std::fs::write(path, serde_json::to_string_pretty(&rec)?)
-                .with_context(|| format!("while writing {}", path.display()))?;
+            dejavu::manifest::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
         }
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! Subcommands, one file each: clap arguments plus a `run` that calls into the library.
+//! Subcommands, one file each: clap arguments plus a `run` that calls into the library. This module also owns
+//! how failures leave the process: bad usage exits 2 naming the flag, other failures exit 1, and a closed stdout
+//! (`dejavu generate | head`) ends the command quietly.
 
 pub mod calibrate;
 pub mod collect;
@@ -8,7 +10,11 @@ pub mod generate;
 pub mod ppl;
 pub mod train_predictors;
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
+
+use dejavu::error::OptionError;
 
 /// dejavu: find and run the sparse parts of an LLM (Deja Vu predictors, CATS thresholds).
 #[derive(Debug, Parser)]
@@ -20,9 +26,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate text from a prompt with the dense reference forward (greedy by default).
+    /// Generate text from a prompt (greedy by default), dense or in a sparse --mode.
     Generate(generate::Args),
-    /// Perplexity of a text file with a sliding window.
+    /// Perplexity of a text file with a sliding window, dense or in a sparse --mode.
     Ppl(ppl::Args),
     /// CATS: per-layer activation thresholds at requested sparsity levels.
     Calibrate(calibrate::Args),
@@ -43,4 +49,54 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Collect(a) => collect::run(a),
         Command::TrainPredictors(a) => train_predictors::run(a),
     }
+}
+
+/// A bad flag value or combination: exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// The flag that sets a library option field.
+pub fn flag_of(field: &str) -> String {
+    match field {
+        "plan" => "--mode".to_string(),
+        f => format!("--{}", f.replace('_', "-")),
+    }
+}
+
+/// An option error from the library, restated with the flag that set the field.
+pub fn usage_of(e: OptionError) -> anyhow::Error {
+    usage(format!("{}: {}", flag_of(e.field), e.msg))
+}
+
+/// Standard output went away (its reader closed the pipe): the command stops quietly with exit 0.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// Write `text` to stdout and flush; a closed pipe becomes [`StdoutClosed`].
+pub fn out(text: &str) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => Ok(r?),
+    }
+}
+
+/// Print a failure and give the exit code: 0 for a closed stdout, 2 for bad usage, 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.chain().any(|c| c.is::<StdoutClosed>()) {
+        return 0;
+    }
+    let option = e.chain().find_map(|c| c.downcast_ref::<OptionError>());
+    if let Some(o) = option {
+        eprintln!("error: {}: {}", flag_of(o.field), o.msg);
+        return 2;
+    }
+    eprintln!("error: {e:#}");
+    if e.chain().any(|c| c.is::<UsageError>()) { 2 } else { 1 }
 }

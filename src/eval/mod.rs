@@ -4,11 +4,10 @@
 
 pub mod tasks;
 
-use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 use tokenizers::Tokenizer;
 
-use crate::model::sparse::{SparsityPlan, SparsityStats};
-use crate::model::{Forward, KvCache, Model};
+use crate::decode::{host_score, Decoder};
+use crate::sparse::SparsityStats;
 use tasks::{Example, Task, TaskKind};
 
 /// Log-likelihood of one continuation and whether greedy decoding reproduces it.
@@ -22,18 +21,18 @@ pub struct RequestScore {
     pub n_cont: usize,
 }
 
-/// Scores requests with one model and one sparsity plan.
-pub struct Evaluator<'a, B: Backend> {
-    pub model: &'a Model<B>,
+/// Turns task requests into token sequences and scores them on a [`Decoder`] (dense or sparse: the decoder's
+/// plan applies).
+pub struct Evaluator<'a> {
     pub tokenizer: &'a Tokenizer,
-    pub plan: Option<&'a SparsityPlan<'a, B>>,
-    /// Longest sequence fed to the model; contexts are cut from the left to fit.
+    /// Longest sequence fed to the model; contexts are cut from the left to fit (capped further by a learned
+    /// position table).
     pub max_len: usize,
     /// Token put before an empty context (the harness uses end-of-text).
     pub empty_context_token: u32,
 }
 
-impl<'a, B: Backend> Evaluator<'a, B> {
+impl Evaluator<'_> {
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?.get_ids().to_vec())
     }
@@ -58,7 +57,7 @@ impl<'a, B: Backend> Evaluator<'a, B> {
     }
 
     /// Score all requests of one example, grouping those that share a context.
-    pub fn score_example(&self, ex: &Example, stats: &mut SparsityStats) -> anyhow::Result<Vec<RequestScore>> {
+    pub fn score_example(&self, dec: &mut dyn Decoder, ex: &Example) -> anyhow::Result<Vec<RequestScore>> {
         let mut out = vec![RequestScore { loglik: 0.0, greedy: false, tokens: Vec::new(), n_cont: 0 }; ex.requests.len()];
         let mut done = vec![false; ex.requests.len()];
         for i in 0..ex.requests.len() {
@@ -74,7 +73,7 @@ impl<'a, B: Backend> Evaluator<'a, B> {
                 conts.push(x);
                 done[j] = true;
             }
-            let scores = self.score_group(&ctx, &conts, stats);
+            let scores = self.score_group(dec, &ctx, &conts)?;
             for (score, &j) in scores.into_iter().zip(&members) {
                 out[j] = score;
             }
@@ -83,67 +82,50 @@ impl<'a, B: Backend> Evaluator<'a, B> {
     }
 
     /// Prefill `ctx` once, then score every continuation in one batch from copies of its cache.
-    pub fn score_group(&self, ctx: &[u32], conts: &[Vec<u32>], stats: &mut SparsityStats) -> Vec<RequestScore> {
-        let m = self.model;
-        let max_len = m.max_positions().map_or(self.max_len, |p| p.min(self.max_len)).max(2);
+    pub fn score_group(&self, dec: &mut dyn Decoder, ctx: &[u32], conts: &[Vec<u32>]) -> anyhow::Result<Vec<RequestScore>> {
+        let cfg = dec.config();
+        let max_len = cfg.position_limit().map_or(self.max_len, |p| p.min(self.max_len)).max(2);
         // As the harness does, the window keeps the end of the sequence: a continuation longer than the window
         // is scored on its last `max_len - 1` tokens, after at least one context token.
         let conts: Vec<Vec<u32>> = conts.iter().map(|c| c[c.len().saturating_sub(max_len - 1)..].to_vec()).collect();
         let conts = &conts[..];
         let longest = conts.iter().map(|c| c.len()).max().unwrap_or(0);
+        anyhow::ensure!(longest > 0, "a request has an empty continuation");
         let keep = max_len.saturating_sub(longest).max(1);
         let ctx = &ctx[ctx.len().saturating_sub(keep)..];
-        let mut cache: KvCache<B> = m.new_cache();
-        let h = m.forward_with(m.tokens(&[ctx.to_vec()]), &mut cache, Forward { plan: self.plan, stats: Some(stats), ..Default::default() });
-        let [_, s, e] = h.dims();
-        let last = activation::log_softmax(m.logits(h.slice([0..1, s - 1..s, 0..e])), 2);
-        let first: Vec<f32> = last.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        let first_argmax = crate::generate::argmax(&first) as u32;
+        dec.reset();
+        dec.prefill(&[ctx.to_vec()], None)?;
+        let first = dec.logits()?.swap_remove(0);
         let mut scores: Vec<RequestScore> = conts
             .iter()
-            .map(|c| RequestScore {
-                loglik: first[c[0] as usize] as f64,
-                greedy: c[0] == first_argmax,
-                tokens: ctx.iter().chain(c).copied().collect(),
-                n_cont: c.len(),
+            .map(|c| {
+                let s = host_score(&first, c[0]);
+                RequestScore { loglik: s.logprob as f64, greedy: s.argmax, tokens: ctx.iter().chain(c).copied().collect(), n_cont: c.len() }
             })
             .collect();
         if longest <= 1 {
-            return scores;
+            return Ok(scores);
         }
         // Rows: each continuation minus its last token, right-padded; targets: the continuation minus its first.
         let (n, w) = (conts.len(), longest - 1);
         let mut rows = vec![vec![0u32; w]; n];
-        let mut targets = vec![0i64; n * w];
-        let mut valid = vec![0f32; n * w];
+        let mut lens = vec![0usize; n];
+        let mut targets = vec![Vec::new(); n];
         for (r, c) in conts.iter().enumerate() {
-            for t in 0..c.len() - 1 {
-                rows[r][t] = c[t];
-                targets[r * w + t] = c[t + 1] as i64;
-                valid[r * w + t] = 1.0;
+            rows[r][..c.len() - 1].copy_from_slice(&c[..c.len() - 1]);
+            // A one-token continuation still takes a row, all padding: it scores and counts nothing there.
+            lens[r] = c.len() - 1;
+            targets[r] = c[1..].to_vec();
+        }
+        dec.fork(n)?;
+        dec.prefill(&rows, Some(&lens))?;
+        for (score, r) in scores.iter_mut().zip(dec.score(&targets)?) {
+            for t in r {
+                score.loglik += t.logprob as f64;
+                score.greedy &= t.argmax;
             }
         }
-        let dev = m.device();
-        let mut batch_cache = cache.repeat_batch(n);
-        let valid_t = Tensor::<B, 2>::from_data(TensorData::new(valid.clone(), [n, w]), dev);
-        let h = m.forward_with(
-            m.tokens(&rows),
-            &mut batch_cache,
-            Forward { plan: self.plan, stats: Some(stats), valid: Some(valid_t), ..Default::default() },
-        );
-        let logp = activation::log_softmax(m.logits(h), 2); // [n, w, vocab]
-        let greedy: Vec<i64> = logp.clone().argmax(2).reshape([n * w]).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
-        let tgt = Tensor::<B, 3, Int>::from_data(TensorData::new(targets.clone(), [n, w, 1]), dev);
-        let picked: Vec<f32> = logp.gather(2, tgt).reshape([n * w]).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        for (r, score) in scores.iter_mut().enumerate() {
-            for i in r * w..(r + 1) * w {
-                if valid[i] > 0.5 {
-                    score.loglik += picked[i] as f64;
-                    score.greedy &= greedy.get(i) == Some(&targets[i]);
-                }
-            }
-        }
-        scores
+        Ok(scores)
     }
 }
 
@@ -180,17 +162,20 @@ fn argmax_f64(v: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
-/// Evaluate one task; `on_example` sees each example's index and request scores (progress, dumps).
-pub fn run_task<B: Backend>(
-    ev: &Evaluator<'_, B>,
+/// Evaluate one task on `dec` (its realised-sparsity counts start from zero and end in the result);
+/// `on_example` sees each example's index and request scores (progress, dumps).
+pub fn run_task(
+    ev: &Evaluator<'_>,
+    dec: &mut dyn Decoder,
     task: &Task,
     mut on_example: impl FnMut(usize, &[RequestScore]),
 ) -> anyhow::Result<TaskResult> {
     let t0 = std::time::Instant::now();
-    let mut stats = SparsityStats::new(ev.model.cfg.layers);
+    // Count this task alone: whatever the decoder had counted before is the caller's to have read.
+    dec.take_stats();
     let (mut hits, mut hits_norm) = (0usize, 0usize);
     for (idx, ex) in task.examples.iter().enumerate() {
-        let scores = ev.score_example(ex, &mut stats)?;
+        let scores = ev.score_example(dec, ex)?;
         match task.spec.kind {
             TaskKind::LanguageModel => hits += scores[0].greedy as usize,
             TaskKind::Schema => hits += (argmax_f64(scores.iter().map(|s| s.loglik)) == ex.gold) as usize,
@@ -206,6 +191,7 @@ pub fn run_task<B: Backend>(
     let acc = hits as f64 / n as f64;
     let acc_norm = (task.spec.kind == TaskKind::MultipleChoice).then(|| hits_norm as f64 / n as f64);
     let secs = t0.elapsed().as_secs_f64();
+    let stats = dec.take_stats();
     Ok(TaskResult {
         task: task.spec.name.to_string(),
         kind: task.spec.kind,

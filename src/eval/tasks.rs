@@ -37,7 +37,7 @@ pub const TASKS: &[TaskSpec] = &[
 ];
 
 /// Look a task up by name (a few common aliases accepted).
-pub fn spec(name: &str) -> anyhow::Result<&'static TaskSpec> {
+pub fn spec(name: &str) -> Result<&'static TaskSpec, crate::error::OptionError> {
     let canonical = match name {
         "lambada" => "lambada_openai",
         "openbookqa" => "openbook_qa",
@@ -45,9 +45,9 @@ pub fn spec(name: &str) -> anyhow::Result<&'static TaskSpec> {
         other => other,
     };
     TASKS.iter().find(|t| t.name == canonical).ok_or_else(|| {
-        anyhow::anyhow!(
-            "--tasks: unknown task `{name}`; known tasks: {}",
-            TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+        crate::error::OptionError::new(
+            "tasks",
+            format!("unknown task `{name}`; known tasks: {}", TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")),
         )
     })
 }

@@ -6,15 +6,16 @@
 //! appends to a [`KvCache`], and can record per-layer [`Taps`] on the way.
 
 pub mod layers;
-pub mod sparse;
+pub mod scorer;
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{LoadError, Result};
+use crate::sparse::{select, HeadRule, LayerPlan, MlpRule, SparsityStats};
 use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
-use sparse::{topk_mask, HeadRule, LayerPlan, MlpRule, SparsityPlan, SparsityStats};
+pub use scorer::{Scorer, Sparse};
 
 /// Which per-layer values a forward records. Collection asks for all of them in one pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,6 +76,27 @@ impl<B: Backend> KvCache<B> {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Rows of the batch the cache holds (0 when empty).
+    pub fn batch(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[0]).unwrap_or(0)
+    }
+    /// Keep only the first `len` positions (no-op when `len >= self.len()`); `0` empties the cache.
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.layers {
+            if len == 0 {
+                *l = None;
+                continue;
+            }
+            if let Some((k, v)) = l.take() {
+                let [b, h, t, d] = k.dims();
+                *l = Some(if len >= t {
+                    (k, v)
+                } else {
+                    (k.slice([0..b, 0..h, 0..len, 0..d]), v.slice([0..b, 0..h, 0..len, 0..d]))
+                });
+            }
+        }
     }
     /// The cache of a batch-1 prefix repeated `n` times along the batch axis (to score several continuations
     /// of one shared context together).
@@ -245,11 +267,6 @@ impl<B: Backend> Model<B> {
         &self.device
     }
 
-    /// Longest sequence the model can position (OPT's learned table); `None` for RoPE models.
-    pub fn max_positions(&self) -> Option<usize> {
-        self.pos_embed.as_ref().map(|_| self.cfg.max_positions)
-    }
-
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.cfg.layers)
     }
@@ -304,13 +321,13 @@ impl<B: Backend> Model<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let mut lt = LayerTaps::default();
             let want = opts.taps.as_ref().map(|(w, _)| **w).unwrap_or_default();
-            let plan = opts.plan.map(|p| p.layers.get(i).copied().unwrap_or(LayerPlan::DENSE)).unwrap_or(LayerPlan::DENSE);
+            let plan = opts.sparse.map_or(LayerPlan::DENSE, |sp| sp.plan().layer(i));
             let ctx = LayerCtx {
                 index: i,
                 rope: rope.as_ref(),
                 want,
                 plan,
-                scorer: opts.plan.and_then(|p| p.scorer),
+                scorer: opts.sparse.and_then(|sp| sp.scorer()),
                 prev_block_input: &prev_block_input,
                 stats: opts.stats.as_deref_mut(),
                 valid: opts.valid.as_ref(),
@@ -370,16 +387,17 @@ impl<B: Backend> Model<B> {
         };
         cache.layers[index] = Some((k.clone(), v.clone()));
         let att = causal_attention(q, k, v, 1.0 / (dh as f64).sqrt()); // [b, h, s, dh]
-        let need_norm = want.head_norm || matches!(plan.heads, HeadRule::OracleTopK(_));
+        let need_norm = want.head_norm || matches!(plan.heads, HeadRule::OracleTopK { .. });
         let norms = need_norm.then(|| att.clone().powi_scalar(2).sum_dim(3).sqrt().reshape([b, h, s]).swap_dims(1, 2)); // [b, s, h]
         if want.head_norm {
             taps.head_norm = norms.clone();
         }
+        // `Sparse::new` guarantees a scorer wherever a rule is predicted.
         let head_mask = match (plan.heads, scorer) {
             (HeadRule::Dense, _) => None,
-            (HeadRule::OracleTopK(k), _) => norms.map(|n| topk_mask(n, k)),
-            (HeadRule::PredictedTopK(k), Some(sc)) => Some(topk_mask(sc.head_scores(index, prev_block_input.clone()), k)),
-            (HeadRule::PredictedTopK(_), None) => None,
+            (HeadRule::OracleTopK { k }, _) => norms.map(|n| topk_mask(n, k)),
+            (HeadRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.head_scores(index, prev_block_input.clone()), k)),
+            (HeadRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
         }; // [b, s, h]
         let mut att = att.swap_dims(1, 2); // [b, s, h, dh]
         if let Some(m) = &head_mask {
@@ -398,7 +416,8 @@ impl<B: Backend> Model<B> {
         let residual = x.clone();
         let m_in = if c.norm_before { layer.mlp_norm.forward(x) } else { x };
         let predicted = match (plan.mlp, scorer) {
-            (MlpRule::PredictedTopK(k), Some(sc)) => Some(topk_mask(sc.neuron_scores(index, residual.clone()), k)),
+            (MlpRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.neuron_scores(index, residual.clone()), k)),
+            (MlpRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
             _ => None,
         };
         // `gate_mag` is what CATS thresholds, `act` the hidden value fed to the down projection. [b, s, ffn]
@@ -419,19 +438,21 @@ impl<B: Backend> Model<B> {
         if want.mlp_act {
             taps.mlp_act = Some(act.clone());
         }
+        // Keep-masks, [b, s, ffn]. The threshold compares on the device with `>=`, the same rule as
+        // `select::threshold_mask`; top-k rules go through the host reference so ties break by the lower index.
         let mask = match plan.mlp {
             MlpRule::Dense => None,
-            MlpRule::Threshold(t) => Some(gate_mag.greater_equal_elem(t).float()),
-            MlpRule::OracleTopK(k) => Some(topk_mask(act.clone().abs(), k)),
-            MlpRule::PredictedTopK(_) => predicted,
+            MlpRule::Threshold { t } => Some(gate_mag.greater_equal_elem(t).float()),
+            MlpRule::OracleTopK { k } => Some(topk_mask(act.clone().abs(), k)),
+            MlpRule::PredictedTopK { .. } => predicted,
         };
+        if let Some(st) = stats {
+            record_stats(st, index, &act, mask.as_ref(), head_mask.as_ref(), h, valid);
+        }
         let act = match mask {
             Some(m) => act * m,
             None => act,
         };
-        if let Some(st) = stats {
-            st.record(index, &act, head_mask.as_ref(), h, valid);
-        }
         let m_out = match &layer.mlp {
             Mlp::Relu { fc2, .. } => fc2.forward(act),
             Mlp::SwiGlu { down, .. } => down.forward(act),
@@ -447,7 +468,8 @@ impl<B: Backend> Model<B> {
 /// Options of [`Model::forward_with`].
 pub struct Forward<'a, B: Backend> {
     pub taps: Option<(&'a TapSet, &'a mut Vec<LayerTaps<B>>)>,
-    pub plan: Option<&'a SparsityPlan<'a, B>>,
+    /// The sparse plan with its scorer; `None` runs dense.
+    pub sparse: Option<Sparse<'a, B>>,
     /// Where realised sparsity is counted (reset to the model's layer count if its length differs).
     pub stats: Option<&'a mut SparsityStats>,
     /// `[batch, seq]`: 1.0 for real tokens, 0.0 for right padding (excluded from `stats`).
@@ -456,7 +478,7 @@ pub struct Forward<'a, B: Backend> {
 
 impl<B: Backend> Default for Forward<'_, B> {
     fn default() -> Self {
-        Forward { taps: None, plan: None, stats: None, valid: None }
+        Forward { taps: None, sparse: None, stats: None, valid: None }
     }
 }
 
@@ -466,16 +488,67 @@ struct LayerCtx<'a, B: Backend> {
     rope: Option<&'a (Tensor<B, 2>, Tensor<B, 2>)>,
     want: TapSet,
     plan: LayerPlan,
-    scorer: Option<&'a dyn sparse::Scorer<B>>,
+    scorer: Option<&'a dyn Scorer<B>>,
     /// Block input of the previous layer (layer 0: its own), read by look-ahead head predictors.
     prev_block_input: &'a Tensor<B, 3>,
     stats: Option<&'a mut SparsityStats>,
     valid: Option<&'a Tensor<B, 2>>,
 }
 
-/// Read a `[batch, seq, n]` float tensor back to the host as nested rows.
+/// Read a `[batch, seq, n]` float tensor back to the host, row-major, with its dims.
 pub fn to_host_3d<B: Backend>(t: Tensor<B, 3>) -> (Vec<f32>, [usize; 3]) {
     let dims = t.dims();
+    (to_host(t), dims)
+}
+
+/// Read any float tensor back to the host as f32, row-major.
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     let data = t.into_data().convert::<f32>();
-    (data.to_vec::<f32>().unwrap_or_default(), dims)
+    // After `convert::<f32>` the element type is f32, so `to_vec::<f32>` cannot fail.
+    data.to_vec::<f32>().expect("tensor data converted to f32 reads back as f32")
+}
+
+/// 1.0 where `scores: [b, s, n]` is among the `k` largest of its row (ties by the lower index, through the host
+/// reference [`select::top_k_rows`]), else 0.0.
+pub fn topk_mask<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3> {
+    let [b, s, n] = scores.dims();
+    let dev = scores.device();
+    if k >= n {
+        return Tensor::ones([b, s, n], &dev);
+    }
+    if k == 0 {
+        return Tensor::zeros([b, s, n], &dev);
+    }
+    let mask = select::top_k_rows(&to_host(scores), n, k);
+    Tensor::from_data(TensorData::new(mask, [b, s, n]), &dev)
+}
+
+/// Count one layer's realised sparsity: `act: [b, s, ffn]` the dense hidden value, `mask` its keep-mask (1 kept),
+/// `heads_kept: [b, s, heads]` (`None` = all kept), over positions where `valid: [b, s]` is 1.
+fn record_stats<B: Backend>(
+    st: &mut SparsityStats,
+    layer: usize,
+    act: &Tensor<B, 3>,
+    mask: Option<&Tensor<B, 3>>,
+    heads_kept: Option<&Tensor<B, 3>>,
+    n_heads: usize,
+    valid: Option<&Tensor<B, 2>>,
+) {
+    let [b, s, f] = act.dims();
+    let nonzero = act.clone().not_equal_elem(0.0).float(); // [b, s, ffn]
+    let natural = to_host(nonzero.clone().sum_dim(2).reshape([b * s]));
+    let dropped = match mask {
+        Some(m) => to_host((nonzero * (m.clone().neg() + 1.0)).sum_dim(2).reshape([b * s])),
+        None => vec![0.0; b * s],
+    };
+    let kept_heads = heads_kept.map(|h| to_host(h.clone().sum_dim(2).reshape([b * s])));
+    let valid = valid.map(|v| to_host(v.clone().reshape([b * s])));
+    let Some(st) = st.layers.get_mut(layer) else { return };
+    for i in 0..b * s {
+        if valid.as_ref().is_some_and(|v| v[i] < 0.5) {
+            continue;
+        }
+        let heads_kept = kept_heads.as_ref().map_or(n_heads as u64, |k| k[i].round() as u64);
+        st.add_token(f as u64, f as u64 - natural[i].round() as u64, dropped[i].round() as u64, n_heads as u64, heads_kept);
+    }
 }

@@ -12,10 +12,12 @@ pub fn fixture_dir(name: &str) -> PathBuf {
     manifest_dir().join("tests/fixtures").join(name)
 }
 
-/// `../shared` beside the checkout (or `DEJAVU_SHARED`), if it exists.
-pub fn shared_dir() -> Option<PathBuf> {
+/// `../shared` beside the checkout (or `DEJAVU_SHARED`). Tests that need it fail, not skip, when it is missing:
+/// a green run must mean the real-data checks ran.
+pub fn shared_dir() -> PathBuf {
     let p = std::env::var_os("DEJAVU_SHARED").map(PathBuf::from).unwrap_or_else(|| manifest_dir().join("../shared"));
-    p.is_dir().then_some(p)
+    assert!(p.is_dir(), "{} not found: these tests read real data from ../shared (or set DEJAVU_SHARED)", p.display());
+    p
 }
 
 pub struct Output {

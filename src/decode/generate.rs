@@ -1,10 +1,8 @@
-//! Text generation with the reference forward: one prefill over the prompt, then one cached step per token.
+//! Text generation above any [`Decoder`]: one prefill over the prompt, then one cached step per token.
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{backend::Backend, Tensor};
-
-use crate::model::Model;
+use super::{DecodeError, Decoder};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,29 +30,35 @@ pub struct Generation {
     pub stopped_at_eos: bool,
 }
 
-/// Generate up to `max_new` tokens after `prompt` (which must not be empty). `on_token` sees each new token as
-/// it is chosen (for streaming output). Stops early at one of `eos` when `stop_at_eos`.
-pub fn generate<B: Backend>(
-    model: &Model<B>,
+/// Generate up to `max_new` tokens after `prompt` (which must not be empty) from an empty cache. `on_token` sees
+/// each new token as it is chosen (for streaming output) and may stop the generation by returning `false`.
+/// Stops early at one of `eos`.
+pub fn generate(
+    dec: &mut dyn Decoder,
     prompt: &[u32],
     max_new: usize,
     sampling: Sampling,
     eos: &[u32],
-    mut on_token: impl FnMut(u32),
-) -> Generation {
-    let mut cache = model.new_cache();
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation, DecodeError> {
     let mut rng = SplitMix64(sampling.seed);
     let mut out = Generation { new_tokens: Vec::new(), prefill: Duration::ZERO, step_times: Vec::new(), stopped_at_eos: false };
-    if max_new == 0 || prompt.is_empty() {
-        return out;
+    if prompt.is_empty() {
+        return Err(DecodeError::Empty);
     }
+    if max_new == 0 {
+        return Ok(out);
+    }
+    dec.reset();
     let t0 = Instant::now();
-    let h = model.forward(model.tokens(&[prompt.to_vec()]), &mut cache, None);
-    let mut next = pick(last_logits(model, h), sampling, &mut rng);
+    dec.prefill(&[prompt.to_vec()], None)?;
+    let mut next = pick(first_row(dec.logits()?), sampling, &mut rng);
     out.prefill = t0.elapsed();
     loop {
         out.new_tokens.push(next);
-        on_token(next);
+        if !on_token(next) {
+            break;
+        }
         if eos.contains(&next) {
             out.stopped_at_eos = true;
             break;
@@ -63,18 +67,15 @@ pub fn generate<B: Backend>(
             break;
         }
         let t = Instant::now();
-        let h = model.forward(model.tokens(&[vec![next]]), &mut cache, None);
-        next = pick(last_logits(model, h), sampling, &mut rng);
+        dec.step(&[next])?;
+        next = pick(first_row(dec.logits()?), sampling, &mut rng);
         out.step_times.push(t.elapsed());
     }
-    out
+    Ok(out)
 }
 
-/// Logits of the last position of row 0, on the host.
-fn last_logits<B: Backend>(model: &Model<B>, h: Tensor<B, 3>) -> Vec<f32> {
-    let [_, s, e] = h.dims();
-    let last = h.slice([0..1, s - 1..s, 0..e]);
-    model.logits(last).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
+fn first_row(mut rows: Vec<Vec<f32>>) -> Vec<f32> {
+    if rows.is_empty() { Vec::new() } else { rows.swap_remove(0) }
 }
 
 fn pick(logits: Vec<f32>, s: Sampling, rng: &mut SplitMix64) -> u32 {

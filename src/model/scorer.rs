@@ -1,0 +1,53 @@
+//! How the reference forward gets scores for the plan's `Predicted*` rules, and the one pairing of a plan with
+//! its scorer the forward accepts ([`Sparse`]): a plan with predicted rules and no scorer cannot be built.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::error::OptionError;
+use crate::sparse::Plan;
+
+/// Scores neurons and heads for the `Predicted*` rules (implemented by trained Deja Vu predictors).
+pub trait Scorer<B: Backend> {
+    /// `mlp_input: [b, s, d] -> [b, s, ffn]`, larger means more likely needed.
+    fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// `prev_block_input: [b, s, d] -> [b, s, heads]`
+    fn head_scores(&self, layer: usize, prev_block_input: Tensor<B, 3>) -> Tensor<B, 3>;
+}
+
+/// A plan together with the scorer its predicted rules need; checked when built.
+pub struct Sparse<'a, B: Backend> {
+    plan: &'a Plan,
+    scorer: Option<&'a dyn Scorer<B>>,
+}
+
+// Manual impls: a derive would require `B: Copy`.
+impl<B: Backend> Clone for Sparse<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Sparse<'_, B> {}
+
+impl<'a, B: Backend> Sparse<'a, B> {
+    /// Refuses a plan with predicted rules when no scorer is given (it would otherwise run dense).
+    pub fn new(plan: &'a Plan, scorer: Option<&'a dyn Scorer<B>>) -> Result<Self, OptionError> {
+        if plan.needs_predictors() && scorer.is_none() {
+            return Err(OptionError::new("predictors", "the plan has predicted rules but no predictors were loaded"));
+        }
+        Ok(Sparse { plan, scorer })
+    }
+
+    /// A plan with no predicted rules (thresholds, oracle, dense).
+    pub fn unscored(plan: &'a Plan) -> Result<Self, OptionError> {
+        Self::new(plan, None)
+    }
+
+    pub fn plan(&self) -> &'a Plan {
+        self.plan
+    }
+
+    /// The scorer; present whenever the plan has a predicted rule.
+    pub(crate) fn scorer(&self) -> Option<&'a dyn Scorer<B>> {
+        self.scorer
+    }
+}
