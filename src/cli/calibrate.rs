@@ -10,17 +10,14 @@ use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, T
 use dejavu::text::TokenWindows;
 use dejavu::ModelFiles;
 
-use super::common::{load_model, run_with_model, ModelArgs, ModelCommand};
+use super::common::{load_model, run_with_model, CorpusArgs, ModelCommand};
 use super::usage;
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
-    pub model: ModelArgs,
-    /// Calibration text files (UTF-8), read in order and streamed.
-    #[arg(long, num_args = 1.., required = true)]
-    pub text: Vec<PathBuf>,
+    pub corpus: CorpusArgs,
     /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7.
     #[arg(long, value_delimiter = ',', required = true)]
     pub sparsity: Vec<f64>,
@@ -48,19 +45,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tokens == 0 || args.seq_len == 0 {
         return Err(usage("--tokens and --seq-len must be positive"));
     }
-    run_with_model(args)
+    run_with_model(&args.corpus.model.clone(), args)
 }
 
 impl ModelCommand for Args {
-    fn model_args(&self) -> &ModelArgs {
-        &self.model
-    }
-
-    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
-        let args = self;
+    fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
-        let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
         let mut cal = Calibrator::new(files.config.layers);
         let bar = ProgressBar::new(args.tokens as u64);
         bar.set_style(
@@ -73,7 +65,7 @@ impl ModelCommand for Args {
         }
         bar.finish_and_clear();
         if cal.tokens == 0 {
-            bail!("{}: no tokens in the calibration text", args.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
         }
         if (cal.tokens as usize) < args.tokens {
             eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
@@ -85,7 +77,7 @@ impl ModelCommand for Args {
             for pass in 0..args.refine {
                 let plan = threshold_plan(&thresholds);
                 let mut refined = Calibrator::new(files.config.layers);
-                let mut windows = TokenWindows::new(&files.tokenizer, &args.text, args.seq_len, args.tokens)?;
+                let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
                 bar.reset();
                 bar.set_message(format!("refine {sp} pass {}", pass + 1));
                 while let Some(w) = windows.next_window()? {
@@ -103,7 +95,7 @@ impl ModelCommand for Args {
             model: identity,
             criterion: criterion(files.config.family).to_string(),
             tokens: cal.tokens,
-            text: args.text.iter().map(|p| p.display().to_string()).collect(),
+            text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
             levels,
             dejavu_version: env!("CARGO_PKG_VERSION").to_string(),
         };

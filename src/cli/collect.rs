@@ -11,16 +11,13 @@ use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
 use dejavu::manifest::human_bytes;
 use dejavu::ModelFiles;
 
-use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};
+use super::common::{load_model, run_with_model, CorpusArgs, ModelCommand};
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
-    pub model: ModelArgs,
-    /// Calibration text files (UTF-8), read in order as one stream; streamed, never loaded whole.
-    #[arg(long, num_args = 1.., required = true)]
-    pub text: Vec<PathBuf>,
+    pub corpus: CorpusArgs,
     /// Tokens to record (BOS positions are run but not counted). Fewer are recorded if the text runs out.
     #[arg(long, short = 'n')]
     pub tokens: usize,
@@ -61,20 +58,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.shard_mb.is_finite() && args.shard_mb > 0.0) {
         anyhow::bail!("--shard-mb must be > 0 (got {})", args.shard_mb);
     }
-    run_with_model(args)
+    run_with_model(&args.corpus.model.clone(), args)
 }
 
 impl ModelCommand for Args {
-    fn model_args(&self) -> &ModelArgs {
-        &self.model
-    }
-
-    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
-        let args = self;
+    fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let identity = files.identity().with_context(|| format!("while fingerprinting model `{}`", files.identity))?;
-        let gpu = matches!(args.model.device, DeviceKind::Cuda | DeviceKind::Wgpu);
+        let gpu = matches!(args.corpus.model.device, DeviceKind::Cuda | DeviceKind::Wgpu);
         let opts = CollectOptions {
-            texts: args.text.clone(),
+            texts: args.corpus.text.clone(),
             tokens: args.tokens,
             seq_len: args.seq_len,
             shard_bytes: (args.shard_mb * 1e6) as u64,

@@ -16,7 +16,7 @@ use dejavu::predictors::Predictors;
 use dejavu::sparse::{self, Artifacts, Mode, Plan, PlanOptions, PredictorBudget};
 use dejavu::{Model, ModelConfig, ModelFiles};
 
-use super::usage_of;
+use super::{usage, usage_of};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
@@ -65,8 +65,7 @@ pub fn load_model<B: Backend>(files: &ModelFiles, device: &B::Device, quiet: boo
 
 /// A subcommand that resolves `--model`, then runs generic code on the chosen backend.
 pub trait ModelCommand: Sized {
-    fn model_args(&self) -> &ModelArgs;
-    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()>;
+    fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()>;
 }
 
 struct WithModel<A> {
@@ -77,42 +76,58 @@ struct WithModel<A> {
 impl<A: ModelCommand> BackendTask for WithModel<A> {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        self.args.run_on::<B>(self.files, device)
+        A::run_on::<B>(self.args, self.files, device)
     }
 }
 
-/// Resolve the model `args` names and run it on the device it asks for.
-pub fn run_with_model<A: ModelCommand>(args: A) -> anyhow::Result<()> {
-    let files = resolve(&args.model_args().model)?;
-    let device = args.model_args().device;
-    dispatch(device, WithModel { args, files })
+/// Resolve the model `model` names and run `args` on the device it asks for.
+pub fn run_with_model<A: ModelCommand>(model: &ModelArgs, args: A) -> anyhow::Result<()> {
+    let files = resolve(&model.model)?;
+    dispatch(model.device, WithModel { args, files })
 }
 
-/// The sparse mode of a decoding command and the artifacts it reads.
+/// `--help` heading of the sparse-mode flags.
+const SPARSE: &str = "Sparse mode";
+
+/// A model and the text files it reads (calibrate, collect).
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
-pub struct SparseArgs {
+pub struct CorpusArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    /// Text files (UTF-8), read in order as one stream; streamed, never loaded whole.
+    #[arg(long, num_args = 1.., required = true)]
+    pub text: Vec<PathBuf>,
+}
+
+/// The model, device and sparse mode of a decoding command, and the artifacts the mode reads.
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Sparse mode: dense, cats@S (needs --thresholds), oracle@S, or dejavu[@S] (needs --predictors); S is the
     /// fraction of MLP neurons dropped per token.
-    #[arg(long, default_value = "dense")]
+    #[arg(long, default_value = "dense", help_heading = SPARSE)]
     pub mode: Mode,
     /// Fraction of attention heads dropped per token (oracle: by output norm; dejavu: overrides the predictors' k).
-    #[arg(long)]
+    #[arg(long, value_name = "H", help_heading = SPARSE)]
     pub head_sparsity: Option<f64>,
     /// Thresholds file from `dejavu calibrate` (cats modes).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", help_heading = SPARSE)]
     pub thresholds: Option<PathBuf>,
     /// Predictor directory from `dejavu train-predictors` (dejavu modes).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR", help_heading = SPARSE)]
     pub predictors: Option<PathBuf>,
 }
 
-/// The artifacts [`SparseArgs`] named, read and checked against the model.
+/// The artifacts [`DecodeArgs`] named, read and checked against the model.
 pub struct Loaded<B: Backend> {
     pub thresholds: Option<(PathBuf, Thresholds)>,
     pub predictors: Option<(PathBuf, Predictors<B>)>,
 }
 
-impl SparseArgs {
+impl DecodeArgs {
     /// Read the thresholds and predictors given (refusing those of another model), and check every mode in
     /// `modes` can be planned, before any model work.
     pub fn load<B: Backend>(&self, modes: &[Mode], files: &ModelFiles, device: &B::Device) -> anyhow::Result<Loaded<B>> {
@@ -152,4 +167,46 @@ impl<B: Backend> Loaded<B> {
         let scorer = self.predictors.as_ref().map(|(_, p)| p as &dyn Scorer<B>);
         Ok(RefDecoder::new(model, plan, scorer).map_err(usage_of)?.counting(!plan.is_dense()))
     }
+}
+
+/// The sliding window of perplexity scoring.
+#[derive(Debug, Clone, Copy, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct WindowArgs {
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Step between window starts (default: --ctx); each window scores only tokens past the previous window's end.
+    #[arg(long)]
+    pub stride: Option<usize>,
+}
+
+impl WindowArgs {
+    /// The stride, after checking both values (and, for learned position tables, the window against `limit`).
+    pub fn stride(&self, limit: Option<usize>) -> anyhow::Result<usize> {
+        let ctx = self.ctx;
+        if ctx < 2 {
+            return Err(usage(format!("--ctx must be at least 2 (got {ctx})")));
+        }
+        let stride = self.stride.unwrap_or(ctx);
+        if stride == 0 || stride > ctx {
+            return Err(usage(format!("--stride must be in 1..=--ctx ({ctx}) (got {stride})")));
+        }
+        if let Some(max) = limit.filter(|&m| ctx > m) {
+            return Err(usage(format!("--ctx {ctx} exceeds the model's max_position_embeddings {max}")));
+        }
+        Ok(stride)
+    }
+}
+
+/// Read and tokenize a text file, keeping the first `max_tokens` ids.
+pub fn tokenize_file(files: &ModelFiles, path: &std::path::Path, max_tokens: Option<usize>) -> anyhow::Result<Vec<u32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("while reading {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))?;
+    let enc = files.tokenizer.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("{}: tokenization failed: {e}", path.display()))?;
+    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+    if let Some(n) = max_tokens {
+        ids.truncate(n);
+    }
+    Ok(ids)
 }

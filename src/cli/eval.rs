@@ -14,18 +14,14 @@ use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, ModelArgs, SparseArgs};
-use super::ppl::{check_window, tokenize_file};
+use super::common::{load_model, resolve, tokenize_file, DecodeArgs, WindowArgs};
 use super::{out, usage, usage_of};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub sparse: SparseArgs,
+    pub decode: DecodeArgs,
     /// Tasks, comma-separated (default: all eight).
     #[arg(long, value_delimiter = ',', default_value = "arc_easy,boolq,copa,hellaswag,lambada_openai,openbook_qa,piqa,winogrande")]
     pub tasks: Vec<String>,
@@ -44,12 +40,10 @@ pub struct Args {
     /// Tokens of --ppl text scored.
     #[arg(long, default_value_t = 16384)]
     pub ppl_tokens: usize,
-    /// Window length of --ppl scoring.
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
-    /// Step between --ppl windows (default: --ctx).
-    #[arg(long)]
-    pub stride: Option<usize>,
+    /// The --ppl scoring window.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub window: WindowArgs,
     /// Longest sequence scored (contexts are cut from the left).
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
@@ -67,15 +61,15 @@ pub struct Args {
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
-    let modes: Vec<Mode> = if args.compare.is_empty() { vec![args.sparse.mode] } else { args.compare.clone() };
+    let modes: Vec<Mode> = if args.compare.is_empty() { vec![args.decode.mode] } else { args.compare.clone() };
     if let Some(run) = &args.run {
         let th = run.join("thresholds.json");
         let pr = run.join("predictors");
-        if args.sparse.thresholds.is_none() && th.is_file() {
-            args.sparse.thresholds = Some(th);
+        if args.decode.thresholds.is_none() && th.is_file() {
+            args.decode.thresholds = Some(th);
         }
-        if args.sparse.predictors.is_none() && pr.join("manifest.json").is_file() {
-            args.sparse.predictors = Some(pr);
+        if args.decode.predictors.is_none() && pr.join("manifest.json").is_file() {
+            args.decode.predictors = Some(pr);
         }
         if args.out.is_none() {
             args.out = Some(run.join("eval"));
@@ -84,14 +78,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let Some(out_dir) = args.out.clone() else {
         return Err(usage("give --out DIR (or --run RUN to write into RUN/eval)"));
     };
-    let stride = check_window(args.ctx, args.stride, None)?;
+    let stride = args.window.stride(None)?;
     let specs: Vec<&'static tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::spec(t).map_err(usage_of)).collect::<anyhow::Result<_>>()?;
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
         specs.iter().map(|s| tasks::load(&args.tasks_dir, s, args.limit)).collect::<anyhow::Result<_>>()?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("while creating the output directory {}", out_dir.display()))?;
-    let files = resolve(&args.model.model)?;
-    dispatch(args.model.device, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })
+    let files = resolve(&args.decode.model.model)?;
+    dispatch(args.decode.model.device, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })
 }
 
 struct Task {
@@ -129,10 +123,10 @@ impl BackendTask for Task {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let Task { args, files, modes, tasks, out_dir, stride } = self;
         let cfg = files.config.clone();
-        if let Some(max) = cfg.position_limit().filter(|&m| args.ppl.is_some() && args.ctx > m) {
-            return Err(usage(format!("--ctx {} exceeds the model's max_position_embeddings {max}", args.ctx)));
+        if args.ppl.is_some() {
+            args.window.stride(cfg.position_limit())?;
         }
-        let artifacts = args.sparse.load::<B>(&modes, &files, &device)?;
+        let artifacts = args.decode.load::<B>(&modes, &files, &device)?;
         let ppl_ids: Option<Vec<u32>> = match &args.ppl {
             Some(p) => Some(tokenize_file(&files, p, Some(args.ppl_tokens))?),
             None => None,
@@ -147,7 +141,7 @@ impl BackendTask for Task {
         };
         let ev = Evaluator { tokenizer: &files.tokenizer, max_len: args.max_len, empty_context_token: eot };
         for &mode in &modes {
-            let plan = args.sparse.plan(mode, &cfg, &artifacts)?;
+            let plan = args.decode.plan(mode, &cfg, &artifacts)?;
             let mut dec = artifacts.decoder(&model, &plan)?;
             let mut task_results = Vec::new();
             let mut all_stats = SparsityStats::new(cfg.layers);
@@ -182,14 +176,14 @@ impl BackendTask for Task {
             }
             let (ppl, ppl_sp) = match &ppl_ids {
                 Some(ids) if ids.len() >= 2 => {
-                    let bar = ProgressBar::new(dejavu::ppl::windows(ids.len(), args.ctx, stride).iter().map(|w| (w.1 - w.0) as u64).sum());
+                    let bar = ProgressBar::new(dejavu::ppl::windows(ids.len(), args.window.ctx, stride).iter().map(|w| (w.1 - w.0) as u64).sum());
                     bar.set_style(
                         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
                             .unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
                     bar.set_message(format!("{mode} ppl"));
                     dec.take_stats();
-                    let r = dejavu::ppl::perplexity(&mut dec, ids, args.ctx, stride, |n| bar.inc(n as u64))
+                    let r = dejavu::ppl::perplexity(&mut dec, ids, args.window.ctx, stride, |n| bar.inc(n as u64))
                         .context("while scoring --ppl")?;
                     bar.finish_and_clear();
                     let st = dec.take_stats();

@@ -8,17 +8,14 @@ use burn::tensor::backend::Backend;
 use dejavu::decode::{generate, Decoder, Sampling};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, run_with_model, ModelArgs, ModelCommand, SparseArgs};
+use super::common::{load_model, run_with_model, DecodeArgs, ModelCommand};
 use super::{out, usage};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    #[serde(flatten)]
-    pub sparse: SparseArgs,
+    pub decode: DecodeArgs,
     /// Prompt text. Empty starts from the model's BOS token.
     #[arg(long, short = 'p', default_value = "")]
     pub prompt: String,
@@ -52,19 +49,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(format!("--top-p must be in (0, 1] (got {})", args.top_p)));
     }
-    run_with_model(args)
+    run_with_model(&args.decode.model.clone(), args)
 }
 
 impl ModelCommand for Args {
-    fn model_args(&self) -> &ModelArgs {
-        &self.model
-    }
-
-    fn run_on<B: Backend>(self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
-        let args = self;
+    fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let cfg = &files.config;
-        let loaded = args.sparse.load::<B>(&[args.sparse.mode], &files, &device)?;
-        let plan = args.sparse.plan(args.sparse.mode, cfg, &loaded)?;
+        let loaded = args.decode.load::<B>(&[args.decode.mode], &files, &device)?;
+        let plan = args.decode.plan(args.decode.mode, cfg, &loaded)?;
         let tok = &files.tokenizer;
         let enc = tok.encode(args.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("while tokenizing the prompt: {e}"))?;
         let mut prompt: Vec<u32> = enc.get_ids().to_vec();
@@ -133,7 +125,7 @@ impl ModelCommand for Args {
         if !plan.is_dense() {
             eprintln!(
                 "mode {}: realised MLP sparsity {:.3} (plan-dropped {:.3}), head sparsity {:.3}",
-                args.sparse.mode,
+                args.decode.mode,
                 stats.mlp_sparsity(),
                 stats.mlp_plan_sparsity(),
                 stats.head_sparsity()
@@ -143,7 +135,7 @@ impl ModelCommand for Args {
             let text = tok.decode(&gen.new_tokens, true).unwrap_or_default();
             let rec = serde_json::json!({
                 "model": files.identity,
-                "mode": args.sparse.mode,
+                "mode": args.decode.mode,
                 "prompt": args.prompt,
                 "prompt_ids": prompt,
                 "new_ids": gen.new_tokens,
