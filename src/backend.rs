@@ -27,8 +27,30 @@ pub trait BackendTask {
 /// NdArray's matrixmultiply path on the 2-core dev box, and 512-row scoring matmuls 1.6× faster.
 pub type CpuBackend = burn::backend::Flex;
 
+impl DeviceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Ndarray => "ndarray",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// Whether this binary and machine can run `kind`; the error says what is missing.
+pub fn check(kind: DeviceKind) -> anyhow::Result<()> {
+    match kind {
+        DeviceKind::Cpu | DeviceKind::Ndarray => Ok(()),
+        DeviceKind::Wgpu if cfg!(feature = "wgpu") => Ok(()),
+        DeviceKind::Wgpu => anyhow::bail!("this binary was built without the `wgpu` feature (rebuild with `cargo build --release --features wgpu`)"),
+        DeviceKind::Cuda => cuda_available(),
+    }
+}
+
 /// Run `task` on the backend `kind` names, or explain why that backend is not available.
 pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::Output> {
+    check(kind).map_err(|e| anyhow::anyhow!("device `{}`: {e:#}", kind.name()))?;
     match kind {
         DeviceKind::Cpu => task.run::<CpuBackend>(Default::default()),
         DeviceKind::Ndarray => task.run::<burn::backend::NdArray<f32>>(Default::default()),
@@ -44,18 +66,22 @@ fn run_wgpu<T: BackendTask>(task: T) -> anyhow::Result<T::Output> {
 
 #[cfg(not(feature = "wgpu"))]
 fn run_wgpu<T: BackendTask>(_task: T) -> anyhow::Result<T::Output> {
-    anyhow::bail!("--device wgpu: this binary was built without the `wgpu` feature (rebuild with `cargo build --release --features wgpu`)")
+    unreachable!("`check` refuses wgpu in a build without the feature")
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda<T: BackendTask>(task: T) -> anyhow::Result<T::Output> {
-    cuda_available()?;
     task.run::<burn::backend::Cuda>(Default::default())
 }
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda<T: BackendTask>(_task: T) -> anyhow::Result<T::Output> {
-    anyhow::bail!("--device cuda: this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
+    unreachable!("`check` refuses cuda in a build without the feature")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_available() -> anyhow::Result<()> {
+    anyhow::bail!("this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
 }
 
 /// burn-cuda panics inside its device thread when the driver is missing, so check for the libraries first.
@@ -64,11 +90,11 @@ pub fn cuda_available() -> anyhow::Result<()> {
     // SAFETY: these only try to dlopen the libraries and report whether that worked.
     let driver = unsafe { cudarc::driver::sys::is_culib_present() };
     if !driver {
-        anyhow::bail!("--device cuda: the CUDA driver library (libcuda.so) was not found on this machine");
+        anyhow::bail!("the CUDA driver library (libcuda.so) was not found on this machine");
     }
     let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
     if !nvrtc {
-        anyhow::bail!("--device cuda: the NVRTC library (libnvrtc.so) was not found on this machine");
+        anyhow::bail!("the NVRTC library (libnvrtc.so) was not found on this machine");
     }
     Ok(())
 }

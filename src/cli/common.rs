@@ -29,6 +29,11 @@ pub struct ModelArgs {
     pub device: DeviceKind,
 }
 
+/// Fail early, naming the flag, when `--device` cannot run here.
+pub fn check_device(kind: DeviceKind) -> anyhow::Result<()> {
+    dejavu::backend::check(kind).map_err(|e| anyhow::anyhow!("--device {}: {e:#}", kind.name()))
+}
+
 pub fn resolve(spec: &str) -> anyhow::Result<ModelFiles> {
     ModelFiles::resolve(spec).with_context(|| format!("while opening model `{spec}`"))
 }
@@ -82,6 +87,7 @@ impl<A: ModelCommand> BackendTask for WithModel<A> {
 
 /// Resolve the model `model` names and run `args` on the device it asks for.
 pub fn run_with_model<A: ModelCommand>(model: &ModelArgs, args: A) -> anyhow::Result<()> {
+    check_device(model.device)?;
     let files = resolve(&model.model)?;
     dispatch(model.device, WithModel { args, files })
 }

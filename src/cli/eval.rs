@@ -14,7 +14,7 @@ use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, resolve, tokenize_file, DecodeArgs, WindowArgs};
+use super::common::{check_device, load_model, resolve, tokenize_file, DecodeArgs, WindowArgs};
 use super::{out, usage, usage_of};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -79,6 +79,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         return Err(usage("give --out DIR (or --run RUN to write into RUN/eval)"));
     };
     let stride = args.window.stride(None)?;
+    check_device(args.decode.model.device)?;
     let specs: Vec<&'static tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::spec(t).map_err(usage_of)).collect::<anyhow::Result<_>>()?;
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =

@@ -91,6 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             acts.dir.join("manifest.json").display()
         );
     }
+    super::common::check_device(args.device)?;
     dispatch(args.device, Task { args, acts })
 }
 
