@@ -6,21 +6,18 @@
 
 pub mod backend;
 pub mod calibrate;
-pub mod checkpoint;
 pub mod collect;
 pub mod config;
 pub mod error;
 pub mod eval;
 pub mod fixture;
 pub mod generate;
-pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod ppl;
 pub mod predictors;
 pub mod source;
 pub mod text;
-pub mod weights;
 
 pub use config::{Family, ModelConfig};
 pub use error::LoadError;
