@@ -8,6 +8,7 @@ use tokenizers::Tokenizer;
 pub mod checkpoint;
 pub mod gguf;
 pub mod hub;
+pub mod inventory;
 pub mod names;
 pub mod weights;
 
