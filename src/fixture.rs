@@ -82,6 +82,22 @@ pub fn tiny_llama_tied() -> FixtureSpec {
     }
 }
 
+/// A Llama of about 594M parameters (1.19 GB in f16): `layers` 9 at d=2048, ffn 5632, 16 heads, vocab 32000,
+/// untied head. For measuring how checkpoints of real size stream (`scripts/raw_rss.sh`), not for tests.
+pub fn synthetic_llama(layers: usize) -> FixtureSpec {
+    FixtureSpec {
+        name: "synthetic-llama",
+        seed: 5,
+        config: json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"
+        }),
+    }
+}
+
 pub fn all() -> Vec<FixtureSpec> {
     vec![tiny_opt(), tiny_opt_proj(), tiny_llama(), tiny_llama_tied()]
 }
@@ -149,12 +165,16 @@ impl View for &Seeded {
             Init::Normal(sd) => sd * gaussian(&mut rng),
             Init::NearOne => 1.0 + 0.1 * gaussian(&mut rng),
         };
-        let n = self.spec.numel();
-        Cow::Owned(match self.dtype {
-            Dtype::F16 => (0..n).flat_map(|_| half::f16::from_f32(draw()).to_le_bytes()).collect(),
-            Dtype::BF16 => (0..n).flat_map(|_| half::bf16::from_f32(draw()).to_le_bytes()).collect(),
-            _ => (0..n).flat_map(|_| draw().to_le_bytes()).collect(),
-        })
+        let mut out = Vec::with_capacity(self.data_len());
+        for _ in 0..self.spec.numel() {
+            let x = draw();
+            match self.dtype {
+                Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                _ => out.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+        Cow::Owned(out)
     }
     fn data_len(&self) -> usize {
         self.spec.numel() * self.dtype.bitsize() / 8
