@@ -22,80 +22,80 @@ pub struct FixtureSpec {
 
 pub const VOCAB: usize = 320;
 
-/// OPT with pre-LayerNorm and `word_embed_proj_dim == hidden` (OPT-125m's layout, scaled down).
-pub fn tiny_opt() -> FixtureSpec {
+/// An OPT fixture: what the fixtures vary is the LayerNorm placement and the embedding width.
+fn opt(name: &'static str, seed: u64, norm_before: bool, embed_dim: usize) -> FixtureSpec {
     FixtureSpec {
-        name: "tiny-opt",
-        seed: 1,
+        name,
+        seed,
         config: json!({
             "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
             "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "do_layer_norm_before": true, "word_embed_proj_dim": 32, "activation_function": "relu",
+            "do_layer_norm_before": norm_before, "word_embed_proj_dim": embed_dim, "activation_function": "relu",
             "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
             "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
         }),
     }
+}
+
+/// The shape knobs of a Llama fixture.
+struct LlamaShape {
+    vocab: usize,
+    hidden: usize,
+    ffn: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    max_positions: usize,
+    eps: f64,
+    rope_theta: f64,
+    tie: bool,
+    torch_dtype: &'static str,
+}
+
+fn llama(name: &'static str, seed: u64, s: LlamaShape) -> FixtureSpec {
+    FixtureSpec {
+        name,
+        seed,
+        config: json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": s.vocab, "hidden_size": s.hidden,
+            "intermediate_size": s.ffn, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads, "max_position_embeddings": s.max_positions, "rms_norm_eps": s.eps,
+            "rope_theta": s.rope_theta, "hidden_act": "silu", "tie_word_embeddings": s.tie, "attention_bias": false,
+            "mlp_bias": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": s.torch_dtype
+        }),
+    }
+}
+
+/// OPT with pre-LayerNorm and `word_embed_proj_dim == hidden` (OPT-125m's layout, scaled down).
+pub fn tiny_opt() -> FixtureSpec {
+    opt("tiny-opt", 1, true, 32)
 }
 
 /// OPT-350m's layout: post-LayerNorm, no final norm, 16-wide embeddings projected into a 32-wide model.
 pub fn tiny_opt_proj() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-opt-proj",
-        seed: 2,
-        config: json!({
-            "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "do_layer_norm_before": false, "word_embed_proj_dim": 16, "activation_function": "relu",
-            "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
-            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
-        }),
-    }
+    opt("tiny-opt-proj", 2, false, 16)
 }
 
 /// Llama with grouped-query attention (4 query heads, 2 kv heads) and an untied lm_head.
 pub fn tiny_llama() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-llama",
-        seed: 3,
-        config: json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
-            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
-        }),
-    }
+    let (eps, rope_theta, tie, torch_dtype) = (1e-5, 10000.0, false, "float32");
+    let shape = LlamaShape { vocab: VOCAB, hidden: 32, ffn: 48, layers: 2, heads: 4, kv_heads: 2, max_positions: 128, eps, rope_theta, tie, torch_dtype };
+    llama("tiny-llama", 3, shape)
 }
 
 /// Llama with tied embeddings, plain multi-head attention and a non-default RoPE base.
 pub fn tiny_llama_tied() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-llama-tied",
-        seed: 4,
-        config: json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
-            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "hidden_act": "silu",
-            "tie_word_embeddings": true, "attention_bias": false, "mlp_bias": false,
-            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
-        }),
-    }
+    let (eps, rope_theta, tie, torch_dtype) = (1e-6, 500000.0, true, "float32");
+    let shape = LlamaShape { vocab: VOCAB, hidden: 32, ffn: 40, layers: 3, heads: 2, kv_heads: 2, max_positions: 128, eps, rope_theta, tie, torch_dtype };
+    llama("tiny-llama-tied", 4, shape)
 }
 
-/// A Llama of about 594M parameters (1.19 GB in f16): `layers` 9 at d=2048, ffn 5632, 16 heads, vocab 32000,
+/// A Llama of about 594M parameters at 9 layers (1.19 GB in f16): d=2048, ffn 5632, 16 heads, vocab 32000,
 /// untied head. For measuring how checkpoints of real size stream (`scripts/raw_rss.sh`), not for tests.
 pub fn synthetic_llama(layers: usize) -> FixtureSpec {
-    FixtureSpec {
-        name: "synthetic-llama",
-        seed: 5,
-        config: json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 2048,
-            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
-            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"
-        }),
-    }
+    let (eps, rope_theta, tie, torch_dtype) = (1e-5, 10000.0, false, "float16");
+    let shape = LlamaShape { vocab: 32000, hidden: 2048, ffn: 5632, layers, heads: 16, kv_heads: 16, max_positions: 2048, eps, rope_theta, tie, torch_dtype };
+    llama("synthetic-llama", 5, shape)
 }
 
 pub fn all() -> Vec<FixtureSpec> {

@@ -177,47 +177,37 @@ impl Table {
             }
         };
         let (ab, mb) = (cfg.attn_bias, cfg.mlp_bias);
-        match cfg.family {
-            Family::Opt => {
-                push(Role::Embed, None, vec![cfg.vocab_size, cfg.embed_dim], false);
-                push(Role::Positions, None, vec![cfg.max_positions + OPT_POS_OFFSET, d], false);
-                if cfg.embed_dim != d {
-                    push(Role::ProjectIn, None, vec![d, cfg.embed_dim], false);
-                    push(Role::ProjectOut, None, vec![cfg.embed_dim, d], false);
-                }
-                for i in (0..cfg.layers).map(Some) {
-                    push(Role::Q, i, vec![qo, d], ab);
-                    push(Role::K, i, vec![kvo, d], ab);
-                    push(Role::V, i, vec![kvo, d], ab);
-                    push(Role::O, i, vec![d, qo], ab);
-                    push(Role::AttnNorm, i, vec![d], true);
-                    push(Role::MlpNorm, i, vec![d], true);
-                    push(Role::Up, i, vec![f, d], mb);
-                    push(Role::Down, i, vec![d, f], mb);
-                }
-                if cfg.final_norm {
-                    push(Role::FinalNorm, None, vec![d], true);
-                }
-            }
-            Family::Llama => {
-                push(Role::Embed, None, vec![cfg.vocab_size, d], false);
-                for i in (0..cfg.layers).map(Some) {
-                    push(Role::Q, i, vec![qo, d], ab);
-                    push(Role::K, i, vec![kvo, d], ab);
-                    push(Role::V, i, vec![kvo, d], ab);
-                    // transformers' Llama puts `attention_bias` on o_proj too; the checkpoints we read have none.
-                    push(Role::O, i, vec![d, qo], false);
-                    push(Role::Gate, i, vec![f, d], mb);
-                    push(Role::Up, i, vec![f, d], mb);
-                    push(Role::Down, i, vec![d, f], mb);
-                    push(Role::AttnNorm, i, vec![d], false);
-                    push(Role::MlpNorm, i, vec![d], false);
-                }
-                push(Role::FinalNorm, None, vec![d], false);
+        let opt = cfg.family == Family::Opt;
+        // (role, shape, has a bias); OPT norms are LayerNorms (weight and bias), Llama's RMSNorms (weight only).
+        type Row = (Role, Vec<usize>, bool);
+        let mut head: Vec<Row> = vec![(Role::Embed, vec![cfg.vocab_size, cfg.embed_dim], false)];
+        if opt {
+            head.push((Role::Positions, vec![cfg.max_positions + OPT_POS_OFFSET, d], false));
+            if cfg.embed_dim != d {
+                head.push((Role::ProjectIn, vec![d, cfg.embed_dim], false));
+                head.push((Role::ProjectOut, vec![cfg.embed_dim, d], false));
             }
         }
+        // transformers' Llama puts `attention_bias` on o_proj too; the checkpoints we read have none.
+        let attn: [Row; 4] =
+            [(Role::Q, vec![qo, d], ab), (Role::K, vec![kvo, d], ab), (Role::V, vec![kvo, d], ab), (Role::O, vec![d, qo], opt && ab)];
+        let norms: [Row; 2] = [(Role::AttnNorm, vec![d], opt), (Role::MlpNorm, vec![d], opt)];
+        let (up, down): (Row, Row) = ((Role::Up, vec![f, d], mb), (Role::Down, vec![d, f], mb));
+        let layer: Vec<Row> = if opt {
+            attn.into_iter().chain(norms).chain([up, down]).collect()
+        } else {
+            attn.into_iter().chain([(Role::Gate, vec![f, d], mb), up, down]).chain(norms).collect()
+        };
+        let mut tail: Vec<Row> = Vec::new();
+        if !opt || cfg.final_norm {
+            tail.push((Role::FinalNorm, vec![d], opt));
+        }
         if !cfg.tie_embeddings {
-            push(Role::LmHead, None, vec![cfg.vocab_size, cfg.embed_dim], false);
+            tail.push((Role::LmHead, vec![cfg.vocab_size, cfg.embed_dim], false));
+        }
+        let layers = (0..cfg.layers).flat_map(|i| layer.iter().map(move |r| (r, Some(i))));
+        for ((role, shape, bias), l) in head.iter().map(|r| (r, None)).chain(layers).chain(tail.iter().map(|r| (r, None))) {
+            push(*role, l, shape.clone(), *bias);
         }
         let index = tensors.iter().enumerate().map(|(i, t)| ((t.role, t.part, t.layer), i)).collect();
         Table { names, tensors, index }

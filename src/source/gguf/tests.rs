@@ -31,8 +31,15 @@ struct TensorSpec {
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u64).to_le_bytes());
-    b.extend(s.as_bytes());
+    b.extend(str_bytes(s));
+}
+
+fn str_bytes(s: &str) -> Vec<u8> {
+    (s.len() as u64).to_le_bytes().into_iter().chain(s.bytes()).collect()
+}
+
+fn array(elem_ty: u32, len: usize, items: impl Iterator<Item = u8>) -> Vec<u8> {
+    elem_ty.to_le_bytes().into_iter().chain((len as u64).to_le_bytes()).chain(items).collect()
 }
 
 fn write_gguf(version: u32, kv: &[(&str, W)], tensors: &[TensorSpec]) -> Vec<u8> {
@@ -43,40 +50,17 @@ fn write_gguf(version: u32, kv: &[(&str, W)], tensors: &[TensorSpec]) -> Vec<u8>
     b.extend((kv.len() as u64).to_le_bytes());
     for (k, v) in kv {
         put_str(&mut b, k);
-        match v {
-            W::U32(x) => {
-                b.extend(4u32.to_le_bytes());
-                b.extend(x.to_le_bytes());
-            }
-            W::F32(x) => {
-                b.extend(6u32.to_le_bytes());
-                b.extend(x.to_le_bytes());
-            }
-            W::Bool(x) => {
-                b.extend(7u32.to_le_bytes());
-                b.push(*x as u8);
-            }
-            W::Str(s) => {
-                b.extend(8u32.to_le_bytes());
-                put_str(&mut b, s);
-            }
-            W::StrArr(a) => {
-                b.extend(9u32.to_le_bytes());
-                b.extend(8u32.to_le_bytes());
-                b.extend((a.len() as u64).to_le_bytes());
-                for s in a {
-                    put_str(&mut b, s);
-                }
-            }
-            W::I32Arr(a) => {
-                b.extend(9u32.to_le_bytes());
-                b.extend(5u32.to_le_bytes());
-                b.extend((a.len() as u64).to_le_bytes());
-                for x in a {
-                    b.extend(x.to_le_bytes());
-                }
-            }
-        }
+        // (GGUF value type, encoded value); arrays are type 9 with their element type and length first.
+        let (ty, value): (u32, Vec<u8>) = match v {
+            W::U32(x) => (4, x.to_le_bytes().to_vec()),
+            W::F32(x) => (6, x.to_le_bytes().to_vec()),
+            W::Bool(x) => (7, vec![*x as u8]),
+            W::Str(s) => (8, str_bytes(s)),
+            W::StrArr(a) => (9, array(8, a.len(), a.iter().flat_map(|s| str_bytes(s)))),
+            W::I32Arr(a) => (9, array(5, a.len(), a.iter().flat_map(|x| x.to_le_bytes()))),
+        };
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
     }
     let mut offsets = Vec::new();
     let mut off = 0u64;
