@@ -146,3 +146,28 @@ fn gguf_raw_borrows_plain_tensors_and_decodes_quant_blocks_to_f16() {
         assert!(meta.stored == "Q8_0" || meta.stored == "Q4_0", "{}", meta.stored);
     }
 }
+
+#[test]
+fn inspect_cli_lists_and_reads_every_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("inspect.json");
+    let dir = common::fixture_dir("tiny-llama");
+    let out = common::dejavu(&["inspect", "--model", dir.to_str().unwrap(), "--read", "--json", json.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("model.layers.1.mlp.gate_proj.weight"), "{}", out.stdout);
+    assert!(out.stdout.contains("GB/s"), "{}", out.stdout);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let tensors = r["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 21);
+    let bytes: u64 = tensors.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(r["read"]["bytes"].as_u64(), Some(bytes));
+    assert_eq!(r["read"]["borrowed_bytes"].as_u64(), Some(bytes));
+    assert_eq!(r["family"], "llama");
+
+    let bad = tmp.path().join("bad");
+    common::copy_fixture("tiny-llama", &bad);
+    std::fs::write(bad.join("model.safetensors"), b"not safetensors").unwrap();
+    let out = common::dejavu(&["inspect", "--model", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("model.safetensors"), "{}", out.stderr);
+}
