@@ -1,9 +1,7 @@
 //! Where models come from: a local Hugging Face directory, a Hub id through hf-hub's cache, or a GGUF file.
 //! [`ModelFiles::resolve`] turns the one `--model` argument into a config, a checkpoint and a tokenizer.
-
-use std::path::{Path, PathBuf};
-
-use tokenizers::Tokenizer;
+//! Below it: [`checkpoint`] (the `Checkpoint` trait, raw bytes and f32), [`weights`] (host tensor types),
+//! [`names`] (one table of tensor names and shapes per family), [`gguf`], [`hub`], [`inventory`].
 
 pub mod checkpoint;
 pub mod gguf;
@@ -12,9 +10,13 @@ pub mod inventory;
 pub mod names;
 pub mod weights;
 
-use checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
 use crate::config::ModelConfig;
 use crate::error::{LoadError, Result};
+use checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
 
 /// The kind of source a `--model` argument named.
 #[derive(Debug, Clone, PartialEq, Eq)]

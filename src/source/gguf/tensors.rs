@@ -1,4 +1,4 @@
-//! GGUF tensors under their Hugging Face names: llama.cpp's names mapped onto [`crate::source::names`]'
+//! GGUF tensors under their Hugging Face names: llama.cpp's names mapped onto [`crate::source::names`]
 //! roles, llama.cpp's q/k row permutation undone, and raw bytes (borrowed from the mmap where the layout
 //! allows, quant blocks decoded to f16).
 
