@@ -16,7 +16,7 @@ pub enum LoadError {
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] crate::source::gguf::GgufError),
     #[error("{0}")]
     Hub(String),
 }

@@ -1,14 +1,16 @@
 //! Seeded tiny random models with Hugging Face key names, config.json and a byte-level BPE tokenizer.json built
 //! here, so tests (and CI's smoke runs) exercise the real loaders end to end without downloading anything.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::{tensor::TensorView, Dtype};
+use safetensors::{tensor::View, Dtype};
 use serde_json::json;
 
 use crate::config::{Family, ModelConfig};
 use crate::decode::SplitMix64;
+use crate::source::names::{Part, Role, Table, TensorSpec};
 
 /// One fixture model: its name (directory name), `config.json` contents and RNG seed.
 #[derive(Debug, Clone)]
@@ -20,68 +22,113 @@ pub struct FixtureSpec {
 
 pub const VOCAB: usize = 320;
 
-/// OPT with pre-LayerNorm and `word_embed_proj_dim == hidden` (OPT-125m's layout, scaled down).
-pub fn tiny_opt() -> FixtureSpec {
+/// An OPT fixture: what the fixtures vary is the LayerNorm placement and the embedding width.
+fn opt(name: &'static str, seed: u64, norm_before: bool, embed_dim: usize) -> FixtureSpec {
     FixtureSpec {
-        name: "tiny-opt",
-        seed: 1,
+        name,
+        seed,
         config: json!({
             "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
             "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "do_layer_norm_before": true, "word_embed_proj_dim": 32, "activation_function": "relu",
+            "do_layer_norm_before": norm_before, "word_embed_proj_dim": embed_dim, "activation_function": "relu",
             "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
             "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
         }),
     }
+}
+
+/// The shape knobs of a Llama fixture.
+struct LlamaShape {
+    vocab: usize,
+    hidden: usize,
+    ffn: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    max_positions: usize,
+    eps: f64,
+    rope_theta: f64,
+    tie: bool,
+    torch_dtype: &'static str,
+}
+
+fn llama(name: &'static str, seed: u64, s: LlamaShape) -> FixtureSpec {
+    FixtureSpec {
+        name,
+        seed,
+        config: json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": s.vocab, "hidden_size": s.hidden,
+            "intermediate_size": s.ffn, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads, "max_position_embeddings": s.max_positions, "rms_norm_eps": s.eps,
+            "rope_theta": s.rope_theta, "hidden_act": "silu", "tie_word_embeddings": s.tie, "attention_bias": false,
+            "mlp_bias": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": s.torch_dtype
+        }),
+    }
+}
+
+/// OPT with pre-LayerNorm and `word_embed_proj_dim == hidden` (OPT-125m's layout, scaled down).
+pub fn tiny_opt() -> FixtureSpec {
+    opt("tiny-opt", 1, true, 32)
 }
 
 /// OPT-350m's layout: post-LayerNorm, no final norm, 16-wide embeddings projected into a 32-wide model.
 pub fn tiny_opt_proj() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-opt-proj",
-        seed: 2,
-        config: json!({
-            "model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "num_hidden_layers": 2, "ffn_dim": 64, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "do_layer_norm_before": false, "word_embed_proj_dim": 16, "activation_function": "relu",
-            "enable_bias": true, "layer_norm_elementwise_affine": true, "dropout": 0.0, "attention_dropout": 0.0,
-            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": true, "torch_dtype": "float32"
-        }),
-    }
+    opt("tiny-opt-proj", 2, false, 16)
 }
 
 /// Llama with grouped-query attention (4 query heads, 2 kv heads) and an untied lm_head.
 pub fn tiny_llama() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-llama",
-        seed: 3,
-        config: json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
-            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
-        }),
-    }
+    let (eps, rope_theta, tie, torch_dtype) = (1e-5, 10000.0, false, "float32");
+    let shape = LlamaShape { vocab: VOCAB, hidden: 32, ffn: 48, layers: 2, heads: 4, kv_heads: 2, max_positions: 128, eps, rope_theta, tie, torch_dtype };
+    llama("tiny-llama", 3, shape)
 }
 
 /// Llama with tied embeddings, plain multi-head attention and a non-default RoPE base.
 pub fn tiny_llama_tied() -> FixtureSpec {
-    FixtureSpec {
-        name: "tiny-llama-tied",
-        seed: 4,
-        config: json!({
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32,
-            "intermediate_size": 40, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
-            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "hidden_act": "silu",
-            "tie_word_embeddings": true, "attention_bias": false, "mlp_bias": false,
-            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
-        }),
-    }
+    let (eps, rope_theta, tie, torch_dtype) = (1e-6, 500000.0, true, "float32");
+    let shape = LlamaShape { vocab: VOCAB, hidden: 32, ffn: 40, layers: 3, heads: 2, kv_heads: 2, max_positions: 128, eps, rope_theta, tie, torch_dtype };
+    llama("tiny-llama-tied", 4, shape)
+}
+
+/// A Llama of about 594M parameters at 9 layers (1.19 GB in f16): d=2048, ffn 5632, 16 heads, vocab 32000,
+/// untied head. For measuring how checkpoints of real size stream (`scripts/raw_rss.sh`), not for tests.
+pub fn synthetic_llama(layers: usize) -> FixtureSpec {
+    let (eps, rope_theta, tie, torch_dtype) = (1e-5, 10000.0, false, "float16");
+    let shape = LlamaShape { vocab: 32000, hidden: 2048, ffn: 5632, layers, heads: 16, kv_heads: 16, max_positions: 2048, eps, rope_theta, tie, torch_dtype };
+    llama("synthetic-llama", 5, shape)
 }
 
 pub fn all() -> Vec<FixtureSpec> {
     vec![tiny_opt(), tiny_opt_proj(), tiny_llama(), tiny_llama_tied()]
+}
+
+/// Hugging Face tensor names and shapes of a model with this config (the names table, standard prefix).
+pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    Table::standard(cfg).tensors.into_iter().map(|t| (t.name, t.shape)).collect()
+}
+
+/// Element type the weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FixtureDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Draws of [`SplitMix64`] per value ([`gaussian`] takes two uniforms).
+const DRAWS_PER_VALUE: u64 = 2;
+/// SplitMix64's state increment: the state after `n` draws is `seed + n * GAMMA`, so any tensor's stream can
+/// start without drawing the ones before it.
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One tensor of a fixture, generated only when the safetensors writer asks for its bytes, so a multi-GB
+/// synthetic checkpoint is written holding one tensor at a time.
+struct Seeded {
+    spec: TensorSpec,
+    dtype: Dtype,
+    /// RNG state at this tensor's first value (values are drawn in table order, whatever order the writer
+    /// takes tensors in).
+    state: u64,
 }
 
 /// What kind of values a tensor holds, which sets how it is drawn.
@@ -93,113 +140,70 @@ enum Init {
     NearOne,
 }
 
-/// Hugging Face tensor names and shapes of a model with this config.
-pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    layout(cfg).into_iter().map(|(n, s, _)| (n, s)).collect()
-}
-
-fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (d, f, dh) = (cfg.hidden, cfg.ffn, cfg.head_dim);
-    let (qo, kvo) = (cfg.heads * dh, cfg.kv_heads * dh);
-    let w = Init::Normal(0.2);
-    let bias = Init::Normal(0.05);
-    let mut v: Vec<(String, Vec<usize>, Init)> = Vec::new();
-    let mut push = |n: String, s: Vec<usize>, i: Init| v.push((n, s, i));
-    match cfg.family {
-        Family::Opt => {
-            let p = "model.decoder";
-            push(format!("{p}.embed_tokens.weight"), vec![cfg.vocab_size, cfg.embed_dim], Init::Normal(0.5));
-            push(format!("{p}.embed_positions.weight"), vec![cfg.max_positions + 2, d], Init::Normal(0.2));
-            if cfg.embed_dim != d {
-                push(format!("{p}.project_in.weight"), vec![d, cfg.embed_dim], w);
-                push(format!("{p}.project_out.weight"), vec![cfg.embed_dim, d], w);
-            }
-            for i in 0..cfg.layers {
-                let l = format!("{p}.layers.{i}");
-                for (name, o, inp) in [("q_proj", qo, d), ("k_proj", kvo, d), ("v_proj", kvo, d), ("out_proj", d, qo)] {
-                    push(format!("{l}.self_attn.{name}.weight"), vec![o, inp], w);
-                    push(format!("{l}.self_attn.{name}.bias"), vec![o], bias);
-                }
-                for n in ["self_attn_layer_norm", "final_layer_norm"] {
-                    push(format!("{l}.{n}.weight"), vec![d], Init::NearOne);
-                    push(format!("{l}.{n}.bias"), vec![d], bias);
-                }
-                push(format!("{l}.fc1.weight"), vec![f, d], w);
-                push(format!("{l}.fc1.bias"), vec![f], bias);
-                push(format!("{l}.fc2.weight"), vec![d, f], w);
-                push(format!("{l}.fc2.bias"), vec![d], bias);
-            }
-            if cfg.final_norm {
-                push(format!("{p}.final_layer_norm.weight"), vec![d], Init::NearOne);
-                push(format!("{p}.final_layer_norm.bias"), vec![d], bias);
-            }
-        }
-        Family::Llama => {
-            push("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], Init::Normal(0.5));
-            for i in 0..cfg.layers {
-                let l = format!("model.layers.{i}");
-                for (name, o, inp) in [("q_proj", qo, d), ("k_proj", kvo, d), ("v_proj", kvo, d), ("o_proj", d, qo)] {
-                    push(format!("{l}.self_attn.{name}.weight"), vec![o, inp], w);
-                }
-                push(format!("{l}.mlp.gate_proj.weight"), vec![f, d], w);
-                push(format!("{l}.mlp.up_proj.weight"), vec![f, d], w);
-                push(format!("{l}.mlp.down_proj.weight"), vec![d, f], w);
-                push(format!("{l}.input_layernorm.weight"), vec![d], Init::NearOne);
-                push(format!("{l}.post_attention_layernorm.weight"), vec![d], Init::NearOne);
-            }
-            push("model.norm.weight".into(), vec![d], Init::NearOne);
-            if !cfg.tie_embeddings {
-                push("lm_head.weight".into(), vec![cfg.vocab_size, d], w);
-            }
+impl Seeded {
+    fn init(&self) -> Init {
+        match (self.spec.role, self.spec.part) {
+            (_, Part::Bias) => Init::Normal(0.05),
+            (r, Part::Weight) if r.is_norm() => Init::NearOne,
+            (Role::Embed, _) => Init::Normal(0.5),
+            _ => Init::Normal(0.2),
         }
     }
-    v
 }
 
-/// Element type the weights are written in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FixtureDtype {
-    F32,
-    F16,
-    BF16,
+impl View for &Seeded {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.spec.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut rng = SplitMix64(self.state);
+        let init = self.init();
+        let mut draw = || match init {
+            Init::Normal(sd) => sd * gaussian(&mut rng),
+            Init::NearOne => 1.0 + 0.1 * gaussian(&mut rng),
+        };
+        let mut out = Vec::with_capacity(self.data_len());
+        for _ in 0..self.spec.numel() {
+            let x = draw();
+            match self.dtype {
+                Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                _ => out.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+        Cow::Owned(out)
+    }
+    fn data_len(&self) -> usize {
+        self.spec.numel() * self.dtype.bitsize() / 8
+    }
 }
 
 /// Write `config.json`, `model.safetensors` and `tokenizer.json` of `spec` into `dir` (created if needed).
+/// Tensors are generated one at a time as they are written, so memory stays at the largest tensor.
 pub fn write(spec: &FixtureSpec, dir: &Path, dtype: FixtureDtype) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let cfg = ModelConfig::from_json(&spec.config, &dir.join("config.json"))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&spec.config)? + "\n")?;
-    let mut rng = SplitMix64(spec.seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, shape, init) in layout(&cfg) {
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = (0..n)
-            .map(|_| match init {
-                Init::Normal(sd) => sd * gaussian(&mut rng),
-                Init::NearOne => 1.0 + 0.1 * gaussian(&mut rng),
-            })
-            .collect();
-        let bytes: Vec<u8> = match dtype {
-            FixtureDtype::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            FixtureDtype::F16 => vals.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            FixtureDtype::BF16 => vals.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-        };
-        tensors.push((name, shape, bytes));
-    }
     let st_dtype = match dtype {
         FixtureDtype::F32 => Dtype::F32,
         FixtureDtype::F16 => Dtype::F16,
         FixtureDtype::BF16 => Dtype::BF16,
     };
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            TensorView::new(st_dtype, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    let mut drawn = 0u64;
+    let tensors: Vec<Seeded> = Table::standard(&cfg)
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let state = spec.seed.wrapping_add(drawn.wrapping_mul(DRAWS_PER_VALUE).wrapping_mul(SPLITMIX_GAMMA));
+            drawn += t.numel() as u64;
+            Seeded { spec: t, dtype: st_dtype, state }
         })
-        .collect::<std::io::Result<_>>()?;
+        .collect();
+    let views = tensors.iter().map(|t| (t.spec.name.clone(), t));
     let meta: Option<std::collections::HashMap<String, String>> =
         Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     safetensors::serialize_to_file(views, meta, &dir.join("model.safetensors"))

@@ -6,14 +6,12 @@
 
 pub mod backend;
 pub mod calibrate;
-pub mod checkpoint;
 pub mod collect;
 pub mod config;
 pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod fixture;
-pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod ppl;
@@ -21,7 +19,6 @@ pub mod predictors;
 pub mod source;
 pub mod sparse;
 pub mod text;
-pub mod weights;
 
 pub use config::{Family, ModelConfig};
 pub use error::LoadError;

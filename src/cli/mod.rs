@@ -7,6 +7,7 @@ pub mod collect;
 pub mod common;
 pub mod eval;
 pub mod generate;
+pub mod inspect;
 pub mod ppl;
 pub mod train_predictors;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Collect(collect::Args),
     /// Train per-layer neuron and head predictors from RUN/acts into RUN/predictors.
     TrainPredictors(train_predictors::Args),
+    /// What a model holds (config, dtype mix, tensor table); `--read` streams its raw bytes and reports GB/s.
+    Inspect(inspect::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Collect(a) => collect::run(a),
         Command::TrainPredictors(a) => train_predictors::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }
 

@@ -3,9 +3,6 @@
 
 use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
-use crate::checkpoint::Checkpoint;
-use crate::error::Result;
-
 /// A dense projection. The weight is stored transposed, `[in, out]`, so the forward is one plain matmul.
 #[derive(Debug, Clone)]
 pub struct Linear<B: Backend> {
@@ -16,21 +13,6 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    /// Load `{prefix}.weight` (`[out, in]` in the checkpoint) and, when `bias`, `{prefix}.bias`.
-    pub fn load(ck: &dyn Checkpoint, prefix: &str, d_in: usize, d_out: usize, bias: bool, dev: &B::Device) -> Result<Self> {
-        let w = ck.get_shaped(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let w = Tensor::<B, 2>::from_data(TensorData::new(w.data, [d_out, d_in]), dev).transpose();
-        // Materialise the transpose once so every later matmul reads contiguous memory.
-        let w = Tensor::from_data(w.into_data(), dev);
-        let b = if bias {
-            let b = ck.get_shaped(&format!("{prefix}.bias"), &[d_out])?;
-            Some(Tensor::from_data(TensorData::new(b.data, [d_out]), dev))
-        } else {
-            None
-        };
-        Ok(Linear { w, b })
-    }
-
     pub fn d_out(&self) -> usize {
         self.w.dims()[1]
     }
@@ -47,12 +29,6 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// Load a 1-D tensor (norm weight or bias) of length `n`.
-pub fn load_vec<B: Backend>(ck: &dyn Checkpoint, name: &str, n: usize, dev: &B::Device) -> Result<Tensor<B, 1>> {
-    let t = ck.get_shaped(name, &[n])?;
-    Ok(Tensor::from_data(TensorData::new(t.data, [n]), dev))
-}
-
 /// LayerNorm (OPT) or RMSNorm (Llama) over the last dimension.
 #[derive(Debug, Clone)]
 pub enum Norm<B: Backend> {
@@ -61,18 +37,6 @@ pub enum Norm<B: Backend> {
 }
 
 impl<B: Backend> Norm<B> {
-    pub fn layer(ck: &dyn Checkpoint, prefix: &str, n: usize, eps: f64, dev: &B::Device) -> Result<Self> {
-        Ok(Norm::Layer {
-            w: load_vec(ck, &format!("{prefix}.weight"), n, dev)?,
-            b: load_vec(ck, &format!("{prefix}.bias"), n, dev)?,
-            eps,
-        })
-    }
-
-    pub fn rms(ck: &dyn Checkpoint, prefix: &str, n: usize, eps: f64, dev: &B::Device) -> Result<Self> {
-        Ok(Norm::Rms { w: load_vec(ck, &format!("{prefix}.weight"), n, dev)?, eps })
-    }
-
     /// `x: [batch, seq, d] -> [batch, seq, d]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {

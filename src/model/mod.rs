@@ -6,13 +6,12 @@
 //! appends to a [`KvCache`], and can record per-layer [`Taps`] on the way.
 
 pub mod layers;
+mod load;
 pub mod scorer;
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
-use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
-use crate::error::{LoadError, Result};
 use crate::sparse::{select, HeadRule, LayerPlan, MlpRule, SparsityStats};
 use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
 pub use scorer::{Scorer, Sparse};
@@ -149,120 +148,6 @@ pub struct Model<B: Backend> {
 const OPT_POS_OFFSET: usize = 2;
 
 impl<B: Backend> Model<B> {
-    /// Load weights following the checkpoint's Hugging Face key names; `on_layer` is called after each layer
-    /// (for a progress bar).
-    pub fn load(cfg: &ModelConfig, ck: &dyn Checkpoint, dev: &B::Device, mut on_layer: impl FnMut(usize)) -> Result<Self> {
-        let c = cfg;
-        let (d, f, dh) = (c.hidden, c.ffn, c.head_dim);
-        let q_out = c.heads * dh;
-        let kv_out = c.kv_heads * dh;
-        let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>> {
-            let t = ck.get_shaped(name, &[rows, cols])?;
-            Ok(Tensor::from_data(TensorData::new(t.data, [rows, cols]), dev))
-        };
-        let transposed = |t: Tensor<B, 2>| Tensor::<B, 2>::from_data(t.transpose().into_data(), dev);
-        let mut layers = Vec::with_capacity(c.layers);
-        let model = match c.family {
-            Family::Opt => {
-                let p = if ck.contains("model.decoder.embed_tokens.weight") {
-                    "model.decoder"
-                } else if ck.contains("decoder.embed_tokens.weight") {
-                    "decoder"
-                } else {
-                    return Err(LoadError::tensor(
-                        ck.file_of("model.decoder.embed_tokens.weight"),
-                        "model.decoder.embed_tokens.weight",
-                        "missing from the checkpoint (an OPT checkpoint needs it)",
-                    ));
-                };
-                let embed = mat(&format!("{p}.embed_tokens.weight"), c.vocab_size, c.embed_dim)?;
-                let pos_embed = mat(&format!("{p}.embed_positions.weight"), c.max_positions + OPT_POS_OFFSET, d)?;
-                let (project_in, project_out) = if c.embed_dim != d {
-                    (
-                        Some(Linear::load(ck, &format!("{p}.project_in"), c.embed_dim, d, false, dev)?),
-                        Some(Linear::load(ck, &format!("{p}.project_out"), d, c.embed_dim, false, dev)?),
-                    )
-                } else {
-                    (None, None)
-                };
-                for i in 0..c.layers {
-                    let l = format!("{p}.layers.{i}");
-                    let lin = |name: &str, din, dout, bias| Linear::load(ck, &format!("{l}.{name}"), din, dout, bias, dev);
-                    layers.push(Layer {
-                        attn_norm: Norm::layer(ck, &format!("{l}.self_attn_layer_norm"), d, c.norm_eps, dev)?,
-                        q: lin("self_attn.q_proj", d, q_out, c.attn_bias)?,
-                        k: lin("self_attn.k_proj", d, kv_out, c.attn_bias)?,
-                        v: lin("self_attn.v_proj", d, kv_out, c.attn_bias)?,
-                        o: lin("self_attn.out_proj", q_out, d, c.attn_bias)?,
-                        mlp_norm: Norm::layer(ck, &format!("{l}.final_layer_norm"), d, c.norm_eps, dev)?,
-                        mlp: Mlp::Relu { fc1: lin("fc1", d, f, c.mlp_bias)?, fc2: lin("fc2", f, d, c.mlp_bias)? },
-                    });
-                    on_layer(i);
-                }
-                let final_norm = if c.final_norm {
-                    Some(Norm::layer(ck, &format!("{p}.final_layer_norm"), d, c.norm_eps, dev)?)
-                } else {
-                    None
-                };
-                let lm_head = if c.tie_embeddings || !ck.contains("lm_head.weight") {
-                    transposed(embed.clone())
-                } else {
-                    transposed(mat("lm_head.weight", c.vocab_size, c.embed_dim)?)
-                };
-                Model {
-                    cfg: c.clone(),
-                    embed,
-                    pos_embed: Some(pos_embed),
-                    project_in,
-                    project_out,
-                    layers,
-                    final_norm,
-                    lm_head,
-                    device: dev.clone(),
-                }
-            }
-            Family::Llama => {
-                let embed = mat("model.embed_tokens.weight", c.vocab_size, d)?;
-                for i in 0..c.layers {
-                    let l = format!("model.layers.{i}");
-                    let lin = |name: &str, din, dout, bias| Linear::load(ck, &format!("{l}.{name}"), din, dout, bias, dev);
-                    layers.push(Layer {
-                        attn_norm: Norm::rms(ck, &format!("{l}.input_layernorm"), d, c.norm_eps, dev)?,
-                        q: lin("self_attn.q_proj", d, q_out, c.attn_bias)?,
-                        k: lin("self_attn.k_proj", d, kv_out, c.attn_bias)?,
-                        v: lin("self_attn.v_proj", d, kv_out, c.attn_bias)?,
-                        o: lin("self_attn.o_proj", q_out, d, false)?,
-                        mlp_norm: Norm::rms(ck, &format!("{l}.post_attention_layernorm"), d, c.norm_eps, dev)?,
-                        mlp: Mlp::SwiGlu {
-                            gate: lin("mlp.gate_proj", d, f, c.mlp_bias)?,
-                            up: lin("mlp.up_proj", d, f, c.mlp_bias)?,
-                            down: lin("mlp.down_proj", f, d, c.mlp_bias)?,
-                        },
-                    });
-                    on_layer(i);
-                }
-                let final_norm = Some(Norm::rms(ck, "model.norm", d, c.norm_eps, dev)?);
-                let lm_head = if c.tie_embeddings {
-                    transposed(embed.clone())
-                } else {
-                    transposed(mat("lm_head.weight", c.vocab_size, d)?)
-                };
-                Model {
-                    cfg: c.clone(),
-                    embed,
-                    pos_embed: None,
-                    project_in: None,
-                    project_out: None,
-                    layers,
-                    final_norm,
-                    lm_head,
-                    device: dev.clone(),
-                }
-            }
-        };
-        Ok(model)
-    }
-
     pub fn device(&self) -> &B::Device {
         &self.device
     }

@@ -1,6 +1,8 @@
 //! Checkpoint readers behind one trait: Hugging Face safetensors (single file or sharded index) and GGUF.
-//! Both hand out [`HostTensor`]s in f32 with Hugging Face names and shapes, so the model code is written once.
+//! Both hand out tensors under Hugging Face names and shapes, as raw bytes with their dtype
+//! ([`Checkpoint::raw`], borrowed from the memory map where possible) or converted to f32 ([`Checkpoint::get`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -9,18 +11,32 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{LoadError, Result};
-use crate::gguf::GgufFile;
-use crate::weights::HostTensor;
+use crate::source::gguf::GgufFile;
+use crate::source::weights::{DType, HostTensor, RawTensor, TensorMeta};
 
 /// A source of named tensors.
 pub trait Checkpoint {
-    /// The tensor `name` (Hugging Face key) in f32.
-    fn get(&self, name: &str) -> Result<HostTensor>;
+    /// The tensor `name` (Hugging Face key) as stored: bytes and dtype, borrowed from the file where its layout
+    /// needs no rewrite.
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>>;
+    /// Dtype, shape and size of `name` without reading its data.
+    fn meta(&self, name: &str) -> Result<TensorMeta>;
+    /// Every tensor name, in file order.
+    fn names(&self) -> Vec<String>;
     fn contains(&self, name: &str) -> bool;
     /// The file that holds `name` (or the checkpoint's main file), for error messages.
     fn file_of(&self, name: &str) -> PathBuf;
     /// Every file the checkpoint reads (for fingerprints).
     fn files(&self) -> Vec<PathBuf>;
+
+    /// A hint that the caller is done with `name`'s bytes, so the pages it faulted in may leave memory (an
+    /// uploader streaming a checkpoint larger than RAM calls it after each tensor). No-op by default.
+    fn release(&self, _name: &str) {}
+
+    /// The tensor `name` in f32 (for the burn reference).
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        Ok(self.raw(name)?.to_host())
+    }
 
     /// `get` plus a check that the shape is what `config.json` implies.
     fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
@@ -36,16 +52,27 @@ pub trait Checkpoint {
     }
 }
 
+/// Where one safetensors tensor lies.
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the shard file.
+    start: usize,
+    end: usize,
+}
+
 /// Memory-mapped safetensors files: one `model.safetensors`, or the shards of a `model.safetensors.index.json`.
 pub struct SafetensorsCheckpoint {
     shards: Vec<(PathBuf, Mmap)>,
-    /// tensor name -> index into `shards`
-    index: BTreeMap<String, usize>,
+    index: BTreeMap<String, Entry>,
+    /// Names in file order (shard by shard, by data offset).
+    order: Vec<String>,
 }
 
 impl SafetensorsCheckpoint {
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut ck = SafetensorsCheckpoint { shards: Vec::new(), index: BTreeMap::new() };
+        let mut ck = SafetensorsCheckpoint { shards: Vec::new(), index: BTreeMap::new(), order: Vec::new() };
         ck.add_shard(path, None)?;
         Ok(ck)
     }
@@ -63,7 +90,7 @@ impl SafetensorsCheckpoint {
         let mut files: Vec<&String> = idx.weight_map.values().collect();
         files.sort();
         files.dedup();
-        let mut ck = SafetensorsCheckpoint { shards: Vec::new(), index: BTreeMap::new() };
+        let mut ck = SafetensorsCheckpoint { shards: Vec::new(), index: BTreeMap::new(), order: Vec::new() };
         for f in files {
             if f.contains('/') || f.contains('\\') || f.starts_with("..") {
                 return Err(LoadError::field(index_path, "weight_map", format!("shard name {f:?} is not a plain file name")));
@@ -81,11 +108,10 @@ impl SafetensorsCheckpoint {
         // a checkpoint changed underneath a running process is outside what any loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
         check_not_truncated(path, &mmap)?;
-        let names: Vec<String> = {
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
-            st.names().into_iter().map(|s| s.to_string()).collect()
-        };
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let names = meta.offset_keys();
         if let Some((expected, index_path)) = expected {
             for name in expected {
                 if !names.iter().any(|n| n == name) {
@@ -99,14 +125,22 @@ impl SafetensorsCheckpoint {
         }
         let shard = self.shards.len();
         for n in names {
-            self.index.insert(n, shard);
+            let Some(info) = meta.info(&n) else { continue };
+            let (a, b) = info.data_offsets;
+            let entry = Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start: data_start + a, end: data_start + b };
+            self.index.insert(n.clone(), entry);
+            self.order.push(n);
         }
         self.shards.push((path.to_path_buf(), mmap));
         Ok(())
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
+    /// The entry of `name` and the path of its shard.
+    fn entry(&self, name: &str) -> Result<(&Entry, &Path)> {
+        match self.index.get(name) {
+            Some(e) => Ok((e, &self.shards[e.shard].0)),
+            None => Err(LoadError::tensor(self.file_of(name), name, "missing from the checkpoint")),
+        }
     }
 }
 
@@ -144,37 +178,49 @@ fn check_not_truncated(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+fn dtype_of(dtype: Dtype, path: &Path, name: &str) -> Result<DType> {
+    match dtype {
+        Dtype::F32 => Ok(DType::F32),
+        Dtype::F16 => Ok(DType::F16),
+        Dtype::BF16 => Ok(DType::BF16),
+        other => Err(LoadError::tensor(path, name, format!("dtype {other:?} is not supported (expected F32, F16 or BF16)"))),
+    }
+}
+
 impl Checkpoint for SafetensorsCheckpoint {
-    fn get(&self, name: &str) -> Result<HostTensor> {
-        let Some(&shard) = self.index.get(name) else {
-            return Err(LoadError::tensor(self.file_of(name), name, "missing from the checkpoint"));
-        };
-        let (path, mmap) = &self.shards[shard];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
-        let view = st.tensor(name).map_err(|e| LoadError::tensor(path, name, e.to_string()))?;
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => {
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            other => {
-                return Err(LoadError::tensor(
-                    path,
-                    name,
-                    format!("dtype {other:?} is not supported (expected F32, F16 or BF16)"),
-                ))
-            }
-        };
-        let shape = view.shape().to_vec();
-        if shape.iter().product::<usize>() != data.len() {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (e, path) = self.entry(name)?;
+        let dtype = dtype_of(e.dtype, path, name)?;
+        let mmap = &self.shards[e.shard].1;
+        let bytes = mmap.get(e.start..e.end).ok_or_else(|| LoadError::tensor(path, name, "data lies beyond the end of the file"))?;
+        if e.shape.iter().product::<usize>() * dtype.size() != bytes.len() {
             return Err(LoadError::tensor(path, name, "byte length does not match its shape"));
         }
-        Ok(HostTensor { shape, data })
+        Ok(RawTensor { dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(bytes) })
+    }
+
+    fn meta(&self, name: &str) -> Result<TensorMeta> {
+        let (e, path) = self.entry(name)?;
+        let dtype = dtype_of(e.dtype, path, name)?;
+        Ok(TensorMeta { stored: dtype.name().to_string(), dtype, shape: e.shape.clone(), bytes: e.end - e.start })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.order.clone()
+    }
+
+    fn release(&self, name: &str) {
+        let Some(e) = self.index.get(name) else { return };
+        let mmap = &self.shards[e.shard].1;
+        // Whole pages inside the tensor only, so a neighbour's pages stay.
+        let page = 4096;
+        let (start, end) = (e.start.div_ceil(page) * page, e.end / page * page);
+        if end > start {
+            // SAFETY: the map is a read-only private file mapping: MADV_DONTNEED only drops the process's copy of
+            // the pages, and any later access (including through a RawTensor still borrowed) reads them back
+            // from the file. Failure is harmless (the pages stay resident).
+            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -187,7 +233,7 @@ impl Checkpoint for SafetensorsCheckpoint {
 
     fn file_of(&self, name: &str) -> PathBuf {
         match self.index.get(name) {
-            Some(&i) => self.shards[i].0.clone(),
+            Some(e) => self.shards[e.shard].0.clone(),
             None => self.shards.first().map(|s| s.0.clone()).unwrap_or_default(),
         }
     }
@@ -209,6 +255,16 @@ impl GgufCheckpoint {
 }
 
 impl Checkpoint for GgufCheckpoint {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        Ok(self.file.hf_raw(name)?)
+    }
+    fn meta(&self, name: &str) -> Result<TensorMeta> {
+        Ok(self.file.hf_meta(name)?)
+    }
+    fn names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+    /// Exact f32 dequantization (not through `raw`'s f16), so quantized models keep their numbers.
     fn get(&self, name: &str) -> Result<HostTensor> {
         Ok(self.file.hf_tensor(name)?)
     }
