@@ -17,7 +17,7 @@ pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod ppl;
-pub mod predictors;
+pub mod predictor;
 pub mod source;
 pub mod text;
 pub mod weights;

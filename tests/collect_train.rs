@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
 use dejavu::collect::{Activations, Tap};
-use dejavu::predictors::Predictors;
+use dejavu::predictor::Predictors;
 use dejavu::ModelFiles;
 
 type B = burn::backend::NdArray<f32>;

@@ -162,7 +162,7 @@ impl BackendTask for Task {
             bail!("--stride must be in 1..=--ctx ({}) (got {})", args.ctx, args.stride);
         }
         let predictors = match &args.predictors {
-            Some(dir) => Some(dejavu::predictors::Predictors::<B>::load(dir, &identity, &device)?),
+            Some(dir) => Some(dejavu::predictor::Predictors::<B>::load(dir, &identity, &device)?),
             None => None,
         };
         let model = load_model::<B>(&files, &device, false)?;

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
-use dejavu::predictors::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
+use dejavu::predictor::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
@@ -185,7 +185,7 @@ impl BackendTask for Task {
             );
         }
         let n = pm.layers.len().max(1) as f64;
-        let mean = |f: fn(&dejavu::predictors::LayerMetrics) -> f64| pm.layers.iter().map(f).sum::<f64>() / n;
+        let mean = |f: fn(&dejavu::predictor::LayerMetrics) -> f64| pm.layers.iter().map(f).sum::<f64>() / n;
         println!(
             "| mean | | {:.3} | {:.4} | {:.4} | {:.3} | {:.4} | | {:.3} | {:.4} | {:.4} | {:.4} | | |",
             mean(|r| r.neuron_density),
