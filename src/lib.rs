@@ -14,11 +14,11 @@ pub mod eval;
 pub mod fixture;
 pub mod generate;
 pub mod gguf;
-pub mod manifest;
 pub mod model;
 pub mod ppl;
 pub mod predictor;
 pub mod source;
+pub mod store;
 pub mod text;
 pub mod weights;
 

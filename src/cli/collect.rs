@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::DeviceKind;
 use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
-use dejavu::manifest::human_bytes;
+use dejavu::store::human_bytes;
 use dejavu::ModelFiles;
 
 use super::common::{ModelArgs, ModelCommand, load_model, run_with_model};

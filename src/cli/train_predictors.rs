@@ -83,12 +83,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(spec) = &args.model {
         let files = super::common::resolve(spec)?;
         let id = files.identity().with_context(|| format!("while fingerprinting model `{spec}`"))?;
-        id.ensure_same(&acts.manifest.model, &acts.dir.join("manifest.json")).map_err(anyhow::Error::msg)?;
+        acts.check_model(&id)?;
     }
-    if args.neuron_target == NeuronTarget::Gate && acts.manifest.model.family != dejavu::Family::Llama {
+    if args.neuron_target == NeuronTarget::Gate && acts.manifest.model().family != dejavu::Family::Llama {
         anyhow::bail!(
             "{}: --neuron-target gate needs a Llama model (these activations are of an OPT model, labelled by ReLU > 0)",
-            acts.dir.join("manifest.json").display()
+            acts.manifest_path().display()
         );
     }
     dispatch(args.device, Task { args, acts })
@@ -104,7 +104,7 @@ impl BackendTask for Task {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let Task { args, acts } = self;
         let m = &acts.manifest;
-        let id = &m.model;
+        let id = m.model();
         let jobs = args.jobs.unwrap_or(match args.device {
             DeviceKind::Cpu | DeviceKind::Ndarray => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             _ => 1,

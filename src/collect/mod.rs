@@ -26,14 +26,12 @@ mod text;
 use std::path::{Path, PathBuf};
 
 use crate::source::ModelIdentity;
+use crate::store::{self, ArtifactHeader, StoreError, ACTS_FORMAT, ACTS_VERSION};
 
 pub use pipeline::{CollectOptions, CollectReport, Collector, SLOW_ENV};
 pub use reader::Activations;
 pub use shard::{bytes_per_token, tensor_name, Tap};
 pub use text::{TextPos, TokenStream, DEFAULT_CHUNK_BYTES};
-
-/// Manifest format tag of `RUN/acts/manifest.json`.
-pub const ACTS_FORMAT: &str = "dejavu-acts/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -47,6 +45,12 @@ pub enum CollectError {
     Run { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
     Shard { path: PathBuf, msg: String },
+    /// An option out of range; `field` is its name in [`CollectOptions`] (the CLI and recipes map it to a flag or
+    /// key).
+    #[error("option `{field}`: {msg}")]
+    BadOption { field: &'static str, msg: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -60,6 +64,9 @@ impl CollectError {
     }
     pub(crate) fn run(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         CollectError::Run { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
+        CollectError::BadOption { field, msg: msg.into() }
     }
 }
 
@@ -95,9 +102,8 @@ pub struct ShardInfo {
 /// `RUN/acts/manifest.json`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ActsManifest {
-    pub format: String,
-    pub dejavu_version: String,
-    pub model: ModelIdentity,
+    /// Format `dejavu.acts`, the model, and the [`CollectOptions`] the collection was started with.
+    pub header: ArtifactHeader,
     pub layers: usize,
     pub taps: Vec<TapInfo>,
     /// Sequence length including the BOS token (when there is one).
@@ -124,13 +130,13 @@ impl ActsManifest {
     pub fn width(&self, tap: Tap) -> Option<usize> {
         self.taps.iter().find(|t| t.tap == tap).map(|t| t.width)
     }
+    /// The model the activations were recorded from.
+    pub fn model(&self) -> &ModelIdentity {
+        &self.header.model
+    }
 }
 
-pub fn read_acts_manifest(path: &Path) -> Result<ActsManifest> {
-    let text = std::fs::read_to_string(path).map_err(|e| CollectError::io(path, e))?;
-    let m: ActsManifest = serde_json::from_str(&text).map_err(|e| CollectError::run(path, format!("invalid activations manifest: {e}")))?;
-    if m.format != ACTS_FORMAT {
-        return Err(CollectError::run(path, format!("field `format`: expected `{ACTS_FORMAT}`, found `{}`", m.format)));
-    }
-    Ok(m)
+/// Read an activations manifest, refusing another format or version and, when `model` is given, another model.
+pub fn read_acts_manifest(path: &Path, model: Option<&ModelIdentity>) -> Result<ActsManifest> {
+    Ok(store::read_artifact(path, ACTS_FORMAT, ACTS_VERSION, model)?)
 }

@@ -9,18 +9,19 @@ use tokenizers::Tokenizer;
 
 use super::shard::{bytes_per_token, flush, ShardBuf, Tap, Writers};
 use super::text::{sniff_text, TextPos, TokenStream};
-use super::{read_acts_manifest, ActsManifest, CollectError, Result, TapInfo, TextSource, ACTS_FORMAT};
+use super::{read_acts_manifest, ActsManifest, CollectError, Result, TapInfo, TextSource};
 use crate::config::{Family, ModelConfig};
-use crate::manifest::{self, human_bytes};
+
 use crate::model::{Model, TapSet};
 use crate::source::ModelIdentity;
+use crate::store::{self, human_bytes, ArtifactHeader, RunDir, ACTS_FORMAT, ACTS_VERSION};
 
 /// Environment variable (tests only): sleep this many milliseconds after each forward, so a test can kill a run
 /// in the middle.
 pub const SLOW_ENV: &str = "DEJAVU_TEST_FORWARD_DELAY_MS";
 
-/// What `dejavu collect` was asked to do.
-#[derive(Debug, Clone)]
+/// What `dejavu collect` was asked to do; recorded, resolved, in the manifest's header.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CollectOptions {
     pub texts: Vec<PathBuf>,
     pub tokens: usize,
@@ -83,63 +84,60 @@ impl Collector {
     /// Validate the text files, create or resume `out/acts`, and check the disk has room for what is left.
     pub fn open(out: &Path, cfg: &ModelConfig, identity: ModelIdentity, opts: CollectOptions) -> Result<Self> {
         if opts.tokens == 0 {
-            return Err(CollectError::Invalid("--tokens must be at least 1".into()));
+            return Err(CollectError::option("tokens", "must be at least 1"));
         }
         if opts.batch == 0 {
-            return Err(CollectError::Invalid("--batch must be at least 1".into()));
+            return Err(CollectError::option("batch", "must be at least 1"));
         }
         let bos = cfg.bos_token_id;
         let min_len = if bos.is_some() { 2 } else { 1 };
         if opts.seq_len < min_len {
-            return Err(CollectError::Invalid(format!("--seq-len must be at least {min_len} (got {})", opts.seq_len)));
+            return Err(CollectError::option("seq_len", format!("must be at least {min_len} (got {})", opts.seq_len)));
         }
         if cfg.family == Family::Opt && opts.seq_len > cfg.max_positions {
-            return Err(CollectError::Invalid(format!(
-                "--seq-len {} exceeds the model's max_position_embeddings {}",
-                opts.seq_len, cfg.max_positions
-            )));
+            return Err(CollectError::option(
+                "seq_len",
+                format!("{} exceeds the model's max_position_embeddings {}", opts.seq_len, cfg.max_positions),
+            ));
         }
         if opts.texts.is_empty() {
-            return Err(CollectError::Invalid("give at least one --text file".into()));
+            return Err(CollectError::option("texts", "give at least one text file"));
         }
         let mut sources = Vec::new();
         for p in &opts.texts {
             sources.push(TextSource { path: p.clone(), bytes: sniff_text(p)? });
         }
-        let dir = out.join("acts");
-        let mpath = dir.join("manifest.json");
+        let run = RunDir::at(out);
+        let (dir, mpath) = (run.acts(), run.acts_manifest());
         let taps: Vec<TapInfo> = Tap::for_family(cfg.family)
             .into_iter()
             .map(|t| TapInfo { tap: t, width: t.width(cfg), dtype: "F16".into(), what: t.describe(cfg.family).into() })
             .collect();
         let manifest = if mpath.exists() {
-            let m = read_acts_manifest(&mpath)?;
-            identity.ensure_same(&m.model, &mpath).map_err(CollectError::Invalid)?;
+            let m = read_acts_manifest(&mpath, Some(&identity))?;
             let differs = |what: &str, was: String, now: String| {
                 CollectError::run(
                     &mpath,
-                    format!("this run was started with {what} {was}, not {now}; rerun with the same arguments or use a new --out"),
+                    format!("this run was started with {what} {was}, not {now}; rerun with the same options or use another run directory"),
                 )
             };
             if m.seq_len != opts.seq_len {
-                return Err(differs("--seq-len", m.seq_len.to_string(), opts.seq_len.to_string()));
+                return Err(differs("seq_len", m.seq_len.to_string(), opts.seq_len.to_string()));
             }
             if m.tokens_requested != opts.tokens {
-                return Err(differs("--tokens", m.tokens_requested.to_string(), opts.tokens.to_string()));
+                return Err(differs("tokens", m.tokens_requested.to_string(), opts.tokens.to_string()));
             }
             let show = |s: &[TextSource]| s.iter().map(|t| format!("{} ({} bytes)", t.path.display(), t.bytes)).collect::<Vec<_>>().join(", ");
             if m.sources != sources {
-                return Err(differs("--text", show(&m.sources), show(&sources)));
+                return Err(differs("texts", show(&m.sources), show(&sources)));
             }
             if m.chunk_bytes != opts.chunk_bytes {
-                return Err(differs("chunk size", m.chunk_bytes.to_string(), opts.chunk_bytes.to_string()));
+                return Err(differs("chunk_bytes", m.chunk_bytes.to_string(), opts.chunk_bytes.to_string()));
             }
             m
         } else {
             ActsManifest {
-                format: ACTS_FORMAT.into(),
-                dejavu_version: manifest::VERSION.into(),
-                model: identity,
+                header: ArtifactHeader::new(ACTS_FORMAT, ACTS_VERSION, identity, &opts),
                 layers: cfg.layers,
                 taps,
                 seq_len: opts.seq_len,
@@ -158,7 +156,7 @@ impl Collector {
         if !manifest.complete {
             let left = (opts.tokens - manifest.tokens.min(opts.tokens)) as u64;
             let need = left * manifest.bytes_per_token + (1 << 20);
-            let free = manifest::free_bytes(out).map_err(|e| CollectError::io(out, e))?;
+            let free = store::free_bytes(out).map_err(|e| CollectError::io(out, e))?;
             if need > free {
                 return Err(CollectError::run(
                     out,
@@ -171,15 +169,10 @@ impl Collector {
                 ));
             }
         }
+        RunDir::create(out)?;
         std::fs::create_dir_all(&dir).map_err(|e| CollectError::io(&dir, e))?;
         // Leftovers of a killed write; the shard they held is recomputed.
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".tmp") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        store::remove_stale_tmp(&dir);
         Ok(Collector { dir, manifest, opts })
     }
 
@@ -360,7 +353,7 @@ impl Collector {
             return Err(CollectError::Invalid(format!("{names}: the text produced no tokens")));
         }
         let mpath = self.dir.join("manifest.json");
-        manifest::write_json(&mpath, &*m).map_err(|e| CollectError::io(&mpath, e))?;
+        store::write_json(&mpath, &*m)?;
         report.write_wait_seconds += tw.elapsed().as_secs_f64();
         report.tokens = m.tokens;
         report.shards = m.shards.len();

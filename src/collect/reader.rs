@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{read_acts_manifest, tensor_name, ActsManifest, CollectError, Result, Tap};
+use crate::source::ModelIdentity;
+use crate::store::{RunDir, ACTS_FORMAT, ACTS_VERSION};
 
 /// A finished collection, opened for reading (by `train-predictors`).
 pub struct Activations {
@@ -17,15 +19,12 @@ pub struct Activations {
 impl Activations {
     /// Open `run/acts`; a missing run directory, a missing manifest or an unfinished collection is an error.
     pub fn open(run: &Path) -> Result<Self> {
-        if !run.is_dir() {
-            return Err(CollectError::run(run, "no such run directory (create it with `dejavu collect --out RUN`)"));
-        }
-        let dir = run.join("acts");
-        let mpath = dir.join("manifest.json");
+        let rd = RunDir::open(run)?;
+        let (dir, mpath) = (rd.acts(), rd.acts_manifest());
         if !mpath.is_file() {
-            return Err(CollectError::run(&mpath, "not found: this is not a run directory with collected activations (run `dejavu collect --out RUN` first)"));
+            return Err(CollectError::run(&mpath, "not found: this is not a run directory with collected activations (run `dejavu collect` first)"));
         }
-        let manifest = read_acts_manifest(&mpath)?;
+        let manifest = read_acts_manifest(&mpath, None)?;
         if !manifest.complete {
             return Err(CollectError::run(
                 &mpath,
@@ -38,10 +37,20 @@ impl Activations {
         Ok(Activations { run: run.to_path_buf(), dir, manifest })
     }
 
+    /// `RUN/acts/manifest.json`.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+
+    /// Refuse activations recorded from a model other than `model`.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
+        Ok(self.manifest.header.check(&self.manifest_path(), ACTS_FORMAT, ACTS_VERSION, model)?)
+    }
+
     /// Tap `tap` of `layer` over the first `max_tokens` recorded tokens, as f32 `[T, width]` (row-major).
     pub fn read(&self, layer: usize, tap: Tap, max_tokens: usize) -> Result<(Vec<f32>, usize)> {
         let m = &self.manifest;
-        let mpath = self.dir.join("manifest.json");
+        let mpath = self.manifest_path();
         let width = m.width(tap).ok_or_else(|| CollectError::run(&mpath, format!("tap `{}` was not recorded", tap.name())))?;
         if layer >= m.layers {
             return Err(CollectError::run(&mpath, format!("layer {layer} out of range ({} layers)", m.layers)));

@@ -8,9 +8,9 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 use safetensors::{tensor::TensorView, Dtype};
 
 use super::pipeline::Forwarded;
-use super::{ActsManifest, CollectError, Result, ShardInfo, TextPos, ACTS_FORMAT};
+use super::{ActsManifest, CollectError, Result, ShardInfo, TextPos};
 use crate::config::{Family, ModelConfig};
-use crate::manifest;
+use crate::store::{self, ACTS_FORMAT, ACTS_VERSION};
 use crate::model::LayerTaps;
 
 /// One recorded value per layer and token.
@@ -312,7 +312,7 @@ pub(super) fn flush(dir: &Path, m: &mut ActsManifest, shard: &mut ShardBuf, writ
         written?;
         before?;
         let mpath = dir.join("manifest.json");
-        manifest::write_json(&mpath, &snapshot).map_err(|e| CollectError::io(&mpath, e))
+        Ok(store::write_json(&mpath, &snapshot)?)
     }));
     Ok(())
 }
@@ -329,8 +329,7 @@ fn write_shard(path: &Path, buf: &ShardBuf) -> Result<()> {
     for ((name, data), &w) in buf.names.iter().zip(&buf.data).zip(&buf.shapes_w) {
         views.push((name.clone(), TensorView::new(Dtype::F16, vec![t, w], data).map_err(bad)?));
     }
-    let meta: HashMap<String, String> = [("format".to_string(), ACTS_FORMAT.to_string())].into_iter().collect();
-    let tmp = manifest::tmp_path(path);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(bad)?;
-    manifest::commit_tmp(&tmp, path).map_err(|e| CollectError::io(path, e))
+    let meta: HashMap<String, String> =
+        [("format".to_string(), ACTS_FORMAT.to_string()), ("version".to_string(), ACTS_VERSION.to_string())].into_iter().collect();
+    Ok(store::write_safetensors(path, views, meta)?)
 }

@@ -7,8 +7,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use super::model::LowRankWeights;
-use super::{PredictorError, PredictorsManifest, Result, PREDICTORS_FORMAT, WEIGHTS_FILE};
+use super::{PredictorError, PredictorsManifest, Result, WEIGHTS_FILE};
 use crate::source::ModelIdentity;
+use crate::store::{self, PREDICTORS_FORMAT, PREDICTORS_VERSION};
 
 /// Trained predictors of one model, loaded for inference.
 pub struct Predictors<B: Backend> {
@@ -24,14 +25,8 @@ impl<B: Backend> Predictors<B> {
         if !mpath.is_file() {
             return Err(PredictorError::file(&mpath, "not found: not a predictors directory (run `dejavu train-predictors` first)"));
         }
-        let text = std::fs::read_to_string(&mpath).map_err(|e| PredictorError::Io { path: mpath.clone(), err: e })?;
-        let manifest: PredictorsManifest =
-            serde_json::from_str(&text).map_err(|e| PredictorError::file(&mpath, format!("invalid predictors manifest: {e}")))?;
-        if manifest.format != PREDICTORS_FORMAT {
-            return Err(PredictorError::file(&mpath, format!("field `format`: expected `{PREDICTORS_FORMAT}`, found `{}`", manifest.format)));
-        }
-        model.ensure_same(&manifest.model, &mpath).map_err(PredictorError::Mismatch)?;
-        let id = &manifest.model;
+        let manifest: PredictorsManifest = store::read_artifact(&mpath, PREDICTORS_FORMAT, PREDICTORS_VERSION, Some(model))?;
+        let id = manifest.model();
         let have: Vec<usize> = manifest.layers.iter().map(|l| l.layer).collect();
         if have != (0..id.layers).collect::<Vec<_>>() {
             return Err(PredictorError::file(&mpath, format!("holds predictors for layers {have:?}, not all {} layers", id.layers)));

@@ -1,10 +1,5 @@
 //! Held-out metrics of a predictor: the recall curve over k, the smallest k reaching a target recall, and the
-//! per-layer table written as `metrics.csv`.
-
-use std::path::Path;
-
-use super::{PredictorError, Result};
-use crate::manifest;
+//! per-layer row written to `metrics.csv` and the manifest.
 
 /// Metrics of one layer's predictors on the held-out tokens.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -64,16 +59,6 @@ pub(super) fn k_at_recall(hits: &[u64], target: f64, rows: usize) -> (usize, f64
     let recall = hits[k] as f64 / p as f64;
     let precision = if k == 0 { 1.0 } else { hits[k] as f64 / (k * rows) as f64 };
     (k, recall, precision)
-}
-
-pub(super) fn write_csv(path: &Path, rows: &[LayerMetrics]) -> Result<()> {
-    let io = |e: std::io::Error| PredictorError::Io { path: path.to_path_buf(), err: e };
-    let mut w = csv::Writer::from_writer(Vec::new());
-    for r in rows {
-        w.serialize(r).map_err(|e| PredictorError::file(path, e.to_string()))?;
-    }
-    let bytes = w.into_inner().map_err(|e| PredictorError::file(path, e.to_string()))?;
-    manifest::write_atomic(path, &bytes).map_err(io)
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use std::path::PathBuf;
 
 use crate::collect::CollectError;
 use crate::source::ModelIdentity;
+use crate::store::{ArtifactHeader, StoreError};
 
 pub use load::Predictors;
 pub use metrics::LayerMetrics;
@@ -37,7 +38,6 @@ pub use model::{normalize_input, rms_normalize, RMS_EPS};
 pub use svg::svg_plot;
 pub use train::{default_rank, topk_count, train, NeuronTarget, TrainEvent, TrainOptions};
 
-pub const PREDICTORS_FORMAT: &str = "dejavu-predictors/1";
 pub const WEIGHTS_FILE: &str = "predictors.safetensors";
 
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +48,13 @@ pub enum PredictorError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
-    /// Predictors or activations of another model.
-    #[error("{0}")]
-    Mismatch(String),
+    /// A file of another format, version or model (the store's check).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An option out of range; `field` is its name in [`TrainOptions`] (the CLI and recipes map it to a flag or
+    /// key).
+    #[error("option `{field}`: {msg}")]
+    BadOption { field: &'static str, msg: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -58,6 +62,9 @@ pub enum PredictorError {
 impl PredictorError {
     pub(crate) fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         PredictorError::File { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
+        PredictorError::BadOption { field, msg: msg.into() }
     }
 }
 
@@ -75,9 +82,8 @@ pub struct ActsLink {
 /// `RUN/predictors/manifest.json`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PredictorsManifest {
-    pub format: String,
-    pub dejavu_version: String,
-    pub model: ModelIdentity,
+    /// Format `dejavu.predictors`, the model, and the [`TrainOptions`] used.
+    pub header: ArtifactHeader,
     pub acts: ActsLink,
     pub rank: usize,
     pub train_tokens: usize,
@@ -87,6 +93,12 @@ pub struct PredictorsManifest {
     pub neuron_input: String,
     pub head_input: String,
     pub normalisation: String,
-    pub options: TrainOptions,
     pub layers: Vec<LayerMetrics>,
+}
+
+impl PredictorsManifest {
+    /// The model the predictors were trained for.
+    pub fn model(&self) -> &ModelIdentity {
+        &self.header.model
+    }
 }

@@ -9,8 +9,8 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 use safetensors::{tensor::TensorView, Dtype};
 
-use super::{PredictorError, Result, PREDICTORS_FORMAT};
-use crate::manifest;
+use super::{PredictorError, Result};
+use crate::store::{self, PREDICTORS_FORMAT, PREDICTORS_VERSION};
 
 /// Epsilon of the per-token RMS normalisation of predictor inputs.
 pub const RMS_EPS: f64 = 1e-6;
@@ -62,10 +62,11 @@ pub(super) fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32
         .zip(&bytes)
         .map(|((name, shape, _), b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)).map_err(bad))
         .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = [("format".to_string(), PREDICTORS_FORMAT.to_string())].into_iter().collect();
-    let tmp = manifest::tmp_path(path);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(bad)?;
-    manifest::commit_tmp(&tmp, path).map_err(|e| PredictorError::Io { path: path.to_path_buf(), err: e })
+    let meta: HashMap<String, String> =
+        [("format".to_string(), PREDICTORS_FORMAT.to_string()), ("version".to_string(), PREDICTORS_VERSION.to_string())]
+            .into_iter()
+            .collect();
+    Ok(store::write_safetensors(path, views, meta)?)
 }
 
 /// One layer's loaded predictor weights. `w1: [d, r]`, `w2: [r, n]`.

@@ -8,14 +8,14 @@ pub fn svg_plot(m: &PredictorsManifest) -> String {
     let (w, h, left, right, top, bottom) = (760.0, 380.0, 60.0, 190.0, 30.0, 50.0);
     let pw = w - left - right;
     let ph = h - top - bottom;
-    let layers = m.model.layers.max(2) as f64;
+    let layers = m.model().layers.max(2) as f64;
     let x = |l: usize| left + pw * l as f64 / (layers - 1.0);
     let y = |v: f64| top + ph * (1.0 - v.clamp(0.0, 1.0));
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{left}\" y=\"18\" font-size=\"14\">{} — predictor recall and kept fraction by layer (held-out)</text>\n",
-        xml_escape(&m.model.source)
+        xml_escape(&m.model().source)
     );
     for i in 0..=10 {
         let v = i as f64 / 10.0;
@@ -29,7 +29,7 @@ pub fn svg_plot(m: &PredictorsManifest) -> String {
         );
     }
     let step = ((layers as usize) / 15).max(1);
-    for l in (0..m.model.layers).step_by(step) {
+    for l in (0..m.model().layers).step_by(step) {
         s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{l}</text>\n", x(l), top + ph + 16.0);
     }
     s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">layer</text>\n", left + pw / 2.0, h - 10.0);

@@ -12,14 +12,14 @@ use burn::nn::LinearConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use super::metrics::{hits_by_k, k_at_recall, write_csv, LayerMetrics};
+use super::metrics::{hits_by_k, k_at_recall, LayerMetrics};
 use super::model::{host, normalize_input, rms_normalize, write_weights, LowRank, LowRankHost};
 use super::svg::svg_plot;
-use super::{ActsLink, PredictorError, PredictorsManifest, Result, PREDICTORS_FORMAT, WEIGHTS_FILE};
+use super::{ActsLink, PredictorError, PredictorsManifest, Result, WEIGHTS_FILE};
 use crate::collect::{Activations, Tap};
 use crate::config::Family;
 use crate::generate::SplitMix64;
-use crate::manifest;
+use crate::store::{self, ArtifactHeader, RunDir, PREDICTORS_FORMAT, PREDICTORS_VERSION};
 
 /// Default rank: a quarter of the hidden size, rounded down to a multiple of 32, within 16..=1024 (and at most
 /// `hidden`). SmolLM2 (d=576) gets 128 (~12M f32 values for 30 layers' neuron and head predictors), OPT-1.3B 512,
@@ -116,36 +116,38 @@ pub fn train<B: Backend>(
     on_event: &(dyn Fn(TrainEvent) + Sync),
 ) -> Result<PredictorsManifest> {
     let m = &acts.manifest;
-    let id = &m.model;
+    let id = m.model();
     let total = m.tokens.min(opts.max_tokens);
     let heldout = ((total as f64 * opts.holdout).round() as usize).clamp(1, total.saturating_sub(1).max(1));
     let train_n = total - heldout;
     if train_n < 1 || total < 2 {
-        return Err(PredictorError::Invalid(format!(
-            "{}: {total} tokens are too few to train on (need a training and a held-out split)",
-            acts.dir.join("manifest.json").display()
-        )));
+        return Err(PredictorError::file(
+            acts.manifest_path(),
+            format!("{total} tokens are too few to train on (need a training and a held-out split)"),
+        ));
     }
     if !(opts.holdout > 0.0 && opts.holdout < 1.0) {
-        return Err(PredictorError::Invalid(format!("--holdout must be in (0, 1) (got {})", opts.holdout)));
+        return Err(PredictorError::option("holdout", format!("must be in (0, 1) (got {})", opts.holdout)));
     }
-    for (name, v) in [("--target-recall", opts.target_recall), ("--head-target-recall", opts.head_target_recall)] {
+    for (name, v) in [("target_recall", opts.target_recall), ("head_target_recall", opts.head_target_recall)] {
         if !(v > 0.0 && v <= 1.0) {
-            return Err(PredictorError::Invalid(format!("{name} must be in (0, 1] (got {v})")));
+            return Err(PredictorError::option(name, format!("must be in (0, 1] (got {v})")));
         }
     }
-    for (name, v) in [("--neuron-density", opts.neuron_density), ("--head-density", opts.head_density)] {
+    for (name, v) in [("neuron_density", opts.neuron_density), ("head_density", opts.head_density)] {
         if !(v > 0.0 && v < 1.0) {
-            return Err(PredictorError::Invalid(format!("{name} must be in (0, 1) (got {v})")));
+            return Err(PredictorError::option(name, format!("must be in (0, 1) (got {v})")));
         }
     }
-    if opts.rank == 0 || opts.epochs == 0 || opts.batch_size == 0 || opts.jobs == 0 {
-        return Err(PredictorError::Invalid("--rank, --epochs, --batch-size and --jobs must be at least 1".into()));
+    for (name, v) in [("rank", opts.rank), ("epochs", opts.epochs), ("batch_size", opts.batch_size), ("jobs", opts.jobs)] {
+        if v == 0 {
+            return Err(PredictorError::option(name, "must be at least 1"));
+        }
     }
     let layers: Vec<usize> = match &opts.layers {
         Some(v) => {
             if let Some(&bad) = v.iter().find(|&&l| l >= id.layers) {
-                return Err(PredictorError::Invalid(format!("--layers: layer {bad} out of range (the model has {})", id.layers)));
+                return Err(PredictorError::option("layers", format!("layer {bad} out of range (the model has {})", id.layers)));
             }
             v.clone()
         }
@@ -184,7 +186,7 @@ pub fn train<B: Backend>(
         return Err(e);
     }
     let results = results.into_inner().map_err(|_| PredictorError::Invalid("a training thread panicked".into()))?;
-    let out = acts.run.join("predictors");
+    let out = RunDir::at(&acts.run).predictors();
     std::fs::create_dir_all(&out).map_err(|e| PredictorError::Io { path: out.clone(), err: e })?;
     let mut metrics = Vec::new();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -213,9 +215,7 @@ pub fn train<B: Backend>(
         ),
     };
     let manifest = PredictorsManifest {
-        format: PREDICTORS_FORMAT.into(),
-        dejavu_version: manifest::VERSION.into(),
-        model: id.clone(),
+        header: ArtifactHeader::new(PREDICTORS_FORMAT, PREDICTORS_VERSION, id.clone(), opts),
         acts: ActsLink { manifest: "../acts/manifest.json".into(), tokens: m.tokens, seq_len: m.seq_len, sources: m.sources.clone() },
         rank: r,
         train_tokens: train_n,
@@ -229,14 +229,12 @@ pub fn train<B: Backend>(
         neuron_input: "layer.{i}.mlp_input: residual entering layer i's MLP, before its norm".into(),
         head_input: "layer.{i-1}.block_input (layer 0: layer.0.block_input): residual entering the previous layer, before its norm".into(),
         normalisation: "z = (x / sqrt(mean(x^2) + 1e-6) - in_mean) * in_inv_std; logits = (z @ w1 + b1) @ w2 + b2".into(),
-        options: opts.clone(),
         layers: metrics,
     };
     let mpath = out.join("manifest.json");
-    manifest::write_json(&mpath, &manifest).map_err(|e| PredictorError::Io { path: mpath.clone(), err: e })?;
-    write_csv(&out.join("metrics.csv"), &manifest.layers)?;
-    let svg = out.join("recall_density.svg");
-    manifest::write_atomic(&svg, svg_plot(&manifest).as_bytes()).map_err(|e| PredictorError::Io { path: svg, err: e })?;
+    store::write_json(&mpath, &manifest)?;
+    store::write_csv(&out.join("metrics.csv"), &manifest.layers)?;
+    store::write_atomic(&out.join("recall_density.svg"), svg_plot(&manifest).as_bytes())?;
     Ok(manifest)
 }
 
@@ -257,7 +255,7 @@ fn train_layer<B: Backend>(
 ) -> Result<(LayerMetrics, LowRankHost, LowRankHost)> {
     let t0 = Instant::now();
     let m = &acts.manifest;
-    let id = &m.model;
+    let id = m.model();
     let (d, ffn, heads) = (id.hidden, id.ffn, id.heads);
     // Neurons.
     let (x, _) = acts.read(l, Tap::MlpInput, total)?;
