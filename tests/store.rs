@@ -124,7 +124,7 @@ fn every_stage_refuses_other_versions_and_models() {
     // --model are covered in collect_train.rs).
     let e = Predictors::<B>::load(&run.predictors(), &llama, &dev).err().expect("predictors of another model");
     assert_one_line(&e.to_string(), &["predictors/manifest.json", "made for model", "fingerprint"]);
-    let e = Thresholds::load(&run.thresholds(), &llama).err().expect("thresholds of another model");
+    let e = Thresholds::load(&run.thresholds(), &llama).expect_err("thresholds of another model");
     assert_one_line(&e.to_string(), &["thresholds.json", "made for model", "fingerprint"]);
 
     // Another format version, older and newer, for each stage's reader.
@@ -152,14 +152,14 @@ fn every_stage_refuses_other_versions_and_models() {
 
     let thr = run.thresholds();
     set_version(&thr, THRESHOLDS_VERSION + 1);
-    let e = Thresholds::load(&thr, &opt).err().expect("thresholds of a newer version");
+    let e = Thresholds::load(&thr, &opt).expect_err("thresholds of a newer version");
     assert_one_line(&e.to_string(), &["thresholds.json", "newer dejavu"]);
     set_version(&thr, THRESHOLDS_VERSION);
     assert!(Thresholds::load(&thr, &opt).is_ok());
 
     // Another format in the right place.
     edit_json(&thr, |v| v["header"]["format"] = "dejavu.acts".into());
-    let e = Thresholds::load(&thr, &opt).err().expect("an activations header in a thresholds file");
+    let e = Thresholds::load(&thr, &opt).expect_err("an activations header in a thresholds file");
     assert_one_line(&e.to_string(), &["thresholds.json", "expected `dejavu.thresholds`", "found `dejavu.acts`"]);
 
     // Files of the first dejavu, with no header: a thresholds file and an activations manifest.
@@ -169,7 +169,7 @@ fn every_stage_refuses_other_versions_and_models() {
         o.insert("model".into(), h["model"].clone());
         o.insert("dejavu_version".into(), "0.1.0".into());
     });
-    let e = Thresholds::load(&thr, &opt).err().expect("a thresholds file with no header");
+    let e = Thresholds::load(&thr, &opt).expect_err("a thresholds file with no header");
     assert_one_line(&e.to_string(), &["thresholds.json", "older dejavu", "re-run `dejavu calibrate`"]);
     edit_json(&acts, |v| {
         let o = v.as_object_mut().unwrap();
@@ -248,4 +248,23 @@ fn run_dir_open_and_create_name_the_path() {
     let made = RunDir::create(&tmp.path().join("a/b")).unwrap();
     assert!(made.root().is_dir());
     assert_eq!(RunDir::open(made.root()).unwrap(), made);
+}
+
+#[test]
+fn library_errors_name_the_option_and_the_cli_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text);
+    let run = tmp.path().join("run");
+    let model = fixture("tiny-opt");
+    let mut args = collect_args(&model, &text, &run);
+    args[6] = "0"; // --tokens 0
+    assert_one_line_failure(&common::dejavu(&args, &[]), &["--tokens", "option `tokens`"]);
+    assert_ok(&common::dejavu(&collect_args(&model, &text, &run), &[]));
+    // train-predictors prints what it is about to train before the options are checked; the error is one line.
+    let out = common::dejavu(&["train-predictors", "--run", p(&run), "--holdout", "1.5"], &[]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{}", out.stderr);
+    assert_one_line(errors[0], &["--holdout", "option `holdout`", "(0, 1)"]);
 }

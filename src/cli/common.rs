@@ -78,3 +78,12 @@ pub fn run_with_model<A: ModelCommand>(args: A) -> anyhow::Result<()> {
     let device = args.model_args().device;
     dispatch(device, WithModel { args, files })
 }
+
+/// The flag that sets the library option `field` (snake_case field, kebab-case flag; collect's `texts` is
+/// `--text`), so a library error that names the field can name the flag too.
+pub fn flag_for(field: &str) -> String {
+    match field {
+        "texts" => "--text".into(),
+        f => format!("--{}", f.replace('_', "-")),
+    }
+}

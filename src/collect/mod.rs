@@ -35,8 +35,9 @@ pub use text::{TextPos, TokenStream, DEFAULT_CHUNK_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
-    #[error("{}: {err}", path.display())]
-    Io { path: PathBuf, err: std::io::Error },
+    /// I/O, or an artifact of another format, version or model.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// Bad calibration text.
     #[error("{}: {msg}", path.display())]
     Text { path: PathBuf, msg: String },
@@ -49,15 +50,13 @@ pub enum CollectError {
     /// key).
     #[error("option `{field}`: {msg}")]
     BadOption { field: &'static str, msg: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
     #[error("{0}")]
     Invalid(String),
 }
 
 impl CollectError {
     pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        CollectError::Io { path: path.into(), err }
+        CollectError::Store(StoreError::io(path, err))
     }
     pub(crate) fn text(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         CollectError::Text { path: path.into(), msg: msg.into() }

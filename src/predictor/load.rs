@@ -32,9 +32,9 @@ impl<B: Backend> Predictors<B> {
             return Err(PredictorError::file(&mpath, format!("holds predictors for layers {have:?}, not all {} layers", id.layers)));
         }
         let wpath = dir.join(WEIGHTS_FILE);
-        let f = std::fs::File::open(&wpath).map_err(|e| PredictorError::Io { path: wpath.clone(), err: e })?;
+        let f = std::fs::File::open(&wpath).map_err(|e| PredictorError::io(&wpath, e))?;
         // SAFETY: the file is only read, and not modified while loaded.
-        let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| PredictorError::Io { path: wpath.clone(), err: e })?;
+        let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| PredictorError::io(&wpath, e))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| PredictorError::file(&wpath, e.to_string()))?;
         let r = manifest.rank;
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {

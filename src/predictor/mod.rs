@@ -42,26 +42,27 @@ pub const WEIGHTS_FILE: &str = "predictors.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictorError {
-    #[error(transparent)]
-    Acts(#[from] CollectError),
-    #[error("{}: {err}", path.display())]
-    Io { path: PathBuf, err: std::io::Error },
-    #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
-    /// A file of another format, version or model (the store's check).
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
     /// An option out of range; `field` is its name in [`TrainOptions`] (the CLI and recipes map it to a flag or
     /// key).
     #[error("option `{field}`: {msg}")]
     BadOption { field: &'static str, msg: String },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// I/O, or a file of another format, version or model (the store's check).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Acts(#[from] CollectError),
 }
 
 impl PredictorError {
     pub(crate) fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         PredictorError::File { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        PredictorError::Store(StoreError::io(path, err))
     }
     pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
         PredictorError::BadOption { field, msg: msg.into() }

@@ -187,7 +187,7 @@ pub fn train<B: Backend>(
     }
     let results = results.into_inner().map_err(|_| PredictorError::Invalid("a training thread panicked".into()))?;
     let out = RunDir::at(&acts.run).predictors();
-    std::fs::create_dir_all(&out).map_err(|e| PredictorError::Io { path: out.clone(), err: e })?;
+    std::fs::create_dir_all(&out).map_err(|e| PredictorError::io(&out, e))?;
     let mut metrics = Vec::new();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let r = opts.rank;
