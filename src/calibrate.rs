@@ -9,6 +9,7 @@ use crate::error::OptionError;
 use crate::model::{to_host, Forward, LayerTaps, Model, Sparse, TapSet};
 use crate::sparse::{HeadRule, LayerPlan, MlpRule, Plan};
 use crate::source::ModelIdentity;
+use crate::store::{self, ArtifactHeader, StoreError, THRESHOLDS_FORMAT, THRESHOLDS_VERSION};
 
 /// Mantissa bits kept per bin: bins are 2^-7 ≈ 0.8% wide in relative terms.
 const MANTISSA_BITS: u32 = 7;
@@ -137,13 +138,13 @@ pub fn threshold_plan(thresholds: &[f32]) -> Plan {
 /// The thresholds file `calibrate` writes and `eval --mode cats` reads.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Thresholds {
-    pub model: ModelIdentity,
+    /// Format `dejavu.thresholds`, the model, and the calibration options.
+    pub header: ArtifactHeader,
     /// What is thresholded, in words.
     pub criterion: String,
     pub tokens: u64,
     pub text: Vec<String>,
     pub levels: Vec<ThresholdLevel>,
-    pub dejavu_version: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -161,21 +162,31 @@ impl Thresholds {
         self.levels.iter().find(|l| (l.sparsity - sparsity).abs() < 1e-9)
     }
 
-    /// Read a thresholds file and check it belongs to `model`.
-    pub fn load(path: &Path, model: &ModelIdentity) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let t: Thresholds =
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a dejavu thresholds file: {e}", path.display()))?;
-        model.ensure_same(&t.model, path).map_err(anyhow::Error::msg)?;
+    /// The header a thresholds file for `model` calibrated with `options` carries.
+    pub fn header(model: ModelIdentity, options: &impl serde::Serialize) -> ArtifactHeader {
+        ArtifactHeader::new(THRESHOLDS_FORMAT, THRESHOLDS_VERSION, model, options)
+    }
+
+    /// Write the thresholds file atomically.
+    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+        store::write_json(path, self)
+    }
+
+    /// Read a thresholds file, refusing another format or version, another model, or a layer count that does not
+    /// fit `model`.
+    pub fn load(path: &Path, model: &ModelIdentity) -> Result<Self, StoreError> {
+        let t: Thresholds = store::read_artifact(path, THRESHOLDS_FORMAT, THRESHOLDS_VERSION, Some(model))?;
         for l in &t.levels {
             if l.thresholds.len() != model.layers {
-                anyhow::bail!(
-                    "{}: field `levels[sparsity={}].thresholds` has {} entries, the model has {} layers",
-                    path.display(),
-                    l.sparsity,
-                    l.thresholds.len(),
-                    model.layers
-                );
+                return Err(StoreError::artifact(
+                    path,
+                    format!(
+                        "field `levels[sparsity={}].thresholds` has {} entries, the model has {} layers",
+                        l.sparsity,
+                        l.thresholds.len(),
+                        model.layers
+                    ),
+                ));
             }
         }
         Ok(t)

@@ -12,12 +12,12 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod fixture;
-pub mod manifest;
 pub mod model;
 pub mod ppl;
-pub mod predictors;
+pub mod predictor;
 pub mod source;
 pub mod sparse;
+pub mod store;
 pub mod text;
 
 pub use config::{Family, ModelConfig};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
 use dejavu::collect::{Activations, Tap};
-use dejavu::predictors::Predictors;
+use dejavu::predictor::Predictors;
 use dejavu::ModelFiles;
 
 type B = burn::backend::NdArray<f32>;
@@ -363,7 +363,7 @@ fn disk_too_small() {
     let text = tmp.path().join("calib.txt");
     write_text(&text, 20);
     let run = tmp.path().join("run");
-    let out = collect(&fixture("tiny-opt"), &text, 100_000, &run, &[], &[(dejavu::manifest::FREE_BYTES_ENV, "1000000")]);
+    let out = collect(&fixture("tiny-opt"), &text, 100_000, &run, &[], &[(dejavu::store::FREE_BYTES_ENV, "1000000")]);
     assert_clean_failure(&out, &["run", "not enough disk", "100000 tokens", "only 1.0 MB is free"]);
     assert!(!run.join("acts/manifest.json").exists());
 }

@@ -240,5 +240,10 @@ fn eval_cli_runs_and_writes_results() {
     assert_eq!(rows.lines().count(), 1 + 2 * 4);
     let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap()).unwrap();
     let sp = res["modes"][1]["tasks"][0]["mlp_sparsity"].as_f64().unwrap();
+    // The artifact header: format, tool version, the model's fingerprint, the resolved options.
+    assert_eq!(res["header"]["format"], "dejavu.eval");
+    assert!(res["header"]["model"]["fingerprint"].as_str().is_some_and(|f| f.len() == 16), "{}", res["header"]);
+    assert_eq!(res["header"]["options"]["compare"][1], "oracle@0.5");
+    assert!(rows.lines().next().unwrap().contains(",ppl,"), "{rows}");
     assert!(sp >= 0.5 - 1e-9, "oracle@0.5 realised {sp}");
 }

@@ -92,17 +92,16 @@ impl ModelCommand for Args {
             levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
         }
         let out = Thresholds {
-            model: identity,
+            header: Thresholds::header(identity, &args),
             criterion: criterion(files.config.family).to_string(),
             tokens: cal.tokens,
             text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
             levels,
-            dejavu_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
         }
-        std::fs::write(&args.out, serde_json::to_string_pretty(&out)?).with_context(|| format!("while writing {}", args.out.display()))?;
+        out.save(&args.out).context("while writing the thresholds")?;
         println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
         println!("|---|---|---|---|---|");
         for l in &out.levels {

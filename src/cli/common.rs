@@ -12,7 +12,7 @@ use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::calibrate::Thresholds;
 use dejavu::decode::RefDecoder;
 use dejavu::model::Scorer;
-use dejavu::predictors::Predictors;
+use dejavu::predictor::Predictors;
 use dejavu::sparse::{self, Artifacts, Mode, Plan, PlanOptions, PredictorBudget};
 use dejavu::{Model, ModelConfig, ModelFiles};
 

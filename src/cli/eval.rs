@@ -12,6 +12,7 @@ use dejavu::backend::{dispatch, BackendTask};
 use dejavu::decode::Decoder;
 use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
+use dejavu::store::{write_eval_results, ArtifactHeader, RunDir, EVAL_FORMAT, EVAL_VERSION};
 use dejavu::ModelFiles;
 
 use super::common::{check_device, load_model, resolve, tokenize_file, DecodeArgs, WindowArgs};
@@ -63,16 +64,15 @@ pub struct Args {
 pub fn run(mut args: Args) -> anyhow::Result<()> {
     let modes: Vec<Mode> = if args.compare.is_empty() { vec![args.decode.mode] } else { args.compare.clone() };
     if let Some(run) = &args.run {
-        let th = run.join("thresholds.json");
-        let pr = run.join("predictors");
-        if args.decode.thresholds.is_none() && th.is_file() {
-            args.decode.thresholds = Some(th);
+        let run = RunDir::at(run);
+        if args.decode.thresholds.is_none() && run.thresholds().is_file() {
+            args.decode.thresholds = Some(run.thresholds());
         }
-        if args.decode.predictors.is_none() && pr.join("manifest.json").is_file() {
-            args.decode.predictors = Some(pr);
+        if args.decode.predictors.is_none() && run.predictors_manifest().is_file() {
+            args.decode.predictors = Some(run.predictors());
         }
         if args.out.is_none() {
-            args.out = Some(run.join("eval"));
+            args.out = Some(run.eval());
         }
     }
     let Some(out_dir) = args.out.clone() else {
@@ -256,11 +256,8 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
 
 /// Write results.json, results.csv and layers.csv into `dir`, each atomically.
 fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::ModelIdentity, results: &[ModeResult]) -> anyhow::Result<()> {
-    let json = serde_json::json!({
-        "format": "dejavu.eval", "dejavu_version": env!("CARGO_PKG_VERSION"), "model": model, "args": args, "modes": results,
-    });
-    let p = dir.join("results.json");
-    dejavu::manifest::write_json(&p, &json).with_context(|| format!("while writing {}", p.display()))?;
+    let header = ArtifactHeader::new(EVAL_FORMAT, EVAL_VERSION, model.clone(), args);
+    let json = serde_json::json!({ "model": model.source, "modes": results });
     let opt = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["mode", "task", "n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "ppl", "mlp_sparsity", "head_sparsity", "examples_per_s"])?;
@@ -277,8 +274,7 @@ fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::Mod
                 pp.ppl.to_string(), opt(m.ppl_mlp_sparsity), String::new(), String::new()])?;
         }
     }
-    let p = dir.join("results.csv");
-    dejavu::manifest::write_atomic(&p, &w.into_inner()?).with_context(|| format!("while writing {}", p.display()))?;
+    let results_csv = w.into_inner()?;
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["mode", "layer", "mlp_sparsity", "mlp_plan_sparsity", "mlp_natural_sparsity", "mlp_token_min", "mlp_token_max", "head_sparsity"])?;
     for m in results {
@@ -289,7 +285,8 @@ fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::Mod
             ])?;
         }
     }
-    let p = dir.join("layers.csv");
-    dejavu::manifest::write_atomic(&p, &w.into_inner()?).with_context(|| format!("while writing {}", p.display()))?;
+    let layers_csv = w.into_inner()?;
+    write_eval_results(dir, &header, &json, &[("results.csv", &results_csv), ("layers.csv", &layers_csv)])
+        .with_context(|| format!("while writing the results into {}", dir.display()))?;
     Ok(())
 }

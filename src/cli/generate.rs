@@ -146,7 +146,7 @@ impl ModelCommand for Args {
                 "mlp_sparsity": stats.mlp_sparsity(),
                 "head_sparsity": stats.head_sparsity(),
             });
-            dejavu::manifest::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
+            dejavu::store::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use dejavu::manifest::human_bytes;
+use dejavu::store::human_bytes;
 use dejavu::source::inventory::{read_all, Inventory, ReadStats};
 
 use super::common::resolve;

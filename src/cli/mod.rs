@@ -64,10 +64,12 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
-/// The flag that sets a library option field.
+/// The flag that sets the library option `field` (snake_case field, kebab-case flag), so a library error that
+/// names the field can name the flag too.
 pub fn flag_of(field: &str) -> String {
     match field {
         "plan" => "--mode".to_string(),
+        "texts" => "--text".to_string(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }

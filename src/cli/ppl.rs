@@ -82,7 +82,7 @@ impl ModelCommand for Args {
                 "steady_tokens_per_s": r.steady_tokens_per_s(),
                 "mlp_sparsity": stats.mlp_sparsity(), "head_sparsity": stats.head_sparsity(), "layers": stats.layers,
             });
-            dejavu::manifest::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
+            dejavu::store::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
         }
         Ok(())
     }

@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
-use dejavu::predictors::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
+use dejavu::predictor::{default_rank, train, NeuronTarget, PredictorError, TrainEvent, TrainOptions};
+
+use super::flag_of;
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
@@ -83,12 +85,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(spec) = &args.model {
         let files = super::common::resolve(spec)?;
         let id = files.identity().with_context(|| format!("while fingerprinting model `{spec}`"))?;
-        id.ensure_same(&acts.manifest.model, &acts.dir.join("manifest.json")).map_err(anyhow::Error::msg)?;
+        acts.check_model(&id)?;
     }
-    if args.neuron_target == NeuronTarget::Gate && acts.manifest.model.family != dejavu::Family::Llama {
+    if args.neuron_target == NeuronTarget::Gate && acts.manifest.model().family != dejavu::Family::Llama {
         anyhow::bail!(
             "{}: --neuron-target gate needs a Llama model (these activations are of an OPT model, labelled by ReLU > 0)",
-            acts.dir.join("manifest.json").display()
+            acts.manifest_path().display()
         );
     }
     super::common::check_device(args.device)?;
@@ -105,7 +107,7 @@ impl BackendTask for Task {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let Task { args, acts } = self;
         let m = &acts.manifest;
-        let id = &m.model;
+        let id = m.model();
         let jobs = args.jobs.unwrap_or(match args.device {
             DeviceKind::Cpu | DeviceKind::Ndarray => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             _ => 1,
@@ -157,8 +159,13 @@ impl BackendTask for Task {
                 bar.set_message(format!("{d}/{n_layers}"));
             }
         };
-        let pm = train::<B>(&acts, &opts, &device, &on_event)
-            .with_context(|| format!("while training predictors from {}", acts.dir.display()))?;
+        let pm = train::<B>(&acts, &opts, &device, &on_event).map_err(|e| match &e {
+            PredictorError::BadOption { field, .. } => {
+                let flag = flag_of(field);
+                anyhow::Error::new(e).context(flag)
+            }
+            _ => anyhow::Error::new(e).context(format!("while training predictors from {}", acts.dir.display())),
+        })?;
         bar.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!("| layer | k_neurons | density | recall | precision | label density | recall@ffn/2 | k_heads | heads kept | head recall | head precision | head recall@70% | epochs n/h | s |");
@@ -186,7 +193,7 @@ impl BackendTask for Task {
             );
         }
         let n = pm.layers.len().max(1) as f64;
-        let mean = |f: fn(&dejavu::predictors::LayerMetrics) -> f64| pm.layers.iter().map(f).sum::<f64>() / n;
+        let mean = |f: fn(&dejavu::predictor::LayerMetrics) -> f64| pm.layers.iter().map(f).sum::<f64>() / n;
         println!(
             "| mean | | {:.3} | {:.4} | {:.4} | {:.3} | {:.4} | | {:.3} | {:.4} | {:.4} | {:.4} | | |",
             mean(|r| r.neuron_density),

@@ -1,0 +1,105 @@
+//! Deja Vu's learned sparsity predictors: per layer, a low-rank neuron predictor (which MLP neurons a token
+//! needs) and a low-rank head predictor (which attention heads), trained in burn with autodiff from the
+//! activations `collect` recorded, plus [`Predictors`], the loaded form later stages call.
+//!
+//! Each predictor is `Linear(d, r) → Linear(r, n)` with no non-linearity between (Deja Vu's low-rank form), fed
+//! a normalised input:
+//!
+//! ```text
+//! u = x / sqrt(mean(x²) + 1e-6)          // per token, over the d features (no learned weight)
+//! z = (u - in_mean) * in_inv_std          // per feature, statistics of u over the training tokens
+//! logits = (z @ w1 + b1) @ w2 + b2        // w1 [d, r], w2 [r, n]
+//! ```
+//!
+//! The neuron predictor of layer l reads layer l's MLP input; the head predictor of layer l reads layer l−1's
+//! block input (look-ahead: it can run while layer l−1 computes), layer 0 its own block input. A unit is kept
+//! when it is among the top `k` scores of its token; `k` per layer is the smallest that reaches the target recall
+//! on held-out tokens (the last `holdout` fraction of the collected stream, so different text).
+//!
+//! Files under `RUN/predictors`: `predictors.safetensors` (f32; `layer.{i}.{mlp,att}.{w1,b1,w2,b2,in_mean,
+//! in_inv_std}`), `manifest.json` (model identity, per-layer k and metrics, rank, label rules, input taps),
+//! `metrics.csv` and `recall_density.svg`.
+
+mod load;
+mod metrics;
+mod model;
+mod svg;
+mod train;
+
+use std::path::PathBuf;
+
+use crate::collect::CollectError;
+use crate::source::ModelIdentity;
+use crate::store::{ArtifactHeader, StoreError};
+
+pub use load::Predictors;
+pub use metrics::LayerMetrics;
+pub use model::{normalize_input, rms_normalize, RMS_EPS};
+pub use svg::svg_plot;
+pub use train::{default_rank, topk_count, train, NeuronTarget, TrainEvent, TrainOptions};
+
+pub const WEIGHTS_FILE: &str = "predictors.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PredictorError {
+    #[error("{0}")]
+    Invalid(String),
+    /// An option out of range; `field` is its name in [`TrainOptions`] (the CLI and recipes map it to a flag or
+    /// key).
+    #[error("option `{field}`: {msg}")]
+    BadOption { field: &'static str, msg: String },
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// I/O, or a file of another format, version or model (the store's check).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Acts(#[from] CollectError),
+}
+
+impl PredictorError {
+    pub(crate) fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        PredictorError::File { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        PredictorError::Store(StoreError::io(path, err))
+    }
+    pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
+        PredictorError::BadOption { field, msg: msg.into() }
+    }
+}
+
+pub type Result<T, E = PredictorError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ActsLink {
+    /// The activations manifest, relative to the predictors directory.
+    pub manifest: String,
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub sources: Vec<crate::collect::TextSource>,
+}
+
+/// `RUN/predictors/manifest.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PredictorsManifest {
+    /// Format `dejavu.predictors`, the model, and the [`TrainOptions`] used.
+    pub header: ArtifactHeader,
+    pub acts: ActsLink,
+    pub rank: usize,
+    pub train_tokens: usize,
+    pub heldout_tokens: usize,
+    pub neuron_label: String,
+    pub head_label: String,
+    pub neuron_input: String,
+    pub head_input: String,
+    pub normalisation: String,
+    pub layers: Vec<LayerMetrics>,
+}
+
+impl PredictorsManifest {
+    /// The model the predictors were trained for.
+    pub fn model(&self) -> &ModelIdentity {
+        &self.header.model
+    }
+}
