@@ -5,7 +5,7 @@ set -euo pipefail
 model=${1:?model path}
 out=${2:-out/cpu_speed}
 shared=${DEJAVU_SHARED:-../shared}
-bin=${DEJAVU_BIN:-target/release/dejavu}
+bin=${DEJAVU_BIN:-${CARGO_TARGET_DIR:-target}/release/dejavu}
 mkdir -p "$out"
 "$bin" ppl --model "$model" --text "$shared/data/text/wikitext2-test.raw.txt" --max-tokens 4096 --ctx 512 --stride 512 \
   --json "$out/score.json" > "$out/score.md"

@@ -2,7 +2,7 @@
 # The real pipeline on SmolLM2-135M-Instruct (Q4_1 GGUF), on the CPU reference path by default:
 # fetch the model, generate, perplexity on WikiText-2, CATS calibration, then dense vs sparse zero-shot eval.
 # Environment: LIMIT (examples per task, default 50), DEVICE (cpu|cuda|wgpu, default cpu), OUT (default out/smollm2),
-# DEJAVU_SHARED (default ../shared), DEJAVU_BIN (default: build target/release/dejavu).
+# DEJAVU_SHARED (default ../shared), DEJAVU_BIN (default: build ${CARGO_TARGET_DIR:-target}/release/dejavu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 limit=${LIMIT:-50}
@@ -11,7 +11,7 @@ out=${OUT:-out/smollm2}
 shared=${DEJAVU_SHARED:-../shared}
 if [[ -z "${DEJAVU_BIN:-}" ]]; then
   cargo build --release
-  bin=target/release/dejavu
+  bin=${CARGO_TARGET_DIR:-target}/release/dejavu
 else
   bin=$DEJAVU_BIN
 fi
