@@ -51,7 +51,7 @@ pub(super) struct LowRankHost {
 }
 
 pub(super) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
+    crate::model::to_host(t)
 }
 
 pub(super) fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
