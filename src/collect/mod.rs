@@ -101,5 +101,5 @@ impl ActsManifest {
 
 /// Read an activations manifest, refusing another format or version and, when `model` is given, another model.
 pub fn read_acts_manifest(path: &Path, model: Option<&ModelIdentity>) -> Result<ActsManifest> {
-    Ok(store::read_artifact(path, ACTS_FORMAT, ACTS_VERSION, model)?)
+    store::read_artifact(path, ACTS_FORMAT, ACTS_VERSION, model)
 }

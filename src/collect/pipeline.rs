@@ -95,11 +95,8 @@ impl Collector {
         if opts.seq_len < min_len {
             return Err(Error::option("seq_len", format!("must be at least {min_len} (got {})", opts.seq_len)));
         }
-        if cfg.family == Family::Opt && opts.seq_len > cfg.max_positions {
-            return Err(Error::option(
-                "seq_len",
-                format!("{} exceeds the model's max_position_embeddings {}", opts.seq_len, cfg.max_positions),
-            ));
+        if let Some(max) = cfg.position_limit().filter(|&max| opts.seq_len > max) {
+            return Err(Error::option("seq_len", format!("{} exceeds the model's max_position_embeddings {max}", opts.seq_len)));
         }
         if opts.texts.is_empty() {
             return Err(Error::option("texts", "give at least one text file"));

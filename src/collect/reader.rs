@@ -45,7 +45,7 @@ impl Activations {
 
     /// Refuse activations recorded from a model other than `model`.
     pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
-        Ok(self.manifest.header.check(&self.manifest_path(), ACTS_FORMAT, ACTS_VERSION, model)?)
+        self.manifest.header.check(&self.manifest_path(), ACTS_FORMAT, ACTS_VERSION, model)
     }
 
     /// Tap `tap` of `layer` over the first `max_tokens` recorded tokens, as f32 `[T, width]` (row-major).

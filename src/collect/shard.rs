@@ -313,7 +313,7 @@ pub(super) fn flush(dir: &Path, m: &mut ActsManifest, shard: &mut ShardBuf, writ
         written?;
         before?;
         let mpath = dir.join("manifest.json");
-        Ok(store::write_json(&mpath, &snapshot)?)
+        store::write_json(&mpath, &snapshot)
     }));
     Ok(())
 }
@@ -332,5 +332,5 @@ fn write_shard(path: &Path, buf: &ShardBuf) -> Result<()> {
     }
     let meta: HashMap<String, String> =
         [("format".to_string(), ACTS_FORMAT.to_string()), ("version".to_string(), ACTS_VERSION.to_string())].into_iter().collect();
-    Ok(store::write_safetensors(path, views, meta)?)
+    store::write_safetensors(path, views, meta)
 }

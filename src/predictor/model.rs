@@ -66,7 +66,7 @@ pub(super) fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32
         [("format".to_string(), PREDICTORS_FORMAT.to_string()), ("version".to_string(), PREDICTORS_VERSION.to_string())]
             .into_iter()
             .collect();
-    Ok(store::write_safetensors(path, views, meta)?)
+    store::write_safetensors(path, views, meta)
 }
 
 /// One layer's loaded predictor weights. `w1: [d, r]`, `w2: [r, n]`.

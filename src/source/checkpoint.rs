@@ -256,17 +256,17 @@ impl GgufCheckpoint {
 
 impl Checkpoint for GgufCheckpoint {
     fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        Ok(self.file.hf_raw(name)?)
+        self.file.hf_raw(name)
     }
     fn meta(&self, name: &str) -> Result<TensorMeta> {
-        Ok(self.file.hf_meta(name)?)
+        self.file.hf_meta(name)
     }
     fn names(&self) -> Vec<String> {
         self.names.clone()
     }
     /// Exact f32 dequantization (not through `raw`'s f16), so quantized models keep their numbers.
     fn get(&self, name: &str) -> Result<HostTensor> {
-        Ok(self.file.hf_tensor(name)?)
+        self.file.hf_tensor(name)
     }
     fn contains(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
