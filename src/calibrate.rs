@@ -5,11 +5,12 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
-use crate::error::OptionError;
+use crate::decode::check_rows;
+use crate::error::{Error, Result};
 use crate::model::{to_host, Forward, LayerTaps, Model, Sparse, TapSet};
 use crate::sparse::{HeadRule, LayerPlan, MlpRule, Plan};
 use crate::source::ModelIdentity;
-use crate::store::{self, ArtifactHeader, StoreError, THRESHOLDS_FORMAT, THRESHOLDS_VERSION};
+use crate::store::{self, ArtifactHeader, THRESHOLDS_FORMAT, THRESHOLDS_VERSION};
 
 /// Mantissa bits kept per bin: bins are 2^-7 ≈ 0.8% wide in relative terms.
 const MANTISSA_BITS: u32 = 7;
@@ -97,20 +98,21 @@ impl Calibrator {
         Calibrator { layers: vec![MagnitudeHistogram::default(); layers], tokens: 0 }
     }
 
-    /// Run one batch-1 sequence and add its gate magnitudes.
-    pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32]) {
-        // No plan: nothing to refuse.
-        let _ = self.add_sequence_under(model, ids, None);
+    /// Run one batch-1 sequence and add its gate magnitudes. Ids outside the vocabulary and sequences longer
+    /// than the model's position table are refused ([`crate::decode::DecodeError`]).
+    pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32]) -> Result<()> {
+        self.add_sequence_under(model, ids, None)
     }
 
     /// As [`Calibrator::add_sequence`], with the forward itself sparse under `plan`: each layer's gate magnitudes
     /// are then those it sees when the layers before it are already masked, which is what a refinement pass
     /// needs so that the realised sparsity of every layer, not just the first, meets the requested level.
     /// `plan` may not have predicted rules (there is no scorer here).
-    pub fn add_sequence_under<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], plan: Option<&Plan>) -> Result<(), OptionError> {
+    pub fn add_sequence_under<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], plan: Option<&Plan>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
+        check_rows(&model.cfg, 0, &[ids.to_vec()])?;
         let sparse = plan.map(Sparse::unscored).transpose()?;
         let want = TapSet { mlp_act: true, ..Default::default() };
         let mut taps: Vec<LayerTaps<B>> = Vec::new();
@@ -168,21 +170,21 @@ impl Thresholds {
     }
 
     /// Write the thresholds file atomically.
-    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+    pub fn save(&self, path: &Path) -> Result<()> {
         store::write_json(path, self)
     }
 
     /// Read a thresholds file, refusing another format or version, another model, or a layer count that does not
     /// fit `model`.
-    pub fn load(path: &Path, model: &ModelIdentity) -> Result<Self, StoreError> {
+    pub fn load(path: &Path, model: &ModelIdentity) -> Result<Self> {
         let t: Thresholds = store::read_artifact(path, THRESHOLDS_FORMAT, THRESHOLDS_VERSION, Some(model))?;
         for l in &t.levels {
             if l.thresholds.len() != model.layers {
-                return Err(StoreError::artifact(
+                return Err(Error::field(
                     path,
+                    format!("levels[sparsity={}].thresholds", l.sparsity),
                     format!(
-                        "field `levels[sparsity={}].thresholds` has {} entries, the model has {} layers",
-                        l.sparsity,
+                        "has {} entries, the model has {} layers",
                         l.thresholds.len(),
                         model.layers
                     ),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{LoadError, Result};
+use crate::error::{Error, Result};
 
 /// The model families dejavu runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,9 +133,9 @@ impl ModelConfig {
 
     /// Read and validate a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LoadError::Json { path: path.into(), err: e })?;
+            serde_json::from_str(&text).map_err(|e| Error::json(path, e))?;
         Self::from_json(&value, path)
     }
 
@@ -144,20 +144,20 @@ impl ModelConfig {
         let model_type = value
             .get("model_type")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| LoadError::field(path, "model_type", "missing; expected \"opt\" or \"llama\""))?;
-        let json_err = |e: serde_json::Error| LoadError::Json { path: path.into(), err: e };
+            .ok_or_else(|| Error::field(path, "model_type", "missing; expected \"opt\" or \"llama\""))?;
+        let json_err = |e: serde_json::Error| Error::json(path, e);
         let cfg = match model_type {
             "opt" => {
                 let c: OptConfigJson = serde_json::from_value(value.clone()).map_err(json_err)?;
                 if c.activation_function != "relu" {
-                    return Err(LoadError::field(
+                    return Err(Error::field(
                         path,
                         "activation_function",
                         format!("\"{}\" is not supported; OPT models use \"relu\"", c.activation_function),
                     ));
                 }
                 if !c.layer_norm_elementwise_affine {
-                    return Err(LoadError::field(path, "layer_norm_elementwise_affine", "false is not supported"));
+                    return Err(Error::field(path, "layer_norm_elementwise_affine", "false is not supported"));
                 }
                 ModelConfig {
                     family: Family::Opt,
@@ -185,7 +185,7 @@ impl ModelConfig {
                 let c: LlamaConfigJson = serde_json::from_value(value.clone()).map_err(json_err)?;
                 if let Some(s) = &c.rope_scaling {
                     if !s.is_null() {
-                        return Err(LoadError::field(
+                        return Err(Error::field(
                             path,
                             "rope_scaling",
                             format!("{s} is not supported yet; only plain RoPE (rope_scaling: null)"),
@@ -193,7 +193,7 @@ impl ModelConfig {
                     }
                 }
                 if c.hidden_act != "silu" {
-                    return Err(LoadError::field(
+                    return Err(Error::field(
                         path,
                         "hidden_act",
                         format!("\"{}\" is not supported; Llama models use \"silu\"", c.hidden_act),
@@ -203,7 +203,7 @@ impl ModelConfig {
                 let eos_token_ids = match &c.eos_token_id {
                     None | Some(serde_json::Value::Null) => vec![],
                     Some(v) => serde_json::from_value::<EosIds>(v.clone())
-                        .map_err(|_| LoadError::field(path, "eos_token_id", "expected an integer or a list of integers"))?
+                        .map_err(|_| Error::field(path, "eos_token_id", "expected an integer or a list of integers"))?
                         .into_vec(),
                 };
                 ModelConfig {
@@ -229,7 +229,7 @@ impl ModelConfig {
                 }
             }
             other => {
-                return Err(LoadError::field(
+                return Err(Error::field(
                     path,
                     "model_type",
                     format!("\"{other}\" is not supported; expected \"opt\" or \"llama\""),
@@ -252,25 +252,25 @@ impl ModelConfig {
         ];
         for (field, v) in positive {
             if v == 0 {
-                return Err(LoadError::field(path, field, "must be positive"));
+                return Err(Error::field(path, field, "must be positive"));
             }
         }
         if self.family == Family::Opt && self.heads * self.head_dim != self.hidden {
-            return Err(LoadError::field(
+            return Err(Error::field(
                 path,
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", self.heads, self.hidden),
             ));
         }
         if self.heads % self.kv_heads != 0 {
-            return Err(LoadError::field(
+            return Err(Error::field(
                 path,
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads {}", self.kv_heads, self.heads),
             ));
         }
         if self.family == Family::Llama && self.head_dim % 2 != 0 {
-            return Err(LoadError::field(path, "head_dim", "must be even for RoPE"));
+            return Err(Error::field(path, "head_dim", "must be even for RoPE"));
         }
         Ok(())
     }

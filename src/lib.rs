@@ -21,6 +21,6 @@ pub mod store;
 pub mod text;
 
 pub use config::{Family, ModelConfig};
-pub use error::LoadError;
+pub use error::{Error, OptionError, Result};
 pub use model::Model;
 pub use source::ModelFiles;

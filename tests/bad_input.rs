@@ -145,6 +145,29 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
+fn calibrate_seq_len_over_the_position_table_is_bad_usage() {
+    // tiny-opt has max_position_embeddings 64; calibrate's default --seq-len is 512.
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let opt = common::fixture_dir("tiny-opt");
+    let out_file = tmp.path().join("th.json");
+    let (m, t, o) = (opt.to_str().unwrap(), text.to_str().unwrap(), out_file.to_str().unwrap());
+    let out = common::dejavu(&["calibrate", "--model", m, "--text", t, "--sparsity", "0.5", "--tokens", "600", "--out", o], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(out.stderr.contains("--seq-len") && out.stderr.contains("64"), "{}", out.stderr);
+    assert!(!out_file.exists());
+    // collect refuses the same.
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    let out = common::dejavu(&["collect", "--model", m, "--text", t, "--tokens", "100", "--seq-len", "512", "--out", r], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(out.stderr.contains("--seq-len") && out.stderr.contains("64"), "{}", out.stderr);
+}
+
+#[test]
 fn ppl_on_missing_and_binary_text() {
     let llama = common::fixture_dir("tiny-llama");
     let out = common::dejavu(&["ppl", "--model", llama.to_str().unwrap(), "--text", "/nonexistent/t.txt"], &[]);

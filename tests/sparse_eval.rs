@@ -106,7 +106,7 @@ fn cats_realises_the_calibrated_sparsity_on_the_calibration_text() {
         let windows: Vec<Vec<u32>> = (0..8).map(|i| ids(64, 10 + i)).collect();
         let mut cal = Calibrator::new(c.layers);
         for w in &windows {
-            cal.add_sequence(&model, w);
+            cal.add_sequence(&model, w).unwrap();
         }
         for s in [0.5, 0.7] {
             // Thresholds from dense activations, then one refinement pass under the sparse forward (as

@@ -50,6 +50,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 impl ModelCommand for Args {
     fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+        if let Some(max) = files.config.position_limit().filter(|&max| args.seq_len > max) {
+            return Err(usage(format!("--seq-len: {} exceeds the model's max_position_embeddings {max}", args.seq_len)));
+        }
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
         let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
@@ -60,7 +63,7 @@ impl ModelCommand for Args {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         while let Some(w) = windows.next_window()? {
-            cal.add_sequence(&model, &w);
+            cal.add_sequence(&model, &w).context("while calibrating")?;
             bar.inc(w.len() as u64);
         }
         bar.finish_and_clear();
@@ -81,7 +84,7 @@ impl ModelCommand for Args {
                 bar.reset();
                 bar.set_message(format!("refine {sp} pass {}", pass + 1));
                 while let Some(w) = windows.next_window()? {
-                    refined.add_sequence_under(&model, &w, Some(&plan))?;
+                    refined.add_sequence_under(&model, &w, Some(&plan)).context("while refining the thresholds")?;
                     bar.inc(w.len() as u64);
                 }
                 hists = refined.layers;

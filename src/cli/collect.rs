@@ -7,11 +7,10 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::DeviceKind;
-use dejavu::collect::{CollectError, CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
+use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
 use dejavu::store::human_bytes;
 use dejavu::ModelFiles;
 
-use super::flag_of;
 use super::common::{load_model, run_with_model, CorpusArgs, ModelCommand};
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
@@ -78,13 +77,8 @@ impl ModelCommand for Args {
                 None => gpu,
             },
         };
-        let collector = Collector::open(&args.out, &files.config, identity, opts).map_err(|e| match &e {
-            CollectError::BadOption { field, .. } => {
-                let flag = flag_of(field);
-                anyhow::Error::new(e).context(flag)
-            }
-            _ => anyhow::Error::new(e).context(format!("while preparing the collection in {}", args.out.display())),
-        })?;
+        let collector = Collector::open(&args.out, &files.config, identity, opts)
+            .with_context(|| format!("while preparing the collection in {}", args.out.display()))?;
         let m = collector.manifest().clone();
         if m.complete {
             eprintln!(

@@ -83,7 +83,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let specs: Vec<&'static tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::spec(t).map_err(usage_of)).collect::<anyhow::Result<_>>()?;
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
-        specs.iter().map(|s| tasks::load(&args.tasks_dir, s, args.limit)).collect::<anyhow::Result<_>>()?;
+        specs.iter().map(|s| tasks::load(&args.tasks_dir, s, args.limit)).collect::<Result<_, _>>()?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("while creating the output directory {}", out_dir.display()))?;
     let files = resolve(&args.decode.model.model)?;
     dispatch(args.decode.model.device, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })

@@ -98,7 +98,10 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.chain().any(|c| c.is::<StdoutClosed>()) {
         return 0;
     }
-    let option = e.chain().find_map(|c| c.downcast_ref::<OptionError>());
+    // A bare `OptionError`, or one inside `dejavu::Error::Option` (transparent, so the chain holds the `Error`).
+    let option = e.chain().find_map(|c| {
+        c.downcast_ref::<OptionError>().or_else(|| c.downcast_ref::<dejavu::Error>().and_then(dejavu::Error::as_option))
+    });
     if let Some(o) = option {
         eprintln!("error: {}: {}", flag_of(o.field), o.msg);
         return 2;

@@ -9,9 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
-use dejavu::predictor::{default_rank, train, NeuronTarget, PredictorError, TrainEvent, TrainOptions};
+use dejavu::predictor::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
 
-use super::flag_of;
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
 pub struct Args {
@@ -159,13 +158,8 @@ impl BackendTask for Task {
                 bar.set_message(format!("{d}/{n_layers}"));
             }
         };
-        let pm = train::<B>(&acts, &opts, &device, &on_event).map_err(|e| match &e {
-            PredictorError::BadOption { field, .. } => {
-                let flag = flag_of(field);
-                anyhow::Error::new(e).context(flag)
-            }
-            _ => anyhow::Error::new(e).context(format!("while training predictors from {}", acts.dir.display())),
-        })?;
+        let pm = train::<B>(&acts, &opts, &device, &on_event)
+            .with_context(|| format!("while training predictors from {}", acts.dir.display()))?;
         bar.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!("| layer | k_neurons | density | recall | precision | label density | recall@ffn/2 | k_heads | heads kept | head recall | head precision | head recall@70% | epochs n/h | s |");

@@ -26,50 +26,14 @@ mod text;
 use std::path::{Path, PathBuf};
 
 use crate::source::ModelIdentity;
-use crate::store::{self, ArtifactHeader, StoreError, ACTS_FORMAT, ACTS_VERSION};
+use crate::error::Result;
+use crate::store::{self, ArtifactHeader, ACTS_FORMAT, ACTS_VERSION};
 
 pub use pipeline::{CollectOptions, CollectReport, Collector, SLOW_ENV};
 pub use reader::Activations;
 pub use shard::{bytes_per_token, tensor_name, Tap};
 pub use text::{TextPos, TokenStream, DEFAULT_CHUNK_BYTES};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CollectError {
-    /// I/O, or an artifact of another format, version or model.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Bad calibration text.
-    #[error("{}: {msg}", path.display())]
-    Text { path: PathBuf, msg: String },
-    /// A run directory or manifest that does not fit what was asked.
-    #[error("{}: {msg}", path.display())]
-    Run { path: PathBuf, msg: String },
-    #[error("{}: {msg}", path.display())]
-    Shard { path: PathBuf, msg: String },
-    /// An option out of range; `field` is its name in [`CollectOptions`] (the CLI and recipes map it to a flag or
-    /// key).
-    #[error("option `{field}`: {msg}")]
-    BadOption { field: &'static str, msg: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl CollectError {
-    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        CollectError::Store(StoreError::io(path, err))
-    }
-    pub(crate) fn text(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        CollectError::Text { path: path.into(), msg: msg.into() }
-    }
-    pub(crate) fn run(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        CollectError::Run { path: path.into(), msg: msg.into() }
-    }
-    pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
-        CollectError::BadOption { field, msg: msg.into() }
-    }
-}
-
-pub type Result<T, E = CollectError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TextSource {
@@ -137,5 +101,5 @@ impl ActsManifest {
 
 /// Read an activations manifest, refusing another format or version and, when `model` is given, another model.
 pub fn read_acts_manifest(path: &Path, model: Option<&ModelIdentity>) -> Result<ActsManifest> {
-    Ok(store::read_artifact(path, ACTS_FORMAT, ACTS_VERSION, model)?)
+    store::read_artifact(path, ACTS_FORMAT, ACTS_VERSION, model)
 }

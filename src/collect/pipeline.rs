@@ -9,9 +9,10 @@ use tokenizers::Tokenizer;
 
 use super::shard::{bytes_per_token, flush, ShardBuf, Tap, Writers};
 use super::text::{sniff_text, TextPos, TokenStream};
-use super::{read_acts_manifest, ActsManifest, CollectError, Result, TapInfo, TextSource};
+use super::{read_acts_manifest, ActsManifest, TapInfo, TextSource};
+use crate::error::{Error, Result};
 use crate::config::{Family, ModelConfig};
-
+use crate::decode::DecodeError;
 use crate::model::{Model, TapSet};
 use crate::source::ModelIdentity;
 use crate::store::{self, human_bytes, ArtifactHeader, RunDir, ACTS_FORMAT, ACTS_VERSION};
@@ -84,24 +85,21 @@ impl Collector {
     /// Validate the text files, create or resume `out/acts`, and check the disk has room for what is left.
     pub fn open(out: &Path, cfg: &ModelConfig, identity: ModelIdentity, opts: CollectOptions) -> Result<Self> {
         if opts.tokens == 0 {
-            return Err(CollectError::option("tokens", "must be at least 1"));
+            return Err(Error::option("tokens", "must be at least 1"));
         }
         if opts.batch == 0 {
-            return Err(CollectError::option("batch", "must be at least 1"));
+            return Err(Error::option("batch", "must be at least 1"));
         }
         let bos = cfg.bos_token_id;
         let min_len = if bos.is_some() { 2 } else { 1 };
         if opts.seq_len < min_len {
-            return Err(CollectError::option("seq_len", format!("must be at least {min_len} (got {})", opts.seq_len)));
+            return Err(Error::option("seq_len", format!("must be at least {min_len} (got {})", opts.seq_len)));
         }
-        if cfg.family == Family::Opt && opts.seq_len > cfg.max_positions {
-            return Err(CollectError::option(
-                "seq_len",
-                format!("{} exceeds the model's max_position_embeddings {}", opts.seq_len, cfg.max_positions),
-            ));
+        if let Some(max) = cfg.position_limit().filter(|&max| opts.seq_len > max) {
+            return Err(Error::option("seq_len", format!("{} exceeds the model's max_position_embeddings {max}", opts.seq_len)));
         }
         if opts.texts.is_empty() {
-            return Err(CollectError::option("texts", "give at least one text file"));
+            return Err(Error::option("texts", "give at least one text file"));
         }
         let mut sources = Vec::new();
         for p in &opts.texts {
@@ -116,7 +114,7 @@ impl Collector {
         let manifest = if mpath.exists() {
             let m = read_acts_manifest(&mpath, Some(&identity))?;
             let differs = |what: &str, was: String, now: String| {
-                CollectError::run(
+                Error::format(
                     &mpath,
                     format!("this run was started with {what} {was}, not {now}; rerun with the same options or use another run directory"),
                 )
@@ -156,9 +154,9 @@ impl Collector {
         if !manifest.complete {
             let left = (opts.tokens - manifest.tokens.min(opts.tokens)) as u64;
             let need = left * manifest.bytes_per_token + (1 << 20);
-            let free = store::free_bytes(out).map_err(|e| CollectError::io(out, e))?;
+            let free = store::free_bytes(out).map_err(|e| Error::io(out, e))?;
             if need > free {
-                return Err(CollectError::run(
+                return Err(Error::format(
                     out,
                     format!(
                         "not enough disk: {left} tokens × {} per token needs {}, but only {} is free",
@@ -170,7 +168,7 @@ impl Collector {
             }
         }
         RunDir::create(out)?;
-        std::fs::create_dir_all(&dir).map_err(|e| CollectError::io(&dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Leftovers of a killed write; the shard they held is recomputed.
         store::remove_stale_tmp(&dir);
         Ok(Collector { dir, manifest, opts })
@@ -277,10 +275,7 @@ impl Collector {
                             break;
                         }
                         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                            return Err(CollectError::Invalid(format!(
-                                "the tokenizer produced id {bad}, outside the model's vocab_size {}",
-                                cfg.vocab_size
-                            )));
+                            return Err(DecodeError::TokenOutOfVocab { id: bad, vocab: cfg.vocab_size }.into());
                         }
                         left -= n_text;
                         let full = n_text == text_per_seq;
@@ -332,7 +327,7 @@ impl Collector {
                 Ok(())
             })();
             drop(tx);
-            let rec = recorder.join().unwrap_or_else(|_| Err(CollectError::Invalid("the recorder thread panicked".into())));
+            let rec = recorder.join().unwrap_or_else(|_| Err(Error::Internal("the recorder thread panicked".into())));
             (fwd, rec)
         });
         let (record_s, wait_s) = rec_res?;
@@ -350,7 +345,7 @@ impl Collector {
         m.complete = true;
         if m.tokens == 0 {
             let names = m.sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
-            return Err(CollectError::Invalid(format!("{names}: the text produced no tokens")));
+            return Err(Error::format(names, "the text produced no tokens"));
         }
         let mpath = self.dir.join("manifest.json");
         store::write_json(&mpath, &*m)?;

@@ -8,7 +8,8 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 use safetensors::{tensor::TensorView, Dtype};
 
 use super::pipeline::Forwarded;
-use super::{ActsManifest, CollectError, Result, ShardInfo, TextPos};
+use super::{ActsManifest, ShardInfo, TextPos};
+use crate::error::{Error, Result};
 use crate::config::{Family, ModelConfig};
 use crate::store::{self, ACTS_FORMAT, ACTS_VERSION};
 use crate::model::LayerTaps;
@@ -162,7 +163,7 @@ impl ShardBuf {
     /// One forward's taps as read back, checked against this shard's layout.
     pub(super) fn check_forward<'a>(&self, f: &'a Forwarded) -> Result<Packed<'a>> {
         let (b, s) = (f.rows.len(), f.rows[0].ids.len());
-        let bad = |what: String| CollectError::Invalid(format!("reading the taps back: {what}"));
+        let bad = |what: String| Error::Internal(format!("reading the taps back: {what}"));
         if let [d] = f.datas.as_slice() {
             if d.dtype != DType::F16 || d.as_bytes().len() != b * s * self.row_bytes {
                 return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * self.row_bytes)));
@@ -283,7 +284,7 @@ impl Writers {
 }
 
 fn join(h: std::thread::JoinHandle<Result<()>>) -> Result<()> {
-    h.join().map_err(|_| CollectError::Invalid("a shard writer thread panicked".into()))?
+    h.join().map_err(|_| Error::Internal("a shard writer thread panicked".into()))?
 }
 
 /// Hand the shard to a writer thread and go on in spare buffers; the writer updates the manifest once this shard
@@ -312,7 +313,7 @@ pub(super) fn flush(dir: &Path, m: &mut ActsManifest, shard: &mut ShardBuf, writ
         written?;
         before?;
         let mpath = dir.join("manifest.json");
-        Ok(store::write_json(&mpath, &snapshot)?)
+        store::write_json(&mpath, &snapshot)
     }));
     Ok(())
 }
@@ -321,7 +322,7 @@ fn write_shard(path: &Path, buf: &ShardBuf) -> Result<()> {
     let t = buf.tokens.len();
     let tok_bytes: Vec<u8> = buf.tokens.iter().flat_map(|x| x.to_le_bytes()).collect();
     let pos_bytes: Vec<u8> = buf.positions.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let bad = |e: safetensors::SafeTensorError| CollectError::Shard { path: path.to_path_buf(), msg: e.to_string() };
+    let bad = |e: safetensors::SafeTensorError| Error::format(path, e.to_string());
     let mut views: Vec<(String, TensorView<'_>)> = vec![
         ("tokens".into(), TensorView::new(Dtype::U32, vec![t], &tok_bytes).map_err(bad)?),
         ("positions".into(), TensorView::new(Dtype::U32, vec![t], &pos_bytes).map_err(bad)?),
@@ -331,5 +332,5 @@ fn write_shard(path: &Path, buf: &ShardBuf) -> Result<()> {
     }
     let meta: HashMap<String, String> =
         [("format".to_string(), ACTS_FORMAT.to_string()), ("version".to_string(), ACTS_VERSION.to_string())].into_iter().collect();
-    Ok(store::write_safetensors(path, views, meta)?)
+    store::write_safetensors(path, views, meta)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 
-use super::{CollectError, Result};
+use crate::error::{Error, Result};
 
 /// Bytes of text read (at most) per tokenizer call.
 pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
@@ -22,16 +22,16 @@ pub struct TextPos {
 
 /// Check a text file exists, is not empty, and starts as UTF-8 text (no NUL bytes); return its size.
 pub(super) fn sniff_text(path: &Path) -> Result<u64> {
-    let meta = std::fs::metadata(path).map_err(|e| CollectError::io(path, e))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
-        return Err(CollectError::text(path, "not a regular file"));
+        return Err(Error::format(path, "not a regular file"));
     }
     if meta.len() == 0 {
-        return Err(CollectError::text(path, "empty text file (0 bytes)"));
+        return Err(Error::format(path, "empty text file (0 bytes)"));
     }
-    let mut f = std::fs::File::open(path).map_err(|e| CollectError::io(path, e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut buf = vec![0u8; 64 * 1024];
-    let n = read_full(&mut f, &mut buf).map_err(|e| CollectError::io(path, e))?;
+    let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(path, e))?;
     check_text(path, &buf[..n], 0, n < buf.len())?;
     Ok(meta.len())
 }
@@ -40,12 +40,12 @@ pub(super) fn sniff_text(path: &Path) -> Result<u64> {
 /// the file goes on.
 fn check_text(path: &Path, bytes: &[u8], offset: u64, at_eof: bool) -> Result<()> {
     if let Some(i) = bytes.iter().position(|&b| b == 0) {
-        return Err(CollectError::text(path, format!("binary file, not text (NUL byte at offset {})", offset + i as u64)));
+        return Err(Error::format(path, format!("binary file, not text (NUL byte at offset {})", offset + i as u64)));
     }
     if let Err(e) = std::str::from_utf8(bytes) {
         let cut_char = e.error_len().is_none() && !at_eof;
         if !cut_char {
-            return Err(CollectError::text(
+            return Err(Error::format(
                 path,
                 format!("not UTF-8 text (invalid byte at offset {})", offset + e.valid_up_to() as u64),
             ));
@@ -104,7 +104,7 @@ impl<'a> TokenStream<'a> {
             }
             // Chunk used up: move to the next one (or the next file).
             let path = &self.sources[self.pos.source];
-            let len = std::fs::metadata(path).map_err(|e| CollectError::io(path, e))?.len();
+            let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
             if self.next_offset >= len {
                 self.pos = TextPos { source: self.pos.source + 1, offset: 0, skip: 0 };
             } else {
@@ -116,22 +116,22 @@ impl<'a> TokenStream<'a> {
 
     fn load_chunk(&mut self) -> Result<()> {
         let path = self.sources[self.pos.source].clone();
-        let mut f = std::fs::File::open(&path).map_err(|e| CollectError::io(&path, e))?;
-        let len = f.metadata().map_err(|e| CollectError::io(&path, e))?.len();
-        f.seek(SeekFrom::Start(self.pos.offset)).map_err(|e| CollectError::io(&path, e))?;
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        f.seek(SeekFrom::Start(self.pos.offset)).map_err(|e| Error::io(&path, e))?;
         let mut buf = vec![0u8; self.chunk_bytes];
-        let n = read_full(&mut f, &mut buf).map_err(|e| CollectError::io(&path, e))?;
+        let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(&path, e))?;
         buf.truncate(n);
         let at_eof = self.pos.offset + n as u64 >= len;
         check_text(&path, &buf, self.pos.offset, at_eof)?;
         let cut = if at_eof { n } else { cut_point(&buf) };
         let text = std::str::from_utf8(&buf[..cut]).map_err(|e| {
-            CollectError::text(&path, format!("not UTF-8 text (invalid byte at offset {})", self.pos.offset + e.valid_up_to() as u64))
+            Error::format(&path, format!("not UTF-8 text (invalid byte at offset {})", self.pos.offset + e.valid_up_to() as u64))
         })?;
         let enc = self
             .tok
             .encode(text, false)
-            .map_err(|e| CollectError::text(&path, format!("tokenization failed at offset {}: {e}", self.pos.offset)))?;
+            .map_err(|e| Error::format(&path, format!("tokenization failed at offset {}: {e}", self.pos.offset)))?;
         self.buf = enc.get_ids().to_vec();
         self.next_offset = self.pos.offset + cut as u64;
         self.loaded = true;

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::error::{Error, OptionError, Result};
+
 /// How a task is scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -37,7 +39,7 @@ pub const TASKS: &[TaskSpec] = &[
 ];
 
 /// Look a task up by name (a few common aliases accepted).
-pub fn spec(name: &str) -> Result<&'static TaskSpec, crate::error::OptionError> {
+pub fn spec(name: &str) -> Result<&'static TaskSpec, OptionError> {
     let canonical = match name {
         "lambada" => "lambada_openai",
         "openbookqa" => "openbook_qa",
@@ -45,7 +47,7 @@ pub fn spec(name: &str) -> Result<&'static TaskSpec, crate::error::OptionError> 
         other => other,
     };
     TASKS.iter().find(|t| t.name == canonical).ok_or_else(|| {
-        crate::error::OptionError::new(
+        OptionError::new(
             "tasks",
             format!("unknown task `{name}`; known tasks: {}", TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")),
         )
@@ -68,9 +70,9 @@ pub struct Task {
 }
 
 /// Read the first `limit` examples of a task file. Errors name the file, line and field.
-pub fn load(dir: &Path, spec: &'static TaskSpec, limit: Option<usize>) -> anyhow::Result<Task> {
+pub fn load(dir: &Path, spec: &'static TaskSpec, limit: Option<usize>) -> Result<Task> {
     let path = dir.join(spec.file);
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let mut examples = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if limit.is_some_and(|l| examples.len() >= l) {
@@ -80,38 +82,38 @@ pub fn load(dir: &Path, spec: &'static TaskSpec, limit: Option<usize>) -> anyhow
             continue;
         }
         let at = format!("{}:{}", path.display(), i + 1);
-        let v: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{at}: invalid JSON: {e}"))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::json(&at, e))?;
         examples.push(parse(&v, spec, &at)?);
     }
     if examples.is_empty() {
-        anyhow::bail!("{}: no examples", path.display());
+        return Err(Error::format(&path, "no examples"));
     }
     Ok(Task { spec, path, examples })
 }
 
-fn field_str<'a>(v: &'a Value, f: &str, at: &str) -> anyhow::Result<&'a str> {
-    v.get(f).and_then(|x| x.as_str()).ok_or_else(|| anyhow::anyhow!("{at}: field `{f}`: missing or not a string"))
+fn field_str<'a>(v: &'a Value, f: &str, at: &str) -> Result<&'a str> {
+    v.get(f).and_then(|x| x.as_str()).ok_or_else(|| Error::field(at, f, "missing or not a string"))
 }
 
-fn field_strs(v: &Value, f: &str, at: &str) -> anyhow::Result<Vec<String>> {
-    let arr = v.get(f).and_then(|x| x.as_array()).ok_or_else(|| anyhow::anyhow!("{at}: field `{f}`: missing or not a list"))?;
+fn field_strs(v: &Value, f: &str, at: &str) -> Result<Vec<String>> {
+    let arr = v.get(f).and_then(|x| x.as_array()).ok_or_else(|| Error::field(at, f, "missing or not a list"))?;
     let out: Option<Vec<String>> = arr.iter().map(|x| x.as_str().map(str::to_string)).collect();
-    let out = out.ok_or_else(|| anyhow::anyhow!("{at}: field `{f}`: every entry must be a string"))?;
+    let out = out.ok_or_else(|| Error::field(at, f, "every entry must be a string"))?;
     if out.len() < 2 {
-        anyhow::bail!("{at}: field `{f}`: needs at least 2 entries, has {}", out.len());
+        return Err(Error::field(at, f, format!("needs at least 2 entries, has {}", out.len())));
     }
     Ok(out)
 }
 
-fn field_gold(v: &Value, n: usize, at: &str) -> anyhow::Result<usize> {
-    let g = v.get("gold").and_then(|x| x.as_u64()).ok_or_else(|| anyhow::anyhow!("{at}: field `gold`: missing or not a non-negative integer"))?;
+fn field_gold(v: &Value, n: usize, at: &str) -> Result<usize> {
+    let g = v.get("gold").and_then(|x| x.as_u64()).ok_or_else(|| Error::field(at, "gold", "missing or not a non-negative integer"))?;
     if g as usize >= n {
-        anyhow::bail!("{at}: field `gold`: {g} is out of range for {n} choices");
+        return Err(Error::field(at, "gold", format!("{g} is out of range for {n} choices")));
     }
     Ok(g as usize)
 }
 
-fn parse(v: &Value, spec: &TaskSpec, at: &str) -> anyhow::Result<Example> {
+fn parse(v: &Value, spec: &TaskSpec, at: &str) -> Result<Example> {
     let d = spec.delimiter;
     Ok(match spec.kind {
         TaskKind::MultipleChoice => {

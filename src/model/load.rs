@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use super::layers::{Linear, Norm};
 use super::{Layer, Mlp, Model};
 use crate::config::{Family, ModelConfig};
-use crate::error::{LoadError, Result};
+use crate::error::{Error, Result};
 use crate::source::checkpoint::Checkpoint;
 use crate::source::names::{Names, Part, Role, Table, TensorSpec};
 
@@ -22,7 +22,7 @@ impl<B: Backend> Loader<'_, B> {
     fn spec(&self, role: Role, part: Part, layer: Option<usize>) -> Result<&TensorSpec> {
         self.table.get(role, part, layer).ok_or_else(|| {
             let name = self.table.names.name(role, part, layer);
-            LoadError::tensor(self.ck.file_of(&name), name, "a model of this config has no such tensor")
+            Error::tensor(self.ck.file_of(&name), name, "a model of this config has no such tensor")
         })
     }
 

@@ -7,7 +7,8 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use super::model::LowRankWeights;
-use super::{PredictorError, PredictorsManifest, Result, WEIGHTS_FILE};
+use super::{PredictorsManifest, WEIGHTS_FILE};
+use crate::error::{Error, Result};
 use crate::source::ModelIdentity;
 use crate::store::{self, PREDICTORS_FORMAT, PREDICTORS_VERSION};
 
@@ -23,26 +24,27 @@ impl<B: Backend> Predictors<B> {
     pub fn load(dir: &Path, model: &ModelIdentity, device: &B::Device) -> Result<Self> {
         let mpath = dir.join("manifest.json");
         if !mpath.is_file() {
-            return Err(PredictorError::file(&mpath, "not found: not a predictors directory (run `dejavu train-predictors` first)"));
+            return Err(Error::format(&mpath, "not found: not a predictors directory (run `dejavu train-predictors` first)"));
         }
         let manifest: PredictorsManifest = store::read_artifact(&mpath, PREDICTORS_FORMAT, PREDICTORS_VERSION, Some(model))?;
         let id = manifest.model();
         let have: Vec<usize> = manifest.layers.iter().map(|l| l.layer).collect();
         if have != (0..id.layers).collect::<Vec<_>>() {
-            return Err(PredictorError::file(&mpath, format!("holds predictors for layers {have:?}, not all {} layers", id.layers)));
+            return Err(Error::format(&mpath, format!("holds predictors for layers {have:?}, not all {} layers", id.layers)));
         }
         let wpath = dir.join(WEIGHTS_FILE);
-        let f = std::fs::File::open(&wpath).map_err(|e| PredictorError::io(&wpath, e))?;
+        let f = std::fs::File::open(&wpath).map_err(|e| Error::io(&wpath, e))?;
         // SAFETY: the file is only read, and not modified while loaded.
-        let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| PredictorError::io(&wpath, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| PredictorError::file(&wpath, e.to_string()))?;
+        let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&wpath, e))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&wpath, e.to_string()))?;
         let r = manifest.rank;
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let v = st.tensor(name).map_err(|e| PredictorError::file(&wpath, format!("tensor `{name}`: {e}")))?;
+            let v = st.tensor(name).map_err(|e| Error::tensor(&wpath, name, e.to_string()))?;
             if v.dtype() != Dtype::F32 || v.shape() != shape {
-                return Err(PredictorError::file(
+                return Err(Error::tensor(
                     &wpath,
-                    format!("tensor `{name}`: expected F32 {shape:?}, found {:?} {:?}", v.dtype(), v.shape()),
+                    name,
+                    format!("expected F32 {shape:?}, found {:?} {:?}", v.dtype(), v.shape()),
                 ));
             }
             Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -26,11 +26,8 @@ mod model;
 mod svg;
 mod train;
 
-use std::path::PathBuf;
-
-use crate::collect::CollectError;
 use crate::source::ModelIdentity;
-use crate::store::{ArtifactHeader, StoreError};
+use crate::store::ArtifactHeader;
 
 pub use load::Predictors;
 pub use metrics::LayerMetrics;
@@ -40,36 +37,6 @@ pub use train::{default_rank, topk_count, train, NeuronTarget, TrainEvent, Train
 
 pub const WEIGHTS_FILE: &str = "predictors.safetensors";
 
-#[derive(Debug, thiserror::Error)]
-pub enum PredictorError {
-    #[error("{0}")]
-    Invalid(String),
-    /// An option out of range; `field` is its name in [`TrainOptions`] (the CLI and recipes map it to a flag or
-    /// key).
-    #[error("option `{field}`: {msg}")]
-    BadOption { field: &'static str, msg: String },
-    #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
-    /// I/O, or a file of another format, version or model (the store's check).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Acts(#[from] CollectError),
-}
-
-impl PredictorError {
-    pub(crate) fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        PredictorError::File { path: path.into(), msg: msg.into() }
-    }
-    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        PredictorError::Store(StoreError::io(path, err))
-    }
-    pub(crate) fn option(field: &'static str, msg: impl Into<String>) -> Self {
-        PredictorError::BadOption { field, msg: msg.into() }
-    }
-}
-
-pub type Result<T, E = PredictorError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ActsLink {

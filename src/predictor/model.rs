@@ -9,7 +9,7 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 use safetensors::{tensor::TensorView, Dtype};
 
-use super::{PredictorError, Result};
+use crate::error::{Error, Result};
 use crate::store::{self, PREDICTORS_FORMAT, PREDICTORS_VERSION};
 
 /// Epsilon of the per-token RMS normalisation of predictor inputs.
@@ -56,7 +56,7 @@ pub(super) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 pub(super) fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let bad = |e: safetensors::SafeTensorError| PredictorError::file(path, e.to_string());
+    let bad = |e: safetensors::SafeTensorError| Error::format(path, e.to_string());
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
@@ -66,7 +66,7 @@ pub(super) fn write_weights(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32
         [("format".to_string(), PREDICTORS_FORMAT.to_string()), ("version".to_string(), PREDICTORS_VERSION.to_string())]
             .into_iter()
             .collect();
-    Ok(store::write_safetensors(path, views, meta)?)
+    store::write_safetensors(path, views, meta)
 }
 
 /// One layer's loaded predictor weights. `w1: [d, r]`, `w2: [r, n]`.

@@ -15,7 +15,8 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use super::metrics::{hits_by_k, k_at_recall, LayerMetrics};
 use super::model::{host, normalize_input, rms_normalize, write_weights, LowRank, LowRankHost};
 use super::svg::svg_plot;
-use super::{ActsLink, PredictorError, PredictorsManifest, Result, WEIGHTS_FILE};
+use super::{ActsLink, PredictorsManifest, WEIGHTS_FILE};
+use crate::error::{Error, Result};
 use crate::collect::{Activations, Tap};
 use crate::config::Family;
 use crate::decode::SplitMix64;
@@ -121,33 +122,33 @@ pub fn train<B: Backend>(
     let heldout = ((total as f64 * opts.holdout).round() as usize).clamp(1, total.saturating_sub(1).max(1));
     let train_n = total - heldout;
     if train_n < 1 || total < 2 {
-        return Err(PredictorError::file(
+        return Err(Error::format(
             acts.manifest_path(),
             format!("{total} tokens are too few to train on (need a training and a held-out split)"),
         ));
     }
     if !(opts.holdout > 0.0 && opts.holdout < 1.0) {
-        return Err(PredictorError::option("holdout", format!("must be in (0, 1) (got {})", opts.holdout)));
+        return Err(Error::option("holdout", format!("must be in (0, 1) (got {})", opts.holdout)));
     }
     for (name, v) in [("target_recall", opts.target_recall), ("head_target_recall", opts.head_target_recall)] {
         if !(v > 0.0 && v <= 1.0) {
-            return Err(PredictorError::option(name, format!("must be in (0, 1] (got {v})")));
+            return Err(Error::option(name, format!("must be in (0, 1] (got {v})")));
         }
     }
     for (name, v) in [("neuron_density", opts.neuron_density), ("head_density", opts.head_density)] {
         if !(v > 0.0 && v < 1.0) {
-            return Err(PredictorError::option(name, format!("must be in (0, 1) (got {v})")));
+            return Err(Error::option(name, format!("must be in (0, 1) (got {v})")));
         }
     }
     for (name, v) in [("rank", opts.rank), ("epochs", opts.epochs), ("batch_size", opts.batch_size), ("jobs", opts.jobs)] {
         if v == 0 {
-            return Err(PredictorError::option(name, "must be at least 1"));
+            return Err(Error::option(name, "must be at least 1"));
         }
     }
     let layers: Vec<usize> = match &opts.layers {
         Some(v) => {
             if let Some(&bad) = v.iter().find(|&&l| l >= id.layers) {
-                return Err(PredictorError::option("layers", format!("layer {bad} out of range (the model has {})", id.layers)));
+                return Err(Error::option("layers", format!("layer {bad} out of range (the model has {})", id.layers)));
             }
             v.clone()
         }
@@ -156,7 +157,7 @@ pub fn train<B: Backend>(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<Option<(LayerMetrics, LowRankHost, LowRankHost)>>> = Mutex::new(vec![None; id.layers]);
-    let first_err: Mutex<Option<PredictorError>> = Mutex::new(None);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.min(layers.len()) {
             scope.spawn(|| loop {
@@ -185,9 +186,9 @@ pub fn train<B: Backend>(
     if let Some(e) = first_err.into_inner().ok().flatten() {
         return Err(e);
     }
-    let results = results.into_inner().map_err(|_| PredictorError::Invalid("a training thread panicked".into()))?;
+    let results = results.into_inner().map_err(|_| Error::Internal("a training thread panicked".into()))?;
     let out = RunDir::at(&acts.run).predictors();
-    std::fs::create_dir_all(&out).map_err(|e| PredictorError::io(&out, e))?;
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let mut metrics = Vec::new();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let r = opts.rank;
@@ -419,7 +420,7 @@ fn fit<B: Backend>(
         }
     }
     let Some((_, _, best)) = best else {
-        return Err(PredictorError::Invalid("no epoch was run".into()));
+        return Err(Error::Internal("no epoch was run".into()));
     };
     let (k, recall, precision, _, recall_at_report_k) = score(&best, z_val, val_labels, val_n);
     let bias = |b: &Option<burn::module::Param<Tensor<B, 1>>>, len: usize| b.as_ref().map(|p| host(p.val())).unwrap_or_else(|| vec![0.0; len]);

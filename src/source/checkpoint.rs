@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::error::{LoadError, Result};
+use crate::error::{Error, Result};
 use crate::source::gguf::GgufFile;
 use crate::source::weights::{DType, HostTensor, RawTensor, TensorMeta};
 
@@ -42,7 +42,7 @@ pub trait Checkpoint {
     fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let t = self.get(name)?;
         if t.shape != shape {
-            return Err(LoadError::tensor(
+            return Err(Error::tensor(
                 self.file_of(name),
                 name,
                 format!("shape {:?} does not match the model config (expected {:?})", t.shape, shape),
@@ -83,9 +83,9 @@ impl SafetensorsCheckpoint {
         struct Index {
             weight_map: BTreeMap<String, String>,
         }
-        let text = std::fs::read_to_string(index_path).map_err(|e| LoadError::io(index_path, e))?;
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
         let idx: Index =
-            serde_json::from_str(&text).map_err(|e| LoadError::Json { path: index_path.into(), err: e })?;
+            serde_json::from_str(&text).map_err(|e| Error::json(index_path, e))?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut files: Vec<&String> = idx.weight_map.values().collect();
         files.sort();
@@ -93,7 +93,7 @@ impl SafetensorsCheckpoint {
         let mut ck = SafetensorsCheckpoint { shards: Vec::new(), index: BTreeMap::new(), order: Vec::new() };
         for f in files {
             if f.contains('/') || f.contains('\\') || f.starts_with("..") {
-                return Err(LoadError::field(index_path, "weight_map", format!("shard name {f:?} is not a plain file name")));
+                return Err(Error::field(index_path, "weight_map", format!("shard name {f:?} is not a plain file name")));
             }
             let expected: Vec<&str> =
                 idx.weight_map.iter().filter(|(_, v)| *v == f).map(|(k, _)| k.as_str()).collect();
@@ -103,19 +103,19 @@ impl SafetensorsCheckpoint {
     }
 
     fn add_shard(&mut self, path: &Path, expected: Option<(&[&str], &Path)>) -> Result<()> {
-        let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is opened read-only and we never hand out references that outlive `self`;
         // a checkpoint changed underneath a running process is outside what any loader can defend against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         check_not_truncated(path, &mmap)?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
         let data_start = 8 + header_len;
         let names = meta.offset_keys();
         if let Some((expected, index_path)) = expected {
             for name in expected {
                 if !names.iter().any(|n| n == name) {
-                    return Err(LoadError::tensor(
+                    return Err(Error::tensor(
                         path,
                         *name,
                         format!("listed in {} but missing from this shard", index_path.display()),
@@ -139,7 +139,7 @@ impl SafetensorsCheckpoint {
     fn entry(&self, name: &str) -> Result<(&Entry, &Path)> {
         match self.index.get(name) {
             Some(e) => Ok((e, &self.shards[e.shard].0)),
-            None => Err(LoadError::tensor(self.file_of(name), name, "missing from the checkpoint")),
+            None => Err(Error::tensor(self.file_of(name), name, "missing from the checkpoint")),
         }
     }
 }
@@ -147,13 +147,13 @@ impl SafetensorsCheckpoint {
 /// Name the tensor a truncated file cuts off, which the safetensors crate only reports as "incomplete".
 fn check_not_truncated(path: &Path, bytes: &[u8]) -> Result<()> {
     let Some(len_bytes) = bytes.get(..8) else {
-        return Err(LoadError::format(path, format!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len())));
+        return Err(Error::format(path, format!("not a safetensors file: {} bytes, shorter than the 8-byte header length", bytes.len())));
     };
     let mut arr = [0u8; 8];
     arr.copy_from_slice(len_bytes);
     let header_len = u64::from_le_bytes(arr) as usize;
     let Some(header) = bytes.get(8..8usize.saturating_add(header_len)) else {
-        return Err(LoadError::format(
+        return Err(Error::format(
             path,
             format!("truncated or not safetensors: header claims {header_len} bytes but the file has {}", bytes.len()),
         ));
@@ -167,7 +167,7 @@ fn check_not_truncated(path: &Path, bytes: &[u8]) -> Result<()> {
         let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64());
         if let Some(end) = end {
             if end as usize > data_len {
-                return Err(LoadError::tensor(
+                return Err(Error::tensor(
                     path,
                     name,
                     format!("file is truncated: data ends at byte {end} of the data section, which has only {data_len} bytes"),
@@ -183,7 +183,7 @@ fn dtype_of(dtype: Dtype, path: &Path, name: &str) -> Result<DType> {
         Dtype::F32 => Ok(DType::F32),
         Dtype::F16 => Ok(DType::F16),
         Dtype::BF16 => Ok(DType::BF16),
-        other => Err(LoadError::tensor(path, name, format!("dtype {other:?} is not supported (expected F32, F16 or BF16)"))),
+        other => Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (expected F32, F16 or BF16)"))),
     }
 }
 
@@ -192,9 +192,9 @@ impl Checkpoint for SafetensorsCheckpoint {
         let (e, path) = self.entry(name)?;
         let dtype = dtype_of(e.dtype, path, name)?;
         let mmap = &self.shards[e.shard].1;
-        let bytes = mmap.get(e.start..e.end).ok_or_else(|| LoadError::tensor(path, name, "data lies beyond the end of the file"))?;
+        let bytes = mmap.get(e.start..e.end).ok_or_else(|| Error::tensor(path, name, "data lies beyond the end of the file"))?;
         if e.shape.iter().product::<usize>() * dtype.size() != bytes.len() {
-            return Err(LoadError::tensor(path, name, "byte length does not match its shape"));
+            return Err(Error::tensor(path, name, "byte length does not match its shape"));
         }
         Ok(RawTensor { dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(bytes) })
     }
@@ -256,17 +256,17 @@ impl GgufCheckpoint {
 
 impl Checkpoint for GgufCheckpoint {
     fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        Ok(self.file.hf_raw(name)?)
+        self.file.hf_raw(name)
     }
     fn meta(&self, name: &str) -> Result<TensorMeta> {
-        Ok(self.file.hf_meta(name)?)
+        self.file.hf_meta(name)
     }
     fn names(&self) -> Vec<String> {
         self.names.clone()
     }
     /// Exact f32 dequantization (not through `raw`'s f16), so quantized models keep their numbers.
     fn get(&self, name: &str) -> Result<HostTensor> {
-        Ok(self.file.hf_tensor(name)?)
+        self.file.hf_tensor(name)
     }
     fn contains(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)

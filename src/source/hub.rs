@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{LoadError, Result};
+use crate::error::{Error, Result};
 
 /// True when `HF_HUB_OFFLINE` asks for no network (hf-hub 0.5 does not read it itself).
 pub fn offline() -> bool {
@@ -18,7 +18,7 @@ pub fn fetch(id: &str) -> Result<PathBuf> {
     if offline() {
         let get = |f: &str| {
             repo.get(f).ok_or_else(|| {
-                LoadError::Hub(format!(
+                Error::Hub(format!(
                     "{id}: `{f}` is not in the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE=1 forbids downloading it"
                 ))
             })
@@ -37,13 +37,13 @@ pub fn fetch(id: &str) -> Result<PathBuf> {
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_progress(true)
         .build()
-        .map_err(|e| LoadError::Hub(format!("{id}: cannot start the Hub client: {e}")))?;
+        .map_err(|e| Error::Hub(format!("{id}: cannot start the Hub client: {e}")))?;
     let api_repo = api.model(id.to_string());
     let get = |f: &str| -> Result<PathBuf> {
         if let Some(p) = repo.get(f) {
             return Ok(p);
         }
-        api_repo.get(f).map_err(|e| LoadError::Hub(format!("{id}: cannot download `{f}`: {e}")))
+        api_repo.get(f).map_err(|e| Error::Hub(format!("{id}: cannot download `{f}`: {e}")))
     };
     let config = get("config.json")?;
     get("tokenizer.json")?;
@@ -65,8 +65,8 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|e| LoadError::io(index, e))?;
-    let idx: Index = serde_json::from_str(&text).map_err(|e| LoadError::Json { path: index.into(), err: e })?;
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let idx: Index = serde_json::from_str(&text).map_err(|e| Error::json(index, e))?;
     let mut v: Vec<String> = idx.weight_map.into_values().collect();
     v.sort();
     v.dedup();

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
-use crate::error::{LoadError, Result};
+use crate::error::{Error, Result};
 use checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
 
 /// The kind of source a `--model` argument named.
@@ -50,7 +50,7 @@ impl ModelFiles {
         if looks_like_hub_id(spec) {
             return Self::from_hub(spec);
         }
-        Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory (and not a Hub id of the form owner/name)")))
+        Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory (and not a Hub id of the form owner/name)")))
     }
 
     fn from_hf_dir(dir: &Path, kind: SourceKind, identity: String) -> Result<Self> {
@@ -62,7 +62,7 @@ impl ModelFiles {
         } else if single.exists() {
             Box::new(SafetensorsCheckpoint::open_file(&single)?)
         } else {
-            return Err(LoadError::format(
+            return Err(Error::format(
                 dir,
                 "no model.safetensors or model.safetensors.index.json in this directory (pytorch .bin is not supported)",
             ));
@@ -131,14 +131,14 @@ impl ModelFiles {
         let mut h = Fnv64::new();
         h.update(serde_json::to_string(&self.config).unwrap_or_default().as_bytes());
         for path in self.checkpoint.files() {
-            let mut f = std::fs::File::open(&path).map_err(|e| LoadError::io(&path, e))?;
-            let len = f.metadata().map_err(|e| LoadError::io(&path, e))?.len();
+            let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
             h.update(&len.to_le_bytes());
             let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-            f.read_exact(&mut buf).map_err(|e| LoadError::io(&path, e))?;
+            f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
             h.update(&buf);
-            f.seek(SeekFrom::Start(len - buf.len() as u64)).map_err(|e| LoadError::io(&path, e))?;
-            f.read_exact(&mut buf).map_err(|e| LoadError::io(&path, e))?;
+            f.seek(SeekFrom::Start(len - buf.len() as u64)).map_err(|e| Error::io(&path, e))?;
+            f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
             h.update(&buf);
         }
         Ok(format!("{:016x}", h.0))
@@ -175,9 +175,9 @@ impl Fnv64 {
 
 pub fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
-        return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
     }
-    Tokenizer::from_file(path).map_err(|e| LoadError::format(path, format!("not a valid tokenizer.json: {e}")))
+    Tokenizer::from_file(path).map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {

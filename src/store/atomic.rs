@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{Result, StoreError};
+use crate::error::{Error, Result};
 
 /// Environment variable that replaces the free-space figure (bytes) the disk checks use, so tests can play a
 /// small disk. Not meant for users.
@@ -21,7 +21,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()
     })()
-    .map_err(|e| StoreError::io(&tmp, e))?;
+    .map_err(|e| Error::io(&tmp, e))?;
     commit_tmp(&tmp, path)
 }
 
@@ -43,8 +43,8 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 
 /// fsync `tmp`, rename it to `path`, fsync the directory holding them.
 pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| StoreError::io(tmp, e))?;
-    std::fs::rename(tmp, path).map_err(|e| StoreError::io(path, e))?;
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
     if let Some(dir) = path.parent() {
         // Directory fsync makes the rename durable; some filesystems refuse it, which is not worth failing for.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -56,7 +56,7 @@ pub fn commit_tmp(tmp: &Path, path: &Path) -> Result<()> {
 
 /// Serialize `value` as pretty JSON and write it atomically.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| StoreError::artifact(path, e.to_string()))?;
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::format(path, e.to_string()))?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }
@@ -64,7 +64,7 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Serialize `rows` as CSV (a header row from the field names, then one row each) in memory, then write it
 /// atomically.
 pub fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let bad = |e: String| StoreError::artifact(path, e);
+    let bad = |e: String| Error::format(path, e);
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
         w.serialize(r).map_err(|e| bad(e.to_string()))?;
@@ -81,11 +81,11 @@ pub fn write_safetensors<'a>(
     meta: HashMap<String, String>,
 ) -> Result<()> {
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| StoreError::artifact(&tmp, e.to_string()))?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644 & !umask())).map_err(|e| StoreError::io(&tmp, e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644 & !umask())).map_err(|e| Error::io(&tmp, e))?;
     }
     commit_tmp(&tmp, path)
 }

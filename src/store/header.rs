@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::{Result, StoreError, VERSION};
+use super::VERSION;
+use crate::error::{Error, Result};
 use crate::source::ModelIdentity;
 
 /// `RUN/acts/manifest.json` (and the metadata of its shards). Version 1 was the unversioned `dejavu-acts/1`.
@@ -69,20 +70,17 @@ impl ArtifactHeader {
     /// for `model`; otherwise a one-line error naming `path`.
     pub fn check(&self, path: &Path, expected_format: &str, supported_version: u32, model: &ModelIdentity) -> Result<()> {
         self.check_format(path, expected_format, supported_version)?;
-        model.ensure_same(&self.model, path).map_err(StoreError::OtherModel)
+        model.ensure_same(&self.model, path).map_err(Error::OtherModel)
     }
 
     /// [`ArtifactHeader::check`] without the model (a stage that is not told the model).
     pub fn check_format(&self, path: &Path, expected_format: &str, supported_version: u32) -> Result<()> {
         if self.format != expected_format {
-            return Err(StoreError::artifact(
-                path,
-                format!("field `header.format`: expected `{expected_format}`, found `{}`", self.format),
-            ));
+            return Err(Error::field(path, "header.format", format!("expected `{expected_format}`, found `{}`", self.format)));
         }
         let (v, writer) = (self.version, writer_of(expected_format));
         if v < supported_version {
-            return Err(StoreError::artifact(
+            return Err(Error::format(
                 path,
                 format!(
                     "`{expected_format}` version {v}, written by an older dejavu ({}); this one reads version {supported_version}: re-run `{writer}`",
@@ -91,7 +89,7 @@ impl ArtifactHeader {
             ));
         }
         if v > supported_version {
-            return Err(StoreError::artifact(
+            return Err(Error::format(
                 path,
                 format!(
                     "`{expected_format}` version {v}, written by a newer dejavu ({}); this one reads version {supported_version}",
@@ -107,26 +105,25 @@ impl ArtifactHeader {
 /// `model` when given, so that a file of an older dejavu or another kind gets a one-line reason instead of a
 /// missing-field error; then the whole file is parsed as `T`.
 pub fn read_artifact<T: DeserializeOwned>(path: &Path, format: &str, version: u32, model: Option<&ModelIdentity>) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, e))?;
-    let doc: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| StoreError::artifact(path, format!("invalid JSON: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::json(path, e))?;
     let Some(h) = doc.get("header") else {
         // Version 1 files had no header: acts and predictors a `format` tag such as `dejavu-acts/1`, thresholds none.
         let old = match doc.get("format").and_then(|f| f.as_str()) {
             Some(f) => format!(" (format `{f}`)"),
             None => String::new(),
         };
-        return Err(StoreError::artifact(
+        return Err(Error::format(
             path,
             format!("no artifact header{old}: not a `{format}` file, or one written by an older dejavu; re-run `{}`", writer_of(format)),
         ));
     };
-    let header = ArtifactHeader::deserialize(h).map_err(|e| StoreError::artifact(path, format!("field `header`: {e}")))?;
+    let header = ArtifactHeader::deserialize(h).map_err(|e| Error::field(path, "header", e.to_string()))?;
     match model {
         Some(m) => header.check(path, format, version, m)?,
         None => header.check_format(path, format, version)?,
     }
-    serde_json::from_value(doc).map_err(|e| StoreError::artifact(path, format!("invalid `{format}` file: {e}")))
+    serde_json::from_value(doc).map_err(|e| Error::format(path, format!("invalid `{format}` file: {e}")))
 }
 
 /// `t` as `YYYY-MM-DDThh:mm:ssZ` (whole seconds, UTC).

@@ -7,6 +7,8 @@ mod header;
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 pub use atomic::{
     commit_tmp, free_bytes, human_bytes, remove_stale_tmp, tmp_path, write_atomic, write_csv, write_json, write_safetensors,
     FREE_BYTES_ENV,
@@ -19,28 +21,6 @@ pub use header::{
 /// The crate version written into every artifact header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{}: {err}", path.display())]
-    Io { path: PathBuf, err: std::io::Error },
-    /// A file that is not the artifact expected: unreadable, another format, another version.
-    #[error("{}: {msg}", path.display())]
-    Artifact { path: PathBuf, msg: String },
-    /// An artifact made for another model (the message names the file and both models).
-    #[error("{0}")]
-    OtherModel(String),
-}
-
-impl StoreError {
-    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        StoreError::Io { path: path.into(), err }
-    }
-    pub fn artifact(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        StoreError::Artifact { path: path.into(), msg: msg.into() }
-    }
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// One run directory: `acts/` (collect), `predictors/` (train-predictors), `thresholds.json` (calibrate) and
 /// `eval/` (eval). The path helpers do not touch the disk; [`RunDir::create`] and [`RunDir::open`] do.
@@ -58,16 +38,16 @@ impl RunDir {
     /// Create `root` (and its parents) when missing; an existing file there is an error.
     pub fn create(root: &Path) -> Result<Self> {
         if root.exists() && !root.is_dir() {
-            return Err(StoreError::artifact(root, "exists and is not a directory, so it cannot be a run directory"));
+            return Err(Error::format(root, "exists and is not a directory, so it cannot be a run directory"));
         }
-        std::fs::create_dir_all(root).map_err(|e| StoreError::io(root, e))?;
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         Ok(RunDir::at(root))
     }
 
     /// An existing run directory.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
-            return Err(StoreError::artifact(root, "no such run directory (collect activations into it first)"));
+            return Err(Error::format(root, "no such run directory (collect activations into it first)"));
         }
         Ok(RunDir::at(root))
     }
@@ -103,10 +83,10 @@ impl RunDir {
 /// under the key `header` followed by the fields of `results` (a JSON object; anything else goes under
 /// `results`), and each `(file name, bytes)` of `tables` (CSV built in memory) is written as it is.
 pub fn write_eval_results(dir: &Path, header: &ArtifactHeader, results: &serde_json::Value, tables: &[(&str, &[u8])]) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut doc = serde_json::Map::new();
     let path = dir.join("results.json");
-    doc.insert("header".into(), serde_json::to_value(header).map_err(|e| StoreError::artifact(&path, e.to_string()))?);
+    doc.insert("header".into(), serde_json::to_value(header).map_err(|e| Error::format(&path, e.to_string()))?);
     match results {
         serde_json::Value::Object(fields) => doc.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone()))),
         other => {

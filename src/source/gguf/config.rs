@@ -2,10 +2,11 @@
 
 use serde_json::{json, Value as Json};
 
-use super::{GgufError, GgufFile};
+use super::GgufFile;
+use crate::error::Result;
 
 impl GgufFile {
-    pub(super) fn require_llama(&self) -> Result<(), GgufError> {
+    pub(super) fn require_llama(&self) -> Result<()> {
         let arch = self.architecture()?;
         if arch != "llama" {
             return Err(self.meta_err(
@@ -16,7 +17,7 @@ impl GgufFile {
         Ok(())
     }
 
-    fn vocab_size(&self) -> Result<usize, GgufError> {
+    fn vocab_size(&self) -> Result<usize> {
         if let Some(tokens) = self.meta_str_array("tokenizer.ggml.tokens")? {
             return Ok(tokens.len());
         }
@@ -29,7 +30,7 @@ impl GgufFile {
     }
 
     /// A Hugging Face style `config.json` for this model (Llama only).
-    pub fn hf_config(&self) -> Result<Json, GgufError> {
+    pub fn hf_config(&self) -> Result<Json> {
         self.require_llama()?;
         let hidden = self.meta_usize("llama.embedding_length")?;
         let heads = self.meta_usize("llama.attention.head_count")?;

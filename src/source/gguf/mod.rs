@@ -2,7 +2,7 @@
 //!
 //! [`GgufFile::open`] memory-maps a file and parses its header, metadata and tensor table, checking every
 //! length and offset against the file size before anything is allocated, so a malformed or truncated file
-//! gives a [`GgufError`] (whose message starts with the file path) rather than a panic or a huge allocation.
+//! gives an [`Error`] (whose message starts with the file path) rather than a panic or a huge allocation.
 //!
 //! On top of the raw reader it offers what the rest of the crate needs to run a GGUF Llama like a Hugging
 //! Face checkpoint:
@@ -31,46 +31,11 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::error::{Error, Result};
 use crate::source::weights::HostTensor;
 use parse::{ggml_type_name, MetaValue, TensorInfo};
 
 const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
-
-/// Everything that can go wrong reading a GGUF file. Every message starts with the file path and is one line.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a GGUF file (magic bytes {found}, expected 47 47 55 46 \"GGUF\")")]
-    BadMagic { path: String, found: String },
-    #[error("{path}: unsupported GGUF version {version}; supported: 2, 3")]
-    UnsupportedVersion { path: String, version: u32 },
-    #[error("{path}: malformed header: {detail}")]
-    Header { path: String, detail: String },
-    #[error("{path}: metadata '{key}': {detail}")]
-    Metadata { path: String, key: String, detail: String },
-    #[error("{path}: tensor '{tensor}': {detail}")]
-    Tensor {
-        path: String,
-        tensor: String,
-        detail: String,
-    },
-    #[error("{path}: tensor '{tensor}': unsupported quant type {type_name} ({type_id}); supported: {SUPPORTED_TYPES}")]
-    UnsupportedType {
-        path: String,
-        tensor: String,
-        type_name: String,
-        type_id: u32,
-    },
-    #[error("{path}: no tensor named '{tensor}'")]
-    NoSuchTensor { path: String, tensor: String },
-    #[error("{path}: tokenizer: {detail}")]
-    Tokenizer { path: String, detail: String },
-}
 
 /// A memory-mapped GGUF file.
 pub struct GgufFile {
@@ -97,17 +62,13 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-map and parse `path`: header, metadata, tensor table. Checks alignment, data offsets and sizes
     /// against the file length.
-    pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let p = path.display().to_string();
-        let io = |source| GgufError::Io {
-            path: p.clone(),
-            source,
-        };
+    pub fn open(path: &Path) -> Result<Self> {
+        let io = |e| Error::io(path, e);
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; like every reader of memory-mapped model files we assume the file is
         // not truncated or rewritten by another process while it is open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let h = parse::parse(&mmap, &p)?;
+        let h = parse::parse(&mmap, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -119,10 +80,6 @@ impl GgufFile {
         })
     }
 
-    fn p(&self) -> String {
-        self.path.display().to_string()
-    }
-
     /// The GGUF format version (2 or 3).
     pub fn version(&self) -> u32 {
         self.version
@@ -132,15 +89,11 @@ impl GgufFile {
         self.meta_index.get(key).map(|&i| &self.metadata[i].1)
     }
 
-    fn meta_err(&self, key: &str, detail: impl Into<String>) -> GgufError {
-        GgufError::Metadata {
-            path: self.p(),
-            key: key.to_string(),
-            detail: detail.into(),
-        }
+    fn meta_err(&self, key: &str, detail: impl Into<String>) -> Error {
+        Error::field(&self.path, key, detail)
     }
 
-    fn meta_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
+    fn meta_str(&self, key: &str) -> Result<Option<&str>> {
         match self.meta(key) {
             None => Ok(None),
             Some(MetaValue::Str(s)) => Ok(Some(s)),
@@ -148,7 +101,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_uint_opt(&self, key: &str) -> Result<Option<u64>, GgufError> {
+    fn meta_uint_opt(&self, key: &str) -> Result<Option<u64>> {
         match self.meta(key) {
             None => Ok(None),
             Some(v) => match v.as_int() {
@@ -161,12 +114,12 @@ impl GgufFile {
         }
     }
 
-    fn meta_usize(&self, key: &str) -> Result<usize, GgufError> {
+    fn meta_usize(&self, key: &str) -> Result<usize> {
         let v = self.meta_uint_opt(key)?.ok_or_else(|| self.meta_err(key, "missing"))?;
         usize::try_from(v).map_err(|_| self.meta_err(key, format!("{v} is too large")))
     }
 
-    fn meta_usize_opt(&self, key: &str) -> Result<Option<usize>, GgufError> {
+    fn meta_usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.meta_uint_opt(key)? {
             None => Ok(None),
             Some(v) => usize::try_from(v)
@@ -175,7 +128,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_f64_opt(&self, key: &str) -> Result<Option<f64>, GgufError> {
+    fn meta_f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.meta(key) {
             None => Ok(None),
             Some(v) => v
@@ -185,7 +138,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_bool_opt(&self, key: &str) -> Result<Option<bool>, GgufError> {
+    fn meta_bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.meta(key) {
             None => Ok(None),
             Some(MetaValue::Bool(b)) => Ok(Some(*b)),
@@ -193,7 +146,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_str_array(&self, key: &str) -> Result<Option<&[String]>, GgufError> {
+    fn meta_str_array(&self, key: &str) -> Result<Option<&[String]>> {
         match self.meta(key) {
             None => Ok(None),
             Some(MetaValue::StrArray(v)) => Ok(Some(v)),
@@ -203,7 +156,7 @@ impl GgufFile {
         }
     }
 
-    fn meta_int_array(&self, key: &str) -> Result<Option<&[i64]>, GgufError> {
+    fn meta_int_array(&self, key: &str) -> Result<Option<&[i64]>> {
         match self.meta(key) {
             None => Ok(None),
             Some(MetaValue::IntArray(_, v)) => Ok(Some(v)),
@@ -213,7 +166,7 @@ impl GgufFile {
     }
 
     /// `general.architecture`.
-    pub fn architecture(&self) -> Result<&str, GgufError> {
+    pub fn architecture(&self) -> Result<&str> {
         self.meta_str("general.architecture")?
             .ok_or_else(|| self.meta_err("general.architecture", "missing"))
     }
@@ -228,47 +181,32 @@ impl GgufFile {
         self.tensors.iter().map(|t| t.name.as_str()).collect()
     }
 
-    fn tensor_info(&self, gguf_name: &str) -> Result<&TensorInfo, GgufError> {
+    fn tensor_info(&self, gguf_name: &str) -> Result<&TensorInfo> {
         self.tensor_index
             .get(gguf_name)
             .map(|&i| &self.tensors[i])
-            .ok_or_else(|| GgufError::NoSuchTensor {
-                path: self.p(),
-                tensor: gguf_name.to_string(),
-            })
+            .ok_or_else(|| Error::tensor(&self.path, gguf_name, "no such tensor in the file"))
     }
 
     /// HF (row-major, slowest first) shape of a tensor: GGUF lists dimensions fastest first.
-    fn hf_shape(&self, t: &TensorInfo) -> Result<Vec<usize>, GgufError> {
-        t.dims.iter().rev().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>().map_err(|_| GgufError::Tensor {
-            path: self.p(),
-            tensor: t.name.clone(),
-            detail: "dimension does not fit in usize".into(),
-        })
+    fn hf_shape(&self, t: &TensorInfo) -> Result<Vec<usize>> {
+        t.dims.iter().rev().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>().map_err(|_| Error::tensor(&self.path, &t.name, "dimension does not fit in usize"))
     }
 
     /// The stored bytes of a tensor, borrowed from the map.
-    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8], GgufError> {
-        self.mmap.get(t.start..t.start + t.len).ok_or_else(|| GgufError::Tensor {
-            path: self.p(),
-            tensor: t.name.clone(),
-            detail: "data out of bounds".into(),
-        })
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        self.mmap.get(t.start..t.start + t.len).ok_or_else(|| Error::tensor(&self.path, &t.name, "data out of bounds"))
     }
 
-    fn unsupported(&self, t: &TensorInfo) -> GgufError {
-        GgufError::UnsupportedType {
-            path: self.p(),
-            tensor: t.name.clone(),
-            type_name: ggml_type_name(t.type_id),
-            type_id: t.type_id,
-        }
+    fn unsupported(&self, t: &TensorInfo) -> Error {
+        let msg = format!("unsupported quant type {} ({}); supported: {SUPPORTED_TYPES}", ggml_type_name(t.type_id), t.type_id);
+        Error::tensor(&self.path, &t.name, msg)
     }
 
     /// Read a tensor by its GGUF name, dequantized to f32. The shape is row-major in HF order (GGUF lists
     /// dimensions fastest first, so they are reversed): `token_embd.weight` of GGUF dims `[576, 49152]` reads
     /// as `[49152, 576]`.
-    pub fn read_tensor(&self, gguf_name: &str) -> Result<HostTensor, GgufError> {
+    pub fn read_tensor(&self, gguf_name: &str) -> Result<HostTensor> {
         let t = self.tensor_info(gguf_name)?;
         let shape = self.hf_shape(t)?;
         let data = dequant::dequantize(t.type_id, self.tensor_bytes(t)?).ok_or_else(|| self.unsupported(t))?;

@@ -2,9 +2,10 @@
 //! metadata and tensor table (no tensor data is touched here).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::str::FromStr;
 
-use super::GgufError;
+use crate::error::{Error, Result};
 
 pub(super) const MAGIC: [u8; 4] = *b"GGUF";
 pub(super) const DEFAULT_ALIGNMENT: u64 = 32;
@@ -326,11 +327,8 @@ fn round_up(x: u64, align: u64) -> Option<u64> {
 
 /// Parse the header, metadata and tensor table of `buf` (the whole file; `p` is its path for messages).
 /// Checks alignment, data offsets and sizes against the file length.
-pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
-    let header = |detail: String| GgufError::Header {
-        path: p.to_string(),
-        detail,
-    };
+pub(super) fn parse(buf: &[u8], p: &Path) -> Result<Header> {
+    let header = |detail: String| Error::format(p, format!("malformed header: {detail}"));
     let mut c = Cursor { buf, pos: 0 };
     if buf.len() < 4 {
         return Err(header(format!(
@@ -340,17 +338,12 @@ pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
     }
     let magic = c.array::<4>("magic").map_err(header)?;
     if magic != MAGIC {
-        return Err(GgufError::BadMagic {
-            path: p.to_string(),
-            found: magic.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
-        });
+        let found = magic.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        return Err(Error::format(p, format!("not a GGUF file (magic bytes {found}, expected 47 47 55 46 \"GGUF\")")));
     }
     let version = c.u32("version").map_err(header)?;
     if version != 2 && version != 3 {
-        return Err(GgufError::UnsupportedVersion {
-            path: p.to_string(),
-            version,
-        });
+        return Err(Error::format(p, format!("unsupported GGUF version {version}; supported: 2, 3")));
     }
     // Minimal encoded sizes: a tensor info is name len (8) + n_dims (4) + type (4) + offset (8) + >=1 dim (8);
     // a metadata entry is key len (8) + type (4) + >=1 byte of value.
@@ -365,11 +358,7 @@ pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
         let ty = c.u32(&what).map_err(header)?;
         let value = read_meta_value(&mut c, ty, 0, &what).map_err(header)?;
         if meta_index.insert(key.clone(), metadata.len()).is_some() {
-            return Err(GgufError::Metadata {
-                path: p.to_string(),
-                key,
-                detail: "duplicate key".into(),
-            });
+            return Err(Error::field(p, key, "duplicate key"));
         }
         metadata.push((key, value));
     }
@@ -378,11 +367,7 @@ pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
         None => DEFAULT_ALIGNMENT,
         Some(MetaValue::U32(a)) if *a > 0 && a.is_power_of_two() => u64::from(*a),
         Some(v) => {
-            return Err(GgufError::Metadata {
-                path: p.to_string(),
-                key: "general.alignment".into(),
-                detail: format!("must be a u32 power of two, got {} {v:?}", v.type_name()),
-            })
+            return Err(Error::field(p, "general.alignment", format!("must be a u32 power of two, got {} {v:?}", v.type_name())))
         }
     };
 
@@ -396,11 +381,7 @@ pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
     let mut tensor_index = HashMap::with_capacity(n_tensors.min(PREALLOC_ITEMS));
     for i in 0..n_tensors {
         let name = c.string(&format!("tensor info #{i} name")).map_err(header)?;
-        let tensor_err = |detail: String| GgufError::Tensor {
-            path: p.to_string(),
-            tensor: name.clone(),
-            detail,
-        };
+        let tensor_err = |detail: String| Error::tensor(p, &name, detail);
         let n_dims = c.u32("tensor info").map_err(&tensor_err)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(tensor_err(format!("{n_dims} dimensions; expected 1 to {MAX_DIMS}")));
@@ -434,11 +415,7 @@ pub(super) fn parse(buf: &[u8], p: &str) -> Result<Header, GgufError> {
 
     let mut tensors = Vec::with_capacity(raw.len());
     for r in raw {
-        let tensor_err = |detail: String| GgufError::Tensor {
-            path: p.to_string(),
-            tensor: r.name.clone(),
-            detail,
-        };
+        let tensor_err = |detail: String| Error::tensor(p, &r.name, detail);
         let (type_name, block, block_bytes) =
             ggml_type_info(r.type_id).ok_or_else(|| tensor_err(format!("unknown ggml type id {}", r.type_id)))?;
         let numel = r

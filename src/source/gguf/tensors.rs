@@ -8,7 +8,8 @@ use half::f16;
 
 use super::dequant::dequantize;
 use super::parse::{ggml_type_name, TensorInfo};
-use super::{GgufError, GgufFile};
+use super::GgufFile;
+use crate::error::{Error, Result};
 use crate::config::Family;
 use crate::source::names::{Names, Part, Role};
 use crate::source::weights::{DType, HostTensor, RawTensor, TensorMeta};
@@ -62,13 +63,13 @@ impl GgufFile {
     }
 
     /// The GGUF tensor behind an HF name, and its role.
-    fn hf_lookup(&self, hf_name: &str) -> Result<(&TensorInfo, Role), GgufError> {
+    fn hf_lookup(&self, hf_name: &str) -> Result<(&TensorInfo, Role)> {
         let found = self.tensors.iter().find_map(|t| gguf_to_hf(&t.name).filter(|n| n.hf == hf_name).map(|n| (t, n.role)));
-        found.ok_or_else(|| GgufError::NoSuchTensor { path: self.p(), tensor: hf_name.to_string() })
+        found.ok_or_else(|| Error::tensor(&self.path, hf_name, "no such tensor in the file"))
     }
 
     /// Heads of a q/k projection whose rows llama.cpp permuted; `None` for every other role.
-    fn permuted_heads(&self, role: Role) -> Result<Option<usize>, GgufError> {
+    fn permuted_heads(&self, role: Role) -> Result<Option<usize>> {
         if !matches!(role, Role::Q | Role::K) {
             return Ok(None);
         }
@@ -80,16 +81,12 @@ impl GgufFile {
         }))
     }
 
-    fn uneven(&self, t: &TensorInfo, rows: usize, n_head: usize) -> GgufError {
-        GgufError::Tensor {
-            path: self.p(),
-            tensor: t.name.clone(),
-            detail: format!("{rows} rows cannot be split into {n_head} heads of even size"),
-        }
+    fn uneven(&self, t: &TensorInfo, rows: usize, n_head: usize) -> Error {
+        Error::tensor(&self.path, &t.name, format!("{rows} rows cannot be split into {n_head} heads of even size"))
     }
 
     /// Read a tensor by its HF name in f32 (exact dequantization), with llama.cpp's q/k row permutation undone.
-    pub fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor, GgufError> {
+    pub fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
         let (t, role) = self.hf_lookup(hf_name)?;
         let mut h = self.read_tensor(&t.name)?;
         if let Some(n_head) = self.permuted_heads(role)? {
@@ -102,7 +99,7 @@ impl GgufFile {
 
     /// Read a tensor by its HF name as raw bytes: F32/F16/BF16 borrowed from the mmap unless q/k need their
     /// rows un-permuted; quantized types decoded to f16 (owned).
-    pub fn hf_raw(&self, hf_name: &str) -> Result<RawTensor<'_>, GgufError> {
+    pub fn hf_raw(&self, hf_name: &str) -> Result<RawTensor<'_>> {
         let (t, role) = self.hf_lookup(hf_name)?;
         let shape = self.hf_shape(t)?;
         let stored = self.tensor_bytes(t)?;
@@ -127,7 +124,7 @@ impl GgufFile {
     }
 
     /// Stored type, HF shape and file size of a tensor by its HF name, reading no data.
-    pub fn hf_meta(&self, hf_name: &str) -> Result<TensorMeta, GgufError> {
+    pub fn hf_meta(&self, hf_name: &str) -> Result<TensorMeta> {
         let (t, _) = self.hf_lookup(hf_name)?;
         let dtype = match t.type_id {
             0 => DType::F32,

@@ -296,7 +296,7 @@ fn truncated_files() {
     let header_end = file.len() - 32;
     let tmp = temp(&file[..header_end + 16]);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
-    assert!(e.contains("tensor 'w'") && e.contains("beyond the end"), "{e}");
+    assert!(e.contains("tensor `w`") && e.contains("beyond the end"), "{e}");
 }
 
 #[test]
@@ -326,7 +326,7 @@ fn giant_lengths_are_errors_not_allocations() {
     let file = write_gguf(3, &[], &[tensor("huge", &[u64::MAX, 3], 0, vec![0; 32])]);
     let tmp = temp(&file);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
-    assert!(e.contains("tensor 'huge'"), "{e}");
+    assert!(e.contains("tensor `huge`"), "{e}");
 }
 
 #[test]
@@ -337,7 +337,7 @@ fn tensor_offset_beyond_eof() {
     let tmp = temp(&file);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
     assert!(
-        e.contains("tensor 'blk.0.attn_q.weight'") && e.contains("beyond the end of the file"),
+        e.contains("tensor `blk.0.attn_q.weight`") && e.contains("beyond the end of the file"),
         "{e}"
     );
     // Misaligned offset.
@@ -346,12 +346,12 @@ fn tensor_offset_beyond_eof() {
     let file = write_gguf(3, &[], &[t]);
     let tmp = temp(&file);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
-    assert!(e.contains("tensor 'x'") && e.contains("alignment"), "{e}");
+    assert!(e.contains("tensor `x`") && e.contains("alignment"), "{e}");
     // Element count not a multiple of the block size.
     let file = write_gguf(3, &[], &[tensor("odd", &[48], 8, vec![0; 68])]);
     let tmp = temp(&file);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
-    assert!(e.contains("tensor 'odd'") && e.contains("block size 32"), "{e}");
+    assert!(e.contains("tensor `odd`") && e.contains("block size 32"), "{e}");
 }
 
 #[test]
@@ -361,17 +361,17 @@ fn unsupported_type_names_tensor() {
     let g = GgufFile::open(&tmp.0).unwrap();
     let e = g.read_tensor("blk.0.attn_q.weight").unwrap_err().to_string();
     let want = format!(
-        "{}: tensor 'blk.0.attn_q.weight': unsupported quant type Q4_K (12); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+        "{}: tensor `blk.0.attn_q.weight`: unsupported quant type Q4_K (12); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
         tmp.0.display()
     );
     assert_eq!(e, want);
     let e = g.read_tensor("nope").unwrap_err().to_string();
-    assert!(e.contains("'nope'"), "{e}");
+    assert!(e.contains("`nope`"), "{e}");
     // An unknown type id fails at open, naming the tensor.
     let file = write_gguf(3, &[], &[tensor("weird", &[4], 77, vec![0; 16])]);
     let tmp = temp(&file);
     let e = GgufFile::open(&tmp.0).unwrap_err().to_string();
-    assert!(e.contains("tensor 'weird'") && e.contains("77"), "{e}");
+    assert!(e.contains("tensor `weird`") && e.contains("77"), "{e}");
 }
 
 /// llama.cpp's `permute`, written directly from the numpy reshape/swapaxes.

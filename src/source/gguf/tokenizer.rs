@@ -5,12 +5,13 @@ use std::str::FromStr;
 
 use serde_json::{json, Value as Json};
 
-use super::{GgufError, GgufFile};
+use super::GgufFile;
+use crate::error::{Error, Result};
 
 impl GgufFile {
     /// A `tokenizers::Tokenizer` built from the file's own vocabulary (`tokenizer.ggml.model == "gpt2"`).
-    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, GgufError> {
-        let tok_err = |detail: String| GgufError::Tokenizer { path: self.p(), detail };
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        let tok_err = |detail: String| Error::format(&self.path, format!("tokenizer: {detail}"));
         let model = self
             .meta_str("tokenizer.ggml.model")?
             .ok_or_else(|| self.meta_err("tokenizer.ggml.model", "missing"))?;
@@ -76,7 +77,7 @@ impl GgufFile {
         // BOS/EOS insertion when encoding with special tokens.
         let add_bos = self.meta_bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
         let add_eos = self.meta_bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-        let special_id = |key: &str| -> Result<(u64, String), GgufError> {
+        let special_id = |key: &str| -> Result<(u64, String)> {
             let id = self.meta_uint_opt(key)?.ok_or_else(|| self.meta_err(key, "missing"))?;
             let tok = usize::try_from(id)
                 .ok()
