@@ -31,6 +31,9 @@ pub enum Error {
     /// Input a decoder refused (token ids outside the vocabulary, sequences too long, …).
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The tokenizer refused a text.
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
     /// The Hugging Face Hub could not supply a file.
     #[error("{0}")]
     Hub(String),

@@ -6,7 +6,8 @@ pub mod tasks;
 
 use tokenizers::Tokenizer;
 
-use crate::decode::{host_score, Decoder};
+use crate::decode::{host_score, DecodeError, Decoder};
+use crate::error::{Error, Result};
 use crate::sparse::SparsityStats;
 use tasks::{Example, Task, TaskKind};
 
@@ -33,13 +34,13 @@ pub struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?.get_ids().to_vec())
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| Error::Tokenize(e.to_string()))?.get_ids().to_vec())
     }
 
     /// The harness's pair encoding: trailing spaces of the context move to the continuation; the continuation's
     /// tokens are those of `context + continuation` past the context's own tokens.
-    pub fn encode_pair(&self, context: &str, continuation: &str) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    pub fn encode_pair(&self, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let trimmed = context.trim_end_matches(' ');
         let moved = &context[trimmed.len()..];
         let cont = format!("{moved}{continuation}");
@@ -57,7 +58,7 @@ impl Evaluator<'_> {
     }
 
     /// Score all requests of one example, grouping those that share a context.
-    pub fn score_example(&self, dec: &mut dyn Decoder, ex: &Example) -> anyhow::Result<Vec<RequestScore>> {
+    pub fn score_example(&self, dec: &mut dyn Decoder, ex: &Example) -> Result<Vec<RequestScore>> {
         let mut out = vec![RequestScore { loglik: 0.0, greedy: false, tokens: Vec::new(), n_cont: 0 }; ex.requests.len()];
         let mut done = vec![false; ex.requests.len()];
         for i in 0..ex.requests.len() {
@@ -82,7 +83,7 @@ impl Evaluator<'_> {
     }
 
     /// Prefill `ctx` once, then score every continuation in one batch from copies of its cache.
-    pub fn score_group(&self, dec: &mut dyn Decoder, ctx: &[u32], conts: &[Vec<u32>]) -> anyhow::Result<Vec<RequestScore>> {
+    pub fn score_group(&self, dec: &mut dyn Decoder, ctx: &[u32], conts: &[Vec<u32>]) -> Result<Vec<RequestScore>> {
         let cfg = dec.config();
         let max_len = cfg.position_limit().map_or(self.max_len, |p| p.min(self.max_len)).max(2);
         // As the harness does, the window keeps the end of the sequence: a continuation longer than the window
@@ -90,7 +91,9 @@ impl Evaluator<'_> {
         let conts: Vec<Vec<u32>> = conts.iter().map(|c| c[c.len().saturating_sub(max_len - 1)..].to_vec()).collect();
         let conts = &conts[..];
         let longest = conts.iter().map(|c| c.len()).max().unwrap_or(0);
-        anyhow::ensure!(longest > 0, "a request has an empty continuation");
+        if longest == 0 {
+            return Err(DecodeError::Empty.into());
+        }
         let keep = max_len.saturating_sub(longest).max(1);
         let ctx = &ctx[ctx.len().saturating_sub(keep)..];
         dec.reset();
@@ -169,7 +172,7 @@ pub fn run_task(
     dec: &mut dyn Decoder,
     task: &Task,
     mut on_example: impl FnMut(usize, &[RequestScore]),
-) -> anyhow::Result<TaskResult> {
+) -> Result<TaskResult> {
     let t0 = std::time::Instant::now();
     // Count this task alone: whatever the decoder had counted before is the caller's to have read.
     dec.take_stats();
