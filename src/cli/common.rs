@@ -14,6 +14,7 @@ use dejavu::decode::RefDecoder;
 use dejavu::model::Scorer;
 use dejavu::predictor::Predictors;
 use dejavu::sparse::{self, Artifacts, Mode, Plan, PlanOptions, PredictorBudget};
+use dejavu::source::ModelIdentity;
 use dejavu::{Model, ModelConfig, ModelFiles};
 
 use super::{usage, usage_of};
@@ -129,6 +130,8 @@ pub struct DecodeArgs {
 
 /// The artifacts [`DecodeArgs`] named, read and checked against the model.
 pub struct Loaded<B: Backend> {
+    /// The model's identity (fingerprint), computed once for the checks and for any header written later.
+    pub identity: ModelIdentity,
     pub thresholds: Option<(PathBuf, Thresholds)>,
     pub predictors: Option<(PathBuf, Predictors<B>)>,
 }
@@ -146,7 +149,7 @@ impl DecodeArgs {
             Some(d) => Some((d.clone(), Predictors::<B>::load(d, &identity, device)?)),
             None => None,
         };
-        let loaded = Loaded { thresholds, predictors };
+        let loaded = Loaded { identity, thresholds, predictors };
         for &m in modes {
             self.plan(m, &files.config, &loaded)?;
         }

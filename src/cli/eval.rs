@@ -132,7 +132,6 @@ impl BackendTask for Task {
             Some(p) => Some(tokenize_file(&files, p, Some(args.ppl_tokens))?),
             None => None,
         };
-        let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
         let eot = cfg.eos_token_ids.first().copied().or(cfg.bos_token_id).unwrap_or(0);
         let mut results: Vec<ModeResult> = Vec::new();
@@ -209,7 +208,7 @@ impl BackendTask for Task {
                 .collect();
             results.push(ModeResult { mode, tasks: task_results, ppl, ppl_mlp_sparsity: ppl_sp, layers });
             // Each finished mode is on disk at once, so a late failure loses only the mode it happened in.
-            write_results(&args, &out_dir, &identity, &results)?;
+            write_results(&args, &out_dir, &artifacts.identity, &results)?;
         }
         out(&summary(&results)?)?;
         eprintln!("wrote {}/results.json, results.csv, layers.csv", out_dir.display());
