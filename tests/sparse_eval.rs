@@ -247,3 +247,28 @@ fn eval_cli_runs_and_writes_results() {
     assert!(rows.lines().next().unwrap().contains(",ppl,"), "{rows}");
     assert!(sp >= 0.5 - 1e-9, "oracle@0.5 realised {sp}");
 }
+
+#[test]
+fn eval_run_dir_supplies_thresholds_and_receives_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let model = common::fixture_dir("tiny-llama");
+    let m = model.to_str().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat. ".repeat(50)).unwrap();
+    let thr = run.join("thresholds.json");
+    let out = common::dejavu(&["calibrate", "--model", m, "--text", text.to_str().unwrap(), "--sparsity", "0.5", "--tokens", "256", "--seq-len", "32", "--out", thr.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let tasks = tmp.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    std::fs::write(tasks.join("copa.jsonl"), "{\"query\": \"the cat sat on\", \"choices\": [\"the mat.\", \"the dog.\"], \"gold\": 0}\n").unwrap();
+    let out = common::dejavu(&["eval", "--model", m, "--tasks-dir", tasks.to_str().unwrap(), "--tasks", "copa", "--mode", "cats@0.5", "--run", run.to_str().unwrap()], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/results.json")).unwrap()).unwrap();
+    assert_eq!(res["modes"][0]["mode"], "cats@0.5");
+    assert_eq!(res["header"]["options"]["thresholds"], thr.to_str().unwrap());
+    // Neither --out nor --run: a usage error naming both, before any model work.
+    let out = common::dejavu(&["eval", "--model", m, "--tasks-dir", tasks.to_str().unwrap(), "--tasks", "copa"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--out") && out.stderr.contains("--run"), "{}", out.stderr);
+}
