@@ -267,6 +267,16 @@ fn eval_run_dir_supplies_thresholds_and_receives_results() {
     let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/results.json")).unwrap()).unwrap();
     assert_eq!(res["modes"][0]["mode"], "cats@0.5");
     assert_eq!(res["header"]["options"]["thresholds"], thr.to_str().unwrap());
+    // Without --tasks-dir, tasks come from $DEJAVU_SHARED/data/tasks.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(shared.join("data")).unwrap();
+    std::fs::rename(&tasks, shared.join("data/tasks")).unwrap();
+    let out = common::dejavu(
+        &["eval", "--model", m, "--tasks", "copa", "--out", tmp.path().join("o").to_str().unwrap()],
+        &[("DEJAVU_SHARED", shared.to_str().unwrap())],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let tasks = shared.join("data/tasks");
     // Neither --out nor --run: a usage error naming both, before any model work.
     let out = common::dejavu(&["eval", "--model", m, "--tasks-dir", tasks.to_str().unwrap(), "--tasks", "copa"], &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);

@@ -26,9 +26,9 @@ pub struct Args {
     /// Tasks, comma-separated (default: all eight).
     #[arg(long, value_delimiter = ',', default_value = "arc_easy,boolq,copa,hellaswag,lambada_openai,openbook_qa,piqa,winogrande")]
     pub tasks: Vec<String>,
-    /// Directory of task files.
-    #[arg(long, env = "DEJAVU_TASKS", default_value = "../shared/data/tasks")]
-    pub tasks_dir: PathBuf,
+    /// Directory of task files (default: $DEJAVU_SHARED/data/tasks, else ../shared/data/tasks).
+    #[arg(long, env = "DEJAVU_TASKS")]
+    pub tasks_dir: Option<PathBuf>,
     /// Several modes in one run, compared to the first (e.g. dense,cats@0.5,oracle@0.5); replaces --mode.
     #[arg(long, value_delimiter = ',', conflicts_with = "mode")]
     pub compare: Vec<Mode>,
@@ -80,10 +80,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     };
     let stride = args.window.stride(None)?;
     check_device(args.decode.model.device)?;
+    let tasks_dir = args.tasks_dir.clone().unwrap_or_else(|| {
+        let shared = std::env::var_os("DEJAVU_SHARED").map_or_else(|| PathBuf::from("../shared"), PathBuf::from);
+        shared.join("data/tasks")
+    });
     let specs: Vec<&'static tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::spec(t).map_err(usage_of)).collect::<anyhow::Result<_>>()?;
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
-        specs.iter().map(|s| tasks::load(&args.tasks_dir, s, args.limit)).collect::<Result<_, _>>()?;
+        specs.iter().map(|s| tasks::load(&tasks_dir, s, args.limit)).collect::<Result<_, _>>()?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("while creating the output directory {}", out_dir.display()))?;
     let files = resolve(&args.decode.model.model)?;
     dispatch(args.decode.model.device, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })
