@@ -5,14 +5,8 @@ mod common;
 use std::path::Path;
 
 fn assert_clean_failure(out: &common::Output, must_contain: &[&str]) {
-    assert_eq!(out.code, 1, "exit code; stderr: {}", out.stderr);
-    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    for s in must_contain {
-        assert!(lines[0].contains(s), "`{s}` missing from: {}", lines[0]);
-    }
+    let line = common::assert_one_line_exit(out, 1, must_contain);
+    assert!(line.starts_with("error: "), "{line}");
 }
 
 fn generate(model: &Path) -> common::Output {

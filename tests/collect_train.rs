@@ -45,18 +45,10 @@ fn collect(model: &str, text: &Path, n: usize, out: &Path, extra: &[&str], env: 
     common::dejavu(&args, env)
 }
 
-fn assert_ok(out: &common::Output) {
-    assert_eq!(out.code, 0, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
-}
+use common::assert_ok;
 
 fn assert_clean_failure(out: &common::Output, must_contain: &[&str]) {
-    assert_eq!(out.code, 1, "exit code; stderr: {}", out.stderr);
-    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
-    for s in must_contain {
-        assert!(lines[0].contains(s), "`{s}` missing from: {}", lines[0]);
-    }
+    common::assert_one_line_exit(out, 1, must_contain);
 }
 
 fn manifest(out: &Path) -> serde_json::Value {

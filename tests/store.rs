@@ -40,30 +40,16 @@ fn calibrate_args<'a>(model: &'a str, text: &'a Path, out: &'a Path) -> Vec<&'a 
     vec!["calibrate", "--model", model, "--text", p(text), "--sparsity", "0.5", "--tokens", "256", "--seq-len", "32", "--out", p(out)]
 }
 
-fn assert_ok(out: &common::Output) {
-    assert_eq!(out.code, 0, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
-}
+use common::assert_ok;
 
 /// Exit 1 with exactly one non-empty line on stderr, holding each of `needles`.
 fn assert_one_line_failure(out: &common::Output, needles: &[&str]) {
-    assert_eq!(out.code, 1, "exit code; stderr: {}", out.stderr);
-    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` missing from: {}", lines[0]);
-    }
+    common::assert_one_line_exit(out, 1, needles);
 }
 
 /// Bad usage: exit 2 with exactly one non-empty line on stderr, holding each of `needles`.
 fn assert_one_line_usage(out: &common::Output, needles: &[&str]) {
-    assert_eq!(out.code, 2, "exit code; stderr: {}", out.stderr);
-    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` missing from: {}", lines[0]);
-    }
+    common::assert_one_line_exit(out, 2, needles);
 }
 
 /// A library error: one line holding each of `needles`.

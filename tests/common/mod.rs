@@ -107,3 +107,19 @@ pub fn write_gguf(path: &Path, tensors: &[(&str, Vec<u64>, u32, Vec<u8>)], offse
     }
     std::fs::write(path, out).unwrap();
 }
+
+pub fn assert_ok(out: &Output) {
+    assert_eq!(out.code, 0, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+}
+
+/// Exit `code` with no panic and exactly one non-empty line on stderr, holding each of `needles`; returns the line.
+pub fn assert_one_line_exit<'a>(out: &'a Output, code: i32, needles: &[&str]) -> &'a str {
+    assert_eq!(out.code, code, "exit code; stderr: {}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "panic: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {}", out.stderr);
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` missing from: {}", lines[0]);
+    }
+    lines[0]
+}
