@@ -5,9 +5,12 @@
 //! The CLI in `src/cli` only parses flags and calls in here.
 
 pub mod backend;
+pub mod bench;
 pub mod calibrate;
 pub mod collect;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decode;
 pub mod error;
 pub mod eval;

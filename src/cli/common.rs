@@ -25,7 +25,8 @@ pub struct ModelArgs {
     /// such as facebook/opt-125m (read from the hf-hub cache; downloaded unless HF_HUB_OFFLINE=1).
     #[arg(long, short = 'm')]
     pub model: String,
-    /// Where the reference forward runs.
+    /// Where the model runs. `generate`, `ppl` and `eval` run `cuda` on dejavu's own CUDA engine; `collect`,
+    /// `train-predictors` and `calibrate` run it on burn-cuda.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -126,6 +127,10 @@ pub struct DecodeArgs {
     /// Predictor directory from `dejavu train-predictors` (dejavu modes).
     #[arg(long, value_name = "DIR", help_heading = SPARSE)]
     pub predictors: Option<PathBuf>,
+    /// CUDA engine (`--device cuda`): the weights' type on the GPU (default: bf16 for a bf16 checkpoint, else
+    /// f16; quantized GGUF weights are dequantized to it).
+    #[arg(long, value_enum)]
+    pub dtype: Option<dejavu::source::weights::Half>,
 }
 
 /// The artifacts [`DecodeArgs`] named, read and checked against the model.
@@ -218,4 +223,84 @@ pub fn tokenize_file(files: &ModelFiles, path: &std::path::Path, max_tokens: Opt
         ids.truncate(n);
     }
     Ok(ids)
+}
+
+/// The decoder a command runs on: the burn reference (any `--device` but cuda), or the CUDA engine
+/// (`--device cuda` in `generate`, `ppl` and `eval`).
+pub enum AnyDecoder<'a, B: Backend> {
+    Ref(RefDecoder<'a, B>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<dejavu::cuda::CudaDecoder>),
+}
+
+impl<B: Backend> AnyDecoder<'_, B> {
+    pub fn as_dyn(&mut self) -> &mut dyn dejavu::decode::Decoder {
+        match self {
+            AnyDecoder::Ref(d) => d,
+            #[cfg(feature = "cuda")]
+            AnyDecoder::Cuda(d) => d.as_mut(),
+        }
+    }
+}
+
+/// Whether `--device` selects the CUDA engine for a decoding command.
+pub fn uses_engine(model: &ModelArgs) -> bool {
+    model.device == DeviceKind::Cuda
+}
+
+/// Run a decoding command: on the CUDA engine for `--device cuda` (burn stays on the CPU and idle: generic code
+/// is instantiated with the CPU backend and the command builds its decoder with [`engine_decoder`]), else on the
+/// burn backend `--device` names.
+pub fn run_decoding<A: ModelCommand>(model: &ModelArgs, args: A) -> anyhow::Result<()> {
+    check_device(model.device)?;
+    let files = resolve(&model.model)?;
+    let kind = if uses_engine(model) { DeviceKind::Cpu } else { model.device };
+    dispatch(kind, WithModel { args, files })
+}
+
+/// Refuse what the dense engine cannot run yet, naming the flag.
+pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
+    if uses_engine(&args.model) {
+        if let Some(m) = modes.iter().find(|m| **m != Mode::Dense) {
+            return Err(usage(format!(
+                "--mode {m}: the CUDA engine runs dense decoding today (sparse modes on the GPU come with the sparse kernels); run sparse modes with --device cpu"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The CUDA engine's decoder for `files`, with a start-up line on stderr.
+#[cfg(feature = "cuda")]
+pub fn engine_decoder<'a, B: Backend>(files: &ModelFiles, args: &DecodeArgs, quiet: bool) -> anyhow::Result<AnyDecoder<'a, B>> {
+    let t0 = Instant::now();
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(files.config.layers as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("uploading {msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(files.identity.clone());
+    let (dec, info) = dejavu::cuda::CudaDecoder::load(files, args.dtype, 0, |_| bar.inc(1))
+        .map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    bar.finish_and_clear();
+    if !quiet {
+        eprintln!(
+            "CUDA engine on {}: {} ({} weights, {:.2} GB) ready in {:.2}s (kernels {} in {:.2}s, upload {:.2}s)",
+            info.device,
+            files.identity,
+            dec.engine.w.dt.name(),
+            info.weight_bytes as f64 / 1e9,
+            t0.elapsed().as_secs_f64(),
+            if info.module_from_cache { "from the disk cache" } else { "compiled by NVRTC" },
+            info.module_seconds,
+            info.upload_seconds
+        );
+    }
+    Ok(AnyDecoder::Cuda(Box::new(dec)))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn engine_decoder<'a, B: Backend>(_files: &ModelFiles, _args: &DecodeArgs, _quiet: bool) -> anyhow::Result<AnyDecoder<'a, B>> {
+    // `check_device` refuses `--device cuda` in a build without the feature before any model work.
+    Err(anyhow::anyhow!("--device cuda: this binary was built without the `cuda` feature"))
 }

@@ -9,13 +9,15 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask};
-use dejavu::decode::Decoder;
 use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
 use dejavu::store::{write_eval_results, ArtifactHeader, RunDir, EVAL_FORMAT, EVAL_VERSION};
 use dejavu::ModelFiles;
 
-use super::common::{check_device, load_model, resolve, tokenize_file, DecodeArgs, WindowArgs};
+use super::common::{
+    check_device, check_engine_mode, engine_decoder, load_model, resolve, tokenize_file, uses_engine, AnyDecoder, DecodeArgs,
+    WindowArgs,
+};
 use super::{out, usage, usage_of};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -80,6 +82,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     };
     let stride = args.window.stride(None)?;
     check_device(args.decode.model.device)?;
+    check_engine_mode(&args.decode, &modes)?;
     let tasks_dir = args.tasks_dir.clone().unwrap_or_else(|| {
         let shared = std::env::var_os("DEJAVU_SHARED").map_or_else(|| PathBuf::from("../shared"), PathBuf::from);
         shared.join("data/tasks")
@@ -90,7 +93,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         specs.iter().map(|s| tasks::load(&tasks_dir, s, args.limit)).collect::<Result<_, _>>()?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("while creating the output directory {}", out_dir.display()))?;
     let files = resolve(&args.decode.model.model)?;
-    dispatch(args.decode.model.device, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })
+    // The CUDA engine needs no burn backend: generic code runs CPU-typed and idle.
+    let kind = if uses_engine(&args.decode.model) { dejavu::backend::DeviceKind::Cpu } else { args.decode.model.device };
+    dispatch(kind, Task { args: args.clone(), files, modes, tasks: loaded, out_dir, stride })
 }
 
 struct Task {
@@ -136,7 +141,10 @@ impl BackendTask for Task {
             Some(p) => Some(tokenize_file(&files, p, Some(args.ppl_tokens))?),
             None => None,
         };
-        let model = load_model::<B>(&files, &device, false)?;
+        let engine = uses_engine(&args.decode.model);
+        let model = if engine { None } else { Some(load_model::<B>(&files, &device, false)?) };
+        let mut engine_dec: Option<AnyDecoder<'static, B>> =
+            if engine { Some(engine_decoder::<B>(&files, &args.decode, false)?) } else { None };
         let eot = cfg.eos_token_ids.first().copied().or(cfg.bos_token_id).unwrap_or(0);
         let mut results: Vec<ModeResult> = Vec::new();
         let mut dump = match &args.dump {
@@ -146,7 +154,15 @@ impl BackendTask for Task {
         let ev = Evaluator { tokenizer: &files.tokenizer, max_len: args.max_len, empty_context_token: eot };
         for &mode in &modes {
             let plan = args.decode.plan(mode, &cfg, &artifacts)?;
-            let mut dec = artifacts.decoder(&model, &plan)?;
+            let mut ref_dec = match &model {
+                Some(m) => Some(AnyDecoder::Ref(artifacts.decoder(m, &plan)?)),
+                None => None,
+            };
+            let dec: &mut dyn dejavu::decode::Decoder = match (&mut ref_dec, &mut engine_dec) {
+                (Some(d), _) => d.as_dyn(),
+                (None, Some(d)) => d.as_dyn(),
+                (None, None) => bail!("internal: no decoder"),
+            };
             let mut task_results = Vec::new();
             let mut all_stats = SparsityStats::new(cfg.layers);
             for task in &tasks {
@@ -157,7 +173,7 @@ impl BackendTask for Task {
                 );
                 bar.set_message(format!("{mode} {}", task.spec.name));
                 let mut dump_err = None;
-                let r = run_task(&ev, &mut dec, task, |i, scores| {
+                let r = run_task(&ev, &mut *dec, task, |i, scores| {
                     bar.inc(1);
                     if let Some(w) = dump.as_mut() {
                         let ex = &task.examples[i];
@@ -187,7 +203,7 @@ impl BackendTask for Task {
                     );
                     bar.set_message(format!("{mode} ppl"));
                     dec.take_stats();
-                    let r = dejavu::ppl::perplexity(&mut dec, ids, args.window.ctx, stride, |n| bar.inc(n as u64))
+                    let r = dejavu::ppl::perplexity(&mut *dec, ids, args.window.ctx, stride, |n| bar.inc(n as u64))
                         .context("while scoring --ppl")?;
                     bar.finish_and_clear();
                     let st = dec.take_stats();

@@ -1,14 +1,15 @@
-//! `dejavu generate`: greedy (or sampled) text generation on the reference decoder, dense or sparse.
+//! `dejavu generate`: greedy (or sampled) text generation on the reference decoder (dense or sparse) or the CUDA
+//! engine (dense).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
 
-use dejavu::decode::{generate, Decoder, Sampling};
+use dejavu::decode::{generate, Sampling};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, run_with_model, DecodeArgs, ModelCommand};
+use super::common::{check_engine_mode, engine_decoder, load_model, run_decoding, uses_engine, AnyDecoder, DecodeArgs, ModelCommand};
 use super::{out, usage};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -49,7 +50,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(format!("--top-p must be in (0, 1] (got {})", args.top_p)));
     }
-    run_with_model(&args.decode.model.clone(), args)
+    check_engine_mode(&args.decode, &[args.decode.mode])?;
+    run_decoding(&args.decode.model.clone(), args)
 }
 
 impl ModelCommand for Args {
@@ -70,8 +72,14 @@ impl ModelCommand for Args {
         if let Some(max) = cfg.position_limit().filter(|&m| prompt.len() + args.n > m) {
             return Err(usage(format!("prompt ({}) + -n ({}) exceeds the model's max_position_embeddings {max}", prompt.len(), args.n)));
         }
-        let model = load_model::<B>(&files, &device, false)?;
-        let mut dec = loaded.decoder(&model, &plan)?;
+        let model;
+        let mut any = if uses_engine(&args.decode.model) {
+            engine_decoder::<B>(&files, &args.decode, false)?
+        } else {
+            model = load_model::<B>(&files, &device, false)?;
+            AnyDecoder::Ref(loaded.decoder(&model, &plan)?)
+        };
+        let dec = any.as_dyn();
         let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
         out(&args.prompt)?;
         // Decode the growing sequence and print only the new suffix, so multi-token characters come out whole.
@@ -80,7 +88,7 @@ impl ModelCommand for Args {
         let mut new_ids = Vec::new();
         let mut closed = None;
         let gen = generate(
-            &mut dec,
+            &mut *dec,
             &prompt,
             args.n,
             Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed },

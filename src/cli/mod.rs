@@ -2,6 +2,7 @@
 //! how failures leave the process: bad usage exits 2 naming the flag, other failures exit 1, and a closed stdout
 //! (`dejavu generate | head`) ends the command quietly.
 
+pub mod bench;
 pub mod calibrate;
 pub mod collect;
 pub mod common;
@@ -27,7 +28,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate text from a prompt (greedy by default), dense or in a sparse --mode.
+    /// Generate text from a prompt (greedy by default), dense or in a sparse --mode (--device cuda: the CUDA engine).
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window, dense or in a sparse --mode.
     Ppl(ppl::Args),
@@ -41,6 +42,9 @@ pub enum Command {
     TrainPredictors(train_predictors::Args),
     /// What a model holds (config, dtype mix, tensor table); `--read` streams its raw bytes and reports GB/s.
     Inspect(inspect::Args),
+    /// Decode latency on the CUDA engine (named real shapes with random weights, or a model) against the
+    /// weight-read floor.
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -52,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Collect(a) => collect::run(a),
         Command::TrainPredictors(a) => train_predictors::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,4 +1,4 @@
-//! `dejavu ppl`: perplexity of a text file on the reference decoder, dense or sparse.
+//! `dejavu ppl`: perplexity of a text file on the reference decoder (dense or sparse) or the CUDA engine (dense).
 
 use std::path::PathBuf;
 
@@ -6,11 +6,13 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::decode::Decoder;
 use dejavu::ppl::{perplexity, windows};
 use dejavu::ModelFiles;
 
-use super::common::{load_model, run_with_model, tokenize_file, DecodeArgs, ModelCommand, WindowArgs};
+use super::common::{
+    check_engine_mode, engine_decoder, load_model, run_decoding, tokenize_file, uses_engine, AnyDecoder, DecodeArgs, ModelCommand,
+    WindowArgs,
+};
 use super::out;
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -34,7 +36,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.window.stride(None)?;
-    run_with_model(&args.decode.model.clone(), args)
+    check_engine_mode(&args.decode, &[args.decode.mode])?;
+    run_decoding(&args.decode.model.clone(), args)
 }
 
 impl ModelCommand for Args {
@@ -46,15 +49,21 @@ impl ModelCommand for Args {
         if ids.len() < 2 {
             anyhow::bail!("{}: the text has {} token(s); perplexity needs at least 2", args.text.display(), ids.len());
         }
-        let model = load_model::<B>(&files, &device, false)?;
-        let mut dec = loaded.decoder(&model, &plan)?;
+        let model;
+        let mut any = if uses_engine(&args.decode.model) {
+            engine_decoder::<B>(&files, &args.decode, false)?
+        } else {
+            model = load_model::<B>(&files, &device, false)?;
+            AnyDecoder::Ref(loaded.decoder(&model, &plan)?)
+        };
+        let dec = any.as_dyn();
         let total: usize = windows(ids.len(), args.window.ctx, stride).iter().map(|w| w.1 - w.0).sum();
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
             ProgressStyle::with_template("ppl [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let r = perplexity(&mut dec, &ids, args.window.ctx, stride, |n| bar.inc(n as u64))
+        let r = perplexity(&mut *dec, &ids, args.window.ctx, stride, |n| bar.inc(n as u64))
             .with_context(|| format!("while scoring {}", args.text.display()))?;
         bar.finish_and_clear();
         let secs = r.elapsed.as_secs_f64();

@@ -52,7 +52,7 @@ pub fn generate(
     dec.reset();
     let t0 = Instant::now();
     dec.prefill(&[prompt.to_vec()], None)?;
-    let mut next = pick(first_row(dec.logits()?), sampling, &mut rng);
+    let mut next = next_token(dec, sampling, &mut rng)?;
     out.prefill = t0.elapsed();
     loop {
         out.new_tokens.push(next);
@@ -68,10 +68,18 @@ pub fn generate(
         }
         let t = Instant::now();
         dec.step(&[next])?;
-        next = pick(first_row(dec.logits()?), sampling, &mut rng);
+        next = next_token(dec, sampling, &mut rng)?;
         out.step_times.push(t.elapsed());
     }
     Ok(out)
+}
+
+/// Greedy decoding asks the decoder for the argmax (one id back from a GPU); sampling needs the logits.
+fn next_token(dec: &mut dyn Decoder, s: Sampling, rng: &mut SplitMix64) -> Result<u32, DecodeError> {
+    if s.temperature <= 0.0 {
+        return dec.greedy()?.first().copied().ok_or(DecodeError::Empty);
+    }
+    Ok(pick(first_row(dec.logits()?), s, rng))
 }
 
 fn first_row(mut rows: Vec<Vec<f32>>) -> Vec<f32> {

@@ -61,6 +61,11 @@ pub trait Decoder {
     }
     /// Logits `[rows][vocab]` at the last real position of each row of the last forward.
     fn logits(&mut self) -> Result<Vec<Vec<f32>>, DecodeError>;
+    /// The argmax (first index on ties) of each row's logits at its last real position. Engines that can pick
+    /// it on the device override this, so greedy decoding reads one id per row instead of the logits.
+    fn greedy(&mut self) -> Result<Vec<u32>, DecodeError> {
+        Ok(self.logits()?.iter().map(|l| argmax(l) as u32).collect())
+    }
     /// For each row `r` and position `p < targets[r].len()` of the last forward: log p(`targets[r][p]`) and
     /// whether it is the argmax (first index on ties).
     fn score(&mut self, targets: &[Vec<u32>]) -> Result<Vec<Vec<TokenScore>>, DecodeError>;

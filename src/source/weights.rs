@@ -94,3 +94,35 @@ pub struct TensorMeta {
     /// Bytes the tensor occupies in the file.
     pub bytes: usize,
 }
+
+/// The engine's storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Half {
+    F16,
+    Bf16,
+}
+
+impl Half {
+    /// Kernel name suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::F16 => "f16",
+            Half::Bf16 => "bf16",
+        }
+    }
+
+    /// The type a checkpoint's weights run in by default: bf16 stays bf16 (it may not fit f16's range); f32 and
+    /// f16 run in f16.
+    pub fn for_checkpoint(d: DType) -> Half {
+        if d == DType::BF16 { Half::Bf16 } else { Half::F16 }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Half::F16 => DType::F16,
+            Half::Bf16 => DType::BF16,
+        }
+    }
+}
+

@@ -1,0 +1,172 @@
+// Attention over the KV cache, for prefill (T > 1) and decode (T = 1) alike.
+// Token n = b * T + t sits at position p = state[0] + t and attends causally to cache positions [0, p].
+// The cache of each layer is [rows, kv_heads, max_len, head_dim] in the 16-bit type; query head h reads kv head
+// h / (heads / kv_heads) (grouped-query attention).
+
+// RoPE on q and k (rotate-half layout, as transformers' Llama), then k and v written into the cache. `qkv` is the
+// fused projection output [N, (H + 2 KV) * hd] in f32: q is rotated in place, k and v are stored in the cache.
+template <typename T>
+__device__ __forceinline__ void rope_kv_impl(
+    float* __restrict__ qkv,       // [N, (H + 2 KV) * hd]
+    u16* __restrict__ kc,          // [rows, KV, max_len, hd]
+    u16* __restrict__ vc,          // [rows, KV, max_len, hd]
+    const int* __restrict__ state, // [1]: positions cached before this forward
+    int seq, int H, int KV, int hd, int max_len, float theta, int rope) {
+    const int n = blockIdx.x, b = n / seq, t = n % seq;
+    const int p = state[0] + t;
+    const int half = hd >> 1;
+    float* q = qkv + (size_t)n * (H + 2 * KV) * hd;
+    float* k = q + H * hd;
+    float* v = k + KV * hd;
+    // q and k heads together: pairs (i, i + hd/2) of each head.
+    for (int idx = threadIdx.x; idx < (H + KV) * half; idx += blockDim.x) {
+        const int h = idx / half, i = idx % half;
+        float* base = h < H ? q + h * hd : k + (h - H) * hd;
+        float x1 = base[i], x2 = base[i + half];
+        if (rope) {
+            const float inv = powf(theta, -2.0f * (float)i / (float)hd);
+            float s, c;
+            sincosf((float)p * inv, &s, &c);
+            const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+            x1 = y1;
+            x2 = y2;
+        }
+        if (h < H) {
+            base[i] = x1;
+            base[i + half] = x2;
+        } else {
+            u16* dst = kc + (((size_t)b * KV + (h - H)) * max_len + p) * hd;
+            dst[i] = T::store(x1);
+            dst[i + half] = T::store(x2);
+        }
+    }
+    for (int idx = threadIdx.x; idx < KV * hd; idx += blockDim.x) {
+        const int j = idx / hd, i = idx % hd;
+        vc[(((size_t)b * KV + j) * max_len + p) * hd + i] = T::store(v[idx]);
+    }
+}
+
+// One split of the keys of one (token, head): a block of 128 threads walks keys [start, end) of split s in tiles
+// of 128 with an online softmax and writes the unnormalised partial (max m, sum l, acc[hd]) to `part`
+// [(N * H) * S, hd + 2]. head_dim must be a power of two from 8 to 256.
+#define ATT_THREADS 128
+template <typename T>
+__device__ __forceinline__ void attn_split_impl(
+    const float* __restrict__ qkv, // [N, (H + 2 KV) * hd], q first
+    const u16* __restrict__ kc,    // [rows, KV, max_len, hd]
+    const u16* __restrict__ vc,    // [rows, KV, max_len, hd]
+    float* __restrict__ part,      // [N * H * S, hd + 2]
+    const int* __restrict__ state, int seq, int H, int KV, int hd, int max_len, int S, float scale) {
+    __shared__ float qs[256];
+    __shared__ float ps[ATT_THREADS];
+    __shared__ float red[32];
+    __shared__ float accs[ATT_THREADS];
+    const int nh = blockIdx.x, n = nh / H, h = nh % H, s = blockIdx.y;
+    const int b = n / seq, t = n % seq;
+    const int len = state[0] + t + 1;
+    const int chunk = (len + S - 1) / S;
+    const int start = s * chunk;
+    const int end = min(len, start + chunk);
+    const int j = h / (H / KV);
+    const size_t kvbase = ((size_t)b * KV + j) * max_len * hd;
+    const float* q = qkv + (size_t)n * (H + 2 * KV) * hd + h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i] * scale;
+    __syncthreads();
+    // Value accumulation: hd <= 128 -> G = 128 / hd groups of hd threads, each group takes every G-th key;
+    // hd = 256 -> one group, two dims per thread.
+    const int G = hd <= ATT_THREADS ? ATT_THREADS / hd : 1;
+    const int dim = threadIdx.x % hd, grp = hd <= ATT_THREADS ? threadIdx.x / hd : 0;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+    for (int tile = start; tile < end; tile += ATT_THREADS) {
+        const int key = tile + threadIdx.x;
+        float sc = NEG_INF;
+        if (key < end) {
+            const uint4* kr = (const uint4*)(kc + kvbase + (size_t)key * hd);
+            float dot = 0.0f;
+            for (int c = 0; c < (hd >> 3); c++) {
+                float kf[8];
+                unpack8<T>(kr[c], kf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) dot = fmaf(qs[c * 8 + e], kf[e], dot);
+            }
+            sc = dot;
+        }
+        const float mt = block_max(sc, red);
+        const float mnew = fmaxf(m, mt);
+        const float pv = key < end ? expf(sc - mnew) : 0.0f;
+        ps[threadIdx.x] = pv;
+        const float lt = block_sum(pv, red); // its barriers also publish ps
+        const float corr = expf(m - mnew);
+        l = l * corr + lt;
+        acc0 *= corr;
+        acc1 *= corr;
+        m = mnew;
+        const int nk = min(ATT_THREADS, end - tile);
+        const u16* vt = vc + kvbase + (size_t)tile * hd;
+        if (hd <= ATT_THREADS) {
+            if (grp < G)
+                for (int kk = grp; kk < nk; kk += G) acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + dim]), acc0);
+        } else {
+            for (int kk = 0; kk < nk; kk++) {
+                acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x]), acc0);
+                acc1 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x + ATT_THREADS]), acc1);
+            }
+        }
+        __syncthreads(); // ps is rewritten by the next tile
+    }
+    float* out = part + ((size_t)nh * S + s) * (hd + 2);
+    if (hd <= ATT_THREADS) {
+        accs[threadIdx.x] = grp < G ? acc0 : 0.0f;
+        __syncthreads();
+        if (threadIdx.x < hd) {
+            float a = 0.0f;
+            for (int g = 0; g < G; g++) a += accs[g * hd + threadIdx.x];
+            out[2 + threadIdx.x] = a;
+        }
+    } else {
+        out[2 + threadIdx.x] = acc0;
+        out[2 + threadIdx.x + ATT_THREADS] = acc1;
+    }
+    if (threadIdx.x == 0) {
+        out[0] = m;
+        out[1] = l;
+    }
+}
+
+// Merge the S partials of each (token, head) into the attention output [N, H * hd] (16-bit). Block: hd threads.
+template <typename T>
+__device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, // [N * H * S, hd + 2]
+                                                  u16* __restrict__ out,          // [N, H * hd]
+                                                  int hd, int S) {
+    const int nh = blockIdx.x, i = threadIdx.x;
+    const float* pp = part + (size_t)nh * S * (hd + 2);
+    float M = NEG_INF;
+    for (int s = 0; s < S; s++) M = fmaxf(M, pp[s * (hd + 2)]);
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < S; s++) {
+        const float ms = pp[s * (hd + 2)];
+        if (ms == NEG_INF) continue; // an empty split
+        const float wgt = expf(ms - M);
+        den += wgt * pp[s * (hd + 2) + 1];
+        num += wgt * pp[s * (hd + 2) + 2 + i];
+    }
+    if (i < hd) out[(size_t)nh * hd + i] = T::store(den > 0.0f ? num / den : 0.0f);
+}
+
+#define ATTN_KERNELS(TN, T)                                                                                       \
+    extern "C" __global__ void rope_kv_##TN(float* qkv, u16* kc, u16* vc, const int* state, int T_, int H, int KV, \
+                                            int hd, int max_len, float theta, int rope) {                          \
+        rope_kv_impl<T>(qkv, kc, vc, state, T_, H, KV, hd, max_len, theta, rope);                                  \
+    }                                                                                                             \
+    extern "C" __global__ void attn_split_##TN(const float* qkv, const u16* kc, const u16* vc, float* part,         \
+                                               const int* state, int T_, int H, int KV, int hd, int max_len, int S, \
+                                               float scale) {                                                      \
+        attn_split_impl<T>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale);                            \
+    }                                                                                                             \
+    extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) {                     \
+        attn_combine_impl<T>(part, out, hd, S);                                                                    \
+    }
+
+ATTN_KERNELS(f16, F16)
+ATTN_KERNELS(bf16, BF16)

@@ -1,0 +1,86 @@
+// Shared by every kernel file: NVRTC compiles kernels/*.cu as one program with this prelude first.
+// Storage types are raw 16-bit words (f16 or bf16); all arithmetic is f32. No CUDA headers are needed.
+typedef unsigned short u16;
+typedef unsigned int u32;
+#define NEG_INF __int_as_float(0xff800000)
+
+struct F16 {
+    static __device__ __forceinline__ float load(u16 h) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+        return f;
+    }
+    static __device__ __forceinline__ u16 store(float f) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+    // Two packed elements of one 32-bit word, element 0 in the low half.
+    static __device__ __forceinline__ void unpack2(u32 v, float& a, float& b) {
+        a = load((u16)(v & 0xffffu));
+        b = load((u16)(v >> 16));
+    }
+};
+
+struct BF16 {
+    static __device__ __forceinline__ float load(u16 h) { return __uint_as_float(((u32)h) << 16); }
+    static __device__ __forceinline__ u16 store(float f) {
+        u16 h;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+    static __device__ __forceinline__ void unpack2(u32 v, float& a, float& b) {
+        a = __uint_as_float(v << 16);
+        b = __uint_as_float(v & 0xffff0000u);
+    }
+};
+
+// 16-byte load that bypasses L1 (weights are streamed once per step).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+    T::unpack2(v.x, f[0], f[1]);
+    T::unpack2(v.y, f[2], f[3]);
+    T::unpack2(v.z, f[4], f[5]);
+    T::unpack2(v.w, f[6], f[7]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; `red` holds at least 32 floats; every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : NEG_INF;
+    return warp_max(t);
+}

@@ -1,0 +1,144 @@
+//! `dejavu bench`: decode latency of the CUDA engine, at a named real shape with random weights or on a model's
+//! own weights, against the weight-read floor measured in the same process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use dejavu::bench::{shape_names, table, BenchResult, Shape};
+use dejavu::source::weights::Half;
+
+use super::{out, usage};
+
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct Args {
+    /// A model (its own weights): Hugging Face directory, GGUF file or Hub id.
+    #[arg(long, short = 'm', conflicts_with = "shape", required_unless_present_any = ["shape", "list_shapes"])]
+    pub model: Option<String>,
+    /// Named real shapes with random weights (latency does not depend on the values); several may be given.
+    /// `--list-shapes` prints them.
+    #[arg(long, num_args = 1..)]
+    pub shape: Vec<String>,
+    /// Weight type (default f16 for shapes; for a model, bf16 if its checkpoint is bf16, else f16).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Half>,
+    /// Rows decoded together (weights are read once per step for all of them).
+    #[arg(long, num_args = 1.., default_values_t = [1usize])]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per row (random ids), prefilled before decoding.
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    /// Decode steps timed (greedy; each step's argmax feeds the next on the device).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Untimed full runs (prefill + decode) before the timed one.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Also time one un-captured step per kernel class (embed, norm, qkv, attention, out_proj, mlp, lm_head).
+    #[arg(long)]
+    pub breakdown: bool,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the results as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Print the known shapes and exit.
+    #[arg(long)]
+    pub list_shapes: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.list_shapes {
+        let mut s = String::from("| shape | family | d | ffn | layers | heads (kv) | vocab | params |\n|---|---|---|---|---|---|---|---|\n");
+        for sh in dejavu::bench::SHAPES {
+            let p = dejavu::source::names::Table::standard(&sh.config()).params() as f64 / 1e9;
+            s += &format!("| {} | {:?} | {} | {} | {} | {} ({}) | {} | {:.2}B |\n", sh.name, sh.family, sh.hidden, sh.ffn, sh.layers, sh.heads, sh.kv_heads, sh.vocab, p);
+        }
+        return out(&s);
+    }
+    let shapes: Vec<Shape> = args
+        .shape
+        .iter()
+        .map(|n| Shape::find(n).ok_or_else(|| usage(format!("--shape {n}: unknown shape (known: {})", shape_names().join(", ")))))
+        .collect::<anyhow::Result<_>>()?;
+    if args.batch.iter().any(|&b| b == 0 || b > 16) {
+        return Err(usage(format!("--batch must be in 1..=16 (got {:?})", args.batch)));
+    }
+    if args.tokens == 0 || args.prompt == 0 {
+        return Err(usage("--prompt and --tokens must be at least 1"));
+    }
+    let results = measure(&args, &shapes)?;
+    out(&table(&results))?;
+    if let Some(p) = &args.json {
+        dejavu::store::write_json(p, &results).with_context(|| format!("while writing {}", p.display()))?;
+    }
+    if let Some(p) = &args.csv {
+        let bytes = dejavu::bench::csv(&results)?;
+        dejavu::store::write_atomic(p, &bytes).with_context(|| format!("while writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn measure(_args: &Args, _shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
+    anyhow::bail!("bench runs on the CUDA engine: this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
+}
+
+#[cfg(feature = "cuda")]
+fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
+    use dejavu::cuda::bench::{needed_bytes, run, BenchOpts};
+    use dejavu::cuda::{Engine, Gpu, Weights};
+
+    dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+    let mut results = Vec::new();
+    let opts = |batch: usize| BenchOpts { batch, prompt: args.prompt, tokens: args.tokens, warmup: args.warmup, breakdown: args.breakdown, seed: 7 };
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    if let Some(m) = &args.model {
+        let files = super::common::resolve(m)?;
+        if let Some(limit) = files.config.position_limit().filter(|&l| args.prompt + args.tokens + 1 > l) {
+            return Err(usage(format!("--prompt + --tokens exceed the model's max_position_embeddings {limit}")));
+        }
+        let (dec, info) = dejavu::cuda::CudaDecoder::load(&files, args.dtype, 0, |_| {}).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        eprintln!("{}: weights uploaded in {:.2}s", files.identity, info.upload_seconds);
+        let mut engine = dec.engine;
+        for &b in &args.batch {
+            let r = run(&mut engine, &files.identity, "model", &opts(b)).map_err(|e| anyhow::anyhow!("bench {}: {e}", files.identity))?;
+            eprintln!("{}", table(std::slice::from_ref(&r)).lines().nth(2).unwrap_or_default());
+            results.push(r);
+        }
+        return Ok(results);
+    }
+    for sh in shapes {
+        let cfg = sh.config();
+        let dt = args.dtype.unwrap_or(Half::F16);
+        let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        let need = needed_bytes(&cfg, &opts(max_batch));
+        let (free, total) = gpu.mem_info().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        if need > free {
+            eprintln!(
+                "bench --shape {}: needs {:.1} GB (weights, KV cache and scratch at batch {max_batch}), the GPU has {:.1} GB free of {:.1} GB; skipped",
+                sh.name,
+                need as f64 / 1e9,
+                free as f64 / 1e9,
+                total as f64 / 1e9
+            );
+            if shapes.len() == 1 {
+                anyhow::bail!("--shape {}: does not fit this GPU's memory ({:.1} GB needed, {:.1} GB free)", sh.name, need as f64 / 1e9, free as f64 / 1e9);
+            }
+            continue;
+        }
+        let k = dejavu::cuda::kernels::Kernels::load(gpu.arch).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        let w = Weights::random(&gpu, &k, &cfg, dt, 1).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        for &b in &args.batch {
+            let r = run(&mut engine, sh.name, "random", &opts(b)).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+            eprintln!("{}", table(std::slice::from_ref(&r)).lines().nth(2).unwrap_or_default());
+            results.push(r);
+        }
+    }
+    if results.is_empty() {
+        anyhow::bail!("no shape fit this GPU");
+    }
+    Ok(results)
+}

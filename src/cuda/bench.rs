@@ -1,0 +1,121 @@
+//! Decode latency on the engine: warm-up, then CUDA events around each captured step's replay, against the
+//! weight-read floor (bytes one step must read / device-to-device copy bandwidth measured in the same process).
+
+use std::collections::BTreeMap;
+
+use crate::bench::{median_p90, BenchResult};
+use crate::config::ModelConfig;
+use crate::source::names::Table;
+
+use super::engine::{Class, Engine};
+use super::gpu::GpuResult;
+use super::weights::step_weight_bytes;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOpts {
+    pub batch: usize,
+    pub prompt: usize,
+    pub tokens: usize,
+    /// Full prefill + decode runs before the timed one.
+    pub warmup: usize,
+    pub breakdown: bool,
+    pub seed: u64,
+}
+
+/// Bytes the weights, cache and scratch of a run need on the GPU.
+pub fn needed_bytes(cfg: &ModelConfig, o: &BenchOpts) -> usize {
+    Table::standard(cfg).params() * 2 + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
+}
+
+fn ids(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
+    let mut r = crate::decode::SplitMix64(seed);
+    (0..n).map(|_| (r.next_u64() % vocab as u64) as i32).collect()
+}
+
+fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> GpuResult<(f64, Vec<f64>)> {
+    e.reset();
+    let (s, t) = (e.gpu.event()?, e.gpu.event()?);
+    e.gpu.record(&s)?;
+    e.prefill(prompt, o.batch, o.prompt, vec![o.prompt; o.batch])?;
+    e.gpu.record(&t)?;
+    let prefill_ms = s.elapsed_ms(&t)? as f64;
+    // The first step takes the prompt's argmax; later ones read the previous step's argmax on the device.
+    let first = e.argmax()?;
+    let first: Vec<i32> = first.into_iter().map(|v| v as i32).collect();
+    let mut events = Vec::with_capacity(o.tokens);
+    for i in 0..o.tokens {
+        let (a, b) = (e.gpu.event()?, e.gpu.event()?);
+        if time_steps {
+            e.gpu.record(&a)?;
+        }
+        e.step(if i == 0 { Some(&first) } else { None }, o.batch)?;
+        if time_steps {
+            e.gpu.record(&b)?;
+            events.push((a, b));
+        }
+    }
+    e.gpu.sync()?;
+    let mut ms = Vec::with_capacity(events.len());
+    for (a, b) in &events {
+        ms.push(a.elapsed_ms(b)? as f64);
+    }
+    Ok((prefill_ms, ms))
+}
+
+/// Time `o` on `e` (its weights already loaded).
+pub fn run(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts) -> GpuResult<BenchResult> {
+    let cfg = e.cfg.clone();
+    let copy_bytes = 1usize << 30;
+    let copy_bw = e.copy_bandwidth(copy_bytes, 10)?;
+    let prompt = ids(o.batch * o.prompt, cfg.vocab_size, o.seed);
+    for _ in 0..o.warmup {
+        one_run(e, o, &prompt, false)?;
+    }
+    let (prefill_ms, mut steps) = one_run(e, o, &prompt, true)?;
+    let (median, p90) = median_p90(&mut steps);
+    let step_bytes = step_weight_bytes(&cfg, 2);
+    let floor_ms = step_bytes as f64 / copy_bw * 1e3;
+    let mut breakdown = Vec::new();
+    if o.breakdown {
+        // Un-captured steps with events between kernel classes, after the same prefill.
+        e.reset();
+        e.prefill(&prompt, o.batch, o.prompt, vec![o.prompt; o.batch])?;
+        let reps = 5;
+        let mut sums: BTreeMap<Class, f64> = BTreeMap::new();
+        for _ in 0..reps {
+            e.profile = Some(Vec::new());
+            e.step(None, o.batch)?;
+            e.gpu.sync()?;
+            if let Some(p) = e.profile.take() {
+                for (c, s, t) in &p {
+                    *sums.entry(*c).or_default() += s.elapsed_ms(t)? as f64 / reps as f64;
+                }
+            }
+        }
+        breakdown = sums.into_iter().map(|(c, ms)| (c.name().to_string(), ms)).collect();
+    }
+    let params = Table::standard(&cfg).params() as f64;
+    Ok(BenchResult {
+        engine: "dejavu-cuda".into(),
+        model: model.into(),
+        weights: weights.into(),
+        device: e.gpu.name.clone(),
+        dtype: e.w.dt.name().into(),
+        batch: o.batch,
+        prompt: o.prompt,
+        tokens: o.tokens,
+        prefill_ms,
+        prefill_tokens_per_s: (o.batch * o.prompt) as f64 / (prefill_ms * 1e-3),
+        prefill_tflops: 2.0 * params * (o.batch * o.prompt) as f64 / (prefill_ms * 1e-3) / 1e12,
+        median_ms: median,
+        p90_ms: p90,
+        tokens_per_s: o.batch as f64 * 1e3 / median,
+        step_bytes,
+        achieved_gbps: step_bytes as f64 / (median * 1e-3) / 1e9,
+        copy_gbps: copy_bw / 1e9,
+        floor_ms,
+        ratio_to_floor: median / floor_ms,
+        breakdown,
+    })
+}

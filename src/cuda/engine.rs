@@ -1,0 +1,736 @@
+//! The dense forward on the GPU: our kernels for everything at decode sizes (fused q/k/v, fused SwiGLU, residual
+//! adds inside the projections' epilogues), cuBLAS for the projections of a prefill, and the decode step captured
+//! into a CUDA graph per batch size and replayed.
+//!
+//! State that changes between steps (the token ids, the number of cached positions) lives in device buffers that
+//! the kernels read, so one captured graph serves every step; the host writes them before each replay.
+
+use std::collections::HashMap;
+
+use cudarc::driver::sys::CUdeviceptr;
+
+use crate::config::{Family, ModelConfig};
+
+use super::gemm::Blas;
+use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
+use super::kernels::Kernels;
+use super::weights::Weights;
+use crate::source::weights::Half;
+
+/// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Threads per GEMV block (8 warps, one output row each).
+const GEMV_THREADS: u32 = 256;
+/// Attention key splits at most, for decode.
+const MAX_SPLITS: usize = 32;
+
+/// Projection epilogues, matching `kernels/gemv.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epi {
+    Store,
+    Acc,
+    Relu,
+    Glu,
+}
+
+impl Epi {
+    fn name(self) -> &'static str {
+        match self {
+            Epi::Store => "store",
+            Epi::Acc => "acc",
+            Epi::Relu => "relu",
+            Epi::Glu => "glu",
+        }
+    }
+}
+
+/// Kernel classes, for the per-class time breakdown of `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Embed,
+    Norm,
+    Qkv,
+    Attention,
+    OutProj,
+    Mlp,
+    Head,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Embed => "embed",
+            Class::Norm => "norm",
+            Class::Qkv => "qkv",
+            Class::Attention => "attention",
+            Class::OutProj => "out_proj",
+            Class::Mlp => "mlp",
+            Class::Head => "lm_head",
+        }
+    }
+}
+
+/// Per-forward scratch, sized for `rows` tokens.
+struct Scratch {
+    rows: usize,
+    /// f32 residual stream `[rows, d]`
+    x: DBuf,
+    /// 16-bit normed input of a projection `[rows, max(d, E)]`
+    h: DBuf,
+    /// f32 fused q/k/v `[rows, (H + 2 KV) hd]`
+    qkv: DBuf,
+    /// 16-bit attention output `[rows, H hd]`
+    att: DBuf,
+    /// attention partials `[rows * H * splits, hd + 2]`
+    part: DBuf,
+    /// f32 GEMM output `[rows, max(2F, E, d)]`
+    y: DBuf,
+    /// 16-bit MLP hidden `[rows, F]`
+    act: DBuf,
+    /// 16-bit final hidden `[rows, E]` (after the final norm and project_out): the head's input
+    fin: DBuf,
+}
+
+/// The KV cache: per layer, K and V `[rows, KV, cap, hd]` in the 16-bit type.
+struct Cache {
+    rows: usize,
+    cap: usize,
+    k: Vec<DBuf>,
+    v: Vec<DBuf>,
+}
+
+/// What the last forward left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Last {
+    pub rows: usize,
+    pub seq: usize,
+    /// Real tokens per row.
+    pub lens: Vec<usize>,
+    /// The logits of every row's single position are already in `logits` (a captured step ran).
+    pub step_logits: bool,
+}
+
+/// One model on one GPU, with its cache and graphs.
+pub struct Engine {
+    pub gpu: Gpu,
+    pub k: Kernels,
+    pub w: Weights,
+    pub cfg: ModelConfig,
+    blas: Option<Blas>,
+    scratch: Option<Scratch>,
+    cache: Option<Cache>,
+    /// `[0]`: positions cached before the running forward.
+    state: DBuf,
+    /// token ids of the running forward `[rows]`; a captured step writes its argmax back here.
+    tok: DBuf,
+    tok_cap: usize,
+    /// f32 logits `[rows, V]`
+    logits: Option<DBuf>,
+    logits_rows: usize,
+    /// int per row: argmax / gathered row index.
+    small: DBuf,
+    lp: DBuf,
+    graphs: HashMap<usize, Graph>,
+    /// Positions in the cache.
+    pub len: usize,
+    pub last: Option<Last>,
+    /// Set by `bench --breakdown`: per-class events recorded around each launch.
+    pub profile: Option<Vec<(Class, super::gpu::Event, super::gpu::Event)>>,
+    cur_class: Class,
+}
+
+fn k_of(n: usize) -> usize {
+    // GEMV template batch sizes.
+    [1, 2, 4, 8, 16].into_iter().find(|&b| b >= n).unwrap_or(16)
+}
+
+impl Engine {
+    /// An engine over weights already on `gpu`.
+    pub fn new(gpu: Gpu, k: Kernels, w: Weights, cfg: ModelConfig) -> GpuResult<Self> {
+        if !cfg.head_dim.is_power_of_two() || !(8..=256).contains(&cfg.head_dim) {
+            return Err(GpuError(format!("head_dim {} is not supported by the CUDA engine (powers of two from 8 to 256)", cfg.head_dim)));
+        }
+        if cfg.heads % cfg.kv_heads != 0 {
+            return Err(GpuError(format!("{} heads are not a multiple of {} kv heads", cfg.heads, cfg.kv_heads)));
+        }
+        let blas = Blas::new(gpu.stream).ok();
+        let state = gpu.alloc(16)?;
+        let small = gpu.alloc(4 * 1024)?;
+        let lp = gpu.alloc(4 * 1024)?;
+        let tok = gpu.alloc(4 * 64)?;
+        Ok(Engine {
+            gpu,
+            k,
+            w,
+            cfg,
+            blas,
+            scratch: None,
+            cache: None,
+            state,
+            tok,
+            tok_cap: 64,
+            logits: None,
+            logits_rows: 0,
+            small,
+            lp,
+            graphs: HashMap::new(),
+            len: 0,
+            last: None,
+            profile: None,
+            cur_class: Class::Embed,
+        })
+    }
+
+    pub fn has_blas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    fn dt(&self) -> Half {
+        self.w.dt
+    }
+
+    fn kname(&self, base: &str) -> String {
+        format!("{base}_{}", self.dt().name())
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: Args) -> GpuResult<()> {
+        let f = self.k.get(name)?;
+        let mut args = args;
+        self.gpu.launch(f, grid, block, 0, &mut args)
+    }
+
+    fn class(&mut self, c: Class) -> GpuResult<()> {
+        if let Some(p) = &mut self.profile {
+            let (s, e) = (self.gpu.event()?, self.gpu.event()?);
+            self.gpu.record(&s)?;
+            if let Some(last) = p.last() {
+                self.gpu.record(&last.2)?;
+            }
+            p.push((c, s, e));
+        }
+        self.cur_class = c;
+        Ok(())
+    }
+
+    fn end_profile(&mut self) -> GpuResult<()> {
+        if let Some(p) = &self.profile {
+            if let Some(last) = p.last() {
+                self.gpu.record(&last.2)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make room for a forward of `rows` tokens in `batch` rows reaching `need` cached positions. Reallocation
+    /// drops the captured graphs (they hold the old addresses).
+    fn reserve(&mut self, batch: usize, rows: usize, need: usize) -> GpuResult<()> {
+        let c = &self.cfg;
+        let (d, e, f, hd) = (c.hidden, c.embed_dim, c.ffn, c.head_dim);
+        let qkv = (c.heads + 2 * c.kv_heads) * hd;
+        if self.scratch.as_ref().is_none_or(|s| s.rows < rows) {
+            let r = rows.max(GEMV_MAX_ROWS);
+            let g = &self.gpu;
+            let splits = if r <= GEMV_MAX_ROWS { MAX_SPLITS } else { 1 };
+            self.graphs.clear();
+            self.scratch = None;
+            self.scratch = Some(Scratch {
+                rows: r,
+                x: g.alloc(r * d * 4)?,
+                h: g.alloc(r * d.max(e) * 2)?,
+                qkv: g.alloc(r * qkv * 4)?,
+                att: g.alloc(r * c.heads * hd * 2)?,
+                part: g.alloc((r * c.heads * splits).max(GEMV_MAX_ROWS * c.heads * MAX_SPLITS) * (hd + 2) * 4)?,
+                y: g.alloc(r * (2 * f).max(e).max(d) * 4)?,
+                act: g.alloc(r * f * 2)?,
+                fin: g.alloc(r * e.max(d) * 2)?,
+            });
+        }
+        if rows > self.tok_cap {
+            self.graphs.clear();
+            self.tok_cap = rows.next_power_of_two();
+            self.tok = self.gpu.alloc(self.tok_cap * 4)?;
+        }
+        let limit = c.position_limit().unwrap_or(usize::MAX);
+        let grow = match &self.cache {
+            None => true,
+            Some(k) => k.rows < batch || k.cap < need,
+        };
+        if grow {
+            let (old_rows, old_cap) = self.cache.as_ref().map_or((0, 0), |k| (k.rows, k.cap));
+            let rows_new = batch.max(old_rows);
+            let cap = need.max(256).max(old_cap.saturating_mul(2)).min(limit.max(need));
+            let bytes = rows_new * c.kv_heads * cap * hd * 2;
+            let mut k = Vec::with_capacity(c.layers);
+            let mut v = Vec::with_capacity(c.layers);
+            for l in 0..c.layers {
+                let (kb, vb) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
+                if let Some(old) = &self.cache {
+                    // Keep the cached positions: copy each (row, kv head) run of `len` positions.
+                    let run = self.len * hd * 2;
+                    for r in 0..old.rows {
+                        for j in 0..c.kv_heads {
+                            let src = ((r * c.kv_heads + j) * old.cap * hd * 2) as u64;
+                            let dst = ((r * c.kv_heads + j) * cap * hd * 2) as u64;
+                            self.gpu.copy(kb.ptr + dst, old.k[l].ptr + src, run)?;
+                            self.gpu.copy(vb.ptr + dst, old.v[l].ptr + src, run)?;
+                        }
+                    }
+                }
+                k.push(kb);
+                v.push(vb);
+            }
+            self.gpu.sync()?;
+            self.graphs.clear();
+            self.cache = Some(Cache { rows: rows_new, cap, k, v });
+        }
+        Ok(())
+    }
+
+    /// Bytes the cache and scratch would take for `batch` rows of `ctx` positions and `rows` tokens per forward.
+    pub fn working_bytes(cfg: &ModelConfig, batch: usize, ctx: usize, rows: usize) -> usize {
+        let (d, e, f, hd) = (cfg.hidden, cfg.embed_dim, cfg.ffn, cfg.head_dim);
+        let cache = 2 * cfg.layers * batch * cfg.kv_heads * ctx.max(256) * hd * 2;
+        let r = rows.max(GEMV_MAX_ROWS);
+        let qkv = (cfg.heads + 2 * cfg.kv_heads) * hd;
+        let scratch = r * (d * 4 + d.max(e) * 2 + qkv * 4 + cfg.heads * hd * 2 + (2 * f).max(e).max(d) * 4 + f * 2 + e.max(d) * 2)
+            + (r * cfg.heads).max(GEMV_MAX_ROWS * cfg.heads * MAX_SPLITS) * (hd + 2) * 4;
+        cache + scratch + r * cfg.vocab_size * 4
+    }
+
+    /// `out = x W^T` over `rows` rows with the epilogue `epi`. `x` is 16-bit `[rows, k]`; `w` is `[n, k]` (for
+    /// `Glu`, `[2n, k]` with gate rows first); `out` is f32 `[rows, n]` (Store/Acc) or 16-bit (Relu/Glu).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
+        let b0 = bias.unwrap_or(0);
+        if rows <= GEMV_MAX_ROWS || self.blas.is_none() {
+            let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
+            let mut r0 = 0;
+            while r0 < rows {
+                let nb = (rows - r0).min(GEMV_MAX_ROWS);
+                let name = format!("gemv_{}_{}_b{}", self.dt().name(), epi.name(), k_of(nb));
+                let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
+                let args = Args::new()
+                    .ptr(w)
+                    .ptr(w2)
+                    .ptr(b0)
+                    .ptr(bias2)
+                    .ptr(x + (r0 * k * 2) as u64)
+                    .ptr(out + (r0 * n * out_elem) as u64)
+                    .i32(n as i32)
+                    .i32(k as i32)
+                    .i32(nb as i32);
+                let per = GEMV_THREADS / 32;
+                self.launch(&name, ((n as u32).div_ceil(per), 1, 1), GEMV_THREADS, args)?;
+                r0 += nb;
+            }
+            return Ok(());
+        }
+        let blas = self.blas.as_ref().ok_or_else(|| GpuError::new("internal: no cuBLAS"))?;
+        let dt = self.dt();
+        let ep = self.kname("epilogue");
+        let ep_args = |yb: CUdeviceptr, m: usize, mode: i32, o: CUdeviceptr| {
+            Args::new().ptr(yb).ptr(b0).ptr(o).i64(rows as i64).i32(m as i32).i32(mode)
+        };
+        let grid = |elems: usize| ((elems.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1);
+        match epi {
+            Epi::Store => {
+                blas.gemm(dt, w, x, out, rows, n, k, false)?;
+                if bias.is_some() {
+                    self.launch(&ep, grid(rows * n), 256, ep_args(out, n, 0, 0))?;
+                }
+            }
+            Epi::Acc => {
+                blas.gemm(dt, w, x, out, rows, n, k, true)?;
+                if bias.is_some() {
+                    self.launch(&ep, grid(rows * n), 256, ep_args(out, n, 0, 0))?;
+                }
+            }
+            Epi::Relu => {
+                blas.gemm(dt, w, x, y, rows, n, k, false)?;
+                self.launch(&ep, grid(rows * n), 256, ep_args(y, n, 1, out))?;
+            }
+            Epi::Glu => {
+                blas.gemm(dt, w, x, y, rows, 2 * n, k, false)?;
+                self.launch(&ep, grid(rows * n), 256, ep_args(y, 2 * n, 2, out))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn norm(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, rows: usize) -> GpuResult<()> {
+        let name = if self.cfg.family == Family::Llama { self.kname("rmsnorm") } else { self.kname("layernorm") };
+        let d = self.cfg.hidden;
+        let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).i32(d as i32).f32(self.cfg.norm_eps as f32);
+        self.launch(&name, (rows as u32, 1, 1), threads, args)
+    }
+
+    fn to_half(&self, x: CUdeviceptr, out: CUdeviceptr, n: usize) -> GpuResult<()> {
+        let args = Args::new().ptr(x).ptr(out).i64(n as i64);
+        self.launch(&self.kname("to_half"), ((n.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1), 256, args)
+    }
+
+    /// Attention key splits for `rows` queries: enough (token, head, split) blocks to fill the GPU at decode.
+    fn splits(&self, rows: usize) -> usize {
+        if rows > GEMV_MAX_ROWS {
+            return 1;
+        }
+        let blocks = rows * self.cfg.heads;
+        (2 * self.gpu.sms as usize).div_ceil(blocks).clamp(1, MAX_SPLITS)
+    }
+
+    /// The transformer over `batch` rows of `seq` tokens already in `tok`, after `state[0]` cached positions:
+    /// appends to the cache and leaves the final hidden states (16-bit, `[rows, E]`) in `fin`.
+    fn forward(&mut self, batch: usize, seq: usize) -> GpuResult<()> {
+        let rows = batch * seq;
+        let cfg = self.cfg.clone();
+        let (d, e, f, hd) = (cfg.hidden, cfg.embed_dim, cfg.ffn, cfg.head_dim);
+        let (h_, kv) = (cfg.heads, cfg.kv_heads);
+        let qkv_n = (h_ + 2 * kv) * hd;
+        let opt = cfg.family == Family::Opt;
+        let pre = !opt || cfg.norm_before;
+        let s = self.scratch.as_ref().ok_or_else(|| GpuError::new("internal: no scratch"))?;
+        let (x, h, qkv, att, part, y, act, fin) = (s.x.ptr, s.h.ptr, s.qkv.ptr, s.att.ptr, s.part.ptr, s.y.ptr, s.act.ptr, s.fin.ptr);
+        let cache = self.cache.as_ref().ok_or_else(|| GpuError::new("internal: no cache"))?;
+        let cap = cache.cap;
+        let kc: Vec<CUdeviceptr> = cache.k.iter().map(|b| b.ptr).collect();
+        let vc: Vec<CUdeviceptr> = cache.v.iter().map(|b| b.ptr).collect();
+        let (tok, state) = (self.tok.ptr, self.state.ptr);
+        let emb_threads = (e.max(d).div_ceil(32) * 32).clamp(32, 1024) as u32;
+
+        self.class(Class::Embed)?;
+        let w = &self.w;
+        if let Some(pin) = &w.project_in {
+            let args = Args::new().ptr(tok).ptr(w.embed.ptr).ptr(0).ptr(0).ptr(h).ptr(state).i32(seq as i32).i32(e as i32).i32(2);
+            self.launch(&self.kname("embed"), (rows as u32, 1, 1), emb_threads, args)?;
+            self.linear(pin.ptr, None, h, x, rows, d, e, Epi::Store, y)?;
+            if let Some(p) = &w.positions {
+                let args = Args::new().ptr(x).ptr(p.ptr).ptr(state).i32(seq as i32).i32(d as i32).i32(2);
+                self.launch(&self.kname("add_positions"), (rows as u32, 1, 1), emb_threads, args)?;
+            }
+        } else {
+            let pos = w.positions.as_ref().map_or(0, |p| p.ptr);
+            let args = Args::new().ptr(tok).ptr(w.embed.ptr).ptr(pos).ptr(x).ptr(0).ptr(state).i32(seq as i32).i32(d as i32).i32(2);
+            self.launch(&self.kname("embed"), (rows as u32, 1, 1), emb_threads, args)?;
+        }
+        let splits = self.splits(rows);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for l in 0..cfg.layers {
+            self.class(Class::Norm)?;
+            let lw = &self.w.layers[l];
+            if pre {
+                self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, rows)?;
+            } else {
+                self.to_half(x, h, rows * d)?;
+            }
+            self.class(Class::Qkv)?;
+            let lw = &self.w.layers[l];
+            self.linear(lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), h, qkv, rows, qkv_n, d, Epi::Store, y)?;
+            self.class(Class::Attention)?;
+            let rope = i32::from(cfg.family == Family::Llama);
+            let args = Args::new()
+                .ptr(qkv)
+                .ptr(kc[l])
+                .ptr(vc[l])
+                .ptr(state)
+                .i32(seq as i32)
+                .i32(h_ as i32)
+                .i32(kv as i32)
+                .i32(hd as i32)
+                .i32(cap as i32)
+                .f32(cfg.rope_theta as f32)
+                .i32(rope);
+            self.launch(&self.kname("rope_kv"), (rows as u32, 1, 1), 128, args)?;
+            let args = Args::new()
+                .ptr(qkv)
+                .ptr(kc[l])
+                .ptr(vc[l])
+                .ptr(part)
+                .ptr(state)
+                .i32(seq as i32)
+                .i32(h_ as i32)
+                .i32(kv as i32)
+                .i32(hd as i32)
+                .i32(cap as i32)
+                .i32(splits as i32)
+                .f32(scale);
+            self.launch(&self.kname("attn_split"), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
+            let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
+            self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
+            self.class(Class::OutProj)?;
+            let lw = &self.w.layers[l];
+            self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
+            self.class(Class::Norm)?;
+            let lw = &self.w.layers[l];
+            if pre {
+                self.norm(&lw.mlp_norm, lw.mlp_norm_b.as_ref(), x, h, 0, rows)?;
+            } else {
+                // Post-LN: x = LN(x + attn), and the MLP reads it.
+                self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
+            }
+            self.class(Class::Mlp)?;
+            let lw = &self.w.layers[l];
+            if opt {
+                self.linear(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, act, rows, f, d, Epi::Relu, y)?;
+            } else {
+                self.linear(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, act, rows, f, d, Epi::Glu, y)?;
+            }
+            self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
+            if !pre {
+                self.class(Class::Norm)?;
+                let lw = &self.w.layers[l];
+                self.norm(&lw.mlp_norm, lw.mlp_norm_b.as_ref(), x, h, x, rows)?;
+            }
+        }
+        self.class(Class::Norm)?;
+        let w = &self.w;
+        let hidden = match &w.final_norm {
+            Some(fw) => {
+                self.norm(fw, w.final_norm_b.as_ref(), x, h, 0, rows)?;
+                h
+            }
+            None if pre => {
+                self.to_half(x, h, rows * d)?;
+                h
+            }
+            // Post-LN without a final norm: h already holds the last layer's normed output.
+            None => h,
+        };
+        match &w.project_out {
+            Some(po) => {
+                self.linear(po.ptr, None, hidden, y, rows, e, d, Epi::Store, 0)?;
+                self.to_half(y, fin, rows * e)?;
+            }
+            None => self.gpu.copy(fin, hidden, rows * e * 2)?,
+        }
+        Ok(())
+    }
+
+    fn set_inputs(&mut self, tokens: &[i32], past: usize) -> GpuResult<()> {
+        self.gpu.upload(&self.tok, 0, tokens)?;
+        self.gpu.upload(&self.state, 0, &[past as i32])
+    }
+
+    fn ensure_logits(&mut self, rows: usize) -> GpuResult<CUdeviceptr> {
+        if self.logits.is_none() || self.logits_rows < rows {
+            self.graphs.clear();
+            self.logits = None;
+            let r = rows.max(GEMV_MAX_ROWS);
+            self.logits = Some(self.gpu.alloc(r * self.cfg.vocab_size * 4)?);
+            self.logits_rows = r;
+        }
+        Ok(self.logits.as_ref().map_or(0, |b| b.ptr))
+    }
+
+    fn head_ptr(&self) -> CUdeviceptr {
+        self.w.lm_head.as_ref().map_or(self.w.embed.ptr, |b| b.ptr)
+    }
+
+    /// Logits f32 `[rows, V]` of `rows` 16-bit hidden rows at `src`.
+    fn head(&mut self, src: CUdeviceptr, rows: usize) -> GpuResult<CUdeviceptr> {
+        let out = self.ensure_logits(rows)?;
+        self.class(Class::Head)?;
+        let (v, e) = (self.cfg.vocab_size, self.cfg.embed_dim);
+        let y = self.scratch.as_ref().map_or(0, |s| s.y.ptr);
+        self.linear(self.head_ptr(), None, src, out, rows, v, e, Epi::Store, y)?;
+        Ok(out)
+    }
+
+    fn argmax_rows(&self, logits: CUdeviceptr, rows: usize, targets: CUdeviceptr, lp: CUdeviceptr, am: CUdeviceptr) -> GpuResult<()> {
+        let args = Args::new().ptr(logits).i32(self.cfg.vocab_size as i32).ptr(targets).ptr(lp).ptr(am);
+        self.launch("row_argmax_logprob", (rows as u32, 1, 1), 1024, args)
+    }
+
+    /// Run `batch` rows of `seq` tokens (row-major ids) after the cached positions.
+    pub fn prefill(&mut self, ids: &[i32], batch: usize, seq: usize, lens: Vec<usize>) -> GpuResult<()> {
+        self.gpu.bind()?;
+        let rows = batch * seq;
+        self.reserve(batch, rows, self.len + seq)?;
+        if let Some(c) = &self.cache {
+            if c.rows < batch {
+                return Err(GpuError::new("internal: cache rows"));
+            }
+        }
+        self.set_inputs(ids, self.len)?;
+        self.forward(batch, seq)?;
+        self.end_profile()?;
+        self.len += seq;
+        self.last = Some(Last { rows: batch, seq, lens, step_logits: false });
+        Ok(())
+    }
+
+    /// One token per row through the captured graph of this batch size (captured on first use): forward, head
+    /// and argmax, which lands in `tok` for the next step.
+    pub fn step(&mut self, ids: Option<&[i32]>, batch: usize) -> GpuResult<()> {
+        self.gpu.bind()?;
+        self.reserve(batch, batch, self.len + 1)?;
+        self.ensure_logits(batch)?;
+        if let Some(ids) = ids {
+            self.gpu.upload(&self.tok, 0, ids)?;
+        }
+        self.gpu.upload(&self.state, 0, &[self.len as i32])?;
+        if self.profile.is_some() {
+            self.step_body(batch)?;
+            self.end_profile()?;
+        } else {
+            if !self.graphs.contains_key(&batch) {
+                self.gpu.sync()?;
+                self.gpu.begin_capture()?;
+                let body = self.step_body(batch);
+                let graph = self.gpu.end_capture();
+                body?;
+                self.graphs.insert(batch, graph?);
+            }
+            let g = self.graphs.get(&batch).ok_or_else(|| GpuError::new("internal: graph"))?;
+            self.gpu.replay(g)?;
+        }
+        self.len += 1;
+        self.last = Some(Last { rows: batch, seq: 1, lens: vec![1; batch], step_logits: true });
+        Ok(())
+    }
+
+    fn step_body(&mut self, batch: usize) -> GpuResult<()> {
+        self.forward(batch, 1)?;
+        let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
+        let logits = self.head(fin, batch)?;
+        self.argmax_rows(logits, batch, 0, 0, self.tok.ptr)
+    }
+
+    /// The argmax of each row's last real position (the captured step's own, or computed now).
+    pub fn argmax(&mut self) -> GpuResult<Vec<u32>> {
+        let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
+        let mut out = vec![0i32; last.rows];
+        if last.step_logits {
+            self.gpu.download(self.tok.ptr, &mut out)?;
+        } else {
+            let logits = self.last_logits(&last)?;
+            self.argmax_rows(logits, last.rows, 0, 0, self.small.ptr)?;
+            self.gpu.download(self.small.ptr, &mut out)?;
+        }
+        Ok(out.into_iter().map(|v| v as u32).collect())
+    }
+
+    fn last_logits(&mut self, last: &Last) -> GpuResult<CUdeviceptr> {
+        if last.step_logits {
+            return Ok(self.logits.as_ref().map_or(0, |b| b.ptr));
+        }
+        let idx: Vec<i32> = last.lens.iter().enumerate().map(|(r, &n)| (r * last.seq + n.max(1) - 1) as i32).collect();
+        self.gpu.upload(&self.small, 0, &idx)?;
+        let (fin, y) = self.scratch.as_ref().map_or((0, 0), |s| (s.fin.ptr, s.act.ptr));
+        let _ = y;
+        let e = self.cfg.embed_dim;
+        // Gather into the (free after the forward) attention buffer, then the head.
+        let tmp = self.scratch.as_ref().map_or(0, |s| s.h.ptr);
+        let args = Args::new().ptr(fin).ptr(self.small.ptr).ptr(tmp).i32(e as i32);
+        self.launch("gather_rows", (last.rows as u32, 1, 1), 256, args)?;
+        self.head(tmp, last.rows)
+    }
+
+    /// Logits `[rows][V]` at each row's last real position.
+    pub fn logits(&mut self) -> GpuResult<Vec<Vec<f32>>> {
+        let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
+        let p = self.last_logits(&last)?;
+        let v = self.cfg.vocab_size;
+        let mut flat = vec![0f32; last.rows * v];
+        self.gpu.download(p, &mut flat)?;
+        Ok(flat.chunks(v).map(|c| c.to_vec()).collect())
+    }
+
+    /// (log-prob, argmax) of `targets[r][p]` at every position `p` of the last forward's row `r`.
+    pub fn score(&mut self, targets: &[Vec<u32>]) -> GpuResult<Vec<Vec<(f32, u32)>>> {
+        let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
+        if last.step_logits {
+            // The step's hidden rows are still in `fin`; score them like a prefill's.
+        }
+        let rows = last.rows * last.seq;
+        let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
+        let e = self.cfg.embed_dim;
+        let mut tgt = vec![0i32; rows];
+        for (r, t) in targets.iter().enumerate() {
+            for (p, &id) in t.iter().enumerate() {
+                tgt[r * last.seq + p] = id as i32;
+            }
+        }
+        let mut lp = vec![0f32; rows];
+        let mut am = vec![0i32; rows];
+        // Chunks of rows whose logits fit a bounded buffer.
+        let chunk = (256usize << 20) / (self.cfg.vocab_size * 4);
+        let chunk = chunk.clamp(GEMV_MAX_ROWS, 4096);
+        let tbuf = self.gpu.alloc(rows * 4)?;
+        let lbuf = self.gpu.alloc(rows * 4)?;
+        let abuf = self.gpu.alloc(rows * 4)?;
+        self.gpu.upload(&tbuf, 0, &tgt)?;
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(chunk);
+            let logits = self.head(fin + (r0 * e * 2) as u64, n)?;
+            self.argmax_rows(logits, n, tbuf.ptr + (r0 * 4) as u64, lbuf.ptr + (r0 * 4) as u64, abuf.ptr + (r0 * 4) as u64)?;
+            r0 += n;
+        }
+        self.gpu.download(lbuf.ptr, &mut lp)?;
+        self.gpu.download(abuf.ptr, &mut am)?;
+        let _ = &self.lp;
+        Ok(targets
+            .iter()
+            .enumerate()
+            .map(|(r, t)| (0..t.len()).map(|p| (lp[r * last.seq + p], am[r * last.seq + p] as u32)).collect())
+            .collect())
+    }
+
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.last = None;
+    }
+
+    pub fn truncate(&mut self, len: usize) -> GpuResult<()> {
+        if len > self.len {
+            return Err(GpuError(format!("cannot truncate a cache of {} positions to {len}", self.len)));
+        }
+        self.len = len;
+        self.last = None;
+        Ok(())
+    }
+
+    /// Repeat row 0 of the cache into rows 1..n.
+    pub fn fork(&mut self, n: usize) -> GpuResult<()> {
+        self.gpu.bind()?;
+        self.reserve(n, GEMV_MAX_ROWS, self.len.max(1))?;
+        let c = self.cache.as_ref().ok_or_else(|| GpuError::new("internal: no cache"))?;
+        let row = self.cfg.kv_heads * c.cap * self.cfg.head_dim * 2;
+        for l in 0..self.cfg.layers {
+            for r in 1..n {
+                self.gpu.copy(c.k[l].ptr + (r * row) as u64, c.k[l].ptr, row)?;
+                self.gpu.copy(c.v[l].ptr + (r * row) as u64, c.v[l].ptr, row)?;
+            }
+        }
+        self.last = None;
+        Ok(())
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written per second) over a `bytes` buffer, median of `reps`.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> GpuResult<f64> {
+        let (a, b) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
+        self.gpu.memset(&a, 1)?;
+        let mut t = Vec::new();
+        for i in 0..reps + 2 {
+            let (s, e) = (self.gpu.event()?, self.gpu.event()?);
+            self.gpu.record(&s)?;
+            self.gpu.copy(b.ptr, a.ptr, bytes)?;
+            self.gpu.record(&e)?;
+            let ms = s.elapsed_ms(&e)? as f64;
+            if i >= 2 {
+                t.push(ms);
+            }
+        }
+        t.sort_by(f64::total_cmp);
+        let ms = t[t.len() / 2];
+        Ok(2.0 * bytes as f64 / (ms * 1e-3))
+    }
+
+    /// Upload random ids, for `bench`.
+    pub fn put_tokens(&mut self, ids: &[i32]) -> GpuResult<()> {
+        self.reserve(1, ids.len(), 1)?;
+        self.gpu.upload(&self.tok, 0, ids)
+    }
+}

@@ -1,0 +1,17 @@
+//! The CUDA decode engine (feature `cuda`): our kernels (`kernels/*.cu`, compiled by NVRTC and cached on disk),
+//! cuBLAS for prefill projections, CUDA graphs for the decode step, behind the [`crate::decode::Decoder`]
+//! interface. Dense today; the sparse plan's kernels plug into the same forward.
+
+pub mod bench;
+pub mod decoder;
+pub mod engine;
+pub mod gemm;
+pub mod gpu;
+pub mod kernels;
+pub mod weights;
+
+pub use decoder::{CudaDecoder, StartInfo};
+pub use engine::Engine;
+pub use gpu::{probe, Gpu, GpuError};
+pub use crate::source::weights::Half;
+pub use weights::Weights;
