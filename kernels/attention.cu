@@ -12,19 +12,17 @@ __device__ __forceinline__ void rope_kv_impl(
     u16* __restrict__ vc,          // [rows, KV, max_len, hd]
     const int* __restrict__ state, // [1]: positions cached before this forward
     int seq, int H, int KV, int hd, int max_len, float theta, int rope) {
-    const int n = blockIdx.x, b = n / seq, t = n % seq;
+    // Block (n, h): token n, head h < H (a query head) or h - H (a key head, which also stores its value head).
+    const int n = blockIdx.x, h = blockIdx.y, b = n / seq, t = n % seq;
     const int p = state[0] + t;
     const int half = hd >> 1;
     float* q = qkv + (size_t)n * (H + 2 * KV) * hd;
-    float* k = q + H * hd;
-    float* v = k + KV * hd;
-    // q and k heads together: pairs (i, i + hd/2) of each head.
-    for (int idx = threadIdx.x; idx < (H + KV) * half; idx += blockDim.x) {
-        const int h = idx / half, i = idx % half;
-        float* base = h < H ? q + h * hd : k + (h - H) * hd;
+    float* base = q + h * hd; // k heads follow the q heads
+    const float l2t = __log2f(theta);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float x1 = base[i], x2 = base[i + half];
         if (rope) {
-            const float inv = powf(theta, -2.0f * (float)i / (float)hd);
+            const float inv = exp2f(-2.0f * (float)i / (float)hd * l2t);
             float s, c;
             sincosf((float)p * inv, &s, &c);
             const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
@@ -40,9 +38,11 @@ __device__ __forceinline__ void rope_kv_impl(
             dst[i + half] = T::store(x2);
         }
     }
-    for (int idx = threadIdx.x; idx < KV * hd; idx += blockDim.x) {
-        const int j = idx / hd, i = idx % hd;
-        vc[(((size_t)b * KV + j) * max_len + p) * hd + i] = T::store(v[idx]);
+    if (h >= H) {
+        const int j = h - H;
+        const float* v = q + (H + KV + j) * hd;
+        u16* dst = vc + (((size_t)b * KV + j) * max_len + p) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = T::store(v[i]);
     }
 }
 
@@ -50,13 +50,14 @@ __device__ __forceinline__ void rope_kv_impl(
 // of 128 with an online softmax and writes the unnormalised partial (max m, sum l, acc[hd]) to `part`
 // [(N * H) * S, hd + 2]. head_dim must be a power of two from 8 to 256.
 #define ATT_THREADS 128
-template <typename T>
+template <typename T, int HD>
 __device__ __forceinline__ void attn_split_impl(
     const float* __restrict__ qkv, // [N, (H + 2 KV) * hd], q first
     const u16* __restrict__ kc,    // [rows, KV, max_len, hd]
     const u16* __restrict__ vc,    // [rows, KV, max_len, hd]
     float* __restrict__ part,      // [N * H * S, hd + 2]
-    const int* __restrict__ state, int seq, int H, int KV, int hd, int max_len, int S, float scale) {
+    const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale) {
+    const int hd = HD;
     __shared__ float qs[256];
     __shared__ float ps[ATT_THREADS];
     __shared__ float red[32];
@@ -83,10 +84,14 @@ __device__ __forceinline__ void attn_split_impl(
         float sc = NEG_INF;
         if (key < end) {
             const uint4* kr = (const uint4*)(kc + kvbase + (size_t)key * hd);
+            uint4 kv[HD / 8];
+#pragma unroll
+            for (int c = 0; c < HD / 8; c++) kv[c] = kr[c];
             float dot = 0.0f;
-            for (int c = 0; c < (hd >> 3); c++) {
+#pragma unroll
+            for (int c = 0; c < HD / 8; c++) {
                 float kf[8];
-                unpack8<T>(kr[c], kf);
+                unpack8<T>(kv[c], kf);
 #pragma unroll
                 for (int e = 0; e < 8; e++) dot = fmaf(qs[c * 8 + e], kf[e], dot);
             }
@@ -105,8 +110,18 @@ __device__ __forceinline__ void attn_split_impl(
         const int nk = min(ATT_THREADS, end - tile);
         const u16* vt = vc + kvbase + (size_t)tile * hd;
         if (hd <= ATT_THREADS) {
-            if (grp < G)
-                for (int kk = grp; kk < nk; kk += G) acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + dim]), acc0);
+            if (grp < G) {
+                int kk = grp;
+                // Eight independent loads in flight per thread.
+                for (; kk + 7 * G < nk; kk += 8 * G) {
+                    float vv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) vv[u] = T::load(vt[(size_t)(kk + u * G) * hd + dim]);
+#pragma unroll
+                    for (int u = 0; u < 8; u++) acc0 = fmaf(ps[kk + u * G], vv[u], acc0);
+                }
+                for (; kk < nk; kk += G) acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + dim]), acc0);
+            }
         } else {
             for (int kk = 0; kk < nk; kk++) {
                 acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x]), acc0);
@@ -154,16 +169,20 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
     if (i < hd) out[(size_t)nh * hd + i] = T::store(den > 0.0f ? num / den : 0.0f);
 }
 
+#define ATTN_SPLIT(TN, T, HD)                                                                                  \
+    extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
+                                                       const int* state, int T_, int H, int KV, int hd, int max_len, \
+                                                       int S, float scale) {                                        \
+        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale);                          \
+    }
+
 #define ATTN_KERNELS(TN, T)                                                                                       \
     extern "C" __global__ void rope_kv_##TN(float* qkv, u16* kc, u16* vc, const int* state, int T_, int H, int KV, \
                                             int hd, int max_len, float theta, int rope) {                          \
         rope_kv_impl<T>(qkv, kc, vc, state, T_, H, KV, hd, max_len, theta, rope);                                  \
     }                                                                                                             \
-    extern "C" __global__ void attn_split_##TN(const float* qkv, const u16* kc, const u16* vc, float* part,         \
-                                               const int* state, int T_, int H, int KV, int hd, int max_len, int S, \
-                                               float scale) {                                                      \
-        attn_split_impl<T>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale);                            \
-    }                                                                                                             \
+    ATTN_SPLIT(TN, T, 8) ATTN_SPLIT(TN, T, 16) ATTN_SPLIT(TN, T, 32) ATTN_SPLIT(TN, T, 64) ATTN_SPLIT(TN, T, 128) \
+    ATTN_SPLIT(TN, T, 256)                                                                                        \
     extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) {                     \
         attn_combine_impl<T>(part, out, hd, S);                                                                    \
     }

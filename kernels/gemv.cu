@@ -6,6 +6,8 @@
 //   ACC    out f32 [B, N] += acc + bias            (the residual stream)
 //   RELU   out 16-bit [B, N] = max(acc + bias, 0)  (OPT fc1)
 //   GLU    out 16-bit [B, N] = silu(acc_gate + bias[n]) * (acc_up + bias2[n]), gate rows in W, up rows in W2 (SwiGLU)
+// With `xf` given, the input is normalised on the fly instead of read from `x`: x_b = norm(xf[b, :]) * g (+ gb),
+// RMSNorm (`rms`) or LayerNorm, statistics computed by each block (the norm kernel and its launch disappear).
 
 #define EPI_STORE 0
 #define EPI_ACC 1
@@ -18,11 +20,39 @@ __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
     const u16* __restrict__ bias,  // [N] or null
     const u16* __restrict__ bias2, // [N] or null (GLU only)
-    const u16* __restrict__ x,     // [B, K]
+    const u16* __restrict__ x,     // [B, K] (unused when xf is given)
     void* __restrict__ out,        // [B, N], f32 or 16-bit by EPI
-    int N, int K, int B) {
+    int N, int K, int B,
+    const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
+    const u16* __restrict__ g,     // [K] norm weight (with xf)
+    const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
+    float eps, int rms) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __shared__ float mean_s[NB], rstd_s[NB], red[32];
+    if (xf) {
+        // Every thread of the block takes part (before any early exit).
+        for (int b = 0; b < NB && b < B; b++) {
+            const float* xr = xf + (size_t)b * K;
+            float mean = 0.0f;
+            if (!rms) {
+                float s = 0.0f;
+                for (int i = threadIdx.x; i < K; i += blockDim.x) s += xr[i];
+                mean = block_sum(s, red) / K;
+            }
+            float ss = 0.0f;
+            for (int i = threadIdx.x; i < K; i += blockDim.x) {
+                const float v = xr[i] - mean;
+                ss += v * v;
+            }
+            const float var = block_sum(ss, red) / K;
+            if (threadIdx.x == 0) {
+                mean_s[b] = mean;
+                rstd_s[b] = rsqrtf(var + eps);
+            }
+        }
+        __syncthreads();
+    }
     if (row >= N) return;
     const bool glu = EPI == EPI_GLU;
     float acc[NB], acc2[NB];
@@ -53,13 +83,23 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     if (b < B) {
-                        uint4 xv = __ldg((const uint4*)(x + (size_t)b * K) + i);
-                        float xf[8];
-                        unpack8<T>(xv, xf);
+                        float xv8[8];
+                        if (xf) {
+                            const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
+                            const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
+                            float gf[8], bf[8];
+                            unpack8<T>(__ldg((const uint4*)g + i), gf);
+                            if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
+                            const float raw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+                            for (int e = 0; e < 8; e++) xv8[e] = (raw[e] - mean_s[b]) * rstd_s[b] * gf[e] + (gb ? bf[e] : 0.0f);
+                        } else {
+                            unpack8<T>(__ldg((const uint4*)(x + (size_t)b * K) + i), xv8);
+                        }
 #pragma unroll
                         for (int e = 0; e < 8; e++) {
-                            acc[b] = fmaf(wf[e], xf[e], acc[b]);
-                            if (glu) acc2[b] = fmaf(wf2[e], xf[e], acc2[b]);
+                            acc[b] = fmaf(wf[e], xv8[e], acc[b]);
+                            if (glu) acc2[b] = fmaf(wf2[e], xv8[e], acc2[b]);
                         }
                     }
                 }
@@ -72,7 +112,8 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 if (b < B) {
-                    float xv = T::load(x[(size_t)b * K + k]);
+                    float xv = xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
+                                  : T::load(x[(size_t)b * K + k]);
                     acc[b] = fmaf(wv, xv, acc[b]);
                     if (glu) acc2[b] = fmaf(wv2, xv, acc2[b]);
                 }
@@ -105,8 +146,9 @@ __device__ __forceinline__ void gemv_impl(
 #define GEMV_KERNEL(TN, T, EN, EPI, NB)                                                                          \
     extern "C" __global__ void gemv_##TN##_##EN##_b##NB(const u16* w, const u16* w2, const u16* bias,            \
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
-                                                        int B) {                                                  \
-        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B);                                              \
+                                                        int B, const float* xf, const u16* g, const u16* gb,      \
+                                                        float eps, int rms) {                                     \
+        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms);                         \
     }
 #define GEMV_NB(TN, T, EN, EPI) \
     GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod collect;
 pub mod common;
+pub mod engine_check;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -45,6 +46,9 @@ pub enum Command {
     /// Decode latency on the CUDA engine (named real shapes with random weights, or a model) against the
     /// weight-read floor.
     Bench(bench::Args),
+    /// The CUDA engine against CPU references (kernels on random inputs; models against the burn forward).
+    #[command(hide = true)]
+    EngineCheck(engine_check::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainPredictors(a) => train_predictors::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::EngineCheck(a) => engine_check::run(a),
     }
 }
 

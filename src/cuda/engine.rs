@@ -44,6 +44,16 @@ impl Epi {
     }
 }
 
+/// A projection's input normalised on the fly: `x` is the f32 residual stream, `g`/`gb` the norm's weight and
+/// bias (0: none). The GEMV kernels fuse it; the GEMM path runs the norm kernel into `tmp` (16-bit) first.
+#[derive(Debug, Clone, Copy)]
+pub struct NormIn {
+    pub x: CUdeviceptr,
+    pub g: CUdeviceptr,
+    pub gb: CUdeviceptr,
+    pub tmp: CUdeviceptr,
+}
+
 /// Kernel classes, for the per-class time breakdown of `bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -138,6 +148,9 @@ pub struct Engine {
     /// Set by `bench --breakdown`: per-class events recorded around each launch.
     pub profile: Option<Vec<(Class, super::gpu::Event, super::gpu::Event)>>,
     cur_class: Class,
+    /// Normalise inside the GEMV projections (default); `DEJAVU_FUSE_NORM=0` runs the norm kernel instead, for
+    /// side-by-side timing.
+    fuse_norm: bool,
 }
 
 fn k_of(n: usize) -> usize {
@@ -179,6 +192,7 @@ impl Engine {
             last: None,
             profile: None,
             cur_class: Class::Embed,
+            fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(true, |v| v != "0"),
         })
     }
 
@@ -302,8 +316,17 @@ impl Engine {
     /// `Glu`, `[2n, k]` with gate rows first); `out` is f32 `[rows, n]` (Store/Acc) or 16-bit (Relu/Glu).
     #[allow(clippy::too_many_arguments)]
     pub fn linear(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
+        self.linear_in(w, bias, x, None, out, rows, n, k, epi, y)
+    }
+
+    /// [`Engine::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_in(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
         let b0 = bias.unwrap_or(0);
-        if rows <= GEMV_MAX_ROWS || self.blas.is_none() {
+        let rms = i32::from(self.cfg.family == Family::Llama);
+        let eps = self.cfg.norm_eps as f32;
+        if rows <= GEMV_MAX_ROWS {
+            let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
             let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
             let mut r0 = 0;
             while r0 < rows {
@@ -319,14 +342,39 @@ impl Engine {
                     .ptr(out + (r0 * n * out_elem) as u64)
                     .i32(n as i32)
                     .i32(k as i32)
-                    .i32(nb as i32);
+                    .i32(nb as i32)
+                    .ptr(if xf == 0 { 0 } else { xf + (r0 * k * 4) as u64 })
+                    .ptr(g)
+                    .ptr(gb)
+                    .f32(eps)
+                    .i32(rms);
                 let per = GEMV_THREADS / 32;
                 self.launch(&name, ((n as u32).div_ceil(per), 1, 1), GEMV_THREADS, args)?;
                 r0 += nb;
             }
             return Ok(());
         }
-        let blas = self.blas.as_ref().ok_or_else(|| GpuError::new("internal: no cuBLAS"))?;
+        let x = match norm {
+            Some(m) => {
+                let name = if rms == 1 { self.kname("rmsnorm") } else { self.kname("layernorm") };
+                let threads = (k.div_ceil(32) * 32).clamp(32, 1024) as u32;
+                let args = Args::new().ptr(m.x).ptr(m.g).ptr(m.gb).ptr(m.tmp).ptr(0).i32(k as i32).f32(eps);
+                self.launch(&name, (rows as u32, 1, 1), threads, args)?;
+                m.tmp
+            }
+            None => x,
+        };
+        let Some(blas) = self.blas.as_ref() else {
+            // No cuBLAS: the GEMV kernels over 16-row chunks.
+            let mut r0 = 0;
+            while r0 < rows {
+                let nb = (rows - r0).min(GEMV_MAX_ROWS);
+                let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
+                self.linear_in(w, bias, x + (r0 * k * 2) as u64, None, out + (r0 * n * out_elem) as u64, nb, n, k, epi, y)?;
+                r0 += nb;
+            }
+            return Ok(());
+        };
         let dt = self.dt();
         let ep = self.kname("epilogue");
         let ep_args = |yb: CUdeviceptr, m: usize, mode: i32, o: CUdeviceptr| {
@@ -417,16 +465,21 @@ impl Engine {
         let splits = self.splits(rows);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.layers {
-            self.class(Class::Norm)?;
             let lw = &self.w.layers[l];
-            if pre {
-                self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, rows)?;
-            } else {
+            // Pre-norm layers normalise inside the projection; post-LN layers project x itself.
+            let fused = pre && (self.fuse_norm || rows > GEMV_MAX_ROWS);
+            let attn_in = fused.then(|| NormIn { x, g: lw.attn_norm.ptr, gb: lw.attn_norm_b.as_ref().map_or(0, |b| b.ptr), tmp: h });
+            if !pre {
+                self.class(Class::Norm)?;
                 self.to_half(x, h, rows * d)?;
+            } else if !fused {
+                self.class(Class::Norm)?;
+                let lw = &self.w.layers[l];
+                self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, rows)?;
             }
             self.class(Class::Qkv)?;
             let lw = &self.w.layers[l];
-            self.linear(lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), h, qkv, rows, qkv_n, d, Epi::Store, y)?;
+            self.linear_in(lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), h, attn_in, qkv, rows, qkv_n, d, Epi::Store, y)?;
             self.class(Class::Attention)?;
             let rope = i32::from(cfg.family == Family::Llama);
             let args = Args::new()
@@ -441,7 +494,8 @@ impl Engine {
                 .i32(cap as i32)
                 .f32(cfg.rope_theta as f32)
                 .i32(rope);
-            self.launch(&self.kname("rope_kv"), (rows as u32, 1, 1), 128, args)?;
+            let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
+            self.launch(&self.kname("rope_kv"), (rows as u32, (h_ + kv) as u32, 1), rope_threads, args)?;
             let args = Args::new()
                 .ptr(qkv)
                 .ptr(kc[l])
@@ -455,27 +509,29 @@ impl Engine {
                 .i32(cap as i32)
                 .i32(splits as i32)
                 .f32(scale);
-            self.launch(&self.kname("attn_split"), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
+            self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
             let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
             self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             self.class(Class::OutProj)?;
             let lw = &self.w.layers[l];
             self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
-            self.class(Class::Norm)?;
             let lw = &self.w.layers[l];
-            if pre {
+            let mlp_in = fused.then(|| NormIn { x, g: lw.mlp_norm.ptr, gb: lw.mlp_norm_b.as_ref().map_or(0, |b| b.ptr), tmp: h });
+            if pre && !fused {
+                self.class(Class::Norm)?;
+                let lw = &self.w.layers[l];
                 self.norm(&lw.mlp_norm, lw.mlp_norm_b.as_ref(), x, h, 0, rows)?;
-            } else {
+            }
+            if !pre {
                 // Post-LN: x = LN(x + attn), and the MLP reads it.
+                self.class(Class::Norm)?;
+                let lw = &self.w.layers[l];
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
             let lw = &self.w.layers[l];
-            if opt {
-                self.linear(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, act, rows, f, d, Epi::Relu, y)?;
-            } else {
-                self.linear(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, act, rows, f, d, Epi::Glu, y)?;
-            }
+            let epi = if opt { Epi::Relu } else { Epi::Glu };
+            self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
             self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
             if !pre {
                 self.class(Class::Norm)?;

@@ -3,6 +3,7 @@
 //! interface. Dense today; the sparse plan's kernels plug into the same forward.
 
 pub mod bench;
+pub mod check;
 pub mod decoder;
 pub mod engine;
 pub mod gemm;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The CUDA engine's checks and timings on the GPU box, in stages (one device call can run several):
+#   check     kernels vs f32/f64 CPU references; stories260k and the four fixtures vs the burn forward
+#   smollm2   SmolLM2 (GGUF) vs the burn forward; WikiText-2 perplexity and eval, CPU path vs engine
+#   bench     dense decode at real shapes vs the weight-read floor, f16 and bf16, with HF eager beside it
+#   batch     batch 1/4/16 at Llama-2-7B; prefill of 2048 tokens
+#   startup   process start to first token, cold (empty kernel cache) and warm
+# Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
+set -uo pipefail
+BIN=${BIN:-./target/release/dejavu}
+CARRY=${CARRY:-.carry}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export DEJAVU_CACHE=${DEJAVU_CACHE:-/tmp/dejavu-cache}
+FIX=tests/fixtures
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    check)
+      $BIN engine-check --models "$CARRY/stories260k" $FIX/tiny-llama $FIX/tiny-llama-tied $FIX/tiny-opt $FIX/tiny-opt-proj \
+        --prompts "$CARRY/data/prompts.txt" --n 50 --steps 64 --json "$OUT/check.json" ;;
+    smollm2)
+      M="$CARRY/smollm2.gguf"
+      $BIN engine-check --no-kernels --models "$M" --prompts "$CARRY/data/prompts.txt" --n 50 --steps 64 --json "$OUT/check_smollm2.json"
+      for dev in cpu cuda; do
+        $BIN ppl -m "$M" --device $dev --text "$CARRY/data/wikitext2-test.raw.txt" --max-tokens 16384 --ctx 512 --json "$OUT/ppl_$dev.json"
+      done
+      for dev in cpu cuda; do
+        $BIN eval -m "$M" --device $dev --tasks-dir "$CARRY/tasks" --limit 200 --out "$OUT/eval_$dev" 2>&1 | tail -14
+      done ;;
+    bench)
+      for dt in f16 bf16; do
+        $BIN bench --shape smollm2-135m opt-125m opt-1.3b opt-6.7b opt-13b llama2-7b llama2-13b mistral-7b --dtype $dt \
+          --json "$OUT/bench_$dt.json" --csv "$OUT/bench_$dt.csv"
+      done
+      $BIN bench --shape llama2-7b smollm2-135m --breakdown --tokens 32 ;;
+    hf)
+      PYTHONUNBUFFERED=1 python3 scripts/hf_decode.py --shape smollm2-135m opt-1.3b opt-6.7b llama2-7b llama2-13b --json "$OUT/hf.json" ;;
+    batch)
+      $BIN bench --shape llama2-7b --batch 1 4 16 --json "$OUT/batch.json"
+      $BIN bench --shape llama2-7b --prompt 2048 --tokens 8 --dtype bf16 --json "$OUT/prefill.json" ;;
+    startup)
+      rm -rf "$DEJAVU_CACHE"
+      for run in cold warm; do
+        s=$(date +%s.%N)
+        $BIN generate -m "${STARTUP_MODEL:-$CARRY/stories260k}" --device cuda --prompt "Once upon a time" -n 1 --ignore-eos > /dev/null
+        e=$(date +%s.%N)
+        echo "startup $run: $(python3 -c "print(round($e - $s, 3))") s (process start to first token, incl. weight upload)"
+      done ;;
+  esac
+done

@@ -1,0 +1,94 @@
+//! `dejavu engine-check` (hidden; for the GPU box): the CUDA engine against CPU references, kernel by kernel on
+//! random inputs and model by model against the burn forward. Prints tables; exits 1 when a check fails.
+
+use std::path::PathBuf;
+
+use super::out;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Models to compare with the burn reference (directories, GGUF files, Hub ids).
+    #[arg(long, num_args = 0..)]
+    pub models: Vec<String>,
+    /// Text file whose first non-empty lines become the prompts.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Number of prompts.
+    #[arg(long, default_value_t = 50)]
+    pub n: usize,
+    /// Greedy steps per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Tokens kept of each prompt line.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// Weight type of the engine (default: by checkpoint).
+    #[arg(long, value_enum)]
+    pub dtype: Option<dejavu::source::weights::Half>,
+    /// Skip the kernel checks.
+    #[arg(long)]
+    pub no_kernels: bool,
+    /// Write every check as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("engine-check needs a build with `--features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: Args) -> anyhow::Result<()> {
+    use dejavu::cuda::check;
+    dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
+    let mut failed = 0;
+    let mut kernels = Vec::new();
+    if !args.no_kernels {
+        kernels = check::kernels(20261201).map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
+        let mut s = String::from("| kernel | dtype | rel err | NaN/unwritten | pass |\n|---|---|---|---|---|\n");
+        for k in &kernels {
+            s += &format!("| {} | {} | {:.2e} | {} | {} |\n", k.kernel, k.dtype, k.rel_err, k.nan, if k.pass { "yes" } else { "NO" });
+            failed += usize::from(!k.pass);
+        }
+        out(&s)?;
+    }
+    let mut models = Vec::new();
+    if !args.models.is_empty() {
+        let path = args.prompts.clone().ok_or_else(|| super::usage("--models needs --prompts FILE"))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| l.len() > 8 && !l.starts_with('=')).take(args.n).collect();
+        let mut s = String::from(
+            "\n| model | dtype | prompts | steps | identical | divergences at margin < 0.05 | worst margin | max abs dlogprob | pass |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for m in &args.models {
+            let files = super::common::resolve(m)?;
+            let prompts: Vec<Vec<u32>> = lines
+                .iter()
+                .map(|l| {
+                    let mut ids = files.tokenizer.encode(*l, true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+                    ids.truncate(args.prompt_tokens);
+                    ids.retain(|&t| (t as usize) < files.config.vocab_size);
+                    ids
+                })
+                .filter(|p| p.len() >= 2)
+                .collect();
+            eprintln!("{}: {} prompts x {} steps", files.identity, prompts.len(), args.steps);
+            let c = check::model(&files, args.dtype, &prompts, args.steps).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
+                c.model, c.dtype, c.prompts, c.steps, c.identical, c.divergences_at_near_ties, c.worst_margin, c.max_dlogprob, if c.pass { "yes" } else { "NO" }
+            );
+            failed += usize::from(!c.pass);
+            models.push(c);
+        }
+        out(&s)?;
+    }
+    if let Some(p) = &args.json {
+        dejavu::store::write_json(p, &serde_json::json!({ "kernels": kernels, "models": models }))?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
