@@ -56,7 +56,9 @@ __device__ __forceinline__ void attn_split_impl(
     const u16* __restrict__ kc,    // [rows, KV, max_len, hd]
     const u16* __restrict__ vc,    // [rows, KV, max_len, hd]
     float* __restrict__ part,      // [N * H * S, hd + 2]
-    const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale) {
+    const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale,
+    u16* __restrict__ direct) {    // [N, H * hd]: with S == 1, the normalised output goes straight here
+
     const int hd = HD;
     __shared__ float qs[256];
     __shared__ float ps[ATT_THREADS];
@@ -131,19 +133,25 @@ __device__ __forceinline__ void attn_split_impl(
         __syncthreads(); // ps is rewritten by the next tile
     }
     float* out = part + ((size_t)nh * S + s) * (hd + 2);
+    u16* dout = direct ? direct + (size_t)nh * hd : 0;
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
     if (hd <= ATT_THREADS) {
         accs[threadIdx.x] = grp < G ? acc0 : 0.0f;
         __syncthreads();
         if (threadIdx.x < hd) {
             float a = 0.0f;
             for (int g = 0; g < G; g++) a += accs[g * hd + threadIdx.x];
-            out[2 + threadIdx.x] = a;
+            if (dout) dout[threadIdx.x] = T::store(a * inv_l);
+            else out[2 + threadIdx.x] = a;
         }
+    } else if (dout) {
+        dout[threadIdx.x] = T::store(acc0 * inv_l);
+        dout[threadIdx.x + ATT_THREADS] = T::store(acc1 * inv_l);
     } else {
         out[2 + threadIdx.x] = acc0;
         out[2 + threadIdx.x + ATT_THREADS] = acc1;
     }
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && !dout) {
         out[0] = m;
         out[1] = l;
     }
@@ -172,8 +180,8 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
 #define ATTN_SPLIT(TN, T, HD)                                                                                  \
     extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
                                                        const int* state, int T_, int H, int KV, int hd, int max_len, \
-                                                       int S, float scale) {                                        \
-        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale);                          \
+                                                       int S, float scale, u16* direct) {                           \
+        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct);                  \
     }
 
 #define ATTN_KERNELS(TN, T)                                                                                       \

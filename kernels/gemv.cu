@@ -8,6 +8,8 @@
 //   GLU    out 16-bit [B, N] = silu(acc_gate + bias[n]) * (acc_up + bias2[n]), gate rows in W, up rows in W2 (SwiGLU)
 // With `xf` given, the input is normalised on the fly instead of read from `x`: x_b = norm(xf[b, :]) * g (+ gb),
 // RMSNorm (`rms`) or LayerNorm, statistics computed by each block (the norm kernel and its launch disappear).
+// With `stage` set (and B * K * 4 bytes of dynamic shared memory), each block first writes its input rows to shared
+// memory in f32 (normalised when `xf` is given), so the inner loop converts only the weights.
 
 #define EPI_STORE 0
 #define EPI_ACC 1
@@ -26,7 +28,9 @@ __device__ __forceinline__ void gemv_impl(
     const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
     const u16* __restrict__ g,     // [K] norm weight (with xf)
     const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
-    float eps, int rms) {
+    float eps, int rms, int stage) {
+    extern __shared__ float4 dyn_smem[];
+    float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
@@ -49,6 +53,21 @@ __device__ __forceinline__ void gemv_impl(
             if (threadIdx.x == 0) {
                 mean_s[b] = mean;
                 rstd_s[b] = rsqrtf(var + eps);
+            }
+        }
+        __syncthreads();
+    }
+    if (stage) {
+        for (int b = 0; b < NB && b < B; b++) {
+            for (int i = threadIdx.x; i < K; i += blockDim.x) {
+                float v;
+                if (xf) {
+                    v = (xf[(size_t)b * K + i] - mean_s[b]) * rstd_s[b] * T::load(g[i]);
+                    if (gb) v += T::load(gb[i]);
+                } else {
+                    v = T::load(x[(size_t)b * K + i]);
+                }
+                xs[b * K + i] = v;
             }
         }
         __syncthreads();
@@ -84,7 +103,12 @@ __device__ __forceinline__ void gemv_impl(
                 for (int b = 0; b < NB; b++) {
                     if (b < B) {
                         float xv8[8];
-                        if (xf) {
+                        if (stage) {
+                            const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
+                            const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
+                            xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
+                            xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
+                        } else if (xf) {
                             const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
                             const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
                             float gf[8], bf[8];
@@ -112,7 +136,7 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 if (b < B) {
-                    float xv = xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
+                    float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
                                   : T::load(x[(size_t)b * K + k]);
                     acc[b] = fmaf(wv, xv, acc[b]);
                     if (glu) acc2[b] = fmaf(wv2, xv, acc2[b]);
@@ -147,8 +171,8 @@ __device__ __forceinline__ void gemv_impl(
     extern "C" __global__ void gemv_##TN##_##EN##_b##NB(const u16* w, const u16* w2, const u16* bias,            \
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
                                                         int B, const float* xf, const u16* g, const u16* gb,      \
-                                                        float eps, int rms) {                                     \
-        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms);                         \
+                                                        float eps, int rms, int stage) {                          \
+        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);                  \
     }
 #define GEMV_NB(TN, T, EN, EPI) \
     GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \

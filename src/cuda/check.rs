@@ -145,7 +145,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                     want[r * n + j] = v as f32;
                 }
             }
-            let path = if rows <= super::engine::GEMV_MAX_ROWS { "gemv" } else { "cublas+epilogue" };
+            let path = if rows <= e.gemv_rows() { "gemv" } else { "cublas+epilogue" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
         }
     }
@@ -179,7 +179,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                     } as f32;
                 }
             }
-            let path = if rows <= super::engine::GEMV_MAX_ROWS { "gemv+rmsnorm" } else { "rmsnorm+cublas" };
+            let path = if rows <= e.gemv_rows() { "gemv+rmsnorm" } else { "rmsnorm+cublas" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
         }
     }
@@ -242,7 +242,8 @@ fn check_embed(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
 /// RoPE + cache write + split attention + combine, against f64 on the same rounded cache.
 fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
-    for (hd, heads, kvh, splits) in [(64usize, 8usize, 2usize, 1usize), (64, 8, 2, 5), (128, 4, 4, 3), (8, 8, 4, 1)] {
+    // splits = 1 writes the output directly (no combine pass); more splits go through attn_combine.
+    for (hd, heads, kvh, splits) in [(64usize, 8usize, 2usize, 1usize), (64, 8, 2, 5), (128, 4, 4, 3), (128, 4, 4, 1), (8, 8, 4, 1), (256, 2, 1, 2)] {
         let (rows_b, seq, past, cap) = (2usize, 5usize, 150usize, 300usize);
         let theta = 10000.0f64;
         let n = rows_b * seq;
@@ -260,8 +261,11 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
         d.launch(&format!("rope_kv_{t}"), (n as u32, (heads + kvh) as u32, 1), rope_threads, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).f32(theta as f32).i32(1))?;
         let scale = 1.0 / (hd as f32).sqrt();
-        d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale))?;
-        d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+        let direct = if splits == 1 { att.ptr } else { 0 };
+        d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct))?;
+        if splits > 1 {
+            d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+        }
         // Reference.
         let rope = |v: &mut [f64], p: usize| {
             let half = hd / 2;

@@ -23,6 +23,8 @@ pub const GEMV_MAX_ROWS: usize = 16;
 const GEMV_THREADS: u32 = 256;
 /// Attention key splits at most, for decode.
 const MAX_SPLITS: usize = 32;
+/// Dynamic shared memory a GEMV block may take to stage its f32 inputs.
+const GEMV_SMEM: usize = 96 * 1024;
 
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +143,7 @@ pub struct Engine {
     /// int per row: argmax / gathered row index.
     small: DBuf,
     lp: DBuf,
-    graphs: HashMap<usize, Graph>,
+    graphs: HashMap<(usize, usize), Graph>,
     /// Positions in the cache.
     pub len: usize,
     pub last: Option<Last>,
@@ -151,6 +153,12 @@ pub struct Engine {
     /// Normalise inside the GEMV projections (default); `DEJAVU_FUSE_NORM=0` runs the norm kernel instead, for
     /// side-by-side timing.
     fuse_norm: bool,
+    /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
+    stage: bool,
+    /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 256).
+    gemv_threads: u32,
+    /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 4); above, cuBLAS (tensor cores).
+    gemv_rows: usize,
 }
 
 fn k_of(n: usize) -> usize {
@@ -193,7 +201,15 @@ impl Engine {
             profile: None,
             cur_class: Class::Embed,
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(true, |v| v != "0"),
+            stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
+            gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(4),
+            gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
         })
+    }
+
+    /// Rows up to which projections run on the GEMV kernels.
+    pub fn gemv_rows(&self) -> usize {
+        if self.blas.is_some() { self.gemv_rows } else { usize::MAX }
     }
 
     pub fn has_blas(&self) -> bool {
@@ -325,7 +341,7 @@ impl Engine {
         let b0 = bias.unwrap_or(0);
         let rms = i32::from(self.cfg.family == Family::Llama);
         let eps = self.cfg.norm_eps as f32;
-        if rows <= GEMV_MAX_ROWS {
+        if rows <= self.gemv_rows || self.blas.is_none() {
             let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
             let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
             let mut r0 = 0;
@@ -348,8 +364,13 @@ impl Engine {
                     .ptr(gb)
                     .f32(eps)
                     .i32(rms);
-                let per = GEMV_THREADS / 32;
-                self.launch(&name, ((n as u32).div_ceil(per), 1, 1), GEMV_THREADS, args)?;
+                let smem = nb * k * 4;
+                let stage = self.stage && k % 4 == 0 && smem <= GEMV_SMEM;
+                let mut args = args.i32(i32::from(stage));
+                let threads = self.gemv_threads;
+                let f = if stage { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+                let grid = ((n as u32).div_ceil(threads / 32), 1, 1);
+                self.gpu.launch(f, grid, threads, if stage { smem as u32 } else { 0 }, &mut args)?;
                 r0 += nb;
             }
             return Ok(());
@@ -364,17 +385,7 @@ impl Engine {
             }
             None => x,
         };
-        let Some(blas) = self.blas.as_ref() else {
-            // No cuBLAS: the GEMV kernels over 16-row chunks.
-            let mut r0 = 0;
-            while r0 < rows {
-                let nb = (rows - r0).min(GEMV_MAX_ROWS);
-                let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
-                self.linear_in(w, bias, x + (r0 * k * 2) as u64, None, out + (r0 * n * out_elem) as u64, nb, n, k, epi, y)?;
-                r0 += nb;
-            }
-            return Ok(());
-        };
+        let blas = self.blas.as_ref().ok_or_else(|| GpuError::new("internal: no cuBLAS"))?;
         let dt = self.dt();
         let ep = self.kname("epilogue");
         let ep_args = |yb: CUdeviceptr, m: usize, mode: i32, o: CUdeviceptr| {
@@ -419,13 +430,15 @@ impl Engine {
         self.launch(&self.kname("to_half"), ((n.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1), 256, args)
     }
 
-    /// Attention key splits for `rows` queries: enough (token, head, split) blocks to fill the GPU at decode.
-    fn splits(&self, rows: usize) -> usize {
+    /// Attention key splits for `rows` queries reaching `len` positions: enough (token, head, split) blocks to
+    /// fill the GPU at decode, but at least 64 keys per split; 1 (no combine pass) for prefill and short contexts.
+    fn splits(&self, rows: usize, len: usize) -> usize {
         if rows > GEMV_MAX_ROWS {
             return 1;
         }
         let blocks = rows * self.cfg.heads;
-        (2 * self.gpu.sms as usize).div_ceil(blocks).clamp(1, MAX_SPLITS)
+        let occ = (2 * self.gpu.sms as usize).div_ceil(blocks);
+        occ.min(len.div_ceil(64)).clamp(1, MAX_SPLITS)
     }
 
     /// The transformer over `batch` rows of `seq` tokens already in `tok`, after `state[0]` cached positions:
@@ -462,7 +475,7 @@ impl Engine {
             let args = Args::new().ptr(tok).ptr(w.embed.ptr).ptr(pos).ptr(x).ptr(0).ptr(state).i32(seq as i32).i32(d as i32).i32(2);
             self.launch(&self.kname("embed"), (rows as u32, 1, 1), emb_threads, args)?;
         }
-        let splits = self.splits(rows);
+        let splits = self.splits(rows, self.len + seq);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.layers {
             let lw = &self.w.layers[l];
@@ -508,10 +521,13 @@ impl Engine {
                 .i32(hd as i32)
                 .i32(cap as i32)
                 .i32(splits as i32)
-                .f32(scale);
+                .f32(scale)
+                .ptr(if splits == 1 { att } else { 0 });
             self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
-            let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
-            self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
+            if splits > 1 {
+                let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
+                self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
+            }
             self.class(Class::OutProj)?;
             let lw = &self.w.layers[l];
             self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
@@ -630,15 +646,17 @@ impl Engine {
             self.step_body(batch)?;
             self.end_profile()?;
         } else {
-            if !self.graphs.contains_key(&batch) {
+            // One graph per batch size and attention split count (which follows the context length).
+            let key = (batch, self.splits(batch, self.len + 1));
+            if !self.graphs.contains_key(&key) {
                 self.gpu.sync()?;
                 self.gpu.begin_capture()?;
                 let body = self.step_body(batch);
                 let graph = self.gpu.end_capture();
                 body?;
-                self.graphs.insert(batch, graph?);
+                self.graphs.insert(key, graph?);
             }
-            let g = self.graphs.get(&batch).ok_or_else(|| GpuError::new("internal: graph"))?;
+            let g = self.graphs.get(&key).ok_or_else(|| GpuError::new("internal: graph"))?;
             self.gpu.replay(g)?;
         }
         self.len += 1;

@@ -137,6 +137,24 @@ impl Kernels {
         Ok(Kernels { module, funcs: RefCell::new(HashMap::new()), info })
     }
 
+    /// The kernel `name`, allowed `bytes` of dynamic shared memory (set once per kernel).
+    pub fn get_smem(&self, name: &str, bytes: usize) -> GpuResult<sys::CUfunction> {
+        let key = format!("{name}#smem");
+        let f = self.get(name)?;
+        if !self.funcs.borrow().contains_key(&key) {
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            }
+            .ctx(&format!("shared memory limit of `{name}`"))?;
+            self.funcs.borrow_mut().insert(key, f);
+        }
+        Ok(f)
+    }
+
     /// The kernel `name` (an `extern "C"` symbol of the sources).
     pub fn get(&self, name: &str) -> GpuResult<sys::CUfunction> {
         if let Some(&f) = self.funcs.borrow().get(name) {
