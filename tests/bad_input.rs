@@ -182,3 +182,43 @@ fn cuda_device_without_the_feature_or_driver_is_a_clear_error() {
     }
     assert_clean_failure(&out, &["--device cuda"]);
 }
+
+// The CUDA engine on a machine without a GPU (CI, the dev box): one line saying what is missing, exit 1, no
+// panic. In a build without the feature the line names the feature; with it, the missing driver library.
+fn engine_missing_needles() -> &'static [&'static str] {
+    if cfg!(feature = "cuda") { &["libcuda"] } else { &["`cuda` feature"] }
+}
+
+#[test]
+fn generate_on_cuda_without_a_gpu() {
+    let m = common::fixture_dir("tiny-opt");
+    let out = common::dejavu(&["generate", "--model", m.to_str().unwrap(), "--device", "cuda", "-n", "2"], &[]);
+    let line = common::assert_one_line_exit(&out, 1, engine_missing_needles());
+    assert!(line.contains("--device cuda"), "{line}");
+}
+
+#[test]
+fn bench_without_a_gpu() {
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b"], &[]);
+    common::assert_one_line_exit(&out, 1, engine_missing_needles());
+}
+
+#[test]
+fn bench_usage_errors() {
+    let out = common::dejavu(&["bench", "--shape", "llama-9000"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--shape llama-9000", "unknown shape", "llama2-7b"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--batch", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--batch"]);
+    let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "oracle@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense"]);
+}
+
+#[test]
+fn bench_lists_its_shapes() {
+    let out = common::dejavu(&["bench", "--list-shapes"], &[]);
+    common::assert_ok(&out);
+    let text = &out.stdout;
+    for name in ["opt-125m", "opt-175b", "llama2-70b", "mistral-7b", "smollm2-135m"] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+}

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use super::out;
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Models to compare with the burn reference (directories, GGUF files, Hub ids).
@@ -40,6 +38,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn run(args: Args) -> anyhow::Result<()> {
+    use super::out;
     use dejavu::cuda::check;
     dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
     let mut failed = 0;
