@@ -135,7 +135,7 @@ impl Gpu {
     }
 
     /// Launch `f` on the engine's stream with `args`.
-    pub fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut Args) -> GpuResult<()> {
+    pub(crate) fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut Args) -> GpuResult<()> {
         let mut ptrs = args.ptrs();
         unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut ptrs) }.ctx("cuLaunchKernel")
     }
