@@ -7,7 +7,7 @@
 #   startup   process start to first token, cold (empty kernel cache) and warm
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
 set -uo pipefail
-BIN=${BIN:-./target/release/dejavu}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/dejavu}
 CARRY=${CARRY:-.carry}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
