@@ -258,6 +258,23 @@ pub fn run_decoding<A: ModelCommand>(model: &ModelArgs, args: A) -> anyhow::Resu
     dispatch(kind, WithModel { args, files })
 }
 
+/// The decoder a decoding command asked for: the CUDA engine for `--device cuda`, else the reference running
+/// `plan` over the model, loaded into `slot` (which must outlive the decoder).
+pub fn decoder_for<'a, B: Backend>(
+    args: &DecodeArgs,
+    files: &ModelFiles,
+    device: &B::Device,
+    loaded: &'a Loaded<B>,
+    plan: &'a Plan,
+    slot: &'a mut Option<Model<B>>,
+) -> anyhow::Result<AnyDecoder<'a, B>> {
+    if uses_engine(&args.model) {
+        return engine_decoder::<B>(files, args, false);
+    }
+    let model: &'a Model<B> = slot.insert(load_model::<B>(files, device, false)?);
+    Ok(AnyDecoder::Ref(loaded.decoder(model, plan)?))
+}
+
 /// Refuse what the dense engine cannot run yet, naming the flag.
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use dejavu::decode::{generate, Sampling};
 use dejavu::ModelFiles;
 
-use super::common::{check_engine_mode, engine_decoder, load_model, run_decoding, uses_engine, AnyDecoder, DecodeArgs, ModelCommand};
+use super::common::{check_engine_mode, decoder_for, run_decoding, DecodeArgs, ModelCommand};
 use super::{out, usage};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -72,13 +72,8 @@ impl ModelCommand for Args {
         if let Some(max) = cfg.position_limit().filter(|&m| prompt.len() + args.n > m) {
             return Err(usage(format!("prompt ({}) + -n ({}) exceeds the model's max_position_embeddings {max}", prompt.len(), args.n)));
         }
-        let model;
-        let mut any = if uses_engine(&args.decode.model) {
-            engine_decoder::<B>(&files, &args.decode, false)?
-        } else {
-            model = load_model::<B>(&files, &device, false)?;
-            AnyDecoder::Ref(loaded.decoder(&model, &plan)?)
-        };
+        let mut slot = None;
+        let mut any = decoder_for::<B>(&args.decode, &files, &device, &loaded, &plan, &mut slot)?;
         let dec = any.as_dyn();
         let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
         out(&args.prompt)?;

@@ -9,10 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use dejavu::ppl::{perplexity, windows};
 use dejavu::ModelFiles;
 
-use super::common::{
-    check_engine_mode, engine_decoder, load_model, run_decoding, tokenize_file, uses_engine, AnyDecoder, DecodeArgs, ModelCommand,
-    WindowArgs,
-};
+use super::common::{check_engine_mode, decoder_for, run_decoding, tokenize_file, DecodeArgs, ModelCommand, WindowArgs};
 use super::out;
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -49,13 +46,8 @@ impl ModelCommand for Args {
         if ids.len() < 2 {
             anyhow::bail!("{}: the text has {} token(s); perplexity needs at least 2", args.text.display(), ids.len());
         }
-        let model;
-        let mut any = if uses_engine(&args.decode.model) {
-            engine_decoder::<B>(&files, &args.decode, false)?
-        } else {
-            model = load_model::<B>(&files, &device, false)?;
-            AnyDecoder::Ref(loaded.decoder(&model, &plan)?)
-        };
+        let mut slot = None;
+        let mut any = decoder_for::<B>(&args.decode, &files, &device, &loaded, &plan, &mut slot)?;
         let dec = any.as_dyn();
         let total: usize = windows(ids.len(), args.window.ctx, stride).iter().map(|w| w.1 - w.0).sum();
         let bar = ProgressBar::new(total as u64);
