@@ -41,6 +41,16 @@ pub struct Args {
     /// Write a JSON record (tokens, text, timings, realised sparsity) to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Sirius correction: the sparse --mode decodes and the dense model checks every --period tokens in one
+    /// forward over the shared KV cache, keeping the sparse tokens it accepts (greedy decoding only).
+    #[arg(long, help_heading = "Correction")]
+    pub correct: bool,
+    /// Sparse tokens between dense checks.
+    #[arg(long, default_value_t = 8, requires = "correct", help_heading = "Correction")]
+    pub period: usize,
+    /// Keep a sparse token while the dense model gives it probability >= P, or only if it is the dense argmax.
+    #[arg(long, value_name = "P|argmax", default_value = "0.1", requires = "correct", help_heading = "Correction")]
+    pub accept: dejavu::decode::correct::Accept,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -49,6 +59,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(format!("--top-p must be in (0, 1] (got {})", args.top_p)));
+    }
+    if args.correct {
+        if args.decode.mode == dejavu::sparse::Mode::Dense {
+            return Err(usage("--correct needs a sparse --mode (dense decoding has nothing to correct)"));
+        }
+        if args.temperature > 0.0 {
+            return Err(usage("--correct decodes greedily; drop --temperature"));
+        }
+        if args.period == 0 {
+            return Err(usage("--period must be at least 1"));
+        }
     }
     check_engine_mode(&args.decode, &[args.decode.mode])?;
     run_decoding(&args.decode.model.clone(), args)
@@ -76,6 +97,35 @@ impl ModelCommand for Args {
         let mut any = decoder_for::<B>(&args.decode, &files, &device, &loaded, &plan, &mut slot)?;
         let dec = any.as_dyn();
         let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
+        if args.correct {
+            let c = dejavu::decode::correct::generate_corrected(&mut *dec, &prompt, args.n, args.period, args.accept, &eos)
+                .context("while generating with correction")?;
+            let text = tok.decode(&c.new_tokens, true).unwrap_or_default();
+            out(&format!("{}{text}\n", args.prompt))?;
+            let ms = c.elapsed.as_secs_f64() * 1e3 / c.new_tokens.len().max(1) as f64;
+            eprintln!(
+                "corrected {}: {} tokens, sparse fraction {:.3}, {:.1} dense passes per 100 tokens, mean accepted run {:.2}, {ms:.2} ms/token (period {}, accept {:?})",
+                args.decode.mode,
+                c.new_tokens.len(),
+                c.sparse_fraction(),
+                c.dense_passes_per_100(),
+                c.mean_accepted_run(),
+                args.period,
+                args.accept
+            );
+            if let Some(path) = &args.json {
+                let rec = serde_json::json!({
+                    "model": files.identity, "mode": args.decode.mode, "prompt": args.prompt, "prompt_ids": prompt,
+                    "new_ids": c.new_tokens, "text": text, "stopped_at_eos": c.stopped_at_eos,
+                    "period": args.period, "accept": args.accept, "sparse_tokens": c.sparse_tokens,
+                    "sparse_fraction": c.sparse_fraction(), "dense_passes": c.dense_passes,
+                    "dense_passes_per_100_tokens": c.dense_passes_per_100(), "mean_accepted_run": c.mean_accepted_run(),
+                    "accepted_runs": c.accepted_runs, "ms_per_token": ms,
+                });
+                dejavu::store::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
+            }
+            return Ok(());
+        }
         out(&args.prompt)?;
         // Decode the growing sequence and print only the new suffix, so multi-token characters come out whole.
         let prefix = tok.decode(&prompt, true).unwrap_or_default();

@@ -118,6 +118,10 @@ impl Decoder for CudaDecoder {
         self.engine.logits().map_err(engine_err)
     }
 
+    fn position_logits(&mut self) -> Result<Vec<Vec<f32>>, DecodeError> {
+        self.engine.position_logits().map_err(engine_err)
+    }
+
     fn score(&mut self, targets: &[Vec<u32>]) -> Result<Vec<Vec<TokenScore>>, DecodeError> {
         let last = self.engine.last.clone().ok_or_else(|| DecodeError::Usage("no forward has run since the last reset".into()))?;
         let v = self.engine.cfg.vocab_size;
@@ -149,6 +153,9 @@ impl Decoder for CudaDecoder {
         self.engine.last = Some(super::engine::Last { rows: n, seq: 0, lens: vec![0; n], step_logits: false });
         Ok(())
     }
+
+    /// The engine is dense today: nothing to switch.
+    fn set_dense(&mut self, _dense: bool) {}
 
     fn stats(&self) -> &SparsityStats {
         &self.stats

@@ -720,6 +720,20 @@ impl Engine {
         Ok(flat.chunks(v).map(|c| c.to_vec()).collect())
     }
 
+    /// Logits `[positions][V]` of row 0 of the last forward.
+    pub fn position_logits(&mut self) -> GpuResult<Vec<Vec<f32>>> {
+        let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
+        if last.step_logits {
+            return Ok(self.logits()?.into_iter().take(1).collect());
+        }
+        let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
+        let p = self.head(fin, last.seq)?;
+        let v = self.cfg.vocab_size;
+        let mut flat = vec![0f32; last.seq * v];
+        self.gpu.download(p, &mut flat)?;
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+
     /// (log-prob, argmax) of `targets[r][p]` at every position `p` of the last forward's row `r`.
     pub fn score(&mut self, targets: &[Vec<u32>]) -> GpuResult<Vec<Vec<(f32, u32)>>> {
         let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;

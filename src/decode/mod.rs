@@ -7,6 +7,7 @@
 //! the cache back (speculative correction needs it); `fork` repeats a one-row cache to score several
 //! continuations of one context together.
 
+pub mod correct;
 pub mod generate;
 pub mod reference;
 
@@ -66,6 +67,9 @@ pub trait Decoder {
     fn greedy(&mut self) -> Result<Vec<u32>, DecodeError> {
         Ok(self.logits()?.iter().map(|l| argmax(l) as u32).collect())
     }
+    /// Logits `[positions][vocab]` of every position of row 0 of the last forward (speculative correction reads
+    /// the dense model's prediction at each pending token).
+    fn position_logits(&mut self) -> Result<Vec<Vec<f32>>, DecodeError>;
     /// For each row `r` and position `p < targets[r].len()` of the last forward: log p(`targets[r][p]`) and
     /// whether it is the argmax (first index on ties).
     fn score(&mut self, targets: &[Vec<u32>]) -> Result<Vec<Vec<TokenScore>>, DecodeError>;
@@ -73,6 +77,10 @@ pub trait Decoder {
     fn truncate(&mut self, len: usize) -> Result<(), DecodeError>;
     /// Repeat a one-row cache `n` times along the batch.
     fn fork(&mut self, n: usize) -> Result<(), DecodeError>;
+    /// Run the following forwards dense (`true`) or under the decoder's plan (`false`), over the same KV cache:
+    /// speculative correction verifies sparse tokens with the dense model this way. A dense-only decoder accepts
+    /// both (it has nothing sparse to switch to).
+    fn set_dense(&mut self, dense: bool);
     /// Realised sparsity counted so far (empty layers when counting is off).
     fn stats(&self) -> &SparsityStats;
     fn take_stats(&mut self) -> SparsityStats;

@@ -19,12 +19,22 @@ pub struct RefDecoder<'a, B: Backend> {
     last: Option<(Tensor<B, 3>, Vec<usize>)>,
     stats: SparsityStats,
     count_stats: bool,
+    /// Forwards run dense while set (see [`Decoder::set_dense`]).
+    dense_now: bool,
 }
 
 impl<'a, B: Backend> RefDecoder<'a, B> {
     /// A dense decoder.
     pub fn dense(model: &'a Model<B>) -> Self {
-        RefDecoder { model, sparse: None, cache: model.new_cache(), last: None, stats: SparsityStats::default(), count_stats: false }
+        RefDecoder {
+            model,
+            sparse: None,
+            cache: model.new_cache(),
+            last: None,
+            stats: SparsityStats::default(),
+            count_stats: false,
+            dense_now: false,
+        }
     }
 
     /// A decoder running `plan` (validated against the model); `scorer` must be given when the plan has
@@ -44,6 +54,11 @@ impl<'a, B: Backend> RefDecoder<'a, B> {
 
     pub fn model(&self) -> &'a Model<B> {
         self.model
+    }
+
+    /// The KV cache (tests compare it with a dense prefill's).
+    pub fn cache(&self) -> &KvCache<B> {
+        &self.cache
     }
 
     fn last(&self) -> Result<&(Tensor<B, 3>, Vec<usize>), DecodeError> {
@@ -84,8 +99,10 @@ impl<B: Backend> Decoder for RefDecoder<'_, B> {
             let v: Vec<f32> = lens.iter().flat_map(|&n| (0..s).map(move |i| if i < n { 1.0 } else { 0.0 })).collect();
             Tensor::<B, 2>::from_data(TensorData::new(v, [b, s]), m.device())
         });
-        let stats = self.count_stats.then_some(&mut self.stats);
-        let h = m.forward_with(m.tokens(rows), &mut self.cache, Forward { sparse: self.sparse, stats, valid, ..Default::default() });
+        let sparse = if self.dense_now { None } else { self.sparse };
+        // Dense forwards of a sparse decoder (verification passes) are not counted as realised sparsity.
+        let stats = (self.count_stats && !self.dense_now).then_some(&mut self.stats);
+        let h = m.forward_with(m.tokens(rows), &mut self.cache, Forward { sparse, stats, valid, ..Default::default() });
         self.last = Some((h, lens));
         Ok(())
     }
@@ -99,6 +116,14 @@ impl<B: Backend> Decoder for RefDecoder<'_, B> {
             lens.iter().enumerate().map(|(r, &n)| h.clone().slice([r..r + 1, n.max(1) - 1..n.max(1), 0..e])).collect();
         let flat = to_host(self.model.logits(Tensor::cat(rows, 0))); // [b, 1, vocab]
         Ok((0..b).map(|r| flat[r * v..(r + 1) * v].to_vec()).collect())
+    }
+
+    fn position_logits(&mut self) -> Result<Vec<Vec<f32>>, DecodeError> {
+        let (h, _) = self.last()?;
+        let [_, s, e] = h.dims();
+        let v = self.model.cfg.vocab_size;
+        let flat = to_host(self.model.logits(h.clone().slice([0..1, 0..s, 0..e]))); // [1, s, vocab]
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
     }
 
     fn score(&mut self, targets: &[Vec<u32>]) -> Result<Vec<Vec<TokenScore>>, DecodeError> {
@@ -147,6 +172,10 @@ impl<B: Backend> Decoder for RefDecoder<'_, B> {
         self.cache = self.cache.repeat_batch(n);
         self.last = None;
         Ok(())
+    }
+
+    fn set_dense(&mut self, dense: bool) {
+        self.dense_now = dense;
     }
 
     fn stats(&self) -> &SparsityStats {

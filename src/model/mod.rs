@@ -76,6 +76,17 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Every layer's keys and values on the host, each `[rows, kv_heads, len, head_dim]` flattened (empty layers
+    /// give empty vectors): for tests that compare caches.
+    pub fn to_host(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => (to_host(k.clone()), to_host(v.clone())),
+                None => (Vec::new(), Vec::new()),
+            })
+            .collect()
+    }
     /// Rows of the batch the cache holds (0 when empty).
     pub fn batch(&self) -> usize {
         self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[0]).unwrap_or(0)
