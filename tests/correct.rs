@@ -74,3 +74,18 @@ fn accept_rule_parses() {
     assert!("1.5".parse::<Accept>().is_err());
     assert!("often".parse::<Accept>().is_err());
 }
+
+#[test]
+fn correct_flag_usage_errors_exit_2() {
+    let m = common::fixture_dir("tiny-llama");
+    let m = m.to_str().unwrap();
+    let out = common::dejavu(&["generate", "--model", m, "--correct", "-n", "4"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--correct", "sparse --mode"]);
+    let out = common::dejavu(&["generate", "--model", m, "--mode", "oracle@0.5", "--correct", "--temperature", "0.7"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--correct", "--temperature"]);
+    let out = common::dejavu(&["generate", "--model", m, "--mode", "oracle@0.5", "--correct", "--period", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--period"]);
+    let out = common::dejavu(&["generate", "--model", m, "--mode", "oracle@0.5", "--correct", "--accept", "often"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--accept"), "{}", out.stderr);
+}
