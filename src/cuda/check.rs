@@ -398,8 +398,6 @@ pub struct ModelCheck {
 }
 
 fn top2_margin(logits: &[f32]) -> f64 {
-    let h = crate::decode::host_score(logits, 0);
-    let _ = h;
     let mut a = f64::NEG_INFINITY;
     let mut b = f64::NEG_INFINITY;
     for &x in logits {

@@ -143,7 +143,6 @@ pub struct Engine {
     logits_rows: usize,
     /// int per row: argmax / gathered row index.
     small: DBuf,
-    lp: DBuf,
     graphs: HashMap<(usize, usize), Graph>,
     /// Positions in the cache.
     pub len: usize,
@@ -183,7 +182,6 @@ impl Engine {
         let small_model = cfg.hidden < 2048;
         let state = gpu.alloc(16)?;
         let small = gpu.alloc(4 * 1024)?;
-        let lp = gpu.alloc(4 * 1024)?;
         let tok = gpu.alloc(4 * 64)?;
         Ok(Engine {
             gpu,
@@ -199,7 +197,6 @@ impl Engine {
             logits: None,
             logits_rows: 0,
             small,
-            lp,
             graphs: HashMap::new(),
             len: 0,
             last: None,
@@ -700,10 +697,9 @@ impl Engine {
         }
         let idx: Vec<i32> = last.lens.iter().enumerate().map(|(r, &n)| (r * last.seq + n.max(1) - 1) as i32).collect();
         self.gpu.upload(&self.small, 0, &idx)?;
-        let (fin, y) = self.scratch.as_ref().map_or((0, 0), |s| (s.fin.ptr, s.act.ptr));
-        let _ = y;
+        let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
         let e = self.cfg.embed_dim;
-        // Gather into the (free after the forward) attention buffer, then the head.
+        // Gather into the projection-input buffer (free after the forward), then the head.
         let tmp = self.scratch.as_ref().map_or(0, |s| s.h.ptr);
         let args = Args::new().ptr(fin).ptr(self.small.ptr).ptr(tmp).i32(e as i32);
         self.launch("gather_rows", (last.rows as u32, 1, 1), 256, args)?;
@@ -737,9 +733,7 @@ impl Engine {
     /// (log-prob, argmax) of `targets[r][p]` at every position `p` of the last forward's row `r`.
     pub fn score(&mut self, targets: &[Vec<u32>]) -> GpuResult<Vec<Vec<(f32, u32)>>> {
         let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
-        if last.step_logits {
-            // The step's hidden rows are still in `fin`; score them like a prefill's.
-        }
+        // A captured step's hidden rows are in `fin` too: scored like a prefill's.
         let rows = last.rows * last.seq;
         let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
         let e = self.cfg.embed_dim;
@@ -767,7 +761,6 @@ impl Engine {
         }
         self.gpu.download(lbuf.ptr, &mut lp)?;
         self.gpu.download(abuf.ptr, &mut am)?;
-        let _ = &self.lp;
         Ok(targets
             .iter()
             .enumerate()

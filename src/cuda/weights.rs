@@ -210,7 +210,6 @@ impl Weights {
             final_norm_b: up.opt(Role::FinalNorm, Part::Bias, None)?,
             lm_head: up.opt(Role::LmHead, Part::Weight, None)?,
         };
-        let _ = sh.up_rows;
         gpu.sync()?;
         Ok(w)
     }
