@@ -5,7 +5,8 @@
 #   bench     dense decode at real shapes vs the weight-read floor, f16 and bf16, with HF eager beside it
 #   batch     batch 1/4/16 at Llama-2-7B; prefill of 2048 tokens
 #   startup   process start to first token, cold (empty kernel cache) and warm
-#   variants  decode at three shapes under each GEMV / launch setting (env knobs), side by side; short table last
+#   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
+#             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
 set -uo pipefail
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/dejavu}
@@ -41,8 +42,8 @@ for stage in "$@"; do
       $BIN bench --shape llama2-7b --batch 1 4 16 --json "$OUT/batch.json"
       $BIN bench --shape llama2-7b --prompt 2048 --tokens 8 --dtype bf16 --json "$OUT/prefill.json" ;;
     variants)
-      for v in "DEJAVU_PDL=0" "DEJAVU_PDL=1" "DEJAVU_GEMV_THREADS=256" "DEJAVU_GEMV_ASYNC=1" \
-               "DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_THREADS=256" "DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_STAGE=0"; do
+      for v in "DEJAVU_PDL=0" "DEJAVU_PDL=1" "DEJAVU_GEMV_THREADS=256" "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1" \
+               "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_THREADS=256" "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_STAGE=0"; do
         tag=$(echo "$v" | tr ' =' '_-')
         env $v $BIN bench --shape ${VARIANT_SHAPES:-smollm2-135m llama2-7b opt-6.7b llama2-13b} --dtype ${VARIANT_DTYPE:-f16} \
           --csv "$OUT/var_$tag.csv" > "$OUT/var_$tag.txt" 2>&1 || { echo "variant $v failed:"; tail -3 "$OUT/var_$tag.txt"; }

@@ -54,9 +54,10 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     pub sms: i32,
-    /// Launch kernels with programmatic dependent launch (sm_90+, `DEJAVU_PDL=0` turns it off): a kernel may
-    /// start while the previous one finishes; each waits (`pdl_wait` in kernels/common.cuh) before reading its
-    /// inputs, so only the launch latency and the previous kernel's tail are overlapped.
+    /// Launch kernels with programmatic dependent launch (sm_90+, `DEJAVU_PDL=1`; off by default until it has been
+    /// checked and timed on a GPU): a kernel may start while the previous one finishes; each waits (`pdl_wait` in
+    /// kernels/common.cuh) before reading its inputs, so only the launch latency and the previous kernel's tail
+    /// are overlapped.
     pub pdl: bool,
 }
 
@@ -80,7 +81,7 @@ impl Gpu {
         );
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = result::device::get_name(device).ctx("cuDeviceGetName")?;
-        let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").map(|v| v != "0").unwrap_or(true);
+        let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").is_ok_and(|v| v == "1");
         Ok(Gpu { device, ctx, stream, name, arch, sms, pdl })
     }
 
