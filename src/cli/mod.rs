@@ -80,6 +80,7 @@ pub fn flag_of(field: &str) -> String {
     match field {
         "plan" => "--mode".to_string(),
         "texts" => "--text".to_string(),
+        "calibration" => "--rules".to_string(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }
