@@ -1,5 +1,6 @@
 //! The burn reference forward behind the [`Decoder`] interface: the ground truth the CUDA engine is tested
-//! against. Sparse plans run as exact masks on the dense computation.
+//! against. Sparse plans run as exact masks on the dense computation, except the SwiGLU rules, which gather only the
+//! weights they read (`model::sparse_mlp`).
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 

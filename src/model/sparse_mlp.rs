@@ -115,7 +115,7 @@ impl HostMlp {
     }
 
     /// Hidden values of every neuron from the input channels `kept_in` only: `[ffn]`.
-    fn from_channels(&self, x: &[f32], kept_in: &[usize]) -> Vec<f32> {
+    fn hidden_of_channels(&self, x: &[f32], kept_in: &[usize]) -> Vec<f32> {
         let f = self.f;
         let (mut g, mut u) = (vec![0f32; f], vec![0f32; f]);
         for &i in kept_in {
@@ -128,6 +128,7 @@ impl HostMlp {
     /// One token: `x: [d]` the normed MLP input, `score: [ffn]` the low-bit score (qscore, cascade), `act: [ffn]`
     /// the exact dense hidden value (exactdown). Adds the MLP output to `out: [d]`; writes the hidden values fed
     /// to down into `hidden` when given (zeros elsewhere).
+    #[allow(clippy::too_many_arguments)]
     pub fn token(
         &self,
         rule: MlpRule,
@@ -166,7 +167,7 @@ impl HostMlp {
             }
             MlpRule::Teal { t_in, t_hidden } => {
                 let kept_in: Vec<usize> = (0..self.d).filter(|&i| x[i].abs() >= t_in).collect();
-                let all = self.from_channels(x, &kept_in);
+                let all = self.hidden_of_channels(x, &kept_in);
                 let kept: Vec<usize> = (0..self.f).filter(|&j| all[j].abs() >= t_hidden).collect();
                 let read = 2.0 * kept_in.len() as f64 * f + kept.len() as f64 * d;
                 let h = kept.iter().map(|&j| all[j]).collect();
@@ -175,7 +176,7 @@ impl HostMlp {
             MlpRule::Wina { k_in, k_hidden } => {
                 let s_in: Vec<f32> = x.iter().zip(&self.in_norm).map(|(x, n)| x.abs() * n).collect();
                 let kept_in = select::top_k(&s_in, k_in);
-                let all = self.from_channels(x, &kept_in);
+                let all = self.hidden_of_channels(x, &kept_in);
                 let s_h: Vec<f32> = all.iter().zip(&self.down_norm).map(|(h, n)| h.abs() * n).collect();
                 let kept = select::top_k(&s_h, k_hidden);
                 let read = 2.0 * kept_in.len() as f64 * f + kept.len() as f64 * d;
