@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use crate::decode::check_rows;
 use crate::error::{Error, Result};
 use crate::model::{to_host, Forward, LayerTaps, Model, QScorer, Sparse, TapSet};
-use crate::sparse::calib::{greedy_budgets, BudgetLevel, RankError, Ranking, TealLevel};
+use crate::sparse::calib::{budget_from_curves, interpolate_curve, BudgetLevel, RankError, Ranking, TealLevel, ERROR_PROXY};
 use crate::sparse::quant::{QMatrix, QScoreCopies, QuantOptions};
 use crate::sparse::{HeadRule, LayerPlan, MlpRule, Plan};
 use crate::source::ModelIdentity;
@@ -217,12 +217,52 @@ impl RuleCalibrator {
     /// Greedy per-layer budgets at `sparsity`, giving up `step` neurons at a time, each layer keeping at least
     /// `min_keep`.
     pub fn budget_level(&self, sparsity: f64, step: usize, min_keep: usize) -> BudgetLevel {
-        let curves: Vec<Vec<f64>> = self.errors.iter().map(RankError::curve).collect();
-        let n = curves.first().map_or(0, |c| c.len() - 1);
-        let k = greedy_budgets(&curves, n, sparsity, step, min_keep);
-        let error = curves.iter().zip(&k).map(|(c, &k)| c[k] / self.tokens.max(1) as f64).collect();
-        BudgetLevel { ranking: self.ranking, sparsity, k, error, tokens: self.tokens }
+        let t = self.tokens.max(1) as f64;
+        let curves: Vec<Vec<f64>> = self.errors.iter().map(|e| e.curve().into_iter().map(|x| x / t).collect()).collect();
+        budget_from_curves(&curves, self.ranking, sparsity, step, min_keep, self.tokens, ERROR_PROXY)
     }
+}
+
+/// Per-layer loss curves for budgets: for each layer alone running the rule `rule(k)` (every other layer dense)
+/// at each keep in `keeps`, the increase of the mean next-token NLL over `windows`; interpolated to every k by
+/// [`interpolate_curve`]. `qscore` is needed by rules that read score copies. `progress` is called per forward.
+pub fn loss_curves<B: Backend>(
+    model: &Model<B>,
+    windows: &[Vec<u32>],
+    rule: impl Fn(usize) -> MlpRule,
+    qscore: Option<&QScorer<B>>,
+    keeps: &[usize],
+    mut progress: impl FnMut(),
+) -> Result<Vec<Vec<f64>>> {
+    use crate::decode::RefDecoder;
+    let c = &model.cfg;
+    let mean_nll = |plan: Option<&Plan>| -> Result<f64> {
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        let mut dec = match plan {
+            Some(p) => RefDecoder::with_qscore(model, p, None, qscore)?,
+            None => RefDecoder::dense(model),
+        };
+        for w in windows {
+            let nll = crate::ppl::token_nll(&mut dec, w)?;
+            sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+            n += nll.len();
+        }
+        Ok(sum / n.max(1) as f64)
+    };
+    let base = mean_nll(None)?;
+    progress();
+    let mut curves = Vec::with_capacity(c.layers);
+    for l in 0..c.layers {
+        let mut points = Vec::with_capacity(keeps.len());
+        for &k in keeps {
+            let mut plan = Plan::dense(c.layers);
+            plan.layers[l].mlp = rule(k);
+            points.push((k, mean_nll(Some(&plan))? - base));
+            progress();
+        }
+        curves.push(interpolate_curve(&points, c.ffn));
+    }
+    Ok(curves)
 }
 
 /// Low-bit score copies of every layer's gate and up (rows = neurons, groups along the input).

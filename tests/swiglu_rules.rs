@@ -162,6 +162,34 @@ fn bytes_read_follow_from_what_each_rule_touches() {
 }
 
 #[test]
+fn loss_curves_measure_one_layer_at_a_time() {
+    use dejavu::decode::RefDecoder;
+    let (files, model) = load("tiny-llama");
+    let c = &files.config;
+    let wins = vec![ids(24, 5), ids(24, 6)];
+    let keeps = [c.ffn / 2, c.ffn / 8];
+    let rule = |k| MlpRule::ExactDownTopK { k };
+    let curves = dejavu::calibrate::loss_curves(&model, &wins, rule, None, &keeps, || {}).unwrap();
+    assert_eq!(curves.len(), c.layers);
+    // Recomputed here: the mean NLL with layer 1 alone at ffn/2, minus the dense one.
+    let mean_nll = |dec: &mut RefDecoder<'_, B>| {
+        let v: Vec<f32> = wins.iter().flat_map(|w| dejavu::ppl::token_nll(dec, w).unwrap()).collect();
+        v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64
+    };
+    let mut plan = Plan::dense(c.layers);
+    plan.layers[1].mlp = rule(c.ffn / 2);
+    let want = mean_nll(&mut RefDecoder::new(&model, &plan, None).unwrap()) - mean_nll(&mut RefDecoder::dense(&model));
+    // Made non-increasing in k, a point can only be lifted to what lies above it (here the segment to 0 at ffn).
+    let got = curves[1][c.ffn / 2];
+    assert!((got - want.max(0.0)).abs() < 1e-12, "{got} vs {want}");
+    for curve in &curves {
+        assert_eq!(curve.len(), c.ffn + 1);
+        assert_eq!(curve[c.ffn], 0.0);
+        assert!(curve.windows(2).all(|w| w[0] >= w[1]), "{curve:?}");
+    }
+}
+
+#[test]
 fn score_copies_round_trip_and_refuse_another_model() {
     let (files, model) = load("tiny-llama");
     let copies = int4(&files, &model);
@@ -207,7 +235,7 @@ fn calibrate_rules_then_ppl_and_eval_compare() {
     let t = text.to_str().unwrap();
     let base = ["calibrate", "--model", m, "--text", t, "--tokens", "512", "--seq-len", "64", "--run", rd];
     cli_ok(&[&base[..], &["--rule", "qscore", "--sparsity", "0.5,0.7"]].concat());
-    cli_ok(&[&base[..], &["--rule", "exactdown", "--sparsity", "0.5,0.7"]].concat());
+    cli_ok(&[&base[..], &["--rule", "exactdown", "--sparsity", "0.5,0.7", "--budget-error", "proxy"]].concat());
     cli_ok(&[&base[..], &["--rule", "teal", "--sparsity", "0.5"]].concat());
     assert!(run_dir.join("qscore.safetensors").is_file());
     let rules: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("rules.json")).unwrap()).unwrap();
@@ -215,6 +243,9 @@ fn calibrate_rules_then_ppl_and_eval_compare() {
     // Later rules kept what earlier ones wrote: budgets of both rankings at both levels, and TEAL at 0.5.
     let budgets = rules["budgets"].as_array().unwrap();
     assert_eq!(budgets.len(), 4, "{rules}");
+    let objectives: Vec<&str> = budgets.iter().map(|b| b["objective"].as_str().unwrap()).collect();
+    assert!(objectives.iter().any(|o| o.starts_with("increase of the mean next-token NLL")), "{objectives:?}");
+    assert!(objectives.iter().any(|o| o.starts_with("sum over calibration tokens")), "{objectives:?}");
     let (ffn, layers) = (48.0, 2.0);
     for b in budgets {
         let s = b["sparsity"].as_f64().unwrap();

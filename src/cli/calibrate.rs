@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::calibrate::{criterion, quantize_model, threshold_plan, Calibrator, RuleCalibrator, ThresholdLevel, Thresholds};
 use dejavu::model::QScorer;
-use dejavu::sparse::calib::{Ranking, RuleCalibration};
+use dejavu::calibrate::loss_curves;
+use dejavu::sparse::calib::{budget_from_curves, Ranking, RuleCalibration, ERROR_LOSS};
+use dejavu::sparse::MlpRule;
 use dejavu::sparse::quant::{QScheme, QuantOptions};
 use dejavu::store::{ArtifactHeader, RunDir, QSCORE_FORMAT, QSCORE_VERSION, RULES_FORMAT, RULES_VERSION};
 use dejavu::text::TokenWindows;
@@ -65,6 +67,25 @@ pub struct Args {
     /// Budgets: the smallest fraction of a layer's neurons it keeps.
     #[arg(long, default_value_t = 0.05)]
     pub budget_min_keep: f64,
+    /// Budgets: what the greedy allocation minimises. `loss`: the measured increase of next-token NLL on the
+    /// first --budget-tokens calibration tokens when one layer alone runs the rule (at keeps 70/50/30/15/5%),
+    /// layers assumed additive; `proxy`: the layer-local output error Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all
+    /// --tokens (one dense pass, cheap).
+    #[arg(long, value_enum, default_value_t = BudgetError::Loss)]
+    #[serde(default)]
+    pub budget_error: BudgetError,
+    /// Budgets with --budget-error loss: calibration tokens scored per forward (in --seq-len windows).
+    #[arg(long, default_value_t = 512)]
+    pub budget_tokens: usize,
+}
+
+/// The objective of the budget allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetError {
+    #[default]
+    Loss,
+    Proxy,
 }
 
 /// What `calibrate --rule` calibrates.
@@ -95,8 +116,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             return Err(usage(format!("--sparsity: {s} is not in [0, 1)")));
         }
     }
-    if args.tokens == 0 || args.seq_len == 0 {
-        return Err(usage("--tokens and --seq-len must be positive"));
+    if args.tokens == 0 || args.seq_len == 0 || args.budget_tokens == 0 {
+        return Err(usage("--tokens, --seq-len and --budget-tokens must be positive"));
     }
     if matches!(args.rule, Rule::Cats | Rule::Teal) && args.sparsity.is_empty() {
         return Err(usage(format!("--rule {}: give --sparsity, e.g. --sparsity 0.5,0.7", args.rule.name())));
@@ -149,7 +170,8 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
     let ranking = if args.rule == Rule::Qscore { Ranking::QScore } else { Ranking::Exact };
     let teal = args.rule == Rule::Teal;
     let c = &files.config;
-    let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !teal, ranking);
+    let by_loss = !teal && args.budget_error == BudgetError::Loss;
+    let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !teal && !by_loss, ranking);
     let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
     let bar = ProgressBar::new(args.tokens as u64);
     bar.set_style(
@@ -157,9 +179,30 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(args.rule.name());
-    while let Some(w) = windows.next_window()? {
-        cal.add_sequence(&model, &w, qscorer.as_ref()).context("while calibrating")?;
-        bar.inc(w.len() as u64);
+    let mut loss = None;
+    if by_loss {
+        let mut wins = Vec::new();
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.budget_tokens)?;
+        while let Some(w) = windows.next_window()? {
+            cal.tokens += w.len() as u64;
+            wins.push(w);
+        }
+        let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
+        bar.set_length((1 + c.layers * keeps.len()) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let rule = |k: usize| match ranking {
+            Ranking::QScore => MlpRule::QScoreTopK { k },
+            Ranking::Exact => MlpRule::ExactDownTopK { k },
+        };
+        loss = Some(loss_curves(&model, &wins, rule, qscorer.as_ref(), &keeps, || bar.inc(1)).context("while measuring loss curves")?);
+    } else {
+        while let Some(w) = windows.next_window()? {
+            cal.add_sequence(&model, &w, qscorer.as_ref()).context("while calibrating")?;
+            bar.inc(w.len() as u64);
+        }
     }
     bar.finish_and_clear();
     if cal.tokens == 0 {
@@ -183,7 +226,10 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
             println!("| teal | {sp} | t_in {:.4} / {:.4} / {:.4} | — |", l.t_in[0], t[t.len() / 2], l.t_in[l.t_in.len() - 1]);
             rules.put_teal(l);
         } else {
-            let b = cal.budget_level(sp, step, min_keep);
+            let b = match &loss {
+                Some(curves) => budget_from_curves(curves, ranking, sp, step, min_keep, cal.tokens, ERROR_LOSS),
+                None => cal.budget_level(sp, step, min_keep),
+            };
             let mut k = b.k.clone();
             k.sort_unstable();
             let mean = b.k.iter().sum::<usize>() as f64 / (b.k.len() * c.ffn) as f64;

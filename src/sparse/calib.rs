@@ -46,9 +46,51 @@ pub struct BudgetLevel {
     pub sparsity: f64,
     /// Neurons kept per layer; their mean is `(1 − sparsity)·ffn` up to rounding of the total.
     pub k: Vec<usize>,
-    /// The proxy error per layer at its k (see [`ERROR_PROXY`]).
+    /// The error per layer at its k, in the unit of `objective`.
     pub error: Vec<f64>,
     pub tokens: u64,
+    /// What the allocation minimised: [`ERROR_PROXY`] or [`ERROR_LOSS`].
+    #[serde(default)]
+    pub objective: String,
+}
+
+/// The end-to-end objective of `--budget-error loss`.
+pub const ERROR_LOSS: &str = "increase of the mean next-token NLL on the calibration windows when the layer alone \
+runs the rule at k (the others dense), measured at a grid of k and interpolated linearly; layers assumed additive";
+
+/// Per-layer curves `err[k]`, `k = 0..=n`, from losses measured at a few keeps: `points` are `(k, Δloss)` pairs
+/// with `k` ascending and `n` implied as loss 0. Linear between points; below the smallest measured k the curve
+/// keeps that point's slope. Made non-increasing in k (a measured gain from dropping units is read as noise).
+pub fn interpolate_curve(points: &[(usize, f64)], n: usize) -> Vec<f64> {
+    let mut pts: Vec<(usize, f64)> = points.iter().copied().filter(|&(k, _)| k < n).collect();
+    pts.push((n, 0.0));
+    pts.sort_by_key(|p| p.0);
+    let mut err = vec![0.0; n + 1];
+    for (k, e) in err.iter_mut().enumerate() {
+        let i = pts.iter().position(|p| p.0 >= k).unwrap_or(pts.len() - 1);
+        let (a, b) = if i == 0 { (pts[0], pts[1.min(pts.len() - 1)]) } else { (pts[i - 1], pts[i]) };
+        *e = if b.0 == a.0 { a.1 } else { a.1 + (b.1 - a.1) * (k as f64 - a.0 as f64) / (b.0 as f64 - a.0 as f64) };
+    }
+    for k in (0..n).rev() {
+        err[k] = err[k].max(err[k + 1]);
+    }
+    err
+}
+
+/// A [`BudgetLevel`] from per-layer error curves (`curves[l][k]`, `k = 0..=n`).
+pub fn budget_from_curves(
+    curves: &[Vec<f64>],
+    ranking: Ranking,
+    sparsity: f64,
+    step: usize,
+    min_keep: usize,
+    tokens: u64,
+    objective: &str,
+) -> BudgetLevel {
+    let n = curves.first().map_or(0, |c| c.len() - 1);
+    let k = greedy_budgets(curves, n, sparsity, step, min_keep);
+    let error = curves.iter().zip(&k).map(|(c, &k)| c[k]).collect();
+    BudgetLevel { ranking, sparsity, k, error, tokens, objective: objective.to_string() }
 }
 
 /// What the budgets minimise, in words.
@@ -216,6 +258,19 @@ mod tests {
             let kept: usize = k.iter().sum();
             assert_eq!(kept, ((1.0 - s) * 16.0).round() as usize, "s={s}");
         }
+    }
+
+    #[test]
+    fn interpolation_is_linear_between_points_and_monotone() {
+        // Points at k = 2 (loss 4) and 6 (loss 1); k = 10 is 0 by definition.
+        let e = interpolate_curve(&[(2, 4.0), (6, 1.0)], 10);
+        assert_eq!(e.len(), 11);
+        assert!((e[4] - 2.5).abs() < 1e-12 && (e[8] - 0.5).abs() < 1e-12 && e[10] == 0.0, "{e:?}");
+        // Below the first point the first segment's slope continues: 4 + 2·0.75.
+        assert!((e[0] - 5.5).abs() < 1e-12, "{e:?}");
+        // A noisy negative point is lifted so that fewer kept units never look better.
+        let e = interpolate_curve(&[(2, 3.0), (6, -1.0)], 10);
+        assert!(e.windows(2).all(|w| w[0] >= w[1]), "{e:?}");
     }
 
     #[test]
