@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         let mut taps: Vec<LayerTaps<B>> = Vec::new();
         let mut cache = model.new_cache();
         let sparse = plan.map(|p| Sparse::with_qscore(p, None, Some(&q)).expect("plan"));
-        let _ = model.forward_with(model.tokens(&[ids.clone()]), &mut cache, Forward { sparse, taps: Some((&want, &mut taps)), ..Default::default() });
+        let _ = model.forward_with(model.tokens(std::slice::from_ref(&ids)), &mut cache, Forward { sparse, taps: Some((&want, &mut taps)), ..Default::default() });
         taps
     };
     let dense = run(None, TapSet { mlp_act: true, mlp_normed: true, ..Default::default() });
