@@ -67,9 +67,9 @@ pub struct Args {
     /// Budgets: the smallest fraction of a layer's neurons it keeps.
     #[arg(long, default_value_t = 0.05)]
     pub budget_min_keep: f64,
-    /// Budgets: what the greedy allocation minimises. `loss`: the measured increase of next-token NLL on the
-    /// first --budget-tokens calibration tokens when one layer alone runs the rule (at keeps 70/50/30/15/5%),
-    /// layers assumed additive; `proxy`: the layer-local output error Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all
+    /// Budgets: what the greedy allocation minimises. `loss`: the measured KL divergence of the next-token
+    /// distributions from the dense model's on the first --budget-tokens calibration tokens when one layer alone
+    /// runs the rule (at keeps 70/50/30/15/5%), layers assumed additive; `proxy`: the layer-local output error Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all
     /// --tokens (one dense pass, cheap).
     #[arg(long, value_enum, default_value_t = BudgetError::Loss)]
     #[serde(default)]

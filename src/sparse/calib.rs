@@ -55,8 +55,9 @@ pub struct BudgetLevel {
 }
 
 /// The end-to-end objective of `--budget-error loss`.
-pub const ERROR_LOSS: &str = "increase of the mean next-token NLL on the calibration windows when the layer alone \
-runs the rule at k (the others dense), measured at a grid of k and interpolated linearly; layers assumed additive";
+pub const ERROR_LOSS: &str = "mean KL(dense || sparse) of the next-token distributions on the calibration windows \
+when the layer alone runs the rule at k (the others dense), measured at a grid of k and interpolated linearly; \
+layers assumed additive";
 
 /// Per-layer curves `err[k]`, `k = 0..=n`, from losses measured at a few keeps: `points` are `(k, Δloss)` pairs
 /// with `k` ascending and `n` implied as loss 0. Linear between points; below the smallest measured k the curve
