@@ -7,7 +7,9 @@ use burn::tensor::backend::Backend;
 
 use crate::decode::check_rows;
 use crate::error::{Error, Result};
-use crate::model::{to_host, Forward, LayerTaps, Model, Sparse, TapSet};
+use crate::model::{to_host, Forward, LayerTaps, Model, QScorer, Sparse, TapSet};
+use crate::sparse::calib::{budget_from_curves, interpolate_curve, BudgetLevel, RankError, Ranking, TealLevel, ERROR_PROXY};
+use crate::sparse::quant::{QMatrix, QScoreCopies, QuantOptions};
 use crate::sparse::{HeadRule, LayerPlan, MlpRule, Plan};
 use crate::source::ModelIdentity;
 use crate::store::{self, ArtifactHeader, THRESHOLDS_FORMAT, THRESHOLDS_VERSION};
@@ -130,6 +132,163 @@ impl Calibrator {
         self.tokens += ids.len() as u64;
         Ok(())
     }
+}
+
+/// What the SwiGLU rules calibrate, gathered over dense forwards of the calibration text: TEAL's histograms of
+/// |x| (the normed MLP input) and |h| (the hidden value), and the per-layer error curves of the budgets.
+pub struct RuleCalibrator {
+    pub input: Vec<MagnitudeHistogram>,
+    pub hidden: Vec<MagnitudeHistogram>,
+    /// Error curves with neurons ranked by `ranking` (see [`RankError`]); empty when no budgets are wanted.
+    pub errors: Vec<RankError>,
+    pub ranking: Ranking,
+    pub tokens: u64,
+}
+
+impl RuleCalibrator {
+    /// `teal`: gather the TEAL histograms; `budgets`: gather error curves ranked by `ranking`.
+    pub fn new(layers: usize, ffn: usize, teal: bool, budgets: bool, ranking: Ranking) -> Self {
+        let hist = if teal { vec![MagnitudeHistogram::default(); layers] } else { Vec::new() };
+        RuleCalibrator {
+            input: hist.clone(),
+            hidden: hist,
+            errors: if budgets { vec![RankError::new(ffn); layers] } else { Vec::new() },
+            ranking,
+            tokens: 0,
+        }
+    }
+
+    /// Run one batch-1 sequence densely and add what it shows. `qscore` ranks the neurons when the ranking is
+    /// [`Ranking::QScore`] (required then). The model must be SwiGLU (Llama).
+    pub fn add_sequence<B: Backend>(&mut self, model: &Model<B>, ids: &[u32], qscore: Option<&QScorer<B>>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        check_rows(&model.cfg, 0, &[ids.to_vec()])?;
+        let host = model.host_mlps();
+        if host.len() != model.cfg.layers {
+            return Err(Error::option("rule", "the SwiGLU rules need a Llama-family model"));
+        }
+        if self.ranking == Ranking::QScore && !self.errors.is_empty() && qscore.is_none() {
+            return Err(Error::option("qscore", "budgets ranked by the low-bit score need the score copies"));
+        }
+        let want = TapSet { mlp_act: true, mlp_input: true, mlp_normed: true, ..Default::default() };
+        let mut taps: Vec<LayerTaps<B>> = Vec::new();
+        let mut cache = model.new_cache();
+        let _ = model.forward_with(model.tokens(&[ids.to_vec()]), &mut cache, Forward { taps: Some((&want, &mut taps)), ..Default::default() });
+        let (d, f) = (model.cfg.hidden, model.cfg.ffn);
+        for (l, t) in taps.into_iter().enumerate() {
+            let (Some(act), Some(normed), Some(resid)) = (t.mlp_act, t.mlp_normed, t.mlp_input) else { continue };
+            let h = to_host(act);
+            if !self.input.is_empty() {
+                self.input[l].add_all(&to_host(normed.clone()));
+                self.hidden[l].add_all(&h);
+            }
+            if self.errors.is_empty() {
+                continue;
+            }
+            let score = match (self.ranking, qscore) {
+                (Ranking::QScore, Some(q)) => to_host(q.scores(l, normed)),
+                _ => h.iter().map(|v| v.abs()).collect(),
+            };
+            let resid = to_host(resid);
+            let dn = &host[l].down_norm;
+            for tok in 0..h.len() / f {
+                let r2: f64 = resid[tok * d..(tok + 1) * d].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().max(1e-30);
+                let contrib: Vec<f64> =
+                    h[tok * f..(tok + 1) * f].iter().zip(dn).map(|(&hj, &n)| (hj as f64 * n as f64).powi(2) / r2).collect();
+                self.errors[l].add(&score[tok * f..(tok + 1) * f], &contrib);
+            }
+        }
+        self.tokens += ids.len() as u64;
+        Ok(())
+    }
+
+    /// TEAL's thresholds at `sparsity`: the per-layer `sparsity`-quantiles of |x| and |h|.
+    pub fn teal_level(&self, sparsity: f64) -> TealLevel {
+        TealLevel {
+            sparsity,
+            t_in: self.input.iter().map(|h| h.quantile(sparsity)).collect(),
+            t_hidden: self.hidden.iter().map(|h| h.quantile(sparsity)).collect(),
+            tokens: self.tokens,
+        }
+    }
+
+    /// Greedy per-layer budgets at `sparsity`, giving up `step` neurons at a time, each layer keeping at least
+    /// `min_keep`.
+    pub fn budget_level(&self, sparsity: f64, step: usize, min_keep: usize) -> BudgetLevel {
+        let t = self.tokens.max(1) as f64;
+        let curves: Vec<Vec<f64>> = self.errors.iter().map(|e| e.curve().into_iter().map(|x| x / t).collect()).collect();
+        budget_from_curves(&curves, self.ranking, sparsity, step, min_keep, self.tokens, ERROR_PROXY)
+    }
+}
+
+/// Per-layer loss curves for budgets: for each layer alone running the rule `rule(k)` (every other layer dense)
+/// at each keep in `keeps`, the mean over the tokens of `windows` of KL(dense ‖ sparse) between the next-token
+/// distributions (always >= 0, and far less noisy than a difference of NLLs on a few hundred tokens);
+/// interpolated to every k by [`interpolate_curve`]. `qscore` is needed by rules that read score copies.
+/// `progress` is called per forward.
+pub fn loss_curves<B: Backend>(
+    model: &Model<B>,
+    windows: &[Vec<u32>],
+    rule: impl Fn(usize) -> MlpRule,
+    qscore: Option<&QScorer<B>>,
+    keeps: &[usize],
+    mut progress: impl FnMut(),
+) -> Result<Vec<Vec<f64>>> {
+    let c = &model.cfg;
+    for w in windows {
+        check_rows(c, 0, std::slice::from_ref(w))?;
+    }
+    // Log-probabilities of every position, `[tokens, vocab]` per window.
+    let log_probs = |plan: Option<&Plan>| -> Result<Vec<Vec<f32>>> {
+        let sparse = plan.map(|p| Sparse::with_qscore(p, None, qscore)).transpose()?;
+        let mut out = Vec::with_capacity(windows.len());
+        for w in windows {
+            let mut cache = model.new_cache();
+            let h = model.forward_with(model.tokens(std::slice::from_ref(w)), &mut cache, Forward { sparse, ..Default::default() });
+            let lp = burn::tensor::activation::log_softmax(model.logits(h), 2);
+            out.push(to_host(lp));
+        }
+        Ok(out)
+    };
+    let dense = log_probs(None)?;
+    progress();
+    let v = c.vocab_size;
+    let mut curves = Vec::with_capacity(c.layers);
+    for l in 0..c.layers {
+        let mut points = Vec::with_capacity(keeps.len());
+        for &k in keeps {
+            let mut plan = Plan::dense(c.layers);
+            plan.layers[l].mlp = rule(k);
+            let sparse = log_probs(Some(&plan))?;
+            let (mut kl, mut n) = (0.0f64, 0usize);
+            for (d, s) in dense.iter().zip(&sparse) {
+                for (pd, ps) in d.chunks(v).zip(s.chunks(v)) {
+                    kl += pd.iter().zip(ps).map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64)).sum::<f64>();
+                    n += 1;
+                }
+            }
+            points.push((k, kl / n.max(1) as f64));
+            progress();
+        }
+        curves.push(interpolate_curve(&points, c.ffn));
+    }
+    Ok(curves)
+}
+
+/// Low-bit score copies of every layer's gate and up (rows = neurons, groups along the input).
+pub fn quantize_model<B: Backend>(model: &Model<B>, opts: QuantOptions, header: ArtifactHeader) -> Result<QScoreCopies> {
+    opts.check()?;
+    let host = model.host_mlps();
+    if host.len() != model.cfg.layers {
+        return Err(Error::option("rule", "qscore needs a Llama-family (SwiGLU) model"));
+    }
+    let layers = host
+        .iter()
+        .map(|h| (QMatrix::quantize(h.gate_rows(), h.f, h.d, opts), QMatrix::quantize(h.up_rows(), h.f, h.d, opts)))
+        .collect();
+    Ok(QScoreCopies { header, opts, layers })
 }
 
 /// The CATS plan for per-layer `thresholds`.

@@ -1,4 +1,6 @@
-//! `dejavu calibrate`: CATS per-layer thresholds at requested sparsity levels, from streaming histograms.
+//! `dejavu calibrate`: what a rule needs, at requested sparsity levels. `--rule cats` (default): CATS per-layer
+//! thresholds from streaming histograms. `--rule qscore|exactdown|teal` write into the run directory: low-bit
+//! score copies of gate/up (RUN/qscore.safetensors), per-layer budgets and TEAL thresholds (RUN/rules.json).
 
 use std::path::PathBuf;
 
@@ -6,7 +8,13 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, Thresholds};
+use dejavu::calibrate::{criterion, quantize_model, threshold_plan, Calibrator, RuleCalibrator, ThresholdLevel, Thresholds};
+use dejavu::model::QScorer;
+use dejavu::calibrate::loss_curves;
+use dejavu::sparse::calib::{budget_from_curves, Ranking, RuleCalibration, ERROR_LOSS};
+use dejavu::sparse::MlpRule;
+use dejavu::sparse::quant::{QScheme, QuantOptions};
+use dejavu::store::{ArtifactHeader, RunDir, QSCORE_FORMAT, QSCORE_VERSION, RULES_FORMAT, RULES_VERSION};
 use dejavu::text::TokenWindows;
 use dejavu::ModelFiles;
 
@@ -18,8 +26,15 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub corpus: CorpusArgs,
-    /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// What to calibrate: cats (thresholds file, --out), qscore (low-bit score copies of gate/up, and per-layer
+    /// budgets ranked by them at each --sparsity), exactdown (per-layer budgets ranked by the exact hidden value;
+    /// also used by cascade@S+greedy) or teal (TEAL's per-layer thresholds). All but cats write into --run.
+    #[arg(long, value_enum, default_value_t = Rule::Cats)]
+    #[serde(default)]
+    pub rule: Rule,
+    /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7 (required for cats
+    /// and teal; for qscore and exactdown, the levels to allocate budgets at).
+    #[arg(long, value_delimiter = ',')]
     pub sparsity: Vec<f64>,
     /// Calibration tokens.
     #[arg(long, default_value_t = 65536)]
@@ -31,21 +46,200 @@ pub struct Args {
     /// the current thresholds, so every layer (not only the first) realises the requested sparsity.
     #[arg(long, default_value_t = 1)]
     pub refine: usize,
-    /// Output thresholds file (JSON).
+    /// Output thresholds file (JSON) of --rule cats (default with --run: RUN/thresholds.json).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Run directory the rule's artifacts go into (created when missing).
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// qscore: bits of the score copies.
+    #[arg(long, default_value_t = 4)]
+    pub qbits: u8,
+    /// qscore: weights per group along each neuron's input row (one f16 scale each).
+    #[arg(long, default_value_t = 32)]
+    pub qgroup: usize,
+    /// qscore: symmetric (scale only) or asymmetric (scale and minimum) groups.
+    #[arg(long, value_enum, default_value_t = QScheme::Sym)]
+    pub qscheme: QScheme,
+    /// Budgets: neurons a layer gives up per greedy step (0: ffn/64).
+    #[arg(long, default_value_t = 0)]
+    pub budget_step: usize,
+    /// Budgets: the smallest fraction of a layer's neurons it keeps.
+    #[arg(long, default_value_t = 0.05)]
+    pub budget_min_keep: f64,
+    /// Budgets: what the greedy allocation minimises. `loss`: the measured KL divergence of the next-token
+    /// distributions from the dense model's on the first --budget-tokens calibration tokens when one layer alone
+    /// runs the rule (at keeps 70/50/30/15/5%), layers assumed additive; `proxy`: the layer-local output error Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all
+    /// --tokens (one dense pass, cheap).
+    #[arg(long, value_enum, default_value_t = BudgetError::Loss)]
+    #[serde(default)]
+    pub budget_error: BudgetError,
+    /// Budgets with --budget-error loss: calibration tokens scored per forward (in --seq-len windows).
+    #[arg(long, default_value_t = 512)]
+    pub budget_tokens: usize,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// The objective of the budget allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetError {
+    #[default]
+    Loss,
+    Proxy,
+}
+
+/// What `calibrate --rule` calibrates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    #[default]
+    Cats,
+    Qscore,
+    Exactdown,
+    Teal,
+}
+
+impl Rule {
+    fn name(self) -> &'static str {
+        match self {
+            Rule::Cats => "cats",
+            Rule::Qscore => "qscore",
+            Rule::Exactdown => "exactdown",
+            Rule::Teal => "teal",
+        }
+    }
+}
+
+pub fn run(mut args: Args) -> anyhow::Result<()> {
     for &s in &args.sparsity {
         if !(0.0..1.0).contains(&s) {
             return Err(usage(format!("--sparsity: {s} is not in [0, 1)")));
         }
     }
-    if args.tokens == 0 || args.seq_len == 0 {
-        return Err(usage("--tokens and --seq-len must be positive"));
+    if args.tokens == 0 || args.seq_len == 0 || args.budget_tokens == 0 {
+        return Err(usage("--tokens, --seq-len and --budget-tokens must be positive"));
+    }
+    if matches!(args.rule, Rule::Cats | Rule::Teal) && args.sparsity.is_empty() {
+        return Err(usage(format!("--rule {}: give --sparsity, e.g. --sparsity 0.5,0.7", args.rule.name())));
+    }
+    if matches!(args.rule, Rule::Exactdown) && args.sparsity.is_empty() {
+        return Err(usage("--rule exactdown: give --sparsity (the levels to allocate budgets at)"));
+    }
+    match args.rule {
+        Rule::Cats if args.out.is_none() => match &args.run {
+            Some(run) => args.out = Some(RunDir::at(run).thresholds()),
+            None => return Err(usage("--rule cats: give --out FILE or --run RUN")),
+        },
+        Rule::Cats => {}
+        _ if args.run.is_none() => return Err(usage(format!("--rule {} writes into a run directory: give --run RUN", args.rule.name()))),
+        _ if args.out.is_some() => return Err(usage("--out is for --rule cats; the other rules write into --run")),
+        _ => {}
+    }
+    let q = QuantOptions { bits: args.qbits, group: args.qgroup, scheme: args.qscheme };
+    if args.rule == Rule::Qscore {
+        q.check().map_err(|e| usage(format!("--{}: {}", e.field, e.msg)))?;
+    }
+    if !(0.0..=1.0).contains(&args.budget_min_keep) {
+        return Err(usage(format!("--budget-min-keep: {} is not in [0, 1]", args.budget_min_keep)));
     }
     run_with_model(&args.corpus.model.clone(), args)
+}
+
+/// `--rule qscore|exactdown|teal`: write the rule's artifacts into the run directory.
+fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
+    use dejavu::config::Family;
+    if files.config.family != Family::Llama {
+        return Err(usage(format!("--rule {}: the SwiGLU rules need a Llama-family model", args.rule.name())));
+    }
+    let Some(run_path) = args.run.clone() else { return Err(usage("give --run RUN")) };
+    let run = RunDir::create(&run_path)?;
+    let identity = files.identity().context("while fingerprinting the model")?;
+    let model = load_model::<B>(&files, &device, false)?;
+    let mut qscorer: Option<QScorer<B>> = None;
+    if args.rule == Rule::Qscore {
+        let q = QuantOptions { bits: args.qbits, group: args.qgroup, scheme: args.qscheme };
+        let header = ArtifactHeader::new(QSCORE_FORMAT, QSCORE_VERSION, identity.clone(), &args);
+        let copies = quantize_model(&model, q, header).context("while quantizing gate/up")?;
+        copies.save(&run.qscore()).context("while writing the score copies")?;
+        eprintln!("wrote {} (int{} {:?}, groups of {}, {} bits per weight read)", run.qscore().display(), q.bits, q.scheme, q.group, q.bits_per_weight());
+        qscorer = Some(QScorer::from_copies(&copies, &device));
+    }
+    if args.sparsity.is_empty() {
+        return Ok(());
+    }
+    let ranking = if args.rule == Rule::Qscore { Ranking::QScore } else { Ranking::Exact };
+    let teal = args.rule == Rule::Teal;
+    let c = &files.config;
+    let by_loss = !teal && args.budget_error == BudgetError::Loss;
+    let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !teal && !by_loss, ranking);
+    let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
+    let bar = ProgressBar::new(args.tokens as u64);
+    bar.set_style(
+        ProgressStyle::with_template("calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(args.rule.name());
+    let mut loss = None;
+    if by_loss {
+        let mut wins = Vec::new();
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.budget_tokens)?;
+        while let Some(w) = windows.next_window()? {
+            cal.tokens += w.len() as u64;
+            wins.push(w);
+        }
+        let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
+        bar.set_length((1 + c.layers * keeps.len()) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let rule = |k: usize| match ranking {
+            Ranking::QScore => MlpRule::QScoreTopK { k },
+            Ranking::Exact => MlpRule::ExactDownTopK { k },
+        };
+        loss = Some(loss_curves(&model, &wins, rule, qscorer.as_ref(), &keeps, || bar.inc(1)).context("while measuring loss curves")?);
+    } else {
+        while let Some(w) = windows.next_window()? {
+            cal.add_sequence(&model, &w, qscorer.as_ref()).context("while calibrating")?;
+            bar.inc(w.len() as u64);
+        }
+    }
+    bar.finish_and_clear();
+    if cal.tokens == 0 {
+        bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let path = run.rules();
+    let header = ArtifactHeader::new(RULES_FORMAT, RULES_VERSION, identity.clone(), &args);
+    // Levels of the other rules (and other sparsities) already in the file stay; a file of another model or
+    // format is an error rather than something to overwrite.
+    let mut rules = if path.is_file() { RuleCalibration::load(&path, &identity)? } else { RuleCalibration::new(header.clone()) };
+    rules.header = header;
+    let step = if args.budget_step == 0 { (c.ffn / 64).max(1) } else { args.budget_step };
+    let min_keep = (args.budget_min_keep * c.ffn as f64).ceil() as usize;
+    println!("| rule | sparsity | per layer (first, median, last) | mean kept fraction |");
+    println!("|---|---|---|---|");
+    for &sp in &args.sparsity {
+        if teal {
+            let l = cal.teal_level(sp);
+            let mut t = l.t_in.clone();
+            t.sort_by(f32::total_cmp);
+            println!("| teal | {sp} | t_in {:.4} / {:.4} / {:.4} | — |", l.t_in[0], t[t.len() / 2], l.t_in[l.t_in.len() - 1]);
+            rules.put_teal(l);
+        } else {
+            let b = match &loss {
+                Some(curves) => budget_from_curves(curves, ranking, sp, step, min_keep, cal.tokens, ERROR_LOSS),
+                None => cal.budget_level(sp, step, min_keep),
+            };
+            let mut k = b.k.clone();
+            k.sort_unstable();
+            let mean = b.k.iter().sum::<usize>() as f64 / (b.k.len() * c.ffn) as f64;
+            println!("| {} budgets | {sp} | k {} / {} / {} | {mean:.4} |", b.ranking, b.k[0], k[k.len() / 2], b.k[b.k.len() - 1]);
+            rules.put_budget(b);
+        }
+    }
+    rules.save(&path).context("while writing the rule calibration")?;
+    eprintln!("wrote {} ({} tokens, {} layers)", path.display(), cal.tokens, c.layers);
+    Ok(())
 }
 
 impl ModelCommand for Args {
@@ -53,6 +247,10 @@ impl ModelCommand for Args {
         if let Some(max) = files.config.position_limit().filter(|&max| args.seq_len > max) {
             return Err(usage(format!("--seq-len: {} exceeds the model's max_position_embeddings {max}", args.seq_len)));
         }
+        if args.rule != Rule::Cats {
+            return run_rule::<B>(args, files, device);
+        }
+        let Some(out_path) = args.out.clone() else { return Err(usage("--rule cats: give --out FILE or --run RUN")) };
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
         let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
@@ -101,10 +299,10 @@ impl ModelCommand for Args {
             text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
             levels,
         };
-        if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = out_path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
         }
-        out.save(&args.out).context("while writing the thresholds")?;
+        out.save(&out_path).context("while writing the thresholds")?;
         println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
         println!("|---|---|---|---|---|");
         for l in &out.levels {
@@ -113,7 +311,7 @@ impl ModelCommand for Args {
             let mean_real = l.realised.iter().sum::<f64>() / l.realised.len() as f64;
             println!("| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} |", l.sparsity, t[0], t[t.len() / 2], t[t.len() - 1], mean_real);
         }
-        eprintln!("wrote {} ({} tokens, {} layers)", args.out.display(), out.tokens, files.config.layers);
+        eprintln!("wrote {} ({} tokens, {} layers)", out_path.display(), out.tokens, files.config.layers);
         Ok(())
     }
 }

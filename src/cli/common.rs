@@ -11,7 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::calibrate::Thresholds;
 use dejavu::decode::RefDecoder;
-use dejavu::model::Scorer;
+use dejavu::model::{QScorer, Scorer};
+use dejavu::sparse::calib::RuleCalibration;
+use dejavu::sparse::quant::QScoreCopies;
 use dejavu::predictor::Predictors;
 use dejavu::sparse::{self, Artifacts, Mode, Plan, PlanOptions, PredictorBudget};
 use dejavu::source::ModelIdentity;
@@ -114,8 +116,9 @@ pub struct DecodeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub model: ModelArgs,
-    /// Sparse mode: dense, cats@S (needs --thresholds), oracle@S, or dejavu[@S] (needs --predictors); S is the
-    /// fraction of MLP neurons dropped per token.
+    /// Sparse mode: dense, cats@S (needs --thresholds), oracle@S, dejavu[@S] (needs --predictors), exactdown@S,
+    /// qscore@S and cascade@S (need --qscore; add +greedy for per-layer budgets from --rules), teal@S (needs
+    /// --rules) or wina@S; S is the fraction of MLP neurons dropped per token.
     #[arg(long, default_value = "dense", help_heading = SPARSE)]
     pub mode: Mode,
     /// Fraction of attention heads dropped per token (oracle: by output norm; dejavu: overrides the predictors' k).
@@ -124,9 +127,15 @@ pub struct DecodeArgs {
     /// Thresholds file from `dejavu calibrate` (cats modes).
     #[arg(long, value_name = "FILE", help_heading = SPARSE)]
     pub thresholds: Option<PathBuf>,
-    /// Predictor directory from `dejavu train-predictors` (dejavu modes).
+    /// Predictor directory from `dejavu train-predictors` (dejavu modes; head predictors for the SwiGLU rules).
     #[arg(long, value_name = "DIR", help_heading = SPARSE)]
     pub predictors: Option<PathBuf>,
+    /// Rule calibration from `dejavu calibrate --rule R` (RUN/rules.json): TEAL thresholds, per-layer budgets.
+    #[arg(long, value_name = "FILE", help_heading = SPARSE)]
+    pub rules: Option<PathBuf>,
+    /// Low-bit score copies of gate/up from `dejavu calibrate --rule qscore` (RUN/qscore.safetensors).
+    #[arg(long, value_name = "FILE", help_heading = SPARSE)]
+    pub qscore: Option<PathBuf>,
     /// CUDA engine (`--device cuda`): the weights' type on the GPU (default: bf16 for a bf16 checkpoint, else
     /// f16; quantized GGUF weights are dequantized to it).
     #[arg(long, value_enum)]
@@ -139,6 +148,8 @@ pub struct Loaded<B: Backend> {
     pub identity: ModelIdentity,
     pub thresholds: Option<(PathBuf, Thresholds)>,
     pub predictors: Option<(PathBuf, Predictors<B>)>,
+    pub rules: Option<(PathBuf, RuleCalibration)>,
+    pub qscore: Option<(PathBuf, QScorer<B>)>,
 }
 
 impl DecodeArgs {
@@ -154,7 +165,15 @@ impl DecodeArgs {
             Some(d) => Some((d.clone(), Predictors::<B>::load(d, &identity, device)?)),
             None => None,
         };
-        let loaded = Loaded { identity, thresholds, predictors };
+        let rules = match &self.rules {
+            Some(p) => Some((p.clone(), RuleCalibration::load(p, &identity)?)),
+            None => None,
+        };
+        let qscore = match &self.qscore {
+            Some(p) => Some((p.clone(), QScorer::from_copies(&QScoreCopies::load(p, &identity)?, device))),
+            None => None,
+        };
+        let loaded = Loaded { identity, thresholds, predictors, rules, qscore };
         for &m in modes {
             self.plan(m, &files.config, &loaded)?;
         }
@@ -170,6 +189,8 @@ impl DecodeArgs {
                 k_neurons: (0..p.layers()).map(|l| p.k_neurons(l)).collect(),
                 k_heads: (0..p.layers()).map(|l| p.k_heads(l)).collect(),
             }),
+            calibration: loaded.rules.as_ref().map(|(p, c)| (p.as_path(), c)),
+            qscore: loaded.qscore.as_ref().map(|(p, _)| p.as_path()),
         };
         sparse::resolve(mode, &PlanOptions { head_sparsity: self.head_sparsity }, cfg, &art).map_err(usage_of)
     }
@@ -179,7 +200,8 @@ impl<B: Backend> Loaded<B> {
     /// A reference decoder running `plan`, counting realised sparsity when the plan is sparse.
     pub fn decoder<'a>(&'a self, model: &'a Model<B>, plan: &'a Plan) -> anyhow::Result<RefDecoder<'a, B>> {
         let scorer = self.predictors.as_ref().map(|(_, p)| p as &dyn Scorer<B>);
-        Ok(RefDecoder::new(model, plan, scorer).map_err(usage_of)?.counting(!plan.is_dense()))
+        let qscore = self.qscore.as_ref().map(|(_, q)| q);
+        Ok(RefDecoder::with_qscore(model, plan, scorer, qscore).map_err(usage_of)?.counting(!plan.is_dense()))
     }
 }
 

@@ -54,8 +54,8 @@ pub struct Args {
     /// for cross-checking with another implementation (scripts/hf_eval_check.py).
     #[arg(long)]
     pub dump: Option<PathBuf>,
-    /// Run directory: thresholds and predictors default to RUN/thresholds.json and RUN/predictors, results go to
-    /// RUN/eval.
+    /// Run directory: thresholds, predictors, rule calibration and score copies default to RUN/thresholds.json,
+    /// RUN/predictors, RUN/rules.json and RUN/qscore.safetensors; results go to RUN/eval.
     #[arg(long)]
     pub run: Option<PathBuf>,
     /// Directory for results.json, results.csv and layers.csv (default: RUN/eval with --run).
@@ -72,6 +72,12 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
         if args.decode.predictors.is_none() && run.predictors_manifest().is_file() {
             args.decode.predictors = Some(run.predictors());
+        }
+        if args.decode.rules.is_none() && run.rules().is_file() {
+            args.decode.rules = Some(run.rules());
+        }
+        if args.decode.qscore.is_none() && run.qscore().is_file() {
+            args.decode.qscore = Some(run.qscore());
         }
         if args.out.is_none() {
             args.out = Some(run.eval());
@@ -114,6 +120,10 @@ struct ModeResult {
     tasks: Vec<TaskResult>,
     ppl: Option<dejavu::ppl::PplResult>,
     ppl_mlp_sparsity: Option<f64>,
+    /// MLP weights read per token over the --ppl text, as a fraction of dense.
+    ppl_mlp_read_fraction: Option<f64>,
+    /// Over everything this mode scored (tasks and --ppl).
+    mlp_read_fraction: f64,
     layers: Vec<LayerRow>,
 }
 
@@ -126,6 +136,7 @@ struct LayerRow {
     mlp_token_min: f64,
     mlp_token_max: f64,
     head_sparsity: f64,
+    mlp_read_fraction: f64,
 }
 
 impl BackendTask for Task {
@@ -192,9 +203,11 @@ impl BackendTask for Task {
                 }
                 bar.finish_and_clear();
                 all_stats.merge(&r.stats);
+                let mut r = r;
+                r.mlp_read_fraction = read_fraction(mode, &r.stats);
                 task_results.push(r);
             }
-            let (ppl, ppl_sp) = match &ppl_ids {
+            let (ppl, ppl_sp, ppl_read) = match &ppl_ids {
                 Some(ids) if ids.len() >= 2 => {
                     let bar = ProgressBar::new(dejavu::ppl::windows(ids.len(), args.window.ctx, stride).iter().map(|w| (w.1 - w.0) as u64).sum());
                     bar.set_style(
@@ -208,9 +221,9 @@ impl BackendTask for Task {
                     bar.finish_and_clear();
                     let st = dec.take_stats();
                     all_stats.merge(&st);
-                    (Some(r), Some(st.mlp_sparsity()))
+                    (Some(r), Some(st.mlp_sparsity()), Some(read_fraction(mode, &st)))
                 }
-                _ => (None, None),
+                _ => (None, None, None),
             };
             let layers = all_stats
                 .layers
@@ -224,9 +237,19 @@ impl BackendTask for Task {
                     mlp_token_min: l.token_min(),
                     mlp_token_max: l.mlp_token_max,
                     head_sparsity: l.head_sparsity(),
+                    mlp_read_fraction: if mode.is_dense() { 1.0 } else { l.mlp_read_fraction() },
                 })
                 .collect();
-            results.push(ModeResult { mode, tasks: task_results, ppl, ppl_mlp_sparsity: ppl_sp, layers });
+            let mlp_read_fraction = read_fraction(mode, &all_stats);
+            results.push(ModeResult {
+                mode,
+                tasks: task_results,
+                ppl,
+                ppl_mlp_sparsity: ppl_sp,
+                ppl_mlp_read_fraction: ppl_read,
+                mlp_read_fraction,
+                layers,
+            });
             // Each finished mode is on disk at once, so a late failure loses only the mode it happened in.
             write_results(&args, &out_dir, &artifacts.identity, &results)?;
         }
@@ -236,11 +259,16 @@ impl BackendTask for Task {
     }
 }
 
+/// MLP weights read per token as a fraction of dense: 1 for the dense mode (whose decoder counts nothing).
+fn read_fraction(mode: Mode, stats: &SparsityStats) -> f64 {
+    if mode.is_dense() { 1.0 } else { stats.mlp_read_fraction() }
+}
+
 /// The markdown tables printed on stdout.
 fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
     let mut md = String::new();
-    writeln!(md, "| mode | task | n | acc | acc_norm | MLP sparsity | head sparsity | examples/s |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| mode | task | n | acc | acc_norm | MLP sparsity | head sparsity | MLP bytes read | examples/s |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for m in results {
         for t in &m.tasks {
             let norm = match (t.acc_norm, t.acc_norm_stderr) {
@@ -249,25 +277,43 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
             };
             writeln!(
                 md,
-                "| {} | {} | {} | {:.4} ± {:.4} | {} | {:.3} | {:.3} | {:.2} |",
-                m.mode, t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.examples_per_s
+                "| {} | {} | {} | {:.4} ± {:.4} | {} | {:.3} | {:.3} | {:.3} | {:.2} |",
+                m.mode, t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.mlp_read_fraction, t.examples_per_s
             )?;
         }
         if let Some(p) = &m.ppl {
-            writeln!(md, "| {} | ppl ({} tokens) | {} | {:.4} | — | {:.3} | — | — |", m.mode, p.scored, p.scored, p.ppl, m.ppl_mlp_sparsity.unwrap_or(0.0))?;
+            writeln!(
+                md,
+                "| {} | ppl ({} tokens) | {} | {:.4} | — | {:.3} | — | {:.3} | — |",
+                m.mode,
+                p.scored,
+                p.scored,
+                p.ppl,
+                m.ppl_mlp_sparsity.unwrap_or(0.0),
+                m.ppl_mlp_read_fraction.unwrap_or(0.0)
+            )?;
         }
     }
     if results.len() > 1 {
         let base = &results[0];
-        writeln!(md, "\n| mode | mean acc | Δ acc vs {} (points) | ppl | Δ ppl |", base.mode)?;
-        writeln!(md, "|---|---|---|---|---|")?;
+        writeln!(md, "\n| mode | MLP bytes read | mean acc | Δ acc vs {} (points) | ppl | Δ ppl |", base.mode)?;
+        writeln!(md, "|---|---|---|---|---|---|")?;
         let mean = |m: &ModeResult| m.tasks.iter().map(|t| t.acc).sum::<f64>() / m.tasks.len().max(1) as f64;
         for m in results {
             let (ppl, dppl) = match (&m.ppl, &base.ppl) {
                 (Some(p), Some(b)) => (format!("{:.3}", p.ppl), format!("{:+.2}%", 100.0 * (p.ppl / b.ppl - 1.0))),
                 _ => ("—".into(), "—".into()),
             };
-            writeln!(md, "| {} | {:.4} | {:+.2} | {} | {} |", m.mode, mean(m), 100.0 * (mean(m) - mean(base)), ppl, dppl)?;
+            writeln!(
+                md,
+                "| {} | {:.3} | {:.4} | {:+.2} | {} | {} |",
+                m.mode,
+                m.mlp_read_fraction,
+                mean(m),
+                100.0 * (mean(m) - mean(base)),
+                ppl,
+                dppl
+            )?;
         }
     }
     Ok(md)
@@ -279,28 +325,36 @@ fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::Mod
     let json = serde_json::json!({ "model": model.source, "modes": results });
     let opt = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["mode", "task", "n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "ppl", "mlp_sparsity", "head_sparsity", "examples_per_s"])?;
+    w.write_record([
+        "mode", "task", "n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "ppl", "mlp_sparsity", "head_sparsity", "examples_per_s",
+        "mlp_read_fraction",
+    ])?;
     for m in results {
         for t in &m.tasks {
             w.write_record([
                 m.mode.to_string(), t.task.clone(), t.n.to_string(), t.acc.to_string(), t.acc_stderr.to_string(),
                 opt(t.acc_norm), opt(t.acc_norm_stderr), String::new(),
                 t.mlp_sparsity.to_string(), t.head_sparsity.to_string(), t.examples_per_s.to_string(),
+                t.mlp_read_fraction.to_string(),
             ])?;
         }
         if let Some(pp) = &m.ppl {
             w.write_record([m.mode.to_string(), "ppl".into(), pp.scored.to_string(), String::new(), String::new(), String::new(), String::new(),
-                pp.ppl.to_string(), opt(m.ppl_mlp_sparsity), String::new(), String::new()])?;
+                pp.ppl.to_string(), opt(m.ppl_mlp_sparsity), String::new(), String::new(), opt(m.ppl_mlp_read_fraction)])?;
         }
     }
     let results_csv = w.into_inner()?;
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["mode", "layer", "mlp_sparsity", "mlp_plan_sparsity", "mlp_natural_sparsity", "mlp_token_min", "mlp_token_max", "head_sparsity"])?;
+    w.write_record([
+        "mode", "layer", "mlp_sparsity", "mlp_plan_sparsity", "mlp_natural_sparsity", "mlp_token_min", "mlp_token_max", "head_sparsity",
+        "mlp_read_fraction",
+    ])?;
     for m in results {
         for l in &m.layers {
             w.write_record([
                 m.mode.to_string(), l.layer.to_string(), l.mlp_sparsity.to_string(), l.mlp_plan_sparsity.to_string(),
                 l.mlp_natural_sparsity.to_string(), l.mlp_token_min.to_string(), l.mlp_token_max.to_string(), l.head_sparsity.to_string(),
+                l.mlp_read_fraction.to_string(),
             ])?;
         }
     }

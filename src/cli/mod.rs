@@ -34,7 +34,7 @@ pub enum Command {
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window, dense or in a sparse --mode.
     Ppl(ppl::Args),
-    /// CATS: per-layer activation thresholds at requested sparsity levels.
+    /// Calibrate a rule: CATS thresholds (default), or with --rule the SwiGLU rules' score copies, budgets, TEAL thresholds.
     Calibrate(calibrate::Args),
     /// Zero-shot accuracy, perplexity and realised sparsity, dense or sparse.
     Eval(eval::Args),
@@ -84,6 +84,7 @@ pub fn flag_of(field: &str) -> String {
     match field {
         "plan" => "--mode".to_string(),
         "texts" => "--text".to_string(),
+        "calibration" => "--rules".to_string(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }

@@ -61,10 +61,12 @@ impl ModelCommand for Args {
         let secs = r.elapsed.as_secs_f64();
         let stats = dec.take_stats();
         let mode = args.decode.mode;
+        // A dense decoder counts nothing: it reads every MLP weight.
+        let read = if plan.is_dense() { 1.0 } else { stats.mlp_read_fraction() };
         out(&format!(
-            "| model | mode | text | tokens | scored | ctx | stride | ppl | MLP sparsity | head sparsity | tokens/s |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n\
-             | {} | {mode} | {} | {} | {} | {} | {stride} | {:.4} | {:.3} | {:.3} | {:.1} |\n",
+            "| model | mode | text | tokens | scored | ctx | stride | ppl | MLP sparsity | head sparsity | MLP bytes read | tokens/s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n\
+             | {} | {mode} | {} | {} | {} | {} | {stride} | {:.4} | {:.3} | {:.3} | {read:.4} | {:.1} |\n",
             files.identity,
             args.text.display(),
             r.tokens,
@@ -81,7 +83,8 @@ impl ModelCommand for Args {
                 "device": args.decode.model.device, "result": r, "seconds": secs,
                 "forward_tokens_per_s": r.forward_tokens as f64 / secs.max(1e-9),
                 "steady_tokens_per_s": r.steady_tokens_per_s(),
-                "mlp_sparsity": stats.mlp_sparsity(), "head_sparsity": stats.head_sparsity(), "layers": stats.layers,
+                "mlp_sparsity": stats.mlp_sparsity(), "head_sparsity": stats.head_sparsity(), "mlp_read_fraction": read,
+                "layers": stats.layers,
             });
             dejavu::store::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
         }

@@ -1,11 +1,12 @@
 //! The burn reference forward behind the [`Decoder`] interface: the ground truth the CUDA engine is tested
-//! against. Sparse plans run as exact masks on the dense computation.
+//! against. Sparse plans run as exact masks on the dense computation, except the SwiGLU rules, which gather only the
+//! weights they read (`model::sparse_mlp`).
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::OptionError;
-use crate::model::{to_host, Forward, KvCache, Model, Scorer, Sparse};
+use crate::model::{to_host, Forward, KvCache, Model, QScorer, Scorer, Sparse};
 use crate::sparse::{Plan, SparsityStats};
 
 use super::{check_rows, DecodeError, Decoder, TokenScore};
@@ -40,8 +41,18 @@ impl<'a, B: Backend> RefDecoder<'a, B> {
     /// A decoder running `plan` (validated against the model); `scorer` must be given when the plan has
     /// predicted rules.
     pub fn new(model: &'a Model<B>, plan: &'a Plan, scorer: Option<&'a dyn Scorer<B>>) -> Result<Self, OptionError> {
+        Self::with_qscore(model, plan, scorer, None)
+    }
+
+    /// As [`RefDecoder::new`], with the low-bit score copies the `qscore` and `cascade` rules read.
+    pub fn with_qscore(
+        model: &'a Model<B>,
+        plan: &'a Plan,
+        scorer: Option<&'a dyn Scorer<B>>,
+        qscore: Option<&'a QScorer<B>>,
+    ) -> Result<Self, OptionError> {
         plan.validate(&model.cfg)?;
-        let sparse = if plan.is_dense() { None } else { Some(Sparse::new(plan, scorer)?) };
+        let sparse = if plan.is_dense() { None } else { Some(Sparse::with_qscore(plan, scorer, qscore)?) };
         Ok(RefDecoder { sparse, ..Self::dense(model) })
     }
 

@@ -144,6 +144,9 @@ pub struct TaskResult {
     pub acc_norm_stderr: Option<f64>,
     pub mlp_sparsity: f64,
     pub head_sparsity: f64,
+    /// MLP weights read per token as a fraction of the dense MLP's (see [`SparsityStats::mlp_read_fraction`];
+    /// 0 when the decoder counted nothing, as a dense one does not).
+    pub mlp_read_fraction: f64,
     pub seconds: f64,
     pub examples_per_s: f64,
     #[serde(skip)]
@@ -205,6 +208,7 @@ pub fn run_task(
         acc_norm_stderr: acc_norm.map(|a| stderr(a, n)),
         mlp_sparsity: stats.mlp_sparsity(),
         head_sparsity: stats.head_sparsity(),
+        mlp_read_fraction: stats.mlp_read_fraction(),
         seconds: secs,
         examples_per_s: n as f64 / secs.max(1e-9),
         stats,

@@ -120,6 +120,7 @@ impl<B: Backend> Model<B> {
             final_norm,
             lm_head,
             device: dev.clone(),
+            host: std::sync::OnceLock::new(),
         })
     }
 }

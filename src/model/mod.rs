@@ -8,6 +8,7 @@
 pub mod layers;
 mod load;
 pub mod scorer;
+pub mod sparse_mlp;
 
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
@@ -15,6 +16,7 @@ use crate::config::{Family, ModelConfig};
 use crate::sparse::{select, HeadRule, LayerPlan, MlpRule, SparsityStats};
 use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
 pub use scorer::{Scorer, Sparse};
+pub use sparse_mlp::{HostMlp, QScorer, SERVED_BITS};
 
 /// Which per-layer values a forward records. Collection asks for all of them in one pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,14 +29,19 @@ pub struct TapSet {
     pub mlp_act: bool,
     /// L2 norm of each attention head's output (before the output projection).
     pub head_norm: bool,
+    /// The MLP input after its norm (what gate/up multiply).
+    pub mlp_normed: bool,
+    /// Which MLP neurons reached the down projection (1.0 kept, 0.0 dropped).
+    pub mlp_keep: bool,
 }
 
 impl TapSet {
+    /// What collection records (the four activations; not the normed input or the keep-mask).
     pub fn all() -> Self {
-        TapSet { block_input: true, mlp_input: true, mlp_act: true, head_norm: true }
+        TapSet { block_input: true, mlp_input: true, mlp_act: true, head_norm: true, ..Default::default() }
     }
     pub fn any(&self) -> bool {
-        self.block_input || self.mlp_input || self.mlp_act || self.head_norm
+        self.block_input || self.mlp_input || self.mlp_act || self.head_norm || self.mlp_normed || self.mlp_keep
     }
 }
 
@@ -51,11 +58,15 @@ pub struct LayerTaps<B: Backend> {
     pub gate_act: Option<Tensor<B, 3>>,
     /// `[batch, seq, heads]`
     pub head_norm: Option<Tensor<B, 3>>,
+    /// `[batch, seq, hidden]`: the MLP input after its norm.
+    pub mlp_normed: Option<Tensor<B, 3>>,
+    /// `[batch, seq, ffn]`: 1.0 for the neurons that reached the down projection (all of them when dense).
+    pub mlp_keep: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Default for LayerTaps<B> {
     fn default() -> Self {
-        LayerTaps { block_input: None, mlp_input: None, mlp_act: None, gate_act: None, head_norm: None }
+        LayerTaps { block_input: None, mlp_input: None, mlp_act: None, gate_act: None, head_norm: None, mlp_normed: None, mlp_keep: None }
     }
 }
 
@@ -153,6 +164,8 @@ pub struct Model<B: Backend> {
     /// `[embed_dim, vocab]`
     lm_head: Tensor<B, 2>,
     device: B::Device,
+    /// Host copies of the MLPs for the gathered SwiGLU rules, built on first use.
+    host: std::sync::OnceLock<Vec<HostMlp>>,
 }
 
 /// OPT position offset (fairseq legacy: positions 0 and 1 are reserved).
@@ -224,6 +237,7 @@ impl<B: Backend> Model<B> {
                 want,
                 plan,
                 scorer: opts.sparse.and_then(|sp| sp.scorer()),
+                qscore: opts.sparse.and_then(|sp| sp.qscore()),
                 prev_block_input: &prev_block_input,
                 stats: opts.stats.as_deref_mut(),
                 valid: opts.valid.as_ref(),
@@ -258,7 +272,7 @@ impl<B: Backend> Model<B> {
         ctx: LayerCtx<'_, B>,
         taps: &mut LayerTaps<B>,
     ) -> Tensor<B, 3> {
-        let LayerCtx { index, rope, want, plan, scorer, prev_block_input, stats, valid } = ctx;
+        let LayerCtx { index, rope, want, plan, scorer, qscore, prev_block_input, stats, valid } = ctx;
         let want = &want;
         let c = &self.cfg;
         let [b, s, _] = x.dims();
@@ -311,6 +325,13 @@ impl<B: Backend> Model<B> {
         }
         let residual = x.clone();
         let m_in = if c.norm_before { layer.mlp_norm.forward(x) } else { x };
+        if want.mlp_normed {
+            taps.mlp_normed = Some(m_in.clone());
+        }
+        if plan.mlp.is_gathered() {
+            let m_out = self.gathered_mlp(layer, index, m_in, plan.mlp, qscore, want, taps, stats, head_mask.as_ref(), valid);
+            return residual + m_out;
+        }
         let predicted = match (plan.mlp, scorer) {
             (MlpRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.neuron_scores(index, residual.clone()), k)),
             (MlpRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
@@ -341,9 +362,15 @@ impl<B: Backend> Model<B> {
             MlpRule::Threshold { t } => Some(gate_mag.greater_equal_elem(t).float()),
             MlpRule::OracleTopK { k } => Some(topk_mask(act.clone().abs(), k)),
             MlpRule::PredictedTopK { .. } => predicted,
+            // Gathered rules returned above.
+            MlpRule::ExactDownTopK { .. } | MlpRule::QScoreTopK { .. } | MlpRule::Cascade { .. } | MlpRule::Teal { .. } | MlpRule::Wina { .. } => None,
         };
+        if want.mlp_keep {
+            taps.mlp_keep = Some(mask.clone().unwrap_or_else(|| act.ones_like()));
+        }
         if let Some(st) = stats {
-            record_stats(st, index, &act, mask.as_ref(), head_mask.as_ref(), h, valid);
+            let swiglu = matches!(layer.mlp, Mlp::SwiGlu { .. });
+            record_stats(st, index, &act, mask.as_ref(), head_mask.as_ref(), h, valid, reads_of(plan.mlp, swiglu, c.hidden));
         }
         let act = match mask {
             Some(m) => act * m,
@@ -358,6 +385,94 @@ impl<B: Backend> Model<B> {
             x = layer.mlp_norm.forward(x);
         }
         x
+    }
+}
+
+/// MLP weights a mask rule reads for one token that kept `kept` neurons: `(read, dense)` in weights.
+/// Dense reads everything; CATS reads the gate (fc1) to decide and then up and down rows of the kept neurons;
+/// the oracle reads gate/up (fc1) densely and the kept rows of down (fc2); predictors read the kept rows of every
+/// matrix (the predictor's own weights are not counted).
+fn reads_of(rule: MlpRule, swiglu: bool, d: usize) -> impl Fn(usize, usize) -> (f64, f64) {
+    move |kept: usize, f: usize| {
+        let (d, f, k) = (d as f64, f as f64, kept as f64);
+        let (ins, dense) = if swiglu { (2.0, 3.0 * f * d) } else { (1.0, 2.0 * f * d) };
+        let read = match rule {
+            MlpRule::Dense => dense,
+            MlpRule::Threshold { .. } if swiglu => f * d + 2.0 * k * d,
+            MlpRule::Threshold { .. } => f * d + k * d,
+            MlpRule::OracleTopK { .. } => ins * f * d + k * d,
+            MlpRule::PredictedTopK { .. } => (ins + 1.0) * k * d,
+            // Gathered rules count their own reads.
+            _ => dense,
+        };
+        (read, dense)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// The MLP sub-block of a gathered SwiGLU rule (see [`sparse_mlp`]): `m_in: [b, s, d]` the normed input,
+    /// returns the MLP output `[b, s, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gathered_mlp(
+        &self,
+        layer: &Layer<B>,
+        index: usize,
+        m_in: Tensor<B, 3>,
+        rule: MlpRule,
+        qscore: Option<&QScorer<B>>,
+        want: &TapSet,
+        taps: &mut LayerTaps<B>,
+        stats: Option<&mut SparsityStats>,
+        head_mask: Option<&Tensor<B, 3>>,
+        valid: Option<&Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, d] = m_in.dims();
+        let c = &self.cfg;
+        let f = c.ffn;
+        let host = &self.host_mlps()[index];
+        // The score pass reads the whole low-bit copy; `Sparse::with_qscore` guarantees one where a rule needs it.
+        let (score, bits) = match (rule.needs_qscore(), qscore) {
+            (true, Some(q)) => (Some(to_host(q.scores(index, m_in.clone()))), q.bits_per_weight),
+            _ => (None, 0.0),
+        };
+        // Exact-down pays for the full gate/up pass: it is computed densely here.
+        let act = match (&layer.mlp, rule) {
+            (Mlp::SwiGlu { gate, up, .. }, MlpRule::ExactDownTopK { .. }) => {
+                Some(to_host(activation::silu(gate.forward(m_in.clone())) * up.forward(m_in.clone())))
+            }
+            _ => None,
+        };
+        let x = to_host(m_in.clone());
+        let (out, work, hidden) = host.run(rule, &x, score.as_deref(), act.as_deref(), bits, want.mlp_act);
+        let dev = m_in.device();
+        if let Some(hid) = hidden {
+            taps.mlp_act = Some(Tensor::from_data(TensorData::new(hid, [b, s, f]), &dev));
+        }
+        if want.mlp_keep {
+            let mut m = vec![0f32; b * s * f];
+            for (t, w) in work.iter().enumerate() {
+                for &j in &w.kept {
+                    m[t * f + j] = 1.0;
+                }
+            }
+            taps.mlp_keep = Some(Tensor::from_data(TensorData::new(m, [b, s, f]), &dev));
+        }
+        if let Some(st) = stats {
+            let kept_heads = head_mask.map(|h| to_host(h.clone().sum_dim(2).reshape([b * s])));
+            let valid = valid.map(|v| to_host(v.clone().reshape([b * s])));
+            let dense = host.dense_read();
+            if let Some(ls) = st.layers.get_mut(index) {
+                for (t, w) in work.iter().enumerate() {
+                    if valid.as_ref().is_some_and(|v| v[t] < 0.5) {
+                        continue;
+                    }
+                    let hk = kept_heads.as_ref().map_or(c.heads as u64, |k| k[t].round() as u64);
+                    ls.add_token(f as u64, 0, (f - w.kept.len()) as u64, c.heads as u64, hk);
+                    ls.add_reads(w.read, dense);
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(out, [b, s, d]), &dev)
     }
 }
 
@@ -385,6 +500,7 @@ struct LayerCtx<'a, B: Backend> {
     want: TapSet,
     plan: LayerPlan,
     scorer: Option<&'a dyn Scorer<B>>,
+    qscore: Option<&'a QScorer<B>>,
     /// Block input of the previous layer (layer 0: its own), read by look-ahead head predictors.
     prev_block_input: &'a Tensor<B, 3>,
     stats: Option<&'a mut SparsityStats>,
@@ -421,6 +537,7 @@ pub fn topk_mask<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3> {
 
 /// Count one layer's realised sparsity: `act: [b, s, ffn]` the dense hidden value, `mask` its keep-mask (1 kept),
 /// `heads_kept: [b, s, heads]` (`None` = all kept), over positions where `valid: [b, s]` is 1.
+#[allow(clippy::too_many_arguments)]
 fn record_stats<B: Backend>(
     st: &mut SparsityStats,
     layer: usize,
@@ -429,6 +546,7 @@ fn record_stats<B: Backend>(
     heads_kept: Option<&Tensor<B, 3>>,
     n_heads: usize,
     valid: Option<&Tensor<B, 2>>,
+    reads: impl Fn(usize, usize) -> (f64, f64),
 ) {
     let [b, s, f] = act.dims();
     let nonzero = act.clone().not_equal_elem(0.0).float(); // [b, s, ffn]
@@ -437,6 +555,7 @@ fn record_stats<B: Backend>(
         Some(m) => to_host((nonzero * (m.clone().neg() + 1.0)).sum_dim(2).reshape([b * s])),
         None => vec![0.0; b * s],
     };
+    let kept_mask = mask.map(|m| to_host(m.clone().sum_dim(2).reshape([b * s])));
     let kept_heads = heads_kept.map(|h| to_host(h.clone().sum_dim(2).reshape([b * s])));
     let valid = valid.map(|v| to_host(v.clone().reshape([b * s])));
     let Some(st) = st.layers.get_mut(layer) else { return };
@@ -446,5 +565,8 @@ fn record_stats<B: Backend>(
         }
         let heads_kept = kept_heads.as_ref().map_or(n_heads as u64, |k| k[i].round() as u64);
         st.add_token(f as u64, f as u64 - natural[i].round() as u64, dropped[i].round() as u64, n_heads as u64, heads_kept);
+        let kept = kept_mask.as_ref().map_or(f, |k| k[i].round() as usize);
+        let (read, dense) = reads(kept, f);
+        st.add_reads(read, dense);
     }
 }

@@ -6,6 +6,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::error::OptionError;
 use crate::sparse::Plan;
 
+use super::QScorer;
+
 /// Scores neurons and heads for the `Predicted*` rules (implemented by trained Deja Vu predictors).
 pub trait Scorer<B: Backend> {
     /// `mlp_input: [b, s, d] -> [b, s, ffn]`, larger means more likely needed.
@@ -18,6 +20,7 @@ pub trait Scorer<B: Backend> {
 pub struct Sparse<'a, B: Backend> {
     plan: &'a Plan,
     scorer: Option<&'a dyn Scorer<B>>,
+    qscore: Option<&'a QScorer<B>>,
 }
 
 // Manual impls: a derive would require `B: Copy`.
@@ -29,12 +32,33 @@ impl<B: Backend> Clone for Sparse<'_, B> {
 impl<B: Backend> Copy for Sparse<'_, B> {}
 
 impl<'a, B: Backend> Sparse<'a, B> {
-    /// Refuses a plan with predicted rules when no scorer is given (it would otherwise run dense).
+    /// Refuses a plan with predicted rules when no scorer is given (it would otherwise run dense), and a plan
+    /// that reads low-bit score copies (see [`Sparse::with_qscore`]).
     pub fn new(plan: &'a Plan, scorer: Option<&'a dyn Scorer<B>>) -> Result<Self, OptionError> {
+        Self::with_qscore(plan, scorer, None)
+    }
+
+    /// As [`Sparse::new`], with the low-bit score copies the `qscore` and `cascade` rules read; refuses a plan
+    /// that needs them when none are given, and copies for another layer count.
+    pub fn with_qscore(plan: &'a Plan, scorer: Option<&'a dyn Scorer<B>>, qscore: Option<&'a QScorer<B>>) -> Result<Self, OptionError> {
         if plan.needs_predictors() && scorer.is_none() {
             return Err(OptionError::new("predictors", "the plan has predicted rules but no predictors were loaded"));
         }
-        Ok(Sparse { plan, scorer })
+        if plan.needs_qscore() {
+            match qscore {
+                None => return Err(OptionError::new("qscore", "the plan scores neurons with low-bit copies of gate/up but none were loaded")),
+                Some(q) if q.layers() != plan.layers.len() => {
+                    return Err(OptionError::new("qscore", format!("score copies for {} layers, the plan has {}", q.layers(), plan.layers.len())));
+                }
+                _ => {}
+            }
+        }
+        Ok(Sparse { plan, scorer, qscore })
+    }
+
+    /// The low-bit score copies; present whenever the plan reads them.
+    pub(crate) fn qscore(&self) -> Option<&'a QScorer<B>> {
+        self.qscore
     }
 
     /// A plan with no predicted rules (thresholds, oracle, dense).

@@ -8,6 +8,8 @@ use crate::calibrate::Thresholds;
 use crate::config::ModelConfig;
 use crate::error::OptionError;
 
+use super::calib::{Ranking, RuleCalibration};
+use super::mode::{Budget, CASCADE_FACTOR};
 use super::Mode;
 
 /// How one layer's MLP neurons are chosen.
@@ -21,6 +23,33 @@ pub enum MlpRule {
     OracleTopK { k: usize },
     /// Keep the k neurons a predictor ranks highest from the MLP input.
     PredictedTopK { k: usize },
+    /// SwiGLU: dense gate/up; down reads only the k rows of the largest exact |hidden value|.
+    ExactDownTopK { k: usize },
+    /// SwiGLU: score |SiLU(ĝ)·û| with the low-bit copies of gate/up; exact gate/up/down for the top k only.
+    QScoreTopK { k: usize },
+    /// SwiGLU: the low-bit score picks `candidates`; their exact hidden values pick the top `k` for down.
+    Cascade { candidates: usize, k: usize },
+    /// SwiGLU, TEAL: gate/up read the input channels with `|x_i| >= t_in`; down reads the neurons with
+    /// `|h_j| >= t_hidden`.
+    Teal { t_in: f32, t_hidden: f32 },
+    /// SwiGLU, WINA: gate/up read the top `k_in` input channels by `|x_i|·‖[W_gate; W_up][:, i]‖`; down reads
+    /// the top `k_hidden` neurons by `|h_j|·‖W_down[:, j]‖`.
+    Wina { k_in: usize, k_hidden: usize },
+}
+
+impl MlpRule {
+    /// Whether the rule runs on the host sparse MLP (gathered rows, no dense pass where it skips work).
+    pub fn is_gathered(&self) -> bool {
+        matches!(
+            self,
+            MlpRule::ExactDownTopK { .. } | MlpRule::QScoreTopK { .. } | MlpRule::Cascade { .. } | MlpRule::Teal { .. } | MlpRule::Wina { .. }
+        )
+    }
+
+    /// Whether the rule reads the low-bit score copies of gate/up.
+    pub fn needs_qscore(&self) -> bool {
+        matches!(self, MlpRule::QScoreTopK { .. } | MlpRule::Cascade { .. })
+    }
 }
 
 /// How one layer's attention heads are chosen.
@@ -73,6 +102,11 @@ impl Plan {
         self.layers.iter().any(LayerPlan::predicted)
     }
 
+    /// Whether some layer reads the low-bit score copies of gate/up.
+    pub fn needs_qscore(&self) -> bool {
+        self.layers.iter().any(|l| l.mlp.needs_qscore())
+    }
+
     /// The rules of layer `i` (dense past the end, which [`Plan::validate`] rules out).
     pub fn layer(&self, i: usize) -> LayerPlan {
         self.layers.get(i).copied().unwrap_or(LayerPlan::DENSE)
@@ -85,13 +119,31 @@ impl Plan {
         }
         for (i, l) in self.layers.iter().enumerate() {
             match l.mlp {
-                MlpRule::OracleTopK { k } | MlpRule::PredictedTopK { k } if k > cfg.ffn => {
+                MlpRule::OracleTopK { k }
+                | MlpRule::PredictedTopK { k }
+                | MlpRule::ExactDownTopK { k }
+                | MlpRule::QScoreTopK { k }
+                | MlpRule::Wina { k_hidden: k, .. }
+                    if k > cfg.ffn =>
+                {
                     return Err(OptionError::new("plan", format!("layer {i} keeps {k} neurons of {}", cfg.ffn)));
+                }
+                MlpRule::Cascade { candidates, k } if candidates > cfg.ffn || k > candidates => {
+                    return Err(OptionError::new("plan", format!("layer {i}: cascade keeps {k} of {candidates} candidates of {}", cfg.ffn)));
+                }
+                MlpRule::Wina { k_in, .. } if k_in > cfg.hidden => {
+                    return Err(OptionError::new("plan", format!("layer {i} keeps {k_in} input channels of {}", cfg.hidden)));
                 }
                 MlpRule::Threshold { t } if t.is_nan() => {
                     return Err(OptionError::new("thresholds", format!("layer {i}: threshold is NaN")));
                 }
+                MlpRule::Teal { t_in, t_hidden } if t_in.is_nan() || t_hidden.is_nan() => {
+                    return Err(OptionError::new("calibration", format!("layer {i}: TEAL threshold is NaN")));
+                }
                 _ => {}
+            }
+            if l.mlp.is_gathered() && cfg.family != crate::config::Family::Llama {
+                return Err(OptionError::new("mode", format!("layer {i}: {:?} applies to SwiGLU MLPs (the Llama family)", l.mlp)));
             }
             if let HeadRule::OracleTopK { k } | HeadRule::PredictedTopK { k } = l.heads {
                 if k > cfg.heads {
@@ -101,6 +153,21 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// The `calibrate --rule` that writes what `mode` reads.
+fn rule_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::ExactDown(..) | Mode::Cascade(..) => "exactdown",
+        Mode::QScore(..) => "qscore",
+        Mode::Teal(_) => "teal",
+        _ => "cats",
+    }
+}
+
+/// Candidates a cascade that keeps `k` computes exactly: `round(CASCADE_FACTOR·k)`, at most `ffn`.
+pub fn cascade_candidates(k: usize, ffn: usize) -> usize {
+    ((k as f64 * CASCADE_FACTOR).round() as usize).clamp(k, ffn)
 }
 
 /// Units kept out of `n` at `sparsity` (the fraction dropped): `round((1 − s)·n)`.
@@ -122,6 +189,10 @@ pub struct Artifacts<'a> {
     /// CATS thresholds (from `calibrate`) and the file they came from.
     pub thresholds: Option<(&'a Path, &'a Thresholds)>,
     pub predictors: Option<PredictorBudget<'a>>,
+    /// Rule calibration (`calibrate --rule R`: TEAL thresholds, per-layer budgets) and the file it came from.
+    pub calibration: Option<(&'a Path, &'a RuleCalibration)>,
+    /// The low-bit score copies of gate/up (`calibrate --rule qscore`), when loaded.
+    pub qscore: Option<&'a Path>,
 }
 
 /// Options that shape a plan beyond its mode.
@@ -142,6 +213,36 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
     };
     if head_k.is_some() && matches!(mode, Mode::Dense | Mode::Cats(_)) {
         return Err(OptionError::new("head_sparsity", format!("mode {mode} has no head rule (use oracle@S or dejavu)")));
+    }
+    // The new MLP rules take heads from the trained predictors (look-ahead, top-k) when a head sparsity is given.
+    let predicted_heads = || -> Result<HeadRule, OptionError> {
+        match head_k {
+            None => Ok(HeadRule::Dense),
+            Some(k) if art.predictors.is_some() => Ok(HeadRule::PredictedTopK { k }),
+            Some(_) => Err(OptionError::new("predictors", format!("mode {mode} with a head sparsity needs head predictors from `dejavu train-predictors`"))),
+        }
+    };
+    let calib = |what: &str| -> Result<(&Path, &RuleCalibration), OptionError> {
+        art.calibration.ok_or_else(|| OptionError::new("calibration", format!("mode {mode} needs {what} from `dejavu calibrate --rule {}`", rule_name(mode))))
+    };
+    // Per-layer k of a neuron rule: uniform, or the greedy budget calibrated for this sparsity and ranking.
+    let ks = |s: f64, budget: Budget, ranking: Ranking| -> Result<Vec<usize>, OptionError> {
+        match budget {
+            Budget::Uniform => Ok(vec![keep_count(s, cfg.ffn); cfg.layers]),
+            Budget::Greedy => {
+                let (path, c) = calib("per-layer budgets")?;
+                let b = c.budget(ranking, s).ok_or_else(|| {
+                    OptionError::new("calibration", format!("{}: no {ranking} budgets for sparsity {s} (has {})", path.display(), c.budget_levels(ranking)))
+                })?;
+                if b.k.len() != cfg.layers {
+                    return Err(OptionError::new("calibration", format!("{}: budgets for {} layers, the model has {}", path.display(), b.k.len(), cfg.layers)));
+                }
+                Ok(b.k.clone())
+            }
+        }
+    };
+    if mode.sparsity().is_some() && matches!(mode, Mode::QScore(..) | Mode::Cascade(..)) && art.qscore.is_none() {
+        return Err(OptionError::new("qscore", format!("mode {mode} needs the low-bit score copies from `dejavu calibrate --rule qscore`")));
     }
     let plan = match mode {
         Mode::Dense => Plan::dense(cfg.layers),
@@ -179,6 +280,39 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
                     })
                     .collect(),
             }
+        }
+        Mode::ExactDown(s, b) => {
+            let heads = predicted_heads()?;
+            Plan { layers: ks(s, b, Ranking::Exact)?.into_iter().map(|k| LayerPlan { mlp: MlpRule::ExactDownTopK { k }, heads }).collect() }
+        }
+        Mode::QScore(s, b) => {
+            let heads = predicted_heads()?;
+            Plan { layers: ks(s, b, Ranking::QScore)?.into_iter().map(|k| LayerPlan { mlp: MlpRule::QScoreTopK { k }, heads }).collect() }
+        }
+        Mode::Cascade(s, b) => {
+            let heads = predicted_heads()?;
+            let mlp = |k: usize| MlpRule::Cascade { candidates: cascade_candidates(k, cfg.ffn), k };
+            Plan { layers: ks(s, b, Ranking::Exact)?.into_iter().map(|k| LayerPlan { mlp: mlp(k), heads }).collect() }
+        }
+        Mode::Teal(s) => {
+            let heads = predicted_heads()?;
+            let (path, c) = calib("TEAL thresholds")?;
+            let level = c.teal_level(s).ok_or_else(|| {
+                OptionError::new("calibration", format!("{}: no TEAL thresholds for sparsity {s} (has {})", path.display(), c.teal_levels()))
+            })?;
+            if level.t_in.len() != cfg.layers || level.t_hidden.len() != cfg.layers {
+                return Err(OptionError::new("calibration", format!("{}: TEAL thresholds for {} layers, the model has {}", path.display(), level.t_in.len(), cfg.layers)));
+            }
+            Plan {
+                layers: (0..cfg.layers)
+                    .map(|l| LayerPlan { mlp: MlpRule::Teal { t_in: level.t_in[l], t_hidden: level.t_hidden[l] }, heads })
+                    .collect(),
+            }
+        }
+        Mode::Wina(s) => {
+            let heads = predicted_heads()?;
+            let mlp = MlpRule::Wina { k_in: keep_count(s, cfg.hidden).max(1), k_hidden: keep_count(s, cfg.ffn) };
+            Plan::uniform(cfg.layers, LayerPlan { mlp, heads })
         }
     };
     plan.validate(cfg)?;

@@ -16,6 +16,13 @@ pub struct LayerStats {
     pub mlp_token_max: f64,
     pub heads_off: u64,
     pub heads_total: u64,
+    /// MLP weights read, summed over tokens, in weights at the served precision (16-bit): score passes over
+    /// low-bit copies count `bits/16` per weight they read. Predictor weights are not counted.
+    #[serde(default)]
+    pub mlp_read: f64,
+    /// What a dense MLP reads for the same tokens, in the same unit.
+    #[serde(default)]
+    pub mlp_dense_read: f64,
 }
 
 impl Default for LayerStats {
@@ -29,6 +36,8 @@ impl Default for LayerStats {
             mlp_token_max: 0.0,
             heads_off: 0,
             heads_total: 0,
+            mlp_read: 0.0,
+            mlp_dense_read: 0.0,
         }
     }
 }
@@ -51,6 +60,15 @@ impl LayerStats {
     }
     pub fn head_sparsity(&self) -> f64 {
         ratio(self.heads_off, self.heads_total)
+    }
+    /// MLP weights read as a fraction of a dense MLP's (0 when nothing was counted).
+    pub fn mlp_read_fraction(&self) -> f64 {
+        if self.mlp_dense_read == 0.0 { 0.0 } else { self.mlp_read / self.mlp_dense_read }
+    }
+    /// One token read `read` MLP weights where a dense MLP reads `dense`.
+    pub fn add_reads(&mut self, read: f64, dense: f64) {
+        self.mlp_read += read;
+        self.mlp_dense_read += dense;
     }
     /// `mlp_token_min` with no tokens reads as 0 rather than infinity.
     pub fn token_min(&self) -> f64 {
@@ -80,6 +98,8 @@ impl LayerStats {
         self.heads_total += b.heads_total;
         self.mlp_token_min = self.mlp_token_min.min(b.mlp_token_min);
         self.mlp_token_max = self.mlp_token_max.max(b.mlp_token_max);
+        self.mlp_read += b.mlp_read;
+        self.mlp_dense_read += b.mlp_dense_read;
     }
 }
 
@@ -103,6 +123,11 @@ impl SparsityStats {
     }
     pub fn head_sparsity(&self) -> f64 {
         mean(self.layers.iter().map(LayerStats::head_sparsity))
+    }
+    /// MLP weights read per token over all layers, as a fraction of what the dense MLPs read.
+    pub fn mlp_read_fraction(&self) -> f64 {
+        let (r, d) = self.layers.iter().fold((0.0, 0.0), |(r, d), l| (r + l.mlp_read, d + l.mlp_dense_read));
+        if d == 0.0 { 0.0 } else { r / d }
     }
     pub fn merge(&mut self, other: &SparsityStats) {
         if self.layers.len() < other.layers.len() {

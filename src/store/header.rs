@@ -19,15 +19,23 @@ pub const PREDICTORS_VERSION: u32 = 2;
 /// The thresholds file `calibrate` writes. Version 1 had no header.
 pub const THRESHOLDS_FORMAT: &str = "dejavu.thresholds";
 pub const THRESHOLDS_VERSION: u32 = 2;
+/// `RUN/rules.json`: what `calibrate --rule R` calibrates for the SwiGLU rules (TEAL thresholds, budgets).
+pub const RULES_FORMAT: &str = "dejavu.rules";
+pub const RULES_VERSION: u32 = 1;
+/// `RUN/qscore.safetensors`: low-bit score copies of gate/up (the header sits in the safetensors metadata).
+pub const QSCORE_FORMAT: &str = "dejavu.qscore";
+pub const QSCORE_VERSION: u32 = 1;
 /// `eval`'s `results.json`.
 pub const EVAL_FORMAT: &str = "dejavu.eval";
 pub const EVAL_VERSION: u32 = 1;
 
 /// The command that writes each format, named when an artifact has to be made again.
-const WRITERS: [(&str, &str); 4] = [
+const WRITERS: [(&str, &str); 6] = [
     (ACTS_FORMAT, "dejavu collect"),
     (PREDICTORS_FORMAT, "dejavu train-predictors"),
     (THRESHOLDS_FORMAT, "dejavu calibrate"),
+    (RULES_FORMAT, "dejavu calibrate --rule R"),
+    (QSCORE_FORMAT, "dejavu calibrate --rule qscore"),
     (EVAL_FORMAT, "dejavu eval"),
 ];
 

@@ -15,7 +15,7 @@ pub use atomic::{
 };
 pub use header::{
     read_artifact, ArtifactHeader, ACTS_FORMAT, ACTS_VERSION, EVAL_FORMAT, EVAL_VERSION, PREDICTORS_FORMAT,
-    PREDICTORS_VERSION, THRESHOLDS_FORMAT, THRESHOLDS_VERSION,
+    PREDICTORS_VERSION, QSCORE_FORMAT, QSCORE_VERSION, RULES_FORMAT, RULES_VERSION, THRESHOLDS_FORMAT, THRESHOLDS_VERSION,
 };
 
 /// The crate version written into every artifact header.
@@ -72,6 +72,14 @@ impl RunDir {
     /// `RUN/thresholds.json`: CATS thresholds.
     pub fn thresholds(&self) -> PathBuf {
         self.root.join("thresholds.json")
+    }
+    /// `RUN/rules.json`: TEAL thresholds and per-layer budgets (`calibrate --rule R`).
+    pub fn rules(&self) -> PathBuf {
+        self.root.join("rules.json")
+    }
+    /// `RUN/qscore.safetensors`: low-bit score copies of gate/up (`calibrate --rule qscore`).
+    pub fn qscore(&self) -> PathBuf {
+        self.root.join("qscore.safetensors")
     }
     /// `RUN/eval`: evaluation results.
     pub fn eval(&self) -> PathBuf {
