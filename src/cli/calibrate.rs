@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::calibrate::{criterion, threshold_plan, Calibrator, ThresholdLevel, Thresholds};
 use dejavu::text::TokenWindows;
@@ -53,20 +52,23 @@ impl ModelCommand for Args {
         if let Some(max) = files.config.position_limit().filter(|&max| args.seq_len > max) {
             return Err(usage(format!("--seq-len: {} exceeds the model's max_position_embeddings {max}", args.seq_len)));
         }
+        // Inputs and the output are checked before any model work: a late failure would discard the whole run.
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
+        super::common::check_output_file(&args.out)?;
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
-        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
         let mut cal = Calibrator::new(files.config.layers);
-        let bar = ProgressBar::new(args.tokens as u64);
-        bar.set_style(
-            ProgressStyle::with_template("calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        // One bar over every pass (the first, then --refine passes per level), so its ETA is the command's.
+        let passes = 1 + args.sparsity.len() * args.refine;
+        let bar = super::progress::bar((args.tokens * passes) as u64, "calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
+        bar.set_message(format!("pass 1/{passes}"));
         while let Some(w) = windows.next_window()? {
             cal.add_sequence(&model, &w).context("while calibrating")?;
             bar.inc(w.len() as u64);
         }
-        bar.finish_and_clear();
+        // A text shorter than --tokens makes every pass shorter: the bar's length follows.
+        bar.set_length(cal.tokens * passes as u64);
+        let mut pass_no = 1;
         if cal.tokens == 0 {
             bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
         }
@@ -81,8 +83,8 @@ impl ModelCommand for Args {
                 let plan = threshold_plan(&thresholds);
                 let mut refined = Calibrator::new(files.config.layers);
                 let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
-                bar.reset();
-                bar.set_message(format!("refine {sp} pass {}", pass + 1));
+                pass_no += 1;
+                bar.set_message(format!("pass {pass_no}/{passes}: refine {sp} ({}/{})", pass + 1, args.refine));
                 while let Some(w) = windows.next_window()? {
                     refined.add_sequence_under(&model, &w, Some(&plan)).context("while refining the thresholds")?;
                     bar.inc(w.len() as u64);
@@ -90,10 +92,10 @@ impl ModelCommand for Args {
                 hists = refined.layers;
                 thresholds = hists.iter().map(|h| h.quantile(sp)).collect();
             }
-            bar.finish_and_clear();
             let realised = hists.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
             levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
         }
+        bar.finish_and_clear();
         let out = Thresholds {
             header: Thresholds::header(identity, &args),
             criterion: criterion(files.config.family).to_string(),
@@ -101,9 +103,6 @@ impl ModelCommand for Args {
             text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
             levels,
         };
-        if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
-        }
         out.save(&args.out).context("while writing the thresholds")?;
         println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
         println!("|---|---|---|---|---|");

@@ -20,6 +20,8 @@ pub use header::{
 
 /// The crate version written into every artifact header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The build written beside it: git commit and cargo features (`unknown` commit when built outside git).
+pub const BUILD: &str = concat!("commit ", env!("DEJAVU_GIT_COMMIT"), "; features: ", env!("DEJAVU_FEATURES"));
 
 
 /// One run directory: `acts/` (collect), `predictors/` (train-predictors), `thresholds.json` (calibrate) and
