@@ -141,3 +141,28 @@ fn delta_accuracy_is_printed_with_its_error() {
     assert!(h["created"].as_str().is_some_and(|c| c.ends_with('Z')), "{h}");
     assert!(h["model"]["fingerprint"].as_str().is_some_and(|f| f.len() == 16), "{h}");
 }
+
+/// A thresholds level the file lacks, asked for after modes that would run fine, fails before any model work and
+/// writes nothing; `--mode` beside `--compare` is refused rather than ignored.
+#[test]
+fn every_mode_is_checked_before_the_first_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let m = common::fixture_dir("tiny-llama");
+    let thr = tmp.path().join("thr.json");
+    let out = common::dejavu(&["calibrate", "--model", s(&m), "--text", s(&text), "--sparsity", "0.5", "--tokens", "64", "--seq-len", "32", "--out", s(&thr)], &[]);
+    common::assert_ok(&out);
+    let tasks = tmp.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    std::fs::write(tasks.join("copa.jsonl"), "{\"query\": \"a\", \"choices\": [\"b\", \"c\"], \"gold\": 0}\n").unwrap();
+    let o = tmp.path().join("o");
+    let base = ["eval", "--model", s(&m), "--tasks-dir", s(&tasks), "--tasks", "copa", "--out", s(&o), "--thresholds", s(&thr)];
+    let out = common::dejavu(&[&base[..], &["--compare", "dense,oracle@0.5,cats@0.3"]].concat(), &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("0.3") && !out.stderr.contains("loaded"), "{}", out.stderr);
+    assert!(!o.join("results.json").exists());
+    let out = common::dejavu(&[&base[..], &["--compare", "dense,cats@0.5", "--mode", "oracle@0.5"]].concat(), &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--mode") && out.stderr.contains("--compare"), "{}", out.stderr);
+}

@@ -75,7 +75,13 @@ impl ModelCommand for Args {
         if (cal.tokens as usize) < args.tokens {
             eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
         }
-        let mut levels: Vec<ThresholdLevel> = Vec::new();
+        let mut out = Thresholds {
+            header: Thresholds::header(identity, &args),
+            criterion: criterion(files.config.family).to_string(),
+            tokens: cal.tokens,
+            text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
+            levels: Vec::new(),
+        };
         for &sp in &args.sparsity {
             let mut hists = cal.layers.clone();
             let mut thresholds: Vec<f32> = hists.iter().map(|h| h.quantile(sp)).collect();
@@ -93,17 +99,12 @@ impl ModelCommand for Args {
                 thresholds = hists.iter().map(|h| h.quantile(sp)).collect();
             }
             let realised = hists.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
-            levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
+            out.levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
+            // Each finished level is on disk at once (atomically), so a late failure loses only the level it
+            // happened in.
+            out.save(&args.out).context("while writing the thresholds")?;
         }
         bar.finish_and_clear();
-        let out = Thresholds {
-            header: Thresholds::header(identity, &args),
-            criterion: criterion(files.config.family).to_string(),
-            tokens: cal.tokens,
-            text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
-            levels,
-        };
-        out.save(&args.out).context("while writing the thresholds")?;
         println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
         println!("|---|---|---|---|---|");
         for l in &out.levels {

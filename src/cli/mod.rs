@@ -12,6 +12,7 @@ pub mod generate;
 pub mod inspect;
 pub mod ppl;
 pub mod progress;
+pub mod run;
 pub mod train_predictors;
 
 use std::io::Write;
@@ -30,6 +31,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a recipe (recipes/*.toml): collect → train-predictors → calibrate → eval into one run directory,
+    /// skipping stages whose artifacts are up to date and resuming a killed one.
+    Run(run::Args),
     /// Generate text from a prompt (greedy by default), dense or in a sparse --mode (--device cuda: the CUDA engine).
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window, dense or in a sparse --mode.
@@ -54,6 +58,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(a) => run::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Calibrate(a) => calibrate::run(a),

@@ -130,6 +130,11 @@ pub fn read_artifact<T: DeserializeOwned>(path: &Path, format: &str, version: u3
     serde_json::from_value(doc).map_err(|e| Error::format(path, format!("invalid `{format}` file: {e}")))
 }
 
+/// The current time as `YYYY-MM-DDThh:mm:ssZ`.
+pub fn now_rfc3339() -> String {
+    rfc3339_utc(std::time::SystemTime::now())
+}
+
 /// `t` as `YYYY-MM-DDThh:mm:ssZ` (whole seconds, UTC).
 fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
