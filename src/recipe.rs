@@ -16,8 +16,9 @@ pub const STAGES: [&str; 4] = ["collect", "train-predictors", "calibrate", "eval
 /// Keys of the top of a recipe (the stage tables aside).
 const TOP_KEYS: [&str; 4] = ["model", "device", "run", "stages"];
 
-/// Stage keys that the recipe sets itself from its top (model, device, run directory).
-const RESERVED: [&str; 4] = ["model", "device", "out", "run"];
+/// Stage keys that the recipe sets itself from its top (model, run directory). `device` may be set per stage
+/// (e.g. eval of sparse modes on the CPU while collection runs on a GPU); the top's is the default.
+const RESERVED: [&str; 3] = ["model", "out", "run"];
 
 /// A recipe read from its file, overrides applied.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -70,7 +71,7 @@ impl Recipe {
                         return Err(Error::field(
                             path,
                             format!("{k}.{sk}"),
-                            "set by the recipe itself: put model and device at the top of the recipe, and the run directory in `run`",
+                            "set by the recipe itself: put the model at the top of the recipe, and the run directory in `run`",
                         ));
                     }
                 }
@@ -139,7 +140,8 @@ impl Recipe {
             _ => args.extend(["--run".to_string(), run]),
         }
         args.extend(["--model".to_string(), self.model.clone()]);
-        if let Some(d) = &self.device {
+        let own_device = self.tables.get(stage).is_some_and(|t| t.contains_key("device"));
+        if let (Some(d), false) = (&self.device, own_device) {
             args.extend(["--device".to_string(), d.clone()]);
         }
         Ok(args)

@@ -74,6 +74,13 @@ fn every_shipped_recipe_resolves() {
         }
     }
     assert!(n >= 3, "recipes for the tiny OPT fixture, stories260k and SmolLM2 at least");
+    // A stage's own `device` replaces the recipe's for that stage only.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(&[s(&recipe("llama-2-7b.toml")), "--run", s(&tmp.path().join("r")), "--dry-run"], &[]);
+    common::assert_ok(&out);
+    let line = |stage: &str| out.stdout.lines().find(|l| l.contains(&format!("dejavu {stage} "))).unwrap().to_string();
+    assert!(line("collect").ends_with("--device cuda"), "{}", out.stdout);
+    assert!(line("eval").contains("--device cpu") && !line("eval").contains("cuda"), "{}", out.stdout);
 }
 
 #[test]
