@@ -26,7 +26,7 @@ pub struct Args {
     /// Model (overrides the recipe's `model`).
     #[arg(long, short = 'm')]
     pub model: Option<String>,
-    /// Device (overrides the recipe's `device`).
+    /// Device (overrides the top `device` of the recipe; a stage table's own `device` still applies to that stage).
     #[arg(long)]
     pub device: Option<String>,
     /// Override one recipe value: STAGE.KEY=VALUE (e.g. eval.limit=500) or KEY=VALUE for a top key; repeatable.
