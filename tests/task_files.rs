@@ -278,3 +278,43 @@ fn generation_tasks_match_greedy_continuations() {
     }
     assert!(dumped.iter().filter(|x| x["task"] == "lambada_openai_gen").all(|x| x["requests"][0]["generated"].is_string()));
 }
+
+/// `eval --correct --accept argmax` on a generation task: the corrected sparse mode generates, example by
+/// example, the text dense greedy decoding generates (the dense model keeps only its own argmax), so its accuracy
+/// is dense's; bad combinations are usage errors.
+#[test]
+fn corrected_generation_with_argmax_reproduces_dense() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = stories();
+    let tasks = common::shared_dir().join("data/tasks");
+    let d = tmp.path().join("d.jsonl");
+    let o = tmp.path().join("o");
+    let base = ["eval", "--model", model.to_str().unwrap(), "--tasks-dir", tasks.to_str().unwrap(), "--limit", "12", "--out", o.to_str().unwrap()];
+    let out = common::dejavu(
+        &[&base[..], &["--tasks", "lambada_openai_gen", "--compare", "dense,oracle@0.7", "--correct", "--accept", "argmax", "--period", "2", "--dump", d.to_str().unwrap()]].concat(),
+        &[],
+    );
+    common::assert_ok(&out);
+    assert!(out.stdout.contains("| oracle@0.7+correct | lambada_openai_gen |"), "{}", out.stdout);
+    let dumped: Vec<serde_json::Value> = std::fs::read_to_string(&d).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let texts = |mode: &str| {
+        dumped.iter().filter(|x| x["mode"] == mode).map(|x| x["requests"][0]["generated"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    let (dense, corrected) = (texts("dense"), texts("oracle@0.7"));
+    assert_eq!(dense.len(), 12);
+    assert_eq!(dense, corrected);
+    let r = results(&o);
+    assert_eq!(r["modes"][0]["tasks"][0]["acc"], r["modes"][1]["tasks"][0]["acc"]);
+    assert_eq!(r["modes"][1]["continuation"]["corrected"]["period"], 2);
+
+    for (extra, needle) in [
+        (vec!["--tasks", "copa", "--compare", "dense,oracle@0.5", "--correct"], "generation task"),
+        (vec!["--tasks", "lambada_openai_gen", "--correct"], "sparse mode"),
+        (vec!["--tasks", "lambada_openai_gen", "--mode", "oracle@0.5", "--correct", "--period", "0"], "--period"),
+        (vec!["--tasks", "lambada_openai_gen", "--mode", "oracle@0.5", "--period", "4"], "--correct"),
+    ] {
+        let out = common::dejavu(&[&base[..], &extra[..]].concat(), &[]);
+        assert_eq!(out.code, 2, "{extra:?}: {}", out.stderr);
+        assert!(out.stderr.contains(needle), "{extra:?}: {}", out.stderr);
+    }
+}

@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 
 use dejavu::backend::{dispatch, BackendTask};
-use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
+use dejavu::decode::correct::Accept;
+use dejavu::eval::{run_task_with, tasks, Continuation, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
 use dejavu::store::{write_eval_results, ArtifactHeader, RunDir, EVAL_FORMAT, EVAL_VERSION};
 use dejavu::ModelFiles;
@@ -67,6 +68,27 @@ pub struct Args {
     /// Directory for results.json, results.csv and layers.csv (default: RUN/eval with --run).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Generation tasks in sparse modes: Sirius correction (the sparse mode decodes, the dense model checks every
+    /// --period tokens over the shared KV cache and keeps the tokens it accepts). Dense modes decode as usual.
+    #[arg(long, help_heading = "Correction")]
+    #[serde(default)]
+    pub correct: bool,
+    /// Sparse tokens between dense checks.
+    #[arg(long, default_value_t = 8, requires = "correct", help_heading = "Correction")]
+    #[serde(default = "default_period")]
+    pub period: usize,
+    /// Keep a sparse token while the dense model gives it probability >= P, or only if it is the dense argmax.
+    #[arg(long, value_name = "P|argmax", default_value = "0.1", requires = "correct", help_heading = "Correction")]
+    #[serde(default = "default_accept")]
+    pub accept: Accept,
+}
+
+fn default_period() -> usize {
+    8
+}
+
+fn default_accept() -> Accept {
+    Accept::Prob(0.1)
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
@@ -100,9 +122,20 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
         )));
     }
+    if args.correct {
+        if args.period == 0 {
+            return Err(usage("--period must be at least 1"));
+        }
+        if modes.iter().all(|m| *m == Mode::Dense) {
+            return Err(usage("--correct needs a sparse mode in --mode or --compare (dense decoding has nothing to correct)"));
+        }
+    }
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
         specs.iter().map(|s| tasks::load(s, args.delimiter.as_deref(), args.limit)).collect::<Result<_, _>>()?;
+    if args.correct && !loaded.iter().any(|t| t.kind == tasks::TaskKind::Generation) {
+        return Err(usage("--correct: no generation task in --tasks (e.g. lambada_openai_gen, or kind = \"generation\" in a task definition)"));
+    }
     super::common::check_output_dir(&out_dir).with_context(|| format!("while preparing the output directory {}", out_dir.display()))?;
     if let Some(d) = &args.dump {
         super::common::check_output_file(d)?;
@@ -129,10 +162,22 @@ struct Task {
 #[derive(serde::Serialize)]
 struct ModeResult {
     mode: Mode,
+    /// How generation tasks were decoded in this mode.
+    continuation: Continuation,
     tasks: Vec<TaskResult>,
     ppl: Option<dejavu::ppl::PplResult>,
     ppl_mlp_sparsity: Option<f64>,
     layers: Vec<LayerRow>,
+}
+
+impl ModeResult {
+    /// The mode as the tables name it: `+correct` when its generation tasks were corrected.
+    fn label(&self) -> String {
+        match self.continuation {
+            Continuation::Greedy => self.mode.to_string(),
+            Continuation::Corrected { .. } => format!("{}+correct", self.mode),
+        }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -181,13 +226,18 @@ impl BackendTask for Task {
                 (None, Some(d)) => d.as_dyn(),
                 (None, None) => bail!("internal: no decoder"),
             };
+            let how = if args.correct && mode != Mode::Dense {
+                Continuation::Corrected { period: args.period, accept: args.accept }
+            } else {
+                Continuation::Greedy
+            };
             let mut task_results = Vec::new();
             let mut all_stats = SparsityStats::new(cfg.layers);
             for task in &tasks {
                 let bar = super::progress::bar(task.examples.len() as u64, "{msg} [{bar:30}] {pos}/{len} examples {per_sec} eta {eta}");
                 bar.set_message(format!("{mode} {}", task.spec.name));
                 let mut dump_err = None;
-                let r = run_task(&ev, &mut *dec, task, |i, scores| {
+                let r = run_task_with(&ev, &mut *dec, task, how, |i, scores| {
                     bar.inc(1);
                     if let Some(w) = dump.as_mut() {
                         let ex = &task.examples[i];
@@ -236,7 +286,7 @@ impl BackendTask for Task {
                     head_sparsity: l.head_sparsity(),
                 })
                 .collect();
-            results.push(ModeResult { mode, tasks: task_results, ppl, ppl_mlp_sparsity: ppl_sp, layers });
+            results.push(ModeResult { mode, continuation: how, tasks: task_results, ppl, ppl_mlp_sparsity: ppl_sp, layers });
             // Each finished mode is on disk at once, so a late failure loses only the mode it happened in.
             write_results(&args, &out_dir, &artifacts.identity, &results)?;
         }
@@ -273,11 +323,11 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
             writeln!(
                 md,
                 "| {} | {} | {} | {:.4} ± {:.4} | {} | {:.3} | {:.3} | {:.2} |",
-                m.mode, t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.examples_per_s
+                m.label(), t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.examples_per_s
             )?;
         }
         if let Some(p) = &m.ppl {
-            writeln!(md, "| {} | ppl ({} tokens) | {} | {:.4} | — | {:.3} | — | — |", m.mode, p.scored, p.scored, p.ppl, m.ppl_mlp_sparsity.unwrap_or(0.0))?;
+            writeln!(md, "| {} | ppl ({} tokens) | {} | {:.4} | — | {:.3} | — | — |", m.label(), p.scored, p.scored, p.ppl, m.ppl_mlp_sparsity.unwrap_or(0.0))?;
         }
     }
     if results.len() > 1 {
@@ -292,7 +342,7 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
             };
             let (acc, se) = mean_acc(m);
             let (d, d_se) = if i == 0 { (0.0, 0.0) } else { delta(acc, se, base_acc, base_se) };
-            writeln!(md, "| {} | {:.4} ± {:.4} | {:+.2} ± {:.2} | {} | {} |", m.mode, acc, se, 100.0 * d, 100.0 * d_se, ppl, dppl)?;
+            writeln!(md, "| {} | {:.4} ± {:.4} | {:+.2} ± {:.2} | {} | {} |", m.label(), acc, se, 100.0 * d, 100.0 * d_se, ppl, dppl)?;
         }
     }
     Ok(md)
@@ -319,13 +369,13 @@ fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::Mod
     for m in results {
         for t in &m.tasks {
             w.write_record([
-                m.mode.to_string(), t.task.clone(), t.n.to_string(), t.acc.to_string(), t.acc_stderr.to_string(),
+                m.label(), t.task.clone(), t.n.to_string(), t.acc.to_string(), t.acc_stderr.to_string(),
                 opt(t.acc_norm), opt(t.acc_norm_stderr), String::new(),
                 t.mlp_sparsity.to_string(), t.head_sparsity.to_string(), t.examples_per_s.to_string(),
             ])?;
         }
         if let Some(pp) = &m.ppl {
-            w.write_record([m.mode.to_string(), "ppl".into(), pp.scored.to_string(), String::new(), String::new(), String::new(), String::new(),
+            w.write_record([m.label(), "ppl".into(), pp.scored.to_string(), String::new(), String::new(), String::new(), String::new(),
                 pp.ppl.to_string(), opt(m.ppl_mlp_sparsity), String::new(), String::new()])?;
         }
     }
