@@ -132,7 +132,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
-        specs.iter().map(|s| tasks::load(s, args.delimiter.as_deref(), args.limit)).collect::<Result<_, _>>()?;
+        specs.iter().map(|s| tasks::read(s, args.delimiter.as_deref(), args.limit)).collect::<Result<_, _>>()?;
     if args.correct && !loaded.iter().any(|t| t.kind == tasks::TaskKind::Generation) {
         return Err(usage("--correct: no generation task in --tasks (e.g. lambada_openai_gen, or kind = \"generation\" in a task definition)"));
     }

@@ -192,7 +192,7 @@ fn known_names() -> String {
 /// Find the task `name` in `dir`: a definition `dir/NAME.toml` (laid over the built-in task of that name, if any),
 /// else a built-in task, else `dir/NAME.jsonl`. A name ending in `.toml` or `.jsonl`, or holding a path
 /// separator, is a path (a `.jsonl` file picks up the definition beside it). Nothing is read but definitions;
-/// a missing JSONL file is found by [`load`].
+/// a missing JSONL file is found by [`read`].
 pub fn find(name: &str, dir: &Path) -> Result<TaskSpec> {
     let is_path = name.ends_with(".toml") || name.ends_with(".jsonl") || name.contains('/') || name.contains(std::path::MAIN_SEPARATOR);
     if is_path {
@@ -268,9 +268,14 @@ fn kind_of(v: &Value) -> Option<TaskKind> {
     }
 }
 
+/// Read the first `limit` examples of the built-in task `builtin` from its file in `dir` (its own scoring rules).
+pub fn load(dir: &Path, builtin: &BuiltIn, limit: Option<usize>) -> Result<Task> {
+    read(&TaskSpec::from_builtin(builtin, dir), None, limit)
+}
+
 /// Read the first `limit` examples of the task `spec` finds. The delimiter is the task's own (built in or from its
 /// definition), else `delimiter`, else [`DEFAULT_DELIMITER`]. Errors name the file, line and field.
-pub fn load(spec: &TaskSpec, delimiter: Option<&str>, limit: Option<usize>) -> Result<Task> {
+pub fn read(spec: &TaskSpec, delimiter: Option<&str>, limit: Option<usize>) -> Result<Task> {
     let path = spec.file.clone();
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let delim = spec.delimiter.clone().or_else(|| delimiter.map(str::to_string)).unwrap_or_else(|| DEFAULT_DELIMITER.to_string());
