@@ -180,18 +180,18 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
 #define ATTN_SPLIT(TN, T, HD)                                                                                  \
     extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
                                                        const int* state, int T_, int H, int KV, int hd, int max_len, \
-                                                       int S, float scale, u16* direct) {                           \
+                                                       int S, float scale, u16* direct) { PDL_ENTER                           \
         attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct);                  \
     }
 
 #define ATTN_KERNELS(TN, T)                                                                                       \
     extern "C" __global__ void rope_kv_##TN(float* qkv, u16* kc, u16* vc, const int* state, int T_, int H, int KV, \
-                                            int hd, int max_len, float theta, int rope) {                          \
+                                            int hd, int max_len, float theta, int rope) { PDL_ENTER                          \
         rope_kv_impl<T>(qkv, kc, vc, state, T_, H, KV, hd, max_len, theta, rope);                                  \
     }                                                                                                             \
     ATTN_SPLIT(TN, T, 8) ATTN_SPLIT(TN, T, 16) ATTN_SPLIT(TN, T, 32) ATTN_SPLIT(TN, T, 64) ATTN_SPLIT(TN, T, 128) \
     ATTN_SPLIT(TN, T, 256)                                                                                        \
-    extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) {                     \
+    extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) { PDL_ENTER                     \
         attn_combine_impl<T>(part, out, hd, S);                                                                    \
     }
 

@@ -35,12 +35,40 @@ struct BF16 {
     }
 };
 
+// Programmatic dependent launch (sm_90+). The engine may launch a kernel while the previous one in the stream still
+// runs; such a kernel reads only immutable weights before `pdl_wait()`, which returns once the previous kernel has
+// finished and its writes are visible. `pdl_launch()` lets the next kernel start launching; every kernel calls it
+// after its own wait, so at most two kernels are in flight. Both are no-ops for a plain launch.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Both, for kernels with nothing to do before their inputs are ready.
+#define PDL_ENTER \
+    pdl_wait();   \
+    pdl_launch();
+
 // 16-byte load that bypasses L1 (weights are streamed once per step).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 r;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
+    return r;
+}
+
+// The same, kept in program order before what follows (issued ahead of `pdl_wait`).
+__device__ __forceinline__ uint4 ld_stream_first(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
     return r;
 }
 

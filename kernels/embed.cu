@@ -62,21 +62,21 @@ __device__ __forceinline__ void fill_random_impl(u16* __restrict__ p, long long 
 
 #define EMBED_KERNELS(TN, T)                                                                                     \
     extern "C" __global__ void embed_##TN(const int* tok, const u16* emb, const u16* pos, float* xf, u16* xd,    \
-                                          const int* state, int T_, int d, int pos_offset) {                      \
+                                          const int* state, int T_, int d, int pos_offset) { PDL_ENTER                      \
         embed_impl<T>(tok, emb, pos, xf, xd, state, T_, d, pos_offset);                                           \
     }                                                                                                            \
     extern "C" __global__ void add_positions_##TN(float* x, const u16* pos, const int* state, int T_, int d,      \
-                                                  int pos_offset) {                                               \
+                                                  int pos_offset) { PDL_ENTER                                               \
         add_positions_impl<T>(x, pos, state, T_, d, pos_offset);                                                  \
     }                                                                                                            \
-    extern "C" __global__ void to_half_##TN(const float* x, u16* out, long long n) { to_half_impl<T>(x, out, n); } \
-    extern "C" __global__ void fill_random_##TN(u16* p, long long n, unsigned long long seed, float scale) {     \
+    extern "C" __global__ void to_half_##TN(const float* x, u16* out, long long n) { PDL_ENTER to_half_impl<T>(x, out, n); } \
+    extern "C" __global__ void fill_random_##TN(u16* p, long long n, unsigned long long seed, float scale) { PDL_ENTER     \
         fill_random_impl<T>(p, n, seed, scale);                                                                   \
     }
 
 EMBED_KERNELS(f16, F16)
 EMBED_KERNELS(bf16, BF16)
 
-extern "C" __global__ void gather_rows(const u16* src, const int* idx, u16* dst, int d) {
+extern "C" __global__ void gather_rows(const u16* src, const int* idx, u16* dst, int d) { PDL_ENTER
     gather_rows_impl(src, idx, dst, d);
 }

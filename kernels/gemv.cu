@@ -16,26 +16,55 @@
 #define EPI_RELU 2
 #define EPI_GLU 3
 
+// acc[b] (+)= the 8 weights in `a` times x_b's elements 8i..8i+7 (acc2 with `a2`, GLU), x_b from shared memory
+// (staged), normalised on the fly from `xf`, or read from `x`.
 template <typename T, int NB, int EPI>
-__device__ __forceinline__ void gemv_impl(
-    const u16* __restrict__ w,     // [N, K]
-    const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
-    const u16* __restrict__ bias,  // [N] or null
-    const u16* __restrict__ bias2, // [N] or null (GLU only)
-    const u16* __restrict__ x,     // [B, K] (unused when xf is given)
-    void* __restrict__ out,        // [B, N], f32 or 16-bit by EPI
-    int N, int K, int B,
-    const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
-    const u16* __restrict__ g,     // [K] norm weight (with xf)
-    const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
-    float eps, int rms, int stage) {
-    extern __shared__ float4 dyn_smem[];
-    float* xs = (float*)dyn_smem; // [B, K] when staged
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    __shared__ float mean_s[NB], rstd_s[NB], red[32];
+__device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B, const u16* __restrict__ x,
+                                          const float* xs, const float* __restrict__ xf, const u16* __restrict__ g,
+                                          const u16* __restrict__ gb, const float* mean_s, const float* rstd_s,
+                                          int stage, float* acc, float* acc2) {
+    const bool glu = EPI == EPI_GLU;
+    float wf[8], wf2[8];
+    unpack8<T>(a, wf);
+    if (glu) unpack8<T>(a2, wf2);
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        if (b < B) {
+            float xv8[8];
+            if (stage) {
+                const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
+                const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
+                xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
+                xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
+            } else if (xf) {
+                const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
+                const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
+                float gf[8], bf[8];
+                unpack8<T>(__ldg((const uint4*)g + i), gf);
+                if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
+                const float raw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) xv8[e] = (raw[e] - mean_s[b]) * rstd_s[b] * gf[e] + (gb ? bf[e] : 0.0f);
+            } else {
+                unpack8<T>(__ldg((const uint4*)(x + (size_t)b * K) + i), xv8);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                acc[b] = fmaf(wf[e], xv8[e], acc[b]);
+                if (glu) acc2[b] = fmaf(wf2[e], xv8[e], acc2[b]);
+            }
+        }
+    }
+}
+
+// The input side of every GEMV block: norm statistics of `xf`'s rows (when given) and, with `stage`, the input rows
+// in f32 in shared memory `xs`. Every thread of the block takes part (before any early exit).
+template <typename T, int NB>
+__device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* xs, int K, int B,
+                                             const float* __restrict__ xf, const u16* __restrict__ g,
+                                             const u16* __restrict__ gb, float eps, int rms, int stage,
+                                             float* mean_s, float* rstd_s, float* red) {
     if (xf) {
-        // Every thread of the block takes part (before any early exit).
         for (int b = 0; b < NB && b < B; b++) {
             const float* xr = xf + (size_t)b * K;
             float mean = 0.0f;
@@ -72,78 +101,14 @@ __device__ __forceinline__ void gemv_impl(
         }
         __syncthreads();
     }
-    if (row >= N) return;
+}
+
+// Reduce the lanes' partial sums and write row `row` of every input row with the epilogue.
+template <typename T, int NB, int EPI>
+__device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, int row, int N, int B,
+                                            const u16* __restrict__ bias, const u16* __restrict__ bias2,
+                                            void* __restrict__ out) {
     const bool glu = EPI == EPI_GLU;
-    float acc[NB], acc2[NB];
-#pragma unroll
-    for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
-    const u16* wr = w + (size_t)row * K;
-    const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
-    if ((K & 7) == 0) {
-        const int K8 = K >> 3;
-        const uint4* w4 = (const uint4*)wr;
-        const uint4* w24 = (const uint4*)wr2;
-        const int U = 4;
-        for (int base = lane; base < K8; base += 32 * U) {
-            uint4 wv[U], wv2[U];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                int i = base + 32 * u;
-                wv[u] = i < K8 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
-                if (glu) wv2[u] = i < K8 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                int i = base + 32 * u;
-                if (i >= K8) break;
-                float wf[8], wf2[8];
-                unpack8<T>(wv[u], wf);
-                if (glu) unpack8<T>(wv2[u], wf2);
-#pragma unroll
-                for (int b = 0; b < NB; b++) {
-                    if (b < B) {
-                        float xv8[8];
-                        if (stage) {
-                            const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
-                            const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
-                            xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
-                            xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
-                        } else if (xf) {
-                            const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
-                            const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
-                            float gf[8], bf[8];
-                            unpack8<T>(__ldg((const uint4*)g + i), gf);
-                            if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
-                            const float raw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#pragma unroll
-                            for (int e = 0; e < 8; e++) xv8[e] = (raw[e] - mean_s[b]) * rstd_s[b] * gf[e] + (gb ? bf[e] : 0.0f);
-                        } else {
-                            unpack8<T>(__ldg((const uint4*)(x + (size_t)b * K) + i), xv8);
-                        }
-#pragma unroll
-                        for (int e = 0; e < 8; e++) {
-                            acc[b] = fmaf(wf[e], xv8[e], acc[b]);
-                            if (glu) acc2[b] = fmaf(wf2[e], xv8[e], acc2[b]);
-                        }
-                    }
-                }
-            }
-        }
-    } else {
-        for (int k = lane; k < K; k += 32) {
-            float wv = T::load(wr[k]);
-            float wv2 = glu ? T::load(wr2[k]) : 0.0f;
-#pragma unroll
-            for (int b = 0; b < NB; b++) {
-                if (b < B) {
-                    float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
-                                  : T::load(x[(size_t)b * K + k]);
-                    acc[b] = fmaf(wv, xv, acc[b]);
-                    if (glu) acc2[b] = fmaf(wv2, xv, acc2[b]);
-                }
-            }
-        }
-    }
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         acc[b] = warp_sum(acc[b]);
@@ -167,12 +132,192 @@ __device__ __forceinline__ void gemv_impl(
     }
 }
 
+template <typename T, int NB, int EPI>
+__device__ __forceinline__ void gemv_impl(
+    const u16* __restrict__ w,     // [N, K]
+    const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
+    const u16* __restrict__ bias,  // [N] or null
+    const u16* __restrict__ bias2, // [N] or null (GLU only)
+    const u16* __restrict__ x,     // [B, K] (unused when xf is given)
+    void* __restrict__ out,        // [B, N], f32 or 16-bit by EPI
+    int N, int K, int B,
+    const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
+    const u16* __restrict__ g,     // [K] norm weight (with xf)
+    const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
+    float eps, int rms, int stage) {
+    extern __shared__ float4 dyn_smem[];
+    float* xs = (float*)dyn_smem; // [B, K] when staged
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __shared__ float mean_s[NB], rstd_s[NB], red[32];
+    const bool glu = EPI == EPI_GLU;
+    const int U = 4; // 16-byte loads in flight per lane and matrix
+    const int K8 = K >> 3;
+    const bool vec = (K & 7) == 0;
+    const u16* wr = w + (size_t)row * K;
+    const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
+    const uint4* w4 = (const uint4*)wr;
+    const uint4* w24 = (const uint4*)wr2;
+    // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
+    // (under programmatic dependent launch they overlap its tail and this kernel's prologue).
+    uint4 wv[U], wv2[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int i = lane + 32 * u;
+        const bool ok = vec && row < N && i < K8;
+        wv[u] = ok ? ld_stream_first(w4 + i) : make_uint4(0, 0, 0, 0);
+        wv2[u] = (glu && ok) ? ld_stream_first(w24 + i) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    pdl_launch();
+    gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
+    if (row >= N) return;
+    float acc[NB], acc2[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
+    if (vec) {
+        for (int base = lane; base < K8; base += 32 * U) {
+            if (base != lane) { // the first batch is already in registers
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const int i = base + 32 * u;
+                    wv[u] = i < K8 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
+                    if (glu) wv2[u] = i < K8 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = base + 32 * u;
+                if (i >= K8) break;
+                gemv_fma8<T, NB, EPI>(wv[u], wv2[u], i, K, B, x, xs, xf, g, gb, mean_s, rstd_s, stage, acc, acc2);
+            }
+        }
+    } else {
+        for (int k = lane; k < K; k += 32) {
+            float ws = T::load(wr[k]);
+            float ws2 = glu ? T::load(wr2[k]) : 0.0f;
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                if (b < B) {
+                    float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
+                                  : T::load(x[(size_t)b * K + k]);
+                    acc[b] = fmaf(ws, xv, acc[b]);
+                    if (glu) acc2[b] = fmaf(ws2, xv, acc2[b]);
+                }
+            }
+        }
+    }
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, N, B, bias, bias2, out);
+}
+
+
+// The same product with the weights streamed through shared memory: each lane keeps ASYNC_STAGES chunks of
+// ASYNC_U 16-byte loads per matrix in flight with cp.async (sm_80+), landing in its own slots of a ring, so the
+// bytes in flight are bounded by shared memory rather than registers. Dynamic shared memory: the staged inputs
+// (B * K * 4 bytes when `stage`) followed by the ring (gemv_ring_bytes). K must be a multiple of 8.
+#define ASYNC_U 2
+#define ASYNC_STAGES 4
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_ring() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(ASYNC_STAGES - 1) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared16(unsigned a) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+    return r;
+}
+
+template <typename T, int NB, int EPI>
+__device__ __forceinline__ void gemv_async_impl(
+    const u16* __restrict__ w,     // [N, K]
+    const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
+    const u16* __restrict__ bias,  // [N] or null
+    const u16* __restrict__ bias2, // [N] or null (GLU only)
+    const u16* __restrict__ x,     // [B, K] (unused when xf is given)
+    void* __restrict__ out,        // [B, N], f32 or 16-bit by EPI
+    int N, int K, int B,
+    const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
+    const u16* __restrict__ g,     // [K] norm weight (with xf)
+    const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
+    float eps, int rms, int stage) {
+    extern __shared__ float4 dyn_smem[];
+    float* xs = (float*)dyn_smem; // [B, K] when staged
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __shared__ float mean_s[NB], rstd_s[NB], red[32];
+    const bool glu = EPI == EPI_GLU;
+    const int M = glu ? 2 : 1;
+    const int K8 = K >> 3;
+    const int chunks = (K8 + 32 * ASYNC_U - 1) / (32 * ASYNC_U);
+    // This thread's slot for (stage st, load u, matrix m): consecutive threads hold consecutive 16-byte words.
+    const unsigned ring = smem_addr(xs + (stage ? B * K : 0));
+    const int bd = blockDim.x;
+    const uint4* w4 = (const uint4*)(w + (size_t)row * K);
+    const uint4* w24 = (const uint4*)((glu ? w2 : w) + (size_t)row * K);
+    auto issue = [&](int c) {
+        if (row < N && c < chunks) {
+            const int st = c % ASYNC_STAGES;
+#pragma unroll
+            for (int u = 0; u < ASYNC_U; u++) {
+                const int i = lane + 32 * (c * ASYNC_U + u);
+                if (i < K8) {
+                    cp_async16(ring + (unsigned)((((st * ASYNC_U + u) * M) * bd + threadIdx.x) * 16), w4 + i);
+                    if (glu) cp_async16(ring + (unsigned)((((st * ASYNC_U + u) * M + 1) * bd + threadIdx.x) * 16), w24 + i);
+                }
+            }
+        }
+        cp_async_commit(); // an empty group past the end keeps the wait count uniform
+    };
+    // Weights never change: the first chunks are requested before waiting for the previous kernel.
+#pragma unroll
+    for (int c = 0; c < ASYNC_STAGES - 1; c++) issue(c);
+    pdl_wait();
+    pdl_launch();
+    gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
+    if (row >= N) return;
+    float acc[NB], acc2[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
+    for (int c = 0; c < chunks; c++) {
+        issue(c + ASYNC_STAGES - 1);
+        cp_async_wait_ring(); // chunk c has landed (in this thread's own slots)
+        const int st = c % ASYNC_STAGES;
+#pragma unroll
+        for (int u = 0; u < ASYNC_U; u++) {
+            const int i = lane + 32 * (c * ASYNC_U + u);
+            if (i < K8) {
+                const uint4 a = ld_shared16(ring + (unsigned)((((st * ASYNC_U + u) * M) * bd + threadIdx.x) * 16));
+                const uint4 a2 = glu ? ld_shared16(ring + (unsigned)((((st * ASYNC_U + u) * M + 1) * bd + threadIdx.x) * 16))
+                                     : make_uint4(0, 0, 0, 0);
+                gemv_fma8<T, NB, EPI>(a, a2, i, K, B, x, xs, xf, g, gb, mean_s, rstd_s, stage, acc, acc2);
+            }
+        }
+    }
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, N, B, bias, bias2, out);
+}
+
+// Two 512-thread blocks per multiprocessor for the narrow variants (64 registers a thread; GLU would spill).
+#define GEMV_MIN_BLOCKS(EPI, NB) ((NB) <= 2 && (EPI) != EPI_GLU ? 2 : 1)
 #define GEMV_KERNEL(TN, T, EN, EPI, NB)                                                                          \
-    extern "C" __global__ void gemv_##TN##_##EN##_b##NB(const u16* w, const u16* w2, const u16* bias,            \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_##TN##_##EN##_b##NB(const u16* w, const u16* w2, const u16* bias,            \
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
                                                         int B, const float* xf, const u16* g, const u16* gb,      \
                                                         float eps, int rms, int stage) {                          \
         gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);                  \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                      \
+        gemv_async_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);            \
     }
 #define GEMV_NB(TN, T, EN, EPI) \
     GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \

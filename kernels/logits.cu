@@ -3,7 +3,7 @@
 // One block per row of `logits` [N, V] (f32): the argmax (first index on ties; NaN never wins) into `am` [N],
 // and when `targets` [N] is given, log_softmax(row)[targets[r]] into `lp` [N].
 extern "C" __global__ void row_argmax_logprob(const float* __restrict__ logits, int V, const int* __restrict__ targets,
-                                              float* __restrict__ lp, int* __restrict__ am) {
+                                              float* __restrict__ lp, int* __restrict__ am) { PDL_ENTER
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ float red[32];
@@ -74,7 +74,7 @@ __device__ __forceinline__ void epilogue_impl(float* __restrict__ y, const u16* 
 
 #define EPILOGUE_KERNELS(TN, T)                                                                       \
     extern "C" __global__ void epilogue_##TN(float* y, const u16* bias, u16* out, long long N, int M,  \
-                                             int mode) {                                               \
+                                             int mode) { PDL_ENTER                                               \
         epilogue_impl<T>(y, bias, out, N, M, mode);                                                    \
     }
 

@@ -38,11 +38,11 @@ __device__ __forceinline__ void norm_impl(
 
 #define NORM_KERNELS(TN, T)                                                                                    \
     extern "C" __global__ void rmsnorm_##TN(const float* x, const u16* w, const u16* bias, u16* out,            \
-                                            float* xout, int d, float eps) {                                   \
+                                            float* xout, int d, float eps) { PDL_ENTER                                   \
         norm_impl<T, true>(x, w, bias, out, xout, d, eps);                                                      \
     }                                                                                                          \
     extern "C" __global__ void layernorm_##TN(const float* x, const u16* w, const u16* bias, u16* out,          \
-                                              float* xout, int d, float eps) {                                 \
+                                              float* xout, int d, float eps) { PDL_ENTER                                 \
         norm_impl<T, false>(x, w, bias, out, xout, d, eps);                                                     \
     }
 

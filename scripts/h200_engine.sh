@@ -5,6 +5,8 @@
 #   bench     dense decode at real shapes vs the weight-read floor, f16 and bf16, with HF eager beside it
 #   batch     batch 1/4/16 at Llama-2-7B; prefill of 2048 tokens
 #   startup   process start to first token, cold (empty kernel cache) and warm
+#   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
+#             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
 set -uo pipefail
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/dejavu}
@@ -39,6 +41,25 @@ for stage in "$@"; do
     batch)
       $BIN bench --shape llama2-7b --batch 1 4 16 --json "$OUT/batch.json"
       $BIN bench --shape llama2-7b --prompt 2048 --tokens 8 --dtype bf16 --json "$OUT/prefill.json" ;;
+    variants)
+      for v in "DEJAVU_PDL=0" "DEJAVU_PDL=1" "DEJAVU_GEMV_THREADS=256" "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1" \
+               "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_THREADS=256" "DEJAVU_PDL=1 DEJAVU_GEMV_ASYNC=1 DEJAVU_GEMV_STAGE=0"; do
+        tag=$(echo "$v" | tr ' =' '_-')
+        env $v $BIN bench --shape ${VARIANT_SHAPES:-smollm2-135m llama2-7b opt-6.7b llama2-13b} --dtype ${VARIANT_DTYPE:-f16} \
+          --csv "$OUT/var_$tag.csv" > "$OUT/var_$tag.txt" 2>&1 || { echo "variant $v failed:"; tail -3 "$OUT/var_$tag.txt"; }
+      done
+      python3 - "$OUT" <<'PY'
+import csv, glob, os, sys
+rows = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "var_*.csv"))):
+    tag = os.path.basename(f)[4:-4]
+    for r in csv.DictReader(open(f)):
+        rows.setdefault(r["model"], []).append((tag, float(r["median_ms"]), float(r["ratio_to_floor"]), float(r["achieved_gbps"])))
+for m, vs in rows.items():
+    for tag, ms, x, gb in vs:
+        print(f"{m:<14} {tag:<44} {ms:8.3f} ms  x{x:5.2f}  {gb:6.0f} GB/s")
+PY
+      ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do

@@ -19,6 +19,7 @@ pub mod model;
 pub mod ppl;
 pub mod predictor;
 pub mod recipe;
+pub mod report;
 pub mod source;
 pub mod sparse;
 pub mod store;

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod inspect;
 pub mod ppl;
 pub mod progress;
+pub mod report;
 pub mod run;
 pub mod train_predictors;
 
@@ -51,6 +52,8 @@ pub enum Command {
     /// Decode latency on the CUDA engine (named real shapes with random weights, or a model) against the
     /// weight-read floor.
     Bench(bench::Args),
+    /// A run directory's results as one HTML page with SVG charts and a markdown summary (RUN/report).
+    Report(report::Args),
     /// The CUDA engine against CPU references (kernels on random inputs; models against the burn forward).
     #[command(hide = true)]
     EngineCheck(engine_check::Args),
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::Report(a) => report::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Collect(a) => collect::run(a),

@@ -25,7 +25,13 @@ const GEMV_THREADS: u32 = 512;
 /// Attention key splits at most, for decode.
 const MAX_SPLITS: usize = 32;
 /// Dynamic shared memory a GEMV block may take to stage its f32 inputs.
-const GEMV_SMEM: usize = 96 * 1024;
+const GEMV_SMEM: usize = 200 * 1024;
+
+/// Shared memory of the cp.async GEMV's ring: per thread, ASYNC_STAGES (4) x ASYNC_U (2) 16-byte slots per matrix
+/// (kernels/gemv.cu), two matrices for the GLU.
+fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
+    threads * 4 * 2 * 16 * if epi == Epi::Glu { 2 } else { 1 }
+}
 
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,8 +161,10 @@ pub struct Engine {
     fuse_norm: bool,
     /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
     stage: bool,
-    /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 256).
+    /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
     gemv_threads: u32,
+    /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
+    gemv_async: bool,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -208,6 +216,7 @@ impl Engine {
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
+            gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
         })
     }
@@ -369,13 +378,17 @@ impl Engine {
                     .ptr(gb)
                     .f32(eps)
                     .i32(rms);
-                let smem = nb * k * 4;
-                let stage = self.stage && k % 4 == 0 && smem <= GEMV_SMEM;
-                let mut args = args.i32(i32::from(stage));
                 let threads = self.gemv_threads;
-                let f = if stage { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+                // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
+                let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
+                let staged = nb * k * 4;
+                let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
+                let smem = if stage { staged } else { 0 } + ring;
+                let mut args = args.i32(i32::from(stage));
+                let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
+                let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
                 let grid = ((n as u32).div_ceil(threads / 32), 1, 1);
-                self.gpu.launch(f, grid, threads, if stage { smem as u32 } else { 0 }, &mut args)?;
+                self.gpu.launch(f, grid, threads, smem as u32, &mut args)?;
                 r0 += nb;
             }
             return Ok(());

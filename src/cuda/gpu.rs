@@ -54,6 +54,11 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     pub sms: i32,
+    /// Launch kernels with programmatic dependent launch (sm_90+, `DEJAVU_PDL=1`; off by default until it has been
+    /// checked and timed on a GPU): a kernel may start while the previous one finishes; each waits (`pdl_wait` in
+    /// kernels/common.cuh) before reading its inputs, so only the launch latency and the previous kernel's tail
+    /// are overlapped.
+    pub pdl: bool,
 }
 
 impl Gpu {
@@ -76,7 +81,8 @@ impl Gpu {
         );
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = result::device::get_name(device).ctx("cuDeviceGetName")?;
-        Ok(Gpu { device, ctx, stream, name, arch, sms })
+        let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").is_ok_and(|v| v == "1");
+        Ok(Gpu { device, ctx, stream, name, arch, sms, pdl })
     }
 
     /// Make this context current on the calling thread (every entry point of the engine does).
@@ -137,7 +143,29 @@ impl Gpu {
     /// Launch `f` on the engine's stream with `args`.
     pub(crate) fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut Args) -> GpuResult<()> {
         let mut ptrs = args.ptrs();
-        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut ptrs) }.ctx("cuLaunchKernel")
+        if !self.pdl {
+            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut ptrs) }
+                .ctx("cuLaunchKernel");
+        }
+        // SAFETY: a zeroed attribute value is valid; only the programmatic-serialization member is set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        unsafe { sys::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .ctx("cuLaunchKernelEx")
     }
 
     pub fn event(&self) -> GpuResult<Event> {

@@ -177,7 +177,14 @@ pub fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found")));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // The tokenizers crate panics on some malformed JSON (found by scripts/fuzz.sh: a trailing comma or a non-string
+    // key inside `decoder`), so the syntax is checked here first and any panic left is turned into an error.
+    serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+        .map_err(|_| Error::format(path, "not a valid tokenizer.json: the tokenizers library could not read it (it panicked)"))?;
+    parsed.map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
