@@ -37,13 +37,13 @@ secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 throughput() {
   local BIN=$1 M=$2 T=$3 D=$4 N=${TPUT_SEQS:-128} DEV=${DEV:-cuda} WARM=${WARM:-1}
   mkdir -p "$D"
-  c() { rm -rf "$D/c"; "$BIN" collect --device "$DEV" -m "$M" --text "$T" --seq-len 512 --out "$D/c" --json "$@"; }
+  c() { rm -rf "$D/c"; "$BIN" collect --device "$DEV" -m "$M" --text "$T" --seq-len 512 --out "$D/c" "$@"; }
   dd if=/dev/zero of="$D/dd" bs=64M count=64 conv=fsync 2>&1 | tail -1 | tee "$D/disk.txt"; rm -f "$D/dd"
   [[ $WARM == 1 ]] && "$BIN" ppl --device "$DEV" -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens 4096 > /dev/null
   "$BIN" ppl --device "$DEV" -m "$M" --text "$T" --ctx 512 --stride 512 --max-tokens $((N * 512)) --json "$D/ppl.json" > /dev/null
   for b in 1 4; do
     [[ $WARM == 1 ]] && c --tokens 4088 --batch $b > /dev/null
-    c --tokens $((N * 511)) --batch $b > "$D/collect_b$b.json"
+    c --tokens $((N * 511)) --batch $b --json "$D/collect_b$b.json" > /dev/null
   done
   rm -rf "$D/c"
   python3 - "$D" <<'PY' | tee "$D/tput.md"
@@ -88,7 +88,7 @@ all() {
 
   echo "== (b) collect $N tokens (batch $BATCH)"
   t0=$(now)
-  has collect && "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUTD/run" --json > "$OUTD/collect_run.json"
+  has collect && "$BIN" collect --device cuda -m "$MODEL" --text "$TEXT" --tokens "$N" --seq-len "$SEQ" --batch "$BATCH" --out "$OUTD/run" --json "$OUTD/collect_run.json" > /dev/null
   t1=$(now)
   echo "collect wall: $(secs "$t0" "$t1") s" | tee "$OUTD/walls.txt"
 

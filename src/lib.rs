@@ -18,6 +18,7 @@ pub mod fixture;
 pub mod model;
 pub mod ppl;
 pub mod predictor;
+pub mod recipe;
 pub mod report;
 pub mod source;
 pub mod sparse;

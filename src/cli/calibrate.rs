@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::calibrate::{criterion, quantize_model, threshold_plan, Calibrator, RuleCalibrator, ThresholdLevel, Thresholds};
 use dejavu::model::QScorer;
@@ -251,27 +250,36 @@ impl ModelCommand for Args {
             return run_rule::<B>(args, files, device);
         }
         let Some(out_path) = args.out.clone() else { return Err(usage("--rule cats: give --out FILE or --run RUN")) };
+        // Inputs and the output are checked before any model work: a late failure would discard the whole run.
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
+        super::common::check_output_file(&out_path)?;
         let identity = files.identity().context("while fingerprinting the model")?;
         let model = load_model::<B>(&files, &device, false)?;
-        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
         let mut cal = Calibrator::new(files.config.layers);
-        let bar = ProgressBar::new(args.tokens as u64);
-        bar.set_style(
-            ProgressStyle::with_template("calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        // One bar over every pass (the first, then --refine passes per level), so its ETA is the command's.
+        let passes = 1 + args.sparsity.len() * args.refine;
+        let bar = super::progress::bar((args.tokens * passes) as u64, "calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
+        bar.set_message(format!("pass 1/{passes}"));
         while let Some(w) = windows.next_window()? {
             cal.add_sequence(&model, &w).context("while calibrating")?;
             bar.inc(w.len() as u64);
         }
-        bar.finish_and_clear();
+        // A text shorter than --tokens makes every pass shorter: the bar's length follows.
+        bar.set_length(cal.tokens * passes as u64);
+        let mut pass_no = 1;
         if cal.tokens == 0 {
             bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
         }
         if (cal.tokens as usize) < args.tokens {
             eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
         }
-        let mut levels: Vec<ThresholdLevel> = Vec::new();
+        let mut out = Thresholds {
+            header: Thresholds::header(identity, &args),
+            criterion: criterion(files.config.family).to_string(),
+            tokens: cal.tokens,
+            text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
+            levels: Vec::new(),
+        };
         for &sp in &args.sparsity {
             let mut hists = cal.layers.clone();
             let mut thresholds: Vec<f32> = hists.iter().map(|h| h.quantile(sp)).collect();
@@ -279,8 +287,8 @@ impl ModelCommand for Args {
                 let plan = threshold_plan(&thresholds);
                 let mut refined = Calibrator::new(files.config.layers);
                 let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
-                bar.reset();
-                bar.set_message(format!("refine {sp} pass {}", pass + 1));
+                pass_no += 1;
+                bar.set_message(format!("pass {pass_no}/{passes}: refine {sp} ({}/{})", pass + 1, args.refine));
                 while let Some(w) = windows.next_window()? {
                     refined.add_sequence_under(&model, &w, Some(&plan)).context("while refining the thresholds")?;
                     bar.inc(w.len() as u64);
@@ -288,21 +296,13 @@ impl ModelCommand for Args {
                 hists = refined.layers;
                 thresholds = hists.iter().map(|h| h.quantile(sp)).collect();
             }
-            bar.finish_and_clear();
             let realised = hists.iter().zip(&thresholds).map(|(h, &t)| h.fraction_below(t)).collect();
-            levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
+            out.levels.push(ThresholdLevel { sparsity: sp, thresholds, realised });
+            // Each finished level is on disk at once (atomically), so a late failure loses only the level it
+            // happened in.
+            out.save(&out_path).context("while writing the thresholds")?;
         }
-        let out = Thresholds {
-            header: Thresholds::header(identity, &args),
-            criterion: criterion(files.config.family).to_string(),
-            tokens: cal.tokens,
-            text: args.corpus.text.iter().map(|p| p.display().to_string()).collect(),
-            levels,
-        };
-        if let Some(dir) = out_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
-        }
-        out.save(&out_path).context("while writing the thresholds")?;
+        bar.finish_and_clear();
         println!("| sparsity | min threshold | median threshold | max threshold | realised (calibration text) |");
         println!("|---|---|---|---|---|");
         for l in &out.levels {

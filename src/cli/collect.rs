@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::DeviceKind;
 use dejavu::collect::{CollectOptions, Collector, DEFAULT_CHUNK_BYTES};
@@ -36,9 +35,10 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     pub batch: Option<usize>,
-    /// Print the report as JSON on stdout instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    /// Also write the report as JSON to this file (as `ppl --json FILE` does); the table is printed either way.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub json: Option<PathBuf>,
     /// How the taps come back from the device after each forward: `packed` (cast to f16 and concatenated on the
     /// device, one transfer) or `per-tap` (one f32 transfer per layer and tap, converted on the host). Default:
     /// packed on GPUs, per-tap on CPUs.
@@ -77,6 +77,9 @@ impl ModelCommand for Args {
                 None => gpu,
             },
         };
+        if let Some(j) = &args.json {
+            super::common::check_output_file(j)?;
+        }
         let collector = Collector::open(&args.out, &files.config, identity, opts)
             .with_context(|| format!("while preparing the collection in {}", args.out.display()))?;
         let m = collector.manifest().clone();
@@ -100,11 +103,7 @@ impl ModelCommand for Args {
             collector.dir().display()
         );
         let model = load_model::<B>(&files, &device, false)?;
-        let bar = ProgressBar::new(m.tokens_requested as u64);
-        bar.set_style(
-            ProgressStyle::with_template("collect [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = super::progress::bar(m.tokens_requested as u64, "collect [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
         bar.set_position(m.tokens as u64);
         bar.reset_eta();
         let dir = collector.dir().to_path_buf();
@@ -119,11 +118,12 @@ impl ModelCommand for Args {
             );
         }
         let secs = r.seconds.max(1e-9);
-        if args.json {
+        if let Some(path) = &args.json {
             let mut v = serde_json::to_value(&r)?;
             v["steady_tokens_per_s"] = serde_json::json!(r.steady_tokens_per_s());
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
+            dejavu::store::write_json(path, &v).with_context(|| format!("while writing {}", path.display()))?;
+        }
+        {
             println!("| model | tokens | shards | size | recorded now | seconds | tokens/s | forward tokens/s | forward s | record s | write wait s | handoff wait s |");
             println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
             println!(

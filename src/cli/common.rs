@@ -343,3 +343,25 @@ pub fn engine_decoder<'a, B: Backend>(_files: &ModelFiles, _args: &DecodeArgs, _
     // `check_device` refuses `--device cuda` in a build without the feature before any model work.
     Err(anyhow::anyhow!("--device cuda: this binary was built without the `cuda` feature"))
 }
+
+/// Fail before any model work when the file `path` could not be written at the end: its directory is created
+/// when missing and must accept a new file. The message names the path.
+pub fn check_output_file(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("{}: is a directory, not a file to write", path.display());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    check_output_dir(dir).with_context(|| format!("while checking that {} can be written", path.display()))
+}
+
+/// [`check_output_file`] for a directory that will receive files: created when missing, and writable.
+pub fn check_output_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{}: exists and is not a directory", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("while creating the directory {}", dir.display()))?;
+    let probe = dir.join(format!(".dejavu-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| format!("{}: cannot create files in this directory", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask};
-use dejavu::eval::{run_task, tasks, Evaluator, TaskResult};
+use dejavu::decode::correct::Accept;
+use dejavu::eval::{run_task_with, tasks, Continuation, Evaluator, TaskResult};
 use dejavu::sparse::{Mode, SparsityStats};
 use dejavu::store::{write_eval_results, ArtifactHeader, RunDir, EVAL_FORMAT, EVAL_VERSION};
 use dejavu::ModelFiles;
@@ -18,16 +18,23 @@ use super::common::{
     check_device, check_engine_mode, engine_decoder, load_model, resolve, tokenize_file, uses_engine, AnyDecoder, DecodeArgs,
     WindowArgs,
 };
-use super::{out, usage, usage_of};
+use super::{out, usage};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub decode: DecodeArgs,
-    /// Tasks, comma-separated (default: all eight).
+    /// Tasks, comma-separated (default: the eight built-in ones). A name is a built-in task (also
+    /// lambada_openai_gen: LAMBADA by greedy generation), or any NAME.jsonl in --tasks-dir (multiple choice,
+    /// schema or language modelling, told by its fields; a NAME.toml beside it may set kind, delimiter, file,
+    /// max_tokens), or a path to a .jsonl file or a .toml task definition.
     #[arg(long, value_delimiter = ',', default_value = "arc_easy,boolq,copa,hellaswag,lambada_openai,openbook_qa,piqa,winogrande")]
     pub tasks: Vec<String>,
+    /// Text between context and continuation for tasks that define none (neither built in nor set in their
+    /// .toml); default: a space.
+    #[arg(long, value_name = "TEXT")]
+    pub delimiter: Option<String>,
     /// Directory of task files (default: $DEJAVU_SHARED/data/tasks, else ../shared/data/tasks).
     #[arg(long, env = "DEJAVU_TASKS")]
     pub tasks_dir: Option<PathBuf>,
@@ -61,6 +68,27 @@ pub struct Args {
     /// Directory for results.json, results.csv and layers.csv (default: RUN/eval with --run).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Generation tasks in sparse modes: Sirius correction (the sparse mode decodes, the dense model checks every
+    /// --period tokens over the shared KV cache and keeps the tokens it accepts). Dense modes decode as usual.
+    #[arg(long, help_heading = "Correction")]
+    #[serde(default)]
+    pub correct: bool,
+    /// Sparse tokens between dense checks.
+    #[arg(long, default_value_t = 8, requires = "correct", help_heading = "Correction")]
+    #[serde(default = "default_period")]
+    pub period: usize,
+    /// Keep a sparse token while the dense model gives it probability >= P, or only if it is the dense argmax.
+    #[arg(long, value_name = "P|argmax", default_value = "0.1", requires = "correct", help_heading = "Correction")]
+    #[serde(default = "default_accept")]
+    pub accept: Accept,
+}
+
+fn default_period() -> usize {
+    8
+}
+
+fn default_accept() -> Accept {
+    Accept::Prob(0.1)
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
@@ -93,11 +121,34 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         let shared = std::env::var_os("DEJAVU_SHARED").map_or_else(|| PathBuf::from("../shared"), PathBuf::from);
         shared.join("data/tasks")
     });
-    let specs: Vec<&'static tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::spec(t).map_err(usage_of)).collect::<anyhow::Result<_>>()?;
+    let specs: Vec<tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::find(t, &tasks_dir)).collect::<Result<_, _>>()?;
+    if args.delimiter.is_some() && specs.iter().all(|s| s.delimiter.is_some()) {
+        return Err(usage(format!(
+            "--delimiter: every task asked for defines its own delimiter ({}); change it in a NAME.toml beside the task file",
+            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if args.correct {
+        if args.period == 0 {
+            return Err(usage("--period must be at least 1"));
+        }
+        if modes.iter().all(|m| *m == Mode::Dense) {
+            return Err(usage("--correct needs a sparse mode in --mode or --compare (dense decoding has nothing to correct)"));
+        }
+    }
     // Read every task file and check the output directory up front, so a bad input fails before any model work.
     let loaded: Vec<tasks::Task> =
-        specs.iter().map(|s| tasks::load(&tasks_dir, s, args.limit)).collect::<Result<_, _>>()?;
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("while creating the output directory {}", out_dir.display()))?;
+        specs.iter().map(|s| tasks::read(s, args.delimiter.as_deref(), args.limit)).collect::<Result<_, _>>()?;
+    if args.correct && !loaded.iter().any(|t| t.kind == tasks::TaskKind::Generation) {
+        return Err(usage("--correct: no generation task in --tasks (e.g. lambada_openai_gen, or kind = \"generation\" in a task definition)"));
+    }
+    super::common::check_output_dir(&out_dir).with_context(|| format!("while preparing the output directory {}", out_dir.display()))?;
+    if let Some(d) = &args.dump {
+        super::common::check_output_file(d)?;
+    }
+    if let Some(p) = args.ppl.as_ref().filter(|p| !p.is_file()) {
+        bail!("{}: no such file (--ppl)", p.display());
+    }
     let files = resolve(&args.decode.model.model)?;
     // The CUDA engine needs no burn backend: generic code runs CPU-typed and idle.
     let kind = if uses_engine(&args.decode.model) { dejavu::backend::DeviceKind::Cpu } else { args.decode.model.device };
@@ -117,6 +168,8 @@ struct Task {
 #[derive(serde::Serialize)]
 struct ModeResult {
     mode: Mode,
+    /// How generation tasks were decoded in this mode.
+    continuation: Continuation,
     tasks: Vec<TaskResult>,
     ppl: Option<dejavu::ppl::PplResult>,
     ppl_mlp_sparsity: Option<f64>,
@@ -125,6 +178,16 @@ struct ModeResult {
     /// Over everything this mode scored (tasks and --ppl).
     mlp_read_fraction: f64,
     layers: Vec<LayerRow>,
+}
+
+impl ModeResult {
+    /// The mode as the tables name it: `+correct` when its generation tasks were corrected.
+    fn label(&self) -> String {
+        match self.continuation {
+            Continuation::Greedy => self.mode.to_string(),
+            Continuation::Corrected { .. } => format!("{}+correct", self.mode),
+        }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -174,17 +237,18 @@ impl BackendTask for Task {
                 (None, Some(d)) => d.as_dyn(),
                 (None, None) => bail!("internal: no decoder"),
             };
+            let how = if args.correct && mode != Mode::Dense {
+                Continuation::Corrected { period: args.period, accept: args.accept }
+            } else {
+                Continuation::Greedy
+            };
             let mut task_results = Vec::new();
             let mut all_stats = SparsityStats::new(cfg.layers);
             for task in &tasks {
-                let bar = ProgressBar::new(task.examples.len() as u64);
-                bar.set_style(
-                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples {per_sec} eta {eta}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
+                let bar = super::progress::bar(task.examples.len() as u64, "{msg} [{bar:30}] {pos}/{len} examples {per_sec} eta {eta}");
                 bar.set_message(format!("{mode} {}", task.spec.name));
                 let mut dump_err = None;
-                let r = run_task(&ev, &mut *dec, task, |i, scores| {
+                let r = run_task_with(&ev, &mut *dec, task, how, |i, scores| {
                     bar.inc(1);
                     if let Some(w) = dump.as_mut() {
                         let ex = &task.examples[i];
@@ -209,11 +273,7 @@ impl BackendTask for Task {
             }
             let (ppl, ppl_sp, ppl_read) = match &ppl_ids {
                 Some(ids) if ids.len() >= 2 => {
-                    let bar = ProgressBar::new(dejavu::ppl::windows(ids.len(), args.window.ctx, stride).iter().map(|w| (w.1 - w.0) as u64).sum());
-                    bar.set_style(
-                        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                    );
+                    let bar = super::progress::bar(dejavu::ppl::windows(ids.len(), args.window.ctx, stride).iter().map(|w| (w.1 - w.0) as u64).sum(), "{msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
                     bar.set_message(format!("{mode} ppl"));
                     dec.take_stats();
                     let r = dejavu::ppl::perplexity(&mut *dec, ids, args.window.ctx, stride, |n| bar.inc(n as u64))
@@ -243,6 +303,7 @@ impl BackendTask for Task {
             let mlp_read_fraction = read_fraction(mode, &all_stats);
             results.push(ModeResult {
                 mode,
+                continuation: how,
                 tasks: task_results,
                 ppl,
                 ppl_mlp_sparsity: ppl_sp,
@@ -264,6 +325,19 @@ fn read_fraction(mode: Mode, stats: &SparsityStats) -> f64 {
     if mode.is_dense() { 1.0 } else { stats.mlp_read_fraction() }
 }
 
+/// Mean accuracy over a mode's tasks and its standard error (the tasks' standard errors combined as independent).
+fn mean_acc(m: &ModeResult) -> (f64, f64) {
+    let n = m.tasks.len().max(1) as f64;
+    let mean = m.tasks.iter().map(|t| t.acc).sum::<f64>() / n;
+    let se = m.tasks.iter().map(|t| t.acc_stderr * t.acc_stderr).sum::<f64>().sqrt() / n;
+    (mean, se)
+}
+
+/// `a - b` and its standard error, the two taken as independent (a conservative figure for paired runs).
+fn delta(a: f64, a_se: f64, b: f64, b_se: f64) -> (f64, f64) {
+    (a - b, (a_se * a_se + b_se * b_se).sqrt())
+}
+
 /// The markdown tables printed on stdout.
 fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
     let mut md = String::new();
@@ -278,14 +352,14 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
             writeln!(
                 md,
                 "| {} | {} | {} | {:.4} ± {:.4} | {} | {:.3} | {:.3} | {:.3} | {:.2} |",
-                m.mode, t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.mlp_read_fraction, t.examples_per_s
+                m.label(), t.task, t.n, t.acc, t.acc_stderr, norm, t.mlp_sparsity, t.head_sparsity, t.mlp_read_fraction, t.examples_per_s
             )?;
         }
         if let Some(p) = &m.ppl {
             writeln!(
                 md,
                 "| {} | ppl ({} tokens) | {} | {:.4} | — | {:.3} | — | {:.3} | — |",
-                m.mode,
+                m.label(),
                 p.scored,
                 p.scored,
                 p.ppl,
@@ -298,19 +372,23 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
         let base = &results[0];
         writeln!(md, "\n| mode | MLP bytes read | mean acc | Δ acc vs {} (points) | ppl | Δ ppl |", base.mode)?;
         writeln!(md, "|---|---|---|---|---|---|")?;
-        let mean = |m: &ModeResult| m.tasks.iter().map(|t| t.acc).sum::<f64>() / m.tasks.len().max(1) as f64;
-        for m in results {
+        let (base_acc, base_se) = mean_acc(base);
+        for (i, m) in results.iter().enumerate() {
             let (ppl, dppl) = match (&m.ppl, &base.ppl) {
                 (Some(p), Some(b)) => (format!("{:.3}", p.ppl), format!("{:+.2}%", 100.0 * (p.ppl / b.ppl - 1.0))),
                 _ => ("—".into(), "—".into()),
             };
+            let (acc, se) = mean_acc(m);
+            let (d, d_se) = if i == 0 { (0.0, 0.0) } else { delta(acc, se, base_acc, base_se) };
             writeln!(
                 md,
-                "| {} | {:.3} | {:.4} | {:+.2} | {} | {} |",
-                m.mode,
+                "| {} | {:.3} | {:.4} ± {:.4} | {:+.2} ± {:.2} | {} | {} |",
+                m.label(),
                 m.mlp_read_fraction,
-                mean(m),
-                100.0 * (mean(m) - mean(base)),
+                acc,
+                se,
+                100.0 * d,
+                100.0 * d_se,
                 ppl,
                 dppl
             )?;
@@ -322,7 +400,18 @@ fn summary(results: &[ModeResult]) -> anyhow::Result<String> {
 /// Write results.json, results.csv and layers.csv into `dir`, each atomically.
 fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::ModelIdentity, results: &[ModeResult]) -> anyhow::Result<()> {
     let header = ArtifactHeader::new(EVAL_FORMAT, EVAL_VERSION, model.clone(), args);
-    let json = serde_json::json!({ "model": model.source, "modes": results });
+    // Mean accuracy per mode and its difference from the first mode, each with its standard error.
+    let comparison: Vec<serde_json::Value> = results
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (acc, se) = mean_acc(m);
+            let (b, b_se) = mean_acc(&results[0]);
+            let (d, d_se) = if i == 0 { (0.0, 0.0) } else { delta(acc, se, b, b_se) };
+            serde_json::json!({ "mode": m.mode, "mean_acc": acc, "mean_acc_stderr": se, "delta_acc": d, "delta_acc_stderr": d_se })
+        })
+        .collect();
+    let json = serde_json::json!({ "model": model.source, "modes": results, "comparison": comparison });
     let opt = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
@@ -332,14 +421,14 @@ fn write_results(args: &Args, dir: &std::path::Path, model: &dejavu::source::Mod
     for m in results {
         for t in &m.tasks {
             w.write_record([
-                m.mode.to_string(), t.task.clone(), t.n.to_string(), t.acc.to_string(), t.acc_stderr.to_string(),
+                m.label(), t.task.clone(), t.n.to_string(), t.acc.to_string(), t.acc_stderr.to_string(),
                 opt(t.acc_norm), opt(t.acc_norm_stderr), String::new(),
                 t.mlp_sparsity.to_string(), t.head_sparsity.to_string(), t.examples_per_s.to_string(),
                 t.mlp_read_fraction.to_string(),
             ])?;
         }
         if let Some(pp) = &m.ppl {
-            w.write_record([m.mode.to_string(), "ppl".into(), pp.scored.to_string(), String::new(), String::new(), String::new(), String::new(),
+            w.write_record([m.label(), "ppl".into(), pp.scored.to_string(), String::new(), String::new(), String::new(), String::new(),
                 pp.ppl.to_string(), opt(m.ppl_mlp_sparsity), String::new(), String::new(), opt(m.ppl_mlp_read_fraction)])?;
         }
     }

@@ -60,6 +60,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(format!("--top-p must be in (0, 1] (got {})", args.top_p)));
     }
+    if let Some(j) = &args.json {
+        super::common::check_output_file(j)?;
+    }
     if args.correct {
         if args.decode.mode == dejavu::sparse::Mode::Dense {
             return Err(usage("--correct needs a sparse --mode (dense decoding has nothing to correct)"));

@@ -11,7 +11,9 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod ppl;
+pub mod progress;
 pub mod report;
+pub mod run;
 pub mod train_predictors;
 
 use std::io::Write;
@@ -22,7 +24,7 @@ use dejavu::error::OptionError;
 
 /// dejavu: find and run the sparse parts of an LLM (Deja Vu predictors, CATS thresholds).
 #[derive(Debug, Parser)]
-#[command(name = "dejavu", version, about, long_about = None)]
+#[command(name = "dejavu", version = env!("DEJAVU_LONG_VERSION"), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,6 +32,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a recipe (recipes/*.toml): collect → train-predictors → calibrate → eval into one run directory,
+    /// skipping stages whose artifacts are up to date and resuming a killed one.
+    Run(run::Args),
     /// Generate text from a prompt (greedy by default), dense or in a sparse --mode (--device cuda: the CUDA engine).
     Generate(generate::Args),
     /// Perplexity of a text file with a sliding window, dense or in a sparse --mode.
@@ -56,6 +61,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(a) => run::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Report(a) => report::run(a),
@@ -123,4 +129,36 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     }
     eprintln!("error: {e:#}");
     if e.chain().any(|c| c.is::<UsageError>()) { 2 } else { 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every subcommand says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help() {
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} --{}", sub.get_name(), arg.get_long().unwrap_or(id)));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help: {}", missing.join(", "));
+    }
+
+    /// `--version` names the commit and the features of the build.
+    #[test]
+    fn version_names_commit_and_features() {
+        let v = super::Cli::command().render_version();
+        assert!(v.contains(env!("CARGO_PKG_VERSION")) && v.contains("commit ") && v.contains("features: "), "{v}");
+        assert_eq!(v.contains("cuda"), cfg!(feature = "cuda"), "{v}");
+    }
 }

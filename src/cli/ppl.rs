@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::ppl::{perplexity, windows};
 use dejavu::ModelFiles;
@@ -34,6 +33,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.window.stride(None)?;
     check_engine_mode(&args.decode, &[args.decode.mode])?;
+    if let Some(j) = &args.json {
+        super::common::check_output_file(j)?;
+    }
     run_decoding(&args.decode.model.clone(), args)
 }
 
@@ -50,11 +52,7 @@ impl ModelCommand for Args {
         let mut any = decoder_for::<B>(&args.decode, &files, &device, &loaded, &plan, &mut slot)?;
         let dec = any.as_dyn();
         let total: usize = windows(ids.len(), args.window.ctx, stride).iter().map(|w| w.1 - w.0).sum();
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("ppl [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = super::progress::bar(total as u64, "ppl [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
         let r = perplexity(&mut *dec, &ids, args.window.ctx, stride, |n| bar.inc(n as u64))
             .with_context(|| format!("while scoring {}", args.text.display()))?;
         bar.finish_and_clear();

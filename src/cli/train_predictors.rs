@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
@@ -34,8 +33,10 @@ pub struct Args {
     /// Epochs without a better held-out k before stopping.
     #[arg(long, default_value_t = 3)]
     pub patience: usize,
+    /// Tokens per training step (minibatch).
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
+    /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// AdamW decoupled weight decay.
@@ -62,6 +63,7 @@ pub struct Args {
     /// Fraction of heads labelled active per token (top-k of head output norm).
     #[arg(long, default_value_t = 0.5)]
     pub head_density: f64,
+    /// Seed of the weight initialisation and the minibatch order (each layer derives its own from it).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Use at most this many collected tokens.
@@ -142,11 +144,7 @@ impl BackendTask for Task {
             opts.rank,
             jobs
         );
-        let bar = ProgressBar::new((n_layers * 2 * opts.epochs) as u64);
-        bar.set_style(
-            ProgressStyle::with_template("train [{bar:30}] {pos}/{len} epochs, layers done {msg} ({elapsed}, eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = super::progress::bar((n_layers * 2 * opts.epochs) as u64, "train [{bar:30}] {pos}/{len} epochs, layers done {msg} ({elapsed}, eta {eta})");
         let done = std::sync::atomic::AtomicUsize::new(0);
         bar.set_message(format!("0/{n_layers}"));
         let t0 = Instant::now();

@@ -6,7 +6,8 @@ pub mod tasks;
 
 use tokenizers::Tokenizer;
 
-use crate::decode::{host_score, DecodeError, Decoder};
+use crate::decode::correct::{generate_corrected, Accept};
+use crate::decode::{generate, host_score, DecodeError, Decoder, Sampling};
 use crate::error::{Error, Result};
 use crate::sparse::SparsityStats;
 use tasks::{Example, Task, TaskKind};
@@ -20,6 +21,28 @@ pub struct RequestScore {
     pub tokens: Vec<u32>,
     /// How many trailing tokens of `tokens` are the scored continuation.
     pub n_cont: usize,
+    /// Generation tasks: the text generated (then `loglik` is not computed and `greedy` is the exact match).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generated: Option<String>,
+}
+
+/// How a generation task continues its prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Continuation {
+    /// Greedy decoding under the decoder's plan.
+    #[default]
+    Greedy,
+    /// Greedy sparse decoding checked by the dense model every `period` tokens (Sirius; [`generate_corrected`]).
+    Corrected { period: usize, accept: Accept },
+}
+
+/// Whether `generated` is the target: after leading whitespace, it starts with the trimmed `target` and goes on
+/// (if at all) with a character that is not a letter or digit, so `signs.` matches `signs` but `signals` does
+/// not.
+pub fn generation_matches(generated: &str, target: &str) -> bool {
+    let t = target.trim();
+    !t.is_empty() && generated.trim_start().strip_prefix(t).is_some_and(|rest| !rest.chars().next().is_some_and(char::is_alphanumeric))
 }
 
 /// Turns task requests into token sequences and scores them on a [`Decoder`] (dense or sparse: the decoder's
@@ -59,7 +82,7 @@ impl Evaluator<'_> {
 
     /// Score all requests of one example, grouping those that share a context.
     pub fn score_example(&self, dec: &mut dyn Decoder, ex: &Example) -> Result<Vec<RequestScore>> {
-        let mut out = vec![RequestScore { loglik: 0.0, greedy: false, tokens: Vec::new(), n_cont: 0 }; ex.requests.len()];
+        let mut out = vec![RequestScore { loglik: 0.0, greedy: false, tokens: Vec::new(), n_cont: 0, generated: None }; ex.requests.len()];
         let mut done = vec![false; ex.requests.len()];
         for i in 0..ex.requests.len() {
             if done[i] {
@@ -103,7 +126,13 @@ impl Evaluator<'_> {
             .iter()
             .map(|c| {
                 let s = host_score(&first, c[0]);
-                RequestScore { loglik: s.logprob as f64, greedy: s.argmax, tokens: ctx.iter().chain(c).copied().collect(), n_cont: c.len() }
+                RequestScore {
+                    loglik: s.logprob as f64,
+                    greedy: s.argmax,
+                    tokens: ctx.iter().chain(c).copied().collect(),
+                    n_cont: c.len(),
+                    generated: None,
+                }
             })
             .collect();
         if longest <= 1 {
@@ -130,6 +159,39 @@ impl Evaluator<'_> {
         }
         Ok(scores)
     }
+
+    /// Generate after the prompt of a generation example (its one request: `context + delimiter`, target) and
+    /// judge the text by [`generation_matches`]. `max_tokens` defaults to the target's own token count; the
+    /// prompt is cut from the left so prompt and generation fit `max_len`. Generation stops early at an
+    /// end-of-sequence token of the model.
+    pub fn generate_example(
+        &self,
+        dec: &mut dyn Decoder,
+        ex: &Example,
+        max_tokens: Option<usize>,
+        how: Continuation,
+    ) -> Result<RequestScore> {
+        let (prompt, target) = ex.requests.first().ok_or(DecodeError::Empty)?;
+        let (ctx, cont) = self.encode_pair(prompt, target)?;
+        let n = max_tokens.unwrap_or(cont.len()).max(1);
+        let cfg = dec.config();
+        let max_len = cfg.position_limit().map_or(self.max_len, |p| p.min(self.max_len)).max(2);
+        let eos = cfg.eos_token_ids.clone();
+        let n = n.min(max_len - 1);
+        let ctx = &ctx[ctx.len().saturating_sub(max_len - n)..];
+        let new = match how {
+            Continuation::Greedy => generate(dec, ctx, n, Sampling::default(), &eos, |_| true)?.new_tokens,
+            Continuation::Corrected { period, accept } => generate_corrected(dec, ctx, n, period, accept, &eos)?.new_tokens,
+        };
+        let text = self.tokenizer.decode(&new, false).map_err(|e| Error::Tokenize(e.to_string()))?;
+        Ok(RequestScore {
+            loglik: f64::NAN,
+            greedy: generation_matches(&text, target),
+            n_cont: new.len(),
+            tokens: ctx.iter().chain(&new).copied().collect(),
+            generated: Some(text),
+        })
+    }
 }
 
 /// Accuracy numbers of one task.
@@ -137,6 +199,8 @@ impl Evaluator<'_> {
 pub struct TaskResult {
     pub task: String,
     pub kind: TaskKind,
+    /// The text put between context and continuation.
+    pub delimiter: String,
     pub n: usize,
     pub acc: f64,
     pub acc_stderr: f64,
@@ -170,10 +234,16 @@ fn argmax_f64(v: impl Iterator<Item = f64>) -> usize {
 
 /// Evaluate one task on `dec` (its realised-sparsity counts start from zero and end in the result);
 /// `on_example` sees each example's index and request scores (progress, dumps).
-pub fn run_task(
+pub fn run_task(ev: &Evaluator<'_>, dec: &mut dyn Decoder, task: &Task, on_example: impl FnMut(usize, &[RequestScore])) -> Result<TaskResult> {
+    run_task_with(ev, dec, task, Continuation::Greedy, on_example)
+}
+
+/// [`run_task`], with generation tasks continued as `how` says (other kinds do not generate).
+pub fn run_task_with(
     ev: &Evaluator<'_>,
     dec: &mut dyn Decoder,
     task: &Task,
+    how: Continuation,
     mut on_example: impl FnMut(usize, &[RequestScore]),
 ) -> Result<TaskResult> {
     let t0 = std::time::Instant::now();
@@ -181,9 +251,12 @@ pub fn run_task(
     dec.take_stats();
     let (mut hits, mut hits_norm) = (0usize, 0usize);
     for (idx, ex) in task.examples.iter().enumerate() {
-        let scores = ev.score_example(dec, ex)?;
-        match task.spec.kind {
-            TaskKind::LanguageModel => hits += scores[0].greedy as usize,
+        let scores = match task.kind {
+            TaskKind::Generation => vec![ev.generate_example(dec, ex, task.spec.max_tokens, how)?],
+            _ => ev.score_example(dec, ex)?,
+        };
+        match task.kind {
+            TaskKind::LanguageModel | TaskKind::Generation => hits += scores.first().is_some_and(|s| s.greedy) as usize,
             TaskKind::Schema => hits += (argmax_f64(scores.iter().map(|s| s.loglik)) == ex.gold) as usize,
             TaskKind::MultipleChoice => {
                 hits += (argmax_f64(scores.iter().map(|s| s.loglik)) == ex.gold) as usize;
@@ -195,12 +268,13 @@ pub fn run_task(
     }
     let n = task.examples.len();
     let acc = hits as f64 / n as f64;
-    let acc_norm = (task.spec.kind == TaskKind::MultipleChoice).then(|| hits_norm as f64 / n as f64);
+    let acc_norm = (task.kind == TaskKind::MultipleChoice).then(|| hits_norm as f64 / n as f64);
     let secs = t0.elapsed().as_secs_f64();
     let stats = dec.take_stats();
     Ok(TaskResult {
-        task: task.spec.name.to_string(),
-        kind: task.spec.kind,
+        task: task.spec.name.clone(),
+        kind: task.kind,
+        delimiter: task.delimiter.clone(),
         n,
         acc,
         acc_stderr: stderr(acc, n),

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::nn::LinearConfig;
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
@@ -370,7 +371,8 @@ fn fit<B: Backend>(
     let z_eval = z_val.clone().slice([0..eval_n, 0..d]);
 
     let r = opts.rank;
-    let mut model = LowRank::<AB<B>> { l1: LinearConfig::new(d, r).init(dev), l2: LinearConfig::new(r, n).init(dev) };
+    let mut init_rng = SplitMix64(seed ^ 0x1A17_5EED);
+    let mut model = LowRank::<AB<B>> { l1: seeded_linear(d, r, &mut init_rng, dev), l2: seeded_linear(r, n, &mut init_rng, dev) };
     let mut optim = AdamWConfig::new().with_weight_decay(opts.weight_decay).init::<AB<B>, LowRank<AB<B>>>();
     let mut rng = SplitMix64(seed);
     let mut best: Option<(usize, f64, LowRank<B>)> = None;
@@ -433,6 +435,21 @@ fn fit<B: Backend>(
         b2: bias(&best.l2.bias, n),
     };
     Ok(Fit { weights, k, recall, precision, label_density, pos_weight, epochs, recall_at_report_k })
+}
+
+/// A linear layer `d_in -> d_out` with burn's default initial distribution (uniform in ±1/√d_in for weight and
+/// bias) drawn from `rng` rather than burn's global generator, so training is reproducible from `--seed` whatever
+/// else runs in the process.
+fn seeded_linear<B: Backend>(d_in: usize, d_out: usize, rng: &mut SplitMix64, dev: &B::Device) -> Linear<B> {
+    let mut l = LinearConfig::new(d_in, d_out).init(dev);
+    let bound = 1.0 / (d_in as f64).sqrt();
+    let mut uniform = |len: usize| (0..len).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect::<Vec<f32>>();
+    // [d_in, d_out]: burn's Linear computes x · W.
+    l.weight = Param::from_data(TensorData::new(uniform(d_in * d_out), [d_in, d_out]), dev);
+    if l.bias.is_some() {
+        l.bias = Some(Param::from_data(TensorData::new(uniform(d_out), [d_out]), dev));
+    }
+    l
 }
 
 #[cfg(test)]

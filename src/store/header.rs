@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::VERSION;
+use super::{BUILD, VERSION};
 use crate::error::{Error, Result};
 use crate::source::ModelIdentity;
 
@@ -52,6 +52,9 @@ pub struct ArtifactHeader {
     pub version: u32,
     /// The dejavu that wrote it.
     pub tool_version: String,
+    /// Its build: git commit and cargo features (absent from files of older dejavus).
+    #[serde(default)]
+    pub build: String,
     /// The model the artifact was made from; compared by fingerprint.
     pub model: ModelIdentity,
     /// The options the writing stage ran with, resolved (defaults filled in).
@@ -67,6 +70,7 @@ impl ArtifactHeader {
             format: format.to_string(),
             version,
             tool_version: VERSION.to_string(),
+            build: BUILD.to_string(),
             model,
             // Serializing plain option structs cannot fail; `null` would only hide a non-string map key.
             options: serde_json::to_value(options).unwrap_or_default(),
@@ -132,6 +136,11 @@ pub fn read_artifact<T: DeserializeOwned>(path: &Path, format: &str, version: u3
         None => header.check_format(path, format, version)?,
     }
     serde_json::from_value(doc).map_err(|e| Error::format(path, format!("invalid `{format}` file: {e}")))
+}
+
+/// The current time as `YYYY-MM-DDThh:mm:ssZ`.
+pub fn now_rfc3339() -> String {
+    rfc3339_utc(std::time::SystemTime::now())
 }
 
 /// `t` as `YYYY-MM-DDThh:mm:ssZ` (whole seconds, UTC).

@@ -14,12 +14,14 @@ pub use atomic::{
     FREE_BYTES_ENV,
 };
 pub use header::{
-    read_artifact, ArtifactHeader, ACTS_FORMAT, ACTS_VERSION, EVAL_FORMAT, EVAL_VERSION, PREDICTORS_FORMAT,
+    now_rfc3339, read_artifact, ArtifactHeader, ACTS_FORMAT, ACTS_VERSION, EVAL_FORMAT, EVAL_VERSION, PREDICTORS_FORMAT,
     PREDICTORS_VERSION, QSCORE_FORMAT, QSCORE_VERSION, RULES_FORMAT, RULES_VERSION, THRESHOLDS_FORMAT, THRESHOLDS_VERSION,
 };
 
 /// The crate version written into every artifact header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The build written beside it: git commit and cargo features (`unknown` commit when built outside git).
+pub const BUILD: &str = concat!("commit ", env!("DEJAVU_GIT_COMMIT"), "; features: ", env!("DEJAVU_FEATURES"));
 
 
 /// One run directory: `acts/` (collect), `predictors/` (train-predictors), `thresholds.json` (calibrate) and

@@ -1,0 +1,196 @@
+//! `dejavu run RECIPE`: every shipped recipe resolves through the stages' own parsers; unknown keys are refused
+//! naming key and file; a run skips finished stages, re-runs what a changed setting affects, and resumes after a
+//! kill with the numbers of an uninterrupted run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn env() -> Vec<(&'static str, String)> {
+    vec![("DEJAVU_SHARED", common::shared_dir().to_str().unwrap().to_string())]
+}
+
+fn run(args: &[&str], extra_env: &[(&str, &str)]) -> common::Output {
+    let e = env();
+    let mut all: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra_env);
+    common::dejavu(&[&["run"], args].concat(), &all)
+}
+
+fn recipe(name: &str) -> PathBuf {
+    common::manifest_dir().join("recipes").join(name)
+}
+
+/// Stage lines of stderr: `(stage, ran)`.
+fn stages(stderr: &str) -> Vec<(String, bool)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("== "))
+        .filter(|l| l.contains(": running") || l.contains(": up to date"))
+        .map(|l| {
+            let (stage, rest) = l.split_once(':').unwrap();
+            (stage.to_string(), rest.contains("running"))
+        })
+        .collect()
+}
+
+fn ran(out: &common::Output) -> Vec<String> {
+    stages(&out.stderr).into_iter().filter(|(_, r)| *r).map(|(s, _)| s).collect()
+}
+
+fn results(run: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/results.json")).unwrap()).unwrap();
+    // What depends on the clock: when, and how fast.
+    v["header"]["created"] = serde_json::Value::Null;
+    for m in v["modes"].as_array_mut().unwrap() {
+        if m["ppl"].is_object() {
+            m["ppl"]["first_window_seconds"] = serde_json::Value::Null;
+        }
+        for t in m["tasks"].as_array_mut().unwrap() {
+            t["seconds"] = serde_json::Value::Null;
+            t["examples_per_s"] = serde_json::Value::Null;
+        }
+    }
+    v
+}
+
+#[test]
+fn every_shipped_recipe_resolves() {
+    let dir = common::manifest_dir().join("recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = run(&[s(&p), "--run", s(&tmp.path().join("r")), "--dry-run"], &[]);
+            common::assert_ok(&out);
+            assert_eq!(out.stdout.lines().filter(|l| l.starts_with("run  dejavu ")).count(), 4, "{}: {}", p.display(), out.stdout);
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "recipes for the tiny OPT fixture, stories260k and SmolLM2 at least");
+    // A stage's own `device` replaces the recipe's for that stage only.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(&[s(&recipe("llama-2-7b.toml")), "--run", s(&tmp.path().join("r")), "--dry-run"], &[]);
+    common::assert_ok(&out);
+    let line = |stage: &str| out.stdout.lines().find(|l| l.contains(&format!("dejavu {stage} "))).unwrap().to_string();
+    assert!(line("collect").ends_with("--device cuda"), "{}", out.stdout);
+    assert!(line("eval").contains("--device cpu") && !line("eval").contains("cuda"), "{}", out.stdout);
+}
+
+#[test]
+fn bad_recipes_name_the_key_and_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = |text: &str, needles: &[&str]| {
+        let p = tmp.path().join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = run(&[s(&p), "--run", s(&tmp.path().join("r"))], &[]);
+        assert_ne!(out.code, 0);
+        let line = common::assert_one_line_exit(&out, out.code, &["bad.toml"]);
+        for n in needles {
+            assert!(line.contains(n), "`{n}` missing from {line}");
+        }
+        assert!(!tmp.path().join("r/run.json").exists(), "nothing is started for a bad recipe");
+    };
+    bad("model = \"m\"\nstages = [\"calibrate\"]\n[calibrate]\ntext = [\"t\"]\nsparsity = [0.5]\ntokenz = 5\n", &["[calibrate]", "unknown key `tokenz`"]);
+    bad("model = \"m\"\nmodle = \"x\"\n", &["modle", "unknown key"]);
+    bad("model = \"m\"\nstages = [\"eval\"]\n[eval]\nlimit = \"many\"\n", &["[eval]", "many"]);
+    bad("model = \"m\"\n[collect]\nout = \"x\"\n", &["collect.out"]);
+    bad("model = \"m\"\n[eval\n", &["bad.toml:2"]);
+    bad("[eval]\nlimit = 3\n", &["model", "missing"]);
+}
+
+/// The tiny-opt recipe end to end; a rerun skips every stage; a changed eval setting re-runs eval alone, a changed
+/// calibration setting calibrate and eval; flags override the recipe; run.json holds the resolved recipe and
+/// the tool version.
+#[test]
+fn run_skips_finished_stages_and_reruns_what_a_change_affects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path().join("run");
+    let rec = recipe("tiny-opt.toml");
+    let out = run(&[s(&rec), "--run", s(&r)], &[]);
+    common::assert_ok(&out);
+    assert_eq!(ran(&out), ["collect", "train-predictors", "calibrate", "eval"], "{}", out.stderr);
+    assert!(out.stdout.contains("| dejavu@0.5 |"), "{}", out.stdout);
+    let first = results(&r);
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("run.json")).unwrap()).unwrap();
+    assert_eq!(record["tool_version"], env!("CARGO_PKG_VERSION"));
+    assert!(record["build"].as_str().unwrap().contains("commit"));
+    assert_eq!(record["resolved"]["tables"]["eval"]["limit"], 8);
+    assert!(record["stages"]["eval"]["finished"].is_string());
+
+    let out = run(&[s(&rec), "--run", s(&r)], &[]);
+    common::assert_ok(&out);
+    assert!(ran(&out).is_empty(), "{}", out.stderr);
+    assert_eq!(stages(&out.stderr).len(), 4);
+    assert_eq!(results(&r), first);
+
+    let out = run(&[s(&rec), "--run", s(&r), "--set", "eval.limit=4"], &[]);
+    common::assert_ok(&out);
+    assert_eq!(ran(&out), ["eval"], "{}", out.stderr);
+    assert_eq!(results(&r)["modes"][0]["tasks"][0]["n"], 4);
+
+    let out = run(&[s(&rec), "--run", s(&r), "--set", "eval.limit=4", "--set", "calibrate.tokens=512"], &[]);
+    common::assert_ok(&out);
+    assert_eq!(ran(&out), ["calibrate", "eval"], "{}", out.stderr);
+    let thr: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("thresholds.json")).unwrap()).unwrap();
+    assert_eq!(thr["header"]["options"]["tokens"], 512);
+}
+
+/// Killed in the middle of collection, the same command resumes and ends with the numbers of an uninterrupted
+/// run.
+#[test]
+fn killed_run_resumes_to_the_same_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = recipe("tiny-opt.toml");
+    let reference = tmp.path().join("ref");
+    common::assert_ok(&run(&[s(&rec), "--run", s(&reference), "--set", "collect.shard_mb=0.03"], &[]));
+
+    let r = tmp.path().join("run");
+    let e = env();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dejavu"))
+        .args(["run", s(&rec), "--run", s(&r), "--set", "collect.shard_mb=0.03"])
+        .envs(e.iter().map(|(k, v)| (*k, v.as_str())))
+        .env(dejavu::collect::SLOW_ENV, "40")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mpath = r.join("acts/manifest.json");
+    loop {
+        let shards = std::fs::read_to_string(&mpath)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|m| m["shards"].as_array().map(|a| a.len()).unwrap_or(0))
+            .unwrap_or(0);
+        if shards >= 1 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no shard appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    assert_eq!(m["complete"], false, "killed too late to test resumption");
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("run.json")).unwrap()).unwrap();
+    assert!(record["stages"]["collect"]["finished"].is_null());
+
+    let out = run(&[s(&rec), "--run", s(&r), "--set", "collect.shard_mb=0.03"], &[]);
+    common::assert_ok(&out);
+    assert!(out.stderr.contains("did not finish last time"), "{}", out.stderr);
+    assert!(out.stderr.contains("resuming"), "{}", out.stderr);
+    let (mut a, mut b) = (results(&reference), results(&r));
+    // The run directory is part of the recorded options.
+    for v in [&mut a, &mut b] {
+        v["header"]["options"] = serde_json::Value::Null;
+    }
+    assert_eq!(a, b);
+}
