@@ -1,4 +1,5 @@
-//! Mutation fuzzing of dejavu's file parsers: safetensors, GGUF, config.json, tokenizer.json and task files.
+//! Mutation fuzzing of dejavu's file parsers: safetensors, GGUF, config.json, tokenizer.json, task files (and task
+//! definitions) and recipes.
 //!
 //!   cargo run --release --example fuzz_parsers -- TARGET SECONDS [CRASH_DIR]
 //!   scripts/fuzz.sh [MINUTES_PER_TARGET]          # every target, with a memory limit and restarts after an abort
@@ -269,10 +270,19 @@ fn exercise(target: &str, path: &Path, dir: &Path) -> Result<(), String> {
             Ok(())
         }
         t if t.starts_with("tasks-") => {
+            // A built-in name resolves to its file in `dir`; `taskdef` is an unknown task described by a TOML
+            // definition beside its JSONL file.
             let name = &t["tasks-".len()..];
-            let spec = dejavu::eval::tasks::spec(name).map_err(|x| x.to_string())?;
-            let task = dejavu::eval::tasks::load(dir, spec, None).map_err(e)?;
+            let spec = dejavu::eval::tasks::find(name, dir).map_err(e)?;
+            let task = dejavu::eval::tasks::read(&spec, None, None).map_err(e)?;
             std::hint::black_box(task.examples.len());
+            Ok(())
+        }
+        "recipe" => {
+            let r = dejavu::recipe::Recipe::load(path, &[]).map_err(e)?;
+            for stage in r.stages.clone() {
+                let _ = r.stage_args(&stage);
+            }
             Ok(())
         }
         other => Err(format!("unknown target {other}")),
@@ -282,7 +292,7 @@ fn exercise(target: &str, path: &Path, dir: &Path) -> Result<(), String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: fuzz_parsers TARGET SECONDS [CRASH_DIR]\n  targets: safetensors gguf config tokenizer tasks-<copa|piqa|winogrande|hellaswag|lambada_openai|arc_easy|boolq|openbook_qa>");
+        eprintln!("usage: fuzz_parsers TARGET SECONDS [CRASH_DIR]\n  targets: safetensors gguf config tokenizer recipe tasks-taskdef tasks-<copa|piqa|winogrande|hellaswag|lambada_openai|arc_easy|boolq|openbook_qa>");
         std::process::exit(2);
     }
     let target = args[1].clone();
@@ -299,6 +309,14 @@ fn main() {
         "gguf" => (vec![gguf_seed(&[(8, 34), (3, 20), (1, 64), (0, 128), (2, 18)]), gguf_seed(&[(1, 64)])], "model.gguf".into(), false),
         "config" => (fixtures("config.json"), "config.json".into(), true),
         "tokenizer" => (fixtures("tokenizer.json"), "tokenizer.json".into(), true),
+        "tasks-taskdef" => {
+            // The TOML definition of a task the tool does not know, beside a copy of its JSONL file.
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tasks");
+            let dir = crash_dir.join("current-tasks-taskdef");
+            std::fs::create_dir_all(&dir).expect("creating the work directory");
+            std::fs::copy(root.join("arc_mini.jsonl"), dir.join("taskdef.jsonl")).expect("the test task file");
+            (vec![read(&root.join("arc_mini.toml"))], "taskdef.toml".into(), true)
+        }
         t if t.starts_with("tasks-") => {
             let name = &t["tasks-".len()..];
             let spec = dejavu::eval::tasks::spec(name).unwrap_or_else(|e| {
@@ -308,6 +326,16 @@ fn main() {
             let text = std::fs::read_to_string(shared().join("data/tasks").join(spec.file)).expect("the shared task file");
             let head: String = text.lines().take(12).map(|l| format!("{l}\n")).collect();
             (vec![head.into_bytes()], spec.file.to_string(), true)
+        }
+        "recipe" => {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes");
+            let mut seeds = Vec::new();
+            for e in std::fs::read_dir(&root).expect("recipes/").flatten() {
+                if e.path().extension().is_some_and(|x| x == "toml") {
+                    seeds.push(read(&e.path()));
+                }
+            }
+            (seeds, "recipe.toml".into(), true)
         }
         other => {
             eprintln!("unknown target `{other}`");

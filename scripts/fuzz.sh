@@ -14,12 +14,13 @@ export DEJAVU_SHARED=${DEJAVU_SHARED:-$(cd .. && pwd)/shared}
 cargo build --release --example fuzz_parsers >&2 || exit 1
 bin=$target_dir/release/examples/fuzz_parsers
 mkdir -p "$crashes"
-# The task-file parser is one target in three kinds of file (multiple choice, schema, language modelling).
-targets=${TARGETS:-safetensors gguf config tokenizer tasks}
+# The task-file parser is one target in four kinds of file (multiple choice, schema, language modelling, and the
+# TOML definition of an unknown task).
+targets=${TARGETS:-safetensors gguf config tokenizer tasks recipe}
 status=0
 for t in $targets; do
   if [ "$t" = tasks ]; then
-    subs="tasks-copa tasks-winogrande tasks-lambada_openai"; secs=$(( minutes * 60 / 3 ))
+    subs="tasks-copa tasks-winogrande tasks-lambada_openai tasks-taskdef"; secs=$(( minutes * 60 / 4 ))
   else
     subs=$t; secs=$(( minutes * 60 ))
   fi

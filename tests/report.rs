@@ -89,7 +89,7 @@ fn report_numbers_equal_the_run_files() {
     for f in ["index.html", "summary.md", "accuracy_vs_sparsity.svg", "ppl_vs_sparsity.svg", "layers.svg", "latency.svg"] {
         assert!(dir.join(f).is_file(), "{f} missing; stderr: {}", out.stderr);
     }
-    assert!(!dir.join("bytes.svg").exists(), "no bytes_frac column, so no bytes chart");
+    assert!(!dir.join("bytes.svg").exists(), "no mlp_read_fraction column, so no bytes chart");
     let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
     assert!(html.contains("synthetic-model &lt;test&gt;"), "the model name from results.json, escaped");
 
@@ -170,6 +170,14 @@ fn report_of_a_real_eval() {
     let recs: Vec<csv::StringRecord> = rd.records().map(|r| r.unwrap()).filter(|r| &r[col("task")] != "ppl").collect();
     assert_eq!(rows.len(), recs.len());
     assert_eq!(recs.len(), 4);
+    // The modes table's MLP bytes read: the mean of the mode's task rows of `mlp_read_fraction`, recomputed here.
+    let modes = table_rows(&html, "modes");
+    for m in ["dense", "oracle@0.5"] {
+        let v: Vec<f64> = recs.iter().filter(|r| &r[col("mode")] == m).map(|r| r[col("mlp_read_fraction")].parse::<f64>().unwrap()).collect();
+        let row = modes.iter().find(|r| r[0] == m).unwrap();
+        assert_eq!(row[8], format!("{:.3}", v.iter().sum::<f64>() / v.len() as f64));
+    }
+    assert!(run.join("report/bytes.svg").is_file(), "the eval recorded mlp_read_fraction, so the bytes chart is drawn");
     for (row, rec) in rows.iter().zip(&recs) {
         let num = |c: &str, d: usize| rec[col(c)].parse::<f64>().map(|v| format!("{v:.d$}")).unwrap_or_else(|_| "—".into());
         assert_eq!(row[0], &rec[col("mode")]);

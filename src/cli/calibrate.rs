@@ -172,11 +172,7 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
     let by_loss = !teal && args.budget_error == BudgetError::Loss;
     let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !teal && !by_loss, ranking);
     let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
-    let bar = ProgressBar::new(args.tokens as u64);
-    bar.set_style(
-        ProgressStyle::with_template("calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = super::progress::bar(args.tokens as u64, "calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
     bar.set_message(args.rule.name());
     let mut loss = None;
     if by_loss {
@@ -189,8 +185,8 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
         let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
         bar.set_length((1 + c.layers * keeps.len()) as u64);
         bar.set_style(
-            ProgressStyle::with_template("calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let rule = |k: usize| match ranking {
             Ranking::QScore => MlpRule::QScoreTopK { k },

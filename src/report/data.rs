@@ -21,7 +21,7 @@ pub struct ResultRow {
     pub ppl: Option<f64>,
     pub mlp_sparsity: Option<f64>,
     pub head_sparsity: Option<f64>,
-    /// Weight bytes read per token as a fraction of dense, when the eval wrote it (`bytes_frac`).
+    /// Weight bytes read per token as a fraction of dense, when the eval wrote it (`mlp_read_fraction`).
     pub bytes_frac: Option<f64>,
 }
 
@@ -197,7 +197,7 @@ pub fn load(run: &Path) -> Result<RunData> {
                 ppl: t.num(line, rec, "ppl")?,
                 mlp_sparsity: t.num(line, rec, "mlp_sparsity")?,
                 head_sparsity: t.num(line, rec, "head_sparsity")?,
-                bytes_frac: t.num(line, rec, "bytes_frac")?,
+                bytes_frac: t.num(line, rec, "mlp_read_fraction")?,
                 task,
             };
             if row.mode.is_empty() {

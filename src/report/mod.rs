@@ -157,8 +157,8 @@ pub fn build(d: &RunData) -> Report {
         let vals: Vec<Vec<Option<f64>>> = with_bytes.iter().map(|m| vec![m.bytes_frac]).collect();
         charts.push((
             "bytes.svg".into(),
-            "Weight bytes read per token as a fraction of dense, per mode (eval/results.csv, `bytes_frac`).".into(),
-            svg::bars("Bytes read per token (fraction of dense)", "fraction of dense", &labels, &["bytes read"], &vals),
+            "MLP weight bytes read per token as a fraction of the dense MLP, per mode (eval/results.csv, `mlp_read_fraction`).".into(),
+            svg::bars("MLP bytes read per token (fraction of dense)", "fraction of dense", &labels, &["MLP bytes read"], &vals),
         ));
     }
 
@@ -231,7 +231,7 @@ fn summary_rows(s: &[ModeSummary], base: Option<&ModeSummary>) -> Vec<[String; 9
         .collect()
 }
 
-const SUMMARY_HEAD: [&str; 9] = ["mode", "tasks", "mean acc", "Δ acc (points)", "ppl", "Δ ppl", "MLP sparsity", "head sparsity", "bytes read (× dense)"];
+const SUMMARY_HEAD: [&str; 9] = ["mode", "tasks", "mean acc", "Δ acc (points)", "ppl", "Δ ppl", "MLP sparsity", "head sparsity", "MLP bytes read (× dense)"];
 const TASK_HEAD: [&str; 8] = ["mode", "task", "n", "acc", "acc stderr", "acc_norm", "MLP sparsity", "head sparsity"];
 const BENCH_HEAD: [&str; 8] = ["model", "dtype", "batch", "mode", "median ms/token", "floor ms", "× floor", "tokens/s"];
 
