@@ -132,7 +132,16 @@ fn delta_accuracy_is_printed_with_its_error() {
         (mean, se)
     };
     let ((a, a_se), (b, b_se)) = (stats(0), stats(1));
-    let want = format!("| oracle@0.5 | {:.4} ± {:.4} | {:+.2} ± {:.2} |", b, b_se, 100.0 * (b - a), 100.0 * (a_se * a_se + b_se * b_se).sqrt());
+    // The comparison row: mode, MLP bytes read (as results.json has it), mean acc ± se, Δ ± se.
+    let bytes = r["modes"][1]["mlp_read_fraction"].as_f64().unwrap();
+    let want = format!(
+        "| oracle@0.5 | {:.3} | {:.4} ± {:.4} | {:+.2} ± {:.2} |",
+        bytes,
+        b,
+        b_se,
+        100.0 * (b - a),
+        100.0 * (a_se * a_se + b_se * b_se).sqrt()
+    );
     assert!(out.stdout.contains(&want), "`{want}` not in\n{}", out.stdout);
     assert!((r["comparison"][1]["delta_acc"].as_f64().unwrap() - (b - a)).abs() < 1e-12);
     // results.json names the build and the time beside the model's fingerprint.
