@@ -33,7 +33,7 @@ fn main() {
             }
         }
     }
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/build.rs");
     let features: Vec<&str> = [("cuda", "CARGO_FEATURE_CUDA"), ("wgpu", "CARGO_FEATURE_WGPU")]
         .into_iter()
         .filter(|(_, var)| std::env::var_os(var).is_some())
