@@ -79,6 +79,22 @@ fn frame(title: &str, xlabel: &str, ylabel: &str) -> String {
     )
 }
 
+/// Horizontal grid lines with their tick labels at `ticks`, `y` mapping a value to its pixel row.
+fn y_grid(s: &mut String, ticks: &[f64], y: impl Fn(f64) -> f64) {
+    let pw = W - LEFT - RIGHT;
+    for &t in ticks {
+        s.push_str(&format!(
+            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            LEFT + pw,
+            y(t),
+            y(t),
+            LEFT - 6.0,
+            y(t) + 4.0,
+            fmt_tick(t)
+        ));
+    }
+}
+
 /// Lines (or markers) over numeric x and y axes, with a legend on the right.
 pub fn lines(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> String {
     let pw = W - LEFT - RIGHT;
@@ -91,17 +107,7 @@ pub fn lines(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Stri
     let x = |v: f64| LEFT + pw * (v - x0) / (x1 - x0);
     let y = |v: f64| TOP + ph * (1.0 - (v - y0) / (y1 - y0));
     let mut s = frame(title, xlabel, ylabel);
-    for &t in &yt {
-        s += &format!(
-            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
-            LEFT + pw,
-            y(t),
-            y(t),
-            LEFT - 6.0,
-            y(t) + 4.0,
-            fmt_tick(t)
-        );
-    }
+    y_grid(&mut s, &yt, y);
     for &t in &xt {
         s += &format!(
             "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{TOP}\" y2=\"{:.1}\" stroke=\"#f0f0f0\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
@@ -147,17 +153,7 @@ pub fn bars(title: &str, ylabel: &str, labels: &[String], series_names: &[&str],
     let (_, y1, yt) = axis(0.0, hi.max(1e-9));
     let y = |v: f64| TOP + ph * (1.0 - v / y1);
     let mut s = frame(title, "", ylabel);
-    for &t in &yt {
-        s += &format!(
-            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
-            LEFT + pw,
-            y(t),
-            y(t),
-            LEFT - 6.0,
-            y(t) + 4.0,
-            fmt_tick(t)
-        );
-    }
+    y_grid(&mut s, &yt, y);
     let groups = labels.len().max(1) as f64;
     let gw = pw / groups;
     let nb = series_names.len().max(1) as f64;
