@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::tensor::{Tensor, TensorData};
 use dejavu::collect::{Activations, Tap};
@@ -265,21 +265,7 @@ fn killed_run_resumes_without_loss_or_duplication() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let mpath = run.join("acts/manifest.json");
-    loop {
-        let shards = std::fs::read_to_string(&mpath)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .map(|m| m["shards"].as_array().map(|a| a.len()).unwrap_or(0))
-            .unwrap_or(0);
-        if shards >= 1 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(t0.elapsed() < Duration::from_secs(60), "no shard appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_first_shard(&mut child, &run, Duration::from_secs(60));
     // Let it get into the middle of the next shard, then kill it.
     std::thread::sleep(Duration::from_millis(60));
     child.kill().unwrap();

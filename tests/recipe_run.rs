@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -161,24 +161,10 @@ fn killed_run_resumes_to_the_same_numbers() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let mpath = r.join("acts/manifest.json");
-    loop {
-        let shards = std::fs::read_to_string(&mpath)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .map(|m| m["shards"].as_array().map(|a| a.len()).unwrap_or(0))
-            .unwrap_or(0);
-        if shards >= 1 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(t0.elapsed() < Duration::from_secs(120), "no shard appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_first_shard(&mut child, &r, Duration::from_secs(120));
     child.kill().unwrap();
     child.wait().unwrap();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("acts/manifest.json")).unwrap()).unwrap();
     assert_eq!(m["complete"], false, "killed too late to test resumption");
     let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.join("run.json")).unwrap()).unwrap();
     assert!(record["stages"]["collect"]["finished"].is_null());

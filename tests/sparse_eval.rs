@@ -9,17 +9,9 @@ use dejavu::decode::RefDecoder;
 use dejavu::eval::{tasks, Evaluator};
 use dejavu::model::{to_host_3d, Forward, Scorer, Sparse};
 use dejavu::sparse::{HeadRule, LayerPlan, MlpRule, Plan, SparsityStats};
-use dejavu::{Model, ModelFiles};
+use dejavu::Model;
 
-fn load(name: &str) -> (ModelFiles, Model<B>) {
-    let files = ModelFiles::resolve(common::fixture_dir(name).to_str().unwrap()).unwrap();
-    let model = Model::load(&files.config, files.checkpoint.as_ref(), &Default::default(), |_| {}).unwrap();
-    (files, model)
-}
-
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 131 + seed * 17 + 7) % 320).collect()
-}
+use common::{load_fixture_model as load, token_ids as ids};
 
 fn logits(model: &Model<B>, rows: &[Vec<u32>], plan: Option<&Plan>, stats: Option<&mut SparsityStats>) -> Vec<f32> {
     scored_logits(model, rows, plan, None, stats)

@@ -11,15 +11,7 @@ use dejavu::sparse::{HeadRule, LayerPlan, MlpRule, Plan, SparsityStats};
 use dejavu::store::{ArtifactHeader, QSCORE_FORMAT, QSCORE_VERSION};
 use dejavu::{Model, ModelFiles};
 
-fn load(name: &str) -> (ModelFiles, Model<B>) {
-    let files = ModelFiles::resolve(common::fixture_dir(name).to_str().unwrap()).unwrap();
-    let model = Model::load(&files.config, files.checkpoint.as_ref(), &Default::default(), |_| {}).unwrap();
-    (files, model)
-}
-
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 131 + seed * 17 + 7) % 320).collect()
-}
+use common::{load_fixture_model as load, token_ids as ids};
 
 /// Logits, per-layer taps and stats of one forward over `rows` under `plan` (dense when `None`).
 fn run(

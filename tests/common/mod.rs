@@ -123,3 +123,35 @@ pub fn assert_one_line_exit<'a>(out: &'a Output, code: i32, needles: &[&str]) ->
     }
     lines[0]
 }
+
+/// A fixture model loaded onto the CPU reference backend, with its files.
+pub fn load_fixture_model(name: &str) -> (dejavu::ModelFiles, dejavu::Model<dejavu::backend::CpuBackend>) {
+    let files = dejavu::ModelFiles::resolve(fixture_dir(name).to_str().unwrap()).unwrap();
+    let model = dejavu::Model::load(&files.config, files.checkpoint.as_ref(), &Default::default(), |_| {}).unwrap();
+    (files, model)
+}
+
+/// `n` deterministic token ids below 320 (every fixture's vocabulary), varied by `seed`.
+pub fn token_ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 131 + seed * 17 + 7) % 320).collect()
+}
+
+/// Wait until the collect run writing into `run` has finished its first activation shard, while `child` (that run)
+/// is still alive; panics if it ends first or nothing appears within `limit`.
+pub fn wait_for_first_shard(child: &mut std::process::Child, run: &Path, limit: std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let mpath = run.join("acts/manifest.json");
+    loop {
+        let shards = std::fs::read_to_string(&mpath)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|m| m["shards"].as_array().map(|a| a.len()).unwrap_or(0))
+            .unwrap_or(0);
+        if shards >= 1 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(t0.elapsed() < limit, "no shard appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
