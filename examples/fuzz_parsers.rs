@@ -279,7 +279,7 @@ fn exercise(target: &str, path: &Path, dir: &Path) -> Result<(), String> {
             Ok(())
         }
         "recipe" => {
-            let r = dejavu::recipe::Recipe::load(path, &[]).map_err(e)?;
+            let r = dejavu::recipe::Recipe::load(path, &[], true, None).map_err(e)?;
             for stage in r.stages.clone() {
                 let _ = r.stage_args(&stage);
             }

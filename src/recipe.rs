@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 pub const STAGES: [&str; 4] = ["collect", "train-predictors", "calibrate", "eval"];
 
 /// Keys of the top of a recipe (the stage tables aside).
-const TOP_KEYS: [&str; 4] = ["model", "device", "run", "stages"];
+const TOP_KEYS: [&str; 5] = ["model", "device", "run", "stages", "full"];
 
 /// Stage keys that the recipe sets itself from its top (model, run directory). `device` may be set per stage
 /// (e.g. eval of sparse modes on the CPU while collection runs on a GPU); the top's is the default.
@@ -32,29 +32,63 @@ pub struct Recipe {
     pub stages: Vec<String>,
     /// Each stage's table, as written (after overrides).
     pub tables: BTreeMap<String, toml::Table>,
+    /// The data directory given with `--data` (else `${DEJAVU_SHARED}/data`).
+    pub data: Option<PathBuf>,
 }
 
-/// The shared-data directory recipes refer to as `${DEJAVU_SHARED}`: the variable, else `../shared`.
+/// The shared directory recipes refer to as `${DEJAVU_SHARED}`: the variable, else `../shared`.
 pub fn shared_dir() -> PathBuf {
     std::env::var_os("DEJAVU_SHARED").map_or_else(|| PathBuf::from("../shared"), PathBuf::from)
 }
 
-fn expand(s: &str) -> String {
+/// `s` with `${DEJAVU_SHARED}` and `${DEJAVU_DATA}` (the data directory: `--data`, else `${DEJAVU_SHARED}/data`)
+/// replaced.
+fn expand(s: &str, data: &Path) -> String {
     let shared = shared_dir();
     let shared = shared.to_string_lossy();
-    s.replace("${DEJAVU_SHARED}", &shared).replace("$DEJAVU_SHARED", &shared)
+    let data = data.to_string_lossy();
+    s.replace("${DEJAVU_DATA}", &data).replace("$DEJAVU_DATA", &data).replace("${DEJAVU_SHARED}", &shared).replace("$DEJAVU_SHARED", &shared)
+}
+
+/// Every string of `v`, expanded.
+fn expand_all(v: &mut toml::Value, data: &Path) {
+    match v {
+        toml::Value::String(s) => *s = expand(s, data),
+        toml::Value::Array(items) => items.iter_mut().for_each(|x| expand_all(x, data)),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(_, x)| expand_all(x, data)),
+        _ => {}
+    }
 }
 
 impl Recipe {
-    /// Read `path`, then apply `overrides` (`KEY=VALUE` for a top key, `STAGE.KEY=VALUE` for a stage's; the value
-    /// is read as a TOML value, else taken as a string). Errors name the file and the key.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+    /// Read `path`, then (with `full`) apply the recipe's `[full]` table, then `overrides` (`KEY=VALUE` for a top
+    /// key, `STAGE.KEY=VALUE` for a stage's; the value is read as a TOML value, else taken as a string). `[full]`
+    /// holds the same `"STAGE.KEY" = value` overrides, so a recipe sized for a quick run carries its full-size run
+    /// one flag away. Errors name the file and the key.
+    /// `data` replaces `${DEJAVU_SHARED}/data` as the value of `${DEJAVU_DATA}`, and eval reads its tasks from
+    /// `data/tasks` unless the recipe's `[eval]` names a `tasks_dir`.
+    pub fn load(path: &Path, overrides: &[String], full: bool, data: Option<&Path>) -> Result<Recipe> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut doc: toml::Table = toml::from_str(&text).map_err(|e| crate::eval::tasks::toml_error(path, &text, &e))?;
+        let full_table = match doc.remove("full") {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(t),
+            Some(_) => return Err(Error::field(path, "full", "must be a table of \"STAGE.KEY\" = value overrides")),
+        };
+        if full {
+            let t = full_table.ok_or_else(|| Error::field(path, "full", "--full given, but the recipe has no [full] table"))?;
+            for (key, value) in t {
+                set_value(&mut doc, &key, value).map_err(|msg| Error::field(path, format!("full.{key}"), msg))?;
+            }
+        }
         for o in overrides {
             apply_override(&mut doc, o).map_err(|msg| Error::format(path, format!("--set {o}: {msg}")))?;
         }
-        Recipe::from_table(path, doc)
+        let data_dir = data.map_or_else(|| shared_dir().join("data"), Path::to_path_buf);
+        doc.iter_mut().for_each(|(_, v)| expand_all(v, &data_dir));
+        let mut r = Recipe::from_table(path, doc)?;
+        r.data = data.map(Path::to_path_buf);
+        Ok(r)
     }
 
     fn from_table(path: &Path, doc: toml::Table) -> Result<Recipe> {
@@ -78,7 +112,7 @@ impl Recipe {
                 tables.insert(stage.to_string(), t);
                 continue;
             }
-            let as_str = |v: &toml::Value| v.as_str().map(expand).ok_or_else(|| Error::field(path, k.as_str(), "must be a string"));
+            let as_str = |v: &toml::Value| v.as_str().map(str::to_string).ok_or_else(|| Error::field(path, k.as_str(), "must be a string"));
             match k.as_str() {
                 "model" => model = Some(as_str(&v)?),
                 "device" => device = Some(as_str(&v)?),
@@ -105,7 +139,7 @@ impl Recipe {
         let run = run.unwrap_or_else(|| PathBuf::from("runs").join(path.file_stem().unwrap_or_default()));
         let wanted = stages.unwrap_or_else(|| STAGES.iter().map(|s| s.to_string()).collect());
         let stages = STAGES.iter().filter(|s| wanted.iter().any(|w| w == *s)).map(|s| s.to_string()).collect();
-        Ok(Recipe { path: path.to_path_buf(), model, device, run, stages, tables })
+        Ok(Recipe { path: path.to_path_buf(), model, device, run, stages, tables, data: None })
     }
 
     /// The arguments of `stage` (after the subcommand name): its table's keys as flags, then the model, device and
@@ -140,6 +174,10 @@ impl Recipe {
             _ => args.extend(["--run".to_string(), run]),
         }
         args.extend(["--model".to_string(), self.model.clone()]);
+        let own = |key: &str| self.tables.get(stage).is_some_and(|t| t.contains_key(key) || t.contains_key(&key.replace('_', "-")));
+        if let (Some(d), "eval", false) = (&self.data, stage, own("tasks_dir")) {
+            args.extend(["--tasks-dir".to_string(), d.join("tasks").to_string_lossy().into_owned()]);
+        }
         let own_device = self.tables.get(stage).is_some_and(|t| t.contains_key("device"));
         if let (Some(d), false) = (&self.device, own_device) {
             args.extend(["--device".to_string(), d.clone()]);
@@ -150,7 +188,7 @@ impl Recipe {
 
 fn scalar(v: &toml::Value) -> Option<String> {
     match v {
-        toml::Value::String(s) => Some(expand(s)),
+        toml::Value::String(s) => Some(s.clone()),
         toml::Value::Integer(i) => Some(i.to_string()),
         toml::Value::Float(f) => Some(f.to_string()),
         toml::Value::Boolean(b) => Some(b.to_string()),
@@ -164,6 +202,11 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> std::result::Result<(), Str
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    set_value(doc, key, value)
+}
+
+/// Set a top key (`KEY`) or a stage's (`STAGE.KEY`) in the recipe document.
+fn set_value(doc: &mut toml::Table, key: &str, value: toml::Value) -> std::result::Result<(), String> {
     match key.split_once('.') {
         Some((stage, k)) => {
             let entry = doc.entry(stage.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));

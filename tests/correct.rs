@@ -89,3 +89,74 @@ fn correct_flag_usage_errors_exit_2() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("--accept"), "{}", out.stderr);
 }
+
+/// `generate --prompts`: the dense row equals single-prompt greedy generation; with `--accept argmax` every
+/// corrected row reproduces it exactly; the uncorrected rows' exactness and first divergence match a comparison
+/// written here from the continuations themselves.
+#[test]
+fn prompt_set_judges_continuations_against_dense() {
+    let m = common::shared_dir().join("models/stories260k");
+    let m = m.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = ["Once upon a time", "", "The little dog saw a big ball", "Lily and Tom went to the park"];
+    let pf = tmp.path().join("prompts.txt");
+    std::fs::write(&pf, prompts.join("\n")).unwrap();
+    let json = tmp.path().join("set.json");
+    let args = ["generate", "--model", m, "--prompts", pf.to_str().unwrap(), "-n", "12", "--ignore-eos"];
+    let extra = ["--compare", "oracle@0.5,oracle@0.8", "--correct", "--period", "1,4", "--accept", "argmax", "--json", json.to_str().unwrap()];
+    let out = common::dejavu(&[&args[..], &extra[..]].concat(), &[]);
+    common::assert_ok(&out);
+    assert!(out.stdout.contains("| oracle@0.8 | K=4, argmax |"), "{}", out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let settings = v["settings"].as_array().unwrap();
+    assert_eq!(settings.len(), 1 + 2 * 3, "dense, then per mode: uncorrected, K=1, K=4");
+    let ids = |o: &serde_json::Value| o["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let dense: Vec<Vec<u32>> = settings[0]["outcomes"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(dense.len(), 3, "the blank line is skipped");
+    // The dense row against plain single-prompt generation.
+    for (i, p) in ["Once upon a time", "The little dog saw a big ball"].iter().enumerate() {
+        let one = tmp.path().join("one.json");
+        let out = common::dejavu(&["generate", "--model", m, "--prompt", p, "-n", "12", "--ignore-eos", "--json", one.to_str().unwrap()], &[]);
+        common::assert_ok(&out);
+        let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&one).unwrap()).unwrap();
+        assert_eq!(ids(&g), dense[i], "prompt {p}");
+    }
+    let mut uncorrected_diverged = 0;
+    for s in &settings[1..] {
+        let outcomes = s["outcomes"].as_array().unwrap();
+        let mut exact = 0;
+        for (o, d) in outcomes.iter().zip(&dense) {
+            let got = ids(o);
+            let first = got.iter().zip(d).position(|(a, b)| a != b);
+            assert_eq!(o["first_divergence"].as_u64().map(|x| x as usize), first);
+            assert_eq!(o["exact"].as_bool().unwrap(), first.is_none() && got.len() == d.len());
+            exact += (got == *d) as usize;
+        }
+        assert!((s["exact_rate"].as_f64().unwrap() - exact as f64 / 3.0).abs() < 1e-12);
+        if s["period"].is_null() {
+            assert_eq!(s["sparse_fraction"].as_f64().unwrap(), 1.0);
+            uncorrected_diverged += 3 - exact;
+        } else {
+            assert_eq!(exact, 3, "argmax correction reproduces dense greedy: {s}");
+            assert!(s["summary"]["dense_passes"].as_u64().unwrap() > 0);
+        }
+    }
+    assert!(uncorrected_diverged > 0, "the sparse plans change some continuation (else the test shows nothing)");
+}
+
+#[test]
+fn prompt_set_usage_errors_exit_2() {
+    let m = common::fixture_dir("tiny-llama");
+    let m = m.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let out = common::dejavu(&["generate", "--model", m, "--mode", "oracle@0.5", "--correct", "--period", "4,8"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--period", "--prompts"]);
+    let out = common::dejavu(&["generate", "--model", m, "--prompts", empty.to_str().unwrap(), "--mode", "oracle@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["empty.txt", "no prompt"]);
+    let out = common::dejavu(&["generate", "--model", m, "--prompts", empty.to_str().unwrap(), "--temperature", "0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--prompts", "--temperature"]);
+    let out = common::dejavu(&["generate", "--model", m, "--limit", "3"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+}

@@ -70,6 +70,11 @@ fn every_shipped_recipe_resolves() {
             let out = run(&[s(&p), "--run", s(&tmp.path().join("r")), "--dry-run"], &[]);
             common::assert_ok(&out);
             assert_eq!(out.stdout.lines().filter(|l| l.starts_with("run  dejavu ")).count(), 4, "{}: {}", p.display(), out.stdout);
+            if std::fs::read_to_string(&p).unwrap().contains("\n[full]") {
+                let out = run(&[s(&p), "--run", s(&tmp.path().join("r")), "--dry-run", "--full"], &[]);
+                common::assert_ok(&out);
+                assert_eq!(out.stdout.lines().filter(|l| l.starts_with("run  dejavu ")).count(), 4, "{} --full: {}", p.display(), out.stdout);
+            }
             n += 1;
         }
     }
@@ -103,6 +108,65 @@ fn bad_recipes_name_the_key_and_the_file() {
     bad("model = \"m\"\n[collect]\nout = \"x\"\n", &["collect.out"]);
     bad("model = \"m\"\n[eval\n", &["bad.toml:2"]);
     bad("[eval]\nlimit = 3\n", &["model", "missing"]);
+    bad("model = \"m\"\nfull = 3\n", &["full", "table"]);
+}
+
+/// `--data D` is `${DEJAVU_DATA}` in the recipe and eval's task directory; without it both come from the shared
+/// directory; a missing `--data` directory is a usage error.
+#[test]
+fn data_flag_sets_the_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("mydata");
+    std::fs::create_dir(&d).unwrap();
+    let out = run(&[s(&recipe("smollm2-135m.toml")), "--dry-run", "--data", s(&d)], &[]);
+    common::assert_ok(&out);
+    let line = |o: &common::Output, stage: &str| o.stdout.lines().find(|l| l.contains(&format!("dejavu {stage} "))).unwrap().to_string();
+    assert!(line(&out, "collect").contains(&format!("--text {}/text/wikitext2-valid.tokenized.txt", d.display())), "{}", out.stdout);
+    assert!(line(&out, "eval").contains(&format!("--tasks-dir {}/tasks", d.display())), "{}", out.stdout);
+    let out = run(&[s(&recipe("smollm2-135m.toml")), "--dry-run"], &[]);
+    common::assert_ok(&out);
+    let shared = common::shared_dir();
+    assert!(line(&out, "collect").contains(&format!("--text {}/data/text/", shared.display())), "{}", out.stdout);
+    assert!(!line(&out, "eval").contains("--tasks-dir"), "eval keeps its own default: {}", out.stdout);
+    let out = run(&[s(&recipe("smollm2-135m.toml")), "--dry-run", "--data", s(&tmp.path().join("nope"))], &[]);
+    common::assert_one_line_exit(&out, 2, &["--data", "nope", "not a directory"]);
+}
+
+/// `--full` applies the recipe's `[full]` overrides, `--set` still wins over them, and a recipe without `[full]`
+/// refuses `--full` naming the file and the table.
+#[test]
+fn full_applies_the_recipes_full_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "model = \"m\"\nstages = [\"eval\"]\n[eval]\nlimit = 2\ntasks = [\"copa\"]\n[full]\n\"eval.limit\" = 500\nrun = \"elsewhere\"\n",
+    )
+    .unwrap();
+    let eval_line = |extra: &[&str]| {
+        let mut a = vec![s(&p), "--dry-run"];
+        a.extend_from_slice(extra);
+        let out = run(&a, &[]);
+        common::assert_ok(&out);
+        out.stdout.lines().find(|l| l.contains("dejavu eval ")).unwrap().to_string()
+    };
+    let quick = eval_line(&[]);
+    assert!(quick.contains("--limit 2 ") && quick.contains("--run runs/r "), "{quick}");
+    let full = eval_line(&["--full"]);
+    assert!(full.contains("--limit 500 ") && full.contains("--run elsewhere "), "{full}");
+    let set = eval_line(&["--full", "--set", "eval.limit=7"]);
+    assert!(set.contains("--limit 7 "), "{set}");
+    let q = tmp.path().join("q.toml");
+    std::fs::write(&q, "model = \"m\"\n[eval]\nlimit = 2\n").unwrap();
+    let out = run(&[s(&q), "--dry-run", "--full"], &[]);
+    assert_ne!(out.code, 0);
+    common::assert_one_line_exit(&out, out.code, &["q.toml", "full", "no [full] table"]);
+    // A [full] key is checked like any other, when --full applies it.
+    std::fs::write(&q, "model = \"m\"\nstages = [\"eval\"]\n[eval]\nlimit = 2\n[full]\n\"eval.limt\" = 3\n").unwrap();
+    common::assert_ok(&run(&[s(&q), "--dry-run"], &[]));
+    let out = run(&[s(&q), "--dry-run", "--full"], &[]);
+    assert_ne!(out.code, 0);
+    common::assert_one_line_exit(&out, out.code, &["q.toml", "[eval]", "unknown key `limt`"]);
 }
 
 /// The tiny-opt recipe end to end; a rerun skips every stage; a changed eval setting re-runs eval alone, a changed

@@ -7,6 +7,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 
 use dejavu::decode::{generate, Sampling};
+use dejavu::sparse::Mode;
 use dejavu::ModelFiles;
 
 use super::common::{check_engine_mode, decoder_for, run_decoding, DecodeArgs, ModelCommand};
@@ -20,6 +21,19 @@ pub struct Args {
     /// Prompt text. Empty starts from the model's BOS token.
     #[arg(long, short = 'p', default_value = "")]
     pub prompt: String,
+    /// A prompt set: one prompt per line (blank lines skipped). Every prompt is decoded greedily by the dense model
+    /// and by each sparse mode (--mode or --compare; corrected with --correct), and each mode's continuations are
+    /// judged against dense's: exact-continuation rate, first divergence, sparse fraction, dense passes. Prints a
+    /// table; --json writes it with every continuation.
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt", help_heading = "Prompt set")]
+    pub prompts: Option<PathBuf>,
+    /// First N prompts of --prompts.
+    #[arg(long, requires = "prompts", help_heading = "Prompt set")]
+    pub limit: Option<usize>,
+    /// Several sparse modes judged in one run (e.g. cats@0.5,oracle@0.5); replaces --mode.
+    #[arg(long, value_delimiter = ',', requires = "prompts", conflicts_with = "mode", help_heading = "Prompt set")]
+    #[serde(default)]
+    pub compare: Vec<dejavu::sparse::Mode>,
     /// Number of new tokens.
     #[arg(short = 'n', long = "max-new-tokens", default_value_t = 32)]
     pub n: usize,
@@ -45,9 +59,9 @@ pub struct Args {
     /// forward over the shared KV cache, keeping the sparse tokens it accepts (greedy decoding only).
     #[arg(long, help_heading = "Correction")]
     pub correct: bool,
-    /// Sparse tokens between dense checks.
-    #[arg(long, default_value_t = 8, requires = "correct", help_heading = "Correction")]
-    pub period: usize,
+    /// Sparse tokens between dense checks; with --prompts a comma-separated list runs each period.
+    #[arg(long, value_delimiter = ',', default_value = "8", requires = "correct", help_heading = "Correction")]
+    pub period: Vec<usize>,
     /// Keep a sparse token while the dense model gives it probability >= P, or only if it is the dense argmax.
     #[arg(long, value_name = "P|argmax", default_value = "0.1", requires = "correct", help_heading = "Correction")]
     pub accept: dejavu::decode::correct::Accept,
@@ -63,18 +77,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
         super::common::check_output_file(j)?;
     }
+    let modes: Vec<Mode> = if args.compare.is_empty() { vec![args.decode.mode] } else { args.compare.clone() };
     if args.correct {
-        if args.decode.mode == dejavu::sparse::Mode::Dense {
+        if modes.iter().all(|m| *m == Mode::Dense) {
             return Err(usage("--correct needs a sparse --mode (dense decoding has nothing to correct)"));
         }
         if args.temperature > 0.0 {
             return Err(usage("--correct decodes greedily; drop --temperature"));
         }
-        if args.period == 0 {
+        if args.period.contains(&0) {
             return Err(usage("--period must be at least 1"));
         }
+        if args.period.len() != 1 && args.prompts.is_none() {
+            return Err(usage("several --period values need --prompts (one prompt runs one period)"));
+        }
     }
-    check_engine_mode(&args.decode, &[args.decode.mode])?;
+    check_engine_mode(&args.decode, &modes)?;
+    if args.prompts.is_some() {
+        if args.temperature > 0.0 {
+            return Err(usage("--prompts judges greedy continuations against dense greedy ones; drop --temperature"));
+        }
+        if args.limit == Some(0) {
+            return Err(usage("--limit must be at least 1"));
+        }
+        return run_decoding(&args.decode.model.clone(), super::prompt_set::PromptSet(args));
+    }
     run_decoding(&args.decode.model.clone(), args)
 }
 
@@ -101,7 +128,8 @@ impl ModelCommand for Args {
         let dec = any.as_dyn();
         let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
         if args.correct {
-            let c = dejavu::decode::correct::generate_corrected(&mut *dec, &prompt, args.n, args.period, args.accept, &eos)
+            let period = args.period.first().copied().unwrap_or(8);
+            let c = dejavu::decode::correct::generate_corrected(&mut *dec, &prompt, args.n, period, args.accept, &eos)
                 .context("while generating with correction")?;
             let text = tok.decode(&c.new_tokens, true).unwrap_or_default();
             out(&format!("{}{text}\n", args.prompt))?;
@@ -113,14 +141,14 @@ impl ModelCommand for Args {
                 c.sparse_fraction(),
                 c.dense_passes_per_100(),
                 c.mean_accepted_run(),
-                args.period,
+                period,
                 args.accept
             );
             if let Some(path) = &args.json {
                 let rec = serde_json::json!({
                     "model": files.identity, "mode": args.decode.mode, "prompt": args.prompt, "prompt_ids": prompt,
                     "new_ids": c.new_tokens, "text": text, "stopped_at_eos": c.stopped_at_eos,
-                    "period": args.period, "accept": args.accept, "sparse_tokens": c.sparse_tokens,
+                    "period": period, "accept": args.accept, "sparse_tokens": c.sparse_tokens,
                     "sparse_fraction": c.sparse_fraction(), "dense_passes": c.dense_passes,
                     "dense_passes_per_100_tokens": c.dense_passes_per_100(), "mean_accepted_run": c.mean_accepted_run(),
                     "accepted_runs": c.accepted_runs, "ms_per_token": ms,

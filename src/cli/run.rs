@@ -32,6 +32,13 @@ pub struct Args {
     /// Override one recipe value: STAGE.KEY=VALUE (e.g. eval.limit=500) or KEY=VALUE for a top key; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Data directory (text/ and tasks/): the value of `${DEJAVU_DATA}` in the recipe and eval's --tasks-dir
+    /// (default: $DEJAVU_SHARED/data, else ../shared/data).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Apply the recipe's `[full]` table (its full-size settings, e.g. more tokens and examples) before any --set.
+    #[arg(long)]
+    pub full: bool,
     /// Print each stage's resolved command and whether it would run, and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -120,6 +127,9 @@ fn save(path: &Path, rec: &RunRecord) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(d) = args.data.as_ref().filter(|d| !d.is_dir()) {
+        return Err(usage(format!("--data {}: not a directory (it holds text/ and tasks/, like ../shared/data)", d.display())));
+    }
     let mut sets = args.set.clone();
     if let Some(m) = &args.model {
         sets.push(format!("model={}", toml::Value::String(m.clone())));
@@ -130,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = &args.run {
         sets.push(format!("run={}", toml::Value::String(r.to_string_lossy().into_owned())));
     }
-    let recipe = Recipe::load(&args.recipe, &sets)?;
+    let recipe = Recipe::load(&args.recipe, &sets, args.full, args.data.as_deref())?;
     if recipe.stages.is_empty() {
         return Err(usage(format!("{}: `stages` lists no stage of {}", recipe.path.display(), STAGES.join(", "))));
     }

@@ -7,6 +7,7 @@
 //! the cache back (speculative correction needs it); `fork` repeats a one-row cache to score several
 //! continuations of one context together.
 
+pub mod compare;
 pub mod correct;
 pub mod generate;
 pub mod reference;
