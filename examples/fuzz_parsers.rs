@@ -279,9 +279,15 @@ fn exercise(target: &str, path: &Path, dir: &Path) -> Result<(), String> {
             Ok(())
         }
         "recipe" => {
-            let r = dejavu::recipe::Recipe::load(path, &[], true, None).map_err(e)?;
+            let r = dejavu::recipe::Recipe::load(path, &[], false, None).map_err(e)?;
             for stage in r.stages.clone() {
                 let _ = r.stage_args(&stage);
+            }
+            // With --full too: the [full] table's overrides applied (an error where the recipe has none).
+            if let Ok(r) = dejavu::recipe::Recipe::load(path, &[], true, Some(dir)) {
+                for stage in r.stages.clone() {
+                    let _ = r.stage_args(&stage);
+                }
             }
             Ok(())
         }

@@ -152,32 +152,44 @@ impl ModelCommand for PromptSet {
                 bar.inc(1);
             }
             results.push((*s, outcomes));
+            // Each finished setting is written at once, so a long run that dies keeps what it did.
+            if let Some(j) = &args.json {
+                let rec = record(&results, &args, &loaded.identity, &path, &prompts);
+                dejavu::store::write_json(j, &rec).with_context(|| format!("while writing {}", j.display()))?;
+            }
         }
         bar.finish_and_clear();
         let rows: Vec<(Setting, Summary)> = results.iter().map(|(s, o)| (*s, Summary::of(o))).collect();
         out(&table(&rows, args.accept, args.n))?;
-        if let Some(j) = &args.json {
-            let settings: Vec<serde_json::Value> = results
-                .iter()
-                .zip(&rows)
-                .map(|((s, o), (_, sum))| {
-                    serde_json::json!({
-                        "mode": s.mode, "period": s.period, "accept": s.period.map(|_| args.accept),
-                        "summary": sum, "exact_rate": sum.exact_rate(), "sparse_fraction": sum.sparse_fraction(),
-                        "dense_passes_per_100_tokens": sum.dense_passes_per_100(), "mean_accepted_run": sum.mean_accepted_run(),
-                        "ms_per_token": sum.ms_per_token(), "outcomes": o,
-                    })
-                })
-                .collect();
-            let rec = serde_json::json!({
-                "format": "dejavu.prompt-set", "version": 1, "tool_version": dejavu::store::VERSION, "build": dejavu::store::BUILD,
-                "created": dejavu::store::now_rfc3339(), "model": loaded.identity, "prompts_file": path, "tokens": args.n,
-                "ignore_eos": args.ignore_eos, "prompts": prompts.iter().map(|(t, _)| t).collect::<Vec<_>>(), "settings": settings,
-            });
-            dejavu::store::write_json(j, &rec).with_context(|| format!("while writing {}", j.display()))?;
-        }
         Ok(())
     }
+}
+
+/// The JSON record of the settings finished so far, each with its summary and every continuation.
+fn record(
+    results: &[(Setting, Vec<Outcome>)],
+    args: &Args,
+    identity: &dejavu::source::ModelIdentity,
+    path: &Path,
+    prompts: &[(String, Vec<u32>)],
+) -> serde_json::Value {
+    let settings: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(s, o)| {
+            let sum = Summary::of(o);
+            serde_json::json!({
+                "mode": s.mode, "period": s.period, "accept": s.period.map(|_| args.accept),
+                "exact_rate": sum.exact_rate(), "sparse_fraction": sum.sparse_fraction(),
+                "dense_passes_per_100_tokens": sum.dense_passes_per_100(), "mean_accepted_run": sum.mean_accepted_run(),
+                "ms_per_token": sum.ms_per_token(), "summary": sum, "outcomes": o,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "format": "dejavu.prompt-set", "version": 1, "tool_version": dejavu::store::VERSION, "build": dejavu::store::BUILD,
+        "created": dejavu::store::now_rfc3339(), "model": identity, "prompts_file": path, "tokens": args.n,
+        "ignore_eos": args.ignore_eos, "prompts": prompts.iter().map(|(t, _)| t).collect::<Vec<_>>(), "settings": settings,
+    })
 }
 
 fn table(rows: &[(Setting, Summary)], accept: Accept, n: usize) -> String {

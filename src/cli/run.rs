@@ -208,6 +208,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.dry_run {
         eprintln!("run directory {} (run.json records the resolved recipe and the tool version)", recipe.run.display());
+        if recipe.stages.iter().any(|s| s == "eval") && !ran.iter().any(|s| s == "eval") {
+            eprintln!("eval was up to date: `dejavu report {} --print` prints its tables", shell_word(&recipe.run.to_string_lossy()));
+        }
     }
     Ok(())
 }
