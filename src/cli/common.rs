@@ -265,6 +265,48 @@ impl<B: Backend> AnyDecoder<'_, B> {
     }
 }
 
+/// What a command that runs several plans decodes on: the reference model (a decoder per plan over it) or the
+/// CUDA engine (one decoder for every plan).
+pub struct Decoders<B: Backend> {
+    model: Option<Model<B>>,
+    engine: Option<AnyDecoder<'static, B>>,
+}
+
+/// A decoder running one plan: a reference decoder of its own, or the shared engine.
+pub enum PlanDecoder<'a, B: Backend> {
+    Own(AnyDecoder<'a, B>),
+    Shared(&'a mut AnyDecoder<'static, B>),
+}
+
+impl<B: Backend> PlanDecoder<'_, B> {
+    pub fn as_dyn(&mut self) -> &mut dyn dejavu::decode::Decoder {
+        match self {
+            PlanDecoder::Own(d) => d.as_dyn(),
+            PlanDecoder::Shared(d) => d.as_dyn(),
+        }
+    }
+}
+
+impl<B: Backend> Decoders<B> {
+    /// Load the model for the reference, or start the engine for `--device cuda`.
+    pub fn load(files: &ModelFiles, args: &DecodeArgs, device: &B::Device) -> anyhow::Result<Self> {
+        if uses_engine(&args.model) {
+            Ok(Decoders { model: None, engine: Some(engine_decoder::<B>(files, args, false)?) })
+        } else {
+            Ok(Decoders { model: Some(load_model::<B>(files, device, false)?), engine: None })
+        }
+    }
+
+    /// A decoder running `plan`.
+    pub fn for_plan<'a>(&'a mut self, loaded: &'a Loaded<B>, plan: &'a Plan) -> anyhow::Result<PlanDecoder<'a, B>> {
+        match (&self.model, &mut self.engine) {
+            (Some(m), _) => Ok(PlanDecoder::Own(AnyDecoder::Ref(loaded.decoder(m, plan)?))),
+            (None, Some(e)) => Ok(PlanDecoder::Shared(e)),
+            (None, None) => anyhow::bail!("internal: no decoder"),
+        }
+    }
+}
+
 /// Whether `--device` selects the CUDA engine for a decoding command.
 pub fn uses_engine(model: &ModelArgs) -> bool {
     model.device == DeviceKind::Cuda

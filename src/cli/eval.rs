@@ -15,8 +15,7 @@ use dejavu::store::{write_eval_results, ArtifactHeader, RunDir, EVAL_FORMAT, EVA
 use dejavu::ModelFiles;
 
 use super::common::{
-    check_device, check_engine_mode, engine_decoder, load_model, resolve, tokenize_file, uses_engine, AnyDecoder, DecodeArgs,
-    WindowArgs,
+    check_device, check_engine_mode, resolve, tokenize_file, uses_engine, DecodeArgs, Decoders, WindowArgs,
 };
 use super::{out, usage};
 
@@ -117,10 +116,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let stride = args.window.stride(None)?;
     check_device(args.decode.model.device)?;
     check_engine_mode(&args.decode, &modes)?;
-    let tasks_dir = args.tasks_dir.clone().unwrap_or_else(|| {
-        let shared = std::env::var_os("DEJAVU_SHARED").map_or_else(|| PathBuf::from("../shared"), PathBuf::from);
-        shared.join("data/tasks")
-    });
+    let tasks_dir = args.tasks_dir.clone().unwrap_or_else(|| dejavu::recipe::shared_dir().join("data/tasks"));
     let specs: Vec<tasks::TaskSpec> = args.tasks.iter().map(|t| tasks::find(t, &tasks_dir)).collect::<Result<_, _>>()?;
     if args.delimiter.is_some() && specs.iter().all(|s| s.delimiter.is_some()) {
         return Err(usage(format!(
@@ -215,10 +211,7 @@ impl BackendTask for Task {
             Some(p) => Some(tokenize_file(&files, p, Some(args.ppl_tokens))?),
             None => None,
         };
-        let engine = uses_engine(&args.decode.model);
-        let model = if engine { None } else { Some(load_model::<B>(&files, &device, false)?) };
-        let mut engine_dec: Option<AnyDecoder<'static, B>> =
-            if engine { Some(engine_decoder::<B>(&files, &args.decode, false)?) } else { None };
+        let mut decoders = Decoders::<B>::load(&files, &args.decode, &device)?;
         let eot = cfg.eos_token_ids.first().copied().or(cfg.bos_token_id).unwrap_or(0);
         let mut results: Vec<ModeResult> = Vec::new();
         let mut dump = match &args.dump {
@@ -228,15 +221,8 @@ impl BackendTask for Task {
         let ev = Evaluator { tokenizer: &files.tokenizer, max_len: args.max_len, empty_context_token: eot };
         for &mode in &modes {
             let plan = args.decode.plan(mode, &cfg, &artifacts)?;
-            let mut ref_dec = match &model {
-                Some(m) => Some(AnyDecoder::Ref(artifacts.decoder(m, &plan)?)),
-                None => None,
-            };
-            let dec: &mut dyn dejavu::decode::Decoder = match (&mut ref_dec, &mut engine_dec) {
-                (Some(d), _) => d.as_dyn(),
-                (None, Some(d)) => d.as_dyn(),
-                (None, None) => bail!("internal: no decoder"),
-            };
+            let mut plan_dec = decoders.for_plan(&artifacts, &plan)?;
+            let dec = plan_dec.as_dyn();
             let how = if args.correct && mode != Mode::Dense {
                 Continuation::Corrected { period: args.period, accept: args.accept }
             } else {

@@ -14,7 +14,7 @@ use dejavu::decode::{generate, Decoder, Sampling};
 use dejavu::sparse::Mode;
 use dejavu::ModelFiles;
 
-use super::common::{engine_decoder, load_model, uses_engine, AnyDecoder, ModelCommand};
+use super::common::{Decoders, ModelCommand};
 use super::generate::Args;
 use super::{out, usage};
 
@@ -112,10 +112,7 @@ impl ModelCommand for PromptSet {
             }
         }
         let eos = if args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() };
-        let engine = uses_engine(&args.decode.model);
-        let model = if engine { None } else { Some(load_model::<B>(&files, &device, false)?) };
-        let mut engine_dec: Option<AnyDecoder<'static, B>> =
-            if engine { Some(engine_decoder::<B>(&files, &args.decode, false)?) } else { None };
+        let mut decoders = Decoders::<B>::load(&files, &args.decode, &device)?;
         eprintln!(
             "{} prompts from {} x {} tokens, {} settings (dense first: every other continuation is judged against it)",
             prompts.len(),
@@ -128,15 +125,8 @@ impl ModelCommand for PromptSet {
         let mut results: Vec<(Setting, Vec<Outcome>)> = Vec::new();
         for s in &settings {
             let plan = args.decode.plan(s.mode, &cfg, &loaded)?;
-            let mut ref_dec = match &model {
-                Some(m) => Some(AnyDecoder::Ref(loaded.decoder(m, &plan)?)),
-                None => None,
-            };
-            let dec: &mut dyn Decoder = match (&mut ref_dec, &mut engine_dec) {
-                (Some(d), _) => d.as_dyn(),
-                (None, Some(d)) => d.as_dyn(),
-                (None, None) => anyhow::bail!("internal: no decoder"),
-            };
+            let mut plan_dec = decoders.for_plan(&loaded, &plan)?;
+            let dec = plan_dec.as_dyn();
             bar.set_message(format!("{} {}", s.mode, s.correction(args.accept)));
             let mut outcomes = Vec::with_capacity(prompts.len());
             for (i, (_, ids)) in prompts.iter().enumerate() {
