@@ -103,9 +103,10 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
     }
 }
 
-// Reduce the lanes' partial sums and write row `row` of every input row with the epilogue.
+// Reduce the lanes' partial sums and write output column `slot` of every input row with the epilogue; `row` is the
+// weight row (the bias entry), equal to `slot` except in the gather kernels.
 template <typename T, int NB, int EPI>
-__device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, int row, int N, int B,
+__device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, int slot, int row, int N, int B,
                                             const u16* __restrict__ bias, const u16* __restrict__ bias2,
                                             void* __restrict__ out) {
     const bool glu = EPI == EPI_GLU;
@@ -120,7 +121,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         if (b >= B) break;
-        size_t o = (size_t)b * N + row;
+        size_t o = (size_t)b * N + slot;
         float v = acc[b] + bv;
         if (EPI == EPI_STORE) ((float*)out)[o] = v;
         if (EPI == EPI_ACC) ((float*)out)[o] += v;
@@ -132,7 +133,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     }
 }
 
-template <typename T, int NB, int EPI>
+template <typename T, int NB, int EPI, bool GATHER = false>
 __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w,     // [N, K]
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
@@ -144,11 +145,19 @@ __device__ __forceinline__ void gemv_impl(
     const float* __restrict__ xf,  // [B, K] f32 residual stream to normalise, or null
     const u16* __restrict__ g,     // [K] norm weight (with xf)
     const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
-    float eps, int rms, int stage) {
+    float eps, int rms, int stage,
+    const int* __restrict__ idx,   // GATHER: [N] weight rows to compute (written by an earlier kernel)
+    const int* __restrict__ cnt) { // GATHER: [1] how many of idx are valid (<= N); output columns past it untouched
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int slot = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int row = slot, nrows = N;
+    if (GATHER) { // the kept rows are an earlier kernel's output: nothing can be loaded before the wait
+        pdl_wait();
+        nrows = min(cnt[0], N);
+        row = slot < nrows ? idx[slot] : 0;
+    }
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI == EPI_GLU;
     const int U = 4; // 16-byte loads in flight per lane and matrix
@@ -164,14 +173,14 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int i = lane + 32 * u;
-        const bool ok = vec && row < N && i < K8;
+        const bool ok = vec && slot < nrows && i < K8;
         wv[u] = ok ? ld_stream_first(w4 + i) : make_uint4(0, 0, 0, 0);
         wv2[u] = (glu && ok) ? ld_stream_first(w24 + i) : make_uint4(0, 0, 0, 0);
     }
     pdl_wait();
     pdl_launch();
     gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
-    if (row >= N) return;
+    if (slot >= nrows) return;
     float acc[NB], acc2[NB];
 #pragma unroll
     for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
@@ -207,7 +216,7 @@ __device__ __forceinline__ void gemv_impl(
             }
         }
     }
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, N, B, bias, bias2, out);
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, slot, row, N, B, bias, bias2, out);
 }
 
 
@@ -302,7 +311,7 @@ __device__ __forceinline__ void gemv_async_impl(
             }
         }
     }
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, N, B, bias, bias2, out);
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, row, N, B, bias, bias2, out);
 }
 
 // Two 512-thread blocks per multiprocessor for the narrow variants (64 registers a thread; GLU would spill).
@@ -312,18 +321,32 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
                                                         int B, const float* xf, const u16* g, const u16* gb,      \
                                                         float eps, int rms, int stage) {                          \
-        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);                  \
+        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0);            \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
         int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                      \
         gemv_async_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);            \
     }
+// Sparse MLP, first half: only the weight rows idx[0 .. cnt) are computed (OPT fc1 + bias + ReLU, or SwiGLU gate
+// and up rows together), written compactly: out[b, s] for the kept row idx[s], s < cnt (N = the capacity of idx and
+// the output's row stride).
+#define GEMV_GATHER(TN, T, EN, EPI, NB)                                                                          \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_gather_##TN##_##EN##_b##NB(  \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, const int* idx,       \
+        const int* cnt) {                                                                                         \
+        gemv_impl<T, NB, EPI, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, idx, cnt);  \
+    }
+#define GEMV_GATHER_NB(TN, T, EN, EPI) \
+    GEMV_GATHER(TN, T, EN, EPI, 1) GEMV_GATHER(TN, T, EN, EPI, 2) GEMV_GATHER(TN, T, EN, EPI, 4) \
+    GEMV_GATHER(TN, T, EN, EPI, 8) GEMV_GATHER(TN, T, EN, EPI, 16)
 #define GEMV_NB(TN, T, EN, EPI) \
     GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \
     GEMV_KERNEL(TN, T, EN, EPI, 8) GEMV_KERNEL(TN, T, EN, EPI, 16)
 #define GEMV_ALL(TN, T) \
-    GEMV_NB(TN, T, store, EPI_STORE) GEMV_NB(TN, T, acc, EPI_ACC) GEMV_NB(TN, T, relu, EPI_RELU) GEMV_NB(TN, T, glu, EPI_GLU)
+    GEMV_NB(TN, T, store, EPI_STORE) GEMV_NB(TN, T, acc, EPI_ACC) GEMV_NB(TN, T, relu, EPI_RELU) GEMV_NB(TN, T, glu, EPI_GLU) \
+    GEMV_GATHER_NB(TN, T, relu, EPI_RELU) GEMV_GATHER_NB(TN, T, glu, EPI_GLU)
 
 GEMV_ALL(f16, F16)
 GEMV_ALL(bf16, BF16)

@@ -5,6 +5,8 @@
 #   bench     dense decode at real shapes vs the weight-read floor, f16 and bf16, with HF eager beside it
 #   batch     batch 1/4/16 at Llama-2-7B; prefill of 2048 tokens
 #   startup   process start to first token, cold (empty kernel cache) and warm
+#   mlp       one MLP block, sparse (kept neurons only) at 100/50/25/10% kept beside our dense block, every PERF.md
+#             shape, f16 and bf16 (bench --mlp-block: graph replay, L2 flushed)
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -60,6 +62,11 @@ for m, vs in rows.items():
         print(f"{m:<14} {tag:<44} {ms:8.3f} ms  x{x:5.2f}  {gb:6.0f} GB/s")
 PY
       ;;
+    mlp)
+      for dt in f16 bf16; do
+        $BIN bench --mlp-block --shape ${MLP_SHAPES:-smollm2-135m opt-1.3b opt-6.7b opt-13b opt-66b opt-175b llama2-7b llama2-13b llama2-70b} \
+          --keep 1 0.5 0.25 0.1 --dtype $dt --json "$OUT/mlp_$dt.json" --csv "$OUT/mlp_$dt.csv" 2>/dev/null
+      done ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do

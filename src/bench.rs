@@ -170,6 +170,69 @@ pub fn csv(results: &[BenchResult]) -> crate::error::Result<Vec<u8>> {
     w.into_inner().map_err(|e| crate::error::Error::Internal(format!("csv: {e}")))
 }
 
+/// One MLP block (`bench --mlp-block`): the kept neurons' weights only, one CUDA-graph replay per timing with the
+/// L2 flushed before it (as `../shared/docs/PERF.md` times the peers).
+#[derive(Debug, Clone, Serialize)]
+pub struct MlpBlockResult {
+    pub shape: String,
+    pub device: String,
+    pub dtype: String,
+    pub batch: usize,
+    /// Kept neurons (of `ffn`) and their fraction.
+    pub kept: usize,
+    pub ffn: usize,
+    pub kept_frac: f64,
+    /// The kernels timed: `gather_up + down_t` (the index list given; no predictor or score inside).
+    pub kernels: String,
+    pub median_us: f64,
+    pub p90_us: f64,
+    /// Weight bytes the kept neurons occupy (fc1 + fc2, or gate + up + down, plus their biases).
+    pub bytes: usize,
+    pub copy_gbps: f64,
+    pub floor_us: f64,
+    pub ratio_to_floor: f64,
+    /// The acceptance bound: 1.2 x floor + 4 us.
+    pub bound_us: f64,
+    /// Our dense block (GEMV up + GEMV down on the untransposed weights), same call, same timing.
+    pub dense_us: f64,
+}
+
+/// The human table of MLP-block results.
+pub fn mlp_table(results: &[MlpBlockResult]) -> String {
+    let mut s = String::from(
+        "| shape | dtype | batch | kept | median us | p90 us | floor us | x floor | bound us (1.2 floor + 4) | within | dense us | speed-up vs dense |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        s += &format!(
+            "| {} | {} | {} | {:.0}% ({}) | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} | {:.1} | {:.2}x |\n",
+            r.shape,
+            r.dtype,
+            r.batch,
+            100.0 * r.kept_frac,
+            r.kept,
+            r.median_us,
+            r.p90_us,
+            r.floor_us,
+            r.ratio_to_floor,
+            r.bound_us,
+            if r.median_us <= r.bound_us { "yes" } else { "no" },
+            r.dense_us,
+            r.dense_us / r.median_us
+        );
+    }
+    s
+}
+
+/// CSV of MLP-block results.
+pub fn mlp_csv(results: &[MlpBlockResult]) -> crate::error::Result<Vec<u8>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in results {
+        w.serialize(r).map_err(|e| crate::error::Error::Internal(format!("csv: {e}")))?;
+    }
+    w.into_inner().map_err(|e| crate::error::Error::Internal(format!("csv: {e}")))
+}
+
 /// Median and 90th percentile of `v` (sorted in place).
 pub fn median_p90(v: &mut [f64]) -> (f64, f64) {
     if v.is_empty() {

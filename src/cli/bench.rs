@@ -46,6 +46,17 @@ pub struct Args {
     /// Print the known shapes and exit.
     #[arg(long)]
     pub list_shapes: bool,
+    /// Time one MLP block instead of decode: the sparse block (kept neurons' rows gathered, down from its
+    /// transposed copy) at each `--keep` fraction beside our dense block, one CUDA-graph replay per timing with the
+    /// L2 flushed first (as PERF.md times Deja Vu's and TEAL's kernels). Needs `--shape`.
+    #[arg(long, requires = "shape")]
+    pub mlp_block: bool,
+    /// Kept fractions of the MLP's neurons for `--mlp-block` (0 < k <= 1).
+    #[arg(long, num_args = 1.., default_values_t = [0.5, 0.25, 0.1])]
+    pub keep: Vec<f64>,
+    /// Timed replays per `--mlp-block` row (the median and p90 are reported).
+    #[arg(long, default_value_t = 100)]
+    pub reps: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -68,6 +79,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.tokens == 0 || args.prompt == 0 {
         return Err(usage("--prompt and --tokens must be at least 1"));
     }
+    if args.mlp_block {
+        if let Some(k) = args.keep.iter().find(|k| !(**k > 0.0 && **k <= 1.0)) {
+            return Err(usage(format!("--keep {k}: a kept fraction must be in (0, 1]")));
+        }
+        if args.reps == 0 {
+            return Err(usage("--reps must be at least 1"));
+        }
+        let results = measure_mlp(&args, &shapes)?;
+        out(&dejavu::bench::mlp_table(&results))?;
+        if let Some(p) = &args.json {
+            dejavu::store::write_json(p, &results).with_context(|| format!("while writing {}", p.display()))?;
+        }
+        if let Some(p) = &args.csv {
+            let bytes = dejavu::bench::mlp_csv(&results)?;
+            dejavu::store::write_atomic(p, &bytes).with_context(|| format!("while writing {}", p.display()))?;
+        }
+        return Ok(());
+    }
     let results = measure(&args, &shapes)?;
     out(&table(&results))?;
     if let Some(p) = &args.json {
@@ -83,6 +112,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn measure(_args: &Args, _shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
     anyhow::bail!("bench runs on the CUDA engine: this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn measure_mlp(_args: &Args, _shapes: &[Shape]) -> anyhow::Result<Vec<dejavu::bench::MlpBlockResult>> {
+    anyhow::bail!("bench runs on the CUDA engine: this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
+}
+
+#[cfg(feature = "cuda")]
+fn measure_mlp(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<dejavu::bench::MlpBlockResult>> {
+    use dejavu::cuda::mlp_bench::{needed_bytes, run};
+    use dejavu::cuda::Gpu;
+
+    dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+    let dt = args.dtype.unwrap_or(Half::F16);
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    let mut results = Vec::new();
+    for sh in shapes {
+        {
+            let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+            let need = needed_bytes(sh, max_batch);
+            let (free, _) = gpu.mem_info().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+            if need > free {
+                anyhow::bail!("--shape {}: one MLP block needs {:.1} GB, the GPU has {:.1} GB free", sh.name, need as f64 / 1e9, free as f64 / 1e9);
+            }
+        }
+        let rows = run(sh, dt, &args.batch, &args.keep, args.reps).map_err(|e| anyhow::anyhow!("bench --mlp-block {}: {e}", sh.name))?;
+        for r in &rows {
+            eprintln!("{}", dejavu::bench::mlp_table(std::slice::from_ref(r)).lines().nth(2).unwrap_or_default());
+        }
+        results.extend(rows);
+    }
+    Ok(results)
 }
 
 #[cfg(feature = "cuda")]

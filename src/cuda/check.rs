@@ -186,6 +186,124 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     Ok(())
 }
 
+/// A sorted random subset of `0..f` with `k` members.
+fn subset(f: usize, k: usize, seed: u64) -> Vec<i32> {
+    let mut r = rng(seed);
+    let mut all: Vec<i32> = (0..f as i32).collect();
+    for i in 0..k.min(f) {
+        let j = i + (r.next_u64() % (f - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    let mut v = all[..k.min(f)].to_vec();
+    v.sort_unstable();
+    v
+}
+
+/// The sparse MLP kernels at k = 1, all and between, 1-16 rows sharing one kept set (the union), against f64 on
+/// the same rounded inputs; columns past the kept count must stay untouched (still NaN). Plus two invariants: the
+/// gather over every row in order equals the dense GEMV bit for bit, and the transposed down over every row equals
+/// the dense down projection (within tolerance: the order of addition differs).
+fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use super::sparse::{down_t, gather_up, Kept};
+    let d = Dev { e };
+    for (rows, k, f) in [(1usize, 576usize, 1536usize), (3, 576, 1536), (16, 1024, 344), (2, 172, 200)] {
+        for epi in [Epi::Relu, Epi::Glu] {
+            let wrows = if epi == Epi::Glu { 2 * f } else { f };
+            let s = seed + (rows * 7919 + k * 31 + f) as u64 + epi as u64;
+            let w = rounded(&randv(wrows * k, s, (3.0 / k as f32).sqrt()), dt);
+            let x = rounded(&randv(rows * k, s + 1, 1.0), dt);
+            let bias = rounded(&randv(wrows, s + 2, 0.5), dt);
+            let (wb, xb, bb) = (d.halfbuf(&w, dt)?, d.halfbuf(&x, dt)?, d.halfbuf(&bias, dt)?);
+            for kk in [1usize, f / 3, f] {
+                let idx = subset(f, kk, s + kk as u64);
+                let (ib, cb) = (d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
+                let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f };
+                let ob = d.poisoned(rows * f * 2)?;
+                gather_up(e, wb.ptr, Some(bb.ptr), f, xb.ptr, kept, ob.ptr, rows, k, epi)?;
+                let all = d.read_half(&ob, rows * f, dt)?;
+                let mut got = Vec::with_capacity(rows * kk);
+                let mut want = Vec::with_capacity(rows * kk);
+                let mut touched = 0;
+                for r in 0..rows {
+                    got.extend_from_slice(&all[r * f..r * f + kk]);
+                    touched += all[r * f + kk..(r + 1) * f].iter().filter(|v| !v.is_nan()).count();
+                    for &j in &idx {
+                        let j = j as usize;
+                        let dot = |row: usize| -> f64 { (0..k).map(|i| w[row * k + i] as f64 * x[r * k + i] as f64).sum::<f64>() + bias[row] as f64 };
+                        want.push(match epi {
+                            Epi::Glu => silu(dot(j)) * dot(f + j),
+                            _ => dot(j).max(0.0),
+                        } as f32);
+                    }
+                }
+                let mut v = verdict(format!("gather {epi:?} rows={rows} k={k} f={f} kept={kk}"), dt, &got, &want, 1e-2);
+                if touched > 0 {
+                    v.pass = false;
+                    v.kernel += &format!(" ({touched} columns past the kept count written)");
+                }
+                out.push(v);
+                if kk == f {
+                    // Every row in order: the same arithmetic as the dense GEMV, so the same bits.
+                    let dense = d.poisoned(rows * f * 2)?;
+                    let y = d.poisoned(rows * 2 * f * 4)?;
+                    e.linear(wb.ptr, Some(bb.ptr), xb.ptr, dense.ptr, rows, f, k, epi, y.ptr)?;
+                    let dv = d.read_half(&dense, rows * f, dt)?;
+                    let same = dv.iter().zip(&all).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                    out.push(KernelCheck {
+                        kernel: format!("gather(all, in order) == dense GEMV bitwise {epi:?} rows={rows} k={k} f={f} ({same}/{} equal)", dv.len()),
+                        dtype: dt.name(),
+                        rel_err: rel_err(&all, &dv),
+                        nan: all.iter().filter(|v| !v.is_finite()).count(),
+                        pass: same == dv.len(),
+                    });
+                }
+            }
+        }
+    }
+    // The transposed down projection: out (f32, initialised) += bias + sum_s act[b, s] wt[idx[s], :].
+    for (rows, dd, f) in [(1usize, 576usize, 1536usize), (4, 1024, 2048), (16, 576, 344), (1, 4096, 11008)] {
+        let s = seed + 5 + (rows * 104_729 + dd * 13 + f) as u64;
+        let wt = rounded(&randv(f * dd, s, (3.0 / f as f32).sqrt()), dt);
+        let bias = rounded(&randv(dd, s + 1, 0.5), dt);
+        let init = randv(rows * dd, s + 2, 1.0);
+        let (wb, bb) = (d.halfbuf(&wt, dt)?, d.halfbuf(&bias, dt)?);
+        for kk in [1usize, f / 4, f] {
+            let idx = subset(f, kk, s + kk as u64);
+            let act = rounded(&randv(rows * f, s + 3 + kk as u64, 1.0), dt);
+            let (ab, ib, cb) = (d.halfbuf(&act, dt)?, d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
+            let ob = d.f32buf(&init)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd)?;
+            let got = d.read_f32(&ob, rows * dd)?;
+            let mut want = vec![0f32; rows * dd];
+            for r in 0..rows {
+                for c in 0..dd {
+                    let acc: f64 = (0..kk).map(|s_| act[r * f + s_] as f64 * wt[idx[s_] as usize * dd + c] as f64).sum();
+                    want[r * dd + c] = (init[r * dd + c] as f64 + bias[c] as f64 + acc) as f32;
+                }
+            }
+            out.push(verdict(format!("down_t rows={rows} d={dd} f={f} kept={kk}"), dt, &got, &want, 1e-2));
+        }
+        if f <= 2048 {
+            // Every row, no index list, against the dense down projection on the untransposed weights.
+            let act = rounded(&randv(rows * f, s + 9, 1.0), dt);
+            let mut w = vec![0f32; dd * f];
+            for j in 0..f {
+                for c in 0..dd {
+                    w[c * f + j] = wt[j * dd + c];
+                }
+            }
+            let (ab, wd) = (d.halfbuf(&act, dt)?, d.halfbuf(&w, dt)?);
+            let (o1, o2) = (d.f32buf(&init)?, d.f32buf(&init)?);
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, None, f, o1.ptr, rows, dd)?;
+            let y = d.poisoned(rows * 2 * dd * 4)?;
+            e.linear(wd.ptr, Some(bb.ptr), ab.ptr, o2.ptr, rows, dd, f, Epi::Acc, y.ptr)?;
+            let (g1, g2) = (d.read_f32(&o1, rows * dd)?, d.read_f32(&o2, rows * dd)?);
+            out.push(verdict(format!("down_t(all, no ids) == dense down rows={rows} d={dd} f={f}"), dt, &g1, &g2, 1e-4));
+        }
+    }
+    Ok(())
+}
+
 fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     for (rms, dim) in [(true, 576usize), (false, 768), (true, 100), (false, 32)] {
@@ -373,6 +491,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_norms(&e, dt, seed, &mut out)?;
         check_embed(&e, dt, seed, &mut out)?;
         check_attention(&e, dt, seed, &mut out)?;
+        check_sparse(&e, dt, seed, &mut out)?;
         if dt == Half::F16 {
             check_rows(&e, seed, &mut out)?;
         }

@@ -25,7 +25,7 @@ const GEMV_THREADS: u32 = 512;
 /// Attention key splits at most, for decode.
 const MAX_SPLITS: usize = 32;
 /// Dynamic shared memory a GEMV block may take to stage its f32 inputs.
-const GEMV_SMEM: usize = 200 * 1024;
+pub(super) const GEMV_SMEM: usize = 200 * 1024;
 
 /// Shared memory of the cp.async GEMV's ring: per thread, ASYNC_STAGES (4) x ASYNC_U (2) 16-byte slots per matrix
 /// (kernels/gemv.cu), two matrices for the GLU.
@@ -160,7 +160,7 @@ pub struct Engine {
     /// side-by-side timing.
     fuse_norm: bool,
     /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
-    stage: bool,
+    pub(super) stage: bool,
     /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
     gemv_threads: u32,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
@@ -172,7 +172,7 @@ pub struct Engine {
     attn_keys: usize,
 }
 
-fn k_of(n: usize) -> usize {
+pub(super) fn k_of(n: usize) -> usize {
     // GEMV template batch sizes.
     [1, 2, 4, 8, 16].into_iter().find(|&b| b >= n).unwrap_or(16)
 }
@@ -230,7 +230,7 @@ impl Engine {
         self.blas.is_some()
     }
 
-    fn dt(&self) -> Half {
+    pub(super) fn dt(&self) -> Half {
         self.w.dt
     }
 

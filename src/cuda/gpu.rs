@@ -54,10 +54,10 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     pub sms: i32,
-    /// Launch kernels with programmatic dependent launch (sm_90+, `DEJAVU_PDL=1`; off by default until it has been
-    /// checked and timed on a GPU): a kernel may start while the previous one finishes; each waits (`pdl_wait` in
-    /// kernels/common.cuh) before reading its inputs, so only the launch latency and the previous kernel's tail
-    /// are overlapped.
+    /// Launch kernels with programmatic dependent launch (sm_90+; default on, `DEJAVU_PDL=0` turns it off): a
+    /// kernel may start while the previous one finishes; each waits (`pdl_wait` in kernels/common.cuh) before
+    /// reading its inputs, so only the launch latency and the previous kernel's tail are overlapped. Measured on
+    /// the H200 (2026-12-05, side by side): SmolLM2 0.715 -> 0.651 ms a token, Llama-2-7B unchanged (4.88 ms).
     pub pdl: bool,
 }
 
@@ -81,7 +81,7 @@ impl Gpu {
         );
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = result::device::get_name(device).ctx("cuDeviceGetName")?;
-        let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").is_ok_and(|v| v == "1");
+        let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").map_or(true, |v| v != "0");
         Ok(Gpu { device, ctx, stream, name, arch, sms, pdl })
     }
 

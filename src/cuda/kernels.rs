@@ -21,6 +21,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("logits.cu", include_str!("../../kernels/logits.cu")),
+    ("sparse.cu", include_str!("../../kernels/sparse.cu")),
 ];
 
 /// How the module was obtained, for start-up reports.

@@ -9,6 +9,8 @@ pub mod engine;
 pub mod gemm;
 pub mod gpu;
 pub mod kernels;
+pub mod mlp_bench;
+pub mod sparse;
 pub mod weights;
 
 pub use decoder::{CudaDecoder, StartInfo};

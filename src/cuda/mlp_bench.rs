@@ -1,0 +1,134 @@
+//! `bench --mlp-block`: one MLP block at a real shape, random weights, sparse (the kept neurons only: gather of the
+//! up rows, transposed down) and dense (our GEMVs) side by side. Each timing is one CUDA-graph replay with the L2
+//! flushed before it, bracketed by events, as `../shared/docs/PERF.md` times Deja Vu's and TEAL's kernels; the floor
+//! is the kept weight bytes over the device-to-device copy bandwidth measured in the same process.
+
+use crate::bench::{median_p90, MlpBlockResult, Shape};
+use crate::config::Family;
+use crate::source::weights::Half;
+
+use super::engine::{Engine, Epi};
+use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
+use super::kernels::Kernels;
+use super::sparse::{down_t, gather_up, Kept};
+use super::weights::Weights;
+
+/// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
+pub fn needed_bytes(sh: &Shape, batch: usize) -> usize {
+    let (d, f) = (sh.hidden, sh.ffn);
+    let up_rows = if sh.family == Family::Llama { 2 * f } else { f };
+    // up + down + transposed down, one layer; attention weights of that layer; flush; small buffers.
+    (up_rows * d + 2 * f * d + 4 * d * d) * 2 + FLUSH_BYTES + batch * (f * 2 + up_rows * 4 + d * 8) + (64 << 20)
+}
+
+/// Written before each timed replay: twice the H200's 60 MB L2.
+const FLUSH_BYTES: usize = 128 << 20;
+
+/// A sorted random subset of `0..f` of size `k` (the kept set of one token; latency does not depend on which).
+fn kept_ids(f: usize, k: usize, seed: u64) -> Vec<i32> {
+    let mut r = crate::decode::SplitMix64(seed);
+    let mut all: Vec<i32> = (0..f as i32).collect();
+    for i in 0..k.min(f) {
+        let j = i + (r.next_u64() % (f - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    let mut v = all[..k.min(f)].to_vec();
+    v.sort_unstable();
+    v
+}
+
+fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
+    for _ in 0..3 {
+        e.gpu.replay(g)?;
+    }
+    let mut us = Vec::with_capacity(reps);
+    let mut evs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        e.gpu.memset(flush, 0)?;
+        let (a, b) = (e.gpu.event()?, e.gpu.event()?);
+        e.gpu.record(&a)?;
+        e.gpu.replay(g)?;
+        e.gpu.record(&b)?;
+        evs.push((a, b));
+    }
+    e.gpu.sync()?;
+    for (a, b) in &evs {
+        us.push(a.elapsed_ms(b)? as f64 * 1e3);
+    }
+    Ok(median_p90(&mut us))
+}
+
+/// Time the block at `sh` for every kept fraction in `keep`, at each batch size.
+pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -> GpuResult<Vec<MlpBlockResult>> {
+    let mut cfg = sh.config();
+    cfg.layers = 1;
+    cfg.vocab_size = 256;
+    let gpu = Gpu::new(0)?;
+    let k = Kernels::load(gpu.arch)?;
+    let w = Weights::random(&gpu, &k, &cfg, dt, 11)?;
+    let e = Engine::new(gpu, k, w, cfg.clone())?;
+    let (d, f) = (cfg.hidden, cfg.ffn);
+    let llama = cfg.family == Family::Llama;
+    let epi = if llama { Epi::Glu } else { Epi::Relu };
+    let mats = if llama { 3 } else { 2 };
+    let copy_bw = e.copy_bandwidth(1 << 30, 10)?;
+    let lw = &e.w.layers[0];
+    let (up, up_b, down, down_b) = (lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr));
+    // The transposed down copy [F, d] (random like the rest).
+    let wt = e.gpu.alloc(f * d * 2)?;
+    let fill = e.k.get(&format!("fill_random_{}", dt.name()))?;
+    let n = f * d;
+    e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(wt.ptr).i64(n as i64).u64(0x5eed).f32((3.0 / f as f64).sqrt() as f32))?;
+    let flush = e.gpu.alloc(FLUSH_BYTES)?;
+    let max_b = batches.iter().copied().max().unwrap_or(1);
+    let x = e.gpu.alloc(max_b * d * 2)?;
+    e.gpu.launch(fill, ((max_b * d).div_ceil(256) as u32, 1, 1), 256, 0, &mut Args::new().ptr(x.ptr).i64((max_b * d) as i64).u64(0x1234).f32(1.0))?;
+    let out = e.gpu.alloc(max_b * d * 4)?;
+    e.gpu.memset(&out, 0)?;
+    let act = e.gpu.alloc(max_b * f * 2)?;
+    let y = e.gpu.alloc(max_b * 2 * f * 4)?;
+    let idx = e.gpu.alloc(f * 4)?;
+    let cnt = e.gpu.alloc(4)?;
+    let mut results = Vec::new();
+    for &b in batches {
+        // Dense: our GEMV kernels on the untransposed weights.
+        e.gpu.begin_capture()?;
+        e.linear(up, up_b, x.ptr, act.ptr, b, f, d, epi, y.ptr)?;
+        e.linear(down, down_b, act.ptr, out.ptr, b, d, f, Epi::Acc, y.ptr)?;
+        let g = e.gpu.end_capture()?;
+        let (dense_us, _) = time_graph(&e, &g, &flush, reps)?;
+        for &frac in keep {
+            let kk = ((frac * f as f64).round() as usize).clamp(1, f);
+            e.gpu.upload(&idx, 0, &kept_ids(f, kk, 99 + kk as u64))?;
+            e.gpu.upload(&cnt, 0, &[kk as i32])?;
+            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
+            e.gpu.begin_capture()?;
+            gather_up(&e, up, up_b, f, x.ptr, kept, act.ptr, b, d, epi)?;
+            down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d)?;
+            let g = e.gpu.end_capture()?;
+            let (med, p90) = time_graph(&e, &g, &flush, reps)?;
+            let bias_bytes = if up_b.is_some() { kk * 2 + d * 2 } else { 0 };
+            let bytes = mats * kk * d * 2 + bias_bytes;
+            let floor_us = bytes as f64 / copy_bw * 1e6;
+            results.push(MlpBlockResult {
+                shape: sh.name.to_string(),
+                device: e.gpu.name.clone(),
+                dtype: dt.name().to_string(),
+                batch: b,
+                kept: kk,
+                ffn: f,
+                kept_frac: kk as f64 / f as f64,
+                kernels: "gather_up + down_t (kept ids given)".into(),
+                median_us: med,
+                p90_us: p90,
+                bytes,
+                copy_gbps: copy_bw / 1e9,
+                floor_us,
+                ratio_to_floor: med / floor_us,
+                bound_us: 1.2 * floor_us + 4.0,
+                dense_us,
+            });
+        }
+    }
+    Ok(results)
+}
