@@ -15,6 +15,14 @@
 #define EPI_ACC 1
 #define EPI_RELU 2
 #define EPI_GLU 3
+// Sparse MLP epilogues (kernels/sparse.cu has the rest of the block):
+//   MUL        out 16-bit [B, N] = pre[b, slot] * (acc + bias)   (SwiGLU up rows of the kept neurons, times SiLU(gate))
+//   CATS_SILU  a = silu(acc + bias) over every row (the gate); a row kept when |a_b| >= t for some b is appended to
+//              idx (slot s = atomicAdd(cnt, 1)) with out f32 [B, N] at s = a_b, or 0 where |a_b| < t
+//   CATS_RELU  the same with a = max(acc + bias, 0) (OPT fc1), out 16-bit: the hidden values of the kept neurons
+#define EPI_MUL 4
+#define EPI_CATS_SILU 5
+#define EPI_CATS_RELU 6
 
 // acc[b] (+)= the 8 weights in `a` times x_b's elements 8i..8i+7 (acc2 with `a2`, GLU), x_b from shared memory
 // (staged), normalised on the fly from `xf`, or read from `x`.
@@ -108,7 +116,8 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
 template <typename T, int NB, int EPI>
 __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, int slot, int row, int N, int B,
                                             const u16* __restrict__ bias, const u16* __restrict__ bias2,
-                                            void* __restrict__ out) {
+                                            void* __restrict__ out, int* idx, int* cnt, const float* pre, float t,
+                                            int* tally) {
     const bool glu = EPI == EPI_GLU;
 #pragma unroll
     for (int b = 0; b < NB; b++) {
@@ -119,6 +128,33 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     const float bv = bias ? T::load(bias[row]) : 0.0f;
     const float bv2 = (glu && bias2) ? T::load(bias2[row]) : 0.0f;
 #pragma unroll
+    if (EPI == EPI_CATS_SILU || EPI == EPI_CATS_RELU) {
+        float a[NB];
+        bool keep = false;
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const float v = acc[b] + bv;
+            a[b] = EPI == EPI_CATS_SILU ? v / (1.0f + expf(-v)) : fmaxf(v, 0.0f);
+            if (b < B && fabsf(a[b]) >= t) keep = true;
+        }
+        if (!keep) return;
+        const int s = atomicAdd(cnt, 1);
+        idx[s] = row;
+        if (tally) { // per-row kept counts for the statistics, spread over 8 counters against contention
+#pragma unroll
+            for (int b = 0; b < NB; b++)
+                if (b < B && fabsf(a[b]) >= t) atomicAdd(tally + b * 8 + (row & 7), 1);
+        }
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            if (b >= B) break;
+            const float v = fabsf(a[b]) >= t ? a[b] : 0.0f;
+            if (EPI == EPI_CATS_SILU) ((float*)out)[(size_t)b * N + s] = v;
+            else ((u16*)out)[(size_t)b * N + s] = T::store(v);
+        }
+        return;
+    }
+#pragma unroll
     for (int b = 0; b < NB; b++) {
         if (b >= B) break;
         size_t o = (size_t)b * N + slot;
@@ -126,6 +162,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
         if (EPI == EPI_STORE) ((float*)out)[o] = v;
         if (EPI == EPI_ACC) ((float*)out)[o] += v;
         if (EPI == EPI_RELU) ((u16*)out)[o] = T::store(fmaxf(v, 0.0f));
+        if (EPI == EPI_MUL) ((u16*)out)[o] = T::store(pre[o] * v);
         if (EPI == EPI_GLU) {
             float u = acc2[b] + bv2;
             ((u16*)out)[o] = T::store(v / (1.0f + expf(-v)) * u);
@@ -146,8 +183,12 @@ __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ g,     // [K] norm weight (with xf)
     const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
     float eps, int rms, int stage,
-    const int* __restrict__ idx,   // GATHER: [N] weight rows to compute (written by an earlier kernel)
-    const int* __restrict__ cnt) { // GATHER: [1] how many of idx are valid (<= N); output columns past it untouched
+    int* __restrict__ idx,         // GATHER: [N] weight rows to compute (written by an earlier kernel); CATS: appended to
+    int* __restrict__ cnt,         // GATHER: [1] how many of idx are valid (<= N), output columns past it untouched;
+                                   // CATS: [1] the append counter (zero before the launch)
+    const float* __restrict__ pre, // MUL: [B, N] f32 factors per output, else null
+    float t,                       // CATS: the threshold
+    int* __restrict__ tally) {     // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -216,7 +257,7 @@ __device__ __forceinline__ void gemv_impl(
             }
         }
     }
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, slot, row, N, B, bias, bias2, out);
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
 }
 
 
@@ -311,7 +352,7 @@ __device__ __forceinline__ void gemv_async_impl(
             }
         }
     }
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, row, N, B, bias, bias2, out);
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, row, row, N, B, bias, bias2, out, 0, 0, 0, 0.0f, 0);
 }
 
 // Two 512-thread blocks per multiprocessor for the narrow variants (64 registers a thread; GLU would spill).
@@ -321,32 +362,37 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
                                                         int B, const float* xf, const u16* g, const u16* gb,      \
                                                         float eps, int rms, int stage) {                          \
-        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0);            \
+        gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0, 0, 0.f, 0);          \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
         int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                      \
         gemv_async_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage);            \
     }
-// Sparse MLP, first half: only the weight rows idx[0 .. cnt) are computed (OPT fc1 + bias + ReLU, or SwiGLU gate
-// and up rows together), written compactly: out[b, s] for the kept row idx[s], s < cnt (N = the capacity of idx and
-// the output's row stride).
-#define GEMV_GATHER(TN, T, EN, EPI, NB)                                                                          \
-    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_gather_##TN##_##EN##_b##NB(  \
+// Sparse MLP, first half. `gemv_gather_*`: only the weight rows idx[0 .. cnt) are computed (OPT fc1 + bias + ReLU,
+// SwiGLU gate and up rows together, or `mul`: up rows times pre), written compactly: out[b, s] for the kept row
+// idx[s], s < cnt (N = the capacity of idx and the output's row stride). `gemv_cats_*`: every row (N of them) computed
+// and thresholded, the kept ones appended to idx / cnt (see EPI_CATS_*).
+#define GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, NB)                                                             \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_##KIND##_##TN##_##EN##_b##NB( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
-        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, const int* idx,       \
-        const int* cnt) {                                                                                         \
-        gemv_impl<T, NB, EPI, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, idx, cnt);  \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int* idx, int* cnt,   \
+        const float* pre, float t, int* tally) {                                                                  \
+        gemv_impl<T, NB, EPI, GATHER>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, idx, cnt,  \
+                                      pre, t, tally);                                                             \
     }
-#define GEMV_GATHER_NB(TN, T, EN, EPI) \
-    GEMV_GATHER(TN, T, EN, EPI, 1) GEMV_GATHER(TN, T, EN, EPI, 2) GEMV_GATHER(TN, T, EN, EPI, 4) \
-    GEMV_GATHER(TN, T, EN, EPI, 8) GEMV_GATHER(TN, T, EN, EPI, 16)
+#define GEMV_SPARSE_NB(KIND, GATHER, TN, T, EN, EPI)                                                             \
+    GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 1) GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 2)                    \
+    GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 4) GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 8)                    \
+    GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 16)
 #define GEMV_NB(TN, T, EN, EPI) \
     GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \
     GEMV_KERNEL(TN, T, EN, EPI, 8) GEMV_KERNEL(TN, T, EN, EPI, 16)
 #define GEMV_ALL(TN, T) \
     GEMV_NB(TN, T, store, EPI_STORE) GEMV_NB(TN, T, acc, EPI_ACC) GEMV_NB(TN, T, relu, EPI_RELU) GEMV_NB(TN, T, glu, EPI_GLU) \
-    GEMV_GATHER_NB(TN, T, relu, EPI_RELU) GEMV_GATHER_NB(TN, T, glu, EPI_GLU)
+    GEMV_SPARSE_NB(gather, true, TN, T, relu, EPI_RELU) GEMV_SPARSE_NB(gather, true, TN, T, glu, EPI_GLU)           \
+    GEMV_SPARSE_NB(gather, true, TN, T, mul, EPI_MUL) GEMV_SPARSE_NB(cats, false, TN, T, silu, EPI_CATS_SILU)       \
+    GEMV_SPARSE_NB(cats, false, TN, T, relu, EPI_CATS_RELU)
 
 GEMV_ALL(f16, F16)
 GEMV_ALL(bf16, BF16)

@@ -107,3 +107,21 @@ __device__ __forceinline__ void down_t_impl(
 
 DOWN_T_ALL(f16, F16)
 DOWN_T_ALL(bf16, BF16)
+
+// out [C, R] = in [R, C] transposed (16-bit): the down / fc2 weights' transposed copy for down_t, made once at load.
+// Grid (ceil(C / 32), ceil(R / 32)); block 256 threads (a 32 x 8 sweep of a 32 x 32 tile).
+extern "C" __global__ void transpose16(const u16* __restrict__ in, // [R, C]
+                                       u16* __restrict__ out,      // [C, R]
+                                       int R, int C) {
+    PDL_ENTER
+    __shared__ u16 tile[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    int x = blockIdx.x * 32 + tx, y = blockIdx.y * 32 + ty;
+    for (int j = 0; j < 32; j += 8)
+        if (x < C && y + j < R) tile[ty + j][tx] = in[(size_t)(y + j) * C + x];
+    __syncthreads();
+    x = blockIdx.y * 32 + tx;
+    y = blockIdx.x * 32 + ty;
+    for (int j = 0; j < 32; j += 8)
+        if (x < R && y + j < C) out[(size_t)(y + j) * R + x] = tile[tx][ty + j];
+}

@@ -256,6 +256,15 @@ pub enum AnyDecoder<'a, B: Backend> {
 }
 
 impl<B: Backend> AnyDecoder<'_, B> {
+    /// Run `plan` on the engine (the reference's decoders are built per plan and ignore this).
+    pub fn set_plan(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        match self {
+            AnyDecoder::Ref(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            AnyDecoder::Cuda(d) => d.set_plan(plan).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+        }
+    }
+
     pub fn as_dyn(&mut self) -> &mut dyn dejavu::decode::Decoder {
         match self {
             AnyDecoder::Ref(d) => d,
@@ -301,7 +310,10 @@ impl<B: Backend> Decoders<B> {
     pub fn for_plan<'a>(&'a mut self, loaded: &'a Loaded<B>, plan: &'a Plan) -> anyhow::Result<PlanDecoder<'a, B>> {
         match (&self.model, &mut self.engine) {
             (Some(m), _) => Ok(PlanDecoder::Own(AnyDecoder::Ref(loaded.decoder(m, plan)?))),
-            (None, Some(e)) => Ok(PlanDecoder::Shared(e)),
+            (None, Some(e)) => {
+                e.set_plan(plan)?;
+                Ok(PlanDecoder::Shared(e))
+            }
             (None, None) => anyhow::bail!("internal: no decoder"),
         }
     }
@@ -333,18 +345,21 @@ pub fn decoder_for<'a, B: Backend>(
     slot: &'a mut Option<Model<B>>,
 ) -> anyhow::Result<AnyDecoder<'a, B>> {
     if uses_engine(&args.model) {
-        return engine_decoder::<B>(files, args, false);
+        let mut dec = engine_decoder::<B>(files, args, false)?;
+        dec.set_plan(plan)?;
+        return Ok(dec);
     }
     let model: &'a Model<B> = slot.insert(load_model::<B>(files, device, false)?);
     Ok(AnyDecoder::Ref(loaded.decoder(model, plan)?))
 }
 
-/// Refuse what the dense engine cannot run yet, naming the flag.
+/// Refuse what the engine cannot run yet, naming the flag: it runs `dense` and `cats@S` (CATS thresholds on the
+/// MLP through the sparse kernels; attention dense).
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {
-        if let Some(m) = modes.iter().find(|m| **m != Mode::Dense) {
+        if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_))) {
             return Err(usage(format!(
-                "--mode {m}: the CUDA engine runs dense decoding today (sparse modes on the GPU come with the sparse kernels); run sparse modes with --device cpu"
+                "--mode {m}: the CUDA engine runs dense and cats@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
             )));
         }
     }

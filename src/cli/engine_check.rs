@@ -26,6 +26,15 @@ pub struct Args {
     /// Skip the kernel checks.
     #[arg(long)]
     pub no_kernels: bool,
+    /// Also compare both engines under CATS: a `calibrate` thresholds file (with `--sparsity`), for one model.
+    #[arg(long, requires = "sparsity")]
+    pub thresholds: Option<PathBuf>,
+    /// The thresholds file's level to run.
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// Also compare both engines under CATS with this one threshold in every layer (any model).
+    #[arg(long)]
+    pub cats_t: Option<f32>,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -73,13 +82,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .filter(|p| p.len() >= 2)
                 .collect();
             eprintln!("{}: {} prompts x {} steps", files.identity, prompts.len(), args.steps);
-            let c = check::model(&files, args.dtype, &prompts, args.steps).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
-            s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
-                c.model, c.dtype, c.prompts, c.steps, c.identical, c.divergences_at_near_ties, c.worst_margin, c.max_dlogprob, if c.pass { "yes" } else { "NO" }
-            );
-            failed += usize::from(!c.pass);
-            models.push(c);
+            let mut plans = vec![None];
+            if let Some(t) = args.cats_t {
+                plans.push(Some(dejavu::sparse::Plan::uniform(
+                    files.config.layers,
+                    dejavu::sparse::plan::LayerPlan { mlp: dejavu::sparse::plan::MlpRule::Threshold { t }, heads: dejavu::sparse::plan::HeadRule::Dense },
+                )));
+            }
+            if let (Some(p), Some(sp)) = (&args.thresholds, args.sparsity) {
+                let th = dejavu::calibrate::Thresholds::load(p, &files.identity()?)?;
+                let level = th.level(sp).ok_or_else(|| super::usage(format!("--sparsity {sp}: {} has no such level", p.display())))?;
+                plans.push(Some(dejavu::calibrate::threshold_plan(&level.thresholds)));
+            }
+            for plan in &plans {
+                let c = check::model(&files, args.dtype, &prompts, args.steps, plan.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
+                    c.model, c.dtype, c.prompts, c.steps, c.identical, c.divergences_at_near_ties, c.worst_margin, c.max_dlogprob, if c.pass { "yes" } else { "NO" }
+                );
+                failed += usize::from(!c.pass);
+                models.push(c);
+            }
         }
         out(&s)?;
     }

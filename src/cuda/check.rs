@@ -204,7 +204,7 @@ fn subset(f: usize, k: usize, seed: u64) -> Vec<i32> {
 /// gather over every row in order equals the dense GEMV bit for bit, and the transposed down over every row equals
 /// the dense down projection (within tolerance: the order of addition differs).
 fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
-    use super::sparse::{down_t, gather_up, Kept};
+    use super::sparse::{down_t, gather_up, In, Kept};
     let d = Dev { e };
     for (rows, k, f) in [(1usize, 576usize, 1536usize), (3, 576, 1536), (16, 1024, 344), (2, 172, 200)] {
         for epi in [Epi::Relu, Epi::Glu] {
@@ -219,7 +219,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                 let (ib, cb) = (d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
                 let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f };
                 let ob = d.poisoned(rows * f * 2)?;
-                gather_up(e, wb.ptr, Some(bb.ptr), f, xb.ptr, kept, ob.ptr, rows, k, epi)?;
+                gather_up(e, wb.ptr, Some(bb.ptr), f, In::Half(xb.ptr), kept, ob.ptr, rows, k, epi)?;
                 let all = d.read_half(&ob, rows * f, dt)?;
                 let mut got = Vec::with_capacity(rows * kk);
                 let mut want = Vec::with_capacity(rows * kk);
@@ -595,13 +595,23 @@ pub fn compare(name: &str, cpu: &mut dyn Decoder, gpu: &mut dyn Decoder, dt: Hal
     })
 }
 
-/// Load `files` on both engines and [`compare`].
-pub fn model(files: &ModelFiles, dt: Option<Half>, prompts: &[Vec<u32>], steps: usize) -> Result<ModelCheck, String> {
+/// Load `files` on both engines and [`compare`], both running `plan` (None: dense).
+pub fn model(files: &ModelFiles, dt: Option<Half>, prompts: &[Vec<u32>], steps: usize, plan: Option<&crate::sparse::Plan>) -> Result<ModelCheck, String> {
     type Cpu = crate::backend::CpuBackend;
     let dev = Default::default();
     let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
-    let mut cpu = RefDecoder::dense(&m);
+    let mut cpu = match plan {
+        Some(p) => RefDecoder::new(&m, p, None).map_err(|e| e.to_string())?,
+        None => RefDecoder::dense(&m),
+    };
     let (mut gpu, _) = super::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
+    if let Some(p) = plan {
+        gpu.set_plan(p).map_err(|e| e.0)?;
+    }
     let dt = gpu.engine.w.dt;
-    compare(&files.identity, &mut cpu, &mut gpu, dt, prompts, steps)
+    let name = match plan {
+        Some(_) => format!("{} (cats)", files.identity),
+        None => files.identity.clone(),
+    };
+    compare(&name, &mut cpu, &mut gpu, dt, prompts, steps)
 }

@@ -20,7 +20,6 @@ fn engine_err(e: GpuError) -> DecodeError {
 /// A dense decoder on the CUDA engine.
 pub struct CudaDecoder {
     pub engine: Engine,
-    stats: SparsityStats,
 }
 
 /// How the engine came up, for start-up reports.
@@ -64,11 +63,16 @@ impl CudaDecoder {
             weight_bytes: need,
         };
         let engine = Engine::new(gpu, k, w, cfg)?;
-        Ok((CudaDecoder { engine, stats: SparsityStats::default() }, info))
+        Ok((CudaDecoder { engine }, info))
+    }
+
+    /// Decode under `plan` from now on (see [`Engine::set_plan`] for what runs on the GPU).
+    pub fn set_plan(&mut self, plan: &crate::sparse::Plan) -> Result<(), GpuError> {
+        self.engine.set_plan(plan)
     }
 
     pub fn from_engine(engine: Engine) -> Self {
-        CudaDecoder { engine, stats: SparsityStats::default() }
+        CudaDecoder { engine }
     }
 }
 
@@ -154,14 +158,16 @@ impl Decoder for CudaDecoder {
         Ok(())
     }
 
-    /// The engine is dense today: nothing to switch.
-    fn set_dense(&mut self, _dense: bool) {}
+    /// Suspend (`true`) or resume the plan's sparse MLP (the dense passes of Sirius).
+    fn set_dense(&mut self, dense: bool) {
+        self.engine.set_dense(dense);
+    }
 
     fn stats(&self) -> &SparsityStats {
-        &self.stats
+        &self.engine.stats
     }
 
     fn take_stats(&mut self) -> SparsityStats {
-        std::mem::take(&mut self.stats)
+        std::mem::take(&mut self.engine.stats)
     }
 }

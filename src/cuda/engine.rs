@@ -14,8 +14,10 @@ use crate::config::{Family, ModelConfig};
 use super::gemm::Blas;
 use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
 use super::kernels::Kernels;
+use super::sparse::{cats_mlp, In, SparseMlp};
 use super::weights::Weights;
 use crate::source::weights::Half;
+use crate::sparse::plan::{HeadRule, MlpRule, Plan};
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
@@ -149,7 +151,8 @@ pub struct Engine {
     logits_rows: usize,
     /// int per row: argmax / gathered row index.
     small: DBuf,
-    graphs: HashMap<(usize, usize), Graph>,
+    /// Captured decode steps by (batch, attention splits, sparse plan active).
+    graphs: HashMap<(usize, usize, bool), Graph>,
     /// Positions in the cache.
     pub len: usize,
     pub last: Option<Last>,
@@ -170,6 +173,12 @@ pub struct Engine {
     gemv_rows: usize,
     /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 128).
     attn_keys: usize,
+    /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense).
+    sparse: Option<SparseMlp>,
+    /// Run dense even with a sparse plan set (the correction passes of Sirius).
+    dense_now: bool,
+    /// Kept-neuron statistics of the sparse forwards since the last take.
+    pub stats: crate::sparse::SparsityStats,
 }
 
 pub(super) fn k_of(n: usize) -> usize {
@@ -217,8 +226,58 @@ impl Engine {
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
+            sparse: None,
+            dense_now: false,
+            stats: Default::default(),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
         })
+    }
+
+    /// Run `plan` from now on. The GPU runs CATS thresholds on the MLP (any layer may stay dense) with dense
+    /// attention; other rules are refused with their name. Sparse layers get a transposed copy of their down
+    /// projection (made here, once).
+    pub fn set_plan(&mut self, plan: &Plan) -> GpuResult<()> {
+        if plan.layers.len() != self.cfg.layers {
+            return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.cfg.layers)));
+        }
+        let mut th = Vec::with_capacity(plan.layers.len());
+        for (l, lp) in plan.layers.iter().enumerate() {
+            if lp.heads != HeadRule::Dense {
+                return Err(GpuError(format!("layer {l}: head rule {:?} does not run on the GPU yet (dense attention only)", lp.heads)));
+            }
+            th.push(match lp.mlp {
+                MlpRule::Dense => None,
+                MlpRule::Threshold { t } => Some(t),
+                r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS thresholds only)"))),
+            });
+        }
+        self.graphs.clear();
+        self.sparse = None;
+        if th.iter().any(Option::is_some) {
+            self.sparse = Some(SparseMlp::new(self, th)?);
+        }
+        Ok(())
+    }
+
+    /// The sparse MLP the next forward runs (None: dense).
+    fn sparse_active(&self) -> Option<&SparseMlp> {
+        self.sparse.as_ref().filter(|_| !self.dense_now)
+    }
+
+    /// Run dense (`true`) or the plan set (`false`) from the next forward on.
+    pub fn set_dense(&mut self, dense: bool) {
+        self.dense_now = dense;
+    }
+
+    /// Add the last forward's kept counts to [`Engine::stats`] (nothing when it ran dense).
+    fn add_stats(&mut self, batch: usize, seq: usize, lens: &[usize]) -> GpuResult<()> {
+        let mut st = std::mem::take(&mut self.stats);
+        let r = match self.sparse_active() {
+            Some(sp) => sp.add_stats(self, batch, seq, lens, &mut st),
+            None => Ok(()),
+        };
+        self.stats = st;
+        r
     }
 
     /// Rows up to which projections run on the GEMV kernels.
@@ -494,6 +553,9 @@ impl Engine {
             let args = Args::new().ptr(tok).ptr(w.embed.ptr).ptr(pos).ptr(x).ptr(0).ptr(state).i32(seq as i32).i32(d as i32).i32(2);
             self.launch(&self.kname("embed"), (rows as u32, 1, 1), emb_threads, args)?;
         }
+        if let Some(sp) = self.sparse_active() {
+            sp.zero(self, rows)?;
+        }
         let splits = self.splits(rows, self.len + seq);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.layers {
@@ -564,10 +626,18 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
+            if let Some((sp, t)) = self.sparse_active().and_then(|sp| sp.thresholds[l].map(|t| (sp, t))) {
+                let input = |r0: usize| match mlp_in {
+                    Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
+                    None => In::Half(h + (r0 * d * 2) as u64),
+                };
+                cats_mlp(self, sp, l, t, rows, input, x, y, act)?;
+            } else {
             let lw = &self.w.layers[l];
             let epi = if opt { Epi::Relu } else { Epi::Glu };
             self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
             self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
+            }
             if !pre {
                 self.class(Class::Norm)?;
                 let lw = &self.w.layers[l];
@@ -647,6 +717,7 @@ impl Engine {
         self.forward(batch, seq)?;
         self.end_profile()?;
         self.len += seq;
+        self.add_stats(batch, seq, &lens)?;
         self.last = Some(Last { rows: batch, seq, lens, step_logits: false });
         Ok(())
     }
@@ -666,7 +737,7 @@ impl Engine {
             self.end_profile()?;
         } else {
             // One graph per batch size and attention split count (which follows the context length).
-            let key = (batch, self.splits(batch, self.len + 1));
+            let key = (batch, self.splits(batch, self.len + 1), self.sparse_active().is_some());
             if !self.graphs.contains_key(&key) {
                 self.gpu.sync()?;
                 self.gpu.begin_capture()?;
@@ -679,6 +750,7 @@ impl Engine {
             self.gpu.replay(g)?;
         }
         self.len += 1;
+        self.add_stats(batch, 1, &vec![1; batch])?;
         self.last = Some(Last { rows: batch, seq: 1, lens: vec![1; batch], step_logits: true });
         Ok(())
     }

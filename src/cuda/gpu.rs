@@ -136,6 +136,11 @@ impl Gpu {
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) }.ctx("cuMemcpyDtoDAsync")
     }
 
+    /// Set the first `bytes` bytes at `dst` to `byte`.
+    pub fn memset_bytes(&self, dst: sys::CUdeviceptr, byte: u8, bytes: usize) -> GpuResult<()> {
+        unsafe { result::memset_d8_async(dst, byte, bytes, self.stream) }.ctx("cuMemsetD8Async")
+    }
+
     pub fn memset(&self, dst: &DBuf, byte: u8) -> GpuResult<()> {
         unsafe { result::memset_d8_async(dst.ptr, byte, dst.bytes, self.stream) }.ctx("cuMemsetD8Async")
     }

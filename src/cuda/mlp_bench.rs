@@ -10,7 +10,7 @@ use crate::source::weights::Half;
 use super::engine::{Engine, Epi};
 use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
-use super::sparse::{down_t, gather_up, Kept};
+use super::sparse::{down_t, gather_up, In, Kept};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -103,7 +103,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -
             e.gpu.upload(&cnt, 0, &[kk as i32])?;
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
             e.gpu.begin_capture()?;
-            gather_up(&e, up, up_b, f, x.ptr, kept, act.ptr, b, d, epi)?;
+            gather_up(&e, up, up_b, f, In::Half(x.ptr), kept, act.ptr, b, d, epi)?;
             down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d)?;
             let g = e.gpu.end_capture()?;
             let (med, p90) = time_graph(&e, &g, &flush, reps)?;

@@ -10,8 +10,10 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::engine::{k_of, Engine, Epi, GEMV_MAX_ROWS, GEMV_SMEM};
-use super::gpu::{Args, GpuError, GpuResult};
+use crate::config::Family;
+
+use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
+use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// A kept set on the device: `idx` `[cap]` i32 neuron ids, `cnt` `[1]` i32 how many of them are valid (<= cap).
 #[derive(Debug, Clone, Copy)]
@@ -27,49 +29,111 @@ fn gather_threads(cap: usize, sms: usize) -> u32 {
     ((cap / (2 * sms.max(1))).clamp(1, 16) * 32) as u32
 }
 
-/// `out[b, s] = epi(W[kept s] . x_b)` for `s < cnt`, `b < rows`: OPT fc1 + bias + ReLU (`Epi::Relu`, `w` `[f, k]`,
-/// `bias` `[f]`) or SwiGLU (`Epi::Glu`, `w` `[2f, k]` gate rows then up rows, `bias` `[2f]`). `x` is 16-bit
-/// `[rows, k]`; `out` 16-bit `[rows, kept.cap]` (columns at or past `cnt` are left as they were).
-#[allow(clippy::too_many_arguments)]
-pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize, x: CUdeviceptr, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, epi: Epi) -> GpuResult<()> {
-    if !matches!(epi, Epi::Relu | Epi::Glu) {
-        return Err(GpuError::new("internal: gather_up takes the ReLU or SwiGLU epilogue"));
+/// The input of a sparse projection: 16-bit rows, or the f32 residual stream normalised on the fly.
+#[derive(Debug, Clone, Copy)]
+pub enum In {
+    Half(CUdeviceptr),
+    Norm(NormIn),
+}
+
+/// One launch of a sparse GEMV kernel (`gemv_{kind}_{dt}_{epi}_b{rows}`, kernels/gemv.cu).
+struct SparseGemv {
+    kind: &'static str,
+    epi: &'static str,
+    w: CUdeviceptr,
+    w2: CUdeviceptr,
+    bias: CUdeviceptr,
+    bias2: CUdeviceptr,
+    input: In,
+    out: CUdeviceptr,
+    /// Output stride, and rows of `w` (CATS) or the capacity of the kept set (gather).
+    n: usize,
+    k: usize,
+    rows: usize,
+    idx: CUdeviceptr,
+    cnt: CUdeviceptr,
+    pre: CUdeviceptr,
+    t: f32,
+    tally: CUdeviceptr,
+}
+
+fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
+    if l.rows == 0 || l.rows > GEMV_MAX_ROWS {
+        return Err(GpuError(format!("internal: the sparse MLP runs 1..={GEMV_MAX_ROWS} rows at a time, got {}", l.rows)));
     }
-    if rows == 0 || rows > GEMV_MAX_ROWS {
-        return Err(GpuError(format!("internal: the sparse MLP runs 1..={GEMV_MAX_ROWS} rows at a time, got {rows}")));
-    }
-    let glu = epi == Epi::Glu;
-    let (w2, b0, bias2) = match (glu, bias) {
-        (true, b) => (w + (f * k * 2) as u64, b.unwrap_or(0), b.map_or(0, |b| b + (f * 2) as u64)),
-        (false, b) => (0, b.unwrap_or(0), 0),
+    let name = format!("gemv_{}_{}_{}_b{}", l.kind, e.dt().name(), l.epi, k_of(l.rows));
+    let (x, xf, g, gb) = match l.input {
+        In::Half(x) => (x, 0, 0, 0),
+        In::Norm(m) => (0, m.x, m.g, m.gb),
     };
-    let nb = k_of(rows);
-    let name = format!("gemv_gather_{}_{}_b{nb}", e.dt().name(), if glu { "glu" } else { "relu" });
-    let staged = rows * k * 4;
-    let stage = e.stage && k % 4 == 0 && staged <= GEMV_SMEM;
+    let staged = l.rows * l.k * 4;
+    let stage = e.stage && l.k % 4 == 0 && staged <= GEMV_SMEM;
     let smem = if stage { staged } else { 0 };
-    let f_ = if smem > 0 { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
-    let threads = gather_threads(kept.cap, e.gpu.sms as usize);
+    let f = if smem > 0 { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
+    let threads = gather_threads(l.n, e.gpu.sms as usize);
     let mut args = Args::new()
-        .ptr(w)
-        .ptr(w2)
-        .ptr(b0)
-        .ptr(bias2)
+        .ptr(l.w)
+        .ptr(l.w2)
+        .ptr(l.bias)
+        .ptr(l.bias2)
         .ptr(x)
-        .ptr(out)
-        .i32(kept.cap as i32)
-        .i32(k as i32)
-        .i32(rows as i32)
-        .ptr(0)
-        .ptr(0)
-        .ptr(0)
-        .f32(0.0)
-        .i32(0)
+        .ptr(l.out)
+        .i32(l.n as i32)
+        .i32(l.k as i32)
+        .i32(l.rows as i32)
+        .ptr(xf)
+        .ptr(g)
+        .ptr(gb)
+        .f32(e.cfg.norm_eps as f32)
+        .i32(i32::from(e.cfg.family == Family::Llama))
         .i32(i32::from(stage))
-        .ptr(kept.idx)
-        .ptr(kept.cnt);
-    let grid = ((kept.cap as u32).div_ceil(threads / 32).max(1), 1, 1);
-    e.gpu.launch(f_, grid, threads, smem as u32, &mut args)
+        .ptr(l.idx)
+        .ptr(l.cnt)
+        .ptr(l.pre)
+        .f32(l.t)
+        .ptr(l.tally);
+    let grid = ((l.n as u32).div_ceil(threads / 32).max(1), 1, 1);
+    e.gpu.launch(f, grid, threads, smem as u32, &mut args)
+}
+
+/// `out[b, s] = epi(W[kept s] . x_b)` for `s < cnt`, `b < rows`: OPT fc1 + bias + ReLU (`Epi::Relu`, `w` `[f, k]`,
+/// `bias` `[f]`) or SwiGLU (`Epi::Glu`, `w` `[2f, k]` gate rows then up rows, `bias` `[2f]`). `out` is 16-bit
+/// `[rows, kept.cap]` (columns at or past `cnt` are left as they were).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize, input: In, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, epi: Epi) -> GpuResult<()> {
+    let glu = match epi {
+        Epi::Glu => true,
+        Epi::Relu => false,
+        _ => return Err(GpuError::new("internal: gather_up takes the ReLU or SwiGLU epilogue")),
+    };
+    let (w2, bias2) = if glu { (w + (f * k * 2) as u64, bias.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
+    launch_sparse(
+        e,
+        SparseGemv { kind: "gather", epi: if glu { "glu" } else { "relu" }, w, w2, bias: bias.unwrap_or(0), bias2, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t: 0.0, tally: 0 },
+    )
+}
+
+/// CATS selection over every row of `w` `[f, k]` (+ `bias` `[f]`): `a = silu(w x + b)` (`silu`, the SwiGLU gate) or
+/// `max(w x + b, 0)` (OPT fc1); a row is kept when `|a_b| >= t` for some `b < rows` and appended to the kept set
+/// (`kept.cnt` must be zero before), with `out[b, s] = a_b` (0 where `|a_b| < t`): f32 for `silu`, the 16-bit hidden
+/// values for ReLU. `kept.cap` must be `f`. The order of the kept rows is that of the warps' finishing. With `tally`
+/// (i32 `[16, 8]`, zeroed), row b's kept count is added into `tally[b, 0..8)`.
+#[allow(clippy::too_many_arguments)]
+pub fn cats_select(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, silu: bool, input: In, t: f32, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, tally: CUdeviceptr) -> GpuResult<()> {
+    launch_sparse(
+        e,
+        SparseGemv { kind: "cats", epi: if silu { "silu" } else { "relu" }, w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t, tally },
+    )
+}
+
+/// The SwiGLU up rows of the kept neurons times their gate factors: `out[b, s] = pre[b, s] * (up[idx[s]] . x_b)`,
+/// `up` `[f, k]`, `pre` f32 `[rows, kept.cap]`, `out` 16-bit `[rows, kept.cap]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_mul(e: &Engine, up: CUdeviceptr, bias: Option<CUdeviceptr>, input: In, pre: CUdeviceptr, kept: Kept, out: CUdeviceptr, rows: usize, k: usize) -> GpuResult<()> {
+    launch_sparse(
+        e,
+        SparseGemv { kind: "gather", epi: "mul", w: up, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre, t: 0.0, tally: 0 },
+    )
 }
 
 /// Kept rows per `down_t` block (`DEJAVU_DOWN_ROWS`, else enough blocks for ~8 per multiprocessor, at least 4).
@@ -114,4 +178,143 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
         .i32(r as i32)
         .i32(tc as i32);
     e.gpu.launch(f, (tiles as u32, chunks as u32, 1), (tc * rg) as u32, 0, &mut args)
+}
+
+/// `out [c, r] = in [r, c]` transposed, 16-bit.
+pub fn transpose(e: &Engine, input: CUdeviceptr, out: CUdeviceptr, r: usize, c: usize) -> GpuResult<()> {
+    let f = e.k.get("transpose16")?;
+    let mut args = Args::new().ptr(input).ptr(out).i32(r as i32).i32(c as i32);
+    e.gpu.launch(f, (c.div_ceil(32) as u32, r.div_ceil(32) as u32, 1), 256, 0, &mut args)
+}
+
+/// Rows of one sparse MLP pass: the kernels take up to 16 rows sharing one kept set.
+pub const CHUNK: usize = GEMV_MAX_ROWS;
+/// Chunks one forward may run through the sparse MLP (8,192 rows; the counters are sized for this many).
+pub const MAX_CHUNKS: usize = 512;
+/// i32 tallies per (chunk, layer): 16 rows x 8 spread counters.
+const TALLY: usize = CHUNK * 8;
+
+/// The engine's sparse MLP state for a plan: per layer the CATS threshold (None: dense), the transposed down
+/// copies of the sparse layers, the kept ids, and per (chunk, layer) the kept-set counter and the per-row kept
+/// tallies (for the statistics), zeroed at the start of each forward.
+pub struct SparseMlp {
+    pub thresholds: Vec<Option<f32>>,
+    pub down_t: Vec<Option<DBuf>>,
+    pub idx: DBuf,
+    pub counters: DBuf,
+    pub tallies: DBuf,
+}
+
+impl SparseMlp {
+    /// State for `thresholds` (one entry per layer): the transposed down copies are made here, once.
+    pub fn new(e: &Engine, thresholds: Vec<Option<f32>>) -> GpuResult<Self> {
+        let (d, f) = (e.cfg.hidden, e.cfg.ffn);
+        if d % 8 != 0 {
+            return Err(GpuError(format!("the sparse MLP on the GPU needs a hidden size that is a multiple of 8 (got {d})")));
+        }
+        let mut down_t = Vec::with_capacity(thresholds.len());
+        for (l, t) in thresholds.iter().enumerate() {
+            down_t.push(match t {
+                Some(_) => {
+                    let b = e.gpu.alloc(f * d * 2)?;
+                    transpose(e, e.w.layers[l].down.ptr, b.ptr, d, f)?;
+                    Some(b)
+                }
+                None => None,
+            });
+        }
+        let idx = e.gpu.alloc(f * 4)?;
+        let counters = e.gpu.alloc(MAX_CHUNKS * thresholds.len() * 4)?;
+        let tallies = e.gpu.alloc(MAX_CHUNKS * thresholds.len() * TALLY * 4)?;
+        e.gpu.sync()?;
+        Ok(SparseMlp { thresholds, down_t, idx, counters, tallies })
+    }
+
+    /// Zero the counters and tallies a forward over `rows` rows uses.
+    pub fn zero(&self, e: &Engine, rows: usize) -> GpuResult<()> {
+        let n = rows.div_ceil(CHUNK) * self.thresholds.len();
+        e.gpu.memset_bytes(self.counters.ptr, 0, n * 4)?;
+        e.gpu.memset_bytes(self.tallies.ptr, 0, n * TALLY * 4)
+    }
+
+    fn tally(&self, l: usize, c: usize) -> CUdeviceptr {
+        self.tallies.ptr + ((c * self.thresholds.len() + l) * TALLY * 4) as u64
+    }
+
+    /// Add the last forward's kept counts to `stats`: `batch` rows of `seq` positions, of which the first `lens[b]`
+    /// of row b are real tokens. Per token and sparse layer: F neurons, F - kept dropped, and the weights read
+    /// (the whole gate / fc1, then the kept rows of up and down / of fc2).
+    pub fn add_stats(&self, e: &Engine, batch: usize, seq: usize, lens: &[usize], stats: &mut crate::sparse::SparsityStats) -> GpuResult<()> {
+        let rows = batch * seq;
+        let chunks = rows.div_ceil(CHUNK);
+        let nl = self.thresholds.len();
+        let mut t = vec![0i32; chunks * nl * TALLY];
+        e.gpu.download(self.tallies.ptr, &mut t)?;
+        if stats.layers.len() < nl {
+            stats.layers.resize(nl, Default::default());
+        }
+        let (d, f) = (e.cfg.hidden as f64, e.cfg.ffn);
+        let llama = e.cfg.family == Family::Llama;
+        let heads = e.cfg.heads as u64;
+        for (l, th) in self.thresholds.iter().enumerate() {
+            if th.is_none() {
+                continue;
+            }
+            for r in 0..rows {
+                let (b, pos) = (r / seq, r % seq);
+                if pos >= lens.get(b).copied().unwrap_or(seq) {
+                    continue;
+                }
+                let (c, i) = (r / CHUNK, r % CHUNK);
+                let base = (c * nl + l) * TALLY + i * 8;
+                let kept = t[base..base + 8].iter().map(|&v| v.max(0) as u64).sum::<u64>().min(f as u64);
+                let st = &mut stats.layers[l];
+                st.add_token(f as u64, 0, f as u64 - kept, heads, heads);
+                let (fd, k) = (f as f64, kept as f64);
+                if llama {
+                    st.add_reads(fd * d + 2.0 * k * d, 3.0 * fd * d);
+                } else {
+                    st.add_reads(fd * d + k * d, 2.0 * fd * d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept set of chunk `c` of layer `l`.
+    pub fn kept(&self, l: usize, c: usize, cap: usize) -> Kept {
+        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.thresholds.len() + l) * 4) as u64, cap }
+    }
+}
+
+/// Layer `l`'s MLP under CATS with threshold `t`, over `rows` rows in chunks of [`CHUNK`]: the gate (fc1) of every
+/// neuron, the kept neurons appended with their gate values; for SwiGLU the kept up rows times them; the kept rows
+/// of the transposed down accumulated into the residual stream `x` (f32 `[rows, d]`). `input(r0)` is the MLP input of
+/// the chunk starting at row `r0`; `pre` f32 `[CHUNK, f]` and `act` 16-bit `[CHUNK, f]` are scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn cats_mlp(e: &Engine, sp: &SparseMlp, l: usize, t: f32, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
+    let (d, f) = (e.cfg.hidden, e.cfg.ffn);
+    let lw = &e.w.layers[l];
+    let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
+    let llama = e.cfg.family == Family::Llama;
+    let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
+    for c in 0..rows.div_ceil(CHUNK) {
+        if c >= MAX_CHUNKS {
+            return Err(GpuError(format!("a forward of {rows} rows is over the sparse MLP's {} rows", MAX_CHUNKS * CHUNK)));
+        }
+        let r0 = c * CHUNK;
+        let nb = (rows - r0).min(CHUNK);
+        let kept = sp.kept(l, c, f);
+        let inp = input(r0);
+        let tally = sp.tally(l, c);
+        if llama {
+            cats_select(e, lw.up.ptr, up_b, true, inp, t, kept, pre, nb, d, tally)?;
+            let up = lw.up.ptr + (f * d * 2) as u64;
+            gather_mul(e, up, up_b.map(|b| b + (f * 2) as u64), inp, pre, kept, act, nb, d)?;
+        } else {
+            cats_select(e, lw.up.ptr, up_b, false, inp, t, kept, act, nb, d, tally)?;
+        }
+        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d)?;
+    }
+    Ok(())
 }
