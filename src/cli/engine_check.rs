@@ -93,6 +93,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let th = dejavu::calibrate::Thresholds::load(p, &files.identity()?)?;
                 let level = th.level(sp).ok_or_else(|| super::usage(format!("--sparsity {sp}: {} has no such level", p.display())))?;
                 plans.push(Some(dejavu::calibrate::threshold_plan(&level.thresholds)));
+                let kc = check::kept_sets(&files, args.dtype, &level.thresholds, &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
+                out(&format!(
+                    "kept sets at cats@{sp}, {} ({}): {} of {} (token, layer) pairs equal ({:.2}%), mean symmetric difference {:.3} of {:.1} kept: {}\n",
+                    kc.model,
+                    kc.dtype,
+                    kc.equal,
+                    kc.total,
+                    100.0 * kc.equal as f64 / kc.total.max(1) as f64,
+                    kc.mean_symdiff,
+                    kc.mean_kept,
+                    if kc.pass { "pass" } else { "FAIL (< 99%)" }
+                ))?;
+                failed += usize::from(!kc.pass);
             }
             for plan in &plans {
                 let c = check::model(&files, args.dtype, &prompts, args.steps, plan.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;

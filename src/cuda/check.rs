@@ -615,3 +615,104 @@ pub fn model(files: &ModelFiles, dt: Option<Half>, prompts: &[Vec<u32>], steps: 
     };
     compare(&name, &mut cpu, &mut gpu, dt, prompts, steps)
 }
+
+/// CATS kept sets on the GPU against the CPU reference's, given the same inputs: the reference's normed MLP inputs
+/// of every prompt token (dense forward), rounded to the engine's 16-bit type, go through the GPU's selection
+/// kernel (`gemv_cats_*`, 16 tokens at a time sharing one kept set, each token's own set read from its factors);
+/// the reference keeps neuron j of a token when its |SiLU(gate_j)| (OPT: ReLU(fc1_j)) is >= the layer's threshold.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeptCheck {
+    pub model: String,
+    pub dtype: &'static str,
+    pub tokens: usize,
+    pub layers: usize,
+    /// (token, layer) pairs whose two sets are equal, of all.
+    pub equal: usize,
+    pub total: usize,
+    /// Mean size of the symmetric difference per (token, layer), and mean kept count (reference).
+    pub mean_symdiff: f64,
+    pub mean_kept: f64,
+    /// At least 99% of the pairs equal.
+    pub pass: bool,
+}
+
+pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, thresholds: &[f32], prompts: &[Vec<u32>]) -> Result<KeptCheck, String> {
+    use super::sparse::{cats_select, In, Kept};
+    use crate::model::{to_host_3d, Forward, TapSet};
+    type Cpu = crate::backend::CpuBackend;
+    let dev = Default::default();
+    let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
+    let (gpu, _) = super::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
+    let e = &gpu.engine;
+    let g = |r: GpuResult<()>| r.map_err(|x| x.0);
+    let cfg = &files.config;
+    let (d, f, nl) = (cfg.hidden, cfg.ffn, cfg.layers);
+    if thresholds.len() != nl {
+        return Err(format!("{} thresholds for {nl} layers", thresholds.len()));
+    }
+    let llama = cfg.family == crate::config::Family::Llama;
+    let dt = e.w.dt;
+    let alloc = |n: usize| e.gpu.alloc(n).map_err(|x| x.0);
+    let (idx, cnt, out, tally, xin) = (alloc(f * 4)?, alloc(4)?, alloc(16 * f * 4)?, alloc(16 * 8 * 4)?, alloc(16 * d * 2)?);
+    let taps_want = TapSet { mlp_normed: true, mlp_act: true, ..Default::default() };
+    let (mut equal, mut total, mut symdiff, mut kept_sum) = (0usize, 0usize, 0usize, 0usize);
+    let mut tokens = 0;
+    for p in prompts {
+        let mut cache = m.new_cache();
+        let mut taps = Vec::new();
+        let _ = m.forward_with(m.tokens(std::slice::from_ref(p)), &mut cache, Forward { taps: Some((&taps_want, &mut taps)), ..Default::default() });
+        tokens += p.len();
+        for (l, lt) in taps.into_iter().enumerate() {
+            let (xn, [_, s, _]) = to_host_3d(lt.mlp_normed.ok_or("no normed taps")?);
+            let mag = if llama { lt.gate_act } else { lt.mlp_act }.ok_or("no activation taps")?;
+            let (mag, _) = to_host_3d(mag);
+            let t = thresholds[l];
+            for c0 in (0..s).step_by(16) {
+                let nb = (s - c0).min(16);
+                g(e.gpu.upload(&xin, 0, &bits(&xn[c0 * d..(c0 + nb) * d], dt)))?;
+                g(e.gpu.memset(&cnt, 0))?;
+                g(e.gpu.memset(&tally, 0))?;
+                let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: f };
+                let lw = &e.w.layers[l];
+                g(cats_select(e, lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), llama, In::Half(xin.ptr), t, kept, out.ptr, nb, d, tally.ptr))?;
+                let mut n = [0i32];
+                g(e.gpu.download(cnt.ptr, &mut n))?;
+                let n = n[0].max(0) as usize;
+                let mut ids = vec![0i32; n];
+                g(e.gpu.download(idx.ptr, &mut ids))?;
+                let vals: Vec<f32> = if llama {
+                    let mut v = vec![0f32; nb * f];
+                    g(e.gpu.download(out.ptr, &mut v))?;
+                    v
+                } else {
+                    let mut v = vec![0u16; nb * f];
+                    g(e.gpu.download(out.ptr, &mut v))?;
+                    unbits(&v, dt)
+                };
+                for b in 0..nb {
+                    let mut gpu_set: Vec<usize> = (0..n).filter(|&s_| vals[b * f + s_] != 0.0).map(|s_| ids[s_] as usize).collect();
+                    gpu_set.sort_unstable();
+                    let row = &mag[(c0 + b) * f..(c0 + b + 1) * f];
+                    let cpu_set: Vec<usize> = (0..f).filter(|&j| row[j].abs() >= t).collect();
+                    let common = cpu_set.iter().filter(|j| gpu_set.binary_search(j).is_ok()).count();
+                    let diff = cpu_set.len() + gpu_set.len() - 2 * common;
+                    equal += usize::from(diff == 0);
+                    total += 1;
+                    symdiff += diff;
+                    kept_sum += cpu_set.len();
+                }
+            }
+        }
+    }
+    Ok(KeptCheck {
+        model: files.identity.clone(),
+        dtype: dt.name(),
+        tokens,
+        layers: nl,
+        equal,
+        total,
+        mean_symdiff: symdiff as f64 / total.max(1) as f64,
+        mean_kept: kept_sum as f64 / total.max(1) as f64,
+        pass: total > 0 && equal * 100 >= total * 99,
+    })
+}
