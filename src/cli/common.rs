@@ -258,6 +258,7 @@ pub enum AnyDecoder<'a, B: Backend> {
 impl<B: Backend> AnyDecoder<'_, B> {
     /// Run `plan` on the engine (the reference's decoders are built per plan and ignore this).
     pub fn set_plan(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let _ = plan; // unused without the cuda feature
         match self {
             AnyDecoder::Ref(_) => Ok(()),
             #[cfg(feature = "cuda")]
