@@ -243,18 +243,26 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                 }
                 out.push(v);
                 if kk == f {
-                    // Every row in order: the same arithmetic as the dense GEMV, so the same bits.
+                    // Every row in order against the dense projection: where that runs our GEMV (one row by
+                    // default) the arithmetic is the same, so the bits must be; above, the dense path is cuBLAS
+                    // and the two agree within the kernels' tolerance.
                     let dense = d.poisoned(rows * f * 2)?;
                     let y = d.poisoned(rows * 2 * f * 4)?;
                     e.linear(wb.ptr, Some(bb.ptr), xb.ptr, dense.ptr, rows, f, k, epi, y.ptr)?;
                     let dv = d.read_half(&dense, rows * f, dt)?;
                     let same = dv.iter().zip(&all).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                    let gemv = rows <= e.gemv_rows();
+                    let err = rel_err(&all, &dv);
                     out.push(KernelCheck {
-                        kernel: format!("gather(all, in order) == dense GEMV bitwise {epi:?} rows={rows} k={k} f={f} ({same}/{} equal)", dv.len()),
+                        kernel: if gemv {
+                            format!("gather(all, in order) == dense GEMV bitwise {epi:?} rows={rows} k={k} f={f} ({same}/{} equal)", dv.len())
+                        } else {
+                            format!("gather(all, in order) ~ dense cuBLAS {epi:?} rows={rows} k={k} f={f} ({same}/{} bitwise equal)", dv.len())
+                        },
                         dtype: dt.name(),
-                        rel_err: rel_err(&all, &dv),
+                        rel_err: err,
                         nan: all.iter().filter(|v| !v.is_finite()).count(),
-                        pass: same == dv.len(),
+                        pass: if gemv { same == dv.len() } else { err < 1e-2 },
                     });
                 }
             }
