@@ -16,6 +16,10 @@ struct Loader<'a, B: Backend> {
     table: Table,
     eps: f64,
     dev: &'a B::Device,
+    /// Round every weight through this 16-bit type (`DEJAVU_REFERENCE_ROUND=f16|bf16`): the reference then
+    /// computes, in f32, the function of the weights the CUDA engine holds, so a comparison isolates the engine's
+    /// arithmetic from its weight rounding.
+    round: Option<crate::source::weights::Half>,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -28,7 +32,12 @@ impl<B: Backend> Loader<'_, B> {
 
     /// The tensor as stored, shape checked against the table.
     fn tensor<const D: usize>(&self, spec: &TensorSpec) -> Result<Tensor<B, D>> {
-        let t = self.ck.get_shaped(&spec.name, &spec.shape)?;
+        let mut t = self.ck.get_shaped(&spec.name, &spec.shape)?;
+        match self.round {
+            Some(crate::source::weights::Half::F16) => t.data.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            Some(crate::source::weights::Half::Bf16) => t.data.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            None => {}
+        }
         Ok(Tensor::from_data(TensorData::new(t.data, t.shape), self.dev))
     }
 
@@ -84,7 +93,13 @@ impl<B: Backend> Model<B> {
     /// (for a progress bar).
     pub fn load(cfg: &ModelConfig, ck: &dyn Checkpoint, dev: &B::Device, mut on_layer: impl FnMut(usize)) -> Result<Self> {
         let names = Names::detect(cfg.family, |n| ck.contains(n));
-        let ld = Loader::<B> { ck, table: Table::new(cfg, names), eps: cfg.norm_eps, dev };
+        let round = match std::env::var("DEJAVU_REFERENCE_ROUND").ok().as_deref() {
+            None | Some("") | Some("none") => None,
+            Some("f16") => Some(crate::source::weights::Half::F16),
+            Some("bf16") => Some(crate::source::weights::Half::Bf16),
+            Some(v) => return Err(Error::option("DEJAVU_REFERENCE_ROUND", format!("{v}: expected f16, bf16 or none"))),
+        };
+        let ld = Loader::<B> { ck, table: Table::new(cfg, names), eps: cfg.norm_eps, dev, round };
         let embed = ld.tensor::<2>(ld.spec(Role::Embed, Part::Weight, None)?)?; // [vocab, embed_dim]
         let pos_embed = match ld.table.get(Role::Positions, Part::Weight, None) {
             Some(spec) => Some(ld.tensor::<2>(spec)?), // [max_positions + 2, hidden]
