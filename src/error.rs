@@ -40,6 +40,9 @@ pub enum Error {
     /// A worker thread died or an invariant broke: a bug, not bad input.
     #[error("{0}")]
     Internal(String),
+    /// An environment variable holds a value dejavu does not accept (the message names it).
+    #[error("{0}")]
+    Env(String),
 }
 
 impl Error {

@@ -210,7 +210,19 @@ fn bench_usage_errors() {
     let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--batch", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--batch"]);
     let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "oracle@0.5"], &[]);
-    common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense"]);
+    common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense", "cats@S"]);
+    let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--keep", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--keep 0", "(0, 1]"]);
+    let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--reps", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--reps"]);
+}
+
+#[test]
+fn reference_round_knob_is_checked() {
+    let m = common::fixture_dir("tiny-opt");
+    let out = common::dejavu(&["generate", "--model", m.to_str().unwrap(), "-n", "1"], &[("DEJAVU_REFERENCE_ROUND", "f8")]);
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("DEJAVU_REFERENCE_ROUND") && out.stderr.contains("f8"), "{}", out.stderr);
 }
 
 #[test]

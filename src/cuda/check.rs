@@ -186,25 +186,12 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     Ok(())
 }
 
-/// A sorted random subset of `0..f` with `k` members.
-fn subset(f: usize, k: usize, seed: u64) -> Vec<i32> {
-    let mut r = rng(seed);
-    let mut all: Vec<i32> = (0..f as i32).collect();
-    for i in 0..k.min(f) {
-        let j = i + (r.next_u64() % (f - i) as u64) as usize;
-        all.swap(i, j);
-    }
-    let mut v = all[..k.min(f)].to_vec();
-    v.sort_unstable();
-    v
-}
-
 /// The sparse MLP kernels at k = 1, all and between, 1-16 rows sharing one kept set (the union), against f64 on
 /// the same rounded inputs; columns past the kept count must stay untouched (still NaN). Plus two invariants: the
 /// gather over every row in order equals the dense GEMV bit for bit, and the transposed down over every row equals
 /// the dense down projection (within tolerance: the order of addition differs).
 fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
-    use super::sparse::{down_t, gather_up, In, Kept};
+    use super::sparse::{down_t, gather_up, random_kept, In, Kept};
     let d = Dev { e };
     for (rows, k, f) in [(1usize, 576usize, 1536usize), (3, 576, 1536), (16, 1024, 344), (2, 172, 200)] {
         for epi in [Epi::Relu, Epi::Glu] {
@@ -215,7 +202,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let bias = rounded(&randv(wrows, s + 2, 0.5), dt);
             let (wb, xb, bb) = (d.halfbuf(&w, dt)?, d.halfbuf(&x, dt)?, d.halfbuf(&bias, dt)?);
             for kk in [1usize, f / 3, f] {
-                let idx = subset(f, kk, s + kk as u64);
+                let idx = random_kept(f, kk, s + kk as u64);
                 let (ib, cb) = (d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
                 let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f };
                 let ob = d.poisoned(rows * f * 2)?;
@@ -276,7 +263,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         let init = randv(rows * dd, s + 2, 1.0);
         let (wb, bb) = (d.halfbuf(&wt, dt)?, d.halfbuf(&bias, dt)?);
         for kk in [1usize, f / 4, f] {
-            let idx = subset(f, kk, s + kk as u64);
+            let idx = random_kept(f, kk, s + kk as u64);
             let act = rounded(&randv(rows * f, s + 3 + kk as u64, 1.0), dt);
             let (ab, ib, cb) = (d.halfbuf(&act, dt)?, d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
             let ob = d.f32buf(&init)?;

@@ -10,7 +10,7 @@ use crate::source::weights::Half;
 use super::engine::{Engine, Epi};
 use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
-use super::sparse::{down_t, gather_up, In, Kept};
+use super::sparse::{down_t, gather_up, random_kept, In, Kept};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -23,19 +23,6 @@ pub fn needed_bytes(sh: &Shape, batch: usize) -> usize {
 
 /// Written before each timed replay: twice the H200's 60 MB L2.
 const FLUSH_BYTES: usize = 128 << 20;
-
-/// A sorted random subset of `0..f` of size `k` (the kept set of one token; latency does not depend on which).
-fn kept_ids(f: usize, k: usize, seed: u64) -> Vec<i32> {
-    let mut r = crate::decode::SplitMix64(seed);
-    let mut all: Vec<i32> = (0..f as i32).collect();
-    for i in 0..k.min(f) {
-        let j = i + (r.next_u64() % (f - i) as u64) as usize;
-        all.swap(i, j);
-    }
-    let mut v = all[..k.min(f)].to_vec();
-    v.sort_unstable();
-    v
-}
 
 fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
     for _ in 0..3 {
@@ -99,7 +86,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -
         let (dense_us, _) = time_graph(&e, &g, &flush, reps)?;
         for &frac in keep {
             let kk = ((frac * f as f64).round() as usize).clamp(1, f);
-            e.gpu.upload(&idx, 0, &kept_ids(f, kk, 99 + kk as u64))?;
+            e.gpu.upload(&idx, 0, &random_kept(f, kk, 99 + kk as u64))?;
             e.gpu.upload(&cnt, 0, &[kk as i32])?;
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
             e.gpu.begin_capture()?;

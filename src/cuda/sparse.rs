@@ -23,6 +23,19 @@ pub struct Kept {
     pub cap: usize,
 }
 
+/// A sorted random subset of `0..f` of size `k` (kept sets for kernel checks and block timings).
+pub fn random_kept(f: usize, k: usize, seed: u64) -> Vec<i32> {
+    let mut r = crate::decode::SplitMix64(seed);
+    let mut all: Vec<i32> = (0..f as i32).collect();
+    for i in 0..k.min(f) {
+        let j = i + (r.next_u64() % (f - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    let mut v = all[..k.min(f)].to_vec();
+    v.sort_unstable();
+    v
+}
+
 /// Warps per gather block: one warp per kept row, at least two blocks per multiprocessor when the rows allow,
 /// 16 warps at most.
 fn gather_threads(cap: usize, sms: usize) -> u32 {

@@ -97,7 +97,7 @@ impl<B: Backend> Model<B> {
             None | Some("") | Some("none") => None,
             Some("f16") => Some(crate::source::weights::Half::F16),
             Some("bf16") => Some(crate::source::weights::Half::Bf16),
-            Some(v) => return Err(Error::option("DEJAVU_REFERENCE_ROUND", format!("{v}: expected f16, bf16 or none"))),
+            Some(v) => return Err(Error::Env(format!("DEJAVU_REFERENCE_ROUND={v}: expected f16, bf16 or none"))),
         };
         let ld = Loader::<B> { ck, table: Table::new(cfg, names), eps: cfg.norm_eps, dev, round };
         let embed = ld.tensor::<2>(ld.spec(Role::Embed, Part::Weight, None)?)?; // [vocab, embed_dim]
