@@ -633,10 +633,10 @@ impl Engine {
                 };
                 cats_mlp(self, sp, l, t, rows, input, x, y, act)?;
             } else {
-            let lw = &self.w.layers[l];
-            let epi = if opt { Epi::Relu } else { Epi::Glu };
-            self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
-            self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
+                let lw = &self.w.layers[l];
+                let epi = if opt { Epi::Relu } else { Epi::Glu };
+                self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
+                self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
             }
             if !pre {
                 self.class(Class::Norm)?;

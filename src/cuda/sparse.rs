@@ -70,10 +70,16 @@ struct SparseGemv {
     tally: CUdeviceptr,
 }
 
-fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
-    if l.rows == 0 || l.rows > GEMV_MAX_ROWS {
-        return Err(GpuError(format!("internal: the sparse MLP runs 1..={GEMV_MAX_ROWS} rows at a time, got {}", l.rows)));
+/// The sparse kernels take 1..=16 rows sharing one kept set.
+fn check_rows(rows: usize) -> GpuResult<()> {
+    if rows == 0 || rows > GEMV_MAX_ROWS {
+        return Err(GpuError(format!("internal: the sparse MLP runs 1..={GEMV_MAX_ROWS} rows at a time, got {rows}")));
     }
+    Ok(())
+}
+
+fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
+    check_rows(l.rows)?;
     let name = format!("gemv_{}_{}_{}_b{}", l.kind, e.dt().name(), l.epi, k_of(l.rows));
     let (x, xf, g, gb) = match l.input {
         In::Half(x) => (x, 0, 0, 0),
@@ -166,9 +172,7 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
     if d % 8 != 0 {
         return Err(GpuError(format!("the sparse down projection needs a width that is a multiple of 8, got {d}")));
     }
-    if rows == 0 || rows > GEMV_MAX_ROWS {
-        return Err(GpuError(format!("internal: the sparse MLP runs 1..={GEMV_MAX_ROWS} rows at a time, got {rows}")));
-    }
+    check_rows(rows)?;
     let cap = kept.map_or(n, |k| k.cap);
     let tc = (d / 8).div_ceil(32).clamp(1, 8) * 32;
     let rg = 256 / tc;
