@@ -24,8 +24,32 @@
 #define EPI_CATS_SILU 5
 #define EPI_CATS_RELU 6
 
-// acc[b] (+)= the 8 weights in `a` times x_b's elements 8i..8i+7 (acc2 with `a2`, GLU), x_b from shared memory
-// (staged), normalised on the fly from `xf`, or read from `x`.
+// x_b's elements 8i..8i+7 in f32: from shared memory (staged), normalised on the fly from `xf`, or read from `x`.
+template <typename T>
+__device__ __forceinline__ void gemv_x8(int b, int i, int K, const u16* __restrict__ x, const float* xs,
+                                        const float* __restrict__ xf, const u16* __restrict__ g,
+                                        const u16* __restrict__ gb, const float* mean_s, const float* rstd_s,
+                                        int stage, float* xv8) {
+    if (stage) {
+        const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
+        const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
+        xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
+        xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
+    } else if (xf) {
+        const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
+        const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
+        float gf[8], bf[8];
+        unpack8<T>(__ldg((const uint4*)g + i), gf);
+        if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
+        const float raw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+        for (int e = 0; e < 8; e++) xv8[e] = (raw[e] - mean_s[b]) * rstd_s[b] * gf[e] + (gb ? bf[e] : 0.0f);
+    } else {
+        unpack8<T>(__ldg((const uint4*)(x + (size_t)b * K) + i), xv8);
+    }
+}
+
+// acc[b] (+)= the 8 weights in `a` times x_b's elements 8i..8i+7 (acc2 with `a2`, GLU).
 template <typename T, int NB, int EPI>
 __device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B, const u16* __restrict__ x,
                                           const float* xs, const float* __restrict__ xf, const u16* __restrict__ g,
@@ -39,23 +63,7 @@ __device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B
     for (int b = 0; b < NB; b++) {
         if (b < B) {
             float xv8[8];
-            if (stage) {
-                const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
-                const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
-                xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
-                xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
-            } else if (xf) {
-                const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
-                const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
-                float gf[8], bf[8];
-                unpack8<T>(__ldg((const uint4*)g + i), gf);
-                if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
-                const float raw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#pragma unroll
-                for (int e = 0; e < 8; e++) xv8[e] = (raw[e] - mean_s[b]) * rstd_s[b] * gf[e] + (gb ? bf[e] : 0.0f);
-            } else {
-                unpack8<T>(__ldg((const uint4*)(x + (size_t)b * K) + i), xv8);
-            }
+            gemv_x8<T>(b, i, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 acc[b] = fmaf(wf[e], xv8[e], acc[b]);
@@ -161,11 +169,12 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
         float v = acc[b] + bv;
         if (EPI == EPI_STORE) ((float*)out)[o] = v;
         if (EPI == EPI_ACC) ((float*)out)[o] += v;
-        if (EPI == EPI_RELU) ((u16*)out)[o] = T::store(fmaxf(v, 0.0f));
+        // With `pre` (gather kernels at B > 1), the row's own 0/1 flag of the kept unit: a row uses only its own.
+        if (EPI == EPI_RELU) ((u16*)out)[o] = T::store(fmaxf(v, 0.0f) * (pre ? pre[o] : 1.0f));
         if (EPI == EPI_MUL) ((u16*)out)[o] = T::store(pre[o] * v);
         if (EPI == EPI_GLU) {
             float u = acc2[b] + bv2;
-            ((u16*)out)[o] = T::store(v / (1.0f + expf(-v)) * u);
+            ((u16*)out)[o] = T::store(v / (1.0f + expf(-v)) * u * (pre ? pre[o] : 1.0f));
         }
     }
 }
@@ -186,7 +195,7 @@ __device__ __forceinline__ void gemv_impl(
     int* __restrict__ idx,         // GATHER: [N] weight rows to compute (written by an earlier kernel); CATS: appended to
     int* __restrict__ cnt,         // GATHER: [1] how many of idx are valid (<= N), output columns past it untouched;
                                    // CATS: [1] the append counter (zero before the launch)
-    const float* __restrict__ pre, // MUL: [B, N] f32 factors per output, else null
+    const float* __restrict__ pre, // MUL: [B, N] f32 factors per output; RELU/GLU: optional 0/1 row flags [B, N]
     float t,                       // CATS: the threshold
     int* __restrict__ tally) {     // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
     extern __shared__ float4 dyn_smem[];

@@ -170,6 +170,29 @@ pub fn csv(results: &[BenchResult]) -> crate::error::Result<Vec<u8>> {
     w.into_inner().map_err(|e| crate::error::Error::Internal(format!("csv: {e}")))
 }
 
+/// What `bench --mlp-block` times besides the dense block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockRule {
+    /// The kept ids given (no selection): the gather and the transposed down alone.
+    #[default]
+    Gather,
+    /// `exactdown`: dense gate/up, the top k hidden values chosen on the GPU, the transposed down (SwiGLU).
+    Exactdown,
+    /// `qscore`: the int4 score pass, top-k on the GPU, the kept gate/up rows, the transposed down (SwiGLU).
+    Qscore,
+}
+
+impl BlockRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockRule::Gather => "gather",
+            BlockRule::Exactdown => "exactdown",
+            BlockRule::Qscore => "qscore",
+        }
+    }
+}
+
 /// One MLP block (`bench --mlp-block`): the kept neurons' weights only, one CUDA-graph replay per timing with the
 /// L2 flushed before it (as `../shared/docs/PERF.md` times the peers).
 #[derive(Debug, Clone, Serialize)]

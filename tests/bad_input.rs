@@ -210,11 +210,15 @@ fn bench_usage_errors() {
     let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--batch", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--batch"]);
     let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "oracle@0.5"], &[]);
-    common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense", "cats@S"]);
+    common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense", "cats@S", "qscore@S"]);
+    let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "qscore@0.5", "--head-sparsity", "0.3"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--head-sparsity", "--device cpu"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--keep", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--keep 0", "(0, 1]"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--reps", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--reps"]);
+    let out = common::dejavu(&["bench", "--mlp-block", "--shape", "opt-13b", "--rule", "qscore"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--rule qscore", "opt-13b"]);
 }
 
 #[test]
@@ -233,4 +237,15 @@ fn bench_lists_its_shapes() {
     for name in ["opt-125m", "opt-175b", "llama2-70b", "mistral-7b", "smollm2-135m"] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+}
+
+#[test]
+fn skipping_key_value_heads_needs_predicted_heads() {
+    let m = common::fixture_dir("tiny-llama");
+    let m = m.to_str().unwrap();
+    let out = common::dejavu(&["generate", "--model", m, "-n", "1", "--mode", "oracle@0.5", "--head-sparsity", "0.5", "--head-kv", "kept"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--head-kv", "predicted heads"]);
+    let out = common::dejavu(&["generate", "--model", m, "-n", "1", "--head-kv", "some"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--head-kv") && out.stderr.contains("kept"), "{}", out.stderr);
 }

@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, TensorData};
 use dejavu::backend::CpuBackend as B;
 use dejavu::decode::{DecodeError, Decoder, RefDecoder};
 use dejavu::model::{to_host, topk_mask, Scorer, Sparse};
-use dejavu::sparse::{self, select, Artifacts, HeadRule, LayerPlan, MlpRule, Mode, Plan, PlanOptions, PredictorBudget};
+use dejavu::sparse::{self, select, Artifacts, HeadKv, HeadRule, LayerPlan, MlpRule, Mode, Plan, PlanOptions, PredictorBudget};
 use dejavu::{Model, ModelFiles};
 
 const FIXTURES: [&str; 4] = ["tiny-opt", "tiny-opt-proj", "tiny-llama", "tiny-llama-tied"];
@@ -148,9 +148,9 @@ fn plans_are_validated_and_missing_artifacts_are_errors() {
     assert!(e.msg.contains("calibrate"), "{e}");
     let e = err("dejavu", &opts, &none);
     assert_eq!(e.field, "predictors");
-    let heads = PlanOptions { head_sparsity: Some(0.5) };
+    let heads = PlanOptions { head_sparsity: Some(0.5), ..Default::default() };
     assert_eq!(err("dense", &heads, &none).field, "head_sparsity");
-    assert_eq!(err("oracle@0.5", &PlanOptions { head_sparsity: Some(1.0) }, &none).field, "head_sparsity");
+    assert_eq!(err("oracle@0.5", &PlanOptions { head_sparsity: Some(1.0), ..Default::default() }, &none).field, "head_sparsity");
     // Predictors for another layer count.
     let dir = std::path::Path::new("run/predictors");
     let short = Artifacts { predictors: Some(PredictorBudget { dir, k_neurons: vec![1], k_heads: vec![1] }), ..Default::default() };
@@ -161,7 +161,13 @@ fn plans_are_validated_and_missing_artifacts_are_errors() {
     let budget = PredictorBudget { dir, k_neurons: vec![3; c.layers], k_heads: vec![2; c.layers] };
     let art = Artifacts { predictors: Some(budget), ..Default::default() };
     let p = sparse::resolve(Mode::Dejavu(None), &opts, c, &art).unwrap();
-    assert_eq!(p.layer(1), LayerPlan { mlp: MlpRule::PredictedTopK { k: 3 }, heads: HeadRule::PredictedTopK { k: 2 } });
+    assert_eq!(p.layer(1), LayerPlan { mlp: MlpRule::PredictedTopK { k: 3 }, heads: HeadRule::PredictedTopK { k: 2, kv: HeadKv::All } });
+    // Skipping the key/value heads of dropped heads needs predicted heads; the plan carries the choice.
+    let kept = PlanOptions { head_kv: HeadKv::Kept, ..Default::default() };
+    assert_eq!(sparse::resolve(Mode::Dejavu(None), &kept, c, &art).unwrap().layer(0).heads, HeadRule::PredictedTopK { k: 2, kv: HeadKv::Kept });
+    let oracle_kept = PlanOptions { head_sparsity: Some(0.5), head_kv: HeadKv::Kept };
+    assert_eq!(err("oracle@0.5", &oracle_kept, &none).field, "head_kv");
+    assert_eq!(err("exactdown@0.5", &kept, &none).field, "head_kv");
     let p = sparse::resolve(Mode::Dejavu(Some(0.75)), &opts, c, &art).unwrap();
     assert_eq!(p.layer(1).mlp, MlpRule::PredictedTopK { k: sparse::keep_count(0.75, c.ffn) });
     // Hand-made plans: wrong layer count, k beyond the width, NaN thresholds.

@@ -59,7 +59,7 @@ fn keep_all_plans_equal_dense_exactly() {
         }
         // Predicted rules with k = all (the scorer's ranking is irrelevant when everything is kept).
         let scorer = ArbitraryScorer { ffn: c.ffn, heads: c.heads };
-        let plan = Plan::uniform(c.layers, LayerPlan { mlp: MlpRule::PredictedTopK { k: c.ffn }, heads: HeadRule::PredictedTopK { k: c.heads } });
+        let plan = Plan::uniform(c.layers, LayerPlan { mlp: MlpRule::PredictedTopK { k: c.ffn }, heads: HeadRule::PredictedTopK { k: c.heads, kv: Default::default() } });
         assert_eq!(scored_logits(&model, &rows, Some(&plan), Some(&scorer), None), dense, "{name}: predicted keep-all");
     }
 }

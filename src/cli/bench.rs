@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use dejavu::bench::{shape_names, table, BenchResult, Shape};
+use dejavu::bench::{shape_names, table, BenchResult, BlockRule, Shape};
 use dejavu::source::weights::Half;
 
 use super::{out, usage};
@@ -54,6 +54,12 @@ pub struct Args {
     /// Kept fractions of the MLP's neurons for `--mlp-block` (0 < k <= 1).
     #[arg(long, num_args = 1.., default_values_t = [0.5, 0.25, 0.1])]
     pub keep: Vec<f64>,
+    /// What the sparse `--mlp-block` runs: `gather` (kept ids given, no selection), or a SwiGLU rule with its
+    /// selection on the GPU timed in the block: `exactdown` (dense gate/up, top-k) or `qscore` (int4 score pass,
+    /// top-k; random score copies).
+    #[arg(long, value_enum, default_value_t = BlockRule::Gather)]
+    #[serde(default)]
+    pub rule: BlockRule,
     /// Timed replays per `--mlp-block` row (the median and p90 are reported).
     #[arg(long, default_value_t = 100)]
     pub reps: usize,
@@ -85,6 +91,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if args.reps == 0 {
             return Err(usage("--reps must be at least 1"));
+        }
+        if let Some(sh) = shapes.iter().find(|sh| args.rule != BlockRule::Gather && sh.family != dejavu::config::Family::Llama) {
+            return Err(usage(format!("--rule {}: a SwiGLU rule; --shape {} is an OPT (ReLU) shape", args.rule.name(), sh.name)));
         }
         let results = measure_mlp(&args, &shapes)?;
         out(&dejavu::bench::mlp_table(&results))?;
@@ -137,7 +146,7 @@ fn measure_mlp(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<dejavu::benc
                 anyhow::bail!("--shape {}: one MLP block needs {:.1} GB, the GPU has {:.1} GB free", sh.name, need as f64 / 1e9, free as f64 / 1e9);
             }
         }
-        let rows = run(sh, dt, &args.batch, &args.keep, args.reps).map_err(|e| anyhow::anyhow!("bench --mlp-block {}: {e}", sh.name))?;
+        let rows = run(sh, dt, &args.batch, &args.keep, args.reps, args.rule).map_err(|e| anyhow::anyhow!("bench --mlp-block {}: {e}", sh.name))?;
         for r in &rows {
             eprintln!("{}", dejavu::bench::mlp_table(std::slice::from_ref(r)).lines().nth(2).unwrap_or_default());
         }

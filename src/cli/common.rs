@@ -15,7 +15,7 @@ use dejavu::model::{QScorer, Scorer};
 use dejavu::sparse::calib::RuleCalibration;
 use dejavu::sparse::quant::QScoreCopies;
 use dejavu::predictor::Predictors;
-use dejavu::sparse::{self, Artifacts, Mode, Plan, PlanOptions, PredictorBudget};
+use dejavu::sparse::{self, Artifacts, HeadKv, Mode, Plan, PlanOptions, PredictorBudget};
 use dejavu::source::ModelIdentity;
 use dejavu::{Model, ModelConfig, ModelFiles};
 
@@ -124,6 +124,12 @@ pub struct DecodeArgs {
     /// Fraction of attention heads dropped per token (oracle: by output norm; dejavu: overrides the predictors' k).
     #[arg(long, value_name = "H", help_heading = SPARSE)]
     pub head_sparsity: Option<f64>,
+    /// Key/value heads of a token's dropped heads (predicted heads): `all` computes and caches every key/value head
+    /// at every position, as dense decoding does; `kept` skips a key/value head none of whose query heads is kept,
+    /// and later queries of its heads do not attend to that position.
+    #[arg(long, value_enum, value_name = "KV", default_value_t = HeadKv::All, help_heading = SPARSE)]
+    #[serde(default)]
+    pub head_kv: HeadKv,
     /// Thresholds file from `dejavu calibrate` (cats modes).
     #[arg(long, value_name = "FILE", help_heading = SPARSE)]
     pub thresholds: Option<PathBuf>,
@@ -149,7 +155,10 @@ pub struct Loaded<B: Backend> {
     pub thresholds: Option<(PathBuf, Thresholds)>,
     pub predictors: Option<(PathBuf, Predictors<B>)>,
     pub rules: Option<(PathBuf, RuleCalibration)>,
+    /// The score copies as the reference path reads them (dequantized on the burn device).
     pub qscore: Option<(PathBuf, QScorer<B>)>,
+    /// The score copies as stored, for the CUDA engine (which packs them itself).
+    pub qcopies: Option<(PathBuf, QScoreCopies)>,
 }
 
 impl DecodeArgs {
@@ -169,11 +178,18 @@ impl DecodeArgs {
             Some(p) => Some((p.clone(), RuleCalibration::load(p, &identity)?)),
             None => None,
         };
-        let qscore = match &self.qscore {
-            Some(p) => Some((p.clone(), QScorer::from_copies(&QScoreCopies::load(p, &identity)?, device))),
-            None => None,
+        let (qscore, qcopies) = match &self.qscore {
+            Some(p) => {
+                let c = QScoreCopies::load(p, &identity)?;
+                if uses_engine(&self.model) {
+                    (None, Some((p.clone(), c)))
+                } else {
+                    (Some((p.clone(), QScorer::from_copies(&c, device))), None)
+                }
+            }
+            None => (None, None),
         };
-        let loaded = Loaded { identity, thresholds, predictors, rules, qscore };
+        let loaded = Loaded { identity, thresholds, predictors, rules, qscore, qcopies };
         for &m in modes {
             self.plan(m, &files.config, &loaded)?;
         }
@@ -190,9 +206,9 @@ impl DecodeArgs {
                 k_heads: (0..p.layers()).map(|l| p.k_heads(l)).collect(),
             }),
             calibration: loaded.rules.as_ref().map(|(p, c)| (p.as_path(), c)),
-            qscore: loaded.qscore.as_ref().map(|(p, _)| p.as_path()),
+            qscore: loaded.qscore.as_ref().map(|(p, _)| p.as_path()).or(loaded.qcopies.as_ref().map(|(p, _)| p.as_path())),
         };
-        sparse::resolve(mode, &PlanOptions { head_sparsity: self.head_sparsity }, cfg, &art).map_err(usage_of)
+        sparse::resolve(mode, &PlanOptions { head_sparsity: self.head_sparsity, head_kv: self.head_kv }, cfg, &art).map_err(usage_of)
     }
 }
 
@@ -256,13 +272,14 @@ pub enum AnyDecoder<'a, B: Backend> {
 }
 
 impl<B: Backend> AnyDecoder<'_, B> {
-    /// Run `plan` on the engine (the reference's decoders are built per plan and ignore this).
-    pub fn set_plan(&mut self, plan: &Plan) -> anyhow::Result<()> {
-        let _ = plan; // unused without the cuda feature
+    /// Run `plan` on the engine, with the score copies `copies` where the plan has `qscore` layers (the
+    /// reference's decoders are built per plan and ignore this).
+    pub fn set_plan(&mut self, plan: &Plan, copies: Option<&QScoreCopies>) -> anyhow::Result<()> {
+        let _ = (plan, copies); // unused without the cuda feature
         match self {
             AnyDecoder::Ref(_) => Ok(()),
             #[cfg(feature = "cuda")]
-            AnyDecoder::Cuda(d) => d.set_plan(plan).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+            AnyDecoder::Cuda(d) => d.set_plan(plan, copies).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
         }
     }
 
@@ -312,7 +329,7 @@ impl<B: Backend> Decoders<B> {
         match (&self.model, &mut self.engine) {
             (Some(m), _) => Ok(PlanDecoder::Own(AnyDecoder::Ref(loaded.decoder(m, plan)?))),
             (None, Some(e)) => {
-                e.set_plan(plan)?;
+                e.set_plan(plan, loaded.qcopies.as_ref().map(|(_, c)| c))?;
                 Ok(PlanDecoder::Shared(e))
             }
             (None, None) => anyhow::bail!("internal: no decoder"),
@@ -347,21 +364,24 @@ pub fn decoder_for<'a, B: Backend>(
 ) -> anyhow::Result<AnyDecoder<'a, B>> {
     if uses_engine(&args.model) {
         let mut dec = engine_decoder::<B>(files, args, false)?;
-        dec.set_plan(plan)?;
+        dec.set_plan(plan, loaded.qcopies.as_ref().map(|(_, c)| c))?;
         return Ok(dec);
     }
     let model: &'a Model<B> = slot.insert(load_model::<B>(files, device, false)?);
     Ok(AnyDecoder::Ref(loaded.decoder(model, plan)?))
 }
 
-/// Refuse what the engine cannot run yet, naming the flag: it runs `dense` and `cats@S` (CATS thresholds on the
-/// MLP through the sparse kernels; attention dense).
+/// Refuse what the engine cannot run yet, naming the flag: it runs `dense`, `cats@S`, `exactdown@S` and
+/// `qscore@S` (with or without `+greedy`) on the MLP through the sparse kernels; attention stays dense.
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {
-        if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_))) {
+        if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..))) {
             return Err(usage(format!(
-                "--mode {m}: the CUDA engine runs dense and cats@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
+                "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S and qscore@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
             )));
+        }
+        if args.head_sparsity.is_some() {
+            return Err(usage("--head-sparsity: the CUDA engine runs attention dense today (head-sparse kernels are not written yet); run it with --device cpu"));
         }
     }
     Ok(())

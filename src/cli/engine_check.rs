@@ -35,6 +35,13 @@ pub struct Args {
     /// Also compare both engines under CATS with this one threshold in every layer (any model).
     #[arg(long)]
     pub cats_t: Option<f32>,
+    /// Also compare both engines, and their kept sets, under the top-k rules at this MLP sparsity (SwiGLU models):
+    /// `exactdown@S`, and `qscore@S` with `--qscore`.
+    #[arg(long, value_name = "S")]
+    pub topk_sparsity: Option<f64>,
+    /// Score copies from `calibrate --rule qscore` (int4, groups of 32) for the `qscore` check; one model.
+    #[arg(long, value_name = "FILE", requires = "topk_sparsity")]
+    pub qscore: Option<PathBuf>,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -49,6 +56,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     use super::out;
     use dejavu::cuda::check;
+    use dejavu::sparse::plan::{HeadRule, LayerPlan, MlpRule};
     dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
     let mut failed = 0;
     let mut kernels = Vec::new();
@@ -82,20 +90,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .filter(|p| p.len() >= 2)
                 .collect();
             eprintln!("{}: {} prompts x {} steps", files.identity, prompts.len(), args.steps);
-            let mut plans = vec![None];
-            if let Some(t) = args.cats_t {
-                plans.push(Some(dejavu::sparse::Plan::uniform(
-                    files.config.layers,
-                    dejavu::sparse::plan::LayerPlan { mlp: dejavu::sparse::plan::MlpRule::Threshold { t }, heads: dejavu::sparse::plan::HeadRule::Dense },
-                )));
-            }
-            if let (Some(p), Some(sp)) = (&args.thresholds, args.sparsity) {
-                let th = dejavu::calibrate::Thresholds::load(p, &files.identity()?)?;
-                let level = th.level(sp).ok_or_else(|| super::usage(format!("--sparsity {sp}: {} has no such level", p.display())))?;
-                plans.push(Some(dejavu::calibrate::threshold_plan(&level.thresholds)));
-                let kc = check::kept_sets(&files, args.dtype, &level.thresholds, &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
-                out(&format!(
-                    "kept sets at cats@{sp}, {} ({}): {} of {} (token, layer) pairs equal ({:.2}%), mean symmetric difference {:.3} of {:.1} kept: {}\n",
+            let cfg = &files.config;
+            let mut plans: Vec<(dejavu::sparse::Plan, String)> = Vec::new();
+            let kept_line = |label: &str, kc: &check::KeptCheck| {
+                format!(
+                    "kept sets at {label}, {} ({}): {} of {} (token, layer) pairs equal ({:.2}%), mean symmetric difference {:.3} of {:.1} kept: {}\n",
                     kc.model,
                     kc.dtype,
                     kc.equal,
@@ -104,11 +103,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     kc.mean_symdiff,
                     kc.mean_kept,
                     if kc.pass { "pass" } else { "FAIL (< 99%)" }
-                ))?;
+                )
+            };
+            if let Some(t) = args.cats_t {
+                plans.push((
+                    dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp: MlpRule::Threshold { t }, heads: HeadRule::Dense }),
+                    format!("cats t={t}"),
+                ));
+            }
+            if let (Some(p), Some(sp)) = (&args.thresholds, args.sparsity) {
+                let th = dejavu::calibrate::Thresholds::load(p, &files.identity()?)?;
+                let level = th.level(sp).ok_or_else(|| super::usage(format!("--sparsity {sp}: {} has no such level", p.display())))?;
+                plans.push((dejavu::calibrate::threshold_plan(&level.thresholds), format!("cats@{sp}")));
+                let kc = check::kept_sets(&files, args.dtype, check::KeptRule::Cats(&level.thresholds), &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
+                out(&kept_line(&format!("cats@{sp}"), &kc))?;
                 failed += usize::from(!kc.pass);
             }
-            for plan in &plans {
-                let c = check::model(&files, args.dtype, &prompts, args.steps, plan.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
+            let copies = match &args.qscore {
+                Some(p) => Some(dejavu::sparse::quant::QScoreCopies::load(p, &files.identity()?)?),
+                None => None,
+            };
+            match args.topk_sparsity {
+                Some(sp) if cfg.family == dejavu::config::Family::Llama => {
+                    if !(0.0..1.0).contains(&sp) {
+                        return Err(super::usage(format!("--topk-sparsity {sp}: not in [0, 1)")));
+                    }
+                    let k = dejavu::sparse::keep_count(sp, cfg.ffn);
+                    let mut rules = vec![(MlpRule::ExactDownTopK { k }, format!("exactdown@{sp}"), check::KeptRule::ExactDown(k))];
+                    if let Some(c) = &copies {
+                        rules.push((MlpRule::QScoreTopK { k }, format!("qscore@{sp}"), check::KeptRule::QScore(k, c)));
+                    }
+                    for (mlp, label, kr) in rules {
+                        let kc = check::kept_sets(&files, args.dtype, kr, &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
+                        out(&kept_line(&label, &kc))?;
+                        failed += usize::from(!kc.pass);
+                        plans.push((dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp, heads: HeadRule::Dense }), label));
+                    }
+                }
+                Some(_) => eprintln!("{}: --topk-sparsity skipped (the top-k rules apply to SwiGLU models)", files.identity),
+                None => {}
+            }
+            let runs = std::iter::once(None).chain(plans.iter().map(|(p, l)| Some((p, l.as_str()))));
+            for plan in runs {
+                let c = check::model(&files, args.dtype, &prompts, args.steps, plan, copies.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
                 s += &format!(
                     "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
                     c.model, c.dtype, c.prompts, c.steps, c.identical, c.divergences_at_near_ties, c.worst_margin, c.max_dlogprob, if c.pass { "yes" } else { "NO" }

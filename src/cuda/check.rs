@@ -206,7 +206,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                 let (ib, cb) = (d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
                 let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f };
                 let ob = d.poisoned(rows * f * 2)?;
-                gather_up(e, wb.ptr, Some(bb.ptr), f, In::Half(xb.ptr), kept, ob.ptr, rows, k, epi)?;
+                gather_up(e, wb.ptr, Some(bb.ptr), f, In::Half(xb.ptr), kept, ob.ptr, rows, k, epi, None)?;
                 let all = d.read_half(&ob, rows * f, dt)?;
                 let mut got = Vec::with_capacity(rows * kk);
                 let mut want = Vec::with_capacity(rows * kk);
@@ -294,6 +294,147 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             e.linear(wd.ptr, Some(bb.ptr), ab.ptr, o2.ptr, rows, dd, f, Epi::Acc, y.ptr)?;
             let (g1, g2) = (d.read_f32(&o1, rows * dd)?, d.read_f32(&o2, rows * dd)?);
             out.push(verdict(format!("down_t(all, no ids) == dense down rows={rows} d={dd} f={f}"), dt, &g1, &g2, 1e-4));
+        }
+    }
+    Ok(())
+}
+
+/// Top-k selection (`topk_mark_*`, `topk_compact`) against the host reference (`sparse::select::top_k` per row,
+/// the union ascending): exact equality of the kept ids, the rows' flags and the gathered values. Scores are drawn
+/// on a coarse grid (many ties), with NaN and both zeros among them.
+fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use super::select::{topk_compact, topk_mark, Scores};
+    use super::sparse::Kept;
+    use crate::sparse::select::top_k;
+    let d = Dev { e };
+    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343)] {
+        let s = seed + (rows * 31 + n * 7 + k) as u64;
+        let mut r = rng(s);
+        // Scores on a grid of 1/8 in [-4, 4): ties everywhere; a few NaN, -0 and +0.
+        let mut v: Vec<f32> = (0..rows * n).map(|_| ((r.next_u64() % 64) as f32 - 32.0) / 8.0).collect();
+        for i in (0..v.len()).step_by(97) {
+            v[i] = match i % 3 {
+                0 => f32::NAN,
+                1 => -0.0,
+                _ => 0.0,
+            };
+        }
+        // As f32 scores, and as 16-bit values ranked by magnitude (exactly representable in both types).
+        let want_sets = |score: &dyn Fn(f32) -> f32| -> Vec<Vec<usize>> {
+            (0..rows).map(|b| top_k(&v[b * n..(b + 1) * n].iter().map(|&x| score(x)).collect::<Vec<_>>(), k)).collect()
+        };
+        for abs in [false, true] {
+            let sets = if abs { want_sets(&|x: f32| x.abs()) } else { want_sets(&|x: f32| x) };
+            let mut union: Vec<usize> = sets.iter().flatten().copied().collect();
+            union.sort_unstable();
+            union.dedup();
+            let src = if abs { d.halfbuf(&v, dt)? } else { d.f32buf(&v)? };
+            let keep = d.poisoned(rows * n)?;
+            let (idx, cnt, pre, dst) = (d.poisoned(n * 4)?, d.poisoned(4)?, d.poisoned(rows * n * 4)?, d.poisoned(rows * n * 2)?);
+            let scores = if abs { Scores::Abs16(src.ptr) } else { Scores::F32(src.ptr) };
+            topk_mark(e, scores, rows, n, k, keep.ptr)?;
+            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: n };
+            topk_compact(e, keep.ptr, rows, n, kept, Some(pre.ptr), abs.then_some((src.ptr, dst.ptr)))?;
+            let mut c = [0i32];
+            e.gpu.download(cnt.ptr, &mut c)?;
+            let m = (c[0].max(0) as usize).min(n);
+            let mut ids = vec![0i32; m];
+            e.gpu.download(idx.ptr, &mut ids)?;
+            let flags = d.read_f32(&pre, rows * n)?;
+            let mut bad = usize::from(c[0] as usize != union.len());
+            bad += ids.iter().zip(&union).filter(|(a, b)| **a as usize != **b).count();
+            let gathered = if abs { d.read_half(&dst, rows * n, dt)? } else { Vec::new() };
+            for b in 0..rows {
+                for (slot, &j) in union.iter().enumerate().take(m) {
+                    let kb = sets[b].binary_search(&j).is_ok();
+                    bad += usize::from(flags[b * n + slot] != if kb { 1.0 } else { 0.0 });
+                    if abs {
+                        let want = if kb { v[b * n + j] } else { 0.0 };
+                        let got = gathered[b * n + slot];
+                        bad += usize::from(!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())));
+                    }
+                }
+            }
+            out.push(KernelCheck {
+                kernel: format!("topk {} rows={rows} n={n} k={k}: {} kept, {bad} mismatches", if abs { "|16-bit|" } else { "f32" }, union.len()),
+                dtype: dt.name(),
+                rel_err: bad as f64,
+                nan: 0,
+                pass: bad == 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The int4 score pass (`qscore_*`) against an f64 computation from the dequantized copies, and the top-k MLP
+/// blocks (`exactdown`, `qscore`) against f64: per row its own top k (exactdown ranks the hidden values rounded to
+/// the engine's type, as the engine stores them), the kept hidden values through down, added to the residual.
+fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use super::select::{qscore, QCopy};
+    use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp};
+    use crate::sparse::quant::{QMatrix, QScheme, QuantOptions};
+    use crate::sparse::select::top_k;
+    let d_ = Dev { e };
+    let (d, f) = (e.cfg.hidden, e.cfg.ffn);
+    let opts = QuantOptions { bits: 4, group: 32, scheme: QScheme::Sym };
+    // The engine's own layer-0 weights, on the host.
+    let lw = &e.w.layers[0];
+    let mut raw = vec![0u16; 2 * f * d];
+    e.gpu.download(lw.up.ptr, &mut raw)?;
+    let up = unbits(&raw, dt); // [2f, d]: gate rows, then up rows
+    let mut raw = vec![0u16; d * f];
+    e.gpu.download(lw.down.ptr, &mut raw)?;
+    let down = unbits(&raw, dt); // [d, f]
+    let (qg, qu) = (QMatrix::quantize(&up[..f * d], f, d, opts), QMatrix::quantize(&up[f * d..], f, d, opts));
+    let (dg, du) = (qg.dequantize(), qu.dequantize());
+    let dot = |w: &[f32], row: usize, x: &[f32]| -> f64 { (0..d).map(|i| w[row * d + i] as f64 * x[i] as f64).sum() };
+    for rows in [1usize, 3, 16] {
+        let s = seed + 77 + rows as u64;
+        let x = rounded(&randv(rows * d, s, 1.0), dt);
+        let xb = d_.halfbuf(&x, dt)?;
+        // The score pass alone.
+        let q = QCopy::upload(e, &qg, &qu)?;
+        let sb = d_.poisoned(rows * f * 4)?;
+        qscore(e, &q, In::Half(xb.ptr), sb.ptr, rows, f, d)?;
+        let got = d_.read_f32(&sb, rows * f)?;
+        let mut want_scores = vec![0f32; rows * f];
+        for b in 0..rows {
+            let xr = &x[b * d..(b + 1) * d];
+            for j in 0..f {
+                want_scores[b * f + j] = (silu(dot(&dg, j, xr)) * dot(&du, j, xr)).abs() as f32;
+            }
+        }
+        out.push(verdict(format!("qscore int4 g32 rows={rows} d={d} f={f}"), dt, &got, &want_scores, 1e-2));
+        for kk in [1usize, f / 3, f] {
+            for rule in [GpuMlp::ExactDown(kk), GpuMlp::QScore(kk)] {
+                let qv = matches!(rule, GpuMlp::QScore(_)).then(|| QCopy::upload(e, &qg, &qu)).transpose()?;
+                let sp = SparseMlp::new(e, vec![Some(rule)], vec![qv], opts.bits_per_weight())?;
+                sp.zero(e, rows)?;
+                let init = randv(rows * d, s + kk as u64, 1.0);
+                let xo = d_.f32buf(&init)?;
+                let (pre, act) = (d_.poisoned(16 * f * 4)?, d_.poisoned(16 * f * 2)?);
+                sparse_mlp(e, &sp, 0, rule, rows, |r0| In::Half(xb.ptr + (r0 * d * 2) as u64), xo.ptr, pre.ptr, act.ptr)?;
+                let got = d_.read_f32(&xo, rows * d)?;
+                let mut want = vec![0f32; rows * d];
+                for b in 0..rows {
+                    let xr = &x[b * d..(b + 1) * d];
+                    let h: Vec<f64> = (0..f).map(|j| silu(dot(&up, j, xr)) * dot(&up, f + j, xr)).collect();
+                    let kept = match rule {
+                        GpuMlp::ExactDown(k) => top_k(&h.iter().map(|&v| rounded(&[v as f32], dt)[0].abs()).collect::<Vec<_>>(), k),
+                        _ => top_k(&want_scores[b * f..(b + 1) * f], kk),
+                    };
+                    for c in 0..d {
+                        let acc: f64 = kept.iter().map(|&j| h[j] * down[c * f + j] as f64).sum();
+                        want[b * d + c] = (init[b * d + c] as f64 + acc) as f32;
+                    }
+                }
+                let name = match rule {
+                    GpuMlp::ExactDown(_) => "exactdown",
+                    _ => "qscore",
+                };
+                out.push(verdict(format!("{name} MLP block rows={rows} d={d} f={f} k={kk}"), dt, &got, &want, 1e-2));
+            }
         }
     }
     Ok(())
@@ -487,6 +628,8 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_embed(&e, dt, seed, &mut out)?;
         check_attention(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
+        check_select(&e, dt, seed, &mut out)?;
+        check_topk_mlp(&e, dt, seed, &mut out)?;
         if dt == Half::F16 {
             check_rows(&e, seed, &mut out)?;
         }
@@ -590,31 +733,49 @@ pub fn compare(name: &str, cpu: &mut dyn Decoder, gpu: &mut dyn Decoder, dt: Hal
     })
 }
 
-/// Load `files` on both engines and [`compare`], both running `plan` (None: dense).
-pub fn model(files: &ModelFiles, dt: Option<Half>, prompts: &[Vec<u32>], steps: usize, plan: Option<&crate::sparse::Plan>) -> Result<ModelCheck, String> {
+/// Load `files` on both engines and [`compare`], both running `plan` (None: dense; `label` names it in the table),
+/// with the score copies `copies` where the plan has `qscore` layers.
+pub fn model(
+    files: &ModelFiles,
+    dt: Option<Half>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    plan: Option<(&crate::sparse::Plan, &str)>,
+    copies: Option<&crate::sparse::quant::QScoreCopies>,
+) -> Result<ModelCheck, String> {
     type Cpu = crate::backend::CpuBackend;
     let dev = Default::default();
     let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
+    let qs = copies.map(|c| crate::model::QScorer::<Cpu>::from_copies(c, &dev));
     let mut cpu = match plan {
-        Some(p) => RefDecoder::new(&m, p, None).map_err(|e| e.to_string())?,
+        Some((p, _)) => RefDecoder::with_qscore(&m, p, None, qs.as_ref()).map_err(|e| e.to_string())?,
         None => RefDecoder::dense(&m),
     };
     let (mut gpu, _) = super::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
-    if let Some(p) = plan {
-        gpu.set_plan(p).map_err(|e| e.0)?;
+    if let Some((p, _)) = plan {
+        gpu.set_plan(p, copies).map_err(|e| e.0)?;
     }
     let dt = gpu.engine.w.dt;
     let name = match plan {
-        Some(_) => format!("{} (cats)", files.identity),
+        Some((_, label)) => format!("{} ({label})", files.identity),
         None => files.identity.clone(),
     };
     compare(&name, &mut cpu, &mut gpu, dt, prompts, steps)
 }
 
-/// CATS kept sets on the GPU against the CPU reference's, given the same inputs: the reference's normed MLP inputs
-/// of every prompt token (dense forward), rounded to the engine's 16-bit type, go through the GPU's selection
-/// kernel (`gemv_cats_*`, 16 tokens at a time sharing one kept set, each token's own set read from its factors);
-/// the reference keeps neuron j of a token when its |SiLU(gate_j)| (OPT: ReLU(fc1_j)) is >= the layer's threshold.
+/// Kept sets on the GPU against the CPU reference's, given the same inputs: the reference's normed MLP inputs of
+/// every prompt token (dense forward), rounded to the engine's 16-bit type, go through the GPU's selection, 16
+/// tokens at a time sharing one kept set, each token's own set read from its flags. The reference's sets:
+/// - CATS (`gemv_cats_*`): neuron j kept when its |SiLU(gate_j)| (OPT: ReLU(fc1_j)) is >= the layer's threshold;
+/// - exactdown (dense gate/up GEMV, `topk_mark_abs*`, `topk_compact`): the top k of |SiLU(gate)·up|;
+/// - qscore (`qscore_*`, `topk_mark_f32`, `topk_compact`): the top k of the score copies' |SiLU(ĝ)·û| as the
+///   reference computes them ([`crate::model::QScorer`]).
+pub enum KeptRule<'a> {
+    Cats(&'a [f32]),
+    ExactDown(usize),
+    QScore(usize, &'a crate::sparse::quant::QScoreCopies),
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeptCheck {
     pub model: String,
@@ -631,9 +792,11 @@ pub struct KeptCheck {
     pub pass: bool,
 }
 
-pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, thresholds: &[f32], prompts: &[Vec<u32>]) -> Result<KeptCheck, String> {
+pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, prompts: &[Vec<u32>]) -> Result<KeptCheck, String> {
+    use super::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
     use super::sparse::{cats_select, In, Kept};
     use crate::model::{to_host_3d, Forward, TapSet};
+    use burn::tensor::{Tensor, TensorData};
     type Cpu = crate::backend::CpuBackend;
     let dev = Default::default();
     let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
@@ -642,13 +805,20 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, thresholds: &[f32], promp
     let g = |r: GpuResult<()>| r.map_err(|x| x.0);
     let cfg = &files.config;
     let (d, f, nl) = (cfg.hidden, cfg.ffn, cfg.layers);
-    if thresholds.len() != nl {
-        return Err(format!("{} thresholds for {nl} layers", thresholds.len()));
-    }
     let llama = cfg.family == crate::config::Family::Llama;
+    match rule {
+        KeptRule::Cats(th) if th.len() != nl => return Err(format!("{} thresholds for {nl} layers", th.len())),
+        KeptRule::ExactDown(_) | KeptRule::QScore(..) if !llama => return Err("the top-k rules apply to SwiGLU models".into()),
+        _ => {}
+    }
+    let (qs, qgpu) = match rule {
+        KeptRule::QScore(_, c) => (Some(crate::model::QScorer::<Cpu>::from_copies(c, &dev)), Some(QCopy::upload_all(e, c).map_err(|x| x.0)?)),
+        _ => (None, None),
+    };
     let dt = e.w.dt;
     let alloc = |n: usize| e.gpu.alloc(n).map_err(|x| x.0);
-    let (idx, cnt, out, tally, xin) = (alloc(f * 4)?, alloc(4)?, alloc(16 * f * 4)?, alloc(16 * 8 * 4)?, alloc(16 * d * 2)?);
+    let (idx, cnt, out, tally, xin) = (alloc(f * 4)?, alloc(4)?, alloc(16 * 2 * f * 4)?, alloc(16 * 8 * 4)?, alloc(16 * d * 2)?);
+    let (keep, flags, hid) = (alloc(16 * f)?, alloc(16 * f * 4)?, alloc(16 * f * 2)?);
     let taps_want = TapSet { mlp_normed: true, mlp_act: true, ..Default::default() };
     let (mut equal, mut total, mut symdiff, mut kept_sum) = (0usize, 0usize, 0usize, 0usize);
     let mut tokens = 0;
@@ -659,9 +829,16 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, thresholds: &[f32], promp
         tokens += p.len();
         for (l, lt) in taps.into_iter().enumerate() {
             let (xn, [_, s, _]) = to_host_3d(lt.mlp_normed.ok_or("no normed taps")?);
-            let mag = if llama { lt.gate_act } else { lt.mlp_act }.ok_or("no activation taps")?;
-            let (mag, _) = to_host_3d(mag);
-            let t = thresholds[l];
+            // The reference's ranking per token: CATS's magnitudes, the exact hidden values, or the copies' scores.
+            let mag = match rule {
+                KeptRule::Cats(_) if llama => lt.gate_act,
+                KeptRule::QScore(..) => {
+                    let x = Tensor::<Cpu, 3>::from_data(TensorData::new(xn.clone(), [1, s, d]), &dev);
+                    qs.as_ref().map(|q| q.scores(l, x))
+                }
+                _ => lt.mlp_act,
+            };
+            let (mag, _) = to_host_3d(mag.ok_or("no activation taps")?);
             for c0 in (0..s).step_by(16) {
                 let nb = (s - c0).min(16);
                 g(e.gpu.upload(&xin, 0, &bits(&xn[c0 * d..(c0 + nb) * d], dt)))?;
@@ -669,26 +846,55 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, thresholds: &[f32], promp
                 g(e.gpu.memset(&tally, 0))?;
                 let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: f };
                 let lw = &e.w.layers[l];
-                g(cats_select(e, lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), llama, In::Half(xin.ptr), t, kept, out.ptr, nb, d, tally.ptr))?;
+                let up_b = lw.up_b.as_ref().map(|b| b.ptr);
+                match rule {
+                    KeptRule::Cats(th) => g(cats_select(e, lw.up.ptr, up_b, llama, In::Half(xin.ptr), th[l], kept, out.ptr, nb, d, tally.ptr))?,
+                    KeptRule::ExactDown(k) => {
+                        g(e.linear(lw.up.ptr, up_b, xin.ptr, hid.ptr, nb, f, d, Epi::Glu, out.ptr))?;
+                        g(topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
+                    }
+                    KeptRule::QScore(k, _) => {
+                        let q = &qgpu.as_ref().ok_or("no score copies")?[l];
+                        g(qscore(e, q, In::Half(xin.ptr), out.ptr, nb, f, d))?;
+                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
+                    }
+                }
                 let mut n = [0i32];
                 g(e.gpu.download(cnt.ptr, &mut n))?;
                 let n = n[0].max(0) as usize;
                 let mut ids = vec![0i32; n];
                 g(e.gpu.download(idx.ptr, &mut ids))?;
-                let vals: Vec<f32> = if llama {
-                    let mut v = vec![0f32; nb * f];
-                    g(e.gpu.download(out.ptr, &mut v))?;
-                    v
-                } else {
-                    let mut v = vec![0u16; nb * f];
-                    g(e.gpu.download(out.ptr, &mut v))?;
-                    unbits(&v, dt)
+                // Per row and kept slot: nonzero where the row keeps it (CATS: its value; top-k: its flag).
+                let vals: Vec<f32> = match rule {
+                    KeptRule::Cats(_) if !llama => {
+                        let mut v = vec![0u16; nb * f];
+                        g(e.gpu.download(out.ptr, &mut v))?;
+                        unbits(&v, dt)
+                    }
+                    KeptRule::Cats(_) => {
+                        let mut v = vec![0f32; nb * f];
+                        g(e.gpu.download(out.ptr, &mut v))?;
+                        v
+                    }
+                    _ => {
+                        let mut v = vec![0f32; nb * f];
+                        g(e.gpu.download(flags.ptr, &mut v))?;
+                        v
+                    }
                 };
                 for b in 0..nb {
                     let mut gpu_set: Vec<usize> = (0..n).filter(|&s_| vals[b * f + s_] != 0.0).map(|s_| ids[s_] as usize).collect();
                     gpu_set.sort_unstable();
                     let row = &mag[(c0 + b) * f..(c0 + b + 1) * f];
-                    let cpu_set: Vec<usize> = (0..f).filter(|&j| row[j].abs() >= t).collect();
+                    let cpu_set: Vec<usize> = match rule {
+                        KeptRule::Cats(th) => (0..f).filter(|&j| row[j].abs() >= th[l]).collect(),
+                        KeptRule::ExactDown(k) | KeptRule::QScore(k, _) => {
+                            let a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+                            crate::sparse::select::top_k(&a, k)
+                        }
+                    };
                     let common = cpu_set.iter().filter(|j| gpu_set.binary_search(j).is_ok()).count();
                     let diff = cpu_set.len() + gpu_set.len() - 2 * common;
                     equal += usize::from(diff == 0);

@@ -14,10 +14,12 @@ use crate::config::{Family, ModelConfig};
 use super::gemm::Blas;
 use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
 use super::kernels::Kernels;
-use super::sparse::{cats_mlp, In, SparseMlp};
+use super::select::QCopy;
+use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp};
 use super::weights::Weights;
 use crate::source::weights::Half;
 use crate::sparse::plan::{HeadRule, MlpRule, Plan};
+use crate::sparse::quant::QScoreCopies;
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
@@ -233,28 +235,37 @@ impl Engine {
         })
     }
 
-    /// Run `plan` from now on. The GPU runs CATS thresholds on the MLP (any layer may stay dense) with dense
-    /// attention; other rules are refused with their name. Sparse layers get a transposed copy of their down
-    /// projection (made here, once).
-    pub fn set_plan(&mut self, plan: &Plan) -> GpuResult<()> {
+    /// Run `plan` from now on. The GPU runs CATS thresholds and the SwiGLU top-k rules `exactdown` and `qscore`
+    /// (its int4 score copies from `copies`) on the MLP (any layer may stay dense), with dense attention; other
+    /// rules are refused with their name. Sparse layers get a transposed copy of their down projection (made here,
+    /// once).
+    pub fn set_plan(&mut self, plan: &Plan, copies: Option<&QScoreCopies>) -> GpuResult<()> {
         if plan.layers.len() != self.cfg.layers {
             return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.cfg.layers)));
         }
-        let mut th = Vec::with_capacity(plan.layers.len());
+        let mut rules = Vec::with_capacity(plan.layers.len());
         for (l, lp) in plan.layers.iter().enumerate() {
             if lp.heads != HeadRule::Dense {
                 return Err(GpuError(format!("layer {l}: head rule {:?} does not run on the GPU yet (dense attention only)", lp.heads)));
             }
-            th.push(match lp.mlp {
+            rules.push(match lp.mlp {
                 MlpRule::Dense => None,
-                MlpRule::Threshold { t } => Some(t),
-                r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS thresholds only)"))),
+                MlpRule::Threshold { t } => Some(GpuMlp::Cats(t)),
+                MlpRule::ExactDownTopK { k } => Some(GpuMlp::ExactDown(k)),
+                MlpRule::QScoreTopK { k } => Some(GpuMlp::QScore(k)),
+                r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS, exactdown and qscore do)"))),
             });
         }
         self.graphs.clear();
         self.sparse = None;
-        if th.iter().any(Option::is_some) {
-            self.sparse = Some(SparseMlp::new(self, th)?);
+        if rules.iter().any(Option::is_some) {
+            let (q, bits) = match copies {
+                Some(c) if rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_)))) => {
+                    (QCopy::upload_all(self, c)?.into_iter().map(Some).collect(), c.opts.bits_per_weight())
+                }
+                _ => (Vec::new(), 0.0),
+            };
+            self.sparse = Some(SparseMlp::new(self, rules, q, bits)?);
         }
         Ok(())
     }
@@ -626,12 +637,12 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
-            if let Some((sp, t)) = self.sparse_active().and_then(|sp| sp.thresholds[l].map(|t| (sp, t))) {
+            if let Some((sp, rule)) = self.sparse_active().and_then(|sp| sp.rules[l].map(|r| (sp, r))) {
                 let input = |r0: usize| match mlp_in {
                     Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
                     None => In::Half(h + (r0 * d * 2) as u64),
                 };
-                cats_mlp(self, sp, l, t, rows, input, x, y, act)?;
+                sparse_mlp(self, sp, l, rule, rows, input, x, y, act)?;
             } else {
                 let lw = &self.w.layers[l];
                 let epi = if opt { Epi::Relu } else { Epi::Glu };

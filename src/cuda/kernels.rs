@@ -22,6 +22,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("logits.cu", include_str!("../../kernels/logits.cu")),
     ("sparse.cu", include_str!("../../kernels/sparse.cu")),
+    ("select.cu", include_str!("../../kernels/select.cu")),
+    ("qscore.cu", include_str!("../../kernels/qscore.cu")),
 ];
 
 /// How the module was obtained, for start-up reports.

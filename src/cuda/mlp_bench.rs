@@ -3,14 +3,15 @@
 //! flushed before it, bracketed by events, as `../shared/docs/PERF.md` times Deja Vu's and TEAL's kernels; the floor
 //! is the kept weight bytes over the device-to-device copy bandwidth measured in the same process.
 
-use crate::bench::{median_p90, MlpBlockResult, Shape};
+use crate::bench::{median_p90, BlockRule, MlpBlockResult, Shape};
 use crate::config::Family;
 use crate::source::weights::Half;
 
 use super::engine::{Engine, Epi};
 use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
-use super::sparse::{down_t, gather_up, random_kept, In, Kept};
+use super::select::QCopy;
+use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, SparseMlp};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -45,8 +46,9 @@ fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f6
     Ok(median_p90(&mut us))
 }
 
-/// Time the block at `sh` for every kept fraction in `keep`, at each batch size.
-pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -> GpuResult<Vec<MlpBlockResult>> {
+/// Time the block at `sh` for every kept fraction in `keep`, at each batch size: `rule` gather (the kept ids
+/// given), or a SwiGLU rule whose selection runs inside the timed graph (`qscore`: random int4 score copies).
+pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, rule: BlockRule) -> GpuResult<Vec<MlpBlockResult>> {
     let mut cfg = sh.config();
     cfg.layers = 1;
     cfg.vocab_size = 256;
@@ -86,11 +88,15 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -
         let (dense_us, _) = time_graph(&e, &g, &flush, reps)?;
         for &frac in keep {
             let kk = ((frac * f as f64).round() as usize).clamp(1, f);
+            if rule != BlockRule::Gather {
+                results.push(time_rule(&e, sh, rule, b, kk, x.ptr, out.ptr, &flush, reps, copy_bw, dense_us)?);
+                continue;
+            }
             e.gpu.upload(&idx, 0, &random_kept(f, kk, 99 + kk as u64))?;
             e.gpu.upload(&cnt, 0, &[kk as i32])?;
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
             e.gpu.begin_capture()?;
-            gather_up(&e, up, up_b, f, In::Half(x.ptr), kept, act.ptr, b, d, epi)?;
+            gather_up(&e, up, up_b, f, In::Half(x.ptr), kept, act.ptr, b, d, epi, None)?;
             down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d)?;
             let g = e.gpu.end_capture()?;
             let (med, p90) = time_graph(&e, &g, &flush, reps)?;
@@ -118,4 +124,64 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize) -
         }
     }
     Ok(results)
+}
+
+/// One row of a SwiGLU rule's block: selection and compute in one graph, `k` kept per row (the union over `b`
+/// rows is what is read). Bytes: `qscore` the int4 codes and f16 scales of gate and up, then the kept rows of gate,
+/// up and down; `exactdown` gate and up whole, then the kept rows of down.
+#[allow(clippy::too_many_arguments)]
+fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64) -> GpuResult<MlpBlockResult> {
+    let (d, f) = (sh.hidden, sh.ffn);
+    // Random 16-bit words: f16 values (codes are any bits, scales small f16 numbers).
+    let fill = e.k.get("fill_random_f16")?;
+    let random = |bytes: usize, seed: u64, scale: f32| -> GpuResult<DBuf> {
+        let buf = e.gpu.alloc(bytes)?;
+        let n = bytes / 2;
+        e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(buf.ptr).i64(n as i64).u64(seed).f32(scale))?;
+        Ok(buf)
+    };
+    let (gr, q) = match rule {
+        BlockRule::Qscore => {
+            // Random bits as codes, random small f16 scales (timing only).
+            let q = QCopy { gate: random(f * d / 2, 21, 1.0)?, up: random(f * d / 2, 22, 1.0)?, gate_scale: random(f * d / 16, 23, 0.01)?, up_scale: random(f * d / 16, 24, 0.01)? };
+            (GpuMlp::QScore(k), vec![Some(q)])
+        }
+        _ => (GpuMlp::ExactDown(k), Vec::new()),
+    };
+    let sp = SparseMlp::new(e, vec![Some(gr)], q, 4.5)?;
+    let act = e.gpu.alloc(16 * f * 2)?;
+    let pre = e.gpu.alloc(16 * f * 4)?;
+    e.gpu.begin_capture()?;
+    sparse_mlp(e, &sp, 0, gr, b, |r0| In::Half(x + (r0 * d * 2) as u64), out, pre.ptr, act.ptr)?;
+    let g = e.gpu.end_capture()?;
+    let (med, p90) = time_graph(e, &g, flush, reps)?;
+    let mut n = [0i32];
+    e.gpu.download(sp.kept(0, 0, f).cnt, &mut n)?;
+    let kept = (n[0].max(0) as usize).min(f);
+    let bytes = match rule {
+        BlockRule::Qscore => f * d + 2 * f * (d / 32) * 2 + 3 * kept * d * 2,
+        _ => 2 * f * d * 2 + kept * d * 2,
+    };
+    let floor_us = bytes as f64 / copy_bw * 1e6;
+    Ok(MlpBlockResult {
+        shape: sh.name.to_string(),
+        device: e.gpu.name.clone(),
+        dtype: e.dt().name().to_string(),
+        batch: b,
+        kept,
+        ffn: f,
+        kept_frac: kept as f64 / f as f64,
+        kernels: match rule {
+            BlockRule::Qscore => "qscore: int4 score pass + top-k + gather_up + down_t (score and selection included)".into(),
+            _ => "exactdown: dense gate/up + top-k + down_t (selection included)".into(),
+        },
+        median_us: med,
+        p90_us: p90,
+        bytes,
+        copy_gbps: copy_bw / 1e9,
+        floor_us,
+        ratio_to_floor: med / floor_us,
+        bound_us: 1.2 * floor_us + 4.0,
+        dense_us,
+    })
 }

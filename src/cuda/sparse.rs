@@ -13,6 +13,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::config::Family;
 
 use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
+use super::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// A kept set on the device: `idx` `[cap]` i32 neuron ids, `cnt` `[1]` i32 how many of them are valid (<= cap).
@@ -117,9 +118,10 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
 
 /// `out[b, s] = epi(W[kept s] . x_b)` for `s < cnt`, `b < rows`: OPT fc1 + bias + ReLU (`Epi::Relu`, `w` `[f, k]`,
 /// `bias` `[f]`) or SwiGLU (`Epi::Glu`, `w` `[2f, k]` gate rows then up rows, `bias` `[2f]`). `out` is 16-bit
-/// `[rows, kept.cap]` (columns at or past `cnt` are left as they were).
+/// `[rows, kept.cap]` (columns at or past `cnt` are left as they were). With `flags` (f32 `[rows, kept.cap]`, 0 or
+/// 1: whether row b keeps the unit of slot s) each output is multiplied by its row's flag.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize, input: In, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, epi: Epi) -> GpuResult<()> {
+pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize, input: In, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, epi: Epi, flags: Option<CUdeviceptr>) -> GpuResult<()> {
     let glu = match epi {
         Epi::Glu => true,
         Epi::Relu => false,
@@ -128,7 +130,7 @@ pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize
     let (w2, bias2) = if glu { (w + (f * k * 2) as u64, bias.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
     launch_sparse(
         e,
-        SparseGemv { kind: "gather", epi: if glu { "glu" } else { "relu" }, w, w2, bias: bias.unwrap_or(0), bias2, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t: 0.0, tally: 0 },
+        SparseGemv { kind: "gather", epi: if glu { "glu" } else { "relu" }, w, w2, bias: bias.unwrap_or(0), bias2, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: flags.unwrap_or(0), t: 0.0, tally: 0 },
     )
 }
 
@@ -211,27 +213,53 @@ pub const MAX_CHUNKS: usize = 512;
 /// i32 tallies per (chunk, layer): 16 rows x 8 spread counters.
 const TALLY: usize = CHUNK * 8;
 
-/// The engine's sparse MLP state for a plan: per layer the CATS threshold (None: dense), the transposed down
-/// copies of the sparse layers, the kept ids, and per (chunk, layer) the kept-set counter and the per-row kept
-/// tallies (for the statistics), zeroed at the start of each forward.
+/// A layer's MLP rule on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GpuMlp {
+    /// CATS: the neurons with `|silu(gate)| >= t` (OPT: `relu(fc1) >= t`).
+    Cats(f32),
+    /// Dense gate/up, then the top `k` hidden values by magnitude through down (SwiGLU).
+    ExactDown(usize),
+    /// The top `k` of the int4 score copies' |silu(ĝ)·û|, then exact gate/up/down for those (SwiGLU).
+    QScore(usize),
+}
+
+/// The engine's sparse MLP state for a plan: per layer its rule (None: dense), the transposed down copies of the
+/// sparse layers, the score copies of the `qscore` layers, the kept ids, per (chunk, layer) the kept-set counter
+/// and the per-row kept tallies (CATS, for the statistics), and the top-k rules' scratch.
 pub struct SparseMlp {
-    pub thresholds: Vec<Option<f32>>,
+    pub rules: Vec<Option<GpuMlp>>,
     pub down_t: Vec<Option<DBuf>>,
+    pub q: Vec<Option<QCopy>>,
+    /// Bits read per weight by the score pass (`qscore`).
+    pub score_bits: f64,
     pub idx: DBuf,
     pub counters: DBuf,
     pub tallies: DBuf,
+    /// Top-k scratch over one chunk: scores f32 `[CHUNK, 2F]` (also the dense gate/up's scratch), keep flags u8,
+    /// row flags f32 and hidden values 16-bit, `[CHUNK, F]`.
+    topk: Option<[DBuf; 4]>,
 }
 
 impl SparseMlp {
-    /// State for `thresholds` (one entry per layer): the transposed down copies are made here, once.
-    pub fn new(e: &Engine, thresholds: Vec<Option<f32>>) -> GpuResult<Self> {
+    /// State for `rules` (one entry per layer): the transposed down copies are made here, once. `q` holds the
+    /// score copies of the `qscore` layers (one entry per layer) and `score_bits` what they read per weight.
+    pub fn new(e: &Engine, rules: Vec<Option<GpuMlp>>, mut q: Vec<Option<QCopy>>, score_bits: f64) -> GpuResult<Self> {
         let (d, f) = (e.cfg.hidden, e.cfg.ffn);
         if d % 8 != 0 {
             return Err(GpuError(format!("the sparse MLP on the GPU needs a hidden size that is a multiple of 8 (got {d})")));
         }
-        let mut down_t = Vec::with_capacity(thresholds.len());
-        for (l, t) in thresholds.iter().enumerate() {
-            down_t.push(match t {
+        let topk = rules.iter().flatten().any(|r| !matches!(r, GpuMlp::Cats(_)));
+        if topk && e.cfg.family != Family::Llama {
+            return Err(GpuError::new("the exactdown and qscore rules apply to SwiGLU MLPs (the Llama family)"));
+        }
+        q.resize_with(rules.len(), || None);
+        let mut down_t = Vec::with_capacity(rules.len());
+        for (l, r) in rules.iter().enumerate() {
+            if matches!(r, Some(GpuMlp::QScore(_))) && q[l].is_none() {
+                return Err(GpuError(format!("layer {l}: the qscore rule needs the score copies (--qscore)")));
+            }
+            down_t.push(match r {
                 Some(_) => {
                     let b = e.gpu.alloc(f * d * 2)?;
                     transpose(e, e.w.layers[l].down.ptr, b.ptr, d, f)?;
@@ -241,58 +269,73 @@ impl SparseMlp {
             });
         }
         let idx = e.gpu.alloc(f * 4)?;
-        let counters = e.gpu.alloc(MAX_CHUNKS * thresholds.len() * 4)?;
-        let tallies = e.gpu.alloc(MAX_CHUNKS * thresholds.len() * TALLY * 4)?;
+        let counters = e.gpu.alloc(MAX_CHUNKS * rules.len() * 4)?;
+        let tallies = e.gpu.alloc(MAX_CHUNKS * rules.len() * TALLY * 4)?;
+        let topk = if topk {
+            Some([e.gpu.alloc(CHUNK * 2 * f * 4)?, e.gpu.alloc(CHUNK * f)?, e.gpu.alloc(CHUNK * f * 4)?, e.gpu.alloc(CHUNK * f * 2)?])
+        } else {
+            None
+        };
         e.gpu.sync()?;
-        Ok(SparseMlp { thresholds, down_t, idx, counters, tallies })
+        Ok(SparseMlp { rules, down_t, q, score_bits, idx, counters, tallies, topk })
     }
 
     /// Zero the counters and tallies a forward over `rows` rows uses.
     pub fn zero(&self, e: &Engine, rows: usize) -> GpuResult<()> {
-        let n = rows.div_ceil(CHUNK) * self.thresholds.len();
+        let n = rows.div_ceil(CHUNK) * self.rules.len();
         e.gpu.memset_bytes(self.counters.ptr, 0, n * 4)?;
         e.gpu.memset_bytes(self.tallies.ptr, 0, n * TALLY * 4)
     }
 
     fn tally(&self, l: usize, c: usize) -> CUdeviceptr {
-        self.tallies.ptr + ((c * self.thresholds.len() + l) * TALLY * 4) as u64
+        self.tallies.ptr + ((c * self.rules.len() + l) * TALLY * 4) as u64
     }
 
     /// Add the last forward's kept counts to `stats`: `batch` rows of `seq` positions, of which the first `lens[b]`
-    /// of row b are real tokens. Per token and sparse layer: F neurons, F - kept dropped, and the weights read
-    /// (the whole gate / fc1, then the kept rows of up and down / of fc2).
+    /// of row b are real tokens. Per token and sparse layer: F neurons, F - kept dropped, and the weights read, as
+    /// the CPU reference counts them (CATS: the whole gate / fc1, then the kept rows of up and down / of fc2;
+    /// exactdown: gate and up, then the kept rows of down; qscore: the score copies, then the kept rows of all
+    /// three).
     pub fn add_stats(&self, e: &Engine, batch: usize, seq: usize, lens: &[usize], stats: &mut crate::sparse::SparsityStats) -> GpuResult<()> {
         let rows = batch * seq;
         let chunks = rows.div_ceil(CHUNK);
-        let nl = self.thresholds.len();
+        let nl = self.rules.len();
         let mut t = vec![0i32; chunks * nl * TALLY];
-        e.gpu.download(self.tallies.ptr, &mut t)?;
+        if self.rules.iter().flatten().any(|r| matches!(r, GpuMlp::Cats(_))) {
+            e.gpu.download(self.tallies.ptr, &mut t)?;
+        }
         if stats.layers.len() < nl {
             stats.layers.resize(nl, Default::default());
         }
         let (d, f) = (e.cfg.hidden as f64, e.cfg.ffn);
         let llama = e.cfg.family == Family::Llama;
         let heads = e.cfg.heads as u64;
-        for (l, th) in self.thresholds.iter().enumerate() {
-            if th.is_none() {
-                continue;
-            }
+        for (l, rule) in self.rules.iter().enumerate() {
+            let Some(rule) = rule else { continue };
             for r in 0..rows {
                 let (b, pos) = (r / seq, r % seq);
                 if pos >= lens.get(b).copied().unwrap_or(seq) {
                     continue;
                 }
-                let (c, i) = (r / CHUNK, r % CHUNK);
-                let base = (c * nl + l) * TALLY + i * 8;
-                let kept = t[base..base + 8].iter().map(|&v| v.max(0) as u64).sum::<u64>().min(f as u64);
+                let kept = match *rule {
+                    GpuMlp::Cats(_) => {
+                        let (c, i) = (r / CHUNK, r % CHUNK);
+                        let base = (c * nl + l) * TALLY + i * 8;
+                        t[base..base + 8].iter().map(|&v| v.max(0) as u64).sum::<u64>().min(f as u64)
+                    }
+                    GpuMlp::ExactDown(k) | GpuMlp::QScore(k) => k.min(f) as u64,
+                };
                 let st = &mut stats.layers[l];
                 st.add_token(f as u64, 0, f as u64 - kept, heads, heads);
                 let (fd, k) = (f as f64, kept as f64);
-                if llama {
-                    st.add_reads(fd * d + 2.0 * k * d, 3.0 * fd * d);
-                } else {
-                    st.add_reads(fd * d + k * d, 2.0 * fd * d);
-                }
+                let dense = if llama { 3.0 * fd * d } else { 2.0 * fd * d };
+                let read = match *rule {
+                    GpuMlp::Cats(_) if llama => fd * d + 2.0 * k * d,
+                    GpuMlp::Cats(_) => fd * d + k * d,
+                    GpuMlp::ExactDown(_) => 2.0 * fd * d + k * d,
+                    GpuMlp::QScore(_) => 2.0 * fd * d * self.score_bits / crate::model::SERVED_BITS + 3.0 * k * d,
+                };
+                st.add_reads(read, dense);
             }
         }
         Ok(())
@@ -300,8 +343,60 @@ impl SparseMlp {
 
     /// The kept set of chunk `c` of layer `l`.
     pub fn kept(&self, l: usize, c: usize, cap: usize) -> Kept {
-        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.thresholds.len() + l) * 4) as u64, cap }
+        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap }
     }
+}
+
+/// Layer `l`'s sparse MLP over `rows` rows (see [`cats_mlp`] for the arguments), by its rule.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
+    match rule {
+        GpuMlp::Cats(t) => cats_mlp(e, sp, l, t, rows, input, x, pre, act),
+        GpuMlp::ExactDown(k) | GpuMlp::QScore(k) => topk_mlp(e, sp, l, rule, k, rows, input, x, act),
+    }
+}
+
+/// Layer `l`'s MLP under a top-k rule, in chunks of [`CHUNK`] rows: per chunk the scores (`qscore`: the int4
+/// copies; `exactdown`: the dense hidden values' magnitudes), each row's top `k`, their union as the kept set, then
+/// the kept rows of gate/up (`qscore`, each row multiplied by its own flags) or the kept hidden values gathered
+/// (`exactdown`), and the kept rows of the transposed down accumulated into `x`. `act` 16-bit `[CHUNK, f]` scratch.
+#[allow(clippy::too_many_arguments)]
+fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
+    let (d, f) = (e.cfg.hidden, e.cfg.ffn);
+    let lw = &e.w.layers[l];
+    let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
+    let [scores, keep, flags, hid] = sp.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
+    let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
+    for c in 0..rows.div_ceil(CHUNK) {
+        if c >= MAX_CHUNKS {
+            return Err(GpuError(format!("a forward of {rows} rows is over the sparse MLP's {} rows", MAX_CHUNKS * CHUNK)));
+        }
+        let r0 = c * CHUNK;
+        let nb = (rows - r0).min(CHUNK);
+        let kept = sp.kept(l, c, f);
+        let inp = input(r0);
+        match rule {
+            GpuMlp::QScore(_) => {
+                let q = sp.q[l].as_ref().ok_or_else(|| GpuError::new("internal: no score copies for a qscore layer"))?;
+                qscore(e, q, inp, scores.ptr, nb, f, d)?;
+                topk_mark(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr)?;
+                let fl = (nb > 1).then_some(flags.ptr);
+                topk_compact(e, keep.ptr, nb, f, kept, fl, None)?;
+                gather_up(e, lw.up.ptr, up_b, f, inp, kept, act, nb, d, Epi::Glu, fl)?;
+            }
+            _ => {
+                let (xh, norm) = match inp {
+                    In::Half(p) => (p, None),
+                    In::Norm(m) => (0, Some(m)),
+                };
+                e.linear_in(lw.up.ptr, up_b, xh, norm, hid.ptr, nb, f, d, Epi::Glu, scores.ptr)?;
+                topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr)?;
+                topk_compact(e, keep.ptr, nb, f, kept, None, Some((hid.ptr, act)))?;
+            }
+        }
+        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d)?;
+    }
+    Ok(())
 }
 
 /// Layer `l`'s MLP under CATS with threshold `t`, over `rows` rows in chunks of [`CHUNK`]: the gate (fc1) of every

@@ -97,29 +97,44 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<
 /// Causal scaled-dot-product attention with grouped-query sharing.
 ///
 /// `q: [batch, heads, seq, head_dim]`, `k, v: [batch, kv_heads, past+seq, head_dim]`; query row `i` sits at
-/// absolute position `past + i` and sees keys `0..=past+i`. Returns `[batch, heads, seq, head_dim]`.
-/// Query heads are grouped onto their key/value head by reshaping the queries, so the cache is never copied.
-pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+/// absolute position `past + i` and sees keys `0..=past+i`. With `present: [batch, kv_heads, past+seq]` (1 or 0),
+/// a query also skips the earlier positions where its key/value head is absent; its own position is always seen.
+/// Returns `[batch, heads, seq, head_dim]`. Query heads are grouped onto their key/value head by reshaping the
+/// queries, so the cache is never copied.
+pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, present: Option<Tensor<B, 3>>, scale: f64) -> Tensor<B, 4> {
     let [b, h, s, d] = q.dims();
     let [_, kv, t, _] = k.dims();
     let g = h / kv;
     let past = t - s;
+    let dev = q.device();
     // Head h = kv_index * g + group member, as in Hugging Face's repeat_kv.
     let q = q.reshape([b, kv, g * s, d]);
     let scores = q.matmul(k.swap_dims(2, 3)) * scale; // [b, kv, g*s, t]
-    let scores = if s > 1 {
-        let mut mask = Vec::with_capacity(g * s * t);
-        for _ in 0..g {
-            for i in 0..s {
-                for j in 0..t {
-                    mask.push(if j > past + i { f32::NEG_INFINITY } else { 0.0 });
-                }
-            }
+    // seen[i, j]: 1 where query i may attend to key j by position alone (j < past + i), 2 on its own position.
+    let seen = || {
+        let m: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..t).map(move |j| match j.cmp(&(past + i)) {
+                    std::cmp::Ordering::Less => 1.0f32,
+                    std::cmp::Ordering::Equal => 2.0,
+                    std::cmp::Ordering::Greater => 0.0,
+                })
+            })
+            .collect();
+        Tensor::<B, 2>::from_data(TensorData::new(m, [s, t]), &dev)
+    };
+    let scores = match present {
+        // Visible where (own position) or (earlier and present): seen * (1 + present) >= 2.
+        Some(p) => {
+            let vis = seen().unsqueeze::<4>() * (p.unsqueeze_dim::<4>(2) + 1.0); // [b, kv, s, t]
+            let blocked = vis.lower_elem(1.5).repeat_dim(2, g); // [b, kv, g*s, t], member-major like the queries
+            scores.mask_fill(blocked, f32::NEG_INFINITY)
         }
-        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [g * s, t]), &scores.device());
-        scores + mask.unsqueeze::<4>()
-    } else {
-        scores
+        None if s > 1 => {
+            let blocked = seen().lower_elem(0.5).unsqueeze::<4>().repeat_dim(2, g); // [1, 1, g*s, t]
+            scores.mask_fill(blocked.expand([b, kv, g * s, t]), f32::NEG_INFINITY)
+        }
+        None => scores,
     };
     let probs = activation::softmax(scores, 3);
     probs.matmul(v).reshape([b, h, s, d])

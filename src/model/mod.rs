@@ -13,7 +13,7 @@ pub mod sparse_mlp;
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::{Family, ModelConfig};
-use crate::sparse::{select, HeadRule, LayerPlan, MlpRule, SparsityStats};
+use crate::sparse::{select, HeadKv, HeadRule, LayerPlan, MlpRule, SparsityStats};
 use layers::{apply_rope, causal_attention, rope_tables, Linear, Norm};
 pub use scorer::{Scorer, Sparse};
 pub use sparse_mlp::{HostMlp, QScorer, SERVED_BITS};
@@ -70,10 +70,19 @@ impl<B: Backend> Default for LayerTaps<B> {
     }
 }
 
-/// Per-layer key/value cache. `k, v: [batch, kv_heads, positions, head_dim]`, keys after RoPE.
+/// Per-layer key/value cache. `k, v: [batch, kv_heads, positions, head_dim]`, keys after RoPE; `present`
+/// `[batch, kv_heads, positions]` is 1 where the entry was computed, 0 where a head-sparse token skipped that
+/// key/value head ([`HeadKv::Kept`]); `None` while every entry is present.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<LayerKv<B>>>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerKv<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    present: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -82,7 +91,7 @@ impl<B: Backend> KvCache<B> {
     }
     /// Positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.k.dims()[2]).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -93,14 +102,19 @@ impl<B: Backend> KvCache<B> {
         self.layers
             .iter()
             .map(|l| match l {
-                Some((k, v)) => (to_host(k.clone()), to_host(v.clone())),
+                Some(l) => (to_host(l.k.clone()), to_host(l.v.clone())),
                 None => (Vec::new(), Vec::new()),
             })
             .collect()
     }
+    /// Layer `layer`'s presence flags on the host, `[rows, kv_heads, len]` flattened (1 present, 0 skipped);
+    /// `None` while every entry is present.
+    pub fn present(&self, layer: usize) -> Option<Vec<f32>> {
+        self.layers.get(layer)?.as_ref()?.present.clone().map(to_host)
+    }
     /// Rows of the batch the cache holds (0 when empty).
     pub fn batch(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[0]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.k.dims()[0]).unwrap_or(0)
     }
     /// Keep only the first `len` positions (no-op when `len >= self.len()`); `0` empties the cache.
     pub fn truncate(&mut self, len: usize) {
@@ -109,13 +123,13 @@ impl<B: Backend> KvCache<B> {
                 *l = None;
                 continue;
             }
-            if let Some((k, v)) = l.take() {
-                let [b, h, t, d] = k.dims();
-                *l = Some(if len >= t {
-                    (k, v)
-                } else {
-                    (k.slice([0..b, 0..h, 0..len, 0..d]), v.slice([0..b, 0..h, 0..len, 0..d]))
-                });
+            if let Some(l) = l.as_mut() {
+                let [b, h, t, d] = l.k.dims();
+                if len < t {
+                    l.k = l.k.clone().slice([0..b, 0..h, 0..len, 0..d]);
+                    l.v = l.v.clone().slice([0..b, 0..h, 0..len, 0..d]);
+                    l.present = l.present.take().map(|p| p.slice([0..b, 0..h, 0..len]));
+                }
             }
         }
     }
@@ -126,9 +140,37 @@ impl<B: Backend> KvCache<B> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n))))
+                .map(|l| {
+                    l.as_ref().map(|l| LayerKv {
+                        k: l.k.clone().repeat_dim(0, n),
+                        v: l.v.clone().repeat_dim(0, n),
+                        present: l.present.clone().map(|p| p.repeat_dim(0, n)),
+                    })
+                })
                 .collect(),
         }
+    }
+    /// Append `k, v` `[b, kv, s, dh]` to layer `index`, with `present` `[b, kv, s]` (None: all present); returns the
+    /// whole layer's keys, values and presence (None while all present).
+    fn append(&mut self, index: usize, k: Tensor<B, 4>, v: Tensor<B, 4>, present: Option<Tensor<B, 3>>) -> LayerKv<B> {
+        let [b, kv, s, _] = k.dims();
+        let dev = k.device();
+        let l = match self.layers[index].take() {
+            Some(old) => {
+                let t = old.k.dims()[2];
+                let present = match (old.present, present) {
+                    (None, None) => None,
+                    (p, q) => Some(Tensor::cat(
+                        vec![p.unwrap_or_else(|| Tensor::ones([b, kv, t], &dev)), q.unwrap_or_else(|| Tensor::ones([b, kv, s], &dev))],
+                        2,
+                    )),
+                };
+                LayerKv { k: Tensor::cat(vec![old.k, k], 2), v: Tensor::cat(vec![old.v, v], 2), present }
+            }
+            None => LayerKv { k, v, present },
+        };
+        self.layers[index] = Some(l.clone());
+        l
     }
 }
 
@@ -291,23 +333,27 @@ impl<B: Backend> Model<B> {
             Some((cos, sin)) => (apply_rope(q, cos, sin), apply_rope(k, cos, sin)),
             None => (q, k),
         };
-        let (k, v) = match cache.layers[index].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        cache.layers[index] = Some((k.clone(), v.clone()));
-        let att = causal_attention(q, k, v, 1.0 / (dh as f64).sqrt()); // [b, h, s, dh]
+        // A predicted head set is known before the attention (look-ahead); the oracle's needs the heads' outputs.
+        let predicted_heads = match (plan.heads, scorer) {
+            (HeadRule::PredictedTopK { k, kv }, Some(sc)) => Some((topk_mask(sc.head_scores(index, prev_block_input.clone()), k), kv)),
+            (HeadRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
+            _ => None,
+        }; // [b, s, h]
+        // Under `HeadKv::Kept` a key/value head is present at a position where one of its query heads is kept.
+        let present = match &predicted_heads {
+            Some((m, HeadKv::Kept)) => Some(m.clone().reshape([b, s, kv, h / kv]).max_dim(3).reshape([b, s, kv]).swap_dims(1, 2)),
+            _ => None,
+        }; // [b, kv, s]
+        let all = cache.append(index, k, v, present);
+        let att = causal_attention(q, all.k, all.v, all.present, 1.0 / (dh as f64).sqrt()); // [b, h, s, dh]
         let need_norm = want.head_norm || matches!(plan.heads, HeadRule::OracleTopK { .. });
         let norms = need_norm.then(|| att.clone().powi_scalar(2).sum_dim(3).sqrt().reshape([b, h, s]).swap_dims(1, 2)); // [b, s, h]
         if want.head_norm {
             taps.head_norm = norms.clone();
         }
-        // `Sparse::new` guarantees a scorer wherever a rule is predicted.
-        let head_mask = match (plan.heads, scorer) {
-            (HeadRule::Dense, _) => None,
-            (HeadRule::OracleTopK { k }, _) => norms.map(|n| topk_mask(n, k)),
-            (HeadRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.head_scores(index, prev_block_input.clone()), k)),
-            (HeadRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
+        let head_mask = match plan.heads {
+            HeadRule::OracleTopK { k } => norms.map(|n| topk_mask(n, k)),
+            _ => predicted_heads.map(|(m, _)| m),
         }; // [b, s, h]
         let mut att = att.swap_dims(1, 2); // [b, s, h, dh]
         if let Some(m) = &head_mask {

@@ -11,6 +11,6 @@ pub mod stats;
 
 pub use mode::{Budget, Mode, CASCADE_FACTOR};
 pub use plan::{
-    cascade_candidates, keep_count, resolve, Artifacts, HeadRule, LayerPlan, MlpRule, Plan, PlanOptions, PredictorBudget,
+    cascade_candidates, keep_count, resolve, Artifacts, HeadKv, HeadRule, LayerPlan, MlpRule, Plan, PlanOptions, PredictorBudget,
 };
 pub use stats::{LayerStats, SparsityStats};

@@ -59,8 +59,28 @@ pub enum HeadRule {
     Dense,
     /// Keep the k heads whose output has the largest L2 norm.
     OracleTopK { k: usize },
-    /// Keep the k heads a predictor ranks highest from the previous layer's block input (look-ahead).
-    PredictedTopK { k: usize },
+    /// Keep the k heads a predictor ranks highest from the previous layer's block input (look-ahead); `kv` says
+    /// whether the key/value heads no kept head reads are still computed and cached.
+    PredictedTopK {
+        k: usize,
+        #[serde(default)]
+        kv: HeadKv,
+    },
+}
+
+/// What a token writes into the key/value cache for a key/value head none of whose query heads it keeps (a GQA
+/// group, or a single head without GQA). The semantics are the same in the CPU reference and on the GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKv {
+    /// Every key/value head is computed and cached at every position, as in dense decoding; head sparsity skips
+    /// the dropped heads' queries, their attention and their columns of the out-projection.
+    #[default]
+    All,
+    /// A key/value head is computed only where one of its query heads is kept. Where it is not, the position is
+    /// absent for that key/value head: later queries of its heads do not attend to it (a query always sees its
+    /// own position). This saves the k/v rows as well, at the cost of the missing entries.
+    Kept,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -145,7 +165,7 @@ impl Plan {
             if l.mlp.is_gathered() && cfg.family != crate::config::Family::Llama {
                 return Err(OptionError::new("mode", format!("layer {i}: {:?} applies to SwiGLU MLPs (the Llama family)", l.mlp)));
             }
-            if let HeadRule::OracleTopK { k } | HeadRule::PredictedTopK { k } = l.heads {
+            if let HeadRule::OracleTopK { k } | HeadRule::PredictedTopK { k, .. } = l.heads {
                 if k > cfg.heads {
                     return Err(OptionError::new("plan", format!("layer {i} keeps {k} heads of {}", cfg.heads)));
                 }
@@ -200,6 +220,9 @@ pub struct Artifacts<'a> {
 pub struct PlanOptions {
     /// Fraction of attention heads dropped per token (oracle: by output norm; dejavu: overrides the predictors' k).
     pub head_sparsity: Option<f64>,
+    /// The key/value heads of dropped heads: computed and cached (`all`) or skipped and absent (`kept`).
+    #[serde(default)]
+    pub head_kv: HeadKv,
 }
 
 /// Build and validate the plan for `mode`. Missing thresholds or predictors are errors naming the option.
@@ -218,7 +241,7 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
     let predicted_heads = || -> Result<HeadRule, OptionError> {
         match head_k {
             None => Ok(HeadRule::Dense),
-            Some(k) if art.predictors.is_some() => Ok(HeadRule::PredictedTopK { k }),
+            Some(k) if art.predictors.is_some() => Ok(HeadRule::PredictedTopK { k, kv: opts.head_kv }),
             Some(_) => Err(OptionError::new("predictors", format!("mode {mode} with a head sparsity needs head predictors from `dejavu train-predictors`"))),
         }
     };
@@ -276,7 +299,7 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
                 layers: (0..cfg.layers)
                     .map(|l| LayerPlan {
                         mlp: MlpRule::PredictedTopK { k: s.map_or(p.k_neurons[l], |s| keep_count(s, cfg.ffn)) },
-                        heads: HeadRule::PredictedTopK { k: head_k.unwrap_or(p.k_heads[l]) },
+                        heads: HeadRule::PredictedTopK { k: head_k.unwrap_or(p.k_heads[l]), kv: opts.head_kv },
                     })
                     .collect(),
             }
@@ -315,6 +338,12 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
             Plan::uniform(cfg.layers, LayerPlan { mlp, heads })
         }
     };
+    if opts.head_kv == HeadKv::Kept && !plan.layers.iter().any(|l| matches!(l.heads, HeadRule::PredictedTopK { .. })) {
+        return Err(OptionError::new(
+            "head_kv",
+            format!("mode {mode}: skipping the key/value heads of dropped heads needs predicted heads (dejavu, or a SwiGLU rule with a head sparsity and head predictors)"),
+        ));
+    }
     plan.validate(cfg)?;
     Ok(plan)
 }

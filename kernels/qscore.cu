@@ -1,0 +1,93 @@
+// The score pass of the `qscore` rule: s[b, n] = |silu(gate_n . x_b) * (up_n . x_b)| from low-bit copies of the
+// gate and up rows (src/sparse/quant.rs): symmetric int4, groups of 32 along the input, one f16 scale per group,
+// w = (code - 7) * scale with codes 0..14. Codes are packed two per byte, element 2j in the low nibble of byte j, so
+// one group is one 16-byte word. One warp per neuron; input handling (16-bit rows, staged, or the f32 residual
+// normalised on the fly) as in the GEMV (kernels/gemv.cu). K must be a multiple of 32.
+
+template <typename T, int NB>
+__device__ __forceinline__ void qscore_impl(
+    const uint4* __restrict__ gq,   // [N, K / 32] gate codes, one 16-byte word per group
+    const uint4* __restrict__ uq,   // [N, K / 32] up codes
+    const u16* __restrict__ gs,     // [N, K / 32] gate scales, f16
+    const u16* __restrict__ us,     // [N, K / 32] up scales, f16
+    const u16* __restrict__ x,      // [B, K] (unused when xf is given)
+    float* __restrict__ out,        // [B, N] scores
+    int N, int K, int B,
+    const float* __restrict__ xf,   // [B, K] f32 residual stream to normalise, or null
+    const u16* __restrict__ g,      // [K] norm weight (with xf)
+    const u16* __restrict__ gb,     // [K] norm bias (LayerNorm) or null
+    float eps, int rms, int stage) {
+    extern __shared__ float4 dyn_smem[];
+    float* xs = (float*)dyn_smem; // [B, K] when staged
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __shared__ float mean_s[NB], rstd_s[NB], red[32];
+    pdl_wait();
+    pdl_launch();
+    gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
+    if (row >= N) return;
+    const int G = K >> 5;
+    float ag[NB], au[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) { ag[b] = 0.0f; au[b] = 0.0f; }
+    for (int j = lane; j < G; j += 32) {
+        const uint4 cg = ld_stream(gq + (size_t)row * G + j);
+        const uint4 cu = ld_stream(uq + (size_t)row * G + j);
+        const float sg = F16::load(gs[(size_t)row * G + j]);
+        const float su = F16::load(us[(size_t)row * G + j]);
+        const u32 wg[4] = {cg.x, cg.y, cg.z, cg.w};
+        const u32 wu[4] = {cu.x, cu.y, cu.z, cu.w};
+        float pg[NB], pu[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) { pg[b] = 0.0f; pu[b] = 0.0f; }
+#pragma unroll
+        for (int c = 0; c < 4; c++) { // 8 codes per 32-bit word: elements 32j + 8c .. + 7
+            float fg[8], fu[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                fg[e] = (float)((wg[c] >> (4 * e)) & 15u) - 7.0f;
+                fu[e] = (float)((wu[c] >> (4 * e)) & 15u) - 7.0f;
+            }
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                if (b < B) {
+                    float xv8[8];
+                    gemv_x8<T>(b, 4 * j + c, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        pg[b] = fmaf(fg[e], xv8[e], pg[b]);
+                        pu[b] = fmaf(fu[e], xv8[e], pu[b]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            ag[b] = fmaf(sg, pg[b], ag[b]);
+            au[b] = fmaf(su, pu[b], au[b]);
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        ag[b] = warp_sum(ag[b]);
+        au[b] = warp_sum(au[b]);
+    }
+    if (lane != 0) return;
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        if (b >= B) break;
+        const float v = ag[b];
+        out[(size_t)b * N + row] = fabsf(v / (1.0f + expf(-v)) * au[b]);
+    }
+}
+
+#define QSCORE(TN, T, NB)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(512) qscore_##TN##_b##NB(                                         \
+        const uint4* gq, const uint4* uq, const u16* gs, const u16* us, const u16* x, float* out, int N, int K,    \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                      \
+        qscore_impl<T, NB>(gq, uq, gs, us, x, out, N, K, B, xf, g, gb, eps, rms, stage);                           \
+    }
+#define QSCORE_ALL(TN, T) QSCORE(TN, T, 1) QSCORE(TN, T, 2) QSCORE(TN, T, 4) QSCORE(TN, T, 8) QSCORE(TN, T, 16)
+
+QSCORE_ALL(f16, F16)
+QSCORE_ALL(bf16, BF16)

@@ -1,0 +1,158 @@
+// Top-k selection on the device, with the host reference's rules (src/sparse/select.rs): the k largest scores of a
+// row are kept, ties broken by the lower index, NaN ranked below every number, -0 equal to +0; k >= N keeps every
+// unit, k = 0 none. Two kernels:
+//   topk_mark_*    one block per row: an exact radix select of the k-th largest key, then the keep flags in index
+//                  order (so the ties kept are the lowest indices);
+//   topk_compact*  one block: the union of the rows' flags as an ascending id list (the kept set the gather kernels
+//                  read), each row's own flags per kept id (a 0/1 factor, so a row uses only its own neurons), and
+//                  optionally a 16-bit source gathered onto the kept ids with the rows' flags applied.
+
+// Order-preserving key of a score: larger float, larger key. NaN gets 0 (below -inf's key), -0 the key of +0.
+__device__ __forceinline__ u32 score_key(float x) {
+    if (x != x) return 0u;
+    u32 u = x == 0.0f ? 0u : __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct ScoreF32 {
+    static __device__ __forceinline__ float at(const void* s, size_t i) { return ((const float*)s)[i]; }
+};
+// |v| of a 16-bit hidden value (the exact-down rule ranks the hidden values by magnitude).
+template <typename T>
+struct ScoreAbs {
+    static __device__ __forceinline__ float at(const void* s, size_t i) { return fabsf(T::load(((const u16*)s)[i])); }
+};
+
+// Exclusive prefix sum over the block (every thread passes one value); `red` holds at least 33 ints. Also returns
+// the block's total in `total`.
+__device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    int inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    __syncthreads();
+    if (lane == 31) red[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < nw ? red[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        if (lane < nw) red[lane] = w; // inclusive prefix of the warps' sums
+        if (lane == nw - 1) red[32] = w;
+    }
+    __syncthreads();
+    total = red[32];
+    return inc - v + (warp > 0 ? red[warp - 1] : 0);
+}
+
+// Grid: B blocks (one per row); block: any multiple of 32 up to 1024 threads.
+template <typename S>
+__device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, // [B, N] scores, row stride N
+                                               int N, int k,
+                                               unsigned char* __restrict__ keep) { // [B, N] out: 1 kept, 0 not
+    PDL_ENTER
+    const int b = blockIdx.x;
+    const size_t row = (size_t)b * N;
+    unsigned char* kr = keep + row;
+    if (k >= N || k <= 0) {
+        const unsigned char v = k > 0 ? 1 : 0;
+        for (int i = threadIdx.x; i < N; i += blockDim.x) kr[i] = v;
+        return;
+    }
+    __shared__ u32 hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_need;
+    __shared__ int red[33];
+    u32 prefix = 0, himask = 0;
+    int need = k; // how many of the units matching `prefix` in the bits fixed so far are still to be kept
+    for (int pass = 0; pass < 4; pass++) {
+        const int shift = 24 - 8 * pass;
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < N; i += blockDim.x) {
+            const u32 key = score_key(S::at(scores, row + i));
+            if ((key & himask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int above = 0, d = 255;
+            for (; d > 0; d--) {
+                if (above + (int)hist[d] >= need) break;
+                above += hist[d];
+            }
+            s_prefix = prefix | ((u32)d << shift);
+            s_need = need - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        himask |= 255u << shift;
+        __syncthreads();
+    }
+    // `prefix` is the k-th largest key; every larger key is kept, and the first `need` equal ones in index order.
+    const int seg = (N + blockDim.x - 1) / blockDim.x;
+    const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
+    int eq = 0;
+    for (int i = i0; i < i1; i++) eq += score_key(S::at(scores, row + i)) == prefix;
+    int total;
+    int before = block_excl_scan(eq, red, total);
+    for (int i = i0; i < i1; i++) {
+        const u32 key = score_key(S::at(scores, row + i));
+        unsigned char v = key > prefix;
+        if (key == prefix) v = before++ < need;
+        kr[i] = v;
+    }
+}
+
+extern "C" __global__ void topk_mark_f32(const void* scores, int N, int k, unsigned char* keep) {
+    topk_mark_impl<ScoreF32>(scores, N, k, keep);
+}
+extern "C" __global__ void topk_mark_absf16(const void* scores, int N, int k, unsigned char* keep) {
+    topk_mark_impl<ScoreAbs<F16>>(scores, N, k, keep);
+}
+extern "C" __global__ void topk_mark_absbf16(const void* scores, int N, int k, unsigned char* keep) {
+    topk_mark_impl<ScoreAbs<BF16>>(scores, N, k, keep);
+}
+
+// One block (1024 threads). The kept set: idx[0 .. cnt) the ascending ids kept by at least one of the B rows.
+// With `pre`, pre[b, s] = 1 or 0: whether row b keeps idx[s] (row stride N). With `src`/`dst`, dst[b, s] =
+// src[b, idx[s]] where row b keeps it, else 0 (16-bit, row stride N).
+extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, // [B, N]
+                                        int N, int B,
+                                        int* __restrict__ idx,   // [N] out
+                                        int* __restrict__ cnt,   // [1] out
+                                        float* __restrict__ pre, // [B, N] out, or null
+                                        const u16* __restrict__ src, // [B, N] or null
+                                        u16* __restrict__ dst) {     // [B, N] out, or null
+    PDL_ENTER
+    __shared__ int red[33];
+    const int seg = (N + blockDim.x - 1) / blockDim.x;
+    const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
+    int mine = 0;
+    for (int i = i0; i < i1; i++) {
+        int any = 0;
+        for (int b = 0; b < B; b++) any |= keep[(size_t)b * N + i];
+        mine += any != 0;
+    }
+    int total;
+    int s = block_excl_scan(mine, red, total);
+    for (int i = i0; i < i1; i++) {
+        int any = 0;
+        for (int b = 0; b < B; b++) any |= keep[(size_t)b * N + i];
+        if (!any) continue;
+        idx[s] = i;
+        for (int b = 0; b < B; b++) {
+            const unsigned char kb = keep[(size_t)b * N + i];
+            if (pre) pre[(size_t)b * N + s] = kb ? 1.0f : 0.0f;
+            if (dst) dst[(size_t)b * N + s] = kb ? src[(size_t)b * N + i] : (u16)0;
+        }
+        s++;
+    }
+    if (threadIdx.x == 0) cnt[0] = total;
+}
