@@ -7,6 +7,9 @@
 #   startup   process start to first token, cold (empty kernel cache) and warm
 #   mlp       one MLP block, sparse (kept neurons only) at 100/50/25/10% kept beside our dense block, every PERF.md
 #             shape, f16 and bf16 (bench --mlp-block: graph replay, L2 flushed)
+#   topk      the SwiGLU top-k rules on the GPU: engine-check (kernels; SmolLM2 kept sets and greedy agreement under
+#             exactdown@0.5 and qscore@0.5 vs the CPU reference), then the blocks with their selection timed inside
+#             (bench --mlp-block --rule exactdown|qscore) at the Llama shapes; makes $CARRY/qscore.safetensors if missing
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -66,6 +69,18 @@ PY
       for dt in f16 bf16; do
         $BIN bench --mlp-block --shape ${MLP_SHAPES:-smollm2-135m opt-1.3b opt-6.7b opt-13b opt-66b opt-175b llama2-7b llama2-13b llama2-70b} \
           --keep 1 0.5 0.25 0.1 --dtype $dt --json "$OUT/mlp_$dt.json" --csv "$OUT/mlp_$dt.csv" 2>/dev/null
+      done ;;
+    topk)
+      M="$CARRY/smollm2.gguf"
+      # The copies are a deterministic function of the weights: made here when not carried (60 MB).
+      [ -f "$CARRY/qscore.safetensors" ] || { $BIN calibrate --rule qscore -m "$M" --text "$CARRY/data/wikitext2-test.raw.txt" \
+        --tokens 512 --run /tmp/qrun > /dev/null 2>&1 && cp /tmp/qrun/qscore.safetensors "$CARRY/qscore.safetensors"; }
+      $BIN engine-check --json "$OUT/check_kernels.json" > "$OUT/check_kernels.txt" 2>&1; grep -E "topk|qscore|exactdown|NO" "$OUT/check_kernels.txt" | tail -40
+      DEJAVU_REFERENCE_ROUND=f16 $BIN engine-check --no-kernels --models "$M" --prompts "$CARRY/data/prompts.txt" --n 50 --steps 64 \
+        --topk-sparsity 0.5 --qscore "$CARRY/qscore.safetensors" --json "$OUT/check_topk.json" > "$OUT/check_topk.txt" 2>&1; tail -8 "$OUT/check_topk.txt"
+      for rule in exactdown qscore; do
+        $BIN bench --mlp-block --rule $rule --shape ${TOPK_SHAPES:-llama2-7b llama2-13b llama2-70b} --keep 0.5 0.25 0.1 --dtype f16 \
+          --json "$OUT/mlp_$rule.json" --csv "$OUT/mlp_$rule.csv" 2>/dev/null
       done ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
