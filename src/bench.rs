@@ -181,6 +181,9 @@ pub enum BlockRule {
     Exactdown,
     /// `qscore`: the int4 score pass, top-k on the GPU, the kept gate/up rows, the transposed down (SwiGLU).
     Qscore,
+    /// `dejavu`: a low-rank predictor (random, the rank `train-predictors` picks), top-k on the GPU, the kept rows
+    /// of fc1 or gate/up, the transposed down (OPT and SwiGLU).
+    Dejavu,
 }
 
 impl BlockRule {
@@ -189,6 +192,7 @@ impl BlockRule {
             BlockRule::Gather => "gather",
             BlockRule::Exactdown => "exactdown",
             BlockRule::Qscore => "qscore",
+            BlockRule::Dejavu => "dejavu",
         }
     }
 }

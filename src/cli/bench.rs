@@ -54,9 +54,9 @@ pub struct Args {
     /// Kept fractions of the MLP's neurons for `--mlp-block` (0 < k <= 1).
     #[arg(long, num_args = 1.., default_values_t = [0.5, 0.25, 0.1])]
     pub keep: Vec<f64>,
-    /// What the sparse `--mlp-block` runs: `gather` (kept ids given, no selection), or a SwiGLU rule with its
-    /// selection on the GPU timed in the block: `exactdown` (dense gate/up, top-k) or `qscore` (int4 score pass,
-    /// top-k; random score copies).
+    /// What the sparse `--mlp-block` runs: `gather` (kept ids given, no selection), or a rule with its selection
+    /// on the GPU timed in the block: `exactdown` (dense gate/up, top-k; SwiGLU), `qscore` (int4 score pass,
+    /// top-k; random score copies; SwiGLU) or `dejavu` (a random low-rank predictor, top-k; any family).
     #[arg(long, value_enum, default_value_t = BlockRule::Gather)]
     #[serde(default)]
     pub rule: BlockRule,
@@ -92,7 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.reps == 0 {
             return Err(usage("--reps must be at least 1"));
         }
-        if let Some(sh) = shapes.iter().find(|sh| args.rule != BlockRule::Gather && sh.family != dejavu::config::Family::Llama) {
+        let swiglu_only = matches!(args.rule, BlockRule::Exactdown | BlockRule::Qscore);
+        if let Some(sh) = shapes.iter().find(|sh| swiglu_only && sh.family != dejavu::config::Family::Llama) {
             return Err(usage(format!("--rule {}: a SwiGLU rule; --shape {} is an OPT (ReLU) shape", args.rule.name(), sh.name)));
         }
         let results = measure_mlp(&args, &shapes)?;

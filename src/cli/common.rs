@@ -272,14 +272,22 @@ pub enum AnyDecoder<'a, B: Backend> {
 }
 
 impl<B: Backend> AnyDecoder<'_, B> {
-    /// Run `plan` on the engine, with the score copies `copies` where the plan has `qscore` layers (the
-    /// reference's decoders are built per plan and ignore this).
-    pub fn set_plan(&mut self, plan: &Plan, copies: Option<&QScoreCopies>) -> anyhow::Result<()> {
-        let _ = (plan, copies); // unused without the cuda feature
+    /// Run `plan` on the engine, with what it reads from `loaded`: the score copies (`qscore` layers) and the MLP
+    /// predictors, folded for the GPU (`dejavu` layers). The reference's decoders are built per plan and ignore this.
+    pub fn set_plan(&mut self, plan: &Plan, loaded: &Loaded<B>) -> anyhow::Result<()> {
+        let _ = (plan, loaded); // unused without the cuda feature
         match self {
             AnyDecoder::Ref(_) => Ok(()),
             #[cfg(feature = "cuda")]
-            AnyDecoder::Cuda(d) => d.set_plan(plan, copies).map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+            AnyDecoder::Cuda(d) => {
+                let predicted = plan.layers.iter().any(|l| matches!(l.mlp, dejavu::sparse::MlpRule::PredictedTopK { .. }));
+                let folded: Option<Vec<dejavu::predictor::FoldedPredictor>> = match &loaded.predictors {
+                    Some((_, p)) if predicted => Some((0..p.layers()).map(|l| p.host(l, false).fold()).collect()),
+                    _ => None,
+                };
+                let art = dejavu::cuda::engine::GpuArtifacts { qscore: loaded.qcopies.as_ref().map(|(_, c)| c), mlp_predictors: folded.as_deref() };
+                d.set_plan(plan, &art).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))
+            }
         }
     }
 
@@ -329,7 +337,7 @@ impl<B: Backend> Decoders<B> {
         match (&self.model, &mut self.engine) {
             (Some(m), _) => Ok(PlanDecoder::Own(AnyDecoder::Ref(loaded.decoder(m, plan)?))),
             (None, Some(e)) => {
-                e.set_plan(plan, loaded.qcopies.as_ref().map(|(_, c)| c))?;
+                e.set_plan(plan, loaded)?;
                 Ok(PlanDecoder::Shared(e))
             }
             (None, None) => anyhow::bail!("internal: no decoder"),
@@ -364,7 +372,7 @@ pub fn decoder_for<'a, B: Backend>(
 ) -> anyhow::Result<AnyDecoder<'a, B>> {
     if uses_engine(&args.model) {
         let mut dec = engine_decoder::<B>(files, args, false)?;
-        dec.set_plan(plan, loaded.qcopies.as_ref().map(|(_, c)| c))?;
+        dec.set_plan(plan, loaded)?;
         return Ok(dec);
     }
     let model: &'a Model<B> = slot.insert(load_model::<B>(files, device, false)?);
@@ -375,13 +383,17 @@ pub fn decoder_for<'a, B: Backend>(
 /// `qscore@S` (with or without `+greedy`) on the MLP through the sparse kernels; attention stays dense.
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {
-        if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..))) {
+        if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..) | Mode::Dejavu(_))) {
             return Err(usage(format!(
-                "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S and qscore@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
+                "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S, qscore@S and dejavu@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
             )));
         }
-        if args.head_sparsity.is_some() {
-            return Err(usage("--head-sparsity: the CUDA engine runs attention dense today (head-sparse kernels are not written yet); run it with --device cpu"));
+        // dejavu's predicted heads run on the GPU only when every head is kept (--head-sparsity 0).
+        let dejavu = modes.iter().any(|m| matches!(m, Mode::Dejavu(_)));
+        if args.head_sparsity.is_some_and(|h| h > 0.0) || (dejavu && args.head_sparsity.is_none()) {
+            return Err(usage(
+                "--head-sparsity: the CUDA engine runs attention dense today (head-sparse kernels are not written yet): give --head-sparsity 0 with dejavu@S, or run with --device cpu",
+            ));
         }
     }
     Ok(())

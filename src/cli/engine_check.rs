@@ -42,6 +42,10 @@ pub struct Args {
     /// Score copies from `calibrate --rule qscore` (int4, groups of 32) for the `qscore` check; one model.
     #[arg(long, value_name = "FILE", requires = "topk_sparsity")]
     pub qscore: Option<PathBuf>,
+    /// Trained predictors (`train-predictors`) for the `dejavu@S` check at `--topk-sparsity` (MLP predicted, heads
+    /// dense; any family); one model.
+    #[arg(long, value_name = "DIR", requires = "topk_sparsity")]
+    pub predictors: Option<PathBuf>,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -123,29 +127,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Some(p) => Some(dejavu::sparse::quant::QScoreCopies::load(p, &files.identity()?)?),
                 None => None,
             };
-            match args.topk_sparsity {
-                Some(sp) if cfg.family == dejavu::config::Family::Llama => {
-                    if !(0.0..1.0).contains(&sp) {
-                        return Err(super::usage(format!("--topk-sparsity {sp}: not in [0, 1)")));
-                    }
-                    let k = dejavu::sparse::keep_count(sp, cfg.ffn);
-                    let mut rules = vec![(MlpRule::ExactDownTopK { k }, format!("exactdown@{sp}"), check::KeptRule::ExactDown(k))];
+            let predictors = match &args.predictors {
+                Some(p) => Some(dejavu::predictor::Predictors::<dejavu::backend::CpuBackend>::load(p, &files.identity()?, &Default::default())?),
+                None => None,
+            };
+            if let Some(sp) = args.topk_sparsity {
+                if !(0.0..1.0).contains(&sp) {
+                    return Err(super::usage(format!("--topk-sparsity {sp}: not in [0, 1)")));
+                }
+                let k = dejavu::sparse::keep_count(sp, cfg.ffn);
+                let mut rules = Vec::new();
+                if cfg.family == dejavu::config::Family::Llama {
+                    rules.push((MlpRule::ExactDownTopK { k }, format!("exactdown@{sp}"), check::KeptRule::ExactDown(k)));
                     if let Some(c) = &copies {
                         rules.push((MlpRule::QScoreTopK { k }, format!("qscore@{sp}"), check::KeptRule::QScore(k, c)));
                     }
-                    for (mlp, label, kr) in rules {
-                        let kc = check::kept_sets(&files, args.dtype, kr, &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
-                        out(&kept_line(&label, &kc))?;
-                        failed += usize::from(!kc.pass);
-                        plans.push((dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp, heads: HeadRule::Dense }), label));
-                    }
+                } else {
+                    eprintln!("{}: exactdown/qscore skipped (SwiGLU rules)", files.identity);
                 }
-                Some(_) => eprintln!("{}: --topk-sparsity skipped (the top-k rules apply to SwiGLU models)", files.identity),
-                None => {}
+                if let Some(p) = &predictors {
+                    rules.push((MlpRule::PredictedTopK { k }, format!("dejavu@{sp} (MLP)"), check::KeptRule::Predicted(k, p)));
+                }
+                for (mlp, label, kr) in rules {
+                    let kc = check::kept_sets(&files, args.dtype, kr, &prompts).map_err(|e| anyhow::anyhow!("{m}: kept sets: {e}"))?;
+                    out(&kept_line(&label, &kc))?;
+                    failed += usize::from(!kc.pass);
+                    plans.push((dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp, heads: HeadRule::Dense }), label));
+                }
             }
             let runs = std::iter::once(None).chain(plans.iter().map(|(p, l)| Some((p, l.as_str()))));
             for plan in runs {
-                let c = check::model(&files, args.dtype, &prompts, args.steps, plan, copies.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
+                let c = check::model(&files, args.dtype, &prompts, args.steps, plan, copies.as_ref(), predictors.as_ref()).map_err(|e| anyhow::anyhow!("{m}: {e}"))?;
                 s += &format!(
                     "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} |\n",
                     c.model, c.dtype, c.prompts, c.steps, c.identical, c.divergences_at_near_ties, c.worst_margin, c.max_dlogprob, if c.pass { "yes" } else { "NO" }

@@ -35,10 +35,7 @@ fn randv(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn bits(v: &[f32], dt: Half) -> Vec<u16> {
-    match dt {
-        Half::F16 => v.iter().map(|&x| f16::from_f32(x).to_bits()).collect(),
-        Half::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(),
-    }
+    dt.encode(v)
 }
 
 fn unbits(b: &[u16], dt: Half) -> Vec<f32> {
@@ -372,7 +369,7 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// the engine's type, as the engine stores them), the kept hidden values through down, added to the residual.
 fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use super::select::{qscore, QCopy};
-    use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp};
+    use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp, SparseParts};
     use crate::sparse::quant::{QMatrix, QScheme, QuantOptions};
     use crate::sparse::select::top_k;
     let d_ = Dev { e };
@@ -409,7 +406,8 @@ fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -
         for kk in [1usize, f / 3, f] {
             for rule in [GpuMlp::ExactDown(kk), GpuMlp::QScore(kk)] {
                 let qv = matches!(rule, GpuMlp::QScore(_)).then(|| QCopy::upload(e, &qg, &qu)).transpose()?;
-                let sp = SparseMlp::new(e, vec![Some(rule)], vec![qv], opts.bits_per_weight())?;
+                let parts = SparseParts { q: vec![qv], score_bits: opts.bits_per_weight(), pred: Vec::new() };
+                let sp = SparseMlp::new(e, vec![Some(rule)], parts)?;
                 sp.zero(e, rows)?;
                 let init = randv(rows * d, s + kk as u64, 1.0);
                 let xo = d_.f32buf(&init)?;
@@ -742,18 +740,22 @@ pub fn model(
     steps: usize,
     plan: Option<(&crate::sparse::Plan, &str)>,
     copies: Option<&crate::sparse::quant::QScoreCopies>,
+    predictors: Option<&crate::predictor::Predictors<crate::backend::CpuBackend>>,
 ) -> Result<ModelCheck, String> {
     type Cpu = crate::backend::CpuBackend;
     let dev = Default::default();
     let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
     let qs = copies.map(|c| crate::model::QScorer::<Cpu>::from_copies(c, &dev));
+    let scorer = predictors.map(|p| p as &dyn crate::model::Scorer<Cpu>);
     let mut cpu = match plan {
-        Some((p, _)) => RefDecoder::with_qscore(&m, p, None, qs.as_ref()).map_err(|e| e.to_string())?,
+        Some((p, _)) => RefDecoder::with_qscore(&m, p, scorer, qs.as_ref()).map_err(|e| e.to_string())?,
         None => RefDecoder::dense(&m),
     };
     let (mut gpu, _) = super::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
     if let Some((p, _)) = plan {
-        gpu.set_plan(p, copies).map_err(|e| e.0)?;
+        let folded: Option<Vec<crate::predictor::FoldedPredictor>> = predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, false).fold()).collect());
+        let art = super::engine::GpuArtifacts { qscore: copies, mlp_predictors: folded.as_deref() };
+        gpu.set_plan(p, &art).map_err(|e| e.0)?;
     }
     let dt = gpu.engine.w.dt;
     let name = match plan {
@@ -770,10 +772,13 @@ pub fn model(
 /// - exactdown (dense gate/up GEMV, `topk_mark_abs*`, `topk_compact`): the top k of |SiLU(gate)·up|;
 /// - qscore (`qscore_*`, `topk_mark_f32`, `topk_compact`): the top k of the score copies' |SiLU(ĝ)·û| as the
 ///   reference computes them ([`crate::model::QScorer`]).
+/// - dejavu (the folded predictor's two GEMVs on the residual, `topk_mark_f32`, `topk_compact`): the top k of the
+///   trained predictor's scores of the MLP's input residual as the reference computes them.
 pub enum KeptRule<'a> {
     Cats(&'a [f32]),
     ExactDown(usize),
     QScore(usize, &'a crate::sparse::quant::QScoreCopies),
+    Predicted(usize, &'a crate::predictor::Predictors<crate::backend::CpuBackend>),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -793,6 +798,7 @@ pub struct KeptCheck {
 }
 
 pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, prompts: &[Vec<u32>]) -> Result<KeptCheck, String> {
+    use super::predict::GpuPredictor;
     use super::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
     use super::sparse::{cats_select, In, Kept};
     use crate::model::{to_host_3d, Forward, TapSet};
@@ -815,11 +821,16 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
         KeptRule::QScore(_, c) => (Some(crate::model::QScorer::<Cpu>::from_copies(c, &dev)), Some(QCopy::upload_all(e, c).map_err(|x| x.0)?)),
         _ => (None, None),
     };
+    let pgpu: Vec<GpuPredictor> = match rule {
+        KeptRule::Predicted(_, p) => (0..nl).map(|l| GpuPredictor::upload(e, &p.host(l, false).fold())).collect::<GpuResult<_>>().map_err(|x| x.0)?,
+        _ => Vec::new(),
+    };
     let dt = e.w.dt;
     let alloc = |n: usize| e.gpu.alloc(n).map_err(|x| x.0);
     let (idx, cnt, out, tally, xin) = (alloc(f * 4)?, alloc(4)?, alloc(16 * 2 * f * 4)?, alloc(16 * 8 * 4)?, alloc(16 * d * 2)?);
     let (keep, flags, hid) = (alloc(16 * f)?, alloc(16 * f * 4)?, alloc(16 * f * 2)?);
-    let taps_want = TapSet { mlp_normed: true, mlp_act: true, ..Default::default() };
+    let (resid, ptmp) = (alloc(16 * d * 4)?, alloc(pgpu.iter().map(|p| p.scratch_bytes(16)).max().unwrap_or(4))?);
+    let taps_want = TapSet { mlp_normed: true, mlp_act: true, mlp_input: true, ..Default::default() };
     let (mut equal, mut total, mut symdiff, mut kept_sum) = (0usize, 0usize, 0usize, 0usize);
     let mut tokens = 0;
     for p in prompts {
@@ -829,13 +840,16 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
         tokens += p.len();
         for (l, lt) in taps.into_iter().enumerate() {
             let (xn, [_, s, _]) = to_host_3d(lt.mlp_normed.ok_or("no normed taps")?);
-            // The reference's ranking per token: CATS's magnitudes, the exact hidden values, or the copies' scores.
+            let (xr, _) = to_host_3d(lt.mlp_input.ok_or("no residual taps")?);
+            // The reference's ranking per token: CATS's magnitudes, the exact hidden values, the copies' scores, or
+            // the predictor's scores of the residual.
             let mag = match rule {
                 KeptRule::Cats(_) if llama => lt.gate_act,
                 KeptRule::QScore(..) => {
                     let x = Tensor::<Cpu, 3>::from_data(TensorData::new(xn.clone(), [1, s, d]), &dev);
                     qs.as_ref().map(|q| q.scores(l, x))
                 }
+                KeptRule::Predicted(_, p) => Some(p.neuron_scores(l, Tensor::<Cpu, 3>::from_data(TensorData::new(xr.clone(), [1, s, d]), &dev))),
                 _ => lt.mlp_act,
             };
             let (mag, _) = to_host_3d(mag.ok_or("no activation taps")?);
@@ -857,6 +871,13 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     KeptRule::QScore(k, _) => {
                         let q = &qgpu.as_ref().ok_or("no score copies")?[l];
                         g(qscore(e, q, In::Half(xin.ptr), out.ptr, nb, f, d))?;
+                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
+                    }
+                    KeptRule::Predicted(k, _) => {
+                        // The predictor reads the f32 residual as it is (not rounded).
+                        g(e.gpu.upload(&resid, 0, &xr[c0 * d..(c0 + nb) * d]))?;
+                        g(pgpu[l].scores(e, resid.ptr, nb, ptmp.ptr, out.ptr))?;
                         g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
                         g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
                     }
@@ -890,6 +911,8 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     let row = &mag[(c0 + b) * f..(c0 + b + 1) * f];
                     let cpu_set: Vec<usize> = match rule {
                         KeptRule::Cats(th) => (0..f).filter(|&j| row[j].abs() >= th[l]).collect(),
+                        // The predictor's logits rank as they are (a GPU top-k of f32 scores).
+                        KeptRule::Predicted(k, _) => crate::sparse::select::top_k(row, k),
                         KeptRule::ExactDown(k) | KeptRule::QScore(k, _) => {
                             let a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
                             crate::sparse::select::top_k(&a, k)

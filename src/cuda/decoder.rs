@@ -67,8 +67,8 @@ impl CudaDecoder {
     }
 
     /// Decode under `plan` from now on (see [`Engine::set_plan`] for what runs on the GPU).
-    pub fn set_plan(&mut self, plan: &crate::sparse::Plan, copies: Option<&crate::sparse::quant::QScoreCopies>) -> Result<(), GpuError> {
-        self.engine.set_plan(plan, copies)
+    pub fn set_plan(&mut self, plan: &crate::sparse::Plan, art: &super::engine::GpuArtifacts<'_>) -> Result<(), GpuError> {
+        self.engine.set_plan(plan, art)
     }
 
     pub fn from_engine(engine: Engine) -> Self {

@@ -14,12 +14,22 @@ use crate::config::{Family, ModelConfig};
 use super::gemm::Blas;
 use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
 use super::kernels::Kernels;
+use super::predict::GpuPredictor;
 use super::select::QCopy;
-use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp};
+use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp, SparseParts};
 use super::weights::Weights;
 use crate::source::weights::Half;
-use crate::sparse::plan::{HeadRule, MlpRule, Plan};
+use crate::predictor::FoldedPredictor;
+use crate::sparse::plan::{HeadKv, HeadRule, MlpRule, Plan};
 use crate::sparse::quant::QScoreCopies;
+
+/// What a sparse plan on the GPU reads besides the model: the `qscore` score copies, and the trained MLP
+/// predictors (one per layer, folded) of the `dejavu` rule.
+#[derive(Default, Clone, Copy)]
+pub struct GpuArtifacts<'a> {
+    pub qscore: Option<&'a QScoreCopies>,
+    pub mlp_predictors: Option<&'a [FoldedPredictor]>,
+}
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
@@ -235,17 +245,19 @@ impl Engine {
         })
     }
 
-    /// Run `plan` from now on. The GPU runs CATS thresholds and the SwiGLU top-k rules `exactdown` and `qscore`
-    /// (its int4 score copies from `copies`) on the MLP (any layer may stay dense), with dense attention; other
-    /// rules are refused with their name. Sparse layers get a transposed copy of their down projection (made here,
-    /// once).
-    pub fn set_plan(&mut self, plan: &Plan, copies: Option<&QScoreCopies>) -> GpuResult<()> {
+    /// Run `plan` from now on. The GPU runs, on the MLP (any layer may stay dense): CATS thresholds, the SwiGLU
+    /// top-k rules `exactdown` and `qscore` (its int4 score copies from `art`), and the trained predictors' top-k
+    /// (`art`'s folded MLP predictors); attention runs dense (a predicted head rule that keeps every head is
+    /// dense). Other rules are refused with their name. Sparse layers get a transposed copy of their down
+    /// projection (made here, once).
+    pub fn set_plan(&mut self, plan: &Plan, art: &GpuArtifacts<'_>) -> GpuResult<()> {
         if plan.layers.len() != self.cfg.layers {
             return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.cfg.layers)));
         }
         let mut rules = Vec::with_capacity(plan.layers.len());
         for (l, lp) in plan.layers.iter().enumerate() {
-            if lp.heads != HeadRule::Dense {
+            let all_heads = matches!(lp.heads, HeadRule::PredictedTopK { k, kv: HeadKv::All } if k >= self.cfg.heads);
+            if lp.heads != HeadRule::Dense && !all_heads {
                 return Err(GpuError(format!("layer {l}: head rule {:?} does not run on the GPU yet (dense attention only)", lp.heads)));
             }
             rules.push(match lp.mlp {
@@ -253,19 +265,27 @@ impl Engine {
                 MlpRule::Threshold { t } => Some(GpuMlp::Cats(t)),
                 MlpRule::ExactDownTopK { k } => Some(GpuMlp::ExactDown(k)),
                 MlpRule::QScoreTopK { k } => Some(GpuMlp::QScore(k)),
-                r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS, exactdown and qscore do)"))),
+                MlpRule::PredictedTopK { k } => Some(GpuMlp::Predicted(k)),
+                r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS, exactdown, qscore and dejavu do)"))),
             });
         }
         self.graphs.clear();
         self.sparse = None;
         if rules.iter().any(Option::is_some) {
-            let (q, bits) = match copies {
-                Some(c) if rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_)))) => {
-                    (QCopy::upload_all(self, c)?.into_iter().map(Some).collect(), c.opts.bits_per_weight())
+            let mut parts = SparseParts::default();
+            if let Some(c) = art.qscore.filter(|_| rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_))))) {
+                parts.q = QCopy::upload_all(self, c)?.into_iter().map(Some).collect();
+                parts.score_bits = c.opts.bits_per_weight();
+            }
+            if let Some(ps) = art.mlp_predictors {
+                for (l, r) in rules.iter().enumerate() {
+                    parts.pred.push(match (r, ps.get(l)) {
+                        (Some(GpuMlp::Predicted(_)), Some(p)) => Some(GpuPredictor::upload(self, p)?),
+                        _ => None,
+                    });
                 }
-                _ => (Vec::new(), 0.0),
-            };
-            self.sparse = Some(SparseMlp::new(self, rules, q, bits)?);
+            }
+            self.sparse = Some(SparseMlp::new(self, rules, parts)?);
         }
         Ok(())
     }
@@ -419,6 +439,50 @@ impl Engine {
         self.linear_in(w, bias, x, None, out, rows, n, k, epi, y)
     }
 
+    /// Our GEMV kernels over `rows` rows, 16 at a time: `x` 16-bit rows, or `norm` (RMSNorm when `rms`, else
+    /// LayerNorm, with `eps`) of an f32 residual; the epilogue `epi`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, rms: bool, eps: f32) -> GpuResult<()> {
+        let b0 = bias.unwrap_or(0);
+        let rms = i32::from(rms);
+        let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
+        let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
+        let mut r0 = 0;
+        while r0 < rows {
+            let nb = (rows - r0).min(GEMV_MAX_ROWS);
+            let name = format!("gemv_{}_{}_b{}", self.dt().name(), epi.name(), k_of(nb));
+            let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
+            let args = Args::new()
+                .ptr(w)
+                .ptr(w2)
+                .ptr(b0)
+                .ptr(bias2)
+                .ptr(x + (r0 * k * 2) as u64)
+                .ptr(out + (r0 * n * out_elem) as u64)
+                .i32(n as i32)
+                .i32(k as i32)
+                .i32(nb as i32)
+                .ptr(if xf == 0 { 0 } else { xf + (r0 * k * 4) as u64 })
+                .ptr(g)
+                .ptr(gb)
+                .f32(eps)
+                .i32(rms);
+            let threads = self.gemv_threads;
+            // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
+            let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
+            let staged = nb * k * 4;
+            let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
+            let smem = if stage { staged } else { 0 } + ring;
+            let mut args = args.i32(i32::from(stage));
+            let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
+            let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+            let grid = ((n as u32).div_ceil(threads / 32), 1, 1);
+            self.gpu.launch(f, grid, threads, smem as u32, &mut args)?;
+            r0 += nb;
+        }
+        Ok(())
+    }
+
     /// [`Engine::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_in(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
@@ -426,42 +490,7 @@ impl Engine {
         let rms = i32::from(self.cfg.family == Family::Llama);
         let eps = self.cfg.norm_eps as f32;
         if rows <= self.gemv_rows || self.blas.is_none() {
-            let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
-            let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
-            let mut r0 = 0;
-            while r0 < rows {
-                let nb = (rows - r0).min(GEMV_MAX_ROWS);
-                let name = format!("gemv_{}_{}_b{}", self.dt().name(), epi.name(), k_of(nb));
-                let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
-                let args = Args::new()
-                    .ptr(w)
-                    .ptr(w2)
-                    .ptr(b0)
-                    .ptr(bias2)
-                    .ptr(x + (r0 * k * 2) as u64)
-                    .ptr(out + (r0 * n * out_elem) as u64)
-                    .i32(n as i32)
-                    .i32(k as i32)
-                    .i32(nb as i32)
-                    .ptr(if xf == 0 { 0 } else { xf + (r0 * k * 4) as u64 })
-                    .ptr(g)
-                    .ptr(gb)
-                    .f32(eps)
-                    .i32(rms);
-                let threads = self.gemv_threads;
-                // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
-                let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
-                let staged = nb * k * 4;
-                let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
-                let smem = if stage { staged } else { 0 } + ring;
-                let mut args = args.i32(i32::from(stage));
-                let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
-                let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
-                let grid = ((n as u32).div_ceil(threads / 32), 1, 1);
-                self.gpu.launch(f, grid, threads, smem as u32, &mut args)?;
-                r0 += nb;
-            }
-            return Ok(());
+            return self.gemv(w, bias, x, norm, out, rows, n, k, epi, rms == 1, eps);
         }
         let x = match norm {
             Some(m) => {
@@ -513,7 +542,8 @@ impl Engine {
         self.launch(&name, (rows as u32, 1, 1), threads, args)
     }
 
-    fn to_half(&self, x: CUdeviceptr, out: CUdeviceptr, n: usize) -> GpuResult<()> {
+    /// `out` 16-bit `[n]` = `x` f32 `[n]` rounded.
+    pub fn to_half(&self, x: CUdeviceptr, out: CUdeviceptr, n: usize) -> GpuResult<()> {
         let args = Args::new().ptr(x).ptr(out).i64(n as i64);
         self.launch(&self.kname("to_half"), ((n.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1), 256, args)
     }

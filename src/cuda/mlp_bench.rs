@@ -10,8 +10,9 @@ use crate::source::weights::Half;
 use super::engine::{Engine, Epi};
 use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
+use super::predict::GpuPredictor;
 use super::select::QCopy;
-use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, SparseMlp};
+use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, SparseMlp, SparseParts};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -126,9 +127,10 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
     Ok(results)
 }
 
-/// One row of a SwiGLU rule's block: selection and compute in one graph, `k` kept per row (the union over `b`
-/// rows is what is read). Bytes: `qscore` the int4 codes and f16 scales of gate and up, then the kept rows of gate,
-/// up and down; `exactdown` gate and up whole, then the kept rows of down.
+/// One row of a rule's block: selection and compute in one graph, `k` kept per row (the union over `b` rows is
+/// what is read). Bytes: `qscore` the int4 codes and f16 scales of gate and up, then the kept rows of gate, up and
+/// down; `exactdown` gate and up whole, then the kept rows of down; `dejavu` the predictor's two matrices, then the
+/// kept rows of every matrix.
 #[allow(clippy::too_many_arguments)]
 fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64) -> GpuResult<MlpBlockResult> {
     let (d, f) = (sh.hidden, sh.ffn);
@@ -140,15 +142,26 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
         e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(buf.ptr).i64(n as i64).u64(seed).f32(scale))?;
         Ok(buf)
     };
-    let (gr, q) = match rule {
+    let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
+    let rank = crate::predictor::default_rank(d);
+    let gr = match rule {
         BlockRule::Qscore => {
             // Random bits as codes, random small f16 scales (timing only).
             let q = QCopy { gate: random(f * d / 2, 21, 1.0)?, up: random(f * d / 2, 22, 1.0)?, gate_scale: random(f * d / 16, 23, 0.01)?, up_scale: random(f * d / 16, 24, 0.01)? };
-            (GpuMlp::QScore(k), vec![Some(q)])
+            parts.q.push(Some(q));
+            GpuMlp::QScore(k)
         }
-        _ => (GpuMlp::ExactDown(k), Vec::new()),
+        BlockRule::Dejavu => {
+            // A random predictor of the rank `train-predictors` gives this width (its weights are read each token).
+            let mut r = crate::decode::SplitMix64(31);
+            let mut v = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| ((r.next_u64() % 2001) as f32 / 1000.0 - 1.0) * scale).collect() };
+            let folded = crate::predictor::FoldedPredictor { d, r: rank, n: f, w1t: v(rank * d, 0.05), b1: v(rank, 0.1), w2t: v(f * rank, 0.05), b2: v(f, 0.1) };
+            parts.pred.push(Some(GpuPredictor::upload(e, &folded)?));
+            GpuMlp::Predicted(k)
+        }
+        _ => GpuMlp::ExactDown(k),
     };
-    let sp = SparseMlp::new(e, vec![Some(gr)], q, 4.5)?;
+    let sp = SparseMlp::new(e, vec![Some(gr)], parts)?;
     let act = e.gpu.alloc(16 * f * 2)?;
     let pre = e.gpu.alloc(16 * f * 4)?;
     e.gpu.begin_capture()?;
@@ -158,8 +171,10 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
     let mut n = [0i32];
     e.gpu.download(sp.kept(0, 0, f).cnt, &mut n)?;
     let kept = (n[0].max(0) as usize).min(f);
+    let mats = if sh.family == Family::Llama { 3 } else { 2 };
     let bytes = match rule {
         BlockRule::Qscore => f * d + 2 * f * (d / 32) * 2 + 3 * kept * d * 2,
+        BlockRule::Dejavu => (rank * d + f * rank) * 2 + mats * kept * d * 2,
         _ => 2 * f * d * 2 + kept * d * 2,
     };
     let floor_us = bytes as f64 / copy_bw * 1e6;
@@ -173,6 +188,7 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
         kept_frac: kept as f64 / f as f64,
         kernels: match rule {
             BlockRule::Qscore => "qscore: int4 score pass + top-k + gather_up + down_t (score and selection included)".into(),
+            BlockRule::Dejavu => format!("dejavu: rank-{rank} predictor + top-k + gather_up + down_t (predictor and selection included)"),
             _ => "exactdown: dense gate/up + top-k + down_t (selection included)".into(),
         },
         median_us: med,

@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod gpu;
 pub mod kernels;
 pub mod mlp_bench;
+pub mod predict;
 pub mod select;
 pub mod sparse;
 pub mod weights;

@@ -13,6 +13,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::config::Family;
 
 use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
+use super::predict::GpuPredictor;
 use super::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
@@ -222,6 +223,18 @@ pub enum GpuMlp {
     ExactDown(usize),
     /// The top `k` of the int4 score copies' |silu(ĝ)·û|, then exact gate/up/down for those (SwiGLU).
     QScore(usize),
+    /// The top `k` of the trained low-rank predictor's scores of the residual, then exact gate/up (fc1) and down
+    /// (fc2) for those (Deja Vu; OPT and SwiGLU).
+    Predicted(usize),
+}
+
+/// What the sparse layers read besides the model: per layer the `qscore` score copies (with the bits they read
+/// per weight) and the predictors of the `Predicted` layers.
+#[derive(Default)]
+pub struct SparseParts {
+    pub q: Vec<Option<QCopy>>,
+    pub score_bits: f64,
+    pub pred: Vec<Option<GpuPredictor>>,
 }
 
 /// The engine's sparse MLP state for a plan: per layer its rule (None: dense), the transposed down copies of the
@@ -230,9 +243,7 @@ pub enum GpuMlp {
 pub struct SparseMlp {
     pub rules: Vec<Option<GpuMlp>>,
     pub down_t: Vec<Option<DBuf>>,
-    pub q: Vec<Option<QCopy>>,
-    /// Bits read per weight by the score pass (`qscore`).
-    pub score_bits: f64,
+    pub parts: SparseParts,
     pub idx: DBuf,
     pub counters: DBuf,
     pub tallies: DBuf,
@@ -242,22 +253,31 @@ pub struct SparseMlp {
 }
 
 impl SparseMlp {
-    /// State for `rules` (one entry per layer): the transposed down copies are made here, once. `q` holds the
-    /// score copies of the `qscore` layers (one entry per layer) and `score_bits` what they read per weight.
-    pub fn new(e: &Engine, rules: Vec<Option<GpuMlp>>, mut q: Vec<Option<QCopy>>, score_bits: f64) -> GpuResult<Self> {
+    /// State for `rules` (one entry per layer): the transposed down copies are made here, once. `parts` holds
+    /// the score copies and predictors the rules read (one entry per layer).
+    pub fn new(e: &Engine, rules: Vec<Option<GpuMlp>>, mut parts: SparseParts) -> GpuResult<Self> {
         let (d, f) = (e.cfg.hidden, e.cfg.ffn);
         if d % 8 != 0 {
             return Err(GpuError(format!("the sparse MLP on the GPU needs a hidden size that is a multiple of 8 (got {d})")));
         }
         let topk = rules.iter().flatten().any(|r| !matches!(r, GpuMlp::Cats(_)));
-        if topk && e.cfg.family != Family::Llama {
+        if rules.iter().flatten().any(|r| matches!(r, GpuMlp::ExactDown(_) | GpuMlp::QScore(_))) && e.cfg.family != Family::Llama {
             return Err(GpuError::new("the exactdown and qscore rules apply to SwiGLU MLPs (the Llama family)"));
         }
-        q.resize_with(rules.len(), || None);
+        parts.q.resize_with(rules.len(), || None);
+        parts.pred.resize_with(rules.len(), || None);
         let mut down_t = Vec::with_capacity(rules.len());
+        let mut pred_scratch = 0;
         for (l, r) in rules.iter().enumerate() {
-            if matches!(r, Some(GpuMlp::QScore(_))) && q[l].is_none() {
+            if matches!(r, Some(GpuMlp::QScore(_))) && parts.q[l].is_none() {
                 return Err(GpuError(format!("layer {l}: the qscore rule needs the score copies (--qscore)")));
+            }
+            if matches!(r, Some(GpuMlp::Predicted(_))) {
+                let p = parts.pred[l].as_ref().ok_or_else(|| GpuError(format!("layer {l}: the predicted rule needs the predictors (--predictors)")))?;
+                if p.n != f {
+                    return Err(GpuError(format!("layer {l}: a predictor of {} neurons, the MLP has {f}", p.n)));
+                }
+                pred_scratch = pred_scratch.max(p.scratch_bytes(CHUNK));
             }
             down_t.push(match r {
                 Some(_) => {
@@ -272,12 +292,12 @@ impl SparseMlp {
         let counters = e.gpu.alloc(MAX_CHUNKS * rules.len() * 4)?;
         let tallies = e.gpu.alloc(MAX_CHUNKS * rules.len() * TALLY * 4)?;
         let topk = if topk {
-            Some([e.gpu.alloc(CHUNK * 2 * f * 4)?, e.gpu.alloc(CHUNK * f)?, e.gpu.alloc(CHUNK * f * 4)?, e.gpu.alloc(CHUNK * f * 2)?])
+            Some([e.gpu.alloc(CHUNK * 2 * f * 4)?, e.gpu.alloc(CHUNK * f)?, e.gpu.alloc(CHUNK * f * 4)?, e.gpu.alloc((CHUNK * f * 2).max(pred_scratch))?])
         } else {
             None
         };
         e.gpu.sync()?;
-        Ok(SparseMlp { rules, down_t, q, score_bits, idx, counters, tallies, topk })
+        Ok(SparseMlp { rules, down_t, parts, idx, counters, tallies, topk })
     }
 
     /// Zero the counters and tallies a forward over `rows` rows uses.
@@ -323,7 +343,7 @@ impl SparseMlp {
                         let base = (c * nl + l) * TALLY + i * 8;
                         t[base..base + 8].iter().map(|&v| v.max(0) as u64).sum::<u64>().min(f as u64)
                     }
-                    GpuMlp::ExactDown(k) | GpuMlp::QScore(k) => k.min(f) as u64,
+                    GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k) => k.min(f) as u64,
                 };
                 let st = &mut stats.layers[l];
                 st.add_token(f as u64, 0, f as u64 - kept, heads, heads);
@@ -333,7 +353,10 @@ impl SparseMlp {
                     GpuMlp::Cats(_) if llama => fd * d + 2.0 * k * d,
                     GpuMlp::Cats(_) => fd * d + k * d,
                     GpuMlp::ExactDown(_) => 2.0 * fd * d + k * d,
-                    GpuMlp::QScore(_) => 2.0 * fd * d * self.score_bits / crate::model::SERVED_BITS + 3.0 * k * d,
+                    GpuMlp::QScore(_) => 2.0 * fd * d * self.parts.score_bits / crate::model::SERVED_BITS + 3.0 * k * d,
+                    // The predictor's own weights are not counted (as in the CPU reference).
+                    GpuMlp::Predicted(_) if llama => 3.0 * k * d,
+                    GpuMlp::Predicted(_) => 2.0 * k * d,
                 };
                 st.add_reads(read, dense);
             }
@@ -352,14 +375,15 @@ impl SparseMlp {
 pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
     match rule {
         GpuMlp::Cats(t) => cats_mlp(e, sp, l, t, rows, input, x, pre, act),
-        GpuMlp::ExactDown(k) | GpuMlp::QScore(k) => topk_mlp(e, sp, l, rule, k, rows, input, x, act),
+        GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k) => topk_mlp(e, sp, l, rule, k, rows, input, x, act),
     }
 }
 
 /// Layer `l`'s MLP under a top-k rule, in chunks of [`CHUNK`] rows: per chunk the scores (`qscore`: the int4
-/// copies; `exactdown`: the dense hidden values' magnitudes), each row's top `k`, their union as the kept set, then
-/// the kept rows of gate/up (`qscore`, each row multiplied by its own flags) or the kept hidden values gathered
-/// (`exactdown`), and the kept rows of the transposed down accumulated into `x`. `act` 16-bit `[CHUNK, f]` scratch.
+/// copies; `exactdown`: the dense hidden values' magnitudes; `predicted`: the predictor on the residual `x`), each
+/// row's top `k`, their union as the kept set, then the kept rows of gate/up or fc1 (each row multiplied by its
+/// own flags) or the kept hidden values gathered (`exactdown`), and the kept rows of the transposed down
+/// accumulated into `x`. `act` 16-bit `[CHUNK, f]` scratch.
 #[allow(clippy::too_many_arguments)]
 fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);
@@ -375,14 +399,20 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
         let nb = (rows - r0).min(CHUNK);
         let kept = sp.kept(l, c, f);
         let inp = input(r0);
+        let fl = (nb > 1).then_some(flags.ptr);
         match rule {
-            GpuMlp::QScore(_) => {
-                let q = sp.q[l].as_ref().ok_or_else(|| GpuError::new("internal: no score copies for a qscore layer"))?;
-                qscore(e, q, inp, scores.ptr, nb, f, d)?;
+            GpuMlp::QScore(_) | GpuMlp::Predicted(_) => {
+                if let GpuMlp::QScore(_) = rule {
+                    let q = sp.parts.q[l].as_ref().ok_or_else(|| GpuError::new("internal: no score copies for a qscore layer"))?;
+                    qscore(e, q, inp, scores.ptr, nb, f, d)?;
+                } else {
+                    let p = sp.parts.pred[l].as_ref().ok_or_else(|| GpuError::new("internal: no predictor for a predicted layer"))?;
+                    p.scores(e, x + (r0 * d * 4) as u64, nb, hid.ptr, scores.ptr)?;
+                }
                 topk_mark(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr)?;
-                let fl = (nb > 1).then_some(flags.ptr);
                 topk_compact(e, keep.ptr, nb, f, kept, fl, None)?;
-                gather_up(e, lw.up.ptr, up_b, f, inp, kept, act, nb, d, Epi::Glu, fl)?;
+                let epi = if e.cfg.family == Family::Llama { Epi::Glu } else { Epi::Relu };
+                gather_up(e, lw.up.ptr, up_b, f, inp, kept, act, nb, d, epi, fl)?;
             }
             _ => {
                 let (xh, norm) = match inp {

@@ -85,6 +85,20 @@ impl<B: Backend> Predictors<B> {
         self.att[layer].scores(prev_block_input)
     }
 
+    /// Layer `layer`'s neuron predictor (`heads`: its head predictor) on the host, for engines that upload it.
+    pub fn host(&self, layer: usize, heads: bool) -> super::model::LowRankHost {
+        let w = if heads { &self.att[layer] } else { &self.mlp[layer] };
+        let h = |t: &Tensor<B, 1>| crate::model::to_host(t.clone());
+        super::model::LowRankHost {
+            in_mean: h(&w.in_mean),
+            in_inv_std: h(&w.in_inv_std),
+            w1: crate::model::to_host(w.w1.clone()),
+            b1: h(&w.b1),
+            w2: crate::model::to_host(w.w2.clone()),
+            b2: h(&w.b2),
+        }
+    }
+
     /// Neurons to keep per token in `layer` (reaches the target recall on held-out tokens).
     pub fn k_neurons(&self, layer: usize) -> usize {
         self.manifest.layers[layer].k_neurons

@@ -31,7 +31,7 @@ use crate::store::ArtifactHeader;
 
 pub use load::Predictors;
 pub use metrics::LayerMetrics;
-pub use model::{normalize_input, rms_normalize, RMS_EPS};
+pub use model::{normalize_input, rms_normalize, FoldedPredictor, LowRankHost, RMS_EPS};
 pub use svg::svg_plot;
 pub use train::{default_rank, topk_count, train, NeuronTarget, TrainEvent, TrainOptions};
 

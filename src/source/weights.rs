@@ -112,6 +112,14 @@ impl Half {
         }
     }
 
+    /// `v` rounded to this type, as raw 16-bit words.
+    pub fn encode(self, v: &[f32]) -> Vec<u16> {
+        match self {
+            Half::F16 => v.iter().map(|&x| f16::from_f32(x).to_bits()).collect(),
+            Half::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(),
+        }
+    }
+
     /// The type a checkpoint's weights run in by default: bf16 stays bf16 (it may not fit f16's range); f32 and
     /// f16 run in f16.
     pub fn for_checkpoint(d: DType) -> Half {

@@ -1,0 +1,62 @@
+//! The trained low-rank predictors on the GPU (Deja Vu's MLP rule): the input transform folded into the first
+//! matrix ([`FoldedPredictor`]), so a predictor is two of our GEMVs on the raw f32 residual — the first
+//! normalising it on the fly (RMS, the predictors' epsilon, unit weight) — then the top-k of its scores.
+
+use cudarc::driver::sys::CUdeviceptr;
+
+use crate::predictor::{FoldedPredictor, RMS_EPS};
+
+use super::engine::{Engine, Epi, NormIn};
+use super::gpu::{DBuf, GpuError, GpuResult};
+
+/// One layer's predictor on the device, in the engine's 16-bit type: `w1t [r, d]`, `w2t [n, r]`, their biases,
+/// and a unit norm weight `[d]` for the on-the-fly normalisation.
+pub struct GpuPredictor {
+    pub d: usize,
+    pub r: usize,
+    pub n: usize,
+    w1t: DBuf,
+    b1: DBuf,
+    w2t: DBuf,
+    b2: DBuf,
+    ones: DBuf,
+}
+
+impl GpuPredictor {
+    pub fn upload(e: &Engine, f: &FoldedPredictor) -> GpuResult<Self> {
+        if f.d != e.cfg.hidden {
+            return Err(GpuError(format!("a predictor of input width {}, the model's hidden size is {}", f.d, e.cfg.hidden)));
+        }
+        let dt = e.dt();
+        let put = |v: &[f32]| -> GpuResult<DBuf> {
+            let b = e.gpu.alloc(v.len() * 2)?;
+            e.gpu.upload(&b, 0, &dt.encode(v))?;
+            Ok(b)
+        };
+        Ok(GpuPredictor {
+            d: f.d,
+            r: f.r,
+            n: f.n,
+            w1t: put(&f.w1t)?,
+            b1: put(&f.b1)?,
+            w2t: put(&f.w2t)?,
+            b2: put(&f.b2)?,
+            ones: put(&vec![1.0; f.d])?,
+        })
+    }
+
+    /// Scratch a prediction over `rows` rows needs: f32 `[rows, r]` and 16-bit `[rows, r]`.
+    pub fn scratch_bytes(&self, rows: usize) -> usize {
+        rows * self.r * 6
+    }
+
+    /// `out` f32 `[rows, n]`: the scores of the residual rows `x` (f32 `[rows, d]`); `tmp` holds
+    /// [`GpuPredictor::scratch_bytes`].
+    pub fn scores(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr) -> GpuResult<()> {
+        let (h, h16) = (tmp, tmp + (rows * self.r * 4) as u64);
+        let norm = NormIn { x, g: self.ones.ptr, gb: 0, tmp: 0 };
+        e.gemv(self.w1t.ptr, Some(self.b1.ptr), 0, Some(norm), h, rows, self.r, self.d, Epi::Store, true, RMS_EPS as f32)?;
+        e.to_half(h, h16, rows * self.r)?;
+        e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32)
+    }
+}
