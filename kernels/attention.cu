@@ -57,7 +57,8 @@ __device__ __forceinline__ void attn_split_impl(
     const u16* __restrict__ vc,    // [rows, KV, max_len, hd]
     float* __restrict__ part,      // [N * H * S, hd + 2]
     const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale,
-    u16* __restrict__ direct) {    // [N, H * hd]: with S == 1, the normalised output goes straight here
+    u16* __restrict__ direct,      // [N, H * hd]: with S == 1, the normalised output goes straight here
+    const unsigned char* __restrict__ hkeep) { // [N, H] or null: 0 = head dropped by its token (output 0)
 
     const int hd = HD;
     __shared__ float qs[256];
@@ -65,6 +66,15 @@ __device__ __forceinline__ void attn_split_impl(
     __shared__ float red[32];
     __shared__ float accs[ATT_THREADS];
     const int nh = blockIdx.x, n = nh / H, h = nh % H, s = blockIdx.y;
+    if (hkeep && !hkeep[nh]) { // a dropped head reads nothing: a zero output (an empty partial for the combine)
+        if (direct) {
+            for (int i = threadIdx.x; i < HD; i += blockDim.x) direct[(size_t)nh * HD + i] = (u16)0;
+        } else {
+            float* out = part + ((size_t)nh * S + s) * (HD + 2);
+            for (int i = threadIdx.x; i < HD + 2; i += blockDim.x) out[i] = i == 0 ? NEG_INF : 0.0f;
+        }
+        return;
+    }
     const int b = n / seq, t = n % seq;
     const int len = state[0] + t + 1;
     const int chunk = (len + S - 1) / S;
@@ -180,8 +190,8 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
 #define ATTN_SPLIT(TN, T, HD)                                                                                  \
     extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
                                                        const int* state, int T_, int H, int KV, int hd, int max_len, \
-                                                       int S, float scale, u16* direct) { PDL_ENTER                           \
-        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct);                  \
+                                                       int S, float scale, u16* direct, const unsigned char* hkeep) { PDL_ENTER \
+        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct, hkeep);           \
     }
 
 #define ATTN_KERNELS(TN, T)                                                                                       \

@@ -266,7 +266,8 @@ __device__ __forceinline__ void gemv_impl(
             }
         }
     }
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
+    // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
+    gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
 }
 
 
@@ -380,7 +381,8 @@ __device__ __forceinline__ void gemv_async_impl(
     }
 // Sparse MLP, first half. `gemv_gather_*`: only the weight rows idx[0 .. cnt) are computed (OPT fc1 + bias + ReLU,
 // SwiGLU gate and up rows together, or `mul`: up rows times pre), written compactly: out[b, s] for the kept row
-// idx[s], s < cnt (N = the capacity of idx and the output's row stride). `gemv_cats_*`: every row (N of them) computed
+// idx[s], s < cnt (N = the capacity of idx and the output's row stride); `store` instead writes f32 out[b, idx[s]]
+// (N the row stride, at least the weight rows). `gemv_cats_*`: every row (N of them) computed
 // and thresholded, the kept ones appended to idx / cnt (see EPI_CATS_*).
 #define GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, NB)                                                             \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_##KIND##_##TN##_##EN##_b##NB( \
@@ -400,6 +402,7 @@ __device__ __forceinline__ void gemv_async_impl(
 #define GEMV_ALL(TN, T) \
     GEMV_NB(TN, T, store, EPI_STORE) GEMV_NB(TN, T, acc, EPI_ACC) GEMV_NB(TN, T, relu, EPI_RELU) GEMV_NB(TN, T, glu, EPI_GLU) \
     GEMV_SPARSE_NB(gather, true, TN, T, relu, EPI_RELU) GEMV_SPARSE_NB(gather, true, TN, T, glu, EPI_GLU)           \
+    GEMV_SPARSE_NB(gather, true, TN, T, store, EPI_STORE)                                                          \
     GEMV_SPARSE_NB(gather, true, TN, T, mul, EPI_MUL) GEMV_SPARSE_NB(cats, false, TN, T, silu, EPI_CATS_SILU)       \
     GEMV_SPARSE_NB(cats, false, TN, T, relu, EPI_CATS_RELU)
 

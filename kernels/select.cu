@@ -156,3 +156,27 @@ extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, 
     }
     if (threadIdx.x == 0) cnt[0] = total;
 }
+
+// The head-sparse attention's row lists from a kept head set (one block): `qkv_rows` the q rows of the kept heads
+// (head h: rows h*hd .. h*hd + hd) followed by every k and v row (H*hd .. (H + 2 KV)*hd), and `o_rows` the kept
+// heads' columns of the out-projection (the rows of its transposed copy), both ascending.
+extern "C" __global__ void expand_heads(const int* __restrict__ heads, // [H] kept head ids, ascending
+                                        const int* __restrict__ hcnt,  // [1]
+                                        int H, int KV, int hd,
+                                        int* __restrict__ qkv_rows,    // [(H + 2 KV) * hd] out
+                                        int* __restrict__ qkv_cnt,     // [1] out
+                                        int* __restrict__ o_rows,      // [H * hd] out
+                                        int* __restrict__ o_cnt) {     // [1] out
+    PDL_ENTER
+    const int n = min(hcnt[0], H);
+    for (int i = threadIdx.x; i < n * hd; i += blockDim.x) {
+        const int r = heads[i / hd] * hd + i % hd;
+        qkv_rows[i] = r;
+        o_rows[i] = r;
+    }
+    for (int i = threadIdx.x; i < 2 * KV * hd; i += blockDim.x) qkv_rows[n * hd + i] = H * hd + i;
+    if (threadIdx.x == 0) {
+        qkv_cnt[0] = n * hd + 2 * KV * hd;
+        o_cnt[0] = n * hd;
+    }
+}

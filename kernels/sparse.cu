@@ -1,6 +1,6 @@
 // Sparse MLP, second half: the down projection (OPT fc2, Llama down) over the kept neurons only, from its transposed
 // copy so that each kept neuron's weights are one contiguous row:
-//   out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]
+//   out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]     (`down_t_id_*`: act[b, idx[s]])
 // `act` is the gather GEMV's compact output (kernels/gemv.cu, gemv_gather_*); with `idx` null the rows are taken in
 // order (s itself), which is the dense product from the transposed copy. Partial sums of row chunks meet in the f32
 // residual stream through vector atomic adds (sm_90; scalar adds below), so their order of addition is not fixed.
@@ -21,7 +21,7 @@ __device__ __forceinline__ void red_add8(float* p, const float* v) {
 #endif
 }
 
-template <typename T, int NB>
+template <typename T, int NB, bool BY_ID>
 __device__ __forceinline__ void down_t_impl(
     const u16* __restrict__ wt,   // [F, D] transposed down / fc2 weights
     const u16* __restrict__ bias, // [D] or null
@@ -31,7 +31,7 @@ __device__ __forceinline__ void down_t_impl(
     const int* __restrict__ cnt,  // [1] valid entries of idx (<= kcap), or null (kcap)
     int kcap,
     float* __restrict__ out,      // [B, D] f32, accumulated into
-    int D, int B, int R, int tc) {
+    int D, int B, int R, int tc) { // BY_ID: act[b, idx[s]] (act laid out by unit id) instead of the compact act[b, s]
     pdl_wait();
     pdl_launch();
     const int n = cnt ? min(cnt[0], kcap) : kcap;
@@ -61,10 +61,11 @@ __device__ __forceinline__ void down_t_impl(
         for (int u = 0; u < U; u++) {
             float wf[8];
             unpack8<T>(wv[u], wf);
+            const int col = BY_ID ? idx[r + u * rg] : r + u * rg; // idx read again (cached) to spare registers
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 if (b < B) {
-                    const float a = T::load(act[(size_t)b * lda + r + u * rg]);
+                    const float a = T::load(act[(size_t)b * lda + col]);
 #pragma unroll
                     for (int e = 0; e < 8; e++) acc[b][e] = fmaf(a, wf[e], acc[b][e]);
                 }
@@ -78,7 +79,7 @@ __device__ __forceinline__ void down_t_impl(
 #pragma unroll
         for (int b = 0; b < NB; b++) {
             if (b < B) {
-                const float a = T::load(act[(size_t)b * lda + r]);
+                const float a = T::load(act[(size_t)b * lda + (BY_ID ? j : r)]);
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[b][e] = fmaf(a, wf[e], acc[b][e]);
             }
@@ -101,7 +102,12 @@ __device__ __forceinline__ void down_t_impl(
     extern "C" __global__ void __launch_bounds__(256) down_t_##TN##_b##NB(                                         \
         const u16* wt, const u16* bias, const u16* act, int lda, const int* idx, const int* cnt, int kcap,         \
         float* out, int D, int B, int R, int tc) {                                                                 \
-        down_t_impl<T, NB>(wt, bias, act, lda, idx, cnt, kcap, out, D, B, R, tc);                                  \
+        down_t_impl<T, NB, false>(wt, bias, act, lda, idx, cnt, kcap, out, D, B, R, tc);                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) down_t_id_##TN##_b##NB(                                      \
+        const u16* wt, const u16* bias, const u16* act, int lda, const int* idx, const int* cnt, int kcap,         \
+        float* out, int D, int B, int R, int tc) {                                                                 \
+        down_t_impl<T, NB, true>(wt, bias, act, lda, idx, cnt, kcap, out, D, B, R, tc);                            \
     }
 #define DOWN_T_ALL(TN, T) DOWN_T(TN, T, 1) DOWN_T(TN, T, 2) DOWN_T(TN, T, 4) DOWN_T(TN, T, 8) DOWN_T(TN, T, 16)
 

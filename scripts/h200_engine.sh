@@ -7,9 +7,10 @@
 #   startup   process start to first token, cold (empty kernel cache) and warm
 #   mlp       one MLP block, sparse (kept neurons only) at 100/50/25/10% kept beside our dense block, every PERF.md
 #             shape, f16 and bf16 (bench --mlp-block: graph replay, L2 flushed)
-#   topk      the SwiGLU top-k rules on the GPU: engine-check (kernels; SmolLM2 kept sets and greedy agreement under
-#             exactdown@0.5 and qscore@0.5 vs the CPU reference), then the blocks with their selection timed inside
-#             (bench --mlp-block --rule exactdown|qscore) at the Llama shapes; makes $CARRY/qscore.safetensors if missing
+#   topk      the top-k rules on the GPU: engine-check (kernels; SmolLM2 kept sets and greedy agreement under
+#             exactdown@0.5, qscore@0.5 and, with $CARRY/predictors, dejavu@0.5 and 3 of 9 heads dropped, vs the CPU
+#             reference), then the blocks with their selection (and predictor or score pass) timed inside
+#             (bench --mlp-block --rule exactdown|qscore|dejavu); makes $CARRY/qscore.safetensors if missing
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -76,12 +77,16 @@ PY
       [ -f "$CARRY/qscore.safetensors" ] || { $BIN calibrate --rule qscore -m "$M" --text "$CARRY/data/wikitext2-test.raw.txt" \
         --tokens 512 --run /tmp/qrun > /dev/null 2>&1 && cp /tmp/qrun/qscore.safetensors "$CARRY/qscore.safetensors"; }
       $BIN engine-check --json "$OUT/check_kernels.json" > "$OUT/check_kernels.txt" 2>&1; grep -E "topk|qscore|exactdown|NO" "$OUT/check_kernels.txt" | tail -40
+      # Predictors (RUN/predictors of SmolLM2, 41 MB) when carried: dejavu@0.5's MLP and 3 of 9 heads dropped.
+      PRED=(); [ -d "$CARRY/predictors" ] && PRED=(--predictors "$CARRY/predictors" --head-sparsity 0.3333)
       DEJAVU_REFERENCE_ROUND=f16 $BIN engine-check --no-kernels --models "$M" --prompts "$CARRY/data/prompts.txt" --n 50 --steps 64 \
-        --topk-sparsity 0.5 --qscore "$CARRY/qscore.safetensors" --json "$OUT/check_topk.json" > "$OUT/check_topk.txt" 2>&1; tail -8 "$OUT/check_topk.txt"
+        --topk-sparsity 0.5 --qscore "$CARRY/qscore.safetensors" "${PRED[@]}" --json "$OUT/check_topk.json" > "$OUT/check_topk.txt" 2>&1; tail -12 "$OUT/check_topk.txt"
       for rule in exactdown qscore; do
         $BIN bench --mlp-block --rule $rule --shape ${TOPK_SHAPES:-llama2-7b llama2-13b llama2-70b} --keep 0.5 0.25 0.1 --dtype f16 \
           --json "$OUT/mlp_$rule.json" --csv "$OUT/mlp_$rule.csv" 2>/dev/null
-      done ;;
+      done
+      $BIN bench --mlp-block --rule dejavu --shape ${DEJAVU_SHAPES:-opt-6.7b opt-13b opt-66b opt-175b llama2-7b} --keep 0.5 0.25 0.1 \
+        --dtype f16 --json "$OUT/mlp_dejavu.json" --csv "$OUT/mlp_dejavu.csv" 2>/dev/null ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do

@@ -280,12 +280,20 @@ impl<B: Backend> AnyDecoder<'_, B> {
             AnyDecoder::Ref(_) => Ok(()),
             #[cfg(feature = "cuda")]
             AnyDecoder::Cuda(d) => {
-                let predicted = plan.layers.iter().any(|l| matches!(l.mlp, dejavu::sparse::MlpRule::PredictedTopK { .. }));
-                let folded: Option<Vec<dejavu::predictor::FoldedPredictor>> = match &loaded.predictors {
-                    Some((_, p)) if predicted => Some((0..p.layers()).map(|l| p.host(l, false).fold()).collect()),
-                    _ => None,
+                let mlp = plan.layers.iter().any(|l| matches!(l.mlp, dejavu::sparse::MlpRule::PredictedTopK { .. }));
+                let heads = plan.layers.iter().any(|l| matches!(l.heads, dejavu::sparse::HeadRule::PredictedTopK { .. }));
+                let fold = |want: bool, heads: bool| -> Option<Vec<dejavu::predictor::FoldedPredictor>> {
+                    match &loaded.predictors {
+                        Some((_, p)) if want => Some((0..p.layers()).map(|l| p.host(l, heads).fold()).collect()),
+                        _ => None,
+                    }
                 };
-                let art = dejavu::cuda::engine::GpuArtifacts { qscore: loaded.qcopies.as_ref().map(|(_, c)| c), mlp_predictors: folded.as_deref() };
+                let (fm, fh) = (fold(mlp, false), fold(heads, true));
+                let art = dejavu::cuda::engine::GpuArtifacts {
+                    qscore: loaded.qcopies.as_ref().map(|(_, c)| c),
+                    mlp_predictors: fm.as_deref(),
+                    head_predictors: fh.as_deref(),
+                };
                 d.set_plan(plan, &art).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))
             }
         }
@@ -379,8 +387,9 @@ pub fn decoder_for<'a, B: Backend>(
     Ok(AnyDecoder::Ref(loaded.decoder(model, plan)?))
 }
 
-/// Refuse what the engine cannot run yet, naming the flag: it runs `dense`, `cats@S`, `exactdown@S` and
-/// `qscore@S` (with or without `+greedy`) on the MLP through the sparse kernels; attention stays dense.
+/// Refuse what the engine cannot run yet, naming the flag: it runs `dense`, `cats@S`, `exactdown@S`, `qscore@S`
+/// (with or without `+greedy`) and `dejavu@S` on the MLP through the sparse kernels, and predicted heads
+/// (`--head-kv all`) on attention.
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {
         if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..) | Mode::Dejavu(_))) {
@@ -388,12 +397,9 @@ pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()
                 "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S, qscore@S and dejavu@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
             )));
         }
-        // dejavu's predicted heads run on the GPU only when every head is kept (--head-sparsity 0).
-        let dejavu = modes.iter().any(|m| matches!(m, Mode::Dejavu(_)));
-        if args.head_sparsity.is_some_and(|h| h > 0.0) || (dejavu && args.head_sparsity.is_none()) {
-            return Err(usage(
-                "--head-sparsity: the CUDA engine runs attention dense today (head-sparse kernels are not written yet): give --head-sparsity 0 with dejavu@S, or run with --device cpu",
-            ));
+        // Heads on the GPU: predicted (dejavu, or a SwiGLU rule with --predictors), their key/value heads all kept.
+        if args.head_kv == HeadKv::Kept {
+            return Err(usage("--head-kv kept: the CUDA engine keeps every key/value head today (--head-kv all); run kept with --device cpu"));
         }
     }
     Ok(())

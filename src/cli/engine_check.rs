@@ -44,8 +44,12 @@ pub struct Args {
     pub qscore: Option<PathBuf>,
     /// Trained predictors (`train-predictors`) for the `dejavu@S` check at `--topk-sparsity` (MLP predicted, heads
     /// dense; any family); one model.
-    #[arg(long, value_name = "DIR", requires = "topk_sparsity")]
+    #[arg(long, value_name = "DIR")]
     pub predictors: Option<PathBuf>,
+    /// With `--predictors`: also compare both engines, and the kept head sets, with this fraction of heads dropped
+    /// by the look-ahead head predictors (`--head-kv all`; MLP dense).
+    #[arg(long, value_name = "H", requires = "predictors")]
+    pub head_sparsity: Option<f64>,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -131,6 +135,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Some(p) => Some(dejavu::predictor::Predictors::<dejavu::backend::CpuBackend>::load(p, &files.identity()?, &Default::default())?),
                 None => None,
             };
+            if let (Some(hsp), Some(p)) = (args.head_sparsity, &predictors) {
+                if !(0.0..1.0).contains(&hsp) {
+                    return Err(super::usage(format!("--head-sparsity {hsp}: not in [0, 1)")));
+                }
+                let k = dejavu::sparse::keep_count(hsp, cfg.heads).max(1);
+                let label = format!("heads {k}/{} predicted", cfg.heads);
+                let kc = check::kept_sets(&files, args.dtype, check::KeptRule::Heads(k, p), &prompts).map_err(|e| anyhow::anyhow!("{m}: kept heads: {e}"))?;
+                out(&kept_line(&label, &kc))?;
+                failed += usize::from(!kc.pass);
+                let heads = HeadRule::PredictedTopK { k, kv: dejavu::sparse::HeadKv::All };
+                plans.push((dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp: MlpRule::Dense, heads }), label));
+            }
             if let Some(sp) = args.topk_sparsity {
                 if !(0.0..1.0).contains(&sp) {
                     return Err(super::usage(format!("--topk-sparsity {sp}: not in [0, 1)")));

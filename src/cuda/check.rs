@@ -264,7 +264,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let act = rounded(&randv(rows * f, s + 3 + kk as u64, 1.0), dt);
             let (ab, ib, cb) = (d.halfbuf(&act, dt)?, d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
             let ob = d.f32buf(&init)?;
-            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd, false)?;
             let got = d.read_f32(&ob, rows * dd)?;
             let mut want = vec![0f32; rows * dd];
             for r in 0..rows {
@@ -274,6 +274,17 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                 }
             }
             out.push(verdict(format!("down_t rows={rows} d={dd} f={f} kept={kk}"), dt, &got, &want, 1e-2));
+            // By id: act read at the unit's own column (the head-sparse out-projection).
+            let ob = d.f32buf(&init)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd, true)?;
+            let got = d.read_f32(&ob, rows * dd)?;
+            for r in 0..rows {
+                for c in 0..dd {
+                    let acc: f64 = idx.iter().map(|&j| act[r * f + j as usize] as f64 * wt[j as usize * dd + c] as f64).sum();
+                    want[r * dd + c] = (init[r * dd + c] as f64 + bias[c] as f64 + acc) as f32;
+                }
+            }
+            out.push(verdict(format!("down_t by id rows={rows} d={dd} f={f} kept={kk}"), dt, &got, &want, 1e-2));
         }
         if f <= 2048 {
             // Every row, no index list, against the dense down projection on the untransposed weights.
@@ -286,7 +297,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             }
             let (ab, wd) = (d.halfbuf(&act, dt)?, d.halfbuf(&w, dt)?);
             let (o1, o2) = (d.f32buf(&init)?, d.f32buf(&init)?);
-            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, None, f, o1.ptr, rows, dd)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, None, f, o1.ptr, rows, dd, false)?;
             let y = d.poisoned(rows * 2 * dd * 4)?;
             e.linear(wd.ptr, Some(bb.ptr), ab.ptr, o2.ptr, rows, dd, f, Epi::Acc, y.ptr)?;
             let (g1, g2) = (d.read_f32(&o1, rows * dd)?, d.read_f32(&o2, rows * dd)?);
@@ -513,11 +524,32 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
         d.launch(&format!("rope_kv_{t}"), (n as u32, (heads + kvh) as u32, 1), rope_threads, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).f32(theta as f32).i32(1))?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let direct = if splits == 1 { att.ptr } else { 0 };
-        d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct))?;
-        if splits > 1 {
-            d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
-        }
+        let attend = |hkeep: u64, att: &DBuf| -> GpuResult<()> {
+            let direct = if splits == 1 { att.ptr } else { 0 };
+            d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct).ptr(hkeep))?;
+            if splits > 1 {
+                d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+            }
+            Ok(())
+        };
+        attend(0, &att)?;
+        // Head-sparse: with keep flags, a dropped head's output is 0 and a kept head's is bit for bit the dense one.
+        let flags: Vec<u8> = (0..n * heads).map(|i| u8::from((i * 7 + hd) % 3 != 0)).collect();
+        let fb = e.gpu.alloc(flags.len())?;
+        e.gpu.upload(&fb, 0, &flags)?;
+        let att2 = d.poisoned(n * heads * hd * 2)?;
+        attend(fb.ptr, &att2)?;
+        let (full, sparse) = (d.read_half(&att, n * heads * hd, dt)?, d.read_half(&att2, n * heads * hd, dt)?);
+        let bad = (0..n * heads * hd)
+            .filter(|&i| if flags[i / hd] == 1 { full[i].to_bits() != sparse[i].to_bits() } else { sparse[i] != 0.0 })
+            .count();
+        out.push(KernelCheck {
+            kernel: format!("attn_split with head flags (dropped = 0, kept == dense bitwise) hd={hd} splits={splits}: {bad} mismatches"),
+            dtype: dt.name(),
+            rel_err: bad as f64,
+            nan: 0,
+            pass: bad == 0,
+        });
         // Reference.
         let rope = |v: &mut [f64], p: usize| {
             let half = hd / 2;
@@ -753,8 +785,9 @@ pub fn model(
     };
     let (mut gpu, _) = super::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
     if let Some((p, _)) = plan {
-        let folded: Option<Vec<crate::predictor::FoldedPredictor>> = predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, false).fold()).collect());
-        let art = super::engine::GpuArtifacts { qscore: copies, mlp_predictors: folded.as_deref() };
+        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
+        let (fm, fh) = (fold(false), fold(true));
+        let art = super::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
         gpu.set_plan(p, &art).map_err(|e| e.0)?;
     }
     let dt = gpu.engine.w.dt;
@@ -779,6 +812,9 @@ pub enum KeptRule<'a> {
     ExactDown(usize),
     QScore(usize, &'a crate::sparse::quant::QScoreCopies),
     Predicted(usize, &'a crate::predictor::Predictors<crate::backend::CpuBackend>),
+    /// Heads: the top k of the look-ahead head predictor's scores of the previous layer's block input (layer 0:
+    /// its own), against the GPU's predictor and top-k on the same f32 input.
+    Heads(usize, &'a crate::predictor::Predictors<crate::backend::CpuBackend>),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -823,14 +859,17 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
     };
     let pgpu: Vec<GpuPredictor> = match rule {
         KeptRule::Predicted(_, p) => (0..nl).map(|l| GpuPredictor::upload(e, &p.host(l, false).fold())).collect::<GpuResult<_>>().map_err(|x| x.0)?,
+        KeptRule::Heads(_, p) => (0..nl).map(|l| GpuPredictor::upload(e, &p.host(l, true).fold())).collect::<GpuResult<_>>().map_err(|x| x.0)?,
         _ => Vec::new(),
     };
+    // The units a rule ranks: neurons, or heads.
+    let f = if matches!(rule, KeptRule::Heads(..)) { cfg.heads } else { f };
     let dt = e.w.dt;
     let alloc = |n: usize| e.gpu.alloc(n).map_err(|x| x.0);
     let (idx, cnt, out, tally, xin) = (alloc(f * 4)?, alloc(4)?, alloc(16 * 2 * f * 4)?, alloc(16 * 8 * 4)?, alloc(16 * d * 2)?);
     let (keep, flags, hid) = (alloc(16 * f)?, alloc(16 * f * 4)?, alloc(16 * f * 2)?);
     let (resid, ptmp) = (alloc(16 * d * 4)?, alloc(pgpu.iter().map(|p| p.scratch_bytes(16)).max().unwrap_or(4))?);
-    let taps_want = TapSet { mlp_normed: true, mlp_act: true, mlp_input: true, ..Default::default() };
+    let taps_want = TapSet { mlp_normed: true, mlp_act: true, mlp_input: true, block_input: true, ..Default::default() };
     let (mut equal, mut total, mut symdiff, mut kept_sum) = (0usize, 0usize, 0usize, 0usize);
     let mut tokens = 0;
     for p in prompts {
@@ -838,9 +877,14 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
         let mut taps = Vec::new();
         let _ = m.forward_with(m.tokens(std::slice::from_ref(p)), &mut cache, Forward { taps: Some((&taps_want, &mut taps)), ..Default::default() });
         tokens += p.len();
+        let blocks: Vec<Vec<f32>> = taps.iter().map(|lt| lt.block_input.clone().map(|t| to_host_3d(t).0).unwrap_or_default()).collect();
         for (l, lt) in taps.into_iter().enumerate() {
             let (xn, [_, s, _]) = to_host_3d(lt.mlp_normed.ok_or("no normed taps")?);
-            let (xr, _) = to_host_3d(lt.mlp_input.ok_or("no residual taps")?);
+            // Neuron predictors read the MLP's input residual; head predictors the previous block's input.
+            let xr = match rule {
+                KeptRule::Heads(..) => blocks[l.saturating_sub(1)].clone(),
+                _ => to_host_3d(lt.mlp_input.ok_or("no residual taps")?).0,
+            };
             // The reference's ranking per token: CATS's magnitudes, the exact hidden values, the copies' scores, or
             // the predictor's scores of the residual.
             let mag = match rule {
@@ -850,6 +894,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     qs.as_ref().map(|q| q.scores(l, x))
                 }
                 KeptRule::Predicted(_, p) => Some(p.neuron_scores(l, Tensor::<Cpu, 3>::from_data(TensorData::new(xr.clone(), [1, s, d]), &dev))),
+                KeptRule::Heads(_, p) => Some(p.head_scores(l, Tensor::<Cpu, 3>::from_data(TensorData::new(xr.clone(), [1, s, d]), &dev))),
                 _ => lt.mlp_act,
             };
             let (mag, _) = to_host_3d(mag.ok_or("no activation taps")?);
@@ -874,7 +919,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                         g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
                         g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
                     }
-                    KeptRule::Predicted(k, _) => {
+                    KeptRule::Predicted(k, _) | KeptRule::Heads(k, _) => {
                         // The predictor reads the f32 residual as it is (not rounded).
                         g(e.gpu.upload(&resid, 0, &xr[c0 * d..(c0 + nb) * d]))?;
                         g(pgpu[l].scores(e, resid.ptr, nb, ptmp.ptr, out.ptr))?;
@@ -912,7 +957,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     let cpu_set: Vec<usize> = match rule {
                         KeptRule::Cats(th) => (0..f).filter(|&j| row[j].abs() >= th[l]).collect(),
                         // The predictor's logits rank as they are (a GPU top-k of f32 scores).
-                        KeptRule::Predicted(k, _) => crate::sparse::select::top_k(row, k),
+                        KeptRule::Predicted(k, _) | KeptRule::Heads(k, _) => crate::sparse::select::top_k(row, k),
                         KeptRule::ExactDown(k) | KeptRule::QScore(k, _) => {
                             let a: Vec<f32> = row.iter().map(|v| v.abs()).collect();
                             crate::sparse::select::top_k(&a, k)

@@ -16,6 +16,7 @@ use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
 use super::kernels::Kernels;
 use super::predict::GpuPredictor;
 use super::select::QCopy;
+use super::heads::SparseHeads;
 use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp, SparseParts};
 use super::weights::Weights;
 use crate::source::weights::Half;
@@ -29,6 +30,8 @@ use crate::sparse::quant::QScoreCopies;
 pub struct GpuArtifacts<'a> {
     pub qscore: Option<&'a QScoreCopies>,
     pub mlp_predictors: Option<&'a [FoldedPredictor]>,
+    /// The look-ahead head predictors (one per layer, folded) of a predicted head rule.
+    pub head_predictors: Option<&'a [FoldedPredictor]>,
 }
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
@@ -185,8 +188,11 @@ pub struct Engine {
     gemv_rows: usize,
     /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 128).
     attn_keys: usize,
-    /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense).
+    /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
+    /// dense, whenever the plan is sparse: it keeps the statistics).
     sparse: Option<SparseMlp>,
+    /// The head-sparse attention of the plan (None: dense attention).
+    heads: Option<SparseHeads>,
     /// Run dense even with a sparse plan set (the correction passes of Sirius).
     dense_now: bool,
     /// Kept-neuron statistics of the sparse forwards since the last take.
@@ -239,6 +245,7 @@ impl Engine {
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             sparse: None,
+            heads: None,
             dense_now: false,
             stats: Default::default(),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
@@ -247,19 +254,22 @@ impl Engine {
 
     /// Run `plan` from now on. The GPU runs, on the MLP (any layer may stay dense): CATS thresholds, the SwiGLU
     /// top-k rules `exactdown` and `qscore` (its int4 score copies from `art`), and the trained predictors' top-k
-    /// (`art`'s folded MLP predictors); attention runs dense (a predicted head rule that keeps every head is
-    /// dense). Other rules are refused with their name. Sparse layers get a transposed copy of their down
-    /// projection (made here, once).
+    /// (`art`'s folded MLP predictors); on attention, the predicted head rule with `--head-kv all` (`art`'s head
+    /// predictors; see [`super::heads`]). Other rules are refused with their name. Sparse layers get transposed
+    /// copies of their down projection and out-projection (made here, once).
     pub fn set_plan(&mut self, plan: &Plan, art: &GpuArtifacts<'_>) -> GpuResult<()> {
         if plan.layers.len() != self.cfg.layers {
             return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.cfg.layers)));
         }
         let mut rules = Vec::with_capacity(plan.layers.len());
+        let mut heads_k = Vec::with_capacity(plan.layers.len());
         for (l, lp) in plan.layers.iter().enumerate() {
-            let all_heads = matches!(lp.heads, HeadRule::PredictedTopK { k, kv: HeadKv::All } if k >= self.cfg.heads);
-            if lp.heads != HeadRule::Dense && !all_heads {
-                return Err(GpuError(format!("layer {l}: head rule {:?} does not run on the GPU yet (dense attention only)", lp.heads)));
-            }
+            heads_k.push(match lp.heads {
+                HeadRule::Dense => None,
+                HeadRule::PredictedTopK { k, .. } if k >= self.cfg.heads => None,
+                HeadRule::PredictedTopK { k, kv: HeadKv::All } => Some(k),
+                r => return Err(GpuError(format!("layer {l}: head rule {r:?} does not run on the GPU yet (predicted heads with --head-kv all do)"))),
+            });
             rules.push(match lp.mlp {
                 MlpRule::Dense => None,
                 MlpRule::Threshold { t } => Some(GpuMlp::Cats(t)),
@@ -271,7 +281,12 @@ impl Engine {
         }
         self.graphs.clear();
         self.sparse = None;
-        if rules.iter().any(Option::is_some) {
+        self.heads = None;
+        if heads_k.iter().any(Option::is_some) {
+            let preds = art.head_predictors.ok_or_else(|| GpuError::new("head sparsity needs the head predictors (--predictors)"))?;
+            self.heads = Some(SparseHeads::new(self, heads_k.clone(), preds)?);
+        }
+        if rules.iter().any(Option::is_some) || self.heads.is_some() {
             let mut parts = SparseParts::default();
             if let Some(c) = art.qscore.filter(|_| rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_))))) {
                 parts.q = QCopy::upload_all(self, c)?.into_iter().map(Some).collect();
@@ -285,7 +300,9 @@ impl Engine {
                     });
                 }
             }
-            self.sparse = Some(SparseMlp::new(self, rules, parts)?);
+            let mut sp = SparseMlp::new(self, rules, parts)?;
+            sp.heads_k = heads_k;
+            self.sparse = Some(sp);
         }
         Ok(())
     }
@@ -293,6 +310,11 @@ impl Engine {
     /// The sparse MLP the next forward runs (None: dense).
     fn sparse_active(&self) -> Option<&SparseMlp> {
         self.sparse.as_ref().filter(|_| !self.dense_now)
+    }
+
+    /// Layer `l`'s head-sparse attention in the next forward (None: dense attention there).
+    fn heads_at(&self, l: usize) -> Option<&SparseHeads> {
+        self.heads.as_ref().filter(|h| !self.dense_now && h.k[l].is_some())
     }
 
     /// Run dense (`true`) or the plan set (`false`) from the next forward on.
@@ -613,8 +635,19 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, rows)?;
             }
             self.class(Class::Qkv)?;
-            let lw = &self.w.layers[l];
-            self.linear_in(lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), h, attn_in, qkv, rows, qkv_n, d, Epi::Store, y)?;
+            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+                hs.select(self, l, x, rows)?;
+            }
+            if let Some(hs) = self.heads_at(l) {
+                let input = |r0: usize| match attn_in {
+                    Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
+                    None => In::Half(h + (r0 * d * 2) as u64),
+                };
+                hs.qkv(self, l, rows, input, qkv)?;
+            } else {
+                let lw = &self.w.layers[l];
+                self.linear_in(lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), h, attn_in, qkv, rows, qkv_n, d, Epi::Store, y)?;
+            }
             self.class(Class::Attention)?;
             let rope = i32::from(cfg.family == Family::Llama);
             let args = Args::new()
@@ -644,15 +677,20 @@ impl Engine {
                 .i32(cap as i32)
                 .i32(splits as i32)
                 .f32(scale)
-                .ptr(if splits == 1 { att } else { 0 });
+                .ptr(if splits == 1 { att } else { 0 })
+                .ptr(self.heads_at(l).map_or(0, |hs| hs.keep.ptr));
             self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
             if splits > 1 {
                 let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             }
             self.class(Class::OutProj)?;
-            let lw = &self.w.layers[l];
-            self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
+            if let Some(hs) = self.heads_at(l) {
+                hs.out_proj(self, l, rows, att, x)?;
+            } else {
+                let lw = &self.w.layers[l];
+                self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
+            }
             let lw = &self.w.layers[l];
             let mlp_in = fused.then(|| NormIn { x, g: lw.mlp_norm.ptr, gb: lw.mlp_norm_b.as_ref().map_or(0, |b| b.ptr), tmp: h });
             if pre && !fused {

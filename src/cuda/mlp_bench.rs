@@ -98,7 +98,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
             e.gpu.begin_capture()?;
             gather_up(&e, up, up_b, f, In::Half(x.ptr), kept, act.ptr, b, d, epi, None)?;
-            down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d)?;
+            down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d, false)?;
             let g = e.gpu.end_capture()?;
             let (med, p90) = time_graph(&e, &g, &flush, reps)?;
             let bias_bytes = if up_b.is_some() { kk * 2 + d * 2 } else { 0 };

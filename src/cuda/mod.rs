@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod engine;
 pub mod gemm;
 pub mod gpu;
+pub mod heads;
 pub mod kernels;
 pub mod mlp_bench;
 pub mod predict;

@@ -148,6 +148,16 @@ pub fn cats_select(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, silu: 
     )
 }
 
+/// The kept weight rows of `w` (`[kept.cap, k]`, + `bias`) written at their own columns: `out[b, idx[s]] = W[idx[s]]
+/// . x_b (+ bias)`, f32 `[rows, kept.cap]` (the other columns are left as they were).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_store(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, input: In, kept: Kept, out: CUdeviceptr, rows: usize, k: usize) -> GpuResult<()> {
+    launch_sparse(
+        e,
+        SparseGemv { kind: "gather", epi: "store", w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t: 0.0, tally: 0 },
+    )
+}
+
 /// The SwiGLU up rows of the kept neurons times their gate factors: `out[b, s] = pre[b, s] * (up[idx[s]] . x_b)`,
 /// `up` `[f, k]`, `pre` f32 `[rows, kept.cap]`, `out` 16-bit `[rows, kept.cap]`.
 #[allow(clippy::too_many_arguments)]
@@ -169,9 +179,10 @@ pub fn down_rows(cap: usize, tiles: usize, sms: usize) -> usize {
 /// `out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]` for `b < rows`: the down projection over the kept
 /// neurons. `wt` is the transposed down / fc2 `[F, d]`; `act` 16-bit `[rows, lda]` (the gather's output, `lda` =
 /// its capacity); `out` the f32 residual stream `[rows, d]`. With `kept` None the first `n` rows of `wt` are used in
-/// order (the dense product from the transposed copy).
+/// order (the dense product from the transposed copy). With `by_id`, `act` is laid out by unit id (`act[b, idx[s]]`,
+/// the head-sparse out-projection reading the attention output in place).
 #[allow(clippy::too_many_arguments)]
-pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdeviceptr, lda: usize, kept: Option<Kept>, n: usize, out: CUdeviceptr, rows: usize, d: usize) -> GpuResult<()> {
+pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdeviceptr, lda: usize, kept: Option<Kept>, n: usize, out: CUdeviceptr, rows: usize, d: usize, by_id: bool) -> GpuResult<()> {
     if d % 8 != 0 {
         return Err(GpuError(format!("the sparse down projection needs a width that is a multiple of 8, got {d}")));
     }
@@ -182,7 +193,7 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
     let tiles = (d / 8).div_ceil(tc);
     let r = down_rows(cap, tiles, e.gpu.sms as usize);
     let chunks = cap.div_ceil(r).max(1);
-    let name = format!("down_t_{}_b{}", e.dt().name(), k_of(rows));
+    let name = format!("down_t_{}{}_b{}", if by_id { "id_" } else { "" }, e.dt().name(), k_of(rows));
     let f = e.k.get(&name)?;
     let mut args = Args::new()
         .ptr(wt)
@@ -242,6 +253,8 @@ pub struct SparseParts {
 /// and the per-row kept tallies (CATS, for the statistics), and the top-k rules' scratch.
 pub struct SparseMlp {
     pub rules: Vec<Option<GpuMlp>>,
+    /// Heads kept per token in each layer (None: every head), for the statistics.
+    pub heads_k: Vec<Option<usize>>,
     pub down_t: Vec<Option<DBuf>>,
     pub parts: SparseParts,
     pub idx: DBuf,
@@ -297,7 +310,8 @@ impl SparseMlp {
             None
         };
         e.gpu.sync()?;
-        Ok(SparseMlp { rules, down_t, parts, idx, counters, tallies, topk })
+        let heads_k = vec![None; rules.len()];
+        Ok(SparseMlp { rules, heads_k, down_t, parts, idx, counters, tallies, topk })
     }
 
     /// Zero the counters and tallies a forward over `rows` rows uses.
@@ -324,39 +338,44 @@ impl SparseMlp {
         if self.rules.iter().flatten().any(|r| matches!(r, GpuMlp::Cats(_))) {
             e.gpu.download(self.tallies.ptr, &mut t)?;
         }
+        let heads = e.cfg.heads as u64;
         if stats.layers.len() < nl {
             stats.layers.resize(nl, Default::default());
         }
         let (d, f) = (e.cfg.hidden as f64, e.cfg.ffn);
         let llama = e.cfg.family == Family::Llama;
-        let heads = e.cfg.heads as u64;
         for (l, rule) in self.rules.iter().enumerate() {
-            let Some(rule) = rule else { continue };
+            let heads_kept = self.heads_k.get(l).copied().flatten().map_or(heads, |k| (k as u64).min(heads));
+            if rule.is_none() && heads_kept == heads {
+                continue;
+            }
             for r in 0..rows {
                 let (b, pos) = (r / seq, r % seq);
                 if pos >= lens.get(b).copied().unwrap_or(seq) {
                     continue;
                 }
                 let kept = match *rule {
-                    GpuMlp::Cats(_) => {
+                    None => f as u64,
+                    Some(GpuMlp::Cats(_)) => {
                         let (c, i) = (r / CHUNK, r % CHUNK);
                         let base = (c * nl + l) * TALLY + i * 8;
                         t[base..base + 8].iter().map(|&v| v.max(0) as u64).sum::<u64>().min(f as u64)
                     }
-                    GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k) => k.min(f) as u64,
+                    Some(GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k)) => k.min(f) as u64,
                 };
                 let st = &mut stats.layers[l];
-                st.add_token(f as u64, 0, f as u64 - kept, heads, heads);
+                st.add_token(f as u64, 0, f as u64 - kept, heads, heads_kept);
                 let (fd, k) = (f as f64, kept as f64);
                 let dense = if llama { 3.0 * fd * d } else { 2.0 * fd * d };
                 let read = match *rule {
-                    GpuMlp::Cats(_) if llama => fd * d + 2.0 * k * d,
-                    GpuMlp::Cats(_) => fd * d + k * d,
-                    GpuMlp::ExactDown(_) => 2.0 * fd * d + k * d,
-                    GpuMlp::QScore(_) => 2.0 * fd * d * self.parts.score_bits / crate::model::SERVED_BITS + 3.0 * k * d,
+                    None => dense,
+                    Some(GpuMlp::Cats(_)) if llama => fd * d + 2.0 * k * d,
+                    Some(GpuMlp::Cats(_)) => fd * d + k * d,
+                    Some(GpuMlp::ExactDown(_)) => 2.0 * fd * d + k * d,
+                    Some(GpuMlp::QScore(_)) => 2.0 * fd * d * self.parts.score_bits / crate::model::SERVED_BITS + 3.0 * k * d,
                     // The predictor's own weights are not counted (as in the CPU reference).
-                    GpuMlp::Predicted(_) if llama => 3.0 * k * d,
-                    GpuMlp::Predicted(_) => 2.0 * k * d,
+                    Some(GpuMlp::Predicted(_)) if llama => 3.0 * k * d,
+                    Some(GpuMlp::Predicted(_)) => 2.0 * k * d,
                 };
                 st.add_reads(read, dense);
             }
@@ -424,7 +443,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
                 topk_compact(e, keep.ptr, nb, f, kept, None, Some((hid.ptr, act)))?;
             }
         }
-        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d)?;
+        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
     }
     Ok(())
 }
@@ -456,7 +475,7 @@ pub fn cats_mlp(e: &Engine, sp: &SparseMlp, l: usize, t: f32, rows: usize, input
         } else {
             cats_select(e, lw.up.ptr, up_b, false, inp, t, kept, act, nb, d, tally)?;
         }
-        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d)?;
+        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
     }
     Ok(())
 }

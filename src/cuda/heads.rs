@@ -1,0 +1,154 @@
+//! Head-sparse attention on the GPU (predicted heads, `--head-kv all`): per layer, the look-ahead predictor scores
+//! the heads from the previous layer's block input (layer 0: its own), each token keeps its top k, and for each
+//! chunk of up to 16 tokens the union of their heads is what is read: the q rows of those heads and every k/v row
+//! (`all`: the cache stays what dense decoding writes), attention for each token's own heads only (a dropped head's
+//! output is 0), and the kept heads' columns of the out-projection from its transposed copy. The CPU reference
+//! computes the same function (`src/model/mod.rs`, `HeadKv::All`).
+
+use cudarc::driver::sys::CUdeviceptr;
+
+use crate::predictor::FoldedPredictor;
+
+use super::engine::Engine;
+use super::gpu::{Args, DBuf, GpuError, GpuResult};
+use super::predict::GpuPredictor;
+use super::select::{topk_compact, topk_mark, Scores};
+use super::sparse::{down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
+
+/// The head-sparse state of a plan: per layer the kept count (None: dense attention), its predictor and the
+/// transposed out-projection; the previous block input; per chunk the kept heads and their row lists.
+pub struct SparseHeads {
+    pub k: Vec<Option<usize>>,
+    pred: Vec<Option<GpuPredictor>>,
+    o_t: Vec<Option<DBuf>>,
+    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before.
+    prev: DBuf,
+    /// f32 `[CHUNK, H]` scores, predictor scratch.
+    scores: DBuf,
+    tmp: DBuf,
+    /// u8 `[MAX_CHUNKS * CHUNK, H]`: each token's own heads (1 kept), read by the attention kernel.
+    pub keep: DBuf,
+    /// Per chunk: kept head ids `[H]` and count, q/k/v rows `[(H + 2 KV) hd]` and count, out-projection rows
+    /// `[H hd]` and count.
+    heads: DBuf,
+    qkv_rows: DBuf,
+    o_rows: DBuf,
+    counts: DBuf,
+}
+
+impl SparseHeads {
+    /// State for `k` (one entry per layer) with the layers' head predictors `preds` (folded; needed where `k` is
+    /// Some). The transposed out-projections are made here, once.
+    pub fn new(e: &Engine, k: Vec<Option<usize>>, preds: &[FoldedPredictor]) -> GpuResult<Self> {
+        let c = &e.cfg;
+        let (d, h, hd) = (c.hidden, c.heads, c.head_dim);
+        let qkv_n = (h + 2 * c.kv_heads) * hd;
+        let mut pred = Vec::with_capacity(k.len());
+        let mut o_t = Vec::with_capacity(k.len());
+        let mut scratch = 4;
+        for (l, kl) in k.iter().enumerate() {
+            match kl {
+                Some(_) => {
+                    let f = preds.get(l).ok_or_else(|| GpuError(format!("layer {l}: head sparsity needs the head predictors (--predictors)")))?;
+                    if f.n != h {
+                        return Err(GpuError(format!("layer {l}: a head predictor of {} outputs, the model has {h} heads", f.n)));
+                    }
+                    let p = GpuPredictor::upload(e, f)?;
+                    scratch = scratch.max(p.scratch_bytes(CHUNK));
+                    pred.push(Some(p));
+                    let t = e.gpu.alloc(d * h * hd * 2)?;
+                    transpose(e, e.w.layers[l].o.ptr, t.ptr, d, h * hd)?;
+                    o_t.push(Some(t));
+                }
+                None => {
+                    pred.push(None);
+                    o_t.push(None);
+                }
+            }
+        }
+        let rows = MAX_CHUNKS * CHUNK;
+        let s = SparseHeads {
+            k,
+            pred,
+            o_t,
+            prev: e.gpu.alloc(rows * d * 4)?,
+            scores: e.gpu.alloc(CHUNK * h * 4)?,
+            tmp: e.gpu.alloc(scratch)?,
+            keep: e.gpu.alloc(rows * h)?,
+            heads: e.gpu.alloc(MAX_CHUNKS * h * 4)?,
+            qkv_rows: e.gpu.alloc(MAX_CHUNKS * qkv_n * 4)?,
+            o_rows: e.gpu.alloc(MAX_CHUNKS * h * hd * 4)?,
+            counts: e.gpu.alloc(MAX_CHUNKS * 3 * 4)?,
+        };
+        e.gpu.sync()?;
+        Ok(s)
+    }
+
+    fn lists(&self, e: &Engine, c: usize) -> (Kept, Kept, Kept) {
+        let (h, hd) = (e.cfg.heads, e.cfg.head_dim);
+        let qkv_n = (h + 2 * e.cfg.kv_heads) * hd;
+        let cnt = |i: usize| self.counts.ptr + ((c * 3 + i) * 4) as u64;
+        (
+            Kept { idx: self.heads.ptr + (c * h * 4) as u64, cnt: cnt(0), cap: h },
+            Kept { idx: self.qkv_rows.ptr + (c * qkv_n * 4) as u64, cnt: cnt(1), cap: qkv_n },
+            Kept { idx: self.o_rows.ptr + (c * h * hd * 4) as u64, cnt: cnt(2), cap: h * hd },
+        )
+    }
+
+    /// Layer `l`'s head selection for `rows` tokens, then the block input saved for the next layer: scores from
+    /// the previous block input (layer 0: `x` itself), each token's top k into [`SparseHeads::keep`], and per chunk
+    /// the union's head ids and row lists. `x` is the f32 residual entering the layer, `[rows, d]`.
+    pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize) -> GpuResult<()> {
+        let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
+        if rows > MAX_CHUNKS * CHUNK {
+            return Err(GpuError(format!("a forward of {rows} rows is over head-sparse attention's {} rows", MAX_CHUNKS * CHUNK)));
+        }
+        if let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) {
+            let src = if l == 0 { x } else { self.prev.ptr };
+            let f = e.k.get("expand_heads")?;
+            for c in 0..rows.div_ceil(CHUNK) {
+                let r0 = c * CHUNK;
+                let nb = (rows - r0).min(CHUNK);
+                p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
+                let keep = self.keep.ptr + (r0 * h) as u64;
+                topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep)?;
+                let (heads, qkv, o) = self.lists(e, c);
+                topk_compact(e, keep, nb, h, heads, None, None)?;
+                let mut args = Args::new().ptr(heads.idx).ptr(heads.cnt).i32(h as i32).i32(kv as i32).i32(hd as i32).ptr(qkv.idx).ptr(qkv.cnt).ptr(o.idx).ptr(o.cnt);
+                e.gpu.launch(f, (1, 1, 1), 256, 0, &mut args)?;
+            }
+        }
+        e.gpu.copy(self.prev.ptr, x, rows * d * 4)
+    }
+
+    /// The q/k/v projection of the kept heads' q rows and every k/v row, written at their own columns of `qkv`
+    /// (f32 `[rows, (H + 2 KV) hd]`; the dropped heads' q columns are left as they were). `input(r0)` is the
+    /// attention input of the chunk starting at row `r0`.
+    pub fn qkv(&self, e: &Engine, l: usize, rows: usize, input: impl Fn(usize) -> super::sparse::In, qkv: CUdeviceptr) -> GpuResult<()> {
+        let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
+        let qkv_n = (h + 2 * kv) * hd;
+        let lw = &e.w.layers[l];
+        for c in 0..rows.div_ceil(CHUNK) {
+            let r0 = c * CHUNK;
+            let nb = (rows - r0).min(CHUNK);
+            let (_, rows_c, _) = self.lists(e, c);
+            super::sparse::gather_store(e, lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), input(r0), rows_c, qkv + (r0 * qkv_n * 4) as u64, nb, d)?;
+        }
+        Ok(())
+    }
+
+    /// The out-projection over the kept heads' columns, accumulated into the residual `x` (f32 `[rows, d]`):
+    /// `att` 16-bit `[rows, H hd]` (dropped heads' outputs are 0 for their own tokens).
+    pub fn out_proj(&self, e: &Engine, l: usize, rows: usize, att: CUdeviceptr, x: CUdeviceptr) -> GpuResult<()> {
+        let (d, h, hd) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim);
+        let ot = self.o_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed out-projection for a head-sparse layer"))?;
+        let ob = e.w.layers[l].o_b.as_ref().map(|b| b.ptr);
+        for c in 0..rows.div_ceil(CHUNK) {
+            let r0 = c * CHUNK;
+            let nb = (rows - r0).min(CHUNK);
+            let (_, _, o) = self.lists(e, c);
+            down_t(e, ot.ptr, ob, att + (r0 * h * hd * 2) as u64, h * hd, Some(o), h * hd, x + (r0 * d * 4) as u64, nb, d, true)?;
+        }
+        Ok(())
+    }
+}
