@@ -11,6 +11,9 @@
 #             exactdown@0.5, qscore@0.5 and, with $CARRY/predictors, dejavu@0.5 and 3 of 9 heads dropped, vs the CPU
 #             reference), then the blocks with their selection (and predictor or score pass) timed inside
 #             (bench --mlp-block --rule exactdown|qscore|dejavu); makes $CARRY/qscore.safetensors if missing
+#   e2e       sparse decode end to end on random weights (bench --mode, predictors and score passes included in the
+#             time), beside dense at the same batch, batch 1/4/16: OPT-6.7B/13B dejavu@0.9 + half the heads,
+#             Llama-2-7B/13B qscore@0.5 + 30% of heads dropped; then HF eager at the same shapes (hf stage)
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -87,6 +90,15 @@ PY
       done
       $BIN bench --mlp-block --rule dejavu --shape ${DEJAVU_SHAPES:-opt-6.7b opt-13b opt-66b opt-175b llama2-7b} --keep 0.5 0.25 0.1 \
         --dtype f16 --json "$OUT/mlp_dejavu.json" --csv "$OUT/mlp_dejavu.csv" 2>/dev/null ;;
+    e2e)
+      for sh in opt-6.7b opt-13b; do
+        $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
+        $BIN bench --shape $sh --batch 1 4 16 --mode dejavu@0.9 --head-sparsity 0.5 --csv "$OUT/e2e_sparse_$sh.csv" 2>/dev/null
+      done
+      for sh in llama2-7b llama2-13b; do
+        $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
+        $BIN bench --shape $sh --batch 1 4 16 --mode qscore@0.5 --head-sparsity 0.3 --csv "$OUT/e2e_sparse_$sh.csv" 2>/dev/null
+      done ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do

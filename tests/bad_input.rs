@@ -219,6 +219,12 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--reps"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "opt-13b", "--rule", "qscore"], &[]);
     common::assert_one_line_exit(&out, 2, &["--rule qscore", "opt-13b"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--mode", "qscore@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode qscore@0.5", "opt-13b"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--mode", "cats@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode cats@0.5", "--model"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--mode", "qscore@0.5", "--head-sparsity", "1.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--head-sparsity 1.5"]);
 }
 
 #[test]

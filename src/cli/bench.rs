@@ -60,6 +60,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = BlockRule::Gather)]
     #[serde(default)]
     pub rule: BlockRule,
+    /// Decode under a sparse mode on random weights (`--shape`): `dejavu@S` (a random predictor of the rank
+    /// `train-predictors` picks, included in the time), and on Llama shapes `qscore@S` (random int4 score copies)
+    /// or `exactdown@S`; the floor counts the bytes the plan reads at batch 1.
+    #[arg(long, value_name = "MODE")]
+    #[serde(default)]
+    pub mode: Option<dejavu::sparse::Mode>,
+    /// With `--mode`: this fraction of heads dropped by random look-ahead head predictors (`--head-kv all`).
+    #[arg(long, value_name = "H", requires = "mode")]
+    #[serde(default)]
+    pub head_sparsity: Option<f64>,
     /// Timed replays per `--mlp-block` row (the median and p90 are reported).
     #[arg(long, default_value_t = 100)]
     pub reps: usize,
@@ -84,6 +94,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.tokens == 0 || args.prompt == 0 {
         return Err(usage("--prompt and --tokens must be at least 1"));
+    }
+    if let Some(m) = args.mode {
+        use dejavu::sparse::Mode;
+        if args.model.is_some() || args.mlp_block {
+            return Err(usage("--mode: sparse decode is timed on --shape (random weights and predictors), without --model or --mlp-block"));
+        }
+        let llama_only = matches!(m, Mode::QScore(..) | Mode::ExactDown(..));
+        if !matches!(m, Mode::Dense | Mode::Dejavu(_) | Mode::QScore(..) | Mode::ExactDown(..)) {
+            return Err(usage(format!("--mode {m}: bench runs dense, dejavu@S, qscore@S and exactdown@S on random weights (cats@S needs calibrated thresholds: time it with --model)")));
+        }
+        if let Some(sh) = shapes.iter().find(|sh| llama_only && sh.family != dejavu::config::Family::Llama) {
+            return Err(usage(format!("--mode {m}: a SwiGLU rule; --shape {} is an OPT (ReLU) shape", sh.name)));
+        }
+        if let Some(h) = args.head_sparsity.filter(|h| !(0.0..1.0).contains(h)) {
+            return Err(usage(format!("--head-sparsity {h}: not in [0, 1)")));
+        }
     }
     if args.mlp_block {
         if let Some(k) = args.keep.iter().find(|k| !(**k > 0.0 && **k <= 1.0)) {
@@ -202,8 +228,15 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         let k = dejavu::cuda::kernels::Kernels::load(gpu.arch).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let w = Weights::random(&gpu, &k, &cfg, dt, 1).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+        let (label, bytes) = match args.mode {
+            Some(m) => {
+                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+                (format!("random, {l}"), Some(b))
+            }
+            None => ("random".to_string(), None),
+        };
         for &b in &args.batch {
-            let r = run(&mut engine, sh.name, "random", &opts(b)).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+            let r = dejavu::cuda::bench::run_plan(&mut engine, sh.name, &label, &opts(b), bytes).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
             eprintln!("{}", table(std::slice::from_ref(&r)).lines().nth(2).unwrap_or_default());
             results.push(r);
         }

@@ -63,8 +63,69 @@ fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> G
     Ok((prefill_ms, ms))
 }
 
+/// A sparse decode on random weights: the MLP rule of `mode` at its sparsity (`dejavu@S`: a random predictor of
+/// the rank `train-predictors` picks; `qscore@S`: random int4 copies; `exactdown@S`), and with `head_sparsity` the
+/// predicted heads (random look-ahead predictors, `--head-kv all`), installed on `e`. Returns a label and the
+/// weight bytes one step reads at batch 1 (the kept rows, predictors and score copies; the floor's numerator).
+pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>) -> GpuResult<(String, usize)> {
+    use super::predict::GpuPredictor;
+    use super::select::QCopy;
+    use super::sparse::{GpuMlp, SparseParts};
+    use crate::sparse::{keep_count, Mode};
+    let cfg = e.cfg.clone();
+    let (d, f, l, h, hd) = (cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.head_dim);
+    let llama = cfg.family == crate::config::Family::Llama;
+    let mats = if llama { 3 } else { 2 };
+    let rank = crate::predictor::default_rank(d);
+    let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
+    let mut bytes = step_weight_bytes(&cfg, 2);
+    let dense_mlp = mats * f * d * 2;
+    let (rule, mlp_bytes): (Option<GpuMlp>, usize) = match mode {
+        Mode::Dense => (None, dense_mlp),
+        Mode::Dejavu(s) => {
+            let k = keep_count(s.unwrap_or(0.9), f);
+            for layer in 0..l {
+                parts.pred.push(Some(GpuPredictor::random(e, rank, f, 100 + layer as u64)?));
+            }
+            (Some(GpuMlp::Predicted(k)), parts.pred[0].as_ref().map_or(0, |p| p.bytes()) + mats * k * d * 2)
+        }
+        Mode::QScore(s, _) if llama => {
+            let k = keep_count(s, f);
+            for layer in 0..l {
+                parts.q.push(Some(QCopy::random(e, f, d, 200 + 4 * layer as u64)?));
+            }
+            (Some(GpuMlp::QScore(k)), QCopy::bytes(f, d) + 3 * k * d * 2)
+        }
+        Mode::ExactDown(s, _) if llama => {
+            let k = keep_count(s, f);
+            (Some(GpuMlp::ExactDown(k)), 2 * f * d * 2 + k * d * 2)
+        }
+        m => return Err(super::gpu::GpuError(format!("bench --mode {m}: random weights run dense, dejavu@S, and on Llama shapes qscore@S and exactdown@S"))),
+    };
+    bytes = bytes + l * mlp_bytes - l * dense_mlp;
+    let mut label = mode.to_string();
+    let heads_k = head_sparsity.map(|hs| keep_count(hs, h).max(1)).filter(|&k| k < h);
+    let mut head_pred = Vec::new();
+    if let Some(k) = heads_k {
+        for layer in 0..l {
+            head_pred.push(Some(GpuPredictor::random(e, crate::predictor::default_rank(d), h, 300 + layer as u64)?));
+        }
+        let per = head_pred[0].as_ref().map_or(0, |p| p.bytes());
+        // Dropped heads: their q rows and out-projection columns are not read; every k/v row is.
+        bytes = bytes + l * per - l * 2 * (h - k) * hd * d * 2;
+        label += &format!(" + heads {k}/{h}");
+    }
+    e.install(vec![rule; l], vec![heads_k; l], parts, head_pred)?;
+    Ok((label, bytes))
+}
+
 /// Time `o` on `e` (its weights already loaded).
 pub fn run(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts) -> GpuResult<BenchResult> {
+    run_plan(e, model, weights, o, None)
+}
+
+/// [`run`] with the step's weight bytes given (a sparse plan installed by [`random_plan`]).
+pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_bytes: Option<usize>) -> GpuResult<BenchResult> {
     let cfg = e.cfg.clone();
     let copy_bytes = 1usize << 30;
     let copy_bw = e.copy_bandwidth(copy_bytes, 10)?;
@@ -74,7 +135,7 @@ pub fn run(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts) -> GpuResu
     }
     let (prefill_ms, mut steps) = one_run(e, o, &prompt, true)?;
     let (median, p90) = median_p90(&mut steps);
-    let step_bytes = step_weight_bytes(&cfg, 2);
+    let step_bytes = step_bytes.unwrap_or_else(|| step_weight_bytes(&cfg, 2));
     let floor_ms = step_bytes as f64 / copy_bw * 1e3;
     let mut breakdown = Vec::new();
     if o.breakdown {

@@ -279,27 +279,34 @@ impl Engine {
                 r => return Err(GpuError(format!("layer {l}: MLP rule {r:?} does not run on the GPU yet (CATS, exactdown, qscore and dejavu do)"))),
             });
         }
+        let mut parts = SparseParts::default();
+        if let Some(c) = art.qscore.filter(|_| rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_))))) {
+            parts.q = QCopy::upload_all(self, c)?.into_iter().map(Some).collect();
+            parts.score_bits = c.opts.bits_per_weight();
+        }
+        let upload = |ps: Option<&[FoldedPredictor]>, want: &dyn Fn(usize) -> bool| -> GpuResult<Vec<Option<GpuPredictor>>> {
+            (0..plan.layers.len())
+                .map(|l| match ps.and_then(|ps| ps.get(l)).filter(|_| want(l)) {
+                    Some(p) => GpuPredictor::upload(self, p).map(Some),
+                    None => Ok(None),
+                })
+                .collect()
+        };
+        parts.pred = upload(art.mlp_predictors, &|l| matches!(rules[l], Some(GpuMlp::Predicted(_))))?;
+        let head_pred = upload(art.head_predictors, &|l| heads_k[l].is_some())?;
+        self.install(rules, heads_k, parts, head_pred)
+    }
+
+    /// Run these per-layer rules from now on (see [`Engine::set_plan`]): the MLP rules with what they read
+    /// (`parts`), the heads kept per layer (None: dense attention) with their predictors.
+    pub fn install(&mut self, rules: Vec<Option<GpuMlp>>, heads_k: Vec<Option<usize>>, parts: SparseParts, head_pred: Vec<Option<GpuPredictor>>) -> GpuResult<()> {
         self.graphs.clear();
         self.sparse = None;
         self.heads = None;
         if heads_k.iter().any(Option::is_some) {
-            let preds = art.head_predictors.ok_or_else(|| GpuError::new("head sparsity needs the head predictors (--predictors)"))?;
-            self.heads = Some(SparseHeads::new(self, heads_k.clone(), preds)?);
+            self.heads = Some(SparseHeads::new(self, heads_k.clone(), head_pred)?);
         }
         if rules.iter().any(Option::is_some) || self.heads.is_some() {
-            let mut parts = SparseParts::default();
-            if let Some(c) = art.qscore.filter(|_| rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_))))) {
-                parts.q = QCopy::upload_all(self, c)?.into_iter().map(Some).collect();
-                parts.score_bits = c.opts.bits_per_weight();
-            }
-            if let Some(ps) = art.mlp_predictors {
-                for (l, r) in rules.iter().enumerate() {
-                    parts.pred.push(match (r, ps.get(l)) {
-                        (Some(GpuMlp::Predicted(_)), Some(p)) => Some(GpuPredictor::upload(self, p)?),
-                        _ => None,
-                    });
-                }
-            }
             let mut sp = SparseMlp::new(self, rules, parts)?;
             sp.heads_k = heads_k;
             self.sparse = Some(sp);

@@ -7,8 +7,6 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use crate::predictor::FoldedPredictor;
-
 use super::engine::Engine;
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 use super::predict::GpuPredictor;
@@ -37,9 +35,9 @@ pub struct SparseHeads {
 }
 
 impl SparseHeads {
-    /// State for `k` (one entry per layer) with the layers' head predictors `preds` (folded; needed where `k` is
-    /// Some). The transposed out-projections are made here, once.
-    pub fn new(e: &Engine, k: Vec<Option<usize>>, preds: &[FoldedPredictor]) -> GpuResult<Self> {
+    /// State for `k` (one entry per layer) with the layers' head predictors `preds` (needed where `k` is Some).
+    /// The transposed out-projections are made here, once.
+    pub fn new(e: &Engine, k: Vec<Option<usize>>, mut preds: Vec<Option<GpuPredictor>>) -> GpuResult<Self> {
         let c = &e.cfg;
         let (d, h, hd) = (c.hidden, c.heads, c.head_dim);
         let qkv_n = (h + 2 * c.kv_heads) * hd;
@@ -49,11 +47,10 @@ impl SparseHeads {
         for (l, kl) in k.iter().enumerate() {
             match kl {
                 Some(_) => {
-                    let f = preds.get(l).ok_or_else(|| GpuError(format!("layer {l}: head sparsity needs the head predictors (--predictors)")))?;
-                    if f.n != h {
-                        return Err(GpuError(format!("layer {l}: a head predictor of {} outputs, the model has {h} heads", f.n)));
+                    let p = preds.get_mut(l).and_then(Option::take).ok_or_else(|| GpuError(format!("layer {l}: head sparsity needs the head predictors (--predictors)")))?;
+                    if p.n != h {
+                        return Err(GpuError(format!("layer {l}: a head predictor of {} outputs, the model has {h} heads", p.n)));
                     }
-                    let p = GpuPredictor::upload(e, f)?;
                     scratch = scratch.max(p.scratch_bytes(CHUNK));
                     pred.push(Some(p));
                     let t = e.gpu.alloc(d * h * hd * 2)?;

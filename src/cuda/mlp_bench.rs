@@ -134,29 +134,16 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
 #[allow(clippy::too_many_arguments)]
 fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64) -> GpuResult<MlpBlockResult> {
     let (d, f) = (sh.hidden, sh.ffn);
-    // Random 16-bit words: f16 values (codes are any bits, scales small f16 numbers).
-    let fill = e.k.get("fill_random_f16")?;
-    let random = |bytes: usize, seed: u64, scale: f32| -> GpuResult<DBuf> {
-        let buf = e.gpu.alloc(bytes)?;
-        let n = bytes / 2;
-        e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(buf.ptr).i64(n as i64).u64(seed).f32(scale))?;
-        Ok(buf)
-    };
     let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
     let rank = crate::predictor::default_rank(d);
     let gr = match rule {
         BlockRule::Qscore => {
-            // Random bits as codes, random small f16 scales (timing only).
-            let q = QCopy { gate: random(f * d / 2, 21, 1.0)?, up: random(f * d / 2, 22, 1.0)?, gate_scale: random(f * d / 16, 23, 0.01)?, up_scale: random(f * d / 16, 24, 0.01)? };
-            parts.q.push(Some(q));
+            parts.q.push(Some(QCopy::random(e, f, d, 21)?));
             GpuMlp::QScore(k)
         }
         BlockRule::Dejavu => {
             // A random predictor of the rank `train-predictors` gives this width (its weights are read each token).
-            let mut r = crate::decode::SplitMix64(31);
-            let mut v = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| ((r.next_u64() % 2001) as f32 / 1000.0 - 1.0) * scale).collect() };
-            let folded = crate::predictor::FoldedPredictor { d, r: rank, n: f, w1t: v(rank * d, 0.05), b1: v(rank, 0.1), w2t: v(f * rank, 0.05), b2: v(f, 0.1) };
-            parts.pred.push(Some(GpuPredictor::upload(e, &folded)?));
+            parts.pred.push(Some(GpuPredictor::random(e, rank, f, 31)?));
             GpuMlp::Predicted(k)
         }
         _ => GpuMlp::ExactDown(k),
@@ -173,8 +160,8 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
     let kept = (n[0].max(0) as usize).min(f);
     let mats = if sh.family == Family::Llama { 3 } else { 2 };
     let bytes = match rule {
-        BlockRule::Qscore => f * d + 2 * f * (d / 32) * 2 + 3 * kept * d * 2,
-        BlockRule::Dejavu => (rank * d + f * rank) * 2 + mats * kept * d * 2,
+        BlockRule::Qscore => QCopy::bytes(f, d) + 3 * kept * d * 2,
+        BlockRule::Dejavu => (rank * d + f * rank + rank + f) * 2 + mats * kept * d * 2,
         _ => 2 * f * d * 2 + kept * d * 2,
     };
     let floor_us = bytes as f64 / copy_bw * 1e6;

@@ -83,6 +83,23 @@ impl QCopy {
         Ok(QCopy { gate: g, up: u, gate_scale: gs, up_scale: us })
     }
 
+    /// Random copies (any codes, small f16 scales) of an `[f, d]` gate and up, for timing.
+    pub fn random(e: &Engine, f: usize, d: usize, seed: u64) -> GpuResult<Self> {
+        let fill = e.k.get("fill_random_f16")?;
+        let rnd = |bytes: usize, seed: u64, scale: f32| -> GpuResult<DBuf> {
+            let b = e.gpu.alloc(bytes)?;
+            let n = bytes / 2;
+            e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(b.ptr).i64(n as i64).u64(seed).f32(scale))?;
+            Ok(b)
+        };
+        Ok(QCopy { gate: rnd(f * d / 2, seed, 1.0)?, up: rnd(f * d / 2, seed + 1, 1.0)?, gate_scale: rnd(f * d / 16, seed + 2, 0.01)?, up_scale: rnd(f * d / 16, seed + 3, 0.01)? })
+    }
+
+    /// Bytes a score pass reads: the codes and scales of gate and up.
+    pub fn bytes(f: usize, d: usize) -> usize {
+        f * d + 2 * f * (d / 32) * 2
+    }
+
     /// Every layer's copies, checked against the engine's model.
     pub fn upload_all(e: &Engine, c: &QScoreCopies) -> GpuResult<Vec<QCopy>> {
         let (d, f) = (e.cfg.hidden, e.cfg.ffn);
