@@ -94,6 +94,7 @@ PY
       for sh in opt-6.7b opt-13b; do
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
         $BIN bench --shape $sh --batch 1 4 16 --mode dejavu@0.9 --head-sparsity 0.5 --csv "$OUT/e2e_sparse_$sh.csv" 2>/dev/null
+        $BIN bench --shape $sh --batch 1 --mode dejavu@0.9 --head-sparsity 0.5 --rank 256 --csv "$OUT/e2e_sparse_r256_$sh.csv" 2>/dev/null
       done
       for sh in llama2-7b llama2-13b; do
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null

@@ -221,6 +221,8 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--rule qscore", "opt-13b"]);
     let out = common::dejavu(&["bench", "--shape", "opt-13b", "--mode", "qscore@0.5"], &[]);
     common::assert_one_line_exit(&out, 2, &["--mode qscore@0.5", "opt-13b"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--mode", "dejavu"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode dejavu", "dejavu@S"]);
     let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--mode", "cats@0.5"], &[]);
     common::assert_one_line_exit(&out, 2, &["--mode cats@0.5", "--model"]);
     let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--mode", "qscore@0.5", "--head-sparsity", "1.5"], &[]);

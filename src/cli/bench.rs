@@ -66,6 +66,11 @@ pub struct Args {
     #[arg(long, value_name = "MODE")]
     #[serde(default)]
     pub mode: Option<dejavu::sparse::Mode>,
+    /// Rank of the random predictors of `--mode dejavu@S`, `--head-sparsity` and `--rule dejavu` (default: what
+    /// `train-predictors` picks for the width, d/4 up to 1024; the predictors' bytes are in the time and the floor).
+    #[arg(long, value_name = "R")]
+    #[serde(default)]
+    pub rank: Option<usize>,
     /// With `--mode`: this fraction of heads dropped by random look-ahead head predictors (`--head-kv all`).
     #[arg(long, value_name = "H", requires = "mode")]
     #[serde(default)]
@@ -106,6 +111,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if let Some(sh) = shapes.iter().find(|sh| llama_only && sh.family != dejavu::config::Family::Llama) {
             return Err(usage(format!("--mode {m}: a SwiGLU rule; --shape {} is an OPT (ReLU) shape", sh.name)));
+        }
+        if args.rank == Some(0) {
+            return Err(usage("--rank must be at least 1"));
+        }
+        if m == Mode::Dejavu(None) {
+            return Err(usage("--mode dejavu: give the sparsity (dejavu@S): random predictors have no trained k"));
         }
         if let Some(h) = args.head_sparsity.filter(|h| !(0.0..1.0).contains(h)) {
             return Err(usage(format!("--head-sparsity {h}: not in [0, 1)")));
@@ -173,7 +184,7 @@ fn measure_mlp(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<dejavu::benc
                 anyhow::bail!("--shape {}: one MLP block needs {:.1} GB, the GPU has {:.1} GB free", sh.name, need as f64 / 1e9, free as f64 / 1e9);
             }
         }
-        let rows = run(sh, dt, &args.batch, &args.keep, args.reps, args.rule).map_err(|e| anyhow::anyhow!("bench --mlp-block {}: {e}", sh.name))?;
+        let rows = run(sh, dt, &args.batch, &args.keep, args.reps, args.rule, args.rank).map_err(|e| anyhow::anyhow!("bench --mlp-block {}: {e}", sh.name))?;
         for r in &rows {
             eprintln!("{}", dejavu::bench::mlp_table(std::slice::from_ref(r)).lines().nth(2).unwrap_or_default());
         }
@@ -230,7 +241,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let (label, bytes) = match args.mode {
             Some(m) => {
-                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.rank).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
                 (format!("random, {l}"), Some(b))
             }
             None => ("random".to_string(), None),

@@ -64,10 +64,10 @@ fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> G
 }
 
 /// A sparse decode on random weights: the MLP rule of `mode` at its sparsity (`dejavu@S`: a random predictor of
-/// the rank `train-predictors` picks; `qscore@S`: random int4 copies; `exactdown@S`), and with `head_sparsity` the
+/// `rank`, default the one `train-predictors` picks; `qscore@S`: random int4 copies; `exactdown@S`), and with `head_sparsity` the
 /// predicted heads (random look-ahead predictors, `--head-kv all`), installed on `e`. Returns a label and the
 /// weight bytes one step reads at batch 1 (the kept rows, predictors and score copies; the floor's numerator).
-pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>) -> GpuResult<(String, usize)> {
+pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>, rank: Option<usize>) -> GpuResult<(String, usize)> {
     use super::predict::GpuPredictor;
     use super::select::QCopy;
     use super::sparse::{GpuMlp, SparseParts};
@@ -76,14 +76,14 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
     let (d, f, l, h, hd) = (cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.head_dim);
     let llama = cfg.family == crate::config::Family::Llama;
     let mats = if llama { 3 } else { 2 };
-    let rank = crate::predictor::default_rank(d);
+    let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
     let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
     let mut bytes = step_weight_bytes(&cfg, 2);
     let dense_mlp = mats * f * d * 2;
     let (rule, mlp_bytes): (Option<GpuMlp>, usize) = match mode {
         Mode::Dense => (None, dense_mlp),
         Mode::Dejavu(s) => {
-            let k = keep_count(s.unwrap_or(0.9), f);
+            let k = keep_count(s.unwrap_or(0.0), f);
             for layer in 0..l {
                 parts.pred.push(Some(GpuPredictor::random(e, rank, f, 100 + layer as u64)?));
             }
@@ -103,12 +103,12 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
         m => return Err(super::gpu::GpuError(format!("bench --mode {m}: random weights run dense, dejavu@S, and on Llama shapes qscore@S and exactdown@S"))),
     };
     bytes = bytes + l * mlp_bytes - l * dense_mlp;
-    let mut label = mode.to_string();
+    let mut label = format!("{mode} (predictor rank {rank})");
     let heads_k = head_sparsity.map(|hs| keep_count(hs, h).max(1)).filter(|&k| k < h);
     let mut head_pred = Vec::new();
     if let Some(k) = heads_k {
         for layer in 0..l {
-            head_pred.push(Some(GpuPredictor::random(e, crate::predictor::default_rank(d), h, 300 + layer as u64)?));
+            head_pred.push(Some(GpuPredictor::random(e, rank, h, 300 + layer as u64)?));
         }
         let per = head_pred[0].as_ref().map_or(0, |p| p.bytes());
         // Dropped heads: their q rows and out-projection columns are not read; every k/v row is.

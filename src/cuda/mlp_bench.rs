@@ -8,7 +8,7 @@ use crate::config::Family;
 use crate::source::weights::Half;
 
 use super::engine::{Engine, Epi};
-use super::gpu::{Args, DBuf, Gpu, GpuResult, Graph};
+use super::gpu::{DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
 use super::predict::GpuPredictor;
 use super::select::QCopy;
@@ -49,7 +49,7 @@ fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f6
 
 /// Time the block at `sh` for every kept fraction in `keep`, at each batch size: `rule` gather (the kept ids
 /// given), or a SwiGLU rule whose selection runs inside the timed graph (`qscore`: random int4 score copies).
-pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, rule: BlockRule) -> GpuResult<Vec<MlpBlockResult>> {
+pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, rule: BlockRule, rank: Option<usize>) -> GpuResult<Vec<MlpBlockResult>> {
     let mut cfg = sh.config();
     cfg.layers = 1;
     cfg.vocab_size = 256;
@@ -65,14 +65,10 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
     let lw = &e.w.layers[0];
     let (up, up_b, down, down_b) = (lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr));
     // The transposed down copy [F, d] (random like the rest).
-    let wt = e.gpu.alloc(f * d * 2)?;
-    let fill = e.k.get(&format!("fill_random_{}", dt.name()))?;
-    let n = f * d;
-    e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(wt.ptr).i64(n as i64).u64(0x5eed).f32((3.0 / f as f64).sqrt() as f32))?;
+    let wt = Weights::random_half(&e.gpu, &e.k, dt, f * d, 0x5eed, (3.0 / f as f64).sqrt() as f32)?;
     let flush = e.gpu.alloc(FLUSH_BYTES)?;
     let max_b = batches.iter().copied().max().unwrap_or(1);
-    let x = e.gpu.alloc(max_b * d * 2)?;
-    e.gpu.launch(fill, ((max_b * d).div_ceil(256) as u32, 1, 1), 256, 0, &mut Args::new().ptr(x.ptr).i64((max_b * d) as i64).u64(0x1234).f32(1.0))?;
+    let x = Weights::random_half(&e.gpu, &e.k, dt, max_b * d, 0x1234, 1.0)?;
     let out = e.gpu.alloc(max_b * d * 4)?;
     e.gpu.memset(&out, 0)?;
     let act = e.gpu.alloc(max_b * f * 2)?;
@@ -90,7 +86,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
         for &frac in keep {
             let kk = ((frac * f as f64).round() as usize).clamp(1, f);
             if rule != BlockRule::Gather {
-                results.push(time_rule(&e, sh, rule, b, kk, x.ptr, out.ptr, &flush, reps, copy_bw, dense_us)?);
+                results.push(time_rule(&e, sh, rule, b, kk, x.ptr, out.ptr, &flush, reps, copy_bw, dense_us, rank)?);
                 continue;
             }
             e.gpu.upload(&idx, 0, &random_kept(f, kk, 99 + kk as u64))?;
@@ -132,10 +128,10 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
 /// down; `exactdown` gate and up whole, then the kept rows of down; `dejavu` the predictor's two matrices, then the
 /// kept rows of every matrix.
 #[allow(clippy::too_many_arguments)]
-fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64) -> GpuResult<MlpBlockResult> {
+fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64, rank: Option<usize>) -> GpuResult<MlpBlockResult> {
     let (d, f) = (sh.hidden, sh.ffn);
     let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
-    let rank = crate::predictor::default_rank(d);
+    let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
     let gr = match rule {
         BlockRule::Qscore => {
             parts.q.push(Some(QCopy::random(e, f, d, 21)?));

@@ -48,12 +48,7 @@ impl GpuPredictor {
     /// A predictor of random weights (small values of the engine's type) at real shapes, for timing.
     pub fn random(e: &Engine, r: usize, n: usize, seed: u64) -> GpuResult<Self> {
         let d = e.cfg.hidden;
-        let fill = e.k.get(&format!("fill_random_{}", e.dt().name()))?;
-        let rnd = |len: usize, seed: u64, scale: f32| -> GpuResult<DBuf> {
-            let b = e.gpu.alloc(len * 2)?;
-            e.gpu.launch(fill, (len.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut super::gpu::Args::new().ptr(b.ptr).i64(len as i64).u64(seed).f32(scale))?;
-            Ok(b)
-        };
+        let rnd = |len: usize, seed: u64, scale: f32| super::Weights::random_half(&e.gpu, &e.k, e.dt(), len, seed, scale);
         let ones = e.gpu.alloc(d * 2)?;
         e.gpu.upload(&ones, 0, &e.dt().encode(&vec![1.0; d]))?;
         Ok(GpuPredictor { d, r, n, w1t: rnd(r * d, seed, 0.05)?, b1: rnd(r, seed + 1, 0.1)?, w2t: rnd(n * r, seed + 2, 0.05)?, b2: rnd(n, seed + 3, 0.1)?, ones })

@@ -85,13 +85,7 @@ impl QCopy {
 
     /// Random copies (any codes, small f16 scales) of an `[f, d]` gate and up, for timing.
     pub fn random(e: &Engine, f: usize, d: usize, seed: u64) -> GpuResult<Self> {
-        let fill = e.k.get("fill_random_f16")?;
-        let rnd = |bytes: usize, seed: u64, scale: f32| -> GpuResult<DBuf> {
-            let b = e.gpu.alloc(bytes)?;
-            let n = bytes / 2;
-            e.gpu.launch(fill, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &mut Args::new().ptr(b.ptr).i64(n as i64).u64(seed).f32(scale))?;
-            Ok(b)
-        };
+        let rnd = |bytes: usize, seed: u64, scale: f32| super::Weights::random_half(&e.gpu, &e.k, crate::source::weights::Half::F16, bytes / 2, seed, scale);
         Ok(QCopy { gate: rnd(f * d / 2, seed, 1.0)?, up: rnd(f * d / 2, seed + 1, 1.0)?, gate_scale: rnd(f * d / 16, seed + 2, 0.01)?, up_scale: rnd(f * d / 16, seed + 3, 0.01)? })
     }
 

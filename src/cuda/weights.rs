@@ -214,20 +214,24 @@ impl Weights {
         Ok(w)
     }
 
+    /// `n` random 16-bit values of type `dt`, uniform in [-scale, scale], filled on the GPU (for latency only).
+    pub fn random_half(gpu: &Gpu, k: &Kernels, dt: Half, n: usize, seed: u64, scale: f32) -> GpuResult<DBuf> {
+        let fill = k.get(&format!("fill_random_{}", dt.name()))?;
+        let b = gpu.alloc(n * 2)?;
+        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        gpu.launch(fill, (blocks, 1, 1), 256, 0, &mut Args::new().ptr(b.ptr).i64(n as i64).u64(seed).f32(scale))?;
+        Ok(b)
+    }
+
     /// Random weights at `cfg`'s shapes, filled on the GPU (nothing crosses the bus): uniform with variance 1/in
     /// for projections, norms at 1, small biases. For latency only.
     pub fn random(gpu: &Gpu, k: &Kernels, cfg: &ModelConfig, dt: Half, seed: u64) -> GpuResult<Self> {
         let sh = shapes(cfg);
         let (d, f, e) = (cfg.hidden, cfg.ffn, cfg.embed_dim);
-        let fill = k.get(&format!("fill_random_{}", dt.name()))?;
         let mut counter = seed;
         let mut rand = |n: usize, fan_in: usize| -> GpuResult<DBuf> {
-            let b = gpu.alloc(n * 2)?;
             counter = counter.wrapping_add(0x9E37_79B9);
-            let scale = (3.0 / fan_in.max(1) as f64).sqrt() as f32;
-            let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
-            gpu.launch(fill, (blocks, 1, 1), 256, 0, &mut Args::new().ptr(b.ptr).i64(n as i64).u64(counter).f32(scale))?;
-            Ok(b)
+            Self::random_half(gpu, k, dt, n, counter, (3.0 / fan_in.max(1) as f64).sqrt() as f32)
         };
         let ones = |n: usize| -> GpuResult<DBuf> {
             let b = gpu.alloc(n * 2)?;
