@@ -11,7 +11,9 @@ __device__ __forceinline__ void rope_kv_impl(
     u16* __restrict__ kc,          // [rows, KV, max_len, hd]
     u16* __restrict__ vc,          // [rows, KV, max_len, hd]
     const int* __restrict__ state, // [1]: positions cached before this forward
-    int seq, int H, int KV, int hd, int max_len, float theta, int rope) {
+    int seq, int H, int KV, int hd, int max_len, float theta, int rope,
+    const unsigned char* __restrict__ hkeep, // [N, H] each token's kept heads (`--head-kv kept`), or null: all
+    unsigned char* __restrict__ pres) {      // [rows, KV, max_len] out, or null: 1 where the k/v head was computed
     // Block (n, h): token n, head h < H (a query head) or h - H (a key head, which also stores its value head).
     const int n = blockIdx.x, h = blockIdx.y, b = n / seq, t = n % seq;
     const int p = state[0] + t;
@@ -40,6 +42,13 @@ __device__ __forceinline__ void rope_kv_impl(
     }
     if (h >= H) {
         const int j = h - H;
+        if (pres && threadIdx.x == 0) { // present where one of the key/value head's query heads is kept
+            const int G = H / KV;
+            unsigned char any = hkeep ? 0 : 1;
+            if (hkeep)
+                for (int m = 0; m < G; m++) any |= hkeep[(size_t)n * H + j * G + m];
+            pres[((size_t)b * KV + j) * max_len + p] = any ? 1 : 0;
+        }
         const float* v = q + (H + KV + j) * hd;
         u16* dst = vc + (((size_t)b * KV + j) * max_len + p) * hd;
         for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = T::store(v[i]);
@@ -58,7 +67,8 @@ __device__ __forceinline__ void attn_split_impl(
     float* __restrict__ part,      // [N * H * S, hd + 2]
     const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale,
     u16* __restrict__ direct,      // [N, H * hd]: with S == 1, the normalised output goes straight here
-    const unsigned char* __restrict__ hkeep) { // [N, H] or null: 0 = head dropped by its token (output 0)
+    const unsigned char* __restrict__ hkeep, // [N, H] or null: 0 = head dropped by its token (output 0)
+    const unsigned char* __restrict__ pres) { // [rows, KV, max_len] or null: an earlier key whose flag is 0 is skipped
 
     const int hd = HD;
     __shared__ float qs[256];
@@ -82,6 +92,7 @@ __device__ __forceinline__ void attn_split_impl(
     const int end = min(len, start + chunk);
     const int j = h / (H / KV);
     const size_t kvbase = ((size_t)b * KV + j) * max_len * hd;
+    const unsigned char* pr = pres ? pres + ((size_t)b * KV + j) * max_len : 0;
     const float* q = qkv + (size_t)n * (H + 2 * KV) * hd + h * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i] * scale;
     __syncthreads();
@@ -94,7 +105,8 @@ __device__ __forceinline__ void attn_split_impl(
     for (int tile = start; tile < end; tile += ATT_THREADS) {
         const int key = tile + threadIdx.x;
         float sc = NEG_INF;
-        if (key < end) {
+        // A key skipped by its token (absent) is not attended to; the query's own position always is.
+        if (key < end && (!pr || key == len - 1 || pr[key])) {
             const uint4* kr = (const uint4*)(kc + kvbase + (size_t)key * hd);
             uint4 kv[HD / 8];
 #pragma unroll
@@ -111,10 +123,11 @@ __device__ __forceinline__ void attn_split_impl(
         }
         const float mt = block_max(sc, red);
         const float mnew = fmaxf(m, mt);
-        const float pv = key < end ? expf(sc - mnew) : 0.0f;
+        // Absent keys (and keys past the end) weigh 0; a tile with none present leaves the state as it was.
+        const float pv = sc != NEG_INF ? expf(sc - mnew) : 0.0f;
         ps[threadIdx.x] = pv;
         const float lt = block_sum(pv, red); // its barriers also publish ps
-        const float corr = expf(m - mnew);
+        const float corr = m != NEG_INF ? expf(m - mnew) : 0.0f;
         l = l * corr + lt;
         acc0 *= corr;
         acc1 *= corr;
@@ -190,14 +203,16 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
 #define ATTN_SPLIT(TN, T, HD)                                                                                  \
     extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
                                                        const int* state, int T_, int H, int KV, int hd, int max_len, \
-                                                       int S, float scale, u16* direct, const unsigned char* hkeep) { PDL_ENTER \
-        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct, hkeep);           \
+                                                       int S, float scale, u16* direct, const unsigned char* hkeep,   \
+                                                       const unsigned char* pres) { PDL_ENTER                          \
+        attn_split_impl<T, HD>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct, hkeep, pres);     \
     }
 
 #define ATTN_KERNELS(TN, T)                                                                                       \
     extern "C" __global__ void rope_kv_##TN(float* qkv, u16* kc, u16* vc, const int* state, int T_, int H, int KV, \
-                                            int hd, int max_len, float theta, int rope) { PDL_ENTER                          \
-        rope_kv_impl<T>(qkv, kc, vc, state, T_, H, KV, hd, max_len, theta, rope);                                  \
+                                            int hd, int max_len, float theta, int rope, const unsigned char* hkeep,  \
+                                            unsigned char* pres) { PDL_ENTER                                          \
+        rope_kv_impl<T>(qkv, kc, vc, state, T_, H, KV, hd, max_len, theta, rope, hkeep, pres);                      \
     }                                                                                                             \
     ATTN_SPLIT(TN, T, 8) ATTN_SPLIT(TN, T, 16) ATTN_SPLIT(TN, T, 32) ATTN_SPLIT(TN, T, 64) ATTN_SPLIT(TN, T, 128) \
     ATTN_SPLIT(TN, T, 256)                                                                                        \

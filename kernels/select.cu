@@ -163,20 +163,39 @@ extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, 
 extern "C" __global__ void expand_heads(const int* __restrict__ heads, // [H] kept head ids, ascending
                                         const int* __restrict__ hcnt,  // [1]
                                         int H, int KV, int hd,
+                                        int kv_kept, // 1: only the k/v rows of key/value heads with a kept query head
                                         int* __restrict__ qkv_rows,    // [(H + 2 KV) * hd] out
                                         int* __restrict__ qkv_cnt,     // [1] out
                                         int* __restrict__ o_rows,      // [H * hd] out
                                         int* __restrict__ o_cnt) {     // [1] out
     PDL_ENTER
+    __shared__ int groups[256];
+    __shared__ int ng;
     const int n = min(hcnt[0], H);
     for (int i = threadIdx.x; i < n * hd; i += blockDim.x) {
         const int r = heads[i / hd] * hd + i % hd;
         qkv_rows[i] = r;
         o_rows[i] = r;
     }
-    for (int i = threadIdx.x; i < 2 * KV * hd; i += blockDim.x) qkv_rows[n * hd + i] = H * hd + i;
+    // The key/value heads computed: every one, or (kv_kept) those of the kept heads, ascending (heads ascend).
     if (threadIdx.x == 0) {
-        qkv_cnt[0] = n * hd + 2 * KV * hd;
+        const int G = H / KV;
+        ng = 0;
+        for (int j = 0; j < KV && j < 256; j++) {
+            bool any = !kv_kept;
+            for (int i = 0; i < n && !any; i++) any = heads[i] / G == j;
+            if (any) groups[ng++] = j;
+        }
+    }
+    __syncthreads();
+    const int m = ng;
+    for (int i = threadIdx.x; i < m * hd; i += blockDim.x) {
+        const int g = groups[i / hd], c = i % hd;
+        qkv_rows[n * hd + i] = H * hd + g * hd + c;          // k rows of the group
+        qkv_rows[n * hd + m * hd + i] = (H + KV) * hd + g * hd + c; // its v rows
+    }
+    if (threadIdx.x == 0) {
+        qkv_cnt[0] = n * hd + 2 * m * hd;
         o_cnt[0] = n * hd;
     }
 }

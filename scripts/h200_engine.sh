@@ -82,6 +82,10 @@ PY
       $BIN engine-check --json "$OUT/check_kernels.json" > "$OUT/check_kernels.txt" 2>&1; grep -E "topk|qscore|exactdown|NO" "$OUT/check_kernels.txt" | tail -40
       # Predictors (RUN/predictors of SmolLM2, 41 MB) when carried: dejavu@0.5's MLP and 3 of 9 heads dropped.
       PRED=(); [ -d "$CARRY/predictors" ] && PRED=(--predictors "$CARRY/predictors" --head-sparsity 0.3333)
+      # The same heads with the key/value heads of dropped heads skipped (kept sets and greedy agreement).
+      [ -d "$CARRY/predictors" ] && DEJAVU_REFERENCE_ROUND=f16 $BIN engine-check --no-kernels --models "$M" --prompts "$CARRY/data/prompts.txt" \
+        --n 50 --steps 64 --predictors "$CARRY/predictors" --head-sparsity 0.3333 --head-kv kept > "$OUT/check_heads_kept.txt" 2>&1
+      tail -4 "$OUT/check_heads_kept.txt" 2>/dev/null
       DEJAVU_REFERENCE_ROUND=f16 $BIN engine-check --no-kernels --models "$M" --prompts "$CARRY/data/prompts.txt" --n 50 --steps 64 \
         --topk-sparsity 0.5 --qscore "$CARRY/qscore.safetensors" "${PRED[@]}" --json "$OUT/check_topk.json" > "$OUT/check_topk.txt" 2>&1; tail -12 "$OUT/check_topk.txt"
       for rule in exactdown qscore; do
@@ -95,6 +99,7 @@ PY
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
         $BIN bench --shape $sh --batch 1 4 16 --mode dejavu@0.9 --head-sparsity 0.5 --csv "$OUT/e2e_sparse_$sh.csv" 2>/dev/null
         $BIN bench --shape $sh --batch 1 --mode dejavu@0.9 --head-sparsity 0.5 --rank 256 --csv "$OUT/e2e_sparse_r256_$sh.csv" 2>/dev/null
+        $BIN bench --shape $sh --batch 1 --mode dejavu@0.9 --head-sparsity 0.5 --rank 256 --head-kv kept --csv "$OUT/e2e_sparse_r256_kept_$sh.csv" 2>/dev/null
       done
       for sh in llama2-7b llama2-13b; do
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null

@@ -211,8 +211,8 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--batch"]);
     let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "oracle@0.5"], &[]);
     common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense", "cats@S", "qscore@S"]);
-    let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "qscore@0.5", "--head-sparsity", "0.3", "--head-kv", "kept"], &[]);
-    common::assert_one_line_exit(&out, 2, &["--head-kv kept", "--device cpu"]);
+    let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "cascade@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode cascade@0.5", "--device cpu"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--keep", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--keep 0", "(0, 1]"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--reps", "0"], &[]);

@@ -71,10 +71,15 @@ pub struct Args {
     #[arg(long, value_name = "R")]
     #[serde(default)]
     pub rank: Option<usize>,
-    /// With `--mode`: this fraction of heads dropped by random look-ahead head predictors (`--head-kv all`).
+    /// With `--mode`: this fraction of heads dropped by random look-ahead head predictors.
     #[arg(long, value_name = "H", requires = "mode")]
     #[serde(default)]
     pub head_sparsity: Option<f64>,
+    /// With `--head-sparsity`: `all` computes every key/value head, `kept` skips those of the dropped heads (see
+    /// `generate --help`).
+    #[arg(long, value_enum, value_name = "KV", default_value_t = dejavu::sparse::HeadKv::All, requires = "head_sparsity")]
+    #[serde(default)]
+    pub head_kv: dejavu::sparse::HeadKv,
     /// Timed replays per `--mlp-block` row (the median and p90 are reported).
     #[arg(long, default_value_t = 100)]
     pub reps: usize,
@@ -241,7 +246,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let (label, bytes) = match args.mode {
             Some(m) => {
-                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.rank).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.head_kv == dejavu::sparse::HeadKv::Kept, args.rank).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
                 (format!("random, {l}"), Some(b))
             }
             None => ("random".to_string(), None),

@@ -388,18 +388,14 @@ pub fn decoder_for<'a, B: Backend>(
 }
 
 /// Refuse what the engine cannot run yet, naming the flag: it runs `dense`, `cats@S`, `exactdown@S`, `qscore@S`
-/// (with or without `+greedy`) and `dejavu@S` on the MLP through the sparse kernels, and predicted heads
-/// (`--head-kv all`) on attention.
+/// (with or without `+greedy`) and `dejavu@S` on the MLP through the sparse kernels, and predicted heads on
+/// attention.
 pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()> {
     if uses_engine(&args.model) {
         if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..) | Mode::Dejavu(_))) {
             return Err(usage(format!(
                 "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S, qscore@S and dejavu@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
             )));
-        }
-        // Heads on the GPU: predicted (dejavu, or a SwiGLU rule with --predictors), their key/value heads all kept.
-        if args.head_kv == HeadKv::Kept {
-            return Err(usage("--head-kv kept: the CUDA engine keeps every key/value head today (--head-kv all); run kept with --device cpu"));
         }
     }
     Ok(())

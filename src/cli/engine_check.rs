@@ -50,6 +50,9 @@ pub struct Args {
     /// by the look-ahead head predictors (`--head-kv all`; MLP dense).
     #[arg(long, value_name = "H", requires = "predictors")]
     pub head_sparsity: Option<f64>,
+    /// The key/value heads of dropped heads under `--head-sparsity`: computed (`all`) or skipped (`kept`).
+    #[arg(long, value_enum, default_value_t = dejavu::sparse::HeadKv::All)]
+    pub head_kv: dejavu::sparse::HeadKv,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -140,11 +143,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     return Err(super::usage(format!("--head-sparsity {hsp}: not in [0, 1)")));
                 }
                 let k = dejavu::sparse::keep_count(hsp, cfg.heads).max(1);
-                let label = format!("heads {k}/{} predicted", cfg.heads);
+                let label = format!("heads {k}/{} predicted, k/v {:?}", cfg.heads, args.head_kv).to_lowercase();
                 let kc = check::kept_sets(&files, args.dtype, check::KeptRule::Heads(k, p), &prompts).map_err(|e| anyhow::anyhow!("{m}: kept heads: {e}"))?;
                 out(&kept_line(&label, &kc))?;
                 failed += usize::from(!kc.pass);
-                let heads = HeadRule::PredictedTopK { k, kv: dejavu::sparse::HeadKv::All };
+                let heads = HeadRule::PredictedTopK { k, kv: args.head_kv };
                 plans.push((dejavu::sparse::Plan::uniform(cfg.layers, LayerPlan { mlp: MlpRule::Dense, heads }), label));
             }
             if let Some(sp) = args.topk_sparsity {

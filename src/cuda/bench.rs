@@ -67,7 +67,7 @@ fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> G
 /// `rank`, default the one `train-predictors` picks; `qscore@S`: random int4 copies; `exactdown@S`), and with `head_sparsity` the
 /// predicted heads (random look-ahead predictors, `--head-kv all`), installed on `e`. Returns a label and the
 /// weight bytes one step reads at batch 1 (the kept rows, predictors and score copies; the floor's numerator).
-pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>, rank: Option<usize>) -> GpuResult<(String, usize)> {
+pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>, kv_kept: bool, rank: Option<usize>) -> GpuResult<(String, usize)> {
     use super::predict::GpuPredictor;
     use super::select::QCopy;
     use super::sparse::{GpuMlp, SparseParts};
@@ -111,11 +111,14 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
             head_pred.push(Some(GpuPredictor::random(e, rank, h, 300 + layer as u64)?));
         }
         let per = head_pred[0].as_ref().map_or(0, |p| p.bytes());
-        // Dropped heads: their q rows and out-projection columns are not read; every k/v row is.
-        bytes = bytes + l * per - l * 2 * (h - k) * hd * d * 2;
-        label += &format!(" + heads {k}/{h}");
+        // Dropped heads: their q rows and out-projection columns are not read; every k/v row is, unless `kept`
+        // (then, at batch 1, those of the key/value heads with no kept query head are not either).
+        let kvh = cfg.kv_heads;
+        let groups_off = if kv_kept { kvh - k.div_ceil(h / kvh).min(kvh) } else { 0 };
+        bytes = bytes + l * per - l * 2 * (h - k) * hd * d * 2 - l * 2 * groups_off * hd * d * 2;
+        label += &format!(" + heads {k}/{h}{}", if kv_kept { " (k/v of dropped heads skipped)" } else { "" });
     }
-    e.install(vec![rule; l], vec![heads_k; l], parts, head_pred)?;
+    e.install(vec![rule; l], vec![heads_k; l], kv_kept, parts, head_pred)?;
     Ok((label, bytes))
 }
 

@@ -522,16 +522,17 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         let att = d.poisoned(n * heads * hd * 2)?;
         let t = dt.name();
         let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
-        d.launch(&format!("rope_kv_{t}"), (n as u32, (heads + kvh) as u32, 1), rope_threads, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).f32(theta as f32).i32(1))?;
+        d.launch(&format!("rope_kv_{t}"), (n as u32, (heads + kvh) as u32, 1), rope_threads, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).f32(theta as f32).i32(1).ptr(0).ptr(0))?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let attend = |hkeep: u64, att: &DBuf| -> GpuResult<()> {
+        let attend_p = |hkeep: u64, pres: u64, att: &DBuf| -> GpuResult<()> {
             let direct = if splits == 1 { att.ptr } else { 0 };
-            d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct).ptr(hkeep))?;
+            d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct).ptr(hkeep).ptr(pres))?;
             if splits > 1 {
                 d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
             }
             Ok(())
         };
+        let attend = |hkeep: u64, att: &DBuf| attend_p(hkeep, 0, att);
         attend(0, &att)?;
         // Head-sparse: with keep flags, a dropped head's output is 0 and a kept head's is bit for bit the dense one.
         let flags: Vec<u8> = (0..n * heads).map(|i| u8::from((i * 7 + hd) % 3 != 0)).collect();
@@ -605,6 +606,33 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         out.push(verdict(format!("rope_kv+attn_split+attn_combine {tag}"), dt, &d.read_half(&att, n * heads * hd, dt)?, &want, 1e-2));
         let got_k = d.read_half(&kb, kc.len(), dt)?;
         out.push(verdict(format!("rope_kv cache keys {tag}"), dt, &got_k, &kc, 1e-2));
+        // Absent entries (`--head-kv kept`): a query skips the earlier positions flagged 0 and sees its own.
+        let mut r = rng(s + 7);
+        let pres: Vec<u8> = (0..rows_b * kvh * cap).map(|_| u8::from(r.next_u64() % 3 != 0)).collect();
+        let pb = e.gpu.alloc(pres.len())?;
+        e.gpu.upload(&pb, 0, &pres)?;
+        let att3 = d.poisoned(n * heads * hd * 2)?;
+        attend_p(0, pb.ptr, &att3)?;
+        let mut want3 = vec![0f32; n * heads * hd];
+        for r in 0..n {
+            let (b, tt) = (r / seq, r % seq);
+            let len = past + tt + 1;
+            for h in 0..heads {
+                let j = h / (heads / kvh);
+                let q = &qs[(r * heads + h) * hd..(r * heads + h + 1) * hd];
+                let base = (b * kvh + j) * cap * hd;
+                let seen: Vec<usize> = (0..len).filter(|&p| p == len - 1 || pres[(b * kvh + j) * cap + p] == 1).collect();
+                let sc: Vec<f64> = seen.iter().map(|&p| (0..hd).map(|i| q[i] * kc[base + p * hd + i] as f64).sum::<f64>() * scale as f64).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let ex: Vec<f64> = sc.iter().map(|&v| (v - m).exp()).collect();
+                let z: f64 = ex.iter().sum();
+                for i in 0..hd {
+                    let o: f64 = seen.iter().zip(&ex).map(|(&p, w)| w * vc[base + p * hd + i] as f64).sum::<f64>() / z;
+                    want3[(r * heads + h) * hd + i] = o as f32;
+                }
+            }
+        }
+        out.push(verdict(format!("attn_split with absent keys {tag}"), dt, &d.read_half(&att3, n * heads * hd, dt)?, &want3, 1e-2));
     }
     Ok(())
 }

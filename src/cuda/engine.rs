@@ -134,6 +134,9 @@ struct Cache {
     cap: usize,
     k: Vec<DBuf>,
     v: Vec<DBuf>,
+    /// Per layer, u8 `[rows, kv_heads, cap]`: 1 where the key/value head was computed at that position, 0 where a
+    /// head-sparse token (`--head-kv kept`) skipped it. Written by every forward; read when a plan may skip.
+    present: Vec<DBuf>,
 }
 
 /// What the last forward left behind.
@@ -263,12 +266,16 @@ impl Engine {
         }
         let mut rules = Vec::with_capacity(plan.layers.len());
         let mut heads_k = Vec::with_capacity(plan.layers.len());
+        let mut kv_kept = false;
         for (l, lp) in plan.layers.iter().enumerate() {
             heads_k.push(match lp.heads {
                 HeadRule::Dense => None,
                 HeadRule::PredictedTopK { k, .. } if k >= self.cfg.heads => None,
-                HeadRule::PredictedTopK { k, kv: HeadKv::All } => Some(k),
-                r => return Err(GpuError(format!("layer {l}: head rule {r:?} does not run on the GPU yet (predicted heads with --head-kv all do)"))),
+                HeadRule::PredictedTopK { k, kv } => {
+                    kv_kept |= kv == HeadKv::Kept;
+                    Some(k)
+                }
+                r => return Err(GpuError(format!("layer {l}: head rule {r:?} does not run on the GPU yet (predicted heads do)"))),
             });
             rules.push(match lp.mlp {
                 MlpRule::Dense => None,
@@ -294,17 +301,18 @@ impl Engine {
         };
         parts.pred = upload(art.mlp_predictors, &|l| matches!(rules[l], Some(GpuMlp::Predicted(_))))?;
         let head_pred = upload(art.head_predictors, &|l| heads_k[l].is_some())?;
-        self.install(rules, heads_k, parts, head_pred)
+        self.install(rules, heads_k, kv_kept, parts, head_pred)
     }
 
     /// Run these per-layer rules from now on (see [`Engine::set_plan`]): the MLP rules with what they read
-    /// (`parts`), the heads kept per layer (None: dense attention) with their predictors.
-    pub fn install(&mut self, rules: Vec<Option<GpuMlp>>, heads_k: Vec<Option<usize>>, parts: SparseParts, head_pred: Vec<Option<GpuPredictor>>) -> GpuResult<()> {
+    /// (`parts`), the heads kept per layer (None: dense attention) with their predictors, and whether a token skips
+    /// the key/value heads none of its kept heads reads (`--head-kv kept`).
+    pub fn install(&mut self, rules: Vec<Option<GpuMlp>>, heads_k: Vec<Option<usize>>, kv_kept: bool, parts: SparseParts, head_pred: Vec<Option<GpuPredictor>>) -> GpuResult<()> {
         self.graphs.clear();
         self.sparse = None;
         self.heads = None;
         if heads_k.iter().any(Option::is_some) {
-            self.heads = Some(SparseHeads::new(self, heads_k.clone(), head_pred)?);
+            self.heads = Some(SparseHeads::new(self, heads_k.clone(), kv_kept, head_pred)?);
         }
         if rules.iter().any(Option::is_some) || self.heads.is_some() {
             let mut sp = SparseMlp::new(self, rules, parts)?;
@@ -426,8 +434,10 @@ impl Engine {
             let bytes = rows_new * c.kv_heads * cap * hd * 2;
             let mut k = Vec::with_capacity(c.layers);
             let mut v = Vec::with_capacity(c.layers);
+            let mut present = Vec::with_capacity(c.layers);
             for l in 0..c.layers {
                 let (kb, vb) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
+                let pb = self.gpu.alloc(rows_new * c.kv_heads * cap)?;
                 if let Some(old) = &self.cache {
                     // Keep the cached positions: copy each (row, kv head) run of `len` positions.
                     let run = self.len * hd * 2;
@@ -437,15 +447,18 @@ impl Engine {
                             let dst = ((r * c.kv_heads + j) * cap * hd * 2) as u64;
                             self.gpu.copy(kb.ptr + dst, old.k[l].ptr + src, run)?;
                             self.gpu.copy(vb.ptr + dst, old.v[l].ptr + src, run)?;
+                            let (ps, pd) = (((r * c.kv_heads + j) * old.cap) as u64, ((r * c.kv_heads + j) * cap) as u64);
+                            self.gpu.copy(pb.ptr + pd, old.present[l].ptr + ps, self.len)?;
                         }
                     }
                 }
                 k.push(kb);
                 v.push(vb);
+                present.push(pb);
             }
             self.gpu.sync()?;
             self.graphs.clear();
-            self.cache = Some(Cache { rows: rows_new, cap, k, v });
+            self.cache = Some(Cache { rows: rows_new, cap, k, v, present });
         }
         Ok(())
     }
@@ -605,6 +618,10 @@ impl Engine {
         let cap = cache.cap;
         let kc: Vec<CUdeviceptr> = cache.k.iter().map(|b| b.ptr).collect();
         let vc: Vec<CUdeviceptr> = cache.v.iter().map(|b| b.ptr).collect();
+        let pc: Vec<CUdeviceptr> = cache.present.iter().map(|b| b.ptr).collect();
+        // Attention reads the presence flags only while a plan that skips key/value heads is set (dense passes of
+        // such a plan too: an absent entry stays absent).
+        let skips = self.heads.as_ref().is_some_and(|h| h.kv_kept);
         let (tok, state) = (self.tok.ptr, self.state.ptr);
         let emb_threads = (e.max(d).div_ceil(32) * 32).clamp(32, 1024) as u32;
 
@@ -668,7 +685,9 @@ impl Engine {
                 .i32(hd as i32)
                 .i32(cap as i32)
                 .f32(cfg.rope_theta as f32)
-                .i32(rope);
+                .i32(rope)
+                .ptr(self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep.ptr))
+                .ptr(pc[l]);
             let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
             self.launch(&self.kname("rope_kv"), (rows as u32, (h_ + kv) as u32, 1), rope_threads, args)?;
             let args = Args::new()
@@ -685,7 +704,8 @@ impl Engine {
                 .i32(splits as i32)
                 .f32(scale)
                 .ptr(if splits == 1 { att } else { 0 })
-                .ptr(self.heads_at(l).map_or(0, |hs| hs.keep.ptr));
+                .ptr(self.heads_at(l).map_or(0, |hs| hs.keep.ptr))
+                .ptr(if skips { pc[l] } else { 0 });
             self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
             if splits > 1 {
                 let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
@@ -959,10 +979,12 @@ impl Engine {
         self.reserve(n, GEMV_MAX_ROWS, self.len.max(1))?;
         let c = self.cache.as_ref().ok_or_else(|| GpuError::new("internal: no cache"))?;
         let row = self.cfg.kv_heads * c.cap * self.cfg.head_dim * 2;
+        let prow = self.cfg.kv_heads * c.cap;
         for l in 0..self.cfg.layers {
             for r in 1..n {
                 self.gpu.copy(c.k[l].ptr + (r * row) as u64, c.k[l].ptr, row)?;
                 self.gpu.copy(c.v[l].ptr + (r * row) as u64, c.v[l].ptr, row)?;
+                self.gpu.copy(c.present[l].ptr + (r * prow) as u64, c.present[l].ptr, prow)?;
             }
         }
         self.last = None;

@@ -1,9 +1,10 @@
-//! Head-sparse attention on the GPU (predicted heads, `--head-kv all`): per layer, the look-ahead predictor scores
-//! the heads from the previous layer's block input (layer 0: its own), each token keeps its top k, and for each
-//! chunk of up to 16 tokens the union of their heads is what is read: the q rows of those heads and every k/v row
-//! (`all`: the cache stays what dense decoding writes), attention for each token's own heads only (a dropped head's
-//! output is 0), and the kept heads' columns of the out-projection from its transposed copy. The CPU reference
-//! computes the same function (`src/model/mod.rs`, `HeadKv::All`).
+//! Head-sparse attention on the GPU (predicted heads): per layer, the look-ahead predictor scores the heads from the
+//! previous layer's block input (layer 0: its own), each token keeps its top k, and for each chunk of up to 16
+//! tokens the union of their heads is what is read: the q rows of those heads and the k/v rows (`--head-kv all`:
+//! every one, so the cache stays what dense decoding writes; `kept`: those of the union's key/value heads, each
+//! token marking present in the cache only its own), attention for each token's own heads only (a dropped head's
+//! output is 0; under `kept`, absent earlier entries are skipped), and the kept heads' columns of the
+//! out-projection from its transposed copy. The CPU reference computes the same function (`src/model/mod.rs`).
 
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -17,6 +18,9 @@ use super::sparse::{down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
 /// transposed out-projection; the previous block input; per chunk the kept heads and their row lists.
 pub struct SparseHeads {
     pub k: Vec<Option<usize>>,
+    /// `--head-kv kept`: a token computes (and marks present in the cache) only the key/value heads of its kept
+    /// heads; attention skips absent entries.
+    pub kv_kept: bool,
     pred: Vec<Option<GpuPredictor>>,
     o_t: Vec<Option<DBuf>>,
     /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before.
@@ -37,7 +41,7 @@ pub struct SparseHeads {
 impl SparseHeads {
     /// State for `k` (one entry per layer) with the layers' head predictors `preds` (needed where `k` is Some).
     /// The transposed out-projections are made here, once.
-    pub fn new(e: &Engine, k: Vec<Option<usize>>, mut preds: Vec<Option<GpuPredictor>>) -> GpuResult<Self> {
+    pub fn new(e: &Engine, k: Vec<Option<usize>>, kv_kept: bool, mut preds: Vec<Option<GpuPredictor>>) -> GpuResult<Self> {
         let c = &e.cfg;
         let (d, h, hd) = (c.hidden, c.heads, c.head_dim);
         let qkv_n = (h + 2 * c.kv_heads) * hd;
@@ -66,6 +70,7 @@ impl SparseHeads {
         let rows = MAX_CHUNKS * CHUNK;
         let s = SparseHeads {
             k,
+            kv_kept,
             pred,
             o_t,
             prev: e.gpu.alloc(rows * d * 4)?,
@@ -111,7 +116,17 @@ impl SparseHeads {
                 topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep)?;
                 let (heads, qkv, o) = self.lists(e, c);
                 topk_compact(e, keep, nb, h, heads, None, None)?;
-                let mut args = Args::new().ptr(heads.idx).ptr(heads.cnt).i32(h as i32).i32(kv as i32).i32(hd as i32).ptr(qkv.idx).ptr(qkv.cnt).ptr(o.idx).ptr(o.cnt);
+                let mut args = Args::new()
+                    .ptr(heads.idx)
+                    .ptr(heads.cnt)
+                    .i32(h as i32)
+                    .i32(kv as i32)
+                    .i32(hd as i32)
+                    .i32(i32::from(self.kv_kept))
+                    .ptr(qkv.idx)
+                    .ptr(qkv.cnt)
+                    .ptr(o.idx)
+                    .ptr(o.cnt);
                 e.gpu.launch(f, (1, 1, 1), 256, 0, &mut args)?;
             }
         }
