@@ -11,6 +11,9 @@
 #             exactdown@0.5, qscore@0.5 and, with $CARRY/predictors, dejavu@0.5 and 3 of 9 heads dropped, vs the CPU
 #             reference), then the blocks with their selection (and predictor or score pass) timed inside
 #             (bench --mlp-block --rule exactdown|qscore|dejavu); makes $CARRY/qscore.safetensors if missing
+#   real      SmolLM2 real weights (issue 14 lines 1 and 5): WikiText-2 16k and eval 8x200 on the engine for dense,
+#             cats@0.5, qscore@0.5+greedy and (with $CARRY/predictors) dejavu@0.5 + 3 of 9 heads, beside the CPU path's
+#             numbers (README; data/swiglu-rules-notes.md), and decode tokens/s of each (generate --timings)
 #   e2e       sparse decode end to end on random weights (bench --mode, predictors and score passes included in the
 #             time), beside dense at the same batch, batch 1/4/16: OPT-6.7B/13B dejavu@0.9 + half the heads,
 #             Llama-2-7B/13B qscore@0.5 + 30% of heads dropped; then HF eager at the same shapes (hf stage)
@@ -94,6 +97,18 @@ PY
       done
       $BIN bench --mlp-block --rule dejavu --shape ${DEJAVU_SHAPES:-opt-6.7b opt-13b opt-66b opt-175b llama2-7b} --keep 0.5 0.25 0.1 \
         --dtype f16 --json "$OUT/mlp_dejavu.json" --csv "$OUT/mlp_dejavu.csv" 2>/dev/null ;;
+    real)
+      M="$CARRY/smollm2.gguf"
+      ART=(--thresholds "$CARRY/th/smollm2-th.json" --qscore "$CARRY/qscore.safetensors" --rules "$CARRY/rules.json")
+      MODES="dense cats@0.5 qscore@0.5+greedy"
+      [ -d "$CARRY/predictors" ] && ART+=(--predictors "$CARRY/predictors") && MODES="$MODES dejavu@0.5"
+      for m in $MODES; do
+        H=(); [ "$m" = dejavu@0.5 ] && H=(--head-sparsity 0.3333)
+        $BIN ppl -m "$M" --device cuda --text "$CARRY/data/wikitext2-test.raw.txt" --max-tokens 16384 --ctx 512 --mode $m "${ART[@]}" "${H[@]}" \
+          --json "$OUT/real_ppl_$m.json" 2>/dev/null | tail -1
+        $BIN eval -m "$M" --device cuda --tasks-dir "$CARRY/tasks" --limit 200 --mode $m "${ART[@]}" "${H[@]}" --out "$OUT/real_eval_$m" 2>/dev/null | tail -9
+        $BIN generate -m "$M" --device cuda --prompt "Once upon a time" -n 256 --ignore-eos --timings --mode $m "${ART[@]}" "${H[@]}" 2>&1 | tail -2
+      done ;;
     e2e)
       for sh in opt-6.7b opt-13b; do
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
