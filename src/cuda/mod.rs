@@ -1,6 +1,7 @@
 //! The CUDA decode engine (feature `cuda`): our kernels (`kernels/*.cu`, compiled by NVRTC and cached on disk),
 //! cuBLAS for prefill projections, CUDA graphs for the decode step, behind the [`crate::decode::Decoder`]
-//! interface. Dense today; the sparse plan's kernels plug into the same forward.
+//! interface. The sparse plans run in the same forward: the MLP rules (`sparse`, `select`, `predict`) and predicted
+//! heads (`heads`).
 
 pub mod bench;
 pub mod check;
