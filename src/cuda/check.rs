@@ -584,24 +584,31 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
                 vc[at..at + hd].copy_from_slice(&rounded(vr, dt));
             }
         }
-        let mut want = vec![0f32; n * heads * hd];
-        for r in 0..n {
-            let (b, tt) = (r / seq, r % seq);
-            let len = past + tt + 1;
-            for h in 0..heads {
-                let j = h / (heads / kvh);
-                let q = &qs[(r * heads + h) * hd..(r * heads + h + 1) * hd];
-                let base = (b * kvh + j) * cap * hd;
-                let sc: Vec<f64> = (0..len).map(|p| (0..hd).map(|i| q[i] * kc[base + p * hd + i] as f64).sum::<f64>() * scale as f64).collect();
-                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let ex: Vec<f64> = sc.iter().map(|&v| (v - m).exp()).collect();
-                let z: f64 = ex.iter().sum();
-                for i in 0..hd {
-                    let o: f64 = (0..len).map(|p| ex[p] * vc[base + p * hd + i] as f64).sum::<f64>() / z;
-                    want[(r * heads + h) * hd + i] = o as f32;
+        // The f64 reference; with `pres` (1 present, 0 absent per (row, kv head, position)) a query skips the earlier
+        // absent positions and always sees its own.
+        let reference = |pres: Option<&[u8]>| -> Vec<f32> {
+            let mut want = vec![0f32; n * heads * hd];
+            for r in 0..n {
+                let (b, tt) = (r / seq, r % seq);
+                let len = past + tt + 1;
+                for h in 0..heads {
+                    let j = h / (heads / kvh);
+                    let q = &qs[(r * heads + h) * hd..(r * heads + h + 1) * hd];
+                    let base = (b * kvh + j) * cap * hd;
+                    let seen: Vec<usize> = (0..len).filter(|&p| p == len - 1 || pres.is_none_or(|f| f[(b * kvh + j) * cap + p] == 1)).collect();
+                    let sc: Vec<f64> = seen.iter().map(|&p| (0..hd).map(|i| q[i] * kc[base + p * hd + i] as f64).sum::<f64>() * scale as f64).collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let ex: Vec<f64> = sc.iter().map(|&v| (v - m).exp()).collect();
+                    let z: f64 = ex.iter().sum();
+                    for i in 0..hd {
+                        let o: f64 = seen.iter().zip(&ex).map(|(&p, w)| w * vc[base + p * hd + i] as f64).sum::<f64>() / z;
+                        want[(r * heads + h) * hd + i] = o as f32;
+                    }
                 }
             }
-        }
+            want
+        };
+        let want = reference(None);
         let tag = format!("hd={hd} heads={heads}/{kvh} splits={splits} past={past} seq={seq}");
         out.push(verdict(format!("rope_kv+attn_split+attn_combine {tag}"), dt, &d.read_half(&att, n * heads * hd, dt)?, &want, 1e-2));
         let got_k = d.read_half(&kb, kc.len(), dt)?;
@@ -613,25 +620,7 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         e.gpu.upload(&pb, 0, &pres)?;
         let att3 = d.poisoned(n * heads * hd * 2)?;
         attend_p(0, pb.ptr, &att3)?;
-        let mut want3 = vec![0f32; n * heads * hd];
-        for r in 0..n {
-            let (b, tt) = (r / seq, r % seq);
-            let len = past + tt + 1;
-            for h in 0..heads {
-                let j = h / (heads / kvh);
-                let q = &qs[(r * heads + h) * hd..(r * heads + h + 1) * hd];
-                let base = (b * kvh + j) * cap * hd;
-                let seen: Vec<usize> = (0..len).filter(|&p| p == len - 1 || pres[(b * kvh + j) * cap + p] == 1).collect();
-                let sc: Vec<f64> = seen.iter().map(|&p| (0..hd).map(|i| q[i] * kc[base + p * hd + i] as f64).sum::<f64>() * scale as f64).collect();
-                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let ex: Vec<f64> = sc.iter().map(|&v| (v - m).exp()).collect();
-                let z: f64 = ex.iter().sum();
-                for i in 0..hd {
-                    let o: f64 = seen.iter().zip(&ex).map(|(&p, w)| w * vc[base + p * hd + i] as f64).sum::<f64>() / z;
-                    want3[(r * heads + h) * hd + i] = o as f32;
-                }
-            }
-        }
+        let want3 = reference(Some(&pres));
         out.push(verdict(format!("attn_split with absent keys {tag}"), dt, &d.read_half(&att3, n * heads * hd, dt)?, &want3, 1e-2));
     }
     Ok(())

@@ -12,7 +12,7 @@ use super::engine::Engine;
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 use super::predict::GpuPredictor;
 use super::select::{topk_compact, topk_mark, Scores};
-use super::sparse::{down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
+use super::sparse::{chunks, down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
 
 /// The head-sparse state of a plan: per layer the kept count (None: dense attention), its predictor and the
 /// transposed out-projection; the previous block input; per chunk the kept heads and their row lists.
@@ -102,15 +102,11 @@ impl SparseHeads {
     /// the union's head ids and row lists. `x` is the f32 residual entering the layer, `[rows, d]`.
     pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize) -> GpuResult<()> {
         let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
-        if rows > MAX_CHUNKS * CHUNK {
-            return Err(GpuError(format!("a forward of {rows} rows is over head-sparse attention's {} rows", MAX_CHUNKS * CHUNK)));
-        }
+        let parts = chunks(rows, "head-sparse attention")?;
         if let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) {
             let src = if l == 0 { x } else { self.prev.ptr };
             let f = e.k.get("expand_heads")?;
-            for c in 0..rows.div_ceil(CHUNK) {
-                let r0 = c * CHUNK;
-                let nb = (rows - r0).min(CHUNK);
+            for (c, r0, nb) in parts {
                 p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
                 let keep = self.keep.ptr + (r0 * h) as u64;
                 topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep)?;
@@ -140,9 +136,7 @@ impl SparseHeads {
         let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
         let qkv_n = (h + 2 * kv) * hd;
         let lw = &e.w.layers[l];
-        for c in 0..rows.div_ceil(CHUNK) {
-            let r0 = c * CHUNK;
-            let nb = (rows - r0).min(CHUNK);
+        for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
             let (_, rows_c, _) = self.lists(e, c);
             super::sparse::gather_store(e, lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), input(r0), rows_c, qkv + (r0 * qkv_n * 4) as u64, nb, d)?;
         }
@@ -155,9 +149,7 @@ impl SparseHeads {
         let (d, h, hd) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim);
         let ot = self.o_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed out-projection for a head-sparse layer"))?;
         let ob = e.w.layers[l].o_b.as_ref().map(|b| b.ptr);
-        for c in 0..rows.div_ceil(CHUNK) {
-            let r0 = c * CHUNK;
-            let nb = (rows - r0).min(CHUNK);
+        for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
             let (_, _, o) = self.lists(e, c);
             down_t(e, ot.ptr, ob, att + (r0 * h * hd * 2) as u64, h * hd, Some(o), h * hd, x + (r0 * d * 4) as u64, nb, d, true)?;
         }

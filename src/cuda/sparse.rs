@@ -389,6 +389,15 @@ impl SparseMlp {
     }
 }
 
+/// The chunks of at most [`CHUNK`] rows a forward of `rows` rows runs in: `(chunk, first row, rows)`; more than
+/// [`MAX_CHUNKS`] is an error (the per-chunk state is sized for that many).
+pub fn chunks(rows: usize, what: &str) -> GpuResult<impl Iterator<Item = (usize, usize, usize)>> {
+    if rows > MAX_CHUNKS * CHUNK {
+        return Err(GpuError(format!("a forward of {rows} rows is over {what}'s {} rows", MAX_CHUNKS * CHUNK)));
+    }
+    Ok((0..rows.div_ceil(CHUNK)).map(move |c| (c, c * CHUNK, (rows - c * CHUNK).min(CHUNK))))
+}
+
 /// Layer `l`'s sparse MLP over `rows` rows (see [`cats_mlp`] for the arguments), by its rule.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
@@ -410,12 +419,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
     let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
     let [scores, keep, flags, hid] = sp.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
     let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
-    for c in 0..rows.div_ceil(CHUNK) {
-        if c >= MAX_CHUNKS {
-            return Err(GpuError(format!("a forward of {rows} rows is over the sparse MLP's {} rows", MAX_CHUNKS * CHUNK)));
-        }
-        let r0 = c * CHUNK;
-        let nb = (rows - r0).min(CHUNK);
+    for (c, r0, nb) in chunks(rows, "the sparse MLP")? {
         let kept = sp.kept(l, c, f);
         let inp = input(r0);
         let fl = (nb > 1).then_some(flags.ptr);
@@ -459,12 +463,7 @@ pub fn cats_mlp(e: &Engine, sp: &SparseMlp, l: usize, t: f32, rows: usize, input
     let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
     let llama = e.cfg.family == Family::Llama;
     let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
-    for c in 0..rows.div_ceil(CHUNK) {
-        if c >= MAX_CHUNKS {
-            return Err(GpuError(format!("a forward of {rows} rows is over the sparse MLP's {} rows", MAX_CHUNKS * CHUNK)));
-        }
-        let r0 = c * CHUNK;
-        let nb = (rows - r0).min(CHUNK);
+    for (c, r0, nb) in chunks(rows, "the sparse MLP")? {
         let kept = sp.kept(l, c, f);
         let inp = input(r0);
         let tally = sp.tally(l, c);
