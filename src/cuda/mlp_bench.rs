@@ -99,25 +99,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
             let (med, p90) = time_graph(&e, &g, &flush, reps)?;
             let bias_bytes = if up_b.is_some() { kk * 2 + d * 2 } else { 0 };
             let bytes = mats * kk * d * 2 + bias_bytes;
-            let floor_us = bytes as f64 / copy_bw * 1e6;
-            results.push(MlpBlockResult {
-                shape: sh.name.to_string(),
-                device: e.gpu.name.clone(),
-                dtype: dt.name().to_string(),
-                batch: b,
-                kept: kk,
-                ffn: f,
-                kept_frac: kk as f64 / f as f64,
-                kernels: "gather_up + down_t (kept ids given)".into(),
-                median_us: med,
-                p90_us: p90,
-                bytes,
-                copy_gbps: copy_bw / 1e9,
-                floor_us,
-                ratio_to_floor: med / floor_us,
-                bound_us: 1.2 * floor_us + 4.0,
-                dense_us,
-            });
+            results.push(block_row(&e, sh, b, kk, "gather_up + down_t (kept ids given)".into(), (med, p90), bytes, copy_bw, dense_us));
         }
     }
     Ok(results)
@@ -160,20 +142,28 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
         BlockRule::Dejavu => (rank * d + f * rank + rank + f) * 2 + mats * kept * d * 2,
         _ => 2 * f * d * 2 + kept * d * 2,
     };
+    let kernels = match rule {
+        BlockRule::Qscore => "qscore: int4 score pass + top-k + gather_up + down_t (score and selection included)".into(),
+        BlockRule::Dejavu => format!("dejavu: rank-{rank} predictor + top-k + gather_up + down_t (predictor and selection included)"),
+        _ => "exactdown: dense gate/up + top-k + down_t (selection included)".into(),
+    };
+    Ok(block_row(e, sh, b, kept, kernels, (med, p90), bytes, copy_bw, dense_us))
+}
+
+/// One table row: the timing `(median, p90)` in µs of a block reading `bytes`, beside its floor (bytes over the copy
+/// bandwidth `copy_bw`, bytes/s), the 1.2 × floor + 4 µs bound and our dense block.
+#[allow(clippy::too_many_arguments)]
+fn block_row(e: &Engine, sh: &Shape, batch: usize, kept: usize, kernels: String, (med, p90): (f64, f64), bytes: usize, copy_bw: f64, dense_us: f64) -> MlpBlockResult {
     let floor_us = bytes as f64 / copy_bw * 1e6;
-    Ok(MlpBlockResult {
+    MlpBlockResult {
         shape: sh.name.to_string(),
         device: e.gpu.name.clone(),
         dtype: e.dt().name().to_string(),
-        batch: b,
+        batch,
         kept,
-        ffn: f,
-        kept_frac: kept as f64 / f as f64,
-        kernels: match rule {
-            BlockRule::Qscore => "qscore: int4 score pass + top-k + gather_up + down_t (score and selection included)".into(),
-            BlockRule::Dejavu => format!("dejavu: rank-{rank} predictor + top-k + gather_up + down_t (predictor and selection included)"),
-            _ => "exactdown: dense gate/up + top-k + down_t (selection included)".into(),
-        },
+        ffn: sh.ffn,
+        kept_frac: kept as f64 / sh.ffn as f64,
+        kernels,
         median_us: med,
         p90_us: p90,
         bytes,
@@ -182,5 +172,5 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
         ratio_to_floor: med / floor_us,
         bound_us: 1.2 * floor_us + 4.0,
         dense_us,
-    })
+    }
 }
