@@ -69,25 +69,61 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
     __shared__ u32 s_prefix;
     __shared__ int s_need;
     __shared__ int red[33];
+    const int lane = threadIdx.x & 31;
     u32 prefix = 0, himask = 0;
     int need = k; // how many of the units matching `prefix` in the bits fixed so far are still to be kept
     for (int pass = 0; pass < 4; pass++) {
         const int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < N; i += blockDim.x) {
-            const u32 key = score_key(S::at(scores, row + i));
-            if ((key & himask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        // Warp-aggregated histogram: the scores of a row share a few exponent bytes, so plain shared atomics on
+        // the first passes serialise on one or two bins; each warp adds its equal bins once.
+        for (int base = 0; base < N; base += blockDim.x) {
+            const int i = base + threadIdx.x;
+            u32 bin = 0;
+            bool act = false;
+            if (i < N) {
+                const u32 key = score_key(S::at(scores, row + i));
+                act = (key & himask) == prefix;
+                bin = (key >> shift) & 255u;
+            }
+            const unsigned am = __ballot_sync(0xffffffffu, act);
+            if (act) {
+                const unsigned peers = __match_any_sync(am, bin);
+                if (__ffs(peers) - 1 == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+            }
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int above = 0, d = 255;
-            for (; d > 0; d--) {
-                if (above + (int)hist[d] >= need) break;
-                above += hist[d];
+        // The bin holding the need-th largest matching key, by warp 0: lane l sums bins 255-8l .. 248-8l, a
+        // scan over the lanes finds the lane where the running count from the top reaches `need`.
+        if (threadIdx.x < 32) {
+            u32 c[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                c[j] = hist[255 - (lane * 8 + j)];
+                sum += c[j];
             }
-            s_prefix = prefix | ((u32)d << shift);
-            s_need = need - above;
+            u32 inc = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 n = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += n;
+            }
+            const u32 excl = inc - sum;
+            if (excl < (u32)need && (u32)need <= inc) {
+                u32 above = excl;
+                int d = 255 - lane * 8 - 7;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    if (above + c[j] >= (u32)need) {
+                        d = 255 - (lane * 8 + j);
+                        break;
+                    }
+                    above += c[j];
+                }
+                s_prefix = prefix | ((u32)d << shift);
+                s_need = need - (int)above;
+            }
         }
         __syncthreads();
         prefix = s_prefix;
