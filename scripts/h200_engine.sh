@@ -119,7 +119,12 @@ PY
       for sh in llama2-7b llama2-13b; do
         $BIN bench --shape $sh --batch 1 4 16 --csv "$OUT/e2e_dense_$sh.csv" 2>/dev/null
         $BIN bench --shape $sh --batch 1 4 16 --mode qscore@0.5 --head-sparsity 0.3 --csv "$OUT/e2e_sparse_$sh.csv" 2>/dev/null
-      done ;;
+      done
+      # Where the sparse step's time goes (per kernel class), batch 1 and 4, beside dense (short runs; the sparse
+      # prefill runs through the selecting path too, so long prompts at batch 16 take minutes).
+      $BIN bench --shape opt-13b llama2-7b --batch 1 4 --tokens 32 --prompt 32 --breakdown 2>/dev/null
+      $BIN bench --shape opt-13b --batch 1 4 --mode dejavu@0.9 --head-sparsity 0.5 --tokens 32 --prompt 32 --breakdown 2>/dev/null
+      $BIN bench --shape llama2-7b --batch 1 4 --mode qscore@0.5 --head-sparsity 0.3 --tokens 32 --prompt 32 --breakdown 2>/dev/null ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do
