@@ -1,5 +1,5 @@
-//! Choosing the burn backend at run time: `--device cpu|wgpu|cuda`. Model code is generic; this module picks
-//! the concrete backend once and calls back into generic code.
+//! Choosing the burn backend at run time: `--device cpu|ndarray|wgpu|cuda|burn-cuda`. Model code is generic;
+//! this module picks the concrete backend once and calls back into generic code.
 
 use burn::tensor::backend::Backend;
 
@@ -13,8 +13,14 @@ pub enum DeviceKind {
     Ndarray,
     /// burn Wgpu (needs a build with `--features wgpu`).
     Wgpu,
-    /// burn CUDA (needs a build with `--features cuda` and an NVIDIA driver).
+    /// `generate`, `ppl`, `eval`: dejavu's CUDA engine; `collect`, `train-predictors`, `calibrate`: burn CUDA
+    /// (needs a build with `--features cuda` and an NVIDIA driver).
     Cuda,
+    /// burn CUDA for every command: the reference forward on the GPU, with every mode (those the engine refuses
+    /// too); for sweeps of the reference path on a GPU box (needs `--features cuda` and an NVIDIA driver).
+    #[value(name = "burn-cuda")]
+    #[serde(rename = "burn-cuda")]
+    BurnCuda,
 }
 
 /// Generic code to run on whichever backend was chosen.
@@ -34,6 +40,7 @@ impl DeviceKind {
             DeviceKind::Ndarray => "ndarray",
             DeviceKind::Wgpu => "wgpu",
             DeviceKind::Cuda => "cuda",
+            DeviceKind::BurnCuda => "burn-cuda",
         }
     }
 }
@@ -44,7 +51,7 @@ pub fn check(kind: DeviceKind) -> anyhow::Result<()> {
         DeviceKind::Cpu | DeviceKind::Ndarray => Ok(()),
         DeviceKind::Wgpu if cfg!(feature = "wgpu") => Ok(()),
         DeviceKind::Wgpu => anyhow::bail!("this binary was built without the `wgpu` feature (rebuild with `cargo build --release --features wgpu`)"),
-        DeviceKind::Cuda => cuda_available(),
+        DeviceKind::Cuda | DeviceKind::BurnCuda => cuda_available(),
     }
 }
 
@@ -55,7 +62,7 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
         DeviceKind::Cpu => task.run::<CpuBackend>(Default::default()),
         DeviceKind::Ndarray => task.run::<burn::backend::NdArray<f32>>(Default::default()),
         DeviceKind::Wgpu => run_wgpu(task),
-        DeviceKind::Cuda => run_cuda(task),
+        DeviceKind::Cuda | DeviceKind::BurnCuda => run_cuda(task),
     }
 }
 

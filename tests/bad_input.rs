@@ -198,6 +198,15 @@ fn generate_on_cuda_without_a_gpu() {
 }
 
 #[test]
+fn burn_cuda_without_a_gpu() {
+    // The reference forward on burn CUDA: the same one-line refusal as the engine's, naming the device.
+    let m = common::fixture_dir("tiny-opt");
+    let out = common::dejavu(&["ppl", "--model", m.to_str().unwrap(), "--device", "burn-cuda", "--text", "x"], &[]);
+    let line = common::assert_one_line_exit(&out, 1, engine_missing_needles());
+    assert!(line.contains("--device burn-cuda"), "{line}");
+}
+
+#[test]
 fn bench_without_a_gpu() {
     let out = common::dejavu(&["bench", "--shape", "llama2-7b"], &[]);
     common::assert_one_line_exit(&out, 1, engine_missing_needles());
@@ -212,7 +221,7 @@ fn bench_usage_errors() {
     let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "oracle@0.5"], &[]);
     common::assert_one_line_exit(&out, 2, &["--mode oracle@0.5", "dense", "cats@S", "qscore@S"]);
     let out = common::dejavu(&["generate", "--model", "x", "--device", "cuda", "--mode", "cascade@0.5"], &[]);
-    common::assert_one_line_exit(&out, 2, &["--mode cascade@0.5", "--device cpu"]);
+    common::assert_one_line_exit(&out, 2, &["--mode cascade@0.5", "--device cpu", "--device burn-cuda"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--keep", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--keep 0", "(0, 1]"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--reps", "0"], &[]);

@@ -64,7 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 impl ModelCommand for Args {
     fn run_on<B: Backend>(args: Self, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
         let identity = files.identity().with_context(|| format!("while fingerprinting model `{}`", files.identity))?;
-        let gpu = matches!(args.corpus.model.device, DeviceKind::Cuda | DeviceKind::Wgpu);
+        let gpu = matches!(args.corpus.model.device, DeviceKind::Cuda | DeviceKind::BurnCuda | DeviceKind::Wgpu);
         let opts = CollectOptions {
             texts: args.corpus.text.clone(),
             tokens: args.tokens,

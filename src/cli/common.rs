@@ -28,7 +28,8 @@ pub struct ModelArgs {
     #[arg(long, short = 'm')]
     pub model: String,
     /// Where the model runs. `generate`, `ppl` and `eval` run `cuda` on dejavu's own CUDA engine; `collect`,
-    /// `train-predictors` and `calibrate` run it on burn-cuda.
+    /// `train-predictors` and `calibrate` run it on burn-cuda. `burn-cuda` runs the reference forward on burn CUDA
+    /// for every command, with every mode (the engine refuses oracle, cascade, teal and wina).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 }
@@ -394,7 +395,7 @@ pub fn check_engine_mode(args: &DecodeArgs, modes: &[Mode]) -> anyhow::Result<()
     if uses_engine(&args.model) {
         if let Some(m) = modes.iter().find(|m| !matches!(m, Mode::Dense | Mode::Cats(_) | Mode::ExactDown(..) | Mode::QScore(..) | Mode::Dejavu(_))) {
             return Err(usage(format!(
-                "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S, qscore@S and dejavu@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu"
+                "--mode {m}: the CUDA engine runs dense, cats@S, exactdown@S, qscore@S and dejavu@S today (the other rules' GPU kernels are not written yet); run {m} with --device cpu, or on the GPU through burn with --device burn-cuda"
             )));
         }
     }
