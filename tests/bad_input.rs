@@ -224,6 +224,10 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--mode cascade@0.5", "--device cpu", "--device burn-cuda"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--keep", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--keep 0", "(0, 1]"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--mode", "dejavu@0.9", "--rank", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--rank must be at least 1"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--mode", "qscore@0.5"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--mode qscore@0.5", "opt-13b"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "llama2-7b", "--reps", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--reps"]);
     let out = common::dejavu(&["bench", "--mlp-block", "--shape", "opt-13b", "--rule", "qscore"], &[]);
