@@ -2,7 +2,8 @@
 // row are kept, ties broken by the lower index, NaN ranked below every number, -0 equal to +0; k >= N keeps every
 // unit, k = 0 none. Two kernels:
 //   topk_mark_*    one block per row: an exact radix select of the k-th largest key, then the keep flags in index
-//                  order (so the ties kept are the lowest indices);
+//                  order (so the ties kept are the lowest indices); rows of at most TOPK_SHORT units count each
+//                  unit's rank directly;
 //   topk_compact*  one block: the union of the rows' flags as an ascending id list (the kept set the gather kernels
 //                  read), each row's own flags per kept id (a 0/1 factor, so a row uses only its own neurons), and
 //                  optionally a 16-bit source gathered onto the kept ids with the rows' flags applied.
@@ -51,6 +52,9 @@ __device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
     return inc - v + (warp > 0 ? red[warp - 1] : 0);
 }
 
+// Rows of at most this many units take the one-pass rank count instead of the radix select.
+#define TOPK_SHORT 256
+
 // Grid: B blocks (one per row); block: any multiple of 32 up to 1024 threads.
 template <typename S>
 __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, // [B, N] scores, row stride N
@@ -63,6 +67,24 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
     if (k >= N || k <= 0) {
         const unsigned char v = k > 0 ? 1 : 0;
         for (int i = threadIdx.x; i < N; i += blockDim.x) kr[i] = v;
+        return;
+    }
+    // Short rows (heads: 9-128 units): each unit's rank counted against every other in one pass over shared
+    // memory, kept when fewer than k rank above it (larger key, or an equal key at a lower index).
+    if (N <= TOPK_SHORT && N <= (int)blockDim.x) {
+        __shared__ u32 skey[TOPK_SHORT];
+        const int i = threadIdx.x;
+        u32 mine = 0;
+        if (i < N) skey[i] = mine = score_key(S::at(scores, row + i));
+        __syncthreads();
+        if (i < N) {
+            int above = 0;
+            for (int j = 0; j < N; j++) {
+                const u32 o = skey[j];
+                above += (o > mine) || (o == mine && j < i);
+            }
+            kr[i] = above < k;
+        }
         return;
     }
     __shared__ u32 hist[256];

@@ -317,7 +317,7 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     use super::sparse::Kept;
     use crate::sparse::select::top_k;
     let d = Dev { e };
-    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343)] {
+    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100)] {
         let s = seed + (rows * 31 + n * 7 + k) as u64;
         let mut r = rng(s);
         // Scores on a grid of 1/8 in [-4, 4): ties everywhere; a few NaN, -0 and +0.
