@@ -22,7 +22,7 @@ fn fixtures_decode_like_the_burn_reference() {
     let prompts: Vec<Vec<u32>> = (0..20u32).map(|i| vec![1 + i, 7 + 3 * i, 11 + 5 * i, 2 + i]).collect();
     for name in ["tiny-opt", "tiny-opt-proj", "tiny-llama-tied"] {
         let files = dejavu::ModelFiles::resolve(common::fixture_dir(name).to_str().unwrap()).unwrap();
-        let c = check::model(&files, None, &prompts, 32, None).unwrap();
+        let c = check::model(&files, None, &prompts, 32, None, None, None).unwrap();
         // Greedy tokens may part only where the reference itself nearly ties.
         assert_eq!(c.identical + c.divergences_at_near_ties, c.prompts, "{c:?}");
         assert!(c.max_dlogprob < 0.05, "{c:?}");

@@ -1,0 +1,136 @@
+//! Whole models on the engine against the burn reference: greedy continuations and teacher-forced log-probs.
+
+use crate::decode::{generate, Decoder, RefDecoder, Sampling};
+use crate::source::weights::Half;
+use crate::source::ModelFiles;
+
+/// The engine against the burn reference on one model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelCheck {
+    pub model: String,
+    pub dtype: &'static str,
+    pub prompts: usize,
+    pub steps: usize,
+    pub identical: usize,
+    /// Prompts whose first divergence sits where the reference's top-2 log-prob margin is under 0.05.
+    pub divergences_at_near_ties: usize,
+    /// The largest reference margin at a divergence.
+    pub worst_margin: f64,
+    /// max |log p_gpu - log p_cpu| of the reference's tokens, teacher-forced.
+    pub max_dlogprob: f64,
+    pub pass: bool,
+}
+
+fn top2_margin(logits: &[f32]) -> f64 {
+    let mut a = f64::NEG_INFINITY;
+    let mut b = f64::NEG_INFINITY;
+    for &x in logits {
+        let x = x as f64;
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b // a difference of logits is a difference of log-probs
+}
+
+/// Greedy `steps` tokens after each prompt on both decoders, then teacher-forced scores of the reference's
+/// tokens on both.
+pub fn compare(name: &str, cpu: &mut dyn Decoder, gpu: &mut dyn Decoder, dt: Half, prompts: &[Vec<u32>], steps: usize) -> Result<ModelCheck, String> {
+    let mut identical = 0;
+    let mut near = 0;
+    let mut worst = 0f64;
+    let mut max_d = 0f64;
+    let greedy = Sampling::default();
+    for p in prompts {
+        let steps = match cpu.config().position_limit() {
+            Some(l) => steps.min(l.saturating_sub(p.len())),
+            None => steps,
+        };
+        if steps == 0 {
+            continue;
+        }
+        let r = generate(cpu, p, steps, greedy, &[], |_| true).map_err(|e| format!("cpu: {e}"))?.new_tokens;
+        let g = generate(gpu, p, steps, greedy, &[], |_| true).map_err(|e| format!("gpu: {e}"))?.new_tokens;
+        match r.iter().zip(&g).position(|(a, b)| a != b) {
+            None => identical += 1,
+            Some(i) => {
+                let mut ctx = p.clone();
+                ctx.extend_from_slice(&r[..i]);
+                cpu.reset();
+                cpu.prefill(&[ctx], None).map_err(|e| format!("cpu: {e}"))?;
+                let l = cpu.logits().map_err(|e| format!("cpu: {e}"))?;
+                let m = top2_margin(&l[0]);
+                worst = worst.max(m);
+                if m < 0.05 {
+                    near += 1;
+                }
+            }
+        }
+        // Teacher-forced: the sequence prompt + reference continuation, scored for the continuation.
+        let mut seq = p.clone();
+        seq.extend_from_slice(&r[..r.len() - 1]);
+        let mut tg: Vec<u32> = p[1..].to_vec();
+        tg.extend_from_slice(&r);
+        let forced = |dec: &mut dyn Decoder| -> Result<Vec<f64>, String> {
+            dec.reset();
+            dec.prefill(std::slice::from_ref(&seq), None).map_err(|e| format!("score: {e}"))?;
+            let s = dec.score(std::slice::from_ref(&tg)).map_err(|e| format!("score: {e}"))?;
+            Ok(s[0].iter().skip(p.len() - 1).map(|t| t.logprob as f64).collect())
+        };
+        let lps = [forced(&mut *cpu)?, forced(&mut *gpu)?];
+        for (a, b) in lps[0].iter().zip(&lps[1]) {
+            max_d = max_d.max((a - b).abs());
+        }
+    }
+    let n = prompts.len();
+    let ok = identical * 10 >= n * 9 && identical + near == n && max_d < 0.05;
+    Ok(ModelCheck {
+        model: name.to_string(),
+        dtype: dt.name(),
+        prompts: n,
+        steps,
+        identical,
+        divergences_at_near_ties: near,
+        worst_margin: worst,
+        max_dlogprob: max_d,
+        pass: ok,
+    })
+}
+
+/// Load `files` on both engines and [`compare`], both running `plan` (None: dense; `label` names it in the table),
+/// with the score copies `copies` where the plan has `qscore` layers.
+pub fn model(
+    files: &ModelFiles,
+    dt: Option<Half>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    plan: Option<(&crate::sparse::Plan, &str)>,
+    copies: Option<&crate::sparse::quant::QScoreCopies>,
+    predictors: Option<&crate::predictor::Predictors<crate::backend::CpuBackend>>,
+) -> Result<ModelCheck, String> {
+    type Cpu = crate::backend::CpuBackend;
+    let dev = Default::default();
+    let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
+    let qs = copies.map(|c| crate::model::QScorer::<Cpu>::from_copies(c, &dev));
+    let scorer = predictors.map(|p| p as &dyn crate::model::Scorer<Cpu>);
+    let mut cpu = match plan {
+        Some((p, _)) => RefDecoder::with_qscore(&m, p, scorer, qs.as_ref()).map_err(|e| e.to_string())?,
+        None => RefDecoder::dense(&m),
+    };
+    let (mut gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
+    if let Some((p, _)) = plan {
+        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
+        let (fm, fh) = (fold(false), fold(true));
+        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
+        gpu.set_plan(p, &art).map_err(|e| e.0)?;
+    }
+    let dt = gpu.engine.w.dt;
+    let name = match plan {
+        Some((_, label)) => format!("{} ({label})", files.identity),
+        None => files.identity.clone(),
+    };
+    compare(&name, &mut cpu, &mut gpu, dt, prompts, steps)
+}
