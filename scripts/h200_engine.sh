@@ -17,6 +17,9 @@
 #   e2e       sparse decode end to end on random weights (bench --mode, predictors and score passes included in the
 #             time), beside dense at the same batch, batch 1/4/16: OPT-6.7B/13B dejavu@0.9 + half the heads,
 #             Llama-2-7B/13B qscore@0.5 + 30% of heads dropped; then HF eager at the same shapes (hf stage)
+#   rules     issue 12's task sweep through the reference path on the GPU (`--device burn-cuda`: every mode, the ones
+#             the engine refuses too): eval 8 x 200 per mode in $RULE_MODES, with $CARRY/th/smollm2-th.json,
+#             $CARRY/qscore.safetensors, $CARRY/rules.json (KL budgets), $CARRY/rules-exact.json and $CARRY/predictors
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -125,6 +128,13 @@ PY
       $BIN bench --shape opt-13b llama2-7b --batch 1 4 --tokens 32 --prompt 32 --breakdown 2>/dev/null
       $BIN bench --shape opt-13b --batch 1 4 --mode dejavu@0.9 --head-sparsity 0.5 --tokens 32 --prompt 32 --breakdown 2>/dev/null
       $BIN bench --shape llama2-7b --batch 1 4 --mode qscore@0.5 --head-sparsity 0.3 --tokens 32 --prompt 32 --breakdown 2>/dev/null ;;
+    rules)
+      M="$CARRY/smollm2.gguf"
+      for m in ${RULE_MODES:-oracle@0.5 dejavu@0.5 wina@0.5 teal@0.5 qscore@0.5 exactdown@0.7 qscore@0.7 qscore@0.7+greedy cascade@0.7 oracle@0.7 cats@0.7 teal@0.7 wina@0.7 dejavu@0.7}; do
+        R="$CARRY/rules.json"; case $m in teal*|wina*|exactdown*|cascade*) R="$CARRY/rules-exact.json" ;; esac
+        $BIN eval -m "$M" --device burn-cuda --tasks-dir "$CARRY/tasks" --limit 200 --mode $m --thresholds "$CARRY/th/smollm2-th.json" \
+          --qscore "$CARRY/qscore.safetensors" --rules "$R" --predictors "$CARRY/predictors" --out "$OUT/rules_$m" 2>/dev/null | tail -9
+      done ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
       for run in cold warm; do
