@@ -190,20 +190,18 @@ fn engine_missing_needles() -> &'static [&'static str] {
 }
 
 #[test]
-fn generate_on_cuda_without_a_gpu() {
+fn cuda_devices_without_a_gpu() {
+    // The engine (`cuda`) and the reference forward on burn CUDA (`burn-cuda`): the same one-line refusal, naming
+    // the device.
     let m = common::fixture_dir("tiny-opt");
-    let out = common::dejavu(&["generate", "--model", m.to_str().unwrap(), "--device", "cuda", "-n", "2"], &[]);
-    let line = common::assert_one_line_exit(&out, 1, engine_missing_needles());
-    assert!(line.contains("--device cuda"), "{line}");
-}
-
-#[test]
-fn burn_cuda_without_a_gpu() {
-    // The reference forward on burn CUDA: the same one-line refusal as the engine's, naming the device.
-    let m = common::fixture_dir("tiny-opt");
-    let out = common::dejavu(&["ppl", "--model", m.to_str().unwrap(), "--device", "burn-cuda", "--text", "x"], &[]);
-    let line = common::assert_one_line_exit(&out, 1, engine_missing_needles());
-    assert!(line.contains("--device burn-cuda"), "{line}");
+    let m = m.to_str().unwrap();
+    for (device, args) in [("cuda", &["generate", "-n", "2"][..]), ("burn-cuda", &["ppl", "--text", "x"][..])] {
+        let mut argv = vec![args[0], "--model", m, "--device", device];
+        argv.extend_from_slice(&args[1..]);
+        let out = common::dejavu(&argv, &[]);
+        let line = common::assert_one_line_exit(&out, 1, engine_missing_needles());
+        assert!(line.contains(&format!("--device {device}")), "{line}");
+    }
 }
 
 #[test]

@@ -283,8 +283,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                             crate::sparse::select::top_k(&a, k)
                         }
                     };
-                    let common = cpu_set.iter().filter(|j| gpu_set.binary_search(j).is_ok()).count();
-                    let diff = cpu_set.len() + gpu_set.len() - 2 * common;
+                    let diff = symd(&cpu_set, &gpu_set);
                     equal += usize::from(diff == 0);
                     total += 1;
                     symdiff += diff;
