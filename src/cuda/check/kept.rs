@@ -258,15 +258,15 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     }
                 };
                 // The engine function's sets of the chunk's tokens, one thread per token.
-                let eng: Vec<Vec<usize>> = std::thread::scope(|sc| {
+                let eng: Vec<Vec<usize>> = std::thread::scope(|sc| -> Result<_, String> {
                     let hs: Vec<_> = (0..nb)
                         .map(|b| {
                             let (xn, xr, esel) = (&xn[(c0 + b) * d..(c0 + b + 1) * d], &xr[(c0 + b) * d..(c0 + b + 1) * d], &esel);
                             sc.spawn(move || esel.kept(sel_th, sel_k, l, xn, xr, dt, llama, f))
                         })
                         .collect();
-                    hs.into_iter().map(|h| h.join().unwrap_or_default()).collect()
-                });
+                    hs.into_iter().map(|h| h.join().map_err(|_| format!("the host's selection function panicked at layer {l}"))).collect()
+                })?;
                 for b in 0..nb {
                     let mut gpu_set: Vec<usize> = (0..n).filter(|&s_| vals[b * f + s_] != 0.0).map(|s_| ids[s_] as usize).collect();
                     gpu_set.sort_unstable();
