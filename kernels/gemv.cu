@@ -75,11 +75,66 @@ __device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B
 
 // The input side of every GEMV block: norm statistics of `xf`'s rows (when given) and, with `stage`, the input rows
 // in f32 in shared memory `xs`. Every thread of the block takes part (before any early exit).
+// Staged, the rows are read from global memory once, with 16-byte (f32) or 8-byte (16-bit) loads, and the
+// statistics and the normalisation are computed from shared memory: one round trip to L2 per block instead of
+// three, with the same partition of the sums over threads (so the same rounding) as the unstaged path.
 template <typename T, int NB>
 __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* xs, int K, int B,
                                              const float* __restrict__ xf, const u16* __restrict__ g,
                                              const u16* __restrict__ gb, float eps, int rms, int stage,
                                              float* mean_s, float* rstd_s, float* red) {
+    if (stage) { // K % 4 == 0 (the host stages only then)
+        const int K4 = K >> 2;
+        for (int b = 0; b < NB && b < B; b++) {
+            float4* d4 = (float4*)(xs + b * K);
+            if (xf) {
+                const float4* s4 = (const float4*)(xf + (size_t)b * K);
+#pragma unroll 4
+                for (int i = threadIdx.x; i < K4; i += blockDim.x) d4[i] = __ldg(s4 + i);
+            } else {
+                const uint2* s2 = (const uint2*)(x + (size_t)b * K);
+#pragma unroll 4
+                for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+                    const uint2 v = __ldg(s2 + i);
+                    float4 f;
+                    T::unpack2(v.x, f.x, f.y);
+                    T::unpack2(v.y, f.z, f.w);
+                    d4[i] = f;
+                }
+            }
+        }
+        __syncthreads();
+        if (xf) {
+            for (int b = 0; b < NB && b < B; b++) {
+                float* xr = xs + b * K;
+                float mean = 0.0f;
+                if (!rms) {
+                    float s = 0.0f;
+                    for (int i = threadIdx.x; i < K; i += blockDim.x) s += xr[i];
+                    mean = block_sum(s, red) / K;
+                }
+                float ss = 0.0f;
+                for (int i = threadIdx.x; i < K; i += blockDim.x) {
+                    const float v = xr[i] - mean;
+                    ss += v * v;
+                }
+                const float var = block_sum(ss, red) / K;
+                const float rstd = rsqrtf(var + eps);
+                if (threadIdx.x == 0) {
+                    mean_s[b] = mean;
+                    rstd_s[b] = rstd;
+                }
+                // Each thread rewrites only the elements it summed: no other thread's reads to wait for.
+                for (int i = threadIdx.x; i < K; i += blockDim.x) {
+                    float v = (xr[i] - mean) * rstd * T::load(g[i]);
+                    if (gb) v += T::load(gb[i]);
+                    xr[i] = v;
+                }
+            }
+            __syncthreads();
+        }
+        return;
+    }
     if (xf) {
         for (int b = 0; b < NB && b < B; b++) {
             const float* xr = xf + (size_t)b * K;
@@ -98,21 +153,6 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
             if (threadIdx.x == 0) {
                 mean_s[b] = mean;
                 rstd_s[b] = rsqrtf(var + eps);
-            }
-        }
-        __syncthreads();
-    }
-    if (stage) {
-        for (int b = 0; b < NB && b < B; b++) {
-            for (int i = threadIdx.x; i < K; i += blockDim.x) {
-                float v;
-                if (xf) {
-                    v = (xf[(size_t)b * K + i] - mean_s[b]) * rstd_s[b] * T::load(g[i]);
-                    if (gb) v += T::load(gb[i]);
-                } else {
-                    v = T::load(x[(size_t)b * K + i]);
-                }
-                xs[b * K + i] = v;
             }
         }
         __syncthreads();
@@ -201,22 +241,23 @@ __device__ __forceinline__ void gemv_impl(
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
-    const int slot = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int row = slot, nrows = N;
+    // Each warp computes the output slots gw, gw + W, gw + 2W, ... (W warps in the grid): the host sizes the grid
+    // to what the multiprocessors hold at once, so a block stages its input once for several rows and the next
+    // row's first loads are in flight while the current row is reduced.
+    // Warps are numbered block-minor, so a kept set shorter than the grid still spreads over every block.
+    const int W = gridDim.x * (blockDim.x >> 5);
+    int slot = (threadIdx.x >> 5) * gridDim.x + blockIdx.x;
+    int nrows = N;
     if (GATHER) { // the kept rows are an earlier kernel's output: nothing can be loaded before the wait
         pdl_wait();
         nrows = min(cnt[0], N);
-        row = slot < nrows ? idx[slot] : 0;
     }
+    int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI == EPI_GLU;
     const int U = 4; // 16-byte loads in flight per lane and matrix
     const int K8 = K >> 3;
     const bool vec = (K & 7) == 0;
-    const u16* wr = w + (size_t)row * K;
-    const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
-    const uint4* w4 = (const uint4*)wr;
-    const uint4* w24 = (const uint4*)wr2;
     // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
     // (under programmatic dependent launch they overlap its tail and this kernel's prologue).
     uint4 wv[U], wv2[U];
@@ -224,50 +265,68 @@ __device__ __forceinline__ void gemv_impl(
     for (int u = 0; u < U; u++) {
         const int i = lane + 32 * u;
         const bool ok = vec && slot < nrows && i < K8;
-        wv[u] = ok ? ld_stream_first(w4 + i) : make_uint4(0, 0, 0, 0);
-        wv2[u] = (glu && ok) ? ld_stream_first(w24 + i) : make_uint4(0, 0, 0, 0);
+        wv[u] = ok ? ld_stream_first((const uint4*)(w + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
+        wv2[u] = (glu && ok) ? ld_stream_first((const uint4*)(w2 + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
     }
     pdl_wait();
     pdl_launch();
     gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
-    if (slot >= nrows) return;
-    float acc[NB], acc2[NB];
+    while (slot < nrows) {
+        const u16* wr = w + (size_t)row * K;
+        const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
+        const uint4* w4 = (const uint4*)wr;
+        const uint4* w24 = (const uint4*)wr2;
+        float acc[NB], acc2[NB];
 #pragma unroll
-    for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
-    if (vec) {
-        for (int base = lane; base < K8; base += 32 * U) {
-            if (base != lane) { // the first batch is already in registers
+        for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
+        if (vec) {
+            for (int base = lane; base < K8; base += 32 * U) {
+                if (base != lane) { // the first batch is already in registers
+#pragma unroll
+                    for (int u = 0; u < U; u++) {
+                        const int i = base + 32 * u;
+                        wv[u] = i < K8 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
+                        if (glu) wv2[u] = i < K8 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
+                    }
+                }
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     const int i = base + 32 * u;
-                    wv[u] = i < K8 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
-                    if (glu) wv2[u] = i < K8 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
+                    if (i >= K8) break;
+                    gemv_fma8<T, NB, EPI>(wv[u], wv2[u], i, K, B, x, xs, xf, g, gb, mean_s, rstd_s, stage, acc, acc2);
                 }
             }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                float ws = T::load(wr[k]);
+                float ws2 = glu ? T::load(wr2[k]) : 0.0f;
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    if (b < B) {
+                        float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
+                                      : T::load(x[(size_t)b * K + k]);
+                        acc[b] = fmaf(ws, xv, acc[b]);
+                        if (glu) acc2[b] = fmaf(ws2, xv, acc2[b]);
+                    }
+                }
+            }
+        }
+        // The next row's first batch goes out before this row's reduction.
+        const int slot2 = slot + W;
+        const int row2 = slot2 < nrows ? (GATHER ? idx[slot2] : slot2) : 0;
+        if (vec && slot2 < nrows) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                const int i = base + 32 * u;
-                if (i >= K8) break;
-                gemv_fma8<T, NB, EPI>(wv[u], wv2[u], i, K, B, x, xs, xf, g, gb, mean_s, rstd_s, stage, acc, acc2);
+                const int i = lane + 32 * u;
+                wv[u] = i < K8 ? ld_stream((const uint4*)(w + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
+                if (glu) wv2[u] = i < K8 ? ld_stream((const uint4*)(w2 + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
             }
         }
-    } else {
-        for (int k = lane; k < K; k += 32) {
-            float ws = T::load(wr[k]);
-            float ws2 = glu ? T::load(wr2[k]) : 0.0f;
-#pragma unroll
-            for (int b = 0; b < NB; b++) {
-                if (b < B) {
-                    float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
-                                  : T::load(x[(size_t)b * K + k]);
-                    acc[b] = fmaf(ws, xv, acc[b]);
-                    if (glu) acc2[b] = fmaf(ws2, xv, acc2[b]);
-                }
-            }
-        }
+        // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
+        gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
+        slot = slot2;
+        row = row2;
     }
-    // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
-    gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
 }
 
 

@@ -2,7 +2,7 @@
 // gate and up rows (src/sparse/quant.rs): symmetric int4, groups of 32 along the input, one f16 scale per group,
 // w = (code - 7) * scale with codes 0..14. Codes are packed two per byte, element 2j in the low nibble of byte j, so
 // one group is one 16-byte word. One warp per neuron; input handling (16-bit rows, staged, or the f32 residual
-// normalised on the fly) as in the GEMV (kernels/gemv.cu). K must be a multiple of 32.
+// normalised on the fly) as in the GEMV (kernels/gemv.cu). K must be a multiple of 32. Each warp scores rows gw, gw + W, ...
 
 template <typename T, int NB>
 __device__ __forceinline__ void qscore_impl(
@@ -20,64 +20,68 @@ __device__ __forceinline__ void qscore_impl(
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     pdl_wait();
     pdl_launch();
     gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
-    if (row >= N) return;
     const int G = K >> 5;
-    float ag[NB], au[NB];
+    // Rows gw, gw + W, ... (the grid is sized to what the multiprocessors hold, as for the GEMV).
+    const int W = gridDim.x * (blockDim.x >> 5);
+    for (int row = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; row < N; row += W) {
+        float ag[NB], au[NB];
 #pragma unroll
-    for (int b = 0; b < NB; b++) { ag[b] = 0.0f; au[b] = 0.0f; }
-    for (int j = lane; j < G; j += 32) {
-        const uint4 cg = ld_stream(gq + (size_t)row * G + j);
-        const uint4 cu = ld_stream(uq + (size_t)row * G + j);
-        const float sg = F16::load(gs[(size_t)row * G + j]);
-        const float su = F16::load(us[(size_t)row * G + j]);
-        const u32 wg[4] = {cg.x, cg.y, cg.z, cg.w};
-        const u32 wu[4] = {cu.x, cu.y, cu.z, cu.w};
-        float pg[NB], pu[NB];
+        for (int b = 0; b < NB; b++) { ag[b] = 0.0f; au[b] = 0.0f; }
+#pragma unroll 4
+        for (int j = lane; j < G; j += 32) {
+            const uint4 cg = ld_stream(gq + (size_t)row * G + j);
+            const uint4 cu = ld_stream(uq + (size_t)row * G + j);
+            const float sg = F16::load(gs[(size_t)row * G + j]);
+            const float su = F16::load(us[(size_t)row * G + j]);
+            const u32 wg[4] = {cg.x, cg.y, cg.z, cg.w};
+            const u32 wu[4] = {cu.x, cu.y, cu.z, cu.w};
+            float pg[NB], pu[NB];
 #pragma unroll
-        for (int b = 0; b < NB; b++) { pg[b] = 0.0f; pu[b] = 0.0f; }
+            for (int b = 0; b < NB; b++) { pg[b] = 0.0f; pu[b] = 0.0f; }
 #pragma unroll
-        for (int c = 0; c < 4; c++) { // 8 codes per 32-bit word: elements 32j + 8c .. + 7
-            float fg[8], fu[8];
+            for (int c = 0; c < 4; c++) { // 8 codes per 32-bit word: elements 32j + 8c .. + 7
+                float fg[8], fu[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                fg[e] = (float)((wg[c] >> (4 * e)) & 15u) - 7.0f;
-                fu[e] = (float)((wu[c] >> (4 * e)) & 15u) - 7.0f;
+                for (int e = 0; e < 8; e++) {
+                    fg[e] = (float)((wg[c] >> (4 * e)) & 15u) - 7.0f;
+                    fu[e] = (float)((wu[c] >> (4 * e)) & 15u) - 7.0f;
+                }
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    if (b < B) {
+                        float xv8[8];
+                        gemv_x8<T>(b, 4 * j + c, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) {
+                            pg[b] = fmaf(fg[e], xv8[e], pg[b]);
+                            pu[b] = fmaf(fu[e], xv8[e], pu[b]);
+                        }
+                    }
+                }
             }
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                if (b < B) {
-                    float xv8[8];
-                    gemv_x8<T>(b, 4 * j + c, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) {
-                        pg[b] = fmaf(fg[e], xv8[e], pg[b]);
-                        pu[b] = fmaf(fu[e], xv8[e], pu[b]);
-                    }
-                }
+                ag[b] = fmaf(sg, pg[b], ag[b]);
+                au[b] = fmaf(su, pu[b], au[b]);
             }
         }
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            ag[b] = fmaf(sg, pg[b], ag[b]);
-            au[b] = fmaf(su, pu[b], au[b]);
+            ag[b] = warp_sum(ag[b]);
+            au[b] = warp_sum(au[b]);
         }
-    }
+        if (lane == 0) {
 #pragma unroll
-    for (int b = 0; b < NB; b++) {
-        ag[b] = warp_sum(ag[b]);
-        au[b] = warp_sum(au[b]);
-    }
-    if (lane != 0) return;
-#pragma unroll
-    for (int b = 0; b < NB; b++) {
-        if (b >= B) break;
-        const float v = ag[b];
-        out[(size_t)b * N + row] = fabsf(v / (1.0f + expf(-v)) * au[b]);
+            for (int b = 0; b < NB; b++) {
+                if (b >= B) break;
+                const float v = ag[b];
+                out[(size_t)b * N + row] = fabsf(v / (1.0f + expf(-v)) * au[b]);
+            }
+        }
     }
 }
 

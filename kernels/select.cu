@@ -56,11 +56,15 @@ __device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
 #define TOPK_SHORT 256
 
 // Grid: B blocks (one per row); block: any multiple of 32 up to 1024 threads.
+// With `cached` (and N * 4 bytes of dynamic shared memory) the row's keys are read from global memory once and every
+// pass runs over shared memory; without, each pass reads the scores again.
 template <typename S>
 __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, // [B, N] scores, row stride N
                                                int N, int k,
-                                               unsigned char* __restrict__ keep) { // [B, N] out: 1 kept, 0 not
+                                               unsigned char* __restrict__ keep, // [B, N] out: 1 kept, 0 not
+                                               int cached) {
     PDL_ENTER
+    extern __shared__ u32 topk_keys[]; // [N] with `cached`
     const int b = blockIdx.x;
     const size_t row = (size_t)b * N;
     unsigned char* kr = keep + row;
@@ -87,6 +91,11 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         }
         return;
     }
+    if (cached) {
+        for (int i = threadIdx.x; i < N; i += blockDim.x) topk_keys[i] = score_key(S::at(scores, row + i));
+        __syncthreads();
+    }
+    auto key_at = [&](int i) -> u32 { return cached ? topk_keys[i] : score_key(S::at(scores, row + i)); };
     __shared__ u32 hist[256];
     __shared__ u32 s_prefix;
     __shared__ int s_need;
@@ -105,7 +114,7 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
             u32 bin = 0;
             bool act = false;
             if (i < N) {
-                const u32 key = score_key(S::at(scores, row + i));
+                const u32 key = key_at(i);
                 act = (key & himask) == prefix;
                 bin = (key >> shift) & 255u;
             }
@@ -157,25 +166,25 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
     const int seg = (N + blockDim.x - 1) / blockDim.x;
     const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
     int eq = 0;
-    for (int i = i0; i < i1; i++) eq += score_key(S::at(scores, row + i)) == prefix;
+    for (int i = i0; i < i1; i++) eq += key_at(i) == prefix;
     int total;
     int before = block_excl_scan(eq, red, total);
     for (int i = i0; i < i1; i++) {
-        const u32 key = score_key(S::at(scores, row + i));
+        const u32 key = key_at(i);
         unsigned char v = key > prefix;
         if (key == prefix) v = before++ < need;
         kr[i] = v;
     }
 }
 
-extern "C" __global__ void topk_mark_f32(const void* scores, int N, int k, unsigned char* keep) {
-    topk_mark_impl<ScoreF32>(scores, N, k, keep);
+extern "C" __global__ void topk_mark_f32(const void* scores, int N, int k, unsigned char* keep, int cached) {
+    topk_mark_impl<ScoreF32>(scores, N, k, keep, cached);
 }
-extern "C" __global__ void topk_mark_absf16(const void* scores, int N, int k, unsigned char* keep) {
-    topk_mark_impl<ScoreAbs<F16>>(scores, N, k, keep);
+extern "C" __global__ void topk_mark_absf16(const void* scores, int N, int k, unsigned char* keep, int cached) {
+    topk_mark_impl<ScoreAbs<F16>>(scores, N, k, keep, cached);
 }
-extern "C" __global__ void topk_mark_absbf16(const void* scores, int N, int k, unsigned char* keep) {
-    topk_mark_impl<ScoreAbs<BF16>>(scores, N, k, keep);
+extern "C" __global__ void topk_mark_absbf16(const void* scores, int N, int k, unsigned char* keep, int cached) {
+    topk_mark_impl<ScoreAbs<BF16>>(scores, N, k, keep, cached);
 }
 
 // One block (1024 threads). The kept set: idx[0 .. cnt) the ascending ids kept by at least one of the B rows.

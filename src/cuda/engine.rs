@@ -184,6 +184,14 @@ pub struct Engine {
     pub(super) stage: bool,
     /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
     gemv_threads: u32,
+    /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
+    /// once, each warp taking several rows (default); `DEJAVU_GEMV_PERSIST=0`: one row per warp, as before.
+    persist: bool,
+    /// Blocks per multiprocessor by (kernel, threads, dynamic shared memory), from the occupancy calculator.
+    occupancy: std::cell::RefCell<HashMap<(usize, u32, usize), u32>>,
+    /// At most this many blocks for the row-looping kernels (the kernel checks run with a small cap, so that every
+    /// warp loops over many rows).
+    grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
@@ -252,6 +260,9 @@ impl Engine {
             dense_now: false,
             stats: Default::default(),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
+            persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
+            occupancy: Default::default(),
+            grid_cap: None,
         })
     }
 
@@ -363,6 +374,38 @@ impl Engine {
 
     fn kname(&self, base: &str) -> String {
         format!("{base}_{}", self.dt().name())
+    }
+
+    /// Blocks of `threads` for a kernel whose warps loop over `rows` rows (kernels/gemv.cu, qscore.cu): one warp a
+    /// row when they fit on the multiprocessors at once, else as many blocks as fit, with the rows spread evenly
+    /// (every warp gets the same number, give or take one, and each block stages its input once for all of them).
+    pub(super) fn row_grid(&self, f: cudarc::driver::sys::CUfunction, rows: usize, threads: u32, smem: usize) -> GpuResult<u32> {
+        let wpb = (threads as usize / 32).max(1);
+        let one_each = rows.div_ceil(wpb).max(1);
+        if let Some(c) = self.grid_cap {
+            return Ok((one_each as u32).min(c.max(1)));
+        }
+        if !self.persist {
+            return Ok(one_each as u32);
+        }
+        let key = (f as usize, threads, smem);
+        let cached = self.occupancy.borrow().get(&key).copied();
+        let per_sm = match cached {
+            Some(n) => n,
+            None => {
+                let n = self.gpu.occupancy(f, threads, smem)?.max(1);
+                self.occupancy.borrow_mut().insert(key, n);
+                n
+            }
+        };
+        let cap_warps = per_sm as usize * self.gpu.sms.max(1) as usize * wpb;
+        let per_warp = rows.div_ceil(cap_warps).max(1);
+        Ok(rows.div_ceil(per_warp).div_ceil(wpb).clamp(1, one_each) as u32)
+    }
+
+    /// Cap the grids of the row-looping kernels at `blocks` (None: sized by occupancy), for the kernel checks.
+    pub fn set_grid_cap(&mut self, blocks: Option<u32>) {
+        self.grid_cap = blocks;
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: Args) -> GpuResult<()> {
@@ -518,8 +561,9 @@ impl Engine {
             let mut args = args.i32(i32::from(stage));
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
             let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
-            let grid = ((n as u32).div_ceil(threads / 32), 1, 1);
-            self.gpu.launch(f, grid, threads, smem as u32, &mut args)?;
+            // The cp.async variant computes one row per warp.
+            let grid = if ring > 0 { (n as u32).div_ceil(threads / 32) } else { self.row_grid(f, n, threads, smem)? };
+            self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
             r0 += nb;
         }
         Ok(())

@@ -173,6 +173,16 @@ impl Gpu {
             .ctx("cuLaunchKernelEx")
     }
 
+    /// Blocks of `f` with `threads` threads and `smem` bytes of dynamic shared memory one multiprocessor holds.
+    pub fn occupancy(&self, f: sys::CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `f` is a loaded function of the current context; `n` outlives the call.
+        unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, threads as std::ffi::c_int, smem) }
+            .result()
+            .ctx("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
+        Ok(n.max(0) as u32)
+    }
+
     pub fn event(&self) -> GpuResult<Event> {
         let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).ctx("cuEventCreate")?;
         Ok(Event(e))

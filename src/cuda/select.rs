@@ -25,10 +25,13 @@ pub fn topk_mark(e: &Engine, scores: Scores, rows: usize, n: usize, k: usize, ke
         Scores::F32(p) => ("topk_mark_f32".to_string(), p),
         Scores::Abs16(p) => (format!("topk_mark_abs{}", e.dt().name()), p),
     };
-    let f = e.k.get(&name)?;
-    let mut args = Args::new().ptr(p).i32(n as i32).i32(k.min(i32::MAX as usize) as i32).ptr(keep);
+    // The row's keys held in shared memory for the passes when they fit (every shape of the shape table).
+    let smem = n * 4;
+    let cached = smem <= GEMV_SMEM;
+    let f = if cached { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
+    let mut args = Args::new().ptr(p).i32(n as i32).i32(k.min(i32::MAX as usize) as i32).ptr(keep).i32(i32::from(cached));
     let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
-    e.gpu.launch(f, (rows as u32, 1, 1), threads, 0, &mut args)
+    e.gpu.launch(f, (rows as u32, 1, 1), threads, if cached { smem as u32 } else { 0 }, &mut args)
 }
 
 /// The union of `rows` rows of keep flags (`[rows, n]`) as the ascending kept set `kept` (capacity `n`); with
@@ -144,5 +147,7 @@ pub fn qscore(e: &Engine, q: &QCopy, input: In, out: CUdeviceptr, rows: usize, f
         .i32(i32::from(e.cfg.family == Family::Llama))
         .i32(i32::from(stage));
     let threads = 256u32;
-    e.gpu.launch(func, ((f as u32).div_ceil(threads / 32), 1, 1), threads, if stage { staged as u32 } else { 0 }, &mut args)
+    let smem = if stage { staged } else { 0 };
+    let grid = e.row_grid(func, f, threads, smem)?;
+    e.gpu.launch(func, (grid, 1, 1), threads, smem as u32, &mut args)
 }

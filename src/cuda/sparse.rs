@@ -113,7 +113,7 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
         .ptr(l.pre)
         .f32(l.t)
         .ptr(l.tally);
-    let grid = ((l.n as u32).div_ceil(threads / 32).max(1), 1, 1);
+    let grid = (e.row_grid(f, l.n, threads, smem)?, 1, 1);
     e.gpu.launch(f, grid, threads, smem as u32, &mut args)
 }
 

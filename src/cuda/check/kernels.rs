@@ -573,7 +573,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let mut cfg = crate::bench::Shape::find("smollm2-135m").map(|s| s.config()).ok_or_else(|| GpuError::new("shape table"))?;
         cfg.layers = 1;
         let w = Weights::random(&gpu, &k, &cfg, dt, 3)?;
-        let e = Engine::new(gpu, k, w, cfg)?;
+        let mut e = Engine::new(gpu, k, w, cfg)?;
         if !e.has_blas() {
             return Err(GpuError::new("cuBLAS is not available: the prefill path cannot be checked"));
         }
@@ -587,6 +587,17 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         if dt == Half::F16 {
             check_rows(&e, seed, &mut out)?;
         }
+        // The row-looping kernels (GEMV, gathers, CATS, score pass) again on a grid of 3 blocks: at these sizes the
+        // sized grid gives each warp one row, so this is what exercises a warp's second and later rows.
+        e.set_grid_cap(Some(3));
+        let from = out.len();
+        check_linear(&e, dt, seed + 1, &mut out)?;
+        check_sparse(&e, dt, seed + 1, &mut out)?;
+        check_topk_mlp(&e, dt, seed + 1, &mut out)?;
+        for c in &mut out[from..] {
+            c.kernel += " [3 blocks: many rows a warp]";
+        }
+        e.set_grid_cap(None);
     }
     Ok(out)
 }
