@@ -432,7 +432,8 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         int B, const float* xf, const u16* g, const u16* gb,      \
                                                         float eps, int rms, int stage) {                          \
         gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0, 0, 0.f, 0);          \
-    }                                                                                                            \
+    }
+#define GEMV_ASYNC_KERNEL(TN, T, EN, EPI, NB)                                                                    \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
         int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                      \
@@ -455,15 +456,52 @@ __device__ __forceinline__ void gemv_async_impl(
     GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 1) GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 2)                    \
     GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 4) GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 8)                    \
     GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 16)
-#define GEMV_NB(TN, T, EN, EPI) \
-    GEMV_KERNEL(TN, T, EN, EPI, 1) GEMV_KERNEL(TN, T, EN, EPI, 2) GEMV_KERNEL(TN, T, EN, EPI, 4) \
-    GEMV_KERNEL(TN, T, EN, EPI, 8) GEMV_KERNEL(TN, T, EN, EPI, 16)
-#define GEMV_ALL(TN, T) \
-    GEMV_NB(TN, T, store, EPI_STORE) GEMV_NB(TN, T, acc, EPI_ACC) GEMV_NB(TN, T, relu, EPI_RELU) GEMV_NB(TN, T, glu, EPI_GLU) \
-    GEMV_SPARSE_NB(gather, true, TN, T, relu, EPI_RELU) GEMV_SPARSE_NB(gather, true, TN, T, glu, EPI_GLU)           \
-    GEMV_SPARSE_NB(gather, true, TN, T, store, EPI_STORE)                                                          \
-    GEMV_SPARSE_NB(gather, true, TN, T, mul, EPI_MUL) GEMV_SPARSE_NB(cats, false, TN, T, silu, EPI_CATS_SILU)       \
+#define GEMV_NB(K, TN, T, EN, EPI) \
+    K(TN, T, EN, EPI, 1) K(TN, T, EN, EPI, 2) K(TN, T, EN, EPI, 4) K(TN, T, EN, EPI, 8) K(TN, T, EN, EPI, 16)
+#define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC)
+#define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)
+#define GEMV_ASYNC(TN, T)                                                                                        \
+    GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \
+    GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, glu, EPI_GLU)
+#define GEMV_SPARSE_A(TN, T)                                                                                     \
+    GEMV_SPARSE_NB(gather, true, TN, T, relu, EPI_RELU) GEMV_SPARSE_NB(gather, true, TN, T, glu, EPI_GLU)        \
+    GEMV_SPARSE_NB(gather, true, TN, T, store, EPI_STORE)
+#define GEMV_SPARSE_B(TN, T)                                                                                     \
+    GEMV_SPARSE_NB(gather, true, TN, T, mul, EPI_MUL) GEMV_SPARSE_NB(cats, false, TN, T, silu, EPI_CATS_SILU)     \
     GEMV_SPARSE_NB(cats, false, TN, T, relu, EPI_CATS_RELU)
 
-GEMV_ALL(f16, F16)
-GEMV_ALL(bf16, BF16)
+// The instantiations are split over several NVRTC programs that the engine compiles in parallel
+// (src/cuda/kernels.rs, PARTS): `DJ_PART` selects this program's share; undefined, every kernel is compiled.
+#ifndef DJ_PART
+#define DJ_PART -1
+#endif
+#if DJ_PART < 0 || DJ_PART == 0
+GEMV_DENSE_A(f16, F16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 1
+GEMV_DENSE_B(f16, F16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 2
+GEMV_SPARSE_A(f16, F16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 3
+GEMV_SPARSE_B(f16, F16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 4
+GEMV_DENSE_A(bf16, BF16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 5
+GEMV_DENSE_B(bf16, BF16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 6
+GEMV_SPARSE_A(bf16, BF16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 7
+GEMV_SPARSE_B(bf16, BF16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 8
+GEMV_ASYNC(f16, F16)
+#endif
+#if DJ_PART < 0 || DJ_PART == 9
+GEMV_ASYNC(bf16, BF16)
+#endif

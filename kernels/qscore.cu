@@ -31,7 +31,9 @@ __device__ __forceinline__ void qscore_impl(
         float ag[NB], au[NB];
 #pragma unroll
         for (int b = 0; b < NB; b++) { ag[b] = 0.0f; au[b] = 0.0f; }
-#pragma unroll 4
+// Four groups' loads in flight per lane at up to 4 rows; at 8-16 rows the body is long enough (and unrolling it
+// would dominate the kernels' compile time).
+#pragma unroll(NB <= 4 ? 4 : 1)
         for (int j = lane; j < G; j += 32) {
             const uint4 cg = ld_stream(gq + (size_t)row * G + j);
             const uint4 cu = ld_stream(uq + (size_t)row * G + j);

@@ -56,6 +56,10 @@ pub struct Args {
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Only compile the kernels to PTX for this architecture (e.g. 90), part by part in parallel, and list what
+    /// each part holds; needs NVRTC, not a GPU.
+    #[arg(long, value_name = "SM")]
+    pub compile_only: Option<u32>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -68,6 +72,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     use super::out;
     use dejavu::cuda::check;
     use dejavu::sparse::plan::{HeadRule, LayerPlan, MlpRule};
+    if let Some(sm) = args.compile_only {
+        let arch = ((sm / 10) as i32, (sm % 10) as i32);
+        let (names, secs) = dejavu::cuda::kernels::compile_all_ptx(arch).map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
+        let mut all: Vec<&String> = names.iter().flat_map(|(n, _)| n).collect();
+        let total = all.len();
+        all.sort();
+        all.dedup();
+        let mut s = String::from("| part | kernels | compile s |\n|---|---|---|\n");
+        for (i, (n, t)) in names.iter().enumerate() {
+            s += &format!("| {i} | {} | {t:.1} |\n", n.len());
+        }
+        s += &format!("\n{} parts compiled in {secs:.1} s (parallel): {total} kernels, {} distinct\n", names.len(), all.len());
+        out(&s)?;
+        if total != all.len() {
+            anyhow::bail!("engine-check: {} kernels are compiled in more than one part", total - all.len());
+        }
+        return Ok(());
+    }
     dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
     let mut failed = 0;
     let mut kernels = Vec::new();

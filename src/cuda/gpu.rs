@@ -174,7 +174,7 @@ impl Gpu {
     }
 
     /// Blocks of `f` with `threads` threads and `smem` bytes of dynamic shared memory one multiprocessor holds.
-    pub fn occupancy(&self, f: sys::CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
+    pub(crate) fn occupancy(&self, f: sys::CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
         let mut n: std::ffi::c_int = 0;
         // SAFETY: `f` is a loaded function of the current context; `n` outlives the call.
         unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, threads as std::ffi::c_int, smem) }

@@ -1,6 +1,7 @@
-//! Our kernels (`kernels/*.cu`, embedded in the binary) compiled by NVRTC into one module for the GPU's
-//! architecture, once: the cubin is cached on disk under the source's hash, so a later process loads it in
-//! milliseconds. Nothing compiled is committed.
+//! Our kernels (`kernels/*.cu`, embedded in the binary) compiled by NVRTC for the GPU's architecture, once: as
+//! several programs ([`PARTS`]) compiled on parallel threads (the GEMV's instantiations alone are most of the
+//! work), each cubin cached on disk under its source's hash, so a later process loads them in milliseconds.
+//! Nothing compiled is committed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -26,6 +27,37 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("qscore.cu", include_str!("../../kernels/qscore.cu")),
 ];
 
+/// The NVRTC programs: the files each one sees (the prelude first) and its `DJ_PART` (which share of the GEMV
+/// instantiations at the end of kernels/gemv.cu it compiles; other files' kernels go to the parts listing them).
+pub const PARTS: &[(&[&str], i32)] = &[
+    (&["common.cuh", "gemv.cu"], 0),
+    (&["common.cuh", "gemv.cu"], 1),
+    (&["common.cuh", "gemv.cu"], 2),
+    (&["common.cuh", "gemv.cu"], 3),
+    (&["common.cuh", "gemv.cu"], 4),
+    (&["common.cuh", "gemv.cu"], 5),
+    (&["common.cuh", "gemv.cu"], 6),
+    (&["common.cuh", "gemv.cu"], 7),
+    (&["common.cuh", "gemv.cu"], 8),
+    (&["common.cuh", "gemv.cu"], 9),
+    (&["common.cuh", "embed.cu", "norm.cu", "logits.cu", "select.cu"], 10),
+    (&["common.cuh", "attention.cu"], 11),
+    (&["common.cuh", "sparse.cu"], 12),
+    (&["common.cuh", "gemv.cu", "qscore.cu"], 13),
+];
+
+/// The source NVRTC compiles for part `i` of [`PARTS`].
+pub fn part_source(i: usize) -> String {
+    let (files, _) = PARTS[i];
+    files
+        .iter()
+        .map(|f| {
+            let s = SOURCES.iter().find(|(n, _)| n == f).map_or("", |(_, s)| *s);
+            format!("// ---- {f}\n{s}\n")
+        })
+        .collect()
+}
+
 /// How the module was obtained, for start-up reports.
 #[derive(Debug, Clone)]
 pub struct ModuleInfo {
@@ -34,9 +66,9 @@ pub struct ModuleInfo {
     pub seconds: f64,
 }
 
-/// The loaded module and a name -> function table.
+/// The loaded modules (one per part) and a name -> function table.
 pub struct Kernels {
-    module: sys::CUmodule,
+    modules: Vec<sys::CUmodule>,
     funcs: RefCell<HashMap<String, sys::CUfunction>>,
     pub info: ModuleInfo,
 }
@@ -68,8 +100,8 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("dejavu")
 }
 
-fn options(arch: (i32, i32)) -> Vec<String> {
-    vec![format!("--gpu-architecture=sm_{}{}", arch.0, arch.1), "-default-device".into(), "--std=c++17".into()]
+fn options(arch: (i32, i32), part: i32) -> Vec<String> {
+    vec![format!("--gpu-architecture=sm_{}{}", arch.0, arch.1), "-default-device".into(), "--std=c++17".into(), format!("-DDJ_PART={part}")]
 }
 
 fn nvrtc_version() -> (i32, i32) {
@@ -80,9 +112,9 @@ fn nvrtc_version() -> (i32, i32) {
     (a, b)
 }
 
-/// Compile the sources to a cubin for `arch`.
-pub fn compile(arch: (i32, i32)) -> GpuResult<Vec<u8>> {
-    let src: String = SOURCES.iter().map(|(name, s)| format!("// ---- {name}\n{s}\n")).collect();
+/// Compile part `part` of [`PARTS`] to a cubin for `arch` (with `ptx`, to PTX text instead).
+pub fn compile(arch: (i32, i32), part: usize, ptx: bool) -> GpuResult<Vec<u8>> {
+    let src = part_source(part);
     let csrc = CString::new(src).map_err(|_| GpuError::new("kernel source holds a NUL byte"))?;
     let nv = |r: nvrtc::nvrtcResult, what: &str| -> GpuResult<()> {
         if r == nvrtc::nvrtcResult::NVRTC_SUCCESS {
@@ -93,7 +125,7 @@ pub fn compile(arch: (i32, i32)) -> GpuResult<Vec<u8>> {
     };
     let prog = cudarc::nvrtc::result::create_program(&csrc, Some(c"dejavu_kernels.cu"))
         .map_err(|e| GpuError(format!("NVRTC: create program: {e:?}")))?;
-    let opts = options(arch);
+    let opts = options(arch, PARTS[part].1);
     let compiled = unsafe { cudarc::nvrtc::result::compile_program(prog, &opts) };
     let out = (|| {
         if let Err(e) = compiled {
@@ -102,6 +134,12 @@ pub fn compile(arch: (i32, i32)) -> GpuResult<Vec<u8>> {
             return Err(GpuError(format!("NVRTC could not compile the kernels for sm_{}{} ({e:?}):\n{log}", arch.0, arch.1)));
         }
         let mut size = 0usize;
+        if ptx {
+            nv(unsafe { nvrtc::nvrtcGetPTXSize(prog, &mut size) }, "get PTX size")?;
+            let mut buf = vec![0u8; size];
+            nv(unsafe { nvrtc::nvrtcGetPTX(prog, buf.as_mut_ptr() as *mut c_char) }, "get PTX")?;
+            return Ok(buf);
+        }
         nv(unsafe { nvrtc::nvrtcGetCUBINSize(prog, &mut size) }, "get cubin size")?;
         let mut buf = vec![0u8; size];
         nv(unsafe { nvrtc::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }, "get cubin")?;
@@ -114,30 +152,36 @@ pub fn compile(arch: (i32, i32)) -> GpuResult<Vec<u8>> {
 }
 
 impl Kernels {
-    /// Load the module for `arch` from the disk cache, compiling (and caching) it first when absent.
+    /// Load the modules for `arch` from the disk cache, compiling (and caching) the missing parts first, in
+    /// parallel.
     pub fn load(arch: (i32, i32)) -> GpuResult<Self> {
         let t0 = Instant::now();
-        let (va, vb) = nvrtc_version();
-        let opts = options(arch).join(" ");
-        let mut parts: Vec<&[u8]> = SOURCES.iter().map(|(_, s)| s.as_bytes()).collect();
-        let ver = format!("nvrtc {va}.{vb} {opts}");
-        parts.push(ver.as_bytes());
-        let key = fnv64(&parts);
-        let file = cache_dir().join(format!("kernels-{key:016x}-sm_{}{}.cubin", arch.0, arch.1));
-        let (cubin, from_cache) = match std::fs::read(&file) {
-            Ok(b) if !b.is_empty() => (b, true),
-            _ => {
-                let b = compile(arch)?;
+        let files: Vec<PathBuf> = (0..PARTS.len()).map(|i| part_cache_file(arch, i)).collect();
+        let cached: Vec<Option<Vec<u8>>> = files.iter().map(|f| std::fs::read(f).ok().filter(|b| !b.is_empty())).collect();
+        let from_cache = cached.iter().all(Option::is_some);
+        let cubins = compile_missing(arch, cached)?;
+        for (f, b) in files.iter().zip(&cubins) {
+            if !f.exists() && std::fs::create_dir_all(cache_dir()).is_ok() {
                 // A cache that cannot be written only costs the next process a compile.
-                if std::fs::create_dir_all(cache_dir()).is_ok() {
-                    let _ = crate::store::write_atomic(&file, &b);
-                }
-                (b, false)
+                let _ = crate::store::write_atomic(f, b);
             }
-        };
-        let module = unsafe { result::module::load_data(cubin.as_ptr() as *const _) }.ctx("cuModuleLoadData")?;
-        let info = ModuleInfo { cache_file: file, from_cache, seconds: t0.elapsed().as_secs_f64() };
-        Ok(Kernels { module, funcs: RefCell::new(HashMap::new()), info })
+        }
+        let mut modules = Vec::with_capacity(cubins.len());
+        for cubin in &cubins {
+            match unsafe { result::module::load_data(cubin.as_ptr() as *const _) }.ctx("cuModuleLoadData") {
+                Ok(m) => modules.push(m),
+                Err(e) => {
+                    for m in modules {
+                        unsafe {
+                            let _ = result::module::unload(m);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let info = ModuleInfo { cache_file: files[0].clone(), from_cache, seconds: t0.elapsed().as_secs_f64() };
+        Ok(Kernels { modules, funcs: RefCell::new(HashMap::new()), info })
     }
 
     /// The kernel `name`, allowed `bytes` of dynamic shared memory (set once per kernel).
@@ -164,16 +208,86 @@ impl Kernels {
             return Ok(f);
         }
         let cname = CString::new(name).map_err(|_| GpuError::new("kernel name holds a NUL byte"))?;
-        let f = unsafe { result::module::get_function(self.module, cname) }.ctx(&format!("kernel `{name}`"))?;
-        self.funcs.borrow_mut().insert(name.to_string(), f);
-        Ok(f)
+        let mut last = None;
+        for &m in &self.modules {
+            match unsafe { result::module::get_function(m, cname.clone()) } {
+                Ok(f) => {
+                    self.funcs.borrow_mut().insert(name.to_string(), f);
+                    return Ok(f);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(GpuError(format!("kernel `{name}`: {}", last.map_or("no modules".to_string(), |e| format!("{e:?}")))))
     }
 }
 
 impl Drop for Kernels {
     fn drop(&mut self) {
-        unsafe {
-            let _ = result::module::unload(self.module);
+        for &m in &self.modules {
+            unsafe {
+                let _ = result::module::unload(m);
+            }
         }
     }
+}
+
+/// The cache file of part `i` for `arch`: named by the hash of its source, the NVRTC version and the options.
+fn part_cache_file(arch: (i32, i32), i: usize) -> PathBuf {
+    let (va, vb) = nvrtc_version();
+    let src = part_source(i);
+    let ver = format!("nvrtc {va}.{vb} {}", options(arch, PARTS[i].1).join(" "));
+    let key = fnv64(&[src.as_bytes(), ver.as_bytes()]);
+    cache_dir().join(format!("kernels-{key:016x}-p{i}-sm_{}{}.cubin", arch.0, arch.1))
+}
+
+/// Every part's cubin: those given, and the rest compiled on one thread each.
+fn compile_missing(arch: (i32, i32), have: Vec<Option<Vec<u8>>>) -> GpuResult<Vec<Vec<u8>>> {
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = have
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| match b {
+                Some(b) => Err(b),
+                None => Ok(s.spawn(move || compile(arch, i, false))),
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| match j {
+                Err(b) => Ok(b),
+                Ok(h) => h.join().unwrap_or_else(|_| Err(GpuError::new("NVRTC: a compile thread panicked"))),
+            })
+            .collect()
+    })
+}
+
+/// One part compiled to PTX: its kernel entry names and its compile seconds.
+pub type PartPtx = (Vec<String>, f64);
+
+/// Compile every part to PTX (no GPU needed, only NVRTC), each on its own thread: per part its kernel entry names
+/// and its compile seconds, and the wall seconds of the whole. For checking the split on a machine without a GPU.
+pub fn compile_all_ptx(arch: (i32, i32)) -> GpuResult<(Vec<PartPtx>, f64)> {
+    let t0 = Instant::now();
+    let parts: Vec<GpuResult<(Vec<u8>, f64)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..PARTS.len())
+            .map(|i| {
+                s.spawn(move || {
+                    let t = Instant::now();
+                    compile(arch, i, true).map(|p| (p, t.elapsed().as_secs_f64()))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(GpuError::new("NVRTC: a compile thread panicked")))).collect()
+    });
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (ptx, secs) = p?;
+        let names = String::from_utf8_lossy(&ptx)
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix(".visible .entry ").or_else(|| l.trim_start().strip_prefix(".entry ")))
+            .map(|n| n.split('(').next().unwrap_or(n).trim().to_string())
+            .collect();
+        out.push((names, secs));
+    }
+    Ok((out, t0.elapsed().as_secs_f64()))
 }
