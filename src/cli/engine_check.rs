@@ -73,6 +73,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     use dejavu::cuda::check;
     use dejavu::sparse::plan::{HeadRule, LayerPlan, MlpRule};
     if let Some(sm) = args.compile_only {
+        if !(50..=199).contains(&sm) {
+            return Err(super::usage(format!("--compile-only {sm}: give a compute capability as two or three digits, e.g. 90 for sm_90")));
+        }
         let arch = ((sm / 10) as i32, (sm % 10) as i32);
         let (names, secs) = dejavu::cuda::kernels::compile_all_ptx(arch).map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
         let mut all: Vec<&String> = names.iter().flat_map(|(n, _)| n).collect();

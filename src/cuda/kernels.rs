@@ -267,6 +267,9 @@ pub type PartPtx = (Vec<String>, f64);
 /// Compile every part to PTX (no GPU needed, only NVRTC), each on its own thread: per part its kernel entry names
 /// and its compile seconds, and the wall seconds of the whole. For checking the split on a machine without a GPU.
 pub fn compile_all_ptx(arch: (i32, i32)) -> GpuResult<(Vec<PartPtx>, f64)> {
+    if !unsafe { nvrtc::is_culib_present() } {
+        return Err(GpuError::new("the NVRTC library (libnvrtc.so) was not found on this machine"));
+    }
     let t0 = Instant::now();
     let parts: Vec<GpuResult<(Vec<u8>, f64)>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..PARTS.len())
