@@ -103,6 +103,24 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return warp_sum(t);
 }
 
+// Mean (0 when `rms`) and 1 / sqrt(variance + eps) of the row `xr` of `n` values, over the block: two passes (sum,
+// then squared deviations), thread t summing elements t, t + blockDim.x, ... (so every caller rounds alike).
+__device__ __forceinline__ void row_stats(const float* xr, int n, bool rms, float eps, float* red, float& mean,
+                                          float& rstd) {
+    mean = 0.0f;
+    if (!rms) {
+        float s = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
+        mean = block_sum(s, red) / n;
+    }
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = xr[i] - mean;
+        ss += v * v;
+    }
+    rstd = rsqrtf(block_sum(ss, red) / n + eps);
+}
+
 __device__ __forceinline__ float block_max(float v, float* red) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_max(v);

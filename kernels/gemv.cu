@@ -107,19 +107,8 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
         if (xf) {
             for (int b = 0; b < NB && b < B; b++) {
                 float* xr = xs + b * K;
-                float mean = 0.0f;
-                if (!rms) {
-                    float s = 0.0f;
-                    for (int i = threadIdx.x; i < K; i += blockDim.x) s += xr[i];
-                    mean = block_sum(s, red) / K;
-                }
-                float ss = 0.0f;
-                for (int i = threadIdx.x; i < K; i += blockDim.x) {
-                    const float v = xr[i] - mean;
-                    ss += v * v;
-                }
-                const float var = block_sum(ss, red) / K;
-                const float rstd = rsqrtf(var + eps);
+                float mean, rstd;
+                row_stats(xr, K, rms, eps, red, mean, rstd);
                 if (threadIdx.x == 0) {
                     mean_s[b] = mean;
                     rstd_s[b] = rstd;
@@ -137,22 +126,11 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
     }
     if (xf) {
         for (int b = 0; b < NB && b < B; b++) {
-            const float* xr = xf + (size_t)b * K;
-            float mean = 0.0f;
-            if (!rms) {
-                float s = 0.0f;
-                for (int i = threadIdx.x; i < K; i += blockDim.x) s += xr[i];
-                mean = block_sum(s, red) / K;
-            }
-            float ss = 0.0f;
-            for (int i = threadIdx.x; i < K; i += blockDim.x) {
-                const float v = xr[i] - mean;
-                ss += v * v;
-            }
-            const float var = block_sum(ss, red) / K;
+            float mean, rstd;
+            row_stats(xf + (size_t)b * K, K, rms, eps, red, mean, rstd);
             if (threadIdx.x == 0) {
                 mean_s[b] = mean;
-                rstd_s[b] = rsqrtf(var + eps);
+                rstd_s[b] = rstd;
             }
         }
         __syncthreads();

@@ -14,18 +14,8 @@ __device__ __forceinline__ void norm_impl(
     int d, float eps) {
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * d;
-    float mean = 0.0f;
-    if (!RMS) {
-        float s = 0.0f;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i];
-        mean = block_sum(s, red) / d;
-    }
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] - mean;
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss, red) / d + eps);
+    float mean, inv;
+    row_stats(xr, d, RMS, eps, red, mean, inv);
     u16* o = out + (size_t)blockIdx.x * d;
     float* xo = xout ? xout + (size_t)blockIdx.x * d : 0;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {

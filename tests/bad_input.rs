@@ -136,6 +136,10 @@ fn bad_usage_exits_2() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     let out = common::dejavu(&["generate", "--model", "x", "--device", "tpu"], &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
+    // A compute capability out of range is refused before anything is compiled, with or without the feature.
+    let out = common::dejavu(&["engine-check", "--compile-only", "5"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--compile-only") && !out.stderr.contains("panicked"), "{}", out.stderr);
 }
 
 #[test]

@@ -56,9 +56,9 @@ pub struct Args {
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Only compile the kernels to PTX for this architecture (e.g. 90), part by part in parallel, and list what
-    /// each part holds; needs NVRTC, not a GPU.
-    #[arg(long, value_name = "SM")]
+    /// Only compile the kernels to PTX for this compute capability (e.g. 90 for sm_90), part by part in parallel,
+    /// and list what each part holds; needs NVRTC, not a GPU.
+    #[arg(long, value_name = "SM", value_parser = clap::value_parser!(u32).range(50..200))]
     pub compile_only: Option<u32>,
 }
 
@@ -73,9 +73,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     use dejavu::cuda::check;
     use dejavu::sparse::plan::{HeadRule, LayerPlan, MlpRule};
     if let Some(sm) = args.compile_only {
-        if !(50..=199).contains(&sm) {
-            return Err(super::usage(format!("--compile-only {sm}: give a compute capability as two or three digits, e.g. 90 for sm_90")));
-        }
         let arch = ((sm / 10) as i32, (sm % 10) as i32);
         let (names, secs) = dejavu::cuda::kernels::compile_all_ptx(arch).map_err(|e| anyhow::anyhow!("engine-check: {e}"))?;
         let mut all: Vec<&String> = names.iter().flat_map(|(n, _)| n).collect();

@@ -159,7 +159,7 @@ impl Kernels {
         let files: Vec<PathBuf> = (0..PARTS.len()).map(|i| part_cache_file(arch, i)).collect();
         let cached: Vec<Option<Vec<u8>>> = files.iter().map(|f| std::fs::read(f).ok().filter(|b| !b.is_empty())).collect();
         let from_cache = cached.iter().all(Option::is_some);
-        let cubins = compile_missing(arch, cached)?;
+        let cubins: Vec<Vec<u8>> = compile_parts(arch, cached, false)?.into_iter().map(|(b, _)| b).collect();
         for (f, b) in files.iter().zip(&cubins) {
             if !f.exists() && std::fs::create_dir_all(cache_dir()).is_ok() {
                 // A cache that cannot be written only costs the next process a compile.
@@ -241,20 +241,24 @@ fn part_cache_file(arch: (i32, i32), i: usize) -> PathBuf {
     cache_dir().join(format!("kernels-{key:016x}-p{i}-sm_{}{}.cubin", arch.0, arch.1))
 }
 
-/// Every part's cubin: those given, and the rest compiled on one thread each.
-fn compile_missing(arch: (i32, i32), have: Vec<Option<Vec<u8>>>) -> GpuResult<Vec<Vec<u8>>> {
+/// Every part's output with the seconds its compile took (0 for one given): those given, and the rest compiled
+/// on one thread each, to a cubin or (`ptx`) to PTX text.
+fn compile_parts(arch: (i32, i32), have: Vec<Option<Vec<u8>>>, ptx: bool) -> GpuResult<Vec<(Vec<u8>, f64)>> {
     std::thread::scope(|s| {
         let jobs: Vec<_> = have
             .into_iter()
             .enumerate()
             .map(|(i, b)| match b {
                 Some(b) => Err(b),
-                None => Ok(s.spawn(move || compile(arch, i, false))),
+                None => Ok(s.spawn(move || {
+                    let t = Instant::now();
+                    compile(arch, i, ptx).map(|out| (out, t.elapsed().as_secs_f64()))
+                })),
             })
             .collect();
         jobs.into_iter()
             .map(|j| match j {
-                Err(b) => Ok(b),
+                Err(b) => Ok((b, 0.0)),
                 Ok(h) => h.join().unwrap_or_else(|_| Err(GpuError::new("NVRTC: a compile thread panicked"))),
             })
             .collect()
@@ -271,20 +275,9 @@ pub fn compile_all_ptx(arch: (i32, i32)) -> GpuResult<(Vec<PartPtx>, f64)> {
         return Err(GpuError::new("the NVRTC library (libnvrtc.so) was not found on this machine"));
     }
     let t0 = Instant::now();
-    let parts: Vec<GpuResult<(Vec<u8>, f64)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..PARTS.len())
-            .map(|i| {
-                s.spawn(move || {
-                    let t = Instant::now();
-                    compile(arch, i, true).map(|p| (p, t.elapsed().as_secs_f64()))
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(GpuError::new("NVRTC: a compile thread panicked")))).collect()
-    });
+    let parts = compile_parts(arch, vec![None; PARTS.len()], true)?;
     let mut out = Vec::with_capacity(parts.len());
-    for p in parts {
-        let (ptx, secs) = p?;
+    for (ptx, secs) in parts {
         let names = String::from_utf8_lossy(&ptx)
             .lines()
             .filter_map(|l| l.trim_start().strip_prefix(".visible .entry ").or_else(|| l.trim_start().strip_prefix(".entry ")))
