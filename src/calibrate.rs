@@ -214,6 +214,20 @@ impl RuleCalibrator {
         }
     }
 
+    /// TEAL's thresholds of layer `l` alone at `sparsity`: the `sparsity`-quantiles of its |x| and |h|.
+    pub fn teal_thresholds(&self, l: usize, sparsity: f64) -> (f32, f32) {
+        (self.input[l].quantile(sparsity), self.hidden[l].quantile(sparsity))
+    }
+
+    /// Give a [`Ranking::Teal`] budget its per-layer thresholds: layer `l` keeping `k[l]` of `ffn` neurons runs
+    /// at sparsity `1 − k[l]/ffn`.
+    pub fn with_teal_thresholds(&self, mut b: BudgetLevel, ffn: usize) -> BudgetLevel {
+        let (t_in, t_hidden) = b.k.iter().enumerate().map(|(l, &k)| self.teal_thresholds(l, 1.0 - k as f64 / ffn as f64)).unzip();
+        b.t_in = t_in;
+        b.t_hidden = t_hidden;
+        b
+    }
+
     /// Greedy per-layer budgets at `sparsity`, giving up `step` neurons at a time, each layer keeping at least
     /// `min_keep`.
     pub fn budget_level(&self, sparsity: f64, step: usize, min_keep: usize) -> BudgetLevel {
@@ -223,7 +237,7 @@ impl RuleCalibrator {
     }
 }
 
-/// Per-layer loss curves for budgets: for each layer alone running the rule `rule(k)` (every other layer dense)
+/// Per-layer loss curves for budgets: for each layer `l` alone running the rule `rule(l, k)` (every other layer dense)
 /// at each keep in `keeps`, the mean over the tokens of `windows` of KL(dense ‖ sparse) between the next-token
 /// distributions (always >= 0, and far less noisy than a difference of NLLs on a few hundred tokens);
 /// interpolated to every k by [`interpolate_curve`]. `qscore` is needed by rules that read score copies.
@@ -231,7 +245,7 @@ impl RuleCalibrator {
 pub fn loss_curves<B: Backend>(
     model: &Model<B>,
     windows: &[Vec<u32>],
-    rule: impl Fn(usize) -> MlpRule,
+    rule: impl Fn(usize, usize) -> MlpRule,
     qscore: Option<&QScorer<B>>,
     keeps: &[usize],
     mut progress: impl FnMut(),
@@ -260,7 +274,7 @@ pub fn loss_curves<B: Backend>(
         let mut points = Vec::with_capacity(keeps.len());
         for &k in keeps {
             let mut plan = Plan::dense(c.layers);
-            plan.layers[l].mlp = rule(k);
+            plan.layers[l].mlp = rule(l, k);
             let sparse = log_probs(Some(&plan))?;
             let (mut kl, mut n) = (0.0f64, 0usize);
             for (d, s) in dense.iter().zip(&sparse) {

@@ -159,7 +159,7 @@ fn loss_curves_measure_one_layer_at_a_time() {
     let c = &files.config;
     let wins = vec![ids(24, 5), ids(24, 6)];
     let keeps = [c.ffn / 2, c.ffn / 8];
-    let rule = |k| MlpRule::ExactDownTopK { k };
+    let rule = |_, k| MlpRule::ExactDownTopK { k };
     let curves = dejavu::calibrate::loss_curves(&model, &wins, rule, None, &keeps, || {}).unwrap();
     assert_eq!(curves.len(), c.layers);
     // Recomputed here from the logits, with a softmax written out: KL(dense ‖ layer 1 alone at ffn/2).
@@ -176,7 +176,7 @@ fn loss_curves_measure_one_layer_at_a_time() {
         rows
     };
     let mut plan = Plan::dense(c.layers);
-    plan.layers[1].mlp = rule(c.ffn / 2);
+    plan.layers[1].mlp = rule(1, c.ffn / 2);
     let (p, q) = (probs(None), probs(Some(&plan)));
     let kl: f64 = p.iter().zip(&q).map(|(p, q)| p.iter().zip(q).map(|(a, b)| a * (a / b).ln()).sum::<f64>()).sum::<f64>() / p.len() as f64;
     assert!(kl > 0.0);
@@ -238,12 +238,15 @@ fn calibrate_rules_then_ppl_and_eval_compare() {
     cli_ok(&[&base[..], &["--rule", "qscore", "--sparsity", "0.5,0.7"]].concat());
     cli_ok(&[&base[..], &["--rule", "exactdown", "--sparsity", "0.5,0.7", "--budget-error", "proxy"]].concat());
     cli_ok(&[&base[..], &["--rule", "teal", "--sparsity", "0.5"]].concat());
+    cli_ok(&[&base[..], &["--rule", "wina", "--sparsity", "0.5,0.7"]].concat());
     assert!(run_dir.join("qscore.safetensors").is_file());
     let rules: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("rules.json")).unwrap()).unwrap();
     assert_eq!(rules["header"]["format"], "dejavu.rules");
-    // Later rules kept what earlier ones wrote: budgets of both rankings at both levels, and TEAL at 0.5.
+    // Later rules kept what earlier ones wrote: budgets of the qscore, exact and wina rankings at both levels,
+    // TEAL's budgets and uniform thresholds at 0.5.
     let budgets = rules["budgets"].as_array().unwrap();
-    assert_eq!(budgets.len(), 4, "{rules}");
+    let rankings: Vec<&str> = budgets.iter().map(|b| b["ranking"].as_str().unwrap()).collect();
+    assert_eq!(rankings, ["exact", "exact", "qscore", "qscore", "teal", "wina", "wina"], "{rules}");
     let objectives: Vec<&str> = budgets.iter().map(|b| b["objective"].as_str().unwrap()).collect();
     assert!(objectives.iter().any(|o| o.starts_with("mean KL(dense || sparse)")), "{objectives:?}");
     assert!(objectives.iter().any(|o| o.starts_with("sum over calibration tokens")), "{objectives:?}");
@@ -255,6 +258,12 @@ fn calibrate_rules_then_ppl_and_eval_compare() {
         assert!((realised - s).abs() <= 0.005, "{b}: budgets realise {realised}, asked {s}");
     }
     assert_eq!(rules["teal"][0]["t_in"].as_array().unwrap().len(), 2);
+    // TEAL's budgets carry each layer's thresholds; the other rankings none.
+    for b in budgets {
+        let n = if b["ranking"] == "teal" { 2 } else { 0 };
+        assert_eq!(b.get("t_in").and_then(|t| t.as_array()).map_or(0, |t| t.len()), n, "{b}");
+        assert_eq!(b.get("t_hidden").and_then(|t| t.as_array()).map_or(0, |t| t.len()), n, "{b}");
+    }
     // ppl runs every new mode and reports its bytes.
     let ppl = |mode: &str| {
         let out = cli_ok(&["ppl", "--model", m, "--text", t, "--max-tokens", "96", "--ctx", "48", "--mode", mode,
@@ -262,7 +271,10 @@ fn calibrate_rules_then_ppl_and_eval_compare() {
         assert!(out.stdout.contains("MLP bytes read"), "{}", out.stdout);
         out
     };
-    for mode in ["qscore@0.5", "qscore@0.7+greedy", "exactdown@0.5+greedy", "cascade@0.7", "cascade@0.5+greedy", "teal@0.5", "wina@0.5"] {
+    for mode in [
+        "qscore@0.5", "qscore@0.7+greedy", "exactdown@0.5+greedy", "cascade@0.7", "cascade@0.5+greedy", "teal@0.5", "teal@0.5+greedy",
+        "wina@0.5", "wina@0.7+greedy",
+    ] {
         ppl(mode);
     }
     // eval --compare takes the new modes and finds the artifacts through --run.
@@ -298,15 +310,64 @@ fn rule_cli_bad_inputs_exit_2_naming_the_flag() {
     let ppl = ["ppl", "--model", m, "--text", t, "--max-tokens", "32", "--ctx", "16"];
     check(&[&ppl[..], &["--mode", "qscore@0.5"]].concat(), 2, &["--qscore", "calibrate --rule qscore"]);
     check(&[&ppl[..], &["--mode", "teal@0.5"]].concat(), 2, &["--rules", "calibrate --rule teal"]);
-    check(&[&ppl[..], &["--mode", "teal@0.5+greedy"]].concat(), 2, &["--mode", "+greedy"]);
+    check(&[&ppl[..], &["--mode", "cats@0.5+greedy"]].concat(), 2, &["--mode", "+greedy"]);
+    check(&[&ppl[..], &["--mode", "wina@0.5+greedy"]].concat(), 2, &["--rules", "calibrate --rule wina"]);
     check(&[&ppl[..], &["--mode", "wina@0.5", "--head-sparsity", "0.5"]].concat(), 2, &["--predictors"]);
     let opt = common::fixture_dir("tiny-opt");
     check(&["ppl", "--model", opt.to_str().unwrap(), "--text", t, "--ctx", "16", "--mode", "exactdown@0.5"], 2, &["--mode", "SwiGLU"]);
     check(&["calibrate", "--model", m, "--text", t, "--rule", "qscore"], 2, &["--run"]);
     check(&["calibrate", "--model", m, "--text", t, "--rule", "teal", "--run", tmp.path().join("r").to_str().unwrap()], 2, &["--sparsity"]);
+    check(
+        &["calibrate", "--model", m, "--text", t, "--rule", "wina", "--sparsity", "0.5", "--budget-error", "proxy", "--run", tmp.path().join("r").to_str().unwrap()],
+        2,
+        &["--budget-error"],
+    );
     check(&["calibrate", "--model", m, "--text", t, "--rule", "qscore", "--qbits", "9", "--run", tmp.path().join("r").to_str().unwrap()], 2, &["--qbits"]);
     // A rules file that is not one: exit 1 naming the file.
     let bad = tmp.path().join("rules.json");
     std::fs::write(&bad, "{\"teal\": []}").unwrap();
     check(&[&ppl[..], &["--mode", "teal@0.5", "--rules", bad.to_str().unwrap()]].concat(), 1, &["rules.json", "header"]);
+}
+
+#[test]
+fn input_sparse_budgets_resolve_per_layer() {
+    use dejavu::sparse::calib::{BudgetLevel, Ranking, RuleCalibration, TealLevel};
+    use dejavu::sparse::{resolve, Artifacts, Mode, PlanOptions};
+    let (files, _) = load("tiny-llama");
+    let c = &files.config;
+    let (f, d) = (c.ffn, c.hidden);
+    let header = ArtifactHeader::new(dejavu::store::RULES_FORMAT, dejavu::store::RULES_VERSION, files.identity().unwrap(), &());
+    let mut rules = RuleCalibration::new(header);
+    // Two layers: the budget keeps 3/4 of layer 0 and 1/4 of layer 1 (mean 1/2).
+    let k = vec![3 * f / 4, f / 4];
+    let level = |ranking, t: Vec<f32>| BudgetLevel {
+        ranking,
+        sparsity: 0.5,
+        k: k.clone(),
+        error: vec![0.0; 2],
+        tokens: 1,
+        objective: String::new(),
+        t_in: t.clone(),
+        t_hidden: t.iter().map(|x| x * 10.0).collect(),
+    };
+    rules.put_budget(level(Ranking::Wina, vec![]));
+    rules.put_budget(level(Ranking::Teal, vec![0.25, 0.75]));
+    rules.put_teal(TealLevel { sparsity: 0.5, t_in: vec![1.0, 1.0], t_hidden: vec![2.0, 2.0], tokens: 1 });
+    let path = std::path::Path::new("rules.json");
+    let art = Artifacts { calibration: Some((path, &rules)), ..Default::default() };
+    let plan = |m: &str| resolve(m.parse::<Mode>().unwrap(), &PlanOptions::default(), c, &art);
+    let wina = plan("wina@0.5+greedy").unwrap();
+    for (l, &kl) in k.iter().enumerate() {
+        // Input channels follow the layer's kept fraction of neurons (hand arithmetic: round(k·d/f)).
+        let want_in = ((kl * d) as f64 / f as f64).round() as usize;
+        assert_eq!(wina.layers[l].mlp, MlpRule::Wina { k_in: want_in, k_hidden: kl });
+    }
+    assert_eq!(plan("wina@0.5").unwrap().layers[1].mlp, MlpRule::Wina { k_in: d / 2, k_hidden: f / 2 });
+    let teal = plan("teal@0.5+greedy").unwrap();
+    assert_eq!(teal.layers[0].mlp, MlpRule::Teal { t_in: 0.25, t_hidden: 2.5 });
+    assert_eq!(teal.layers[1].mlp, MlpRule::Teal { t_in: 0.75, t_hidden: 7.5 });
+    assert_eq!(plan("teal@0.5").unwrap().layers[1].mlp, MlpRule::Teal { t_in: 1.0, t_hidden: 2.0 });
+    // A level that is not there names the file and what it has.
+    let e = plan("wina@0.7+greedy").unwrap_err().to_string();
+    assert!(e.contains("rules.json") && e.contains("no wina budgets for sparsity 0.7") && e.contains("has 0.5"), "{e}");
 }

@@ -1,6 +1,6 @@
 //! `dejavu calibrate`: what a rule needs, at requested sparsity levels. `--rule cats` (default): CATS per-layer
-//! thresholds from streaming histograms. `--rule qscore|exactdown|teal` write into the run directory: low-bit
-//! score copies of gate/up (RUN/qscore.safetensors), per-layer budgets and TEAL thresholds (RUN/rules.json).
+//! thresholds from streaming histograms. `--rule qscore|exactdown|teal|wina` write into the run directory:
+//! low-bit score copies of gate/up (RUN/qscore.safetensors), per-layer budgets and TEAL thresholds (RUN/rules.json).
 
 use std::path::PathBuf;
 
@@ -11,6 +11,7 @@ use dejavu::calibrate::{criterion, quantize_model, threshold_plan, Calibrator, R
 use dejavu::model::QScorer;
 use dejavu::calibrate::loss_curves;
 use dejavu::sparse::calib::{budget_from_curves, Ranking, RuleCalibration, ERROR_LOSS};
+use dejavu::sparse::plan::input_keep;
 use dejavu::sparse::MlpRule;
 use dejavu::sparse::quant::{QScheme, QuantOptions};
 use dejavu::store::{ArtifactHeader, RunDir, QSCORE_FORMAT, QSCORE_VERSION, RULES_FORMAT, RULES_VERSION};
@@ -27,12 +28,14 @@ pub struct Args {
     pub corpus: CorpusArgs,
     /// What to calibrate: cats (thresholds file, --out), qscore (low-bit score copies of gate/up, and per-layer
     /// budgets ranked by them at each --sparsity), exactdown (per-layer budgets ranked by the exact hidden value;
-    /// also used by cascade@S+greedy) or teal (TEAL's per-layer thresholds). All but cats write into --run.
+    /// also used by cascade@S+greedy), teal (TEAL's per-layer thresholds at each --sparsity, for teal@S, and
+    /// per-layer budgets with each layer's thresholds, for teal@S+greedy) or wina (per-layer budgets, for
+    /// wina@S+greedy; wina@S needs no calibration). All but cats write into --run.
     #[arg(long, value_enum, default_value_t = Rule::Cats)]
     #[serde(default)]
     pub rule: Rule,
-    /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7 (required for cats
-    /// and teal; for qscore and exactdown, the levels to allocate budgets at).
+    /// Target MLP sparsity levels (fraction of neurons zeroed), comma-separated, e.g. 0.5,0.7 (required for cats,
+    /// exactdown, teal and wina; for qscore, the levels to allocate budgets at).
     #[arg(long, value_delimiter = ',')]
     pub sparsity: Vec<f64>,
     /// Calibration tokens.
@@ -68,8 +71,9 @@ pub struct Args {
     pub budget_min_keep: f64,
     /// Budgets: what the greedy allocation minimises. `loss`: the measured KL divergence of the next-token
     /// distributions from the dense model's on the first --budget-tokens calibration tokens when one layer alone
-    /// runs the rule (at keeps 70/50/30/15/5%), layers assumed additive; `proxy`: the layer-local output error Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all
-    /// --tokens (one dense pass, cheap).
+    /// runs the rule (at keeps 70/50/30/15/5%), layers assumed additive; `proxy`: the layer-local output error
+    /// Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all --tokens (one dense pass, cheap; ranks neurons by one score, so not
+    /// for teal or wina, whose budgets also move the input channels).
     #[arg(long, value_enum, default_value_t = BudgetError::Loss)]
     #[serde(default)]
     pub budget_error: BudgetError,
@@ -96,6 +100,7 @@ pub enum Rule {
     Qscore,
     Exactdown,
     Teal,
+    Wina,
 }
 
 impl Rule {
@@ -105,6 +110,7 @@ impl Rule {
             Rule::Qscore => "qscore",
             Rule::Exactdown => "exactdown",
             Rule::Teal => "teal",
+            Rule::Wina => "wina",
         }
     }
 }
@@ -121,8 +127,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     if matches!(args.rule, Rule::Cats | Rule::Teal) && args.sparsity.is_empty() {
         return Err(usage(format!("--rule {}: give --sparsity, e.g. --sparsity 0.5,0.7", args.rule.name())));
     }
-    if matches!(args.rule, Rule::Exactdown) && args.sparsity.is_empty() {
-        return Err(usage("--rule exactdown: give --sparsity (the levels to allocate budgets at)"));
+    if matches!(args.rule, Rule::Exactdown | Rule::Wina) && args.sparsity.is_empty() {
+        return Err(usage(format!("--rule {}: give --sparsity (the levels to allocate budgets at)", args.rule.name())));
+    }
+    if matches!(args.rule, Rule::Teal | Rule::Wina) && args.budget_error == BudgetError::Proxy {
+        return Err(usage(format!(
+            "--budget-error proxy ranks neurons by one exact score; --rule {} budgets move the input channels too: use --budget-error loss",
+            args.rule.name()
+        )));
     }
     match args.rule {
         Rule::Cats if args.out.is_none() => match &args.run {
@@ -144,7 +156,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     run_with_model(&args.corpus.model.clone(), args)
 }
 
-/// `--rule qscore|exactdown|teal`: write the rule's artifacts into the run directory.
+/// `--rule qscore|exactdown|teal|wina`: write the rule's artifacts into the run directory.
 fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> anyhow::Result<()> {
     use dejavu::config::Family;
     if files.config.family != Family::Llama {
@@ -166,43 +178,61 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
     if args.sparsity.is_empty() {
         return Ok(());
     }
-    let ranking = if args.rule == Rule::Qscore { Ranking::QScore } else { Ranking::Exact };
+    let ranking = match args.rule {
+        Rule::Qscore => Ranking::QScore,
+        Rule::Teal => Ranking::Teal,
+        Rule::Wina => Ranking::Wina,
+        Rule::Exactdown | Rule::Cats => Ranking::Exact,
+    };
     let teal = args.rule == Rule::Teal;
     let c = &files.config;
-    let by_loss = !teal && args.budget_error == BudgetError::Loss;
-    let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !teal && !by_loss, ranking);
-    let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
-    let bar = super::progress::bar(args.tokens as u64, "calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
-    bar.set_message(args.rule.name());
-    let mut loss = None;
-    if by_loss {
-        let mut wins = Vec::new();
-        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.budget_tokens)?;
-        while let Some(w) = windows.next_window()? {
-            cal.tokens += w.len() as u64;
-            wins.push(w);
-        }
-        let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
-        bar.set_length((1 + c.layers * keeps.len()) as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        let rule = |k: usize| match ranking {
-            Ranking::QScore => MlpRule::QScoreTopK { k },
-            Ranking::Exact => MlpRule::ExactDownTopK { k },
-        };
-        loss = Some(loss_curves(&model, &wins, rule, qscorer.as_ref(), &keeps, || bar.inc(1)).context("while measuring loss curves")?);
-    } else {
+    let by_loss = args.budget_error == BudgetError::Loss;
+    // The dense pass over --tokens: TEAL's histograms, or the proxy's error curves.
+    let mut cal = RuleCalibrator::new(c.layers, c.ffn, teal, !by_loss, ranking);
+    let mut bar = indicatif::ProgressBar::hidden();
+    if teal || !by_loss {
+        bar = super::progress::bar(args.tokens as u64, "calibrate {msg} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}");
+        bar.set_message(args.rule.name());
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.tokens)?;
         while let Some(w) = windows.next_window()? {
             cal.add_sequence(&model, &w, qscorer.as_ref()).context("while calibrating")?;
             bar.inc(w.len() as u64);
         }
+        if cal.tokens == 0 {
+            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        }
+    }
+    let mut loss = None;
+    let mut budget_tokens = cal.tokens;
+    if by_loss {
+        let mut wins = Vec::new();
+        let mut windows = TokenWindows::new(&files.tokenizer, &args.corpus.text, args.seq_len, args.budget_tokens)?;
+        budget_tokens = 0;
+        while let Some(w) = windows.next_window()? {
+            budget_tokens += w.len() as u64;
+            wins.push(w);
+        }
+        if budget_tokens == 0 {
+            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        }
+        let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
+        // A bar of its own: the forwards of the loss curves (after the token pass's bar, for teal).
+        bar.finish_and_clear();
+        bar = super::progress::bar((1 + c.layers * keeps.len()) as u64, "calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}");
+        bar.set_message(args.rule.name());
+        let (ffn, hidden) = (c.ffn, c.hidden);
+        let rule = |l: usize, k: usize| match ranking {
+            Ranking::QScore => MlpRule::QScoreTopK { k },
+            Ranking::Exact => MlpRule::ExactDownTopK { k },
+            Ranking::Teal => {
+                let (t_in, t_hidden) = cal.teal_thresholds(l, 1.0 - k as f64 / ffn as f64);
+                MlpRule::Teal { t_in, t_hidden }
+            }
+            Ranking::Wina => MlpRule::Wina { k_in: input_keep(k, ffn, hidden), k_hidden: k },
+        };
+        loss = Some(loss_curves(&model, &wins, rule, qscorer.as_ref(), &keeps, || bar.inc(1)).context("while measuring loss curves")?);
     }
     bar.finish_and_clear();
-    if cal.tokens == 0 {
-        bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
-    }
     let path = run.rules();
     let header = ArtifactHeader::new(RULES_FORMAT, RULES_VERSION, identity.clone(), &args);
     // Levels of the other rules (and other sparsities) already in the file stay; a file of another model or
@@ -220,20 +250,20 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
             t.sort_by(f32::total_cmp);
             println!("| teal | {sp} | t_in {:.4} / {:.4} / {:.4} | — |", l.t_in[0], t[t.len() / 2], l.t_in[l.t_in.len() - 1]);
             rules.put_teal(l);
-        } else {
-            let b = match &loss {
-                Some(curves) => budget_from_curves(curves, ranking, sp, step, min_keep, cal.tokens, ERROR_LOSS),
-                None => cal.budget_level(sp, step, min_keep),
-            };
-            let mut k = b.k.clone();
-            k.sort_unstable();
-            let mean = b.k.iter().sum::<usize>() as f64 / (b.k.len() * c.ffn) as f64;
-            println!("| {} budgets | {sp} | k {} / {} / {} | {mean:.4} |", b.ranking, b.k[0], k[k.len() / 2], b.k[b.k.len() - 1]);
-            rules.put_budget(b);
         }
+        let b = match &loss {
+            Some(curves) => budget_from_curves(curves, ranking, sp, step, min_keep, budget_tokens, ERROR_LOSS),
+            None => cal.budget_level(sp, step, min_keep),
+        };
+        let b = if teal { cal.with_teal_thresholds(b, c.ffn) } else { b };
+        let mut k = b.k.clone();
+        k.sort_unstable();
+        let mean = b.k.iter().sum::<usize>() as f64 / (b.k.len() * c.ffn) as f64;
+        println!("| {} budgets | {sp} | k {} / {} / {} | {mean:.4} |", b.ranking, b.k[0], k[k.len() / 2], b.k[b.k.len() - 1]);
+        rules.put_budget(b);
     }
     rules.save(&path).context("while writing the rule calibration")?;
-    eprintln!("wrote {} ({} tokens, {} layers)", path.display(), cal.tokens, c.layers);
+    eprintln!("wrote {} ({} tokens, {} layers)", path.display(), cal.tokens.max(budget_tokens), c.layers);
     Ok(())
 }
 

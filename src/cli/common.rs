@@ -118,8 +118,9 @@ pub struct DecodeArgs {
     #[serde(flatten)]
     pub model: ModelArgs,
     /// Sparse mode: dense, cats@S (needs --thresholds), oracle@S, dejavu[@S] (needs --predictors), exactdown@S,
-    /// qscore@S and cascade@S (need --qscore; add +greedy for per-layer budgets from --rules), teal@S (needs
-    /// --rules) or wina@S; S is the fraction of MLP neurons dropped per token.
+    /// qscore@S and cascade@S (qscore and cascade need --qscore), teal@S (needs --rules) or wina@S; add +greedy to
+    /// exactdown, qscore, cascade, teal or wina for per-layer budgets from --rules. S is the fraction of MLP
+    /// neurons dropped per token (teal, wina: of MLP input channels and of hidden neurons, each).
     #[arg(long, default_value = "dense", help_heading = SPARSE)]
     pub mode: Mode,
     /// Fraction of attention heads dropped per token (oracle: by output norm; dejavu: overrides the predictors' k).

@@ -17,6 +17,11 @@ pub enum Ranking {
     /// |SiLU(ĝ)·û| from the low-bit copies (qscore).
     #[serde(rename = "qscore")]
     QScore,
+    /// TEAL's magnitude thresholds on |x| and |hidden|: a layer keeping `k` of `ffn` neurons drops the fraction
+    /// `1 − k/ffn` of both, its thresholds that quantile of the calibration magnitudes (in [`BudgetLevel`]).
+    Teal,
+    /// WINA's weighted top-k: a layer keeping `k` of `ffn` neurons keeps `round(k·hidden/ffn)` input channels.
+    Wina,
 }
 
 impl fmt::Display for Ranking {
@@ -24,6 +29,8 @@ impl fmt::Display for Ranking {
         f.write_str(match self {
             Ranking::Exact => "exact",
             Ranking::QScore => "qscore",
+            Ranking::Teal => "teal",
+            Ranking::Wina => "wina",
         })
     }
 }
@@ -52,6 +59,11 @@ pub struct BudgetLevel {
     /// What the allocation minimised: [`ERROR_PROXY`] or [`ERROR_LOSS`].
     #[serde(default)]
     pub objective: String,
+    /// [`Ranking::Teal`] only: each layer's thresholds on |x| and |hidden| at its own sparsity `1 − k/ffn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub t_in: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub t_hidden: Vec<f32>,
 }
 
 /// The end-to-end objective of `--budget-error loss`.
@@ -91,7 +103,7 @@ pub fn budget_from_curves(
     let n = curves.first().map_or(0, |c| c.len() - 1);
     let k = greedy_budgets(curves, n, sparsity, step, min_keep);
     let error = curves.iter().zip(&k).map(|(c, &k)| c[k]).collect();
-    BudgetLevel { ranking, sparsity, k, error, tokens, objective: objective.to_string() }
+    BudgetLevel { ranking, sparsity, k, error, tokens, objective: objective.to_string(), t_in: Vec::new(), t_hidden: Vec::new() }
 }
 
 /// What the budgets minimise, in words.
@@ -161,6 +173,13 @@ impl RuleCalibration {
                     format!("budgets[{} sparsity={}].k", b.ranking, b.sparsity),
                     format!("needs {} entries of at most {}", model.layers, model.ffn),
                 ));
+            }
+            let teal = b.ranking == Ranking::Teal;
+            for (field, t) in [("t_in", &b.t_in), ("t_hidden", &b.t_hidden)] {
+                if (teal && t.len() != model.layers) || (!teal && !t.is_empty()) || t.iter().any(|v| v.is_nan()) {
+                    let want = if teal { format!("needs {} thresholds, none NaN", model.layers) } else { "belongs to teal budgets only".into() };
+                    return Err(Error::field(path, format!("budgets[{} sparsity={}].{field}", b.ranking, b.sparsity), want));
+                }
             }
         }
         Ok(c)

@@ -38,10 +38,12 @@ pub enum Mode {
     /// Cascade: the quantized score picks `CASCADE_FACTOR`·k candidates, their exact gate/up give exact hidden
     /// values, and the exact top-k of those goes to down.
     Cascade(f64, Budget),
-    /// TEAL: per-layer calibrated thresholds on |x| (MLP input channels) and on |hidden| (down's input).
-    Teal(f64),
+    /// TEAL: per-layer calibrated thresholds on |x| (MLP input channels) and on |hidden| (down's input). With
+    /// [`Budget::Greedy`] each layer's sparsity is its calibrated budget, the thresholds its quantiles.
+    Teal(f64, Budget),
     /// WINA: top-k input channels by |x_i|·‖[W_gate; W_up][:, i]‖, then top-k hidden by |h_j|·‖W_down[:, j]‖.
-    Wina(f64),
+    /// With [`Budget::Greedy`] each layer drops its calibrated fraction of both.
+    Wina(f64, Budget),
 }
 
 /// Candidates a cascade computes exactly, as a multiple of the k it finally keeps.
@@ -49,14 +51,14 @@ pub const CASCADE_FACTOR: f64 = 1.5;
 
 impl Mode {
     pub const HELP: &'static str = "dense, cats@S, oracle@S, dejavu[@S], exactdown@S, qscore@S, cascade@S, teal@S or wina@S \
-with S in [0, 1) (exactdown, qscore and cascade also as R@S+greedy for per-layer budgets)";
+with S in [0, 1) (all but cats, oracle and dejavu also as R@S+greedy for per-layer budgets)";
 
     /// The MLP sparsity the mode asks for, if it names one.
     pub fn sparsity(&self) -> Option<f64> {
         match *self {
             Mode::Dense => None,
-            Mode::Cats(s) | Mode::Oracle(s) | Mode::Teal(s) | Mode::Wina(s) => Some(s),
-            Mode::ExactDown(s, _) | Mode::QScore(s, _) | Mode::Cascade(s, _) => Some(s),
+            Mode::Cats(s) | Mode::Oracle(s) => Some(s),
+            Mode::ExactDown(s, _) | Mode::QScore(s, _) | Mode::Cascade(s, _) | Mode::Teal(s, _) | Mode::Wina(s, _) => Some(s),
             Mode::Dejavu(s) => s,
         }
     }
@@ -64,7 +66,7 @@ with S in [0, 1) (exactdown, qscore and cascade also as R@S+greedy for per-layer
     /// The per-layer budget the mode asks for.
     pub fn budget(&self) -> Budget {
         match *self {
-            Mode::ExactDown(_, b) | Mode::QScore(_, b) | Mode::Cascade(_, b) => b,
+            Mode::ExactDown(_, b) | Mode::QScore(_, b) | Mode::Cascade(_, b) | Mode::Teal(_, b) | Mode::Wina(_, b) => b,
             _ => Budget::Uniform,
         }
     }
@@ -93,8 +95,8 @@ impl FromStr for Mode {
             }
             None => (body, None),
         };
-        if budget == Budget::Greedy && !matches!(kind, "exactdown" | "qscore" | "cascade") {
-            return Err(bad(format!("`{spec}`: +greedy applies to exactdown, qscore and cascade")));
+        if budget == Budget::Greedy && !matches!(kind, "exactdown" | "qscore" | "cascade" | "teal" | "wina") {
+            return Err(bad(format!("`{spec}`: +greedy applies to exactdown, qscore, cascade, teal and wina")));
         }
         match (kind, s) {
             ("dense", None) => Ok(Mode::Dense),
@@ -104,8 +106,8 @@ impl FromStr for Mode {
             ("exactdown", Some(s)) => Ok(Mode::ExactDown(s, budget)),
             ("qscore", Some(s)) => Ok(Mode::QScore(s, budget)),
             ("cascade", Some(s)) => Ok(Mode::Cascade(s, budget)),
-            ("teal", Some(s)) => Ok(Mode::Teal(s)),
-            ("wina", Some(s)) => Ok(Mode::Wina(s)),
+            ("teal", Some(s)) => Ok(Mode::Teal(s, budget)),
+            ("wina", Some(s)) => Ok(Mode::Wina(s, budget)),
             ("cats" | "oracle" | "exactdown" | "qscore" | "cascade" | "teal" | "wina", None) => {
                 Err(bad(format!("`{spec}` needs a sparsity, e.g. {kind}@0.5")))
             }
@@ -126,8 +128,8 @@ impl fmt::Display for Mode {
             Mode::ExactDown(s, b) => write!(f, "exactdown@{s}{}", suffix(b)),
             Mode::QScore(s, b) => write!(f, "qscore@{s}{}", suffix(b)),
             Mode::Cascade(s, b) => write!(f, "cascade@{s}{}", suffix(b)),
-            Mode::Teal(s) => write!(f, "teal@{s}"),
-            Mode::Wina(s) => write!(f, "wina@{s}"),
+            Mode::Teal(s, b) => write!(f, "teal@{s}{}", suffix(b)),
+            Mode::Wina(s, b) => write!(f, "wina@{s}{}", suffix(b)),
         }
     }
 }
@@ -160,7 +162,8 @@ mod tests {
     fn parses_and_prints_round_trip() {
         for s in [
             "dense", "cats@0.5", "oracle@0.7", "dejavu", "dejavu@0.25", "oracle@0", "exactdown@0.5", "qscore@0.7+greedy",
-            "cascade@0.7", "cascade@0.5+greedy", "teal@0.5", "wina@0.7", "exactdown@0.3+greedy",
+            "cascade@0.7", "cascade@0.5+greedy", "teal@0.5", "wina@0.7", "exactdown@0.3+greedy", "teal@0.7+greedy",
+            "wina@0.5+greedy",
         ] {
             let m: Mode = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
@@ -178,7 +181,7 @@ mod tests {
             ("oracle@x", "not a number"),
             ("dense@0.5", "takes no sparsity"),
             ("qscore", "needs a sparsity"),
-            ("teal@0.5+greedy", "+greedy applies to"),
+            ("oracle@0.5+greedy", "+greedy applies to"),
             ("cats@0.5+greedy", "+greedy applies to"),
             ("qscore@0.5+uniform", "not a number"),
         ] {

@@ -8,7 +8,7 @@ use crate::calibrate::Thresholds;
 use crate::config::ModelConfig;
 use crate::error::OptionError;
 
-use super::calib::{Ranking, RuleCalibration};
+use super::calib::{BudgetLevel, Ranking, RuleCalibration};
 use super::mode::{Budget, CASCADE_FACTOR};
 use super::Mode;
 
@@ -180,7 +180,8 @@ fn rule_name(mode: Mode) -> &'static str {
     match mode {
         Mode::ExactDown(..) | Mode::Cascade(..) => "exactdown",
         Mode::QScore(..) => "qscore",
-        Mode::Teal(_) => "teal",
+        Mode::Teal(..) => "teal",
+        Mode::Wina(..) => "wina",
         _ => "cats",
     }
 }
@@ -193,6 +194,12 @@ pub fn cascade_candidates(k: usize, ffn: usize) -> usize {
 /// Units kept out of `n` at `sparsity` (the fraction dropped): `round((1 − s)·n)`.
 pub fn keep_count(sparsity: f64, n: usize) -> usize {
     (((1.0 - sparsity) * n as f64).round() as usize).min(n)
+}
+
+/// Input channels an input-sparse layer (WINA with per-layer budgets) keeps when it keeps `k` of `ffn` hidden
+/// neurons: the same fraction of `hidden`, `round(k·hidden/ffn)`, at least 1.
+pub fn input_keep(k: usize, ffn: usize, hidden: usize) -> usize {
+    ((k as f64 * hidden as f64 / ffn.max(1) as f64).round() as usize).clamp(1, hidden.max(1))
 }
 
 /// Per-layer budgets of trained predictors (from their manifest) and where they were read.
@@ -248,20 +255,22 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
     let calib = |what: &str| -> Result<(&Path, &RuleCalibration), OptionError> {
         art.calibration.ok_or_else(|| OptionError::new("calibration", format!("mode {mode} needs {what} from `dejavu calibrate --rule {}`", rule_name(mode))))
     };
-    // Per-layer k of a neuron rule: uniform, or the greedy budget calibrated for this sparsity and ranking.
+    // The greedy budget calibrated for this sparsity and ranking, checked against the model.
+    let budget_level = |s: f64, ranking: Ranking| -> Result<(&Path, &BudgetLevel), OptionError> {
+        let (path, c) = calib("per-layer budgets")?;
+        let b = c.budget(ranking, s).ok_or_else(|| {
+            OptionError::new("calibration", format!("{}: no {ranking} budgets for sparsity {s} (has {})", path.display(), c.budget_levels(ranking)))
+        })?;
+        if b.k.len() != cfg.layers {
+            return Err(OptionError::new("calibration", format!("{}: budgets for {} layers, the model has {}", path.display(), b.k.len(), cfg.layers)));
+        }
+        Ok((path, b))
+    };
+    // Per-layer k of a neuron rule: uniform, or the greedy budget.
     let ks = |s: f64, budget: Budget, ranking: Ranking| -> Result<Vec<usize>, OptionError> {
         match budget {
             Budget::Uniform => Ok(vec![keep_count(s, cfg.ffn); cfg.layers]),
-            Budget::Greedy => {
-                let (path, c) = calib("per-layer budgets")?;
-                let b = c.budget(ranking, s).ok_or_else(|| {
-                    OptionError::new("calibration", format!("{}: no {ranking} budgets for sparsity {s} (has {})", path.display(), c.budget_levels(ranking)))
-                })?;
-                if b.k.len() != cfg.layers {
-                    return Err(OptionError::new("calibration", format!("{}: budgets for {} layers, the model has {}", path.display(), b.k.len(), cfg.layers)));
-                }
-                Ok(b.k.clone())
-            }
+            Budget::Greedy => Ok(budget_level(s, ranking)?.1.k.clone()),
         }
     };
     if mode.sparsity().is_some() && matches!(mode, Mode::QScore(..) | Mode::Cascade(..)) && art.qscore.is_none() {
@@ -317,7 +326,7 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
             let mlp = |k: usize| MlpRule::Cascade { candidates: cascade_candidates(k, cfg.ffn), k };
             Plan { layers: ks(s, b, Ranking::Exact)?.into_iter().map(|k| LayerPlan { mlp: mlp(k), heads }).collect() }
         }
-        Mode::Teal(s) => {
+        Mode::Teal(s, Budget::Uniform) => {
             let heads = predicted_heads()?;
             let (path, c) = calib("TEAL thresholds")?;
             let level = c.teal_level(s).ok_or_else(|| {
@@ -332,10 +341,26 @@ pub fn resolve(mode: Mode, opts: &PlanOptions, cfg: &ModelConfig, art: &Artifact
                     .collect(),
             }
         }
-        Mode::Wina(s) => {
+        Mode::Teal(s, Budget::Greedy) => {
+            let heads = predicted_heads()?;
+            // The layers run the budget's thresholds (its k is what they were calibrated to keep).
+            let (path, b) = budget_level(s, Ranking::Teal)?;
+            if b.t_in.len() != cfg.layers || b.t_hidden.len() != cfg.layers {
+                return Err(OptionError::new("calibration", format!("{}: teal budgets with {} thresholds, the model has {} layers", path.display(), b.t_in.len(), cfg.layers)));
+            }
+            Plan {
+                layers: (0..cfg.layers).map(|l| LayerPlan { mlp: MlpRule::Teal { t_in: b.t_in[l], t_hidden: b.t_hidden[l] }, heads }).collect(),
+            }
+        }
+        Mode::Wina(s, Budget::Uniform) => {
             let heads = predicted_heads()?;
             let mlp = MlpRule::Wina { k_in: keep_count(s, cfg.hidden).max(1), k_hidden: keep_count(s, cfg.ffn) };
             Plan::uniform(cfg.layers, LayerPlan { mlp, heads })
+        }
+        Mode::Wina(s, Budget::Greedy) => {
+            let heads = predicted_heads()?;
+            let mlp = |k: usize| MlpRule::Wina { k_in: input_keep(k, cfg.ffn, cfg.hidden), k_hidden: k };
+            Plan { layers: ks(s, Budget::Greedy, Ranking::Wina)?.into_iter().map(|k| LayerPlan { mlp: mlp(k), heads }).collect() }
         }
     };
     if opts.head_kv == HeadKv::Kept && !plan.layers.iter().any(|l| matches!(l.heads, HeadRule::PredictedTopK { .. })) {
