@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use burn::tensor::backend::Backend;
 
 use dejavu::calibrate::{criterion, quantize_model, threshold_plan, Calibrator, RuleCalibrator, ThresholdLevel, Thresholds};
@@ -199,7 +199,7 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
             bar.inc(w.len() as u64);
         }
         if cal.tokens == 0 {
-            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            return Err(no_tokens(&args.corpus.text));
         }
     }
     let mut loss = None;
@@ -213,7 +213,7 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
             wins.push(w);
         }
         if budget_tokens == 0 {
-            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            return Err(no_tokens(&args.corpus.text));
         }
         let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
         // A bar of its own: the forwards of the loss curves (after the token pass's bar, for teal).
@@ -263,8 +263,19 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
         rules.put_budget(b);
     }
     rules.save(&path).context("while writing the rule calibration")?;
-    eprintln!("wrote {} ({} tokens, {} layers)", path.display(), cal.tokens.max(budget_tokens), c.layers);
+    let seen = match (cal.tokens, by_loss) {
+        (0, _) => format!("loss curves on {budget_tokens} tokens"),
+        (t, true) => format!("histograms on {t} tokens, loss curves on {budget_tokens}"),
+        (t, false) => format!("{t} tokens"),
+    };
+    eprintln!("wrote {} ({seen}, {} layers)", path.display(), c.layers);
     Ok(())
+}
+
+/// The error of a calibration text that yields no tokens, naming the files.
+fn no_tokens(text: &[PathBuf]) -> anyhow::Error {
+    let text: Vec<String> = text.iter().map(|p| p.display().to_string()).collect();
+    anyhow::anyhow!("{}: no tokens in the calibration text", text.join(", "))
 }
 
 impl ModelCommand for Args {
@@ -294,7 +305,7 @@ impl ModelCommand for Args {
         bar.set_length(cal.tokens * passes as u64);
         let mut pass_no = 1;
         if cal.tokens == 0 {
-            bail!("{}: no tokens in the calibration text", args.corpus.text.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            return Err(no_tokens(&args.corpus.text));
         }
         if (cal.tokens as usize) < args.tokens {
             eprintln!("note: the text provided {} tokens, fewer than --tokens {}; calibrated on what there is", cal.tokens, args.tokens);
