@@ -7,6 +7,7 @@
 //   topk_compact*  one block: the union of the rows' flags as an ascending id list (the kept set the gather kernels
 //                  read), each row's own flags per kept id (a 0/1 factor, so a row uses only its own neurons), and
 //                  optionally a 16-bit source gathered onto the kept ids with the rows' flags applied.
+// For one row, topk_mark_* can also do topk_compact's work in the same launch (its `idx` argument).
 
 // Order-preserving key of a score: larger float, larger key. NaN gets 0 (below -inf's key), -0 the key of +0.
 __device__ __forceinline__ u32 score_key(float x) {
@@ -63,7 +64,6 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
                                                int N, int k,
                                                unsigned char* __restrict__ keep, // [B, N] out: 1 kept, 0 not
                                                int cached) {
-    PDL_ENTER
     extern __shared__ u32 topk_keys[]; // [N] with `cached`
     const int b = blockIdx.x;
     const size_t row = (size_t)b * N;
@@ -177,27 +177,12 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
     }
 }
 
-extern "C" __global__ void topk_mark_f32(const void* scores, int N, int k, unsigned char* keep, int cached) {
-    topk_mark_impl<ScoreF32>(scores, N, k, keep, cached);
-}
-extern "C" __global__ void topk_mark_absf16(const void* scores, int N, int k, unsigned char* keep, int cached) {
-    topk_mark_impl<ScoreAbs<F16>>(scores, N, k, keep, cached);
-}
-extern "C" __global__ void topk_mark_absbf16(const void* scores, int N, int k, unsigned char* keep, int cached) {
-    topk_mark_impl<ScoreAbs<BF16>>(scores, N, k, keep, cached);
-}
-
-// One block (1024 threads). The kept set: idx[0 .. cnt) the ascending ids kept by at least one of the B rows.
-// With `pre`, pre[b, s] = 1 or 0: whether row b keeps idx[s] (row stride N). With `src`/`dst`, dst[b, s] =
-// src[b, idx[s]] where row b keeps it, else 0 (16-bit, row stride N).
-extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, // [B, N]
-                                        int N, int B,
-                                        int* __restrict__ idx,   // [N] out
-                                        int* __restrict__ cnt,   // [1] out
-                                        float* __restrict__ pre, // [B, N] out, or null
-                                        const u16* __restrict__ src, // [B, N] or null
-                                        u16* __restrict__ dst) {     // [B, N] out, or null
-    PDL_ENTER
+// The kept set of B rows' flags: idx[0 .. cnt) the ascending ids kept by at least one row; with `pre`, pre[b, s] =
+// 1 or 0 (whether row b keeps idx[s], row stride N); with `src`/`dst`, dst[b, s] = src[b, idx[s]] where row b keeps
+// it, else 0 (16-bit, row stride N). One block; every thread takes part.
+__device__ __forceinline__ void topk_compact_impl(const unsigned char* keep, int N, int B, int* __restrict__ idx,
+                                                  int* __restrict__ cnt, float* __restrict__ pre,
+                                                  const u16* __restrict__ src, u16* __restrict__ dst) {
     __shared__ int red[33];
     const int seg = (N + blockDim.x - 1) / blockDim.x;
     const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
@@ -222,6 +207,35 @@ extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, 
         s++;
     }
     if (threadIdx.x == 0) cnt[0] = total;
+}
+
+// With `idx` given (one row: a grid of one block), the same launch also compacts the row's flags into the kept set
+// (as topk_compact with B = 1 and `src`/`dst`), saving the second launch on the batch-1 path. The flags are this
+// block's own global writes, visible to its threads after the barrier.
+#define TOPK_MARK(NAME, S)                                                                                          \
+    extern "C" __global__ void NAME(const void* scores, int N, int k, unsigned char* keep, int cached, int* idx,    \
+                                    int* cnt, const u16* src, u16* dst) {                                           \
+        PDL_ENTER                                                                                                   \
+        topk_mark_impl<S>(scores, N, k, keep, cached);                                                              \
+        if (idx) {                                                                                                  \
+            __syncthreads();                                                                                        \
+            topk_compact_impl(keep, N, 1, idx, cnt, nullptr, src, dst);                                             \
+        }                                                                                                           \
+    }
+TOPK_MARK(topk_mark_f32, ScoreF32)
+TOPK_MARK(topk_mark_absf16, ScoreAbs<F16>)
+TOPK_MARK(topk_mark_absbf16, ScoreAbs<BF16>)
+
+// One block (1024 threads): topk_compact_impl over B rows of flags.
+extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, // [B, N]
+                                        int N, int B,
+                                        int* __restrict__ idx,   // [N] out
+                                        int* __restrict__ cnt,   // [1] out
+                                        float* __restrict__ pre, // [B, N] out, or null
+                                        const u16* __restrict__ src, // [B, N] or null
+                                        u16* __restrict__ dst) {     // [B, N] out, or null
+    PDL_ENTER
+    topk_compact_impl(keep, N, B, idx, cnt, pre, src, dst);
 }
 
 // The head-sparse attention's row lists from a kept head set (one block): `qkv_rows` the q rows of the kept heads

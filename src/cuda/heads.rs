@@ -109,7 +109,7 @@ impl SparseHeads {
             for (c, r0, nb) in parts {
                 p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
                 let keep = self.keep.ptr + (r0 * h) as u64;
-                topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep)?;
+                topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, None)?;
                 let (heads, qkv, o) = self.lists(e, c);
                 topk_compact(e, keep, nb, h, heads, None, None)?;
                 let mut args = Args::new()

@@ -19,8 +19,18 @@ pub enum Scores {
     Abs16(CUdeviceptr),
 }
 
-/// Keep flags (u8 `[rows, n]`, 1 kept) of each row's top `k` of `scores` (`[rows, n]`).
-pub fn topk_mark(e: &Engine, scores: Scores, rows: usize, n: usize, k: usize, keep: CUdeviceptr) -> GpuResult<()> {
+/// Keep flags (u8 `[rows, n]`, 1 kept) of each row's top `k` of `scores` (`[rows, n]`). With `compact` (one row
+/// only), the same launch also does [`topk_compact`]'s work into that kept set (with its optional gather), so the
+/// batch-1 path needs one selection launch instead of two.
+pub fn topk_mark(
+    e: &Engine,
+    scores: Scores,
+    rows: usize,
+    n: usize,
+    k: usize,
+    keep: CUdeviceptr,
+    compact: Option<(Kept, Option<(CUdeviceptr, CUdeviceptr)>)>,
+) -> GpuResult<()> {
     let (name, p) = match scores {
         Scores::F32(p) => ("topk_mark_f32".to_string(), p),
         Scores::Abs16(p) => (format!("topk_mark_abs{}", e.dt().name()), p),
@@ -30,6 +40,16 @@ pub fn topk_mark(e: &Engine, scores: Scores, rows: usize, n: usize, k: usize, ke
     let cached = smem <= GEMV_SMEM;
     let f = if cached { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
     let mut args = Args::new().ptr(p).i32(n as i32).i32(k.min(i32::MAX as usize) as i32).ptr(keep).i32(i32::from(cached));
+    match compact {
+        Some((kept, gather)) => {
+            if rows != 1 || kept.cap < n {
+                return Err(GpuError(format!("internal: a fused compaction of {rows} rows into a kept set of capacity {} for {n} units", kept.cap)));
+            }
+            let (src, dst) = gather.unwrap_or((0, 0));
+            args = args.ptr(kept.idx).ptr(kept.cnt).ptr(src).ptr(dst);
+        }
+        None => args = args.ptr(0).ptr(0).ptr(0).ptr(0),
+    }
     let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
     e.gpu.launch(f, (rows as u32, 1, 1), threads, if cached { smem as u32 } else { 0 }, &mut args)
 }

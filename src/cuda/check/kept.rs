@@ -217,20 +217,20 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     KeptRule::Cats(th) => g(cats_select(e, lw.up.ptr, up_b, llama, In::Half(xin.ptr), th[l], kept, out.ptr, nb, d, tally.ptr))?,
                     KeptRule::ExactDown(k) => {
                         g(e.linear(lw.up.ptr, up_b, xin.ptr, hid.ptr, nb, f, d, Epi::Glu, out.ptr))?;
-                        g(topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr, None))?;
                         g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
                     }
                     KeptRule::QScore(k, _) => {
                         let q = &qgpu.as_ref().ok_or("no score copies")?[l];
                         g(qscore(e, q, In::Half(xin.ptr), out.ptr, nb, f, d))?;
-                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr, None))?;
                         g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
                     }
                     KeptRule::Predicted(k, _) | KeptRule::Heads(k, _) => {
                         // The predictor reads the f32 residual as it is (not rounded).
                         g(e.gpu.upload(&resid, 0, &xr[c0 * d..(c0 + nb) * d]))?;
                         g(pgpu[l].scores(e, resid.ptr, nb, ptmp.ptr, out.ptr))?;
-                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr))?;
+                        g(topk_mark(e, Scores::F32(out.ptr), nb, f, k, keep.ptr, None))?;
                         g(topk_compact(e, keep.ptr, nb, f, kept, Some(flags.ptr), None))?;
                     }
                 }

@@ -238,7 +238,9 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         let want_sets = |score: &dyn Fn(f32) -> f32| -> Vec<Vec<usize>> {
             (0..rows).map(|b| top_k(&v[b * n..(b + 1) * n].iter().map(|&x| score(x)).collect::<Vec<_>>(), k)).collect()
         };
-        for abs in [false, true] {
+        // One row also takes the fused path: the mark kernel compacts in the same launch (no `pre` flags there).
+        let fusings: &[bool] = if rows == 1 { &[false, true] } else { &[false] };
+        for (abs, fused) in [false, true].into_iter().flat_map(|a| fusings.iter().map(move |&f| (a, f))) {
             let sets = if abs { want_sets(&|x: f32| x.abs()) } else { want_sets(&|x: f32| x) };
             let mut union: Vec<usize> = sets.iter().flatten().copied().collect();
             union.sort_unstable();
@@ -247,9 +249,13 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let keep = d.poisoned(rows * n)?;
             let (idx, cnt, pre, dst) = (d.poisoned(n * 4)?, d.poisoned(4)?, d.poisoned(rows * n * 4)?, d.poisoned(rows * n * 2)?);
             let scores = if abs { Scores::Abs16(src.ptr) } else { Scores::F32(src.ptr) };
-            topk_mark(e, scores, rows, n, k, keep.ptr)?;
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: n };
-            topk_compact(e, keep.ptr, rows, n, kept, Some(pre.ptr), abs.then_some((src.ptr, dst.ptr)))?;
+            if fused {
+                topk_mark(e, scores, rows, n, k, keep.ptr, Some((kept, abs.then_some((src.ptr, dst.ptr)))))?;
+            } else {
+                topk_mark(e, scores, rows, n, k, keep.ptr, None)?;
+                topk_compact(e, keep.ptr, rows, n, kept, Some(pre.ptr), abs.then_some((src.ptr, dst.ptr)))?;
+            }
             let mut c = [0i32];
             e.gpu.download(cnt.ptr, &mut c)?;
             let m = (c[0].max(0) as usize).min(n);
@@ -262,7 +268,9 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             for b in 0..rows {
                 for (slot, &j) in union.iter().enumerate().take(m) {
                     let kb = sets[b].binary_search(&j).is_ok();
-                    bad += usize::from(flags[b * n + slot] != if kb { 1.0 } else { 0.0 });
+                    if !fused {
+                        bad += usize::from(flags[b * n + slot] != if kb { 1.0 } else { 0.0 });
+                    }
                     if abs {
                         let want = if kb { v[b * n + j] } else { 0.0 };
                         let got = gathered[b * n + slot];
@@ -271,7 +279,12 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                 }
             }
             out.push(KernelCheck {
-                kernel: format!("topk {} rows={rows} n={n} k={k}: {} kept, {bad} mismatches", if abs { "|16-bit|" } else { "f32" }, union.len()),
+                kernel: format!(
+                    "topk {}{} rows={rows} n={n} k={k}: {} kept, {bad} mismatches",
+                    if abs { "|16-bit|" } else { "f32" },
+                    if fused { " (mark+compact fused)" } else { "" },
+                    union.len()
+                ),
                 dtype: dt.name(),
                 rel_err: bad as f64,
                 nan: 0,
