@@ -323,6 +323,11 @@ fn rule_cli_bad_inputs_exit_2_naming_the_flag() {
         &["--budget-error"],
     );
     check(&["calibrate", "--model", m, "--text", t, "--rule", "qscore", "--qbits", "9", "--run", tmp.path().join("r").to_str().unwrap()], 2, &["--qbits"]);
+    check(
+        &["calibrate", "--model", m, "--text", t, "--rule", "exactdown", "--sparsity", "0.5", "--budget-keeps", "0.5,1.5", "--run", tmp.path().join("r").to_str().unwrap()],
+        2,
+        &["--budget-keeps"],
+    );
     // A rules file that is not one: exit 1 naming the file.
     let bad = tmp.path().join("rules.json");
     std::fs::write(&bad, "{\"teal\": []}").unwrap();

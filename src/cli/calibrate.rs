@@ -71,7 +71,7 @@ pub struct Args {
     pub budget_min_keep: f64,
     /// Budgets: what the greedy allocation minimises. `loss`: the measured KL divergence of the next-token
     /// distributions from the dense model's on the first --budget-tokens calibration tokens when one layer alone
-    /// runs the rule (at keeps 70/50/30/15/5%), layers assumed additive; `proxy`: the layer-local output error
+    /// runs the rule (at the --budget-keeps fractions), layers assumed additive; `proxy`: the layer-local output error
     /// Σ h_j²·‖W_down[:, j]‖² / ‖x‖² over all --tokens (one dense pass, cheap; ranks neurons by one score, so not
     /// for teal or wina, whose budgets also move the input channels).
     #[arg(long, value_enum, default_value_t = BudgetError::Loss)]
@@ -80,6 +80,15 @@ pub struct Args {
     /// Budgets with --budget-error loss: calibration tokens scored per forward (in --seq-len windows).
     #[arg(long, default_value_t = 512)]
     pub budget_tokens: usize,
+    /// Budgets with --budget-error loss: the kept fractions each layer's loss is measured at (one forward per layer
+    /// and fraction; linear in between). A finer grid lets the allocation stop between these points.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.7, 0.5, 0.3, 0.15, 0.05])]
+    #[serde(default = "default_keeps")]
+    pub budget_keeps: Vec<f64>,
+}
+
+fn default_keeps() -> Vec<f64> {
+    vec![0.7, 0.5, 0.3, 0.15, 0.05]
 }
 
 /// The objective of the budget allocation.
@@ -150,6 +159,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     if args.rule == Rule::Qscore {
         q.check().map_err(|e| usage(format!("--{}: {}", e.field, e.msg)))?;
     }
+    if args.budget_keeps.is_empty() || args.budget_keeps.iter().any(|f| !(*f > 0.0 && *f < 1.0)) {
+        return Err(usage(format!("--budget-keeps: give fractions in (0, 1), got {:?}", args.budget_keeps)));
+    }
     if !(0.0..=1.0).contains(&args.budget_min_keep) {
         return Err(usage(format!("--budget-min-keep: {} is not in [0, 1]", args.budget_min_keep)));
     }
@@ -215,7 +227,9 @@ fn run_rule<B: Backend>(args: Args, files: ModelFiles, device: B::Device) -> any
         if budget_tokens == 0 {
             return Err(no_tokens(&args.corpus.text));
         }
-        let keeps: Vec<usize> = [0.7, 0.5, 0.3, 0.15, 0.05].iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
+        let mut keeps: Vec<usize> = args.budget_keeps.iter().map(|&f| ((f * c.ffn as f64).round() as usize).max(1)).collect();
+        keeps.sort_unstable_by(|a, b| b.cmp(a));
+        keeps.dedup();
         // A bar of its own: the forwards of the loss curves (after the token pass's bar, for teal).
         bar.finish_and_clear();
         bar = super::progress::bar((1 + c.layers * keeps.len()) as u64, "calibrate {msg} loss curves [{bar:30}] {pos}/{len} forwards eta {eta}");
