@@ -54,6 +54,27 @@ pub fn topk_mark(
     e.gpu.launch(f, (rows as u32, 1, 1), threads, if cached { smem as u32 } else { 0 }, &mut args)
 }
 
+/// Each row's top `k` of `scores` as keep flags in `keep` and their union as the kept set `kept`, with `pre` and
+/// `gather` as in [`topk_compact`]: one launch for one row (no `pre` then), [`topk_mark`] and [`topk_compact`] for more.
+#[allow(clippy::too_many_arguments)]
+pub fn topk_select(
+    e: &Engine,
+    scores: Scores,
+    rows: usize,
+    n: usize,
+    k: usize,
+    keep: CUdeviceptr,
+    kept: Kept,
+    pre: Option<CUdeviceptr>,
+    gather: Option<(CUdeviceptr, CUdeviceptr)>,
+) -> GpuResult<()> {
+    if rows == 1 && pre.is_none() {
+        return topk_mark(e, scores, rows, n, k, keep, Some((kept, gather)));
+    }
+    topk_mark(e, scores, rows, n, k, keep, None)?;
+    topk_compact(e, keep, rows, n, kept, pre, gather)
+}
+
 /// The union of `rows` rows of keep flags (`[rows, n]`) as the ascending kept set `kept` (capacity `n`); with
 /// `pre` (f32 `[rows, n]`), each row's 0/1 flag per kept id; with `gather = (src, dst)` (16-bit `[rows, n]`),
 /// `dst[b, s] = src[b, kept[s]]` where row b keeps it, else 0.

@@ -14,7 +14,7 @@ use crate::config::Family;
 
 use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
 use super::predict::GpuPredictor;
-use super::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
+use super::select::{qscore, topk_select, QCopy, Scores};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// A kept set on the device: `idx` `[cap]` i32 neuron ids, `cnt` `[1]` i32 how many of them are valid (<= cap).
@@ -432,12 +432,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
                     let p = sp.parts.pred[l].as_ref().ok_or_else(|| GpuError::new("internal: no predictor for a predicted layer"))?;
                     p.scores(e, x + (r0 * d * 4) as u64, nb, hid.ptr, scores.ptr)?;
                 }
-                if nb == 1 {
-                    topk_mark(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, Some((kept, None)))?;
-                } else {
-                    topk_mark(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, None)?;
-                    topk_compact(e, keep.ptr, nb, f, kept, fl, None)?;
-                }
+                topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, kept, fl, None)?;
                 let epi = if e.cfg.family == Family::Llama { Epi::Glu } else { Epi::Relu };
                 gather_up(e, lw.up.ptr, up_b, f, inp, kept, act, nb, d, epi, fl)?;
             }
@@ -447,12 +442,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
                     In::Norm(m) => (0, Some(m)),
                 };
                 e.linear_in(lw.up.ptr, up_b, xh, norm, hid.ptr, nb, f, d, Epi::Glu, scores.ptr)?;
-                if nb == 1 {
-                    topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr, Some((kept, Some((hid.ptr, act)))))?;
-                } else {
-                    topk_mark(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr, None)?;
-                    topk_compact(e, keep.ptr, nb, f, kept, None, Some((hid.ptr, act)))?;
-                }
+                topk_select(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr, kept, None, Some((hid.ptr, act)))?;
             }
         }
         down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
