@@ -24,15 +24,22 @@
 #define EPI_CATS_SILU 5
 #define EPI_CATS_RELU 6
 
-// x_b's elements 8i..8i+7 in f32: from shared memory (staged), normalised on the fly from `xf`, or read from `x`.
-template <typename T>
+// The position of staged float4 `f` in a swizzled staging buffer (kernels/qscore.cu says why): f ^ ((f >> 3) & 7),
+// its own inverse, within each aligned block of 8 float4s.
+__device__ __forceinline__ int stage_swz(int f) { return f ^ ((f >> 3) & 7); }
+
+// x_b's elements 8i..8i+7 in f32: from shared memory (staged; with SWZ, in the swizzled layout), normalised on the
+// fly from `xf`, or read from `x`.
+template <typename T, bool SWZ = false>
 __device__ __forceinline__ void gemv_x8(int b, int i, int K, const u16* __restrict__ x, const float* xs,
                                         const float* __restrict__ xf, const u16* __restrict__ g,
                                         const u16* __restrict__ gb, const float* mean_s, const float* rstd_s,
                                         int stage, float* xv8) {
     if (stage) {
-        const float4 a0 = ((const float4*)(xs + b * K))[2 * i];
-        const float4 a1 = ((const float4*)(xs + b * K))[2 * i + 1];
+        const float4* r4 = (const float4*)(xs + b * K);
+        const int f = b * (K >> 2) + 2 * i; // the row's float4 2i in the whole buffer (the swizzle is over it)
+        const float4 a0 = SWZ ? ((const float4*)xs)[stage_swz(f)] : r4[2 * i];
+        const float4 a1 = SWZ ? ((const float4*)xs)[stage_swz(f + 1)] : r4[2 * i + 1];
         xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
         xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
     } else if (xf) {

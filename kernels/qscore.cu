@@ -12,11 +12,9 @@ __device__ __forceinline__ float code_minus7(u32 q) { return __uint_as_float(0x4
 // Staged inputs are read here a group at a time: lane j reads float4s 8j .. 8j + 7 of a row, so in the natural
 // layout the 32 lanes of one shared-memory load are 128 bytes apart and all hit the same four banks (32 wavefronts
 // where 4 would do; ncu measured the L1/shared pipe 92% busy and the pass at 0.86 TB/s). The staged rows are
-// therefore swizzled once per block: float4 f lives at f ^ ((f >> 3) & 7), so the eight lanes j..j+7 of any load
-// reach eight different 16-byte bank groups. The permutation is its own inverse and stays within each aligned
+// therefore swizzled once per block (`stage_swz`, kernels/gemv.cu, whose gemv_x8<T, true> reads them): float4 f
+// lives at f ^ ((f >> 3) & 7), so the eight lanes j..j+7 of any load reach eight different 16-byte bank groups. The permutation is its own inverse and stays within each aligned
 // block of 8 float4s (K % 32 == 0), so it is applied in place, one chunk of the block's threads at a time.
-__device__ __forceinline__ int qscore_swz(int f) { return f ^ ((f >> 3) & 7); }
-
 __device__ __forceinline__ void qscore_swizzle(float* xs, int n4) { // n4 = B * K / 4 float4s, a multiple of 8
     float4* d4 = (float4*)xs;
     for (int base = 0; base < n4; base += blockDim.x) { // blockDim.x is a multiple of 8: chunks hold whole blocks
@@ -24,26 +22,8 @@ __device__ __forceinline__ void qscore_swizzle(float* xs, int n4) { // n4 = B * 
         float4 v;
         if (f < n4) v = d4[f];
         __syncthreads();
-        if (f < n4) d4[qscore_swz(f)] = v;
+        if (f < n4) d4[stage_swz(f)] = v;
         __syncthreads();
-    }
-}
-
-// x_b's elements 8i..8i+7 in f32: from the swizzled staged rows, or as the GEMV reads them.
-template <typename T>
-__device__ __forceinline__ void qscore_x8(int b, int i, int K, const u16* __restrict__ x, const float* xs,
-                                          const float* __restrict__ xf, const u16* __restrict__ g,
-                                          const u16* __restrict__ gb, const float* mean_s, const float* rstd_s,
-                                          int stage, float* xv8) {
-    if (stage) {
-        const float4* r4 = (const float4*)xs;
-        const int f = b * (K >> 2) + 2 * i;
-        const float4 a0 = r4[qscore_swz(f)];
-        const float4 a1 = r4[qscore_swz(f + 1)];
-        xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
-        xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
-    } else {
-        gemv_x8<T>(b, i, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
     }
 }
 
@@ -100,7 +80,7 @@ __device__ __forceinline__ void qscore_impl(
                 for (int b = 0; b < NB; b++) {
                     if (b < B) {
                         float xv8[8];
-                        qscore_x8<T>(b, 4 * j + c, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
+                        gemv_x8<T, true>(b, 4 * j + c, K, x, xs, xf, g, gb, mean_s, rstd_s, stage, xv8);
 #pragma unroll
                         for (int e = 0; e < 8; e++) {
                             pg[b] = fmaf(fg[e], xv8[e], pg[b]);
