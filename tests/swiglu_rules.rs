@@ -317,6 +317,7 @@ fn rule_cli_bad_inputs_exit_2_naming_the_flag() {
     check(&["ppl", "--model", opt.to_str().unwrap(), "--text", t, "--ctx", "16", "--mode", "exactdown@0.5"], 2, &["--mode", "SwiGLU"]);
     check(&["calibrate", "--model", m, "--text", t, "--rule", "qscore"], 2, &["--run"]);
     check(&["calibrate", "--model", m, "--text", t, "--rule", "teal", "--run", tmp.path().join("r").to_str().unwrap()], 2, &["--sparsity"]);
+    check(&["calibrate", "--model", m, "--text", t, "--rule", "wina", "--run", tmp.path().join("r").to_str().unwrap()], 2, &["--sparsity"]);
     check(
         &["calibrate", "--model", m, "--text", t, "--rule", "wina", "--sparsity", "0.5", "--budget-error", "proxy", "--run", tmp.path().join("r").to_str().unwrap()],
         2,
@@ -375,4 +376,11 @@ fn input_sparse_budgets_resolve_per_layer() {
     // A level that is not there names the file and what it has.
     let e = plan("wina@0.7+greedy").unwrap_err().to_string();
     assert!(e.contains("rules.json") && e.contains("no wina budgets for sparsity 0.7") && e.contains("has 0.5"), "{e}");
+    // On disk: teal budgets without their per-layer thresholds are refused naming the file and the field.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("rules.json");
+    rules.put_budget(level(Ranking::Teal, vec![]));
+    rules.save(&file).unwrap();
+    let e = RuleCalibration::load(&file, &files.identity().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("rules.json") && e.contains("budgets[teal sparsity=0.5].t_in"), "{e}");
 }
