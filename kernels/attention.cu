@@ -74,7 +74,7 @@ __device__ __forceinline__ void attn_split_impl(
     __shared__ float qs[256];
     __shared__ float ps[ATT_THREADS];
     __shared__ float red[32];
-    __shared__ float accs[ATT_THREADS];
+    __shared__ float accs[8 * ATT_THREADS];
     const int nh = blockIdx.x, n = nh / H, h = nh % H, s = blockIdx.y;
     if (hkeep && !hkeep[nh]) { // a dropped head reads nothing: a zero output (an empty partial for the combine)
         if (direct) {
@@ -96,21 +96,38 @@ __device__ __forceinline__ void attn_split_impl(
     const float* q = qkv + (size_t)n * (H + 2 * KV) * hd + h * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i] * scale;
     __syncthreads();
-    // Value accumulation: hd <= 128 -> G = 128 / hd groups of hd threads, each group takes every G-th key;
-    // hd = 256 -> one group, two dims per thread.
-    const int G = hd <= ATT_THREADS ? ATT_THREADS / hd : 1;
-    const int dim = threadIdx.x % hd, grp = hd <= ATT_THREADS ? threadIdx.x / hd : 0;
+    // hd = 256: two value dims per thread, read key by key.
     float acc0 = 0.0f, acc1 = 0.0f;
     float m = NEG_INF, l = 0.0f;
+    // Values (hd <= 128): thread t holds the 16-byte chunk t % C of the value rows of keys tile + t / C + KG * u,
+    // u < KPT, loaded with the keys, before the softmax needs them, so a tile costs one round trip to memory.
+    constexpr int C = HD <= ATT_THREADS ? HD / 8 : 1;
+    constexpr int KG = ATT_THREADS / C;
+    constexpr int KPT = HD <= ATT_THREADS ? ATT_THREADS / KG : 1;
+    const int ch = threadIdx.x % C, kg = threadIdx.x / C;
+    float av[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int tile = start; tile < end; tile += ATT_THREADS) {
         const int key = tile + threadIdx.x;
-        float sc = NEG_INF;
+        const int nk = min(ATT_THREADS, end - tile);
+        const u16* vt = vc + kvbase + (size_t)tile * hd;
         // A key skipped by its token (absent) is not attended to; the query's own position always is.
-        if (key < end && (!pr || key == len - 1 || pr[key])) {
+        const bool live = key < end && (!pr || key == len - 1 || pr[key]);
+        uint4 kv[HD / 8];
+        if (live) {
             const uint4* kr = (const uint4*)(kc + kvbase + (size_t)key * hd);
-            uint4 kv[HD / 8];
 #pragma unroll
             for (int c = 0; c < HD / 8; c++) kv[c] = kr[c];
+        }
+        uint4 vv[KPT];
+        if (HD <= ATT_THREADS) {
+#pragma unroll
+            for (int u = 0; u < KPT; u++) {
+                const int kk = kg + KG * u;
+                vv[u] = kk < nk ? ((const uint4*)(vt + (size_t)kk * hd))[ch] : make_uint4(0, 0, 0, 0);
+            }
+        }
+        float sc = NEG_INF;
+        if (live) {
             float dot = 0.0f;
 #pragma unroll
             for (int c = 0; c < HD / 8; c++) {
@@ -129,25 +146,24 @@ __device__ __forceinline__ void attn_split_impl(
         const float lt = block_sum(pv, red); // its barriers also publish ps
         const float corr = m != NEG_INF ? expf(m - mnew) : 0.0f;
         l = l * corr + lt;
-        acc0 *= corr;
-        acc1 *= corr;
         m = mnew;
-        const int nk = min(ATT_THREADS, end - tile);
-        const u16* vt = vc + kvbase + (size_t)tile * hd;
-        if (hd <= ATT_THREADS) {
-            if (grp < G) {
-                int kk = grp;
-                // Eight independent loads in flight per thread.
-                for (; kk + 7 * G < nk; kk += 8 * G) {
-                    float vv[8];
+        if (HD <= ATT_THREADS) {
 #pragma unroll
-                    for (int u = 0; u < 8; u++) vv[u] = T::load(vt[(size_t)(kk + u * G) * hd + dim]);
+            for (int e = 0; e < 8; e++) av[e] *= corr;
 #pragma unroll
-                    for (int u = 0; u < 8; u++) acc0 = fmaf(ps[kk + u * G], vv[u], acc0);
+            for (int u = 0; u < KPT; u++) {
+                const int kk = kg + KG * u;
+                if (kk < nk) {
+                    float vf[8];
+                    unpack8<T>(vv[u], vf);
+                    const float p = ps[kk];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) av[e] = fmaf(p, vf[e], av[e]);
                 }
-                for (; kk < nk; kk += G) acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + dim]), acc0);
             }
         } else {
+            acc0 *= corr;
+            acc1 *= corr;
             for (int kk = 0; kk < nk; kk++) {
                 acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x]), acc0);
                 acc1 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x + ATT_THREADS]), acc1);
@@ -159,11 +175,13 @@ __device__ __forceinline__ void attn_split_impl(
     u16* dout = direct ? direct + (size_t)nh * hd : 0;
     const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
     if (hd <= ATT_THREADS) {
-        accs[threadIdx.x] = grp < G ? acc0 : 0.0f;
+        // Sum the key groups: accs[kg][dim].
+#pragma unroll
+        for (int e = 0; e < 8; e++) accs[kg * HD + ch * 8 + e] = av[e];
         __syncthreads();
         if (threadIdx.x < hd) {
             float a = 0.0f;
-            for (int g = 0; g < G; g++) a += accs[g * hd + threadIdx.x];
+            for (int g = 0; g < KG; g++) a += accs[g * HD + threadIdx.x];
             if (dout) dout[threadIdx.x] = T::store(a * inv_l);
             else out[2 + threadIdx.x] = a;
         }

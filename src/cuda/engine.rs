@@ -182,6 +182,8 @@ pub struct Engine {
     fuse_norm: bool,
     /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
     pub(super) stage: bool,
+    /// Stage only inputs of at most this width (`DEJAVU_GEMV_STAGE_MAXK`, experiment; default: any).
+    stage_max_k: usize,
     /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
     gemv_threads: u32,
     /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
@@ -255,6 +257,7 @@ impl Engine {
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(64),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
+            stage_max_k: std::env::var("DEJAVU_GEMV_STAGE_MAXK").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             sparse: None,
@@ -558,7 +561,7 @@ impl Engine {
             // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
             let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
             let staged = nb * k * 4;
-            let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
+            let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM && k <= self.stage_max_k;
             let smem = if stage { staged } else { 0 } + ring;
             let mut args = args.i32(i32::from(stage));
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
