@@ -182,8 +182,6 @@ pub struct Engine {
     fuse_norm: bool,
     /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
     pub(super) stage: bool,
-    /// Stage only inputs of at most this width (`DEJAVU_GEMV_STAGE_MAXK`, experiment; default: any).
-    stage_max_k: usize,
     /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
     gemv_threads: u32,
     /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
@@ -199,9 +197,9 @@ pub struct Engine {
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
-    /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 64: measured side by side on an H100 with 128,
-    /// 64, 32 and 16, prompt 128 + 128 tokens, 64 was faster than 128 at every shape and batch tried; 32 faster still
-    /// at 7-13B but slower at SmolLM2; `kernels/NOTES.md`).
+    /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 128: with the values loaded beside the keys,
+    /// measured side by side on an H100, prompt 128 + 128 tokens, 128 was faster than 64 and 32 at Llama-2-7B/13B,
+    /// OPT-6.7B and SmolLM2; `kernels/NOTES.md`).
     attn_keys: usize,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
@@ -255,9 +253,8 @@ impl Engine {
             // Fusing the norm into each GEMV block pays at small widths (launches dominate) and costs at 4096
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
-            attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(64),
+            attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
-            stage_max_k: std::env::var("DEJAVU_GEMV_STAGE_MAXK").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             sparse: None,
@@ -561,7 +558,7 @@ impl Engine {
             // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
             let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
             let staged = nb * k * 4;
-            let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM && k <= self.stage_max_k;
+            let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
             let smem = if stage { staged } else { 0 } + ring;
             let mut args = args.i32(i32::from(stage));
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
