@@ -3,6 +3,17 @@
 // The cache of each layer is [rows, kv_heads, max_len, head_dim] in the 16-bit type; query head h reads kv head
 // h / (heads / kv_heads) (grouped-query attention).
 
+// The rotation of the pair (x1, x2) = (v[i], v[i + hd / 2]) at position p (rotate-half layout, as transformers'
+// Llama): one formula for rope_kv and the fused decode attention, so both give the same bits.
+__device__ __forceinline__ void rope_pair(float& x1, float& x2, int i, int hd, int p, float l2t) {
+    const float inv = exp2f(-2.0f * (float)i / (float)hd * l2t);
+    float s, c;
+    sincosf((float)p * inv, &s, &c);
+    const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+    x1 = y1;
+    x2 = y2;
+}
+
 // RoPE on q and k (rotate-half layout, as transformers' Llama), then k and v written into the cache. `qkv` is the
 // fused projection output [N, (H + 2 KV) * hd] in f32: q is rotated in place, k and v are stored in the cache.
 template <typename T>
@@ -23,14 +34,7 @@ __device__ __forceinline__ void rope_kv_impl(
     const float l2t = __log2f(theta);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float x1 = base[i], x2 = base[i + half];
-        if (rope) {
-            const float inv = exp2f(-2.0f * (float)i / (float)hd * l2t);
-            float s, c;
-            sincosf((float)p * inv, &s, &c);
-            const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
-            x1 = y1;
-            x2 = y2;
-        }
+        if (rope) rope_pair(x1, x2, i, hd, p, l2t);
         if (h < H) {
             base[i] = x1;
             base[i + half] = x2;
@@ -58,8 +62,13 @@ __device__ __forceinline__ void rope_kv_impl(
 // One split of the keys of one (token, head): a block of 128 threads walks keys [start, end) of split s in tiles
 // of 128 with an online softmax and writes the unnormalised partial (max m, sum l, acc[hd]) to `part`
 // [(N * H) * S, hd + 2]. head_dim must be a power of two from 8 to 256.
+// With ROPE (decode, one token per row: `attn_split_rope_*`), the RoPE launch is folded in: the block rotates its
+// query from `qkv` itself, takes this token's key and value from `qkv` (rotated, rounded to the cache's type, as the
+// cache would hold them), and the block of the split holding the position whose head is the first of its kv group
+// writes them (and the presence flag, as rope_kv does) into the cache; no block reads the cache at that position.
+// The same bits as rope_kv + attn_split (engine-check compares them).
 #define ATT_THREADS 128
-template <typename T, int HD>
+template <typename T, int HD, bool ROPE = false>
 __device__ __forceinline__ void attn_split_impl(
     const float* __restrict__ qkv, // [N, (H + 2 KV) * hd], q first
     const u16* __restrict__ kc,    // [rows, KV, max_len, hd]
@@ -68,14 +77,49 @@ __device__ __forceinline__ void attn_split_impl(
     const int* __restrict__ state, int seq, int H, int KV, int hd_, int max_len, int S, float scale,
     u16* __restrict__ direct,      // [N, H * hd]: with S == 1, the normalised output goes straight here
     const unsigned char* __restrict__ hkeep, // [N, H] or null: 0 = head dropped by its token (output 0)
-    const unsigned char* __restrict__ pres) { // [rows, KV, max_len] or null: an earlier key whose flag is 0 is skipped
+    const unsigned char* __restrict__ pres, // [rows, KV, max_len] or null: an earlier key whose flag is 0 is skipped
+    float theta = 0.0f, int rope = 0,       // ROPE: as rope_kv's
+    const unsigned char* __restrict__ rk_hkeep = 0, // ROPE: rope_kv's `hkeep`
+    unsigned char* __restrict__ pres_out = 0) {     // ROPE: rope_kv's `pres`
 
     const int hd = HD;
+    __shared__ float kps[ROPE ? HD : 1], vps[ROPE ? HD : 1]; // ROPE: this token's key and value as cached
     __shared__ float qs[256];
     __shared__ float ps[ATT_THREADS];
     __shared__ float red[32];
     __shared__ float accs[8 * ATT_THREADS];
     const int nh = blockIdx.x, n = nh / H, h = nh % H, s = blockIdx.y;
+    if (ROPE) { // seq == 1: row b = n, position p = state[0]
+        const int p = state[0], G = H / KV, j = h / G;
+        const int chunk = (p + S) / S, start = s * chunk, end = min(p + 1, start + chunk);
+        const bool writer = h % G == 0 && start <= p && p < end;
+        const float* kq = qkv + (size_t)n * (H + 2 * KV) * HD + (H + j) * HD;
+        const float l2t = __log2f(theta);
+        for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) {
+            float x1 = kq[i], x2 = kq[i + HD / 2];
+            if (rope) rope_pair(x1, x2, i, HD, p, l2t);
+            const u16 c1 = T::store(x1), c2 = T::store(x2);
+            kps[i] = T::load(c1);
+            kps[i + HD / 2] = T::load(c2);
+            if (writer) {
+                u16* dst = (u16*)kc + (((size_t)n * KV + j) * max_len + p) * HD;
+                dst[i] = c1;
+                dst[i + HD / 2] = c2;
+            }
+        }
+        for (int i = threadIdx.x; i < HD; i += blockDim.x) {
+            const u16 c = T::store(kq[KV * HD + i]); // the value head follows the key heads
+            vps[i] = T::load(c);
+            if (writer) ((u16*)vc)[(((size_t)n * KV + j) * max_len + p) * HD + i] = c;
+        }
+        if (writer && pres_out && threadIdx.x == 0) {
+            unsigned char any = rk_hkeep ? 0 : 1;
+            if (rk_hkeep)
+                for (int g = 0; g < G; g++) any |= rk_hkeep[(size_t)n * H + j * G + g];
+            pres_out[((size_t)n * KV + j) * max_len + p] = any ? 1 : 0;
+        }
+        __syncthreads();
+    }
     if (hkeep && !hkeep[nh]) { // a dropped head reads nothing: a zero output (an empty partial for the combine)
         if (direct) {
             for (int i = threadIdx.x; i < HD; i += blockDim.x) direct[(size_t)nh * HD + i] = (u16)0;
@@ -94,7 +138,17 @@ __device__ __forceinline__ void attn_split_impl(
     const size_t kvbase = ((size_t)b * KV + j) * max_len * hd;
     const unsigned char* pr = pres ? pres + ((size_t)b * KV + j) * max_len : 0;
     const float* q = qkv + (size_t)n * (H + 2 * KV) * hd + h * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i] * scale;
+    if (ROPE) {
+        const float l2t = __log2f(theta);
+        for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) {
+            float x1 = q[i], x2 = q[i + HD / 2];
+            if (rope) rope_pair(x1, x2, i, HD, len - 1, l2t);
+            qs[i] = x1 * scale;
+            qs[i + HD / 2] = x2 * scale;
+        }
+    } else {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i] * scale;
+    }
     __syncthreads();
     // hd = 256: two value dims per thread, read key by key.
     float acc0 = 0.0f, acc1 = 0.0f;
@@ -113,7 +167,8 @@ __device__ __forceinline__ void attn_split_impl(
         // A key skipped by its token (absent) is not attended to; the query's own position always is.
         const bool live = key < end && (!pr || key == len - 1 || pr[key]);
         uint4 kv[HD / 8];
-        if (live) {
+        const bool own = ROPE && key == len - 1; // this token's key: from kps, not the cache
+        if (live && !own) {
             const uint4* kr = (const uint4*)(kc + kvbase + (size_t)key * hd);
 #pragma unroll
             for (int c = 0; c < HD / 8; c++) kv[c] = kr[c];
@@ -132,7 +187,12 @@ __device__ __forceinline__ void attn_split_impl(
 #pragma unroll
             for (int c = 0; c < HD / 8; c++) {
                 float kf[8];
-                unpack8<T>(kv[c], kf);
+                if (own) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) kf[e] = kps[c * 8 + e];
+                } else {
+                    unpack8<T>(kv[c], kf);
+                }
 #pragma unroll
                 for (int e = 0; e < 8; e++) dot = fmaf(qs[c * 8 + e], kf[e], dot);
             }
@@ -155,7 +215,12 @@ __device__ __forceinline__ void attn_split_impl(
                 const int kk = kg + KG * u;
                 if (kk < nk) {
                     float vf[8];
-                    unpack8<T>(vv[u], vf);
+                    if (ROPE && tile + kk == len - 1) {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) vf[e] = vps[ch * 8 + e];
+                    } else {
+                        unpack8<T>(vv[u], vf);
+                    }
                     const float p = ps[kk];
 #pragma unroll
                     for (int e = 0; e < 8; e++) av[e] = fmaf(p, vf[e], av[e]);
@@ -165,8 +230,9 @@ __device__ __forceinline__ void attn_split_impl(
             acc0 *= corr;
             acc1 *= corr;
             for (int kk = 0; kk < nk; kk++) {
-                acc0 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x]), acc0);
-                acc1 = fmaf(ps[kk], T::load(vt[(size_t)kk * hd + threadIdx.x + ATT_THREADS]), acc1);
+                const bool ownv = ROPE && tile + kk == len - 1;
+                acc0 = fmaf(ps[kk], ownv ? vps[threadIdx.x] : T::load(vt[(size_t)kk * hd + threadIdx.x]), acc0);
+                acc1 = fmaf(ps[kk], ownv ? vps[threadIdx.x + ATT_THREADS] : T::load(vt[(size_t)kk * hd + threadIdx.x + ATT_THREADS]), acc1);
             }
         }
         __syncthreads(); // ps is rewritten by the next tile
@@ -218,6 +284,14 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
     if (i < hd) out[(size_t)nh * hd + i] = T::store(den > 0.0f ? num / den : 0.0f);
 }
 
+#define ATTN_SPLIT_ROPE(TN, T, HD)                                                                             \
+    extern "C" __global__ void attn_split_rope_##TN##_h##HD(                                                     \
+        const float* qkv, u16* kc, u16* vc, float* part, const int* state, int T_, int H, int KV, int hd,         \
+        int max_len, int S, float scale, u16* direct, const unsigned char* hkeep, const unsigned char* pres,      \
+        float theta, int rope, const unsigned char* rk_hkeep, unsigned char* pres_out) { PDL_ENTER               \
+        attn_split_impl<T, HD, true>(qkv, kc, vc, part, state, T_, H, KV, hd, max_len, S, scale, direct, hkeep,   \
+                                     pres, theta, rope, rk_hkeep, pres_out);                                     \
+    }
 #define ATTN_SPLIT(TN, T, HD)                                                                                  \
     extern "C" __global__ void attn_split_##TN##_h##HD(const float* qkv, const u16* kc, const u16* vc, float* part, \
                                                        const int* state, int T_, int H, int KV, int hd, int max_len, \
@@ -234,6 +308,8 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
     }                                                                                                             \
     ATTN_SPLIT(TN, T, 8) ATTN_SPLIT(TN, T, 16) ATTN_SPLIT(TN, T, 32) ATTN_SPLIT(TN, T, 64) ATTN_SPLIT(TN, T, 128) \
     ATTN_SPLIT(TN, T, 256)                                                                                        \
+    ATTN_SPLIT_ROPE(TN, T, 8) ATTN_SPLIT_ROPE(TN, T, 16) ATTN_SPLIT_ROPE(TN, T, 32) ATTN_SPLIT_ROPE(TN, T, 64)      \
+    ATTN_SPLIT_ROPE(TN, T, 128) ATTN_SPLIT_ROPE(TN, T, 256)                                                       \
     extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) { PDL_ENTER                     \
         attn_combine_impl<T>(part, out, hd, S);                                                                    \
     }

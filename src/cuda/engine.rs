@@ -201,6 +201,9 @@ pub struct Engine {
     /// measured side by side on an H100, prompt 128 + 128 tokens, 128 was faster than 64 and 32 at Llama-2-7B/13B,
     /// OPT-6.7B and SmolLM2; `kernels/NOTES.md`).
     attn_keys: usize,
+    /// Fold RoPE and the cache write into the attention kernel at decode (`DEJAVU_ROPE_FUSE=1`; written, not yet
+    /// timed on a GPU, so off by default): one launch a layer fewer.
+    rope_fuse: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
     sparse: Option<SparseMlp>,
@@ -253,6 +256,7 @@ impl Engine {
             // Fusing the norm into each GEMV block pays at small widths (launches dominate) and costs at 4096
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
+            rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").is_ok_and(|v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
@@ -720,6 +724,9 @@ impl Engine {
             }
             self.class(Class::Attention)?;
             let rope = i32::from(cfg.family == Family::Llama);
+            let rope_hkeep = self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep.ptr);
+            // Decode (one token a row): RoPE and the cache write inside the attention kernel (`rope_fuse`).
+            let fold = self.rope_fuse && seq == 1 && rows <= GEMV_MAX_ROWS;
             let args = Args::new()
                 .ptr(qkv)
                 .ptr(kc[l])
@@ -732,10 +739,12 @@ impl Engine {
                 .i32(cap as i32)
                 .f32(cfg.rope_theta as f32)
                 .i32(rope)
-                .ptr(self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep.ptr))
+                .ptr(rope_hkeep)
                 .ptr(pc[l]);
-            let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
-            self.launch(&self.kname("rope_kv"), (rows as u32, (h_ + kv) as u32, 1), rope_threads, args)?;
+            if !fold {
+                let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
+                self.launch(&self.kname("rope_kv"), (rows as u32, (h_ + kv) as u32, 1), rope_threads, args)?;
+            }
             let args = Args::new()
                 .ptr(qkv)
                 .ptr(kc[l])
@@ -752,7 +761,12 @@ impl Engine {
                 .ptr(if splits == 1 { att } else { 0 })
                 .ptr(self.heads_at(l).map_or(0, |hs| hs.keep.ptr))
                 .ptr(if skips { pc[l] } else { 0 });
-            self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
+            if fold {
+                let args = args.f32(cfg.rope_theta as f32).i32(rope).ptr(rope_hkeep).ptr(pc[l]);
+                self.launch(&format!("attn_split_rope_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
+            } else {
+                self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
+            }
             if splits > 1 {
                 let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;

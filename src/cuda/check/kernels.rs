@@ -546,6 +546,64 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
     Ok(())
 }
 
+/// The decode attention with RoPE and the cache write folded in (`attn_split_rope_*`, `DEJAVU_ROPE_FUSE`) against
+/// rope_kv + attn_split on the same inputs: the same output bits, the same cache and presence flags afterwards.
+fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    let d = Dev { e };
+    let t = dt.name();
+    for (hd, heads, kvh, splits, flags) in [(64usize, 8usize, 2usize, 1usize, false), (64, 8, 2, 5, true), (128, 4, 4, 3, false), (128, 8, 2, 1, true), (8, 8, 4, 1, false), (256, 2, 1, 2, true)] {
+        let (rows, past, cap) = (3usize, 150usize, 300usize);
+        let width = (heads + 2 * kvh) * hd;
+        let s = seed + 4242 + (hd * 10 + splits) as u64;
+        let qkv = randv(rows * width, s, 1.0);
+        let kc0 = rounded(&randv(rows * kvh * cap * hd, s + 1, 1.0), dt);
+        let vc0 = rounded(&randv(rows * kvh * cap * hd, s + 2, 1.0), dt);
+        let mut r = rng(s + 3);
+        let pres0: Vec<u8> = (0..rows * kvh * cap).map(|_| u8::from(r.next_u64() % 3 != 0)).collect();
+        let hk: Vec<u8> = (0..rows * heads).map(|i| u8::from((i * 3 + hd) % 4 != 0)).collect();
+        let st = d.i32buf(&[past as i32])?;
+        let hkb = e.gpu.alloc(hk.len())?;
+        e.gpu.upload(&hkb, 0, &hk)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut got = Vec::new();
+        for fold in [false, true] {
+            let (qb, kb, vb) = (d.f32buf(&qkv)?, d.halfbuf(&kc0, dt)?, d.halfbuf(&vc0, dt)?);
+            let pb = e.gpu.alloc(pres0.len())?;
+            e.gpu.upload(&pb, 0, &pres0)?;
+            let part = d.poisoned(rows * heads * splits * (hd + 2) * 4)?;
+            let att = d.poisoned(rows * heads * hd * 2)?;
+            let (hkeep, pres) = if flags { (hkb.ptr, pb.ptr) } else { (0, 0) };
+            let direct = if splits == 1 { att.ptr } else { 0 };
+            let args = Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(1).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct).ptr(hkeep).ptr(pres);
+            if fold {
+                d.launch(&format!("attn_split_rope_{t}_h{hd}"), ((rows * heads) as u32, splits as u32, 1), 128, args.f32(10000.0).i32(1).ptr(hkeep).ptr(pb.ptr))?;
+            } else {
+                let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
+                d.launch(&format!("rope_kv_{t}"), (rows as u32, (heads + kvh) as u32, 1), rope_threads, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(st.ptr).i32(1).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).f32(10000.0).i32(1).ptr(hkeep).ptr(pb.ptr))?;
+                d.launch(&format!("attn_split_{t}_h{hd}"), ((rows * heads) as u32, splits as u32, 1), 128, args)?;
+            }
+            if splits > 1 {
+                d.launch(&format!("attn_combine_{t}"), ((rows * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+            }
+            let mut pv = vec![0u8; pres0.len()];
+            e.gpu.download(pb.ptr, &mut pv)?;
+            got.push((d.read_half(&att, rows * heads * hd, dt)?, d.read_half(&kb, kc0.len(), dt)?, d.read_half(&vb, vc0.len(), dt)?, pv));
+        }
+        let (a, b) = (&got[0], &got[1]);
+        let differ = |x: &[f32], y: &[f32]| (0..x.len()).filter(|&i| x[i].to_bits() != y[i].to_bits()).count();
+        let bad = differ(&a.0, &b.0) + differ(&a.1, &b.1) + differ(&a.2, &b.2) + (0..a.3.len()).filter(|&i| a.3[i] != b.3[i]).count();
+        let nan = a.0.iter().filter(|v| v.is_nan()).count();
+        out.push(KernelCheck {
+            kernel: format!("attn_split_rope == rope_kv + attn_split bitwise (output, k/v cache, flags) hd={hd} heads={heads}/{kvh} splits={splits} flags={flags}: {bad} mismatches"),
+            dtype: dt.name(),
+            rel_err: bad as f64,
+            nan,
+            pass: bad == 0 && nan == 0,
+        });
+    }
+    Ok(())
+}
+
 fn check_rows(e: &Engine, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     for v in [1000usize, 49152] {
@@ -594,6 +652,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_norms(&e, dt, seed, &mut out)?;
         check_embed(&e, dt, seed, &mut out)?;
         check_attention(&e, dt, seed, &mut out)?;
+        check_rope_fused(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
         check_select(&e, dt, seed, &mut out)?;
         check_topk_mlp(&e, dt, seed, &mut out)?;
