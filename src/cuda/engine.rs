@@ -727,21 +727,21 @@ impl Engine {
             let rope_hkeep = self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep.ptr);
             // Decode (one token a row): RoPE and the cache write inside the attention kernel (`rope_fuse`).
             let fold = self.rope_fuse && seq == 1 && rows <= GEMV_MAX_ROWS;
-            let args = Args::new()
-                .ptr(qkv)
-                .ptr(kc[l])
-                .ptr(vc[l])
-                .ptr(state)
-                .i32(seq as i32)
-                .i32(h_ as i32)
-                .i32(kv as i32)
-                .i32(hd as i32)
-                .i32(cap as i32)
-                .f32(cfg.rope_theta as f32)
-                .i32(rope)
-                .ptr(rope_hkeep)
-                .ptr(pc[l]);
             if !fold {
+                let args = Args::new()
+                    .ptr(qkv)
+                    .ptr(kc[l])
+                    .ptr(vc[l])
+                    .ptr(state)
+                    .i32(seq as i32)
+                    .i32(h_ as i32)
+                    .i32(kv as i32)
+                    .i32(hd as i32)
+                    .i32(cap as i32)
+                    .f32(cfg.rope_theta as f32)
+                    .i32(rope)
+                    .ptr(rope_hkeep)
+                    .ptr(pc[l]);
                 let rope_threads = ((hd / 2).div_ceil(32) * 32).clamp(32, 128) as u32;
                 self.launch(&self.kname("rope_kv"), (rows as u32, (h_ + kv) as u32, 1), rope_threads, args)?;
             }
