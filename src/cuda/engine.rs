@@ -201,8 +201,10 @@ pub struct Engine {
     /// measured side by side on an H100, prompt 128 + 128 tokens, 128 was faster than 64 and 32 at Llama-2-7B/13B,
     /// OPT-6.7B and SmolLM2; `kernels/NOTES.md`).
     attn_keys: usize,
-    /// Fold RoPE and the cache write into the attention kernel at decode (`DEJAVU_ROPE_FUSE=1`; written, not yet
-    /// timed on a GPU, so off by default): one launch a layer fewer.
+    /// Fold RoPE and the cache write into the attention kernel at decode: one launch a layer fewer. Default on
+    /// below width 2048, where launches dominate (`DEJAVU_ROPE_FUSE=0/1` overrides): measured side by side on an
+    /// H100, SmolLM2 0.597 -> 0.569 ms, Llama-2-7B unchanged (5.159), Llama-2-13B 9.737 -> 9.811, OPT-6.7B 5.242
+    /// -> 5.269 (`kernels/NOTES.md`); bit for bit the same output, cache and flags (`engine-check`).
     rope_fuse: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
@@ -256,7 +258,7 @@ impl Engine {
             // Fusing the norm into each GEMV block pays at small widths (launches dominate) and costs at 4096
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
-            rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").is_ok_and(|v| v != "0"),
+            rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
