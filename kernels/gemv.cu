@@ -85,16 +85,41 @@ __device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B
 // Staged, the rows are read from global memory once, with 16-byte (f32) or 8-byte (16-bit) loads, and the
 // statistics and the normalisation are computed from shared memory: one round trip to L2 per block instead of
 // three, with the same partition of the sums over threads (so the same rounding) as the unstaged path.
-template <typename T, int NB>
+template <typename T, int NB, bool COMB = false>
 __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* xs, int K, int B,
                                              const float* __restrict__ xf, const u16* __restrict__ g,
                                              const u16* __restrict__ gb, float eps, int rms, int stage,
-                                             float* mean_s, float* rstd_s, float* red) {
+                                             float* mean_s, float* rstd_s, float* red,
+                                             const float* __restrict__ part = 0, int S = 0, int hd = 0) {
     if (stage) { // K % 4 == 0 (the host stages only then)
         const int K4 = K >> 2;
         for (int b = 0; b < NB && b < B; b++) {
             float4* d4 = (float4*)(xs + b * K);
-            if (xf) {
+            if (COMB) {
+                // The input is the attention output, merged here from its S key-split partials [B * H * S, hd + 2]
+                // (kernels/attention.cu) with attn_combine's arithmetic and rounded to T as it stores it: the same
+                // values the out-projection would read from attn_combine's output (hd % 4 == 0).
+                const int H = K / hd;
+                for (int f = threadIdx.x; f < K4; f += blockDim.x) {
+                    const int h = (4 * f) / hd, e0 = 4 * f - h * hd;
+                    const float* pp = part + (size_t)(b * H + h) * S * (hd + 2);
+                    float M = NEG_INF;
+                    for (int s = 0; s < S; s++) M = fmaxf(M, pp[s * (hd + 2)]);
+                    float num[4] = {0.0f, 0.0f, 0.0f, 0.0f}, den = 0.0f;
+                    for (int s = 0; s < S; s++) {
+                        const float ms = pp[s * (hd + 2)];
+                        if (ms == NEG_INF) continue; // an empty split
+                        const float wgt = expf(ms - M);
+                        den += wgt * pp[s * (hd + 2) + 1];
+#pragma unroll
+                        for (int j = 0; j < 4; j++) num[j] += wgt * pp[s * (hd + 2) + 2 + e0 + j];
+                    }
+                    float v[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) v[j] = T::load(T::store(den > 0.0f ? num[j] / den : 0.0f));
+                    d4[f] = make_float4(v[0], v[1], v[2], v[3]);
+                }
+            } else if (xf) {
                 const float4* s4 = (const float4*)(xf + (size_t)b * K);
 #pragma unroll 4
                 for (int i = threadIdx.x; i < K4; i += blockDim.x) d4[i] = __ldg(s4 + i);
@@ -204,7 +229,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     }
 }
 
-template <typename T, int NB, int EPI, bool GATHER = false>
+template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false>
 __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w,     // [N, K]
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
@@ -222,7 +247,9 @@ __device__ __forceinline__ void gemv_impl(
                                    // CATS: [1] the append counter (zero before the launch)
     const float* __restrict__ pre, // MUL: [B, N] f32 factors per output; RELU/GLU: optional 0/1 row flags [B, N]
     float t,                       // CATS: the threshold
-    int* __restrict__ tally) {     // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
+    int* __restrict__ tally,       // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
+    const float* __restrict__ part = 0, // COMB: [B * (K / hd) * S, hd + 2] attention partials, the input (staged)
+    int S = 0, int hd = 0) {       // COMB: key splits and head size
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -255,7 +282,7 @@ __device__ __forceinline__ void gemv_impl(
     }
     pdl_wait();
     pdl_launch();
-    gemv_prepare<T, NB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red);
+    gemv_prepare<T, NB, COMB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red, part, S, hd);
     while (slot < nrows) {
         const u16* wr = w + (size_t)row * K;
         const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
@@ -443,7 +470,17 @@ __device__ __forceinline__ void gemv_async_impl(
     GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 16)
 #define GEMV_NB(K, TN, T, EN, EPI) \
     K(TN, T, EN, EPI, 1) K(TN, T, EN, EPI, 2) K(TN, T, EN, EPI, 4) K(TN, T, EN, EPI, 8) K(TN, T, EN, EPI, 16)
-#define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC)
+// The decode out-projection (one row) reading the attention's key-split partials itself, so the attn_combine launch
+// goes: out f32 [N] += W [N, K] x + bias, x the merged attention output (staged; K * 4 bytes of dynamic shared
+// memory).
+#define GEMV_COMB_KERNEL(TN, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(512, 2) gemv_comb_##TN##_acc_b1(                                 \
+        const u16* w, const u16* bias, const float* part, float* out, int N, int K, int S, int hd) {              \
+        gemv_impl<T, 1, EPI_ACC, false, true>(w, 0, bias, 0, 0, out, N, K, 1, 0, 0, 0, 0.0f, 0, 1, 0, 0, 0, 0.0f, 0, \
+                                              part, S, hd);                                                        \
+    }
+#define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC) \
+    GEMV_COMB_KERNEL(TN, T)
 #define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)
 #define GEMV_ASYNC(TN, T)                                                                                        \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \

@@ -206,6 +206,9 @@ pub struct Engine {
     /// H100, SmolLM2 0.597 -> 0.569 ms, Llama-2-7B unchanged (5.159), Llama-2-13B 9.737 -> 9.811, OPT-6.7B 5.242
     /// -> 5.269 (`kernels/NOTES.md`); bit for bit the same output, cache and flags (`engine-check`).
     rope_fuse: bool,
+    /// At batch-1 decode with dense heads, the out-projection merges the attention's key splits itself
+    /// (`gemv_comb_*`) instead of a separate `attn_combine` launch (`DEJAVU_COMB_FOLD=1`; not yet timed, off).
+    comb_fold: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
     sparse: Option<SparseMlp>,
@@ -259,6 +262,7 @@ impl Engine {
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
+            comb_fold: std::env::var("DEJAVU_COMB_FOLD").is_ok_and(|v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
@@ -577,6 +581,25 @@ impl Engine {
         Ok(())
     }
 
+    /// The batch-1 decode out-projection from the attention's key-split partials: `out[n] += W x + bias`, `x` the
+    /// merged attention output of `k / hd` heads over `splits` partials (`part`, `[heads * splits, hd + 2]` f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_comb(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, part: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, splits: usize, hd: usize) -> GpuResult<()> {
+        let name = format!("gemv_comb_{}_acc_b1", self.dt().name());
+        let smem = k * 4;
+        let f = self.k.get_smem(&name, GEMV_SMEM)?;
+        let threads = GEMV_THREADS;
+        let grid = self.row_grid(f, n, threads, smem)?;
+        let mut args = Args::new().ptr(w).ptr(bias.unwrap_or(0)).ptr(part).ptr(out).i32(n as i32).i32(k as i32).i32(splits as i32).i32(hd as i32);
+        self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)
+    }
+
+    /// Whether the out-projection of a decode step over `rows` rows with `splits` key splits merges them itself.
+    pub(super) fn folds_combine(&self, rows: usize, splits: usize) -> bool {
+        let k = self.cfg.heads * self.cfg.head_dim;
+        self.comb_fold && splits > 1 && rows == 1 && self.gemv_rows >= 1 && self.stage && k * 4 <= GEMV_SMEM && self.cfg.head_dim % 4 == 0
+    }
+
     /// [`Engine::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_in(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
@@ -769,13 +792,17 @@ impl Engine {
             } else {
                 self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
             }
-            if splits > 1 {
+            let fold_comb = self.heads_at(l).is_none() && self.folds_combine(rows, splits);
+            if splits > 1 && !fold_comb {
                 let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             }
             self.class(Class::OutProj)?;
             if let Some(hs) = self.heads_at(l) {
                 hs.out_proj(self, l, rows, att, x)?;
+            } else if fold_comb {
+                let lw = &self.w.layers[l];
+                self.gemv_comb(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), part, x, d, h_ * hd, splits, hd)?;
             } else {
                 let lw = &self.w.layers[l];
                 self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;

@@ -604,6 +604,60 @@ fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
     Ok(())
 }
 
+/// The out-projection that merges the attention's key splits itself (`gemv_comb_*`, `DEJAVU_COMB_FOLD`) against
+/// attn_combine + the GEMV on the same partials (bit for bit) and against f64 (the merge in f64, rounded to the
+/// 16-bit type as attn_combine stores it, then the product); some splits empty, as at the start of a context.
+fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    let d = Dev { e };
+    let t = dt.name();
+    for (heads, hd, splits) in [(9usize, 64usize, 3usize), (4, 128, 2), (2, 256, 5), (16, 8, 2)] {
+        let (n, k, rec) = (136usize, heads * hd, hd + 2);
+        let s = seed + 9090 + (heads * 1000 + hd * 10 + splits) as u64;
+        let mut part = randv(heads * splits * rec, s, 1.0);
+        let mut r = rng(s + 1);
+        for hs in 0..heads * splits {
+            let p = &mut part[hs * rec..(hs + 1) * rec];
+            if r.next_u64() % 4 == 0 {
+                p.iter_mut().for_each(|v| *v = 0.0);
+                p[0] = f32::NEG_INFINITY; // an empty split
+            } else {
+                p[0] *= 3.0; // the split's running max
+                p[1] = 0.5 + (r.next_u64() % 1000) as f32 / 200.0; // its sum of weights
+            }
+        }
+        let w = rounded(&randv(n * k, s + 2, (3.0 / k as f32).sqrt()), dt);
+        let bias = rounded(&randv(n, s + 3, 0.5), dt);
+        let init = randv(n, s + 4, 1.0);
+        let (pb, wb, bb) = (d.f32buf(&part)?, d.halfbuf(&w, dt)?, d.halfbuf(&bias, dt)?);
+        let (oa, ob) = (d.f32buf(&init)?, d.f32buf(&init)?);
+        let att = d.poisoned(k * 2)?;
+        let y = d.poisoned(2 * n * 4)?;
+        d.launch(&format!("attn_combine_{t}"), (heads as u32, 1, 1), hd as u32, Args::new().ptr(pb.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+        e.linear(wb.ptr, Some(bb.ptr), att.ptr, oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
+        e.gemv_comb(wb.ptr, Some(bb.ptr), pb.ptr, ob.ptr, n, k, splits, hd)?;
+        let (a, b) = (d.read_f32(&oa, n)?, d.read_f32(&ob, n)?);
+        let bad = (0..n).filter(|&i| a[i].to_bits() != b[i].to_bits()).count();
+        // f64: the merged attention output, rounded to the 16-bit type, then the product.
+        let mut x = vec![0f32; k];
+        for h in 0..heads {
+            let recs: Vec<&[f32]> = (0..splits).map(|sp| &part[(h * splits + sp) * rec..(h * splits + sp + 1) * rec]).collect();
+            let m = recs.iter().map(|p| p[0] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let live: Vec<(f64, &[f32])> = recs.iter().filter(|p| p[0] != f32::NEG_INFINITY).map(|p| ((p[0] as f64 - m).exp(), *p)).collect();
+            let den: f64 = live.iter().map(|(wg, p)| wg * p[1] as f64).sum();
+            for i in 0..hd {
+                let num: f64 = live.iter().map(|(wg, p)| wg * p[2 + i] as f64).sum();
+                x[h * hd + i] = if den > 0.0 { (num / den) as f32 } else { 0.0 };
+            }
+        }
+        let x = rounded(&x, dt);
+        let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>()) as f32).collect();
+        let mut c = verdict(format!("gemv_comb (attention splits merged in the out-projection) heads={heads} hd={hd} splits={splits}; {bad} outputs differ from attn_combine + gemv"), dt, &b, &want, 1e-2);
+        c.pass &= bad == 0;
+        out.push(c);
+    }
+    Ok(())
+}
+
 fn check_rows(e: &Engine, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     for v in [1000usize, 49152] {
@@ -653,6 +707,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_embed(&e, dt, seed, &mut out)?;
         check_attention(&e, dt, seed, &mut out)?;
         check_rope_fused(&e, dt, seed, &mut out)?;
+        check_comb_fold(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
         check_select(&e, dt, seed, &mut out)?;
         check_topk_mlp(&e, dt, seed, &mut out)?;
