@@ -270,18 +270,7 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
                                                   u16* __restrict__ out,          // [N, H * hd]
                                                   int hd, int S) {
     const int nh = blockIdx.x, i = threadIdx.x;
-    const float* pp = part + (size_t)nh * S * (hd + 2);
-    float M = NEG_INF;
-    for (int s = 0; s < S; s++) M = fmaxf(M, pp[s * (hd + 2)]);
-    float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < S; s++) {
-        const float ms = pp[s * (hd + 2)];
-        if (ms == NEG_INF) continue; // an empty split
-        const float wgt = expf(ms - M);
-        den += wgt * pp[s * (hd + 2) + 1];
-        num += wgt * pp[s * (hd + 2) + 2 + i];
-    }
-    if (i < hd) out[(size_t)nh * hd + i] = T::store(den > 0.0f ? num / den : 0.0f);
+    if (i < hd) out[(size_t)nh * hd + i] = T::store(attn_merge(part + (size_t)nh * S * (hd + 2), S, hd, i));
 }
 
 #define ATTN_SPLIT_ROPE(TN, T, HD)                                                                             \

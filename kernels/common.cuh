@@ -4,6 +4,23 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 #define NEG_INF __int_as_float(0xff800000)
 
+// Element i of one head's attention output merged from its S key-split partials `pp` ([S, hd + 2]: running max,
+// sum of weights, unnormalised output; kernels/attention.cu): attn_combine and the out-projection that merges
+// them itself (gemv_comb, kernels/gemv.cu) share it, so both compute the same values.
+__device__ __forceinline__ float attn_merge(const float* __restrict__ pp, int S, int hd, int i) {
+    float M = NEG_INF;
+    for (int s = 0; s < S; s++) M = fmaxf(M, pp[s * (hd + 2)]);
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < S; s++) {
+        const float ms = pp[s * (hd + 2)];
+        if (ms == NEG_INF) continue; // an empty split
+        const float wgt = expf(ms - M);
+        den += wgt * pp[s * (hd + 2) + 1];
+        num += wgt * pp[s * (hd + 2) + 2 + i];
+    }
+    return den > 0.0f ? num / den : 0.0f;
+}
+
 struct F16 {
     static __device__ __forceinline__ float load(u16 h) {
         float f;

@@ -97,26 +97,15 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
             float4* d4 = (float4*)(xs + b * K);
             if (COMB) {
                 // The input is the attention output, merged here from its S key-split partials [B * H * S, hd + 2]
-                // (kernels/attention.cu) with attn_combine's arithmetic and rounded to T as it stores it: the same
-                // values the out-projection would read from attn_combine's output (hd % 4 == 0).
+                // by attn_combine's own function and rounded to T as it stores it: the same values the
+                // out-projection would read from attn_combine's output (hd % 4 == 0).
                 const int H = K / hd;
                 for (int f = threadIdx.x; f < K4; f += blockDim.x) {
                     const int h = (4 * f) / hd, e0 = 4 * f - h * hd;
                     const float* pp = part + (size_t)(b * H + h) * S * (hd + 2);
-                    float M = NEG_INF;
-                    for (int s = 0; s < S; s++) M = fmaxf(M, pp[s * (hd + 2)]);
-                    float num[4] = {0.0f, 0.0f, 0.0f, 0.0f}, den = 0.0f;
-                    for (int s = 0; s < S; s++) {
-                        const float ms = pp[s * (hd + 2)];
-                        if (ms == NEG_INF) continue; // an empty split
-                        const float wgt = expf(ms - M);
-                        den += wgt * pp[s * (hd + 2) + 1];
-#pragma unroll
-                        for (int j = 0; j < 4; j++) num[j] += wgt * pp[s * (hd + 2) + 2 + e0 + j];
-                    }
                     float v[4];
 #pragma unroll
-                    for (int j = 0; j < 4; j++) v[j] = T::load(T::store(den > 0.0f ? num[j] / den : 0.0f));
+                    for (int j = 0; j < 4; j++) v[j] = T::load(T::store(attn_merge(pp, S, hd, e0 + j)));
                     d4[f] = make_float4(v[0], v[1], v[2], v[3]);
                 }
             } else if (xf) {

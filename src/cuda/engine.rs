@@ -595,9 +595,9 @@ impl Engine {
     }
 
     /// Whether the out-projection of a decode step over `rows` rows with `splits` key splits merges them itself.
-    pub(super) fn folds_combine(&self, rows: usize, splits: usize) -> bool {
+    fn folds_combine(&self, rows: usize, splits: usize) -> bool {
         let k = self.cfg.heads * self.cfg.head_dim;
-        self.comb_fold && splits > 1 && rows == 1 && self.gemv_rows >= 1 && self.stage && k * 4 <= GEMV_SMEM && self.cfg.head_dim % 4 == 0
+        self.comb_fold && splits > 1 && rows == 1 && self.stage && k * 4 <= GEMV_SMEM && self.cfg.head_dim % 4 == 0
     }
 
     /// [`Engine::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
