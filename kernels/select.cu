@@ -59,18 +59,32 @@ __device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
 // Grid: B blocks (one per row); block: any multiple of 32 up to 1024 threads.
 // With `cached` (and N * 4 bytes of dynamic shared memory) the row's keys are read from global memory once and every
 // pass runs over shared memory; without, each pass reads the scores again.
+// With `idx` (one row), the kept ids also go out in ascending order (idx, cnt) and, with `src`/`dst`, the 16-bit
+// source gathered onto them (dst[s] = src[idx[s]]): topk_compact's work for B = 1, done from the keys in this block
+// instead of re-reading the flags from global memory.
 template <typename S>
 __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, // [B, N] scores, row stride N
                                                int N, int k,
                                                unsigned char* __restrict__ keep, // [B, N] out: 1 kept, 0 not
-                                               int cached) {
+                                               int cached, int* __restrict__ idx, int* __restrict__ cnt,
+                                               const u16* __restrict__ src, u16* __restrict__ dst) {
     extern __shared__ u32 topk_keys[]; // [N] with `cached`
+    __shared__ int red[33];
     const int b = blockIdx.x;
     const size_t row = (size_t)b * N;
     unsigned char* kr = keep + row;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const unsigned lt = (1u << lane) - 1u;
     if (k >= N || k <= 0) {
         const unsigned char v = k > 0 ? 1 : 0;
-        for (int i = threadIdx.x; i < N; i += blockDim.x) kr[i] = v;
+        for (int i = threadIdx.x; i < N; i += blockDim.x) {
+            kr[i] = v;
+            if (idx && v) {
+                idx[i] = i;
+                if (dst) dst[i] = src[i];
+            }
+        }
+        if (idx && threadIdx.x == 0) cnt[0] = v ? N : 0;
         return;
     }
     // Short rows (heads: 9-128 units): each unit's rank counted against every other in one pass over shared
@@ -81,26 +95,48 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         u32 mine = 0;
         if (i < N) skey[i] = mine = score_key(S::at(scores, row + i));
         __syncthreads();
+        int v = 0;
         if (i < N) {
             int above = 0;
             for (int j = 0; j < N; j++) {
                 const u32 o = skey[j];
                 above += (o > mine) || (o == mine && j < i);
             }
-            kr[i] = above < k;
+            v = above < k;
+            kr[i] = v;
+        }
+        if (idx) {
+            int total;
+            const int pos = block_excl_scan(v, red, total);
+            if (v) {
+                idx[pos] = i;
+                if (dst) dst[pos] = src[i];
+            }
+            if (threadIdx.x == 0) cnt[0] = total;
         }
         return;
     }
     if (cached) {
-        for (int i = threadIdx.x; i < N; i += blockDim.x) topk_keys[i] = score_key(S::at(scores, row + i));
+        // Eight loads in flight per thread before the shared-memory stores.
+        for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
+            u32 kk[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * blockDim.x;
+                kk[u] = i < N ? score_key(S::at(scores, row + i)) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i < N) topk_keys[i] = kk[u];
+            }
+        }
         __syncthreads();
     }
     auto key_at = [&](int i) -> u32 { return cached ? topk_keys[i] : score_key(S::at(scores, row + i)); };
     __shared__ u32 hist[256];
     __shared__ u32 s_prefix;
     __shared__ int s_need;
-    __shared__ int red[33];
-    const int lane = threadIdx.x & 31;
     u32 prefix = 0, himask = 0;
     int need = k; // how many of the units matching `prefix` in the bits fixed so far are still to be kept
     for (int pass = 0; pass < 4; pass++) {
@@ -108,20 +144,25 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         // Warp-aggregated histogram: the scores of a row share a few exponent bytes, so plain shared atomics on
-        // the first passes serialise on one or two bins; each warp adds its equal bins once.
-        for (int base = 0; base < N; base += blockDim.x) {
-            const int i = base + threadIdx.x;
-            u32 bin = 0;
-            bool act = false;
-            if (i < N) {
-                const u32 key = key_at(i);
-                act = (key & himask) == prefix;
-                bin = (key >> shift) & 255u;
+        // the first passes serialise on one or two bins; each warp adds its equal bins once. Four keys are read
+        // before the first of their atomics.
+        for (int base = 0; base < N; base += 4 * blockDim.x) {
+            u32 kk[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = base + u * blockDim.x + threadIdx.x;
+                kk[u] = i < N ? key_at(i) : 0u;
             }
-            const unsigned am = __ballot_sync(0xffffffffu, act);
-            if (act) {
-                const unsigned peers = __match_any_sync(am, bin);
-                if (__ffs(peers) - 1 == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = base + u * blockDim.x + threadIdx.x;
+                const bool act = i < N && (kk[u] & himask) == prefix;
+                const u32 bin = (kk[u] >> shift) & 255u;
+                const unsigned am = __ballot_sync(0xffffffffu, act);
+                if (act) {
+                    const unsigned peers = __match_any_sync(am, bin);
+                    if (__ffs(peers) - 1 == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+                }
             }
         }
         __syncthreads();
@@ -163,17 +204,64 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         __syncthreads();
     }
     // `prefix` is the k-th largest key; every larger key is kept, and the first `need` equal ones in index order.
-    const int seg = (N + blockDim.x - 1) / blockDim.x;
-    const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
-    int eq = 0;
-    for (int i = i0; i < i1; i++) eq += key_at(i) == prefix;
-    int total;
-    int before = block_excl_scan(eq, red, total);
-    for (int i = i0; i < i1; i++) {
-        const u32 key = key_at(i);
-        unsigned char v = key > prefix;
-        if (key == prefix) v = before++ < need;
-        kr[i] = v;
+    // Each warp takes a contiguous run of the row (a multiple of 32 units) in 32-unit steps: first it counts its
+    // larger and equal keys; warp 0 turns the counts into each warp's offsets (equal keys before it, kept units
+    // before it); then each warp writes its flags and, with `idx`, its kept ids at their ranks.
+    __shared__ int s_gt[32], s_eq[32], s_eqoff[32], s_koff[32];
+    const int per = ((N + nw - 1) / nw + 31) & ~31;
+    const int w0 = min(N, warp * per), w1 = min(N, w0 + per);
+    int gt = 0, eq = 0;
+    for (int base = w0; base < w1; base += 32) {
+        const int i = base + lane;
+        const u32 key = i < w1 ? key_at(i) : 0u;
+        gt += __popc(__ballot_sync(0xffffffffu, i < w1 && key > prefix));
+        eq += __popc(__ballot_sync(0xffffffffu, i < w1 && key == prefix));
+    }
+    if (lane == 0) {
+        s_gt[warp] = gt;
+        s_eq[warp] = eq;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int g = lane < nw ? s_gt[lane] : 0, q = lane < nw ? s_eq[lane] : 0;
+        int qi = q;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int n = __shfl_up_sync(0xffffffffu, qi, o);
+            if (lane >= o) qi += n;
+        }
+        const int qoff = qi - q;
+        const int kq = min(max(need - qoff, 0), q);
+        const int kept = g + kq;
+        int ki = kept;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int n = __shfl_up_sync(0xffffffffu, ki, o);
+            if (lane >= o) ki += n;
+        }
+        s_eqoff[lane] = qoff;
+        s_koff[lane] = ki - kept;
+        if (lane == 31 && idx) cnt[0] = ki;
+    }
+    __syncthreads();
+    int eqrun = s_eqoff[warp], krun = s_koff[warp];
+    for (int base = w0; base < w1; base += 32) {
+        const int i = base + lane;
+        const u32 key = i < w1 ? key_at(i) : 0u;
+        const bool q = i < w1 && key == prefix;
+        const unsigned qb = __ballot_sync(0xffffffffu, q);
+        const bool v = i < w1 && (key > prefix || (q && eqrun + __popc(qb & lt) < need));
+        const unsigned vb = __ballot_sync(0xffffffffu, v);
+        if (i < w1) {
+            kr[i] = v;
+            if (idx && v) {
+                const int pos = krun + __popc(vb & lt);
+                idx[pos] = i;
+                if (dst) dst[pos] = src[i];
+            }
+        }
+        eqrun += __popc(qb);
+        krun += __popc(vb);
     }
 }
 
@@ -209,18 +297,13 @@ __device__ __forceinline__ void topk_compact_impl(const unsigned char* keep, int
     if (threadIdx.x == 0) cnt[0] = total;
 }
 
-// With `idx` given (one row: a grid of one block), the same launch also compacts the row's flags into the kept set
-// (as topk_compact with B = 1 and `src`/`dst`), saving the second launch on the batch-1 path. The flags are this
-// block's own global writes, visible to its threads after the barrier.
+// With `idx` given (one row: a grid of one block), the same launch also writes the row's kept set (as topk_compact
+// with B = 1 and `src`/`dst`), saving the second launch on the batch-1 path.
 #define TOPK_MARK(NAME, S)                                                                                          \
     extern "C" __global__ void NAME(const void* scores, int N, int k, unsigned char* keep, int cached, int* idx,    \
                                     int* cnt, const u16* src, u16* dst) {                                           \
         PDL_ENTER                                                                                                   \
-        topk_mark_impl<S>(scores, N, k, keep, cached);                                                              \
-        if (idx) {                                                                                                  \
-            __syncthreads();                                                                                        \
-            topk_compact_impl(keep, N, 1, idx, cnt, nullptr, src, dst);                                             \
-        }                                                                                                           \
+        topk_mark_impl<S>(scores, N, k, keep, cached, idx, cnt, src, dst);                                          \
     }
 TOPK_MARK(topk_mark_f32, ScoreF32)
 TOPK_MARK(topk_mark_absf16, ScoreAbs<F16>)
@@ -250,23 +333,27 @@ extern "C" __global__ void expand_heads(const int* __restrict__ heads, // [H] ke
                                         int* __restrict__ o_rows,      // [H * hd] out
                                         int* __restrict__ o_cnt) {     // [1] out
     PDL_ENTER
-    __shared__ int groups[256];
+    __shared__ int groups[256], sheads[256], used[256];
     __shared__ int ng;
     const int n = min(hcnt[0], H);
+    for (int i = threadIdx.x; i < n && i < 256; i += blockDim.x) sheads[i] = heads[i];
+    for (int j = threadIdx.x; j < KV && j < 256; j += blockDim.x) used[j] = !kv_kept;
+    __syncthreads();
     for (int i = threadIdx.x; i < n * hd; i += blockDim.x) {
-        const int r = heads[i / hd] * hd + i % hd;
+        const int r = sheads[i / hd] * hd + i % hd;
         qkv_rows[i] = r;
         o_rows[i] = r;
     }
     // The key/value heads computed: every one, or (kv_kept) those of the kept heads, ascending (heads ascend).
+    const int G = H / KV;
+    if (kv_kept)
+        for (int i = threadIdx.x; i < n && i < 256; i += blockDim.x) used[sheads[i] / G] = 1; // every writer stores 1
+    __syncthreads();
     if (threadIdx.x == 0) {
-        const int G = H / KV;
-        ng = 0;
-        for (int j = 0; j < KV && j < 256; j++) {
-            bool any = !kv_kept;
-            for (int i = 0; i < n && !any; i++) any = heads[i] / G == j;
-            if (any) groups[ng++] = j;
-        }
+        int c = 0;
+        for (int j = 0; j < KV && j < 256; j++)
+            if (used[j]) groups[c++] = j;
+        ng = c;
     }
     __syncthreads();
     const int m = ng;

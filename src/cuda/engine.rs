@@ -107,6 +107,16 @@ impl Class {
     }
 }
 
+/// The norm kernel for width `d` and its block size: the register-held variant (`rmsnorm4_*` / `layernorm4_*`, NV
+/// float4 groups a thread, at most 512 threads) where `d` is a multiple of 4 and at most 16,384, else the plain one.
+pub(super) fn norm_kernel(rms: bool, dt: Half, d: usize) -> (String, u32) {
+    let base = if rms { "rmsnorm" } else { "layernorm" };
+    match [1usize, 2, 4, 8].into_iter().find(|nv| d.div_ceil(4 * nv) <= 512).filter(|_| d % 4 == 0) {
+        Some(nv) => (format!("{base}4_{}_v{nv}", dt.name()), (d.div_ceil(4 * nv).div_ceil(32) * 32) as u32),
+        None => (format!("{base}_{}", dt.name()), (d.div_ceil(32) * 32).clamp(32, 1024) as u32),
+    }
+}
+
 /// Per-forward scratch, sized for `rows` tokens.
 struct Scratch {
     rows: usize,
@@ -187,6 +197,9 @@ pub struct Engine {
     /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
     /// once, each warp taking several rows (default); `DEJAVU_GEMV_PERSIST=0`: one row per warp, as before.
     persist: bool,
+    /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows
+    /// (`DEJAVU_PRED_SPLIT=0`: the GEMV + `to_half` path).
+    pub pred_split: bool,
     /// Blocks per multiprocessor by (kernel, threads, dynamic shared memory), from the occupancy calculator.
     occupancy: std::cell::RefCell<HashMap<(usize, u32, usize), u32>>,
     /// At most this many blocks for the row-looping kernels (the kernel checks run with a small cap, so that every
@@ -207,7 +220,10 @@ pub struct Engine {
     /// -> 5.269 (`kernels/NOTES.md`); bit for bit the same output, cache and flags (`engine-check`).
     rope_fuse: bool,
     /// At batch-1 decode with dense heads, the out-projection merges the attention's key splits itself
-    /// (`gemv_comb_*`) instead of a separate `attn_combine` launch (`DEJAVU_COMB_FOLD=1`; not yet timed, off).
+    /// (`gemv_comb_*`) instead of a separate `attn_combine` launch. Default on below width 2048, as `rope_fuse`
+    /// (`DEJAVU_COMB_FOLD=0/1` overrides): measured side by side on an H200, SmolLM2 0.640 -> 0.621 ms, Llama-2-7B
+    /// 4.103 -> 4.168, Llama-2-13B 7.687 -> 7.833, OPT-6.7B 4.182 -> 4.255 (`kernels/NOTES.md`); `engine-check`
+    /// compares it bit for bit with attn_combine + the GEMV.
     comb_fold: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
@@ -262,7 +278,7 @@ impl Engine {
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
-            comb_fold: std::env::var("DEJAVU_COMB_FOLD").is_ok_and(|v| v != "0"),
+            comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
@@ -273,6 +289,7 @@ impl Engine {
             stats: Default::default(),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
             persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
+            pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
         })
@@ -652,9 +669,8 @@ impl Engine {
     }
 
     fn norm(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, rows: usize) -> GpuResult<()> {
-        let name = if self.cfg.family == Family::Llama { self.kname("rmsnorm") } else { self.kname("layernorm") };
         let d = self.cfg.hidden;
-        let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let (name, threads) = norm_kernel(self.cfg.family == Family::Llama, self.dt(), d);
         let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).i32(d as i32).f32(self.cfg.norm_eps as f32);
         self.launch(&name, (rows as u32, 1, 1), threads, args)
     }

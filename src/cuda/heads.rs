@@ -45,6 +45,9 @@ impl SparseHeads {
         let c = &e.cfg;
         let (d, h, hd) = (c.hidden, c.heads, c.head_dim);
         let qkv_n = (h + 2 * c.kv_heads) * hd;
+        if h > 256 {
+            return Err(GpuError(format!("head-sparse attention handles at most 256 heads a layer, the model has {h}")));
+        }
         let mut pred = Vec::with_capacity(k.len());
         let mut o_t = Vec::with_capacity(k.len());
         let mut scratch = 4;
@@ -109,9 +112,14 @@ impl SparseHeads {
             for (c, r0, nb) in parts {
                 p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
                 let keep = self.keep.ptr + (r0 * h) as u64;
-                topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, None)?;
                 let (heads, qkv, o) = self.lists(e, c);
-                topk_compact(e, keep, nb, h, heads, None, None)?;
+                if nb == 1 {
+                    // One token: the mark kernel writes the kept head ids itself.
+                    topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, Some((heads, None)))?;
+                } else {
+                    topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, None)?;
+                    topk_compact(e, keep, nb, h, heads, None, None)?;
+                }
                 let mut args = Args::new()
                     .ptr(heads.idx)
                     .ptr(heads.cnt)

@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("sparse.cu", include_str!("../../kernels/sparse.cu")),
     ("select.cu", include_str!("../../kernels/select.cu")),
     ("qscore.cu", include_str!("../../kernels/qscore.cu")),
+    ("predict.cu", include_str!("../../kernels/predict.cu")),
 ];
 
 /// The NVRTC programs: the files each one sees (the prelude first) and its `DJ_PART` (which share of the GEMV
@@ -42,7 +43,7 @@ pub const PARTS: &[(&[&str], i32)] = &[
     (&["common.cuh", "gemv.cu"], 9),
     (&["common.cuh", "embed.cu", "norm.cu", "logits.cu", "select.cu"], 10),
     (&["common.cuh", "attention.cu"], 11),
-    (&["common.cuh", "sparse.cu"], 12),
+    (&["common.cuh", "sparse.cu", "predict.cu"], 12),
     (&["common.cuh", "gemv.cu", "qscore.cu"], 13),
 ];
 

@@ -7,7 +7,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::predictor::{FoldedPredictor, RMS_EPS};
 
 use super::engine::{Engine, Epi, NormIn};
-use super::gpu::{DBuf, GpuError, GpuResult};
+use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// One layer's predictor on the device, in the engine's 16-bit type: `w1t [r, d]`, `w2t [n, r]`, their biases,
 /// and a unit norm weight `[d]` for the on-the-fly normalisation.
@@ -68,9 +68,53 @@ impl GpuPredictor {
     /// [`GpuPredictor::scratch_bytes`].
     pub fn scores(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr) -> GpuResult<()> {
         let (h, h16) = (tmp, tmp + (rows * self.r * 4) as u64);
-        let norm = NormIn { x, g: self.ones.ptr, gb: 0, tmp: 0 };
-        e.gemv(self.w1t.ptr, Some(self.b1.ptr), 0, Some(norm), h, rows, self.r, self.d, Epi::Store, true, RMS_EPS as f32)?;
-        e.to_half(h, h16, rows * self.r)?;
+        match hidden_split(self.d, rows) {
+            // Up to 4 rows: the hidden layer by `pred_hidden_*` (S warps a row), written in 16 bits directly.
+            Some(s) if e.pred_split => {
+                let name = format!("pred_hidden_{}_b{}", e.dt().name(), rows.next_power_of_two());
+                let smem = rows * self.d * 4;
+                let f = e.k.get_smem(&name, super::engine::GEMV_SMEM)?;
+                let rpb = PRED_WARPS / s;
+                let mut args = Args::new().ptr(self.w1t.ptr).ptr(self.b1.ptr).ptr(x).ptr(h16).i32(self.r as i32).i32(self.d as i32).i32(rows as i32).i32(s as i32).f32(RMS_EPS as f32);
+                e.gpu.launch(f, (self.r.div_ceil(rpb) as u32, 1, 1), (PRED_WARPS * 32) as u32, smem as u32, &mut args)?;
+            }
+            _ => {
+                let norm = NormIn { x, g: self.ones.ptr, gb: 0, tmp: 0 };
+                e.gemv(self.w1t.ptr, Some(self.b1.ptr), 0, Some(norm), h, rows, self.r, self.d, Epi::Store, true, RMS_EPS as f32)?;
+                e.to_half(h, h16, rows * self.r)?;
+            }
+        }
         e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32)
+    }
+}
+
+/// Warps of a `pred_hidden_*` block.
+const PRED_WARPS: usize = 8;
+
+/// The warps sharing one hidden row in `pred_hidden_*` for input width `d` and `rows` rows (4 or 8: the fewest
+/// whose slices fit the 8 16-byte loads a lane holds), or None where the kernel does not apply (more than 4 rows,
+/// `d` not a multiple of 8, slices too long, inputs beyond the shared memory).
+fn hidden_split(d: usize, rows: usize) -> Option<usize> {
+    if rows == 0 || rows > 4 || d % 8 != 0 || rows * d * 4 > super::engine::GEMV_SMEM {
+        return None;
+    }
+    [4usize, 8].into_iter().find(|s| (d / 8).div_ceil(*s) <= 32 * 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hidden_split;
+
+    #[test]
+    fn hidden_split_fits_the_lanes_registers() {
+        // Llama-2-7B, OPT-13B, Llama-2-70B widths take 4 warps a row; OPT-175B's 12288 needs 8 (384 loads a slice
+        // at 4 would exceed 256); past 4 rows or at widths not a multiple of 8 the GEMV path stays.
+        assert_eq!(hidden_split(4096, 1), Some(4));
+        assert_eq!(hidden_split(5120, 4), Some(4));
+        assert_eq!(hidden_split(8192, 1), Some(4));
+        assert_eq!(hidden_split(12288, 1), Some(8));
+        assert_eq!(hidden_split(4096, 5), None);
+        assert_eq!(hidden_split(100, 1), None);
+        assert_eq!(hidden_split(32768, 1), None);
     }
 }

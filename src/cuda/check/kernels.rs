@@ -222,7 +222,7 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     use crate::cuda::sparse::Kept;
     use crate::sparse::select::top_k;
     let d = Dev { e };
-    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100)] {
+    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100), (1, 20480, 2048), (1, 40, 20), (1, 11008, 11008), (1, 11008, 0), (1, 1000, 999)] {
         let s = seed + (rows * 31 + n * 7 + k) as u64;
         let mut r = rng(s);
         // Scores on a grid of 1/8 in [-4, 4): ties everywhere; a few NaN, -0 and +0.
@@ -262,7 +262,17 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let mut ids = vec![0i32; m];
             e.gpu.download(idx.ptr, &mut ids)?;
             let flags = d.read_f32(&pre, rows * n)?;
+            let mut marks = vec![0u8; rows * n];
+            e.gpu.download(keep.ptr, &mut marks)?;
             let mut bad = usize::from(c[0] as usize != union.len());
+            // Each row's own flags, in both paths.
+            for (b, set) in sets.iter().enumerate() {
+                let mut want = vec![0u8; n];
+                for &j in set {
+                    want[j] = 1;
+                }
+                bad += marks[b * n..(b + 1) * n].iter().zip(&want).filter(|(g, w)| g != w).count();
+            }
             bad += ids.iter().zip(&union).filter(|(a, b)| **a as usize != **b).count();
             let gathered = if abs { d.read_half(&dst, rows * n, dt)? } else { Vec::new() };
             for b in 0..rows {
@@ -369,19 +379,123 @@ fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -
     Ok(())
 }
 
+/// The head-sparse lists of one token (`topk_mark_f32` writing the kept head ids itself, then `expand_heads`)
+/// against the host: the kept heads (top k of the scores), the q rows of those heads followed by the k and v rows
+/// of every key/value head (`kv_kept` = 0) or of those with a kept query head (1), and the out-projection rows.
+fn check_head_lists(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use crate::cuda::select::{topk_mark, Scores};
+    use crate::cuda::sparse::Kept;
+    use crate::sparse::select::top_k;
+    let d = Dev { e };
+    for (h, kv, hd, k) in [(32usize, 8usize, 8usize, 22usize), (40, 40, 4, 20), (9, 3, 8, 6), (64, 8, 2, 1), (12, 4, 4, 12)] {
+        for kv_kept in [0i32, 1] {
+            let sc = randv(h, seed + (h * 3 + k) as u64, 1.0);
+            let want_heads = top_k(&sc, k);
+            let g = h / kv;
+            let mut groups: Vec<usize> = if kv_kept == 1 { want_heads.iter().map(|&x| x / g).collect() } else { (0..kv).collect() };
+            groups.dedup();
+            let mut want_qkv: Vec<i32> = want_heads.iter().flat_map(|&x| (0..hd).map(move |c| (x * hd + c) as i32)).collect();
+            let want_o = want_qkv.clone();
+            want_qkv.extend(groups.iter().flat_map(|&j| (0..hd).map(move |c| ((h + j) * hd + c) as i32)));
+            want_qkv.extend(groups.iter().flat_map(|&j| (0..hd).map(move |c| ((h + kv + j) * hd + c) as i32)));
+            let qkv_n = (h + 2 * kv) * hd;
+            let (sb, keep) = (d.f32buf(&sc)?, d.poisoned(h)?);
+            let (heads, hcnt, qrows, qcnt, orows, ocnt) = (d.poisoned(h * 4)?, d.poisoned(4)?, d.poisoned(qkv_n * 4)?, d.poisoned(4)?, d.poisoned(h * hd * 4)?, d.poisoned(4)?);
+            topk_mark(e, Scores::F32(sb.ptr), 1, h, k, keep.ptr, Some((Kept { idx: heads.ptr, cnt: hcnt.ptr, cap: h }, None)))?;
+            let args = Args::new().ptr(heads.ptr).ptr(hcnt.ptr).i32(h as i32).i32(kv as i32).i32(hd as i32).i32(kv_kept).ptr(qrows.ptr).ptr(qcnt.ptr).ptr(orows.ptr).ptr(ocnt.ptr);
+            d.launch("expand_heads", (1, 1, 1), 256, args)?;
+            let mut c = [0i32; 3];
+            e.gpu.download(hcnt.ptr, &mut c[0..1])?;
+            e.gpu.download(qcnt.ptr, &mut c[1..2])?;
+            e.gpu.download(ocnt.ptr, &mut c[2..3])?;
+            let mut bad = usize::from(c != [want_heads.len() as i32, want_qkv.len() as i32, want_o.len() as i32]);
+            if bad == 0 {
+                let mut got_h = vec![0i32; want_heads.len()];
+                let mut got_q = vec![0i32; want_qkv.len()];
+                let mut got_o = vec![0i32; want_o.len()];
+                e.gpu.download(heads.ptr, &mut got_h)?;
+                e.gpu.download(qrows.ptr, &mut got_q)?;
+                e.gpu.download(orows.ptr, &mut got_o)?;
+                bad += got_h.iter().zip(&want_heads).filter(|(a, b)| **a as usize != **b).count();
+                bad += got_q.iter().zip(&want_qkv).filter(|(a, b)| a != b).count();
+                bad += got_o.iter().zip(&want_o).filter(|(a, b)| a != b).count();
+            }
+            out.push(KernelCheck {
+                kernel: format!("head lists (topk_mark + expand_heads) H={h} KV={kv} hd={hd} k={k} kv_kept={kv_kept}: {bad} mismatches"),
+                dtype: dt.name(),
+                rel_err: bad as f64,
+                nan: 0,
+                pass: bad == 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A trained predictor's scores (`GpuPredictor::scores`: the hidden layer by `pred_hidden_*` up to 4 rows, by the
+/// GEMV + `to_half` above, then the second GEMV) against f64: the RMS-normalised residual (unit weight), the hidden
+/// layer rounded to the 16-bit type (the engine's rounding point), the scores.
+fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use crate::cuda::predict::GpuPredictor;
+    use crate::predictor::{FoldedPredictor, RMS_EPS};
+    let d = Dev { e };
+    for (rows, dim, r, n) in [(1usize, 5120usize, 256usize, 40usize), (1, 4096, 1024, 11008), (3, 576, 128, 1536), (4, 12288, 64, 96), (6, 512, 64, 200), (2, 100, 32, 50)] {
+        let s = seed + (rows * 7 + dim + r) as u64;
+        let f = FoldedPredictor {
+            d: dim,
+            r,
+            n,
+            w1t: rounded(&randv(r * dim, s, (3.0 / dim as f32).sqrt()), dt),
+            b1: rounded(&randv(r, s + 1, 0.1), dt),
+            w2t: rounded(&randv(n * r, s + 2, (3.0 / r as f32).sqrt()), dt),
+            b2: rounded(&randv(n, s + 3, 0.1), dt),
+        };
+        let x: Vec<f32> = randv(rows * dim, s + 4, 3.0);
+        let p = GpuPredictor::upload(e, &f)?;
+        let xb = d.f32buf(&x)?;
+        let tmp = d.poisoned(p.scratch_bytes(rows))?;
+        let ob = d.poisoned(rows * n * 4)?;
+        p.scores(e, xb.ptr, rows, tmp.ptr, ob.ptr)?;
+        let mut want = vec![0f32; rows * n];
+        for b in 0..rows {
+            let xr = &x[b * dim..(b + 1) * dim];
+            let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / dim as f64;
+            let rstd = 1.0 / (ms + RMS_EPS as f64).sqrt();
+            let hid: Vec<f32> = (0..r)
+                .map(|j| (f.b1[j] as f64 + (0..dim).map(|i| f.w1t[j * dim + i] as f64 * xr[i] as f64 * rstd).sum::<f64>()) as f32)
+                .collect();
+            let hid = rounded(&hid, dt);
+            for o in 0..n {
+                want[b * n + o] = (f.b2[o] as f64 + (0..r).map(|j| f.w2t[o * r + j] as f64 * hid[j] as f64).sum::<f64>()) as f32;
+            }
+        }
+        let path = if rows <= 4 && dim % 8 == 0 && e.pred_split { "pred_hidden" } else { "gemv + to_half" };
+        out.push(verdict(format!("predictor scores ({path} + gemv) rows={rows} d={dim} r={r} n={n}"), dt, &d.read_f32(&ob, rows * n)?, &want, 1e-2));
+    }
+    Ok(())
+}
+
 fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
-    for (rms, dim) in [(true, 576usize), (false, 768), (true, 100), (false, 32)] {
+    // The engine's choice at each width (the register-held kernels where d % 4 == 0, d <= 16384) and the plain
+    // kernels at every width; `in place`: the f32 output written over the input (OPT's post-LayerNorm layers).
+    let cases = [(true, 576usize), (false, 768), (true, 100), (false, 32), (true, 4096), (false, 5120), (true, 8192), (false, 30), (true, 20480)];
+    for (rms, dim, plain, in_place) in cases.iter().flat_map(|&(r, dm)| [(r, dm, false, false), (r, dm, true, false), (r, dm, false, true)]) {
         let rows = 5;
         let x = randv(rows * dim, seed + dim as u64, 2.0);
         let w = rounded(&randv(dim, seed + 1, 1.0), dt);
         let b = rounded(&randv(dim, seed + 2, 0.5), dt);
         let (xb, wb, bb) = (d.f32buf(&x)?, d.halfbuf(&w, dt)?, d.halfbuf(&b, dt)?);
-        let (ob, xo) = (d.poisoned(rows * dim * 2)?, d.poisoned(rows * dim * 4)?);
-        let name = format!("{}_{}", if rms { "rmsnorm" } else { "layernorm" }, dt.name());
-        let threads = (dim.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let ob = d.poisoned(rows * dim * 2)?;
+        let xo = if in_place { d.f32buf(&x)? } else { d.poisoned(rows * dim * 4)? };
+        let (name, threads) = if plain {
+            (format!("{}_{}", if rms { "rmsnorm" } else { "layernorm" }, dt.name()), (dim.div_ceil(32) * 32).clamp(32, 1024) as u32)
+        } else {
+            crate::cuda::engine::norm_kernel(rms, dt, dim)
+        };
         let bias = if rms { 0 } else { bb.ptr };
-        d.launch(&name, (rows as u32, 1, 1), threads, Args::new().ptr(xb.ptr).ptr(wb.ptr).ptr(bias).ptr(ob.ptr).ptr(xo.ptr).i32(dim as i32).f32(1e-5))?;
+        let xin = if in_place { xo.ptr } else { xb.ptr };
+        d.launch(&name, (rows as u32, 1, 1), threads, Args::new().ptr(xin).ptr(wb.ptr).ptr(bias).ptr(ob.ptr).ptr(xo.ptr).i32(dim as i32).f32(1e-5))?;
         let mut want = vec![0f32; rows * dim];
         for r in 0..rows {
             let xr = &x[r * dim..(r + 1) * dim];
@@ -396,8 +510,9 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
                 want[r * dim + i] = y as f32;
             }
         }
-        out.push(verdict(format!("{name} d={dim} (16-bit out)"), dt, &d.read_half(&ob, rows * dim, dt)?, &want, 1e-2));
-        out.push(verdict(format!("{name} d={dim} (f32 out)"), dt, &d.read_f32(&xo, rows * dim)?, &want, 1e-2));
+        let tag = if in_place { ", in place" } else { "" };
+        out.push(verdict(format!("{name} d={dim} (16-bit out{tag})"), dt, &d.read_half(&ob, rows * dim, dt)?, &want, 1e-2));
+        out.push(verdict(format!("{name} d={dim} (f32 out{tag})"), dt, &d.read_f32(&xo, rows * dim)?, &want, 1e-2));
     }
     Ok(())
 }
@@ -704,6 +819,8 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         }
         check_linear(&e, dt, seed, &mut out)?;
         check_norms(&e, dt, seed, &mut out)?;
+        check_predictor(&e, dt, seed, &mut out)?;
+        check_head_lists(&e, dt, seed, &mut out)?;
         check_embed(&e, dt, seed, &mut out)?;
         check_attention(&e, dt, seed, &mut out)?;
         check_rope_fused(&e, dt, seed, &mut out)?;
