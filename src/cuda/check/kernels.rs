@@ -460,7 +460,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         for b in 0..rows {
             let xr = &x[b * dim..(b + 1) * dim];
             let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / dim as f64;
-            let rstd = 1.0 / (ms + RMS_EPS as f64).sqrt();
+            let rstd = 1.0 / (ms + RMS_EPS).sqrt();
             let hid: Vec<f32> = (0..r)
                 .map(|j| (f.b1[j] as f64 + (0..dim).map(|i| f.w1t[j * dim + i] as f64 * xr[i] as f64 * rstd).sum::<f64>()) as f32)
                 .collect();
