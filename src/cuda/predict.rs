@@ -27,6 +27,11 @@ impl GpuPredictor {
         if f.d != e.cfg.hidden {
             return Err(GpuError(format!("a predictor of input width {}, the model's hidden size is {}", f.d, e.cfg.hidden)));
         }
+        Self::upload_any(e, f)
+    }
+
+    /// [`GpuPredictor::upload`] at any input width (the kernel checks try widths other than the engine's model).
+    pub(crate) fn upload_any(e: &Engine, f: &FoldedPredictor) -> GpuResult<Self> {
         let dt = e.dt();
         let put = |v: &[f32]| -> GpuResult<DBuf> {
             let b = e.gpu.alloc(v.len() * 2)?;
@@ -90,6 +95,8 @@ impl GpuPredictor {
 
 /// Warps of a `pred_hidden_*` block.
 const PRED_WARPS: usize = 8;
+/// 16-byte weight loads a lane holds in `pred_hidden_*` (`PRED_PL` in kernels/predict.cu).
+const PRED_LOADS: usize = 8;
 
 /// The warps sharing one hidden row in `pred_hidden_*` for input width `d` and `rows` rows (4 or 8: the fewest
 /// whose slices fit the 8 16-byte loads a lane holds), or None where the kernel does not apply (more than 4 rows,
@@ -98,7 +105,7 @@ fn hidden_split(d: usize, rows: usize) -> Option<usize> {
     if rows == 0 || rows > 4 || d % 8 != 0 || rows * d * 4 > super::engine::GEMV_SMEM {
         return None;
     }
-    [4usize, 8].into_iter().find(|s| (d / 8).div_ceil(*s) <= 32 * 8)
+    [4usize, 8].into_iter().find(|s| (d / 8).div_ceil(*s) <= 32 * PRED_LOADS)
 }
 
 #[cfg(test)]

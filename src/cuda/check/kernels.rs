@@ -451,7 +451,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             b2: rounded(&randv(n, s + 3, 0.1), dt),
         };
         let x: Vec<f32> = randv(rows * dim, s + 4, 3.0);
-        let p = GpuPredictor::upload(e, &f)?;
+        let p = GpuPredictor::upload_any(e, &f)?;
         let xb = d.f32buf(&x)?;
         let tmp = d.poisoned(p.scratch_bytes(rows))?;
         let ob = d.poisoned(rows * n * 4)?;
