@@ -25,26 +25,27 @@ struct ScoreAbs {
     static __device__ __forceinline__ float at(const void* s, size_t i) { return fabsf(T::load(((const u16*)s)[i])); }
 };
 
+// Inclusive prefix sum over the 32 lanes of a warp (every lane takes part).
+template <typename V>
+__device__ __forceinline__ V warp_incl_scan(V v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
 // Exclusive prefix sum over the block (every thread passes one value); `red` holds at least 33 ints. Also returns
 // the block's total in `total`.
 __device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    int inc = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += n;
-    }
+    const int inc = warp_incl_scan(v, lane);
     __syncthreads();
     if (lane == 31) red[warp] = inc;
     __syncthreads();
     if (warp == 0) {
-        int w = lane < nw ? red[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int n = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += n;
-        }
+        const int w = warp_incl_scan(lane < nw ? red[lane] : 0, lane);
         if (lane < nw) red[lane] = w; // inclusive prefix of the warps' sums
         if (lane == nw - 1) red[32] = w;
     }
@@ -175,12 +176,7 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
                 c[j] = hist[255 - (lane * 8 + j)];
                 sum += c[j];
             }
-            u32 inc = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 n = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o) inc += n;
-            }
+            const u32 inc = warp_incl_scan(sum, lane);
             const u32 excl = inc - sum;
             if (excl < (u32)need && (u32)need <= inc) {
                 u32 above = excl;
@@ -224,21 +220,11 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
     __syncthreads();
     if (warp == 0) {
         const int g = lane < nw ? s_gt[lane] : 0, q = lane < nw ? s_eq[lane] : 0;
-        int qi = q;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int n = __shfl_up_sync(0xffffffffu, qi, o);
-            if (lane >= o) qi += n;
-        }
+        const int qi = warp_incl_scan(q, lane);
         const int qoff = qi - q;
         const int kq = min(max(need - qoff, 0), q);
         const int kept = g + kq;
-        int ki = kept;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int n = __shfl_up_sync(0xffffffffu, ki, o);
-            if (lane >= o) ki += n;
-        }
+        const int ki = warp_incl_scan(kept, lane);
         s_eqoff[lane] = qoff;
         s_koff[lane] = ki - kept;
         if (lane == 31 && idx) cnt[0] = ki;
