@@ -5,8 +5,8 @@
 // order (s itself), which is the dense product from the transposed copy. Partial sums of row chunks meet in the f32
 // residual stream through vector atomic adds (sm_90; scalar adds below), so their order of addition is not fixed.
 //
-// Grid: (ceil(D / (8 * tc)), chunks of R kept rows); block: tc * rg threads, tc across groups of 8 output columns
-// (16-byte loads), rg row groups taking every rg-th row of the chunk. D must be a multiple of 8.
+// Grid: (ceil(D / (8 * tc)), chunks of R <= DOWN_T_MAXR kept rows); block: tc * rg threads, tc across groups of 8
+// output columns (16-byte loads), rg row groups taking every rg-th row of the chunk. D must be a multiple of 8.
 
 __device__ __forceinline__ void red_add8(float* p, const float* v) {
 #if __CUDA_ARCH__ >= 900
@@ -21,6 +21,9 @@ __device__ __forceinline__ void red_add8(float* p, const float* v) {
 #endif
 }
 
+// Kept rows a block takes at most (the host's `R`): their ids and activations are staged in shared memory first.
+#define DOWN_T_MAXR 64
+
 template <typename T, int NB, bool BY_ID>
 __device__ __forceinline__ void down_t_impl(
     const u16* __restrict__ wt,   // [F, D] transposed down / fc2 weights
@@ -32,14 +35,25 @@ __device__ __forceinline__ void down_t_impl(
     int kcap,
     float* __restrict__ out,      // [B, D] f32, accumulated into
     int D, int B, int R, int tc) { // BY_ID: act[b, idx[s]] (act laid out by unit id) instead of the compact act[b, s]
+    __shared__ int sidx[DOWN_T_MAXR];
+    __shared__ float sact[NB][DOWN_T_MAXR];
     pdl_wait();
     pdl_launch();
     const int n = cnt ? min(cnt[0], kcap) : kcap;
+    const int r0 = blockIdx.y * R, nr = max(0, min(n, r0 + R) - r0);
+    if (nr == 0 && !(blockIdx.y == 0 && bias)) return; // uniform across the block
+    // The block's kept ids and their activations, one round trip for all (the weight loads below need the ids).
+    for (int i = threadIdx.x; i < nr; i += blockDim.x) {
+        const int j = idx ? idx[r0 + i] : r0 + i;
+        sidx[i] = j;
+#pragma unroll
+        for (int b = 0; b < NB; b++)
+            if (b < B) sact[b][i] = T::load(act[(size_t)b * lda + (BY_ID ? j : r0 + i)]);
+    }
+    __syncthreads();
     const int tx = threadIdx.x % tc, ty = threadIdx.x / tc, rg = blockDim.x / tc;
     const int c8 = blockIdx.x * tc + tx;
-    const int r0 = blockIdx.y * R, r1 = min(n, r0 + R);
     if (c8 * 8 >= D || ty >= rg) return;
-    if (r0 >= r1 && !(blockIdx.y == 0 && bias)) return;
     float acc[NB][8];
 #pragma unroll
     for (int b = 0; b < NB; b++)
@@ -47,41 +61,28 @@ __device__ __forceinline__ void down_t_impl(
         for (int e = 0; e < 8; e++) acc[b][e] = 0.0f;
     const int ld8 = D >> 3;
     const uint4* base = (const uint4*)wt + c8;
-    const int U = 4; // rows in flight per thread
-    int r = r0 + ty;
-    for (; r + (U - 1) * rg < r1; r += U * rg) {
+    constexpr int U = NB <= 4 ? 8 : 4; // rows in flight per thread (all of a block's rows at most R / rg)
+    for (int s0 = ty; s0 < nr; s0 += U * rg) {
         uint4 wv[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int s = r + u * rg;
-            const int j = idx ? idx[s] : s;
-            wv[u] = ld_stream(base + (size_t)j * ld8);
+            const int s = s0 + u * rg;
+            if (s < nr) wv[u] = ld_stream(base + (size_t)sidx[s] * ld8);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            float wf[8];
-            unpack8<T>(wv[u], wf);
-            const int col = BY_ID ? idx[r + u * rg] : r + u * rg; // idx read again (cached) to spare registers
+            const int s = s0 + u * rg;
+            if (s < nr) {
+                float wf[8];
+                unpack8<T>(wv[u], wf);
 #pragma unroll
-            for (int b = 0; b < NB; b++) {
-                if (b < B) {
-                    const float a = T::load(act[(size_t)b * lda + col]);
+                for (int b = 0; b < NB; b++) {
+                    if (b < B) {
+                        const float a = sact[b][s];
 #pragma unroll
-                    for (int e = 0; e < 8; e++) acc[b][e] = fmaf(a, wf[e], acc[b][e]);
+                        for (int e = 0; e < 8; e++) acc[b][e] = fmaf(a, wf[e], acc[b][e]);
+                    }
                 }
-            }
-        }
-    }
-    for (; r < r1; r += rg) {
-        const int j = idx ? idx[r] : r;
-        float wf[8];
-        unpack8<T>(ld_stream(base + (size_t)j * ld8), wf);
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            if (b < B) {
-                const float a = T::load(act[(size_t)b * lda + (BY_ID ? j : r)]);
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[b][e] = fmaf(a, wf[e], acc[b][e]);
             }
         }
     }
@@ -93,6 +94,7 @@ __device__ __forceinline__ void down_t_impl(
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[b][e] += bf[e];
     }
+    if (ty >= nr && ty != 0) return; // a row group without rows adds nothing (ty 0 may carry the bias)
 #pragma unroll
     for (int b = 0; b < NB; b++)
         if (b < B) red_add8(out + (size_t)b * D + c8 * 8, acc[b]);

@@ -814,6 +814,10 @@ impl Engine {
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             }
             self.class(Class::OutProj)?;
+            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+                // The look-ahead scoring forked at this layer reads x: joined before the out-projection writes it.
+                hs.join(self, l)?;
+            }
             if let Some(hs) = self.heads_at(l) {
                 hs.out_proj(self, l, rows, att, x)?;
             } else if fold_comb {

@@ -1,7 +1,9 @@
-//! A thin owner of the CUDA driver objects the engine uses, over cudarc's raw driver API: the context, one stream,
-//! device buffers, events and graphs. The engine keeps raw device pointers so that a decode step can be captured
+//! A thin owner of the CUDA driver objects the engine uses, over cudarc's raw driver API: the context, the engine's
+//! stream and a side stream (work forked off the main chain and joined back, also inside a captured graph), device
+//! buffers, events and graphs. The engine keeps raw device pointers so that a decode step can be captured
 //! into a CUDA graph and replayed (cudarc's safe slices track events per buffer, which graph capture forbids).
 
+use std::cell::Cell;
 use std::ffi::c_void;
 
 use cudarc::driver::{result, sys};
@@ -50,6 +52,13 @@ pub struct Gpu {
     pub device: sys::CUdevice,
     ctx: sys::CUcontext,
     pub stream: sys::CUstream,
+    /// The side stream: launches go there while [`Gpu::on_side`] runs (plain launches, no PDL), ordered against the
+    /// main stream only by [`Gpu::fork`] and [`Gpu::join`].
+    side: sys::CUstream,
+    side_now: Cell<bool>,
+    /// The next main-stream launch follows a [`Gpu::join`]: launched plainly (its dependency on the side stream's
+    /// kernel is a full one, not a programmatic edge).
+    joined: Cell<bool>,
     pub name: String,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
@@ -74,6 +83,7 @@ impl Gpu {
         let ctx = unsafe { result::primary_ctx::retain(device) }.ctx("cuDevicePrimaryCtxRetain")?;
         unsafe { result::ctx::set_current(ctx) }.ctx("cuCtxSetCurrent")?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking).ctx("cuStreamCreate")?;
+        let side = result::stream::create(result::stream::StreamKind::NonBlocking).ctx("cuStreamCreate")?;
         let attr = |a| unsafe { result::device::get_attribute(device, a) }.ctx("cuDeviceGetAttribute");
         let arch = (
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -82,7 +92,7 @@ impl Gpu {
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = result::device::get_name(device).ctx("cuDeviceGetName")?;
         let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").map_or(true, |v| v != "0");
-        Ok(Gpu { device, ctx, stream, name, arch, sms, pdl })
+        Ok(Gpu { device, ctx, stream, side, side_now: Cell::new(false), joined: Cell::new(false), name, arch, sms, pdl })
     }
 
     /// Make this context current on the calling thread (every entry point of the engine does).
@@ -133,23 +143,65 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) }.ctx("cuMemcpyDtoDAsync")
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cur()) }.ctx("cuMemcpyDtoDAsync")
     }
 
     /// Set the first `bytes` bytes at `dst` to `byte`.
     pub fn memset_bytes(&self, dst: sys::CUdeviceptr, byte: u8, bytes: usize) -> GpuResult<()> {
-        unsafe { result::memset_d8_async(dst, byte, bytes, self.stream) }.ctx("cuMemsetD8Async")
+        unsafe { result::memset_d8_async(dst, byte, bytes, self.cur()) }.ctx("cuMemsetD8Async")
     }
 
     pub fn memset(&self, dst: &DBuf, byte: u8) -> GpuResult<()> {
-        unsafe { result::memset_d8_async(dst.ptr, byte, dst.bytes, self.stream) }.ctx("cuMemsetD8Async")
+        unsafe { result::memset_d8_async(dst.ptr, byte, dst.bytes, self.cur()) }.ctx("cuMemsetD8Async")
     }
 
-    /// Launch `f` on the engine's stream with `args`.
+    /// The stream launches, copies and memsets go to now: the side stream inside [`Gpu::on_side`], else the main.
+    fn cur(&self) -> sys::CUstream {
+        if self.side_now.get() {
+            self.side
+        } else {
+            self.stream
+        }
+    }
+
+    /// Run `f` with every launch, copy and memset going to the side stream. The side stream's work must have been
+    /// ordered after what it reads by [`Gpu::fork`] and before what depends on it by [`Gpu::join`].
+    pub fn on_side<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.side_now.set(true);
+        let r = f();
+        self.side_now.set(false);
+        r
+    }
+
+    /// The side stream's next work waits for everything the main stream has been given so far (`ev` is recorded on
+    /// the main stream).
+    pub fn fork(&self, ev: &Event) -> GpuResult<()> {
+        unsafe { result::event::record(ev.0, self.stream) }.ctx("cuEventRecord")?;
+        unsafe { result::stream::wait_event(self.side, ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.ctx("cuStreamWaitEvent")
+    }
+
+    /// The main stream's next work waits for everything the side stream has been given so far.
+    pub fn join(&self, ev: &Event) -> GpuResult<()> {
+        unsafe { result::event::record(ev.0, self.side) }.ctx("cuEventRecord")?;
+        unsafe { result::stream::wait_event(self.stream, ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.ctx("cuStreamWaitEvent")?;
+        self.joined.set(true);
+        Ok(())
+    }
+
+    /// An event for [`Gpu::fork`] / [`Gpu::join`] (no timing).
+    pub fn sync_event(&self) -> GpuResult<Event> {
+        let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).ctx("cuEventCreate")?;
+        Ok(Event(e))
+    }
+
+    /// Launch `f` with `args` on the current stream (see [`Gpu::on_side`]); on the main stream with programmatic
+    /// dependent launch where enabled, except right after a [`Gpu::join`].
     pub(crate) fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut Args) -> GpuResult<()> {
         let mut ptrs = args.ptrs();
-        if !self.pdl {
-            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut ptrs) }
+        let side = self.side_now.get();
+        let after_join = !side && self.joined.replace(false);
+        if !self.pdl || side || after_join {
+            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.cur(), &mut ptrs) }
                 .ctx("cuLaunchKernel");
         }
         // SAFETY: a zeroed attribute value is valid; only the programmatic-serialization member is set.
@@ -214,7 +266,9 @@ impl Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         unsafe {
+            let _ = result::stream::synchronize(self.side);
             let _ = result::stream::synchronize(self.stream);
+            let _ = result::stream::destroy(self.side);
             let _ = result::stream::destroy(self.stream);
             let _ = result::primary_ctx::release(self.device);
         }

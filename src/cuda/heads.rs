@@ -1,5 +1,6 @@
 //! Head-sparse attention on the GPU (predicted heads): per layer, the look-ahead predictor scores the heads from the
-//! previous layer's block input (layer 0: its own), each token keeps its top k, and for each chunk of up to 16
+//! previous layer's block input (layer 0: its own) — computed on the side stream while the previous layer runs
+//! (`DEJAVU_LOOKAHEAD=0`: in line, from a copy of that input) — each token keeps its top k, and for each chunk of up to 16
 //! tokens the union of their heads is what is read: the q rows of those heads and the k/v rows (`--head-kv all`:
 //! every one, so the cache stays what dense decoding writes; `kept`: those of the union's key/value heads, each
 //! token marking present in the cache only its own), attention for each token's own heads only (a dropped head's
@@ -9,7 +10,7 @@
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::engine::Engine;
-use super::gpu::{Args, DBuf, GpuError, GpuResult};
+use super::gpu::{Args, DBuf, Event, GpuError, GpuResult};
 use super::predict::GpuPredictor;
 use super::select::{topk_compact, topk_mark, Scores};
 use super::sparse::{chunks, down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
@@ -23,9 +24,16 @@ pub struct SparseHeads {
     pub kv_kept: bool,
     pred: Vec<Option<GpuPredictor>>,
     o_t: Vec<Option<DBuf>>,
-    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before.
+    /// Layer l + 1's scores are computed at layer l on the side stream from layer l's block input, joined back
+    /// before layer l's out-projection writes that input (default; `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1
+    /// from a copy of it in `prev`).
+    lookahead: bool,
+    fork_ev: Event,
+    join_ev: Event,
+    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before (in-line scoring only).
     prev: DBuf,
-    /// f32 `[CHUNK, H]` scores, predictor scratch.
+    /// f32 scores: look-ahead `[2, MAX_CHUNKS * CHUNK, H]` (by layer parity), in line `[CHUNK, H]`; predictor
+    /// scratch.
     scores: DBuf,
     tmp: DBuf,
     /// u8 `[MAX_CHUNKS * CHUNK, H]`: each token's own heads (1 kept), read by the attention kernel.
@@ -71,13 +79,17 @@ impl SparseHeads {
             }
         }
         let rows = MAX_CHUNKS * CHUNK;
+        let lookahead = std::env::var("DEJAVU_LOOKAHEAD").map_or(true, |v| v != "0");
         let s = SparseHeads {
             k,
             kv_kept,
             pred,
             o_t,
-            prev: e.gpu.alloc(rows * d * 4)?,
-            scores: e.gpu.alloc(CHUNK * h * 4)?,
+            lookahead,
+            fork_ev: e.gpu.sync_event()?,
+            join_ev: e.gpu.sync_event()?,
+            prev: e.gpu.alloc(if lookahead { 0 } else { rows * d * 4 })?,
+            scores: e.gpu.alloc(if lookahead { 2 * rows * h * 4 } else { CHUNK * h * 4 })?,
             tmp: e.gpu.alloc(scratch)?,
             keep: e.gpu.alloc(rows * h)?,
             heads: e.gpu.alloc(MAX_CHUNKS * h * 4)?,
@@ -100,24 +112,60 @@ impl SparseHeads {
         )
     }
 
-    /// Layer `l`'s head selection for `rows` tokens, then the block input saved for the next layer: scores from
-    /// the previous block input (layer 0: `x` itself), each token's top k into [`SparseHeads::keep`], and per chunk
-    /// the union's head ids and row lists. `x` is the f32 residual entering the layer, `[rows, d]`.
+    /// Whether layer `l` forks the look-ahead scoring of layer `l + 1` (and so must [`SparseHeads::join`]).
+    fn forks(&self, l: usize) -> bool {
+        self.lookahead && self.k.get(l + 1).is_some_and(Option::is_some)
+    }
+
+    /// Layer `l`'s scores (f32 `[rows, H]`) in the look-ahead buffer.
+    fn scores_of(&self, e: &Engine, l: usize) -> CUdeviceptr {
+        self.scores.ptr + ((l % 2) * MAX_CHUNKS * CHUNK * e.cfg.heads * 4) as u64
+    }
+
+    /// Layer `l`'s head scores of the block input `x` (f32 `[rows, d]`) into `out` (`[rows, H]`), chunk by chunk.
+    fn score(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize, out: CUdeviceptr) -> GpuResult<()> {
+        let (d, h) = (e.cfg.hidden, e.cfg.heads);
+        let p = self.pred[l].as_ref().ok_or_else(|| GpuError(format!("internal: layer {l} has no head predictor")))?;
+        for (_, r0, nb) in chunks(rows, "head-sparse attention")? {
+            p.scores(e, x + (r0 * d * 4) as u64, nb, self.tmp.ptr, out + (r0 * h * 4) as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s head selection for `rows` tokens: scores from the previous block input (layer 0: `x` itself),
+    /// each token's top k into [`SparseHeads::keep`], and per chunk the union's head ids and row lists. `x` is the
+    /// f32 residual entering the layer, `[rows, d]`. With look-ahead, layer `l + 1`'s scoring of `x` is forked onto
+    /// the side stream here; the caller [`SparseHeads::join`]s it before anything writes `x`. In line, `x` is
+    /// copied for the next layer instead.
     pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize) -> GpuResult<()> {
         let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
         let parts = chunks(rows, "head-sparse attention")?;
+        if self.lookahead {
+            if l == 0 && self.k[0].is_some() {
+                self.score(e, 0, x, rows, self.scores_of(e, 0))?;
+            }
+            if self.forks(l) {
+                e.gpu.fork(&self.fork_ev)?;
+                e.gpu.on_side(|| self.score(e, l + 1, x, rows, self.scores_of(e, l + 1)))?;
+            }
+        }
         if let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) {
             let src = if l == 0 { x } else { self.prev.ptr };
             let f = e.k.get("expand_heads")?;
             for (c, r0, nb) in parts {
-                p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
+                let scores = if self.lookahead {
+                    self.scores_of(e, l) + (r0 * h * 4) as u64
+                } else {
+                    p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
+                    self.scores.ptr
+                };
                 let keep = self.keep.ptr + (r0 * h) as u64;
                 let (heads, qkv, o) = self.lists(e, c);
                 if nb == 1 {
                     // One token: the mark kernel writes the kept head ids itself.
-                    topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, Some((heads, None)))?;
+                    topk_mark(e, Scores::F32(scores), nb, h, k, keep, Some((heads, None)))?;
                 } else {
-                    topk_mark(e, Scores::F32(self.scores.ptr), nb, h, k, keep, None)?;
+                    topk_mark(e, Scores::F32(scores), nb, h, k, keep, None)?;
                     topk_compact(e, keep, nb, h, heads, None, None)?;
                 }
                 let mut args = Args::new()
@@ -134,7 +182,20 @@ impl SparseHeads {
                 e.gpu.launch(f, (1, 1, 1), 256, 0, &mut args)?;
             }
         }
-        e.gpu.copy(self.prev.ptr, x, rows * d * 4)
+        if self.lookahead {
+            Ok(())
+        } else {
+            e.gpu.copy(self.prev.ptr, x, rows * d * 4)
+        }
+    }
+
+    /// Before the first write of layer `l`'s block input: the main stream waits for the look-ahead scoring that
+    /// [`SparseHeads::select`] forked at layer `l` (nothing where it forked none).
+    pub fn join(&self, e: &Engine, l: usize) -> GpuResult<()> {
+        if self.forks(l) {
+            e.gpu.join(&self.join_ev)?;
+        }
+        Ok(())
     }
 
     /// The q/k/v projection of the kept heads' q rows and every k/v row, written at their own columns of `qkv`

@@ -168,12 +168,18 @@ pub fn gather_mul(e: &Engine, up: CUdeviceptr, bias: Option<CUdeviceptr>, input:
     )
 }
 
-/// Kept rows per `down_t` block (`DEJAVU_DOWN_ROWS`, else enough blocks for ~8 per multiprocessor, at least 4).
+/// The most kept rows one `down_t` block takes (`DOWN_T_MAXR` in kernels/sparse.cu: their ids and activations are
+/// staged in shared memory).
+pub const DOWN_T_MAXR: usize = 64;
+
+/// Kept rows per `down_t` block (`DEJAVU_DOWN_ROWS`, else enough blocks for ~8 per multiprocessor, at least 4), at
+/// most [`DOWN_T_MAXR`].
 pub fn down_rows(cap: usize, tiles: usize, sms: usize) -> usize {
-    if let Some(r) = std::env::var("DEJAVU_DOWN_ROWS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&r| r > 0) {
-        return r;
-    }
-    (cap * tiles).div_ceil(8 * sms.max(1)).max(4)
+    let r = match std::env::var("DEJAVU_DOWN_ROWS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&r| r > 0) {
+        Some(r) => r,
+        None => (cap * tiles).div_ceil(8 * sms.max(1)).max(4),
+    };
+    r.min(DOWN_T_MAXR)
 }
 
 /// `out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]` for `b < rows`: the down projection over the kept
