@@ -98,3 +98,82 @@ PRED_HIDDEN(f16, F16, 4)
 PRED_HIDDEN(bf16, BF16, 1)
 PRED_HIDDEN(bf16, BF16, 2)
 PRED_HIDDEN(bf16, BF16, 4)
+
+// The predictors' second layer: scores
+//   out[b, n] = sum_k W2[n, k] * h[b, k] + b2[n]     (f32 out; h the hidden layer above, 16-bit)
+// K is the rank (short: 32-2048), so one warp a row would hold one or two 16-byte loads a lane: here each lane holds
+// PRED_OUT_L loads, CPL = 2^lc chunks of each of PRED_OUT_L / CPL rows, all requested before waiting on the
+// previous kernel (the rows a warp takes do not depend on it), and the rows' sums are reduced across the warp.
+// Grid: ceil(N / (8 * RW)) blocks, RW = PRED_OUT_L / CPL rows a warp; block: 256 threads. K % 8 == 0,
+// K / 8 <= 32 * CPL, B <= NB.
+#define PRED_OUT_L 8
+
+template <typename T, int NB>
+__device__ __forceinline__ void pred_out_impl(const u16* __restrict__ w,    // [N, K]
+                                              const u16* __restrict__ bias, // [N] or null
+                                              const u16* __restrict__ h,    // [B, K] hidden rows
+                                              float* __restrict__ out,      // [B, N] out
+                                              int N, int K, int B, int lc) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int K8 = K >> 3, cm = (1 << lc) - 1, rw = PRED_OUT_L >> lc;
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * rw;
+    uint4 wv[PRED_OUT_L];
+#pragma unroll
+    for (int u = 0; u < PRED_OUT_L; u++) {
+        const int n = n0 + (u >> lc), i = lane + 32 * (u & cm);
+        wv[u] = (n < N && i < K8) ? ld_stream_first((const uint4*)(w + (size_t)n * K) + i) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    pdl_launch();
+    float acc[PRED_OUT_L][NB];
+#pragma unroll
+    for (int u = 0; u < PRED_OUT_L; u++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) acc[u][b] = 0.0f;
+#pragma unroll
+    for (int u = 0; u < PRED_OUT_L; u++) {
+        const int i = lane + 32 * (u & cm);
+        if (i < K8) {
+            float wf[8];
+            unpack8<T>(wv[u], wf);
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                if (b < B) {
+                    float hf[8];
+                    unpack8<T>(__ldg((const uint4*)(h + (size_t)b * K) + i), hf);
+                    float v = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) v = fmaf(wf[e], hf[e], v);
+                    acc[u][b] = v;
+                }
+            }
+        }
+    }
+    // Row r's sum: its CPL chunks (u = r * CPL + c) in chunk order, then across the warp.
+#pragma unroll
+    for (int u = 0; u < PRED_OUT_L; u++) {
+        if ((u & cm) != 0) continue;
+        const int n = n0 + (u >> lc);
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            float v = acc[u][b];
+#pragma unroll
+            for (int c = 1; c < PRED_OUT_L; c++)
+                if (c <= cm && u + c < PRED_OUT_L) v += acc[u + c][b]; // indices fixed at compile time
+            v = warp_sum(v);
+            if (lane == 0 && b < B && n < N) out[(size_t)b * N + n] = v + (bias ? T::load(bias[n]) : 0.0f);
+        }
+    }
+}
+
+#define PRED_OUT(TN, T, NB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) pred_out_##TN##_b##NB(                                        \
+        const u16* w, const u16* bias, const u16* h, float* out, int N, int K, int B, int lc) {                     \
+        pred_out_impl<T, NB>(w, bias, h, out, N, K, B, lc);                                                         \
+    }
+PRED_OUT(f16, F16, 1)
+PRED_OUT(f16, F16, 2)
+PRED_OUT(f16, F16, 4)
+PRED_OUT(bf16, BF16, 1)
+PRED_OUT(bf16, BF16, 2)
+PRED_OUT(bf16, BF16, 4)

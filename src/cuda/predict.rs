@@ -72,10 +72,16 @@ impl GpuPredictor {
     /// `out` f32 `[rows, n]`: the scores of the residual rows `x` (f32 `[rows, d]`); `tmp` holds
     /// [`GpuPredictor::scratch_bytes`].
     pub fn scores(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr) -> GpuResult<()> {
+        self.scores_by(e, x, rows, tmp, out, e.pred_split)
+    }
+
+    /// [`GpuPredictor::scores`] by the predictor kernels (`split`: `pred_hidden_*` and `pred_out_*` where they
+    /// apply) or by the GEMV path.
+    pub(crate) fn scores_by(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr, split: bool) -> GpuResult<()> {
         let (h, h16) = (tmp, tmp + (rows * self.r * 4) as u64);
         match hidden_split(self.d, rows) {
             // Up to 4 rows: the hidden layer by `pred_hidden_*` (S warps a row), written in 16 bits directly.
-            Some(s) if e.pred_split => {
+            Some(s) if split => {
                 let name = format!("pred_hidden_{}_b{}", e.dt().name(), rows.next_power_of_two());
                 let smem = rows * self.d * 4;
                 let f = e.k.get_smem(&name, super::engine::GEMV_SMEM)?;
@@ -89,8 +95,32 @@ impl GpuPredictor {
                 e.to_half(h, h16, rows * self.r)?;
             }
         }
-        e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32)
+        match out_chunks_log2(self.r, rows) {
+            // Up to 4 rows: the second layer by `pred_out_*` (8 loads a lane, all issued before the wait).
+            Some(lc) if split => {
+                let name = format!("pred_out_{}_b{}", e.dt().name(), rows.next_power_of_two());
+                let f = e.k.get(&name)?;
+                let rows_per_block = 8 * (PRED_OUT_L >> lc);
+                let mut args = Args::new().ptr(self.w2t.ptr).ptr(self.b2.ptr).ptr(h16).ptr(out).i32(self.n as i32).i32(self.r as i32).i32(rows as i32).i32(lc as i32);
+                e.gpu.launch(f, (self.n.div_ceil(rows_per_block) as u32, 1, 1), 256, 0, &mut args)
+            }
+            _ => e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32),
+        }
     }
+}
+
+/// 16-byte loads a lane holds in `pred_out_*` (`PRED_OUT_L` in kernels/predict.cu).
+const PRED_OUT_L: usize = 8;
+
+/// log2 of the chunks of 32 lanes' 16-byte loads one row of rank `r` takes in `pred_out_*` (the lane holds
+/// [`PRED_OUT_L`] >> that many rows), or None where the kernel does not apply (more than 4 rows, `r` not a
+/// multiple of 8, or over 2,048).
+pub(crate) fn out_chunks_log2(r: usize, rows: usize) -> Option<usize> {
+    if rows == 0 || rows > 4 || r % 8 != 0 || r == 0 {
+        return None;
+    }
+    let cpl = (r / 8).div_ceil(32).next_power_of_two();
+    (cpl <= PRED_OUT_L).then(|| cpl.trailing_zeros() as usize)
 }
 
 /// Warps of a `pred_hidden_*` block.
@@ -101,7 +131,7 @@ const PRED_LOADS: usize = 8;
 /// The warps sharing one hidden row in `pred_hidden_*` for input width `d` and `rows` rows (4 or 8: the fewest
 /// whose slices fit the 8 16-byte loads a lane holds), or None where the kernel does not apply (more than 4 rows,
 /// `d` not a multiple of 8, slices too long, inputs beyond the shared memory).
-fn hidden_split(d: usize, rows: usize) -> Option<usize> {
+pub(crate) fn hidden_split(d: usize, rows: usize) -> Option<usize> {
     if rows == 0 || rows > 4 || d % 8 != 0 || rows * d * 4 > super::engine::GEMV_SMEM {
         return None;
     }
@@ -110,7 +140,7 @@ fn hidden_split(d: usize, rows: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::hidden_split;
+    use super::{hidden_split, out_chunks_log2};
 
     #[test]
     fn hidden_split_fits_the_lanes_registers() {
@@ -123,5 +153,20 @@ mod tests {
         assert_eq!(hidden_split(4096, 5), None);
         assert_eq!(hidden_split(100, 1), None);
         assert_eq!(hidden_split(32768, 1), None);
+    }
+
+    #[test]
+    fn out_chunks_cover_the_rank() {
+        // Rank 256 (the bench's predictors): one 16-byte chunk a lane covers a row, 8 rows a warp; 1024: 4 chunks,
+        // 2 rows; 2048 is the most (8 chunks, 1 row); 2056 or rank 12 or 5 rows take the GEMV.
+        assert_eq!(out_chunks_log2(256, 1), Some(0));
+        assert_eq!(out_chunks_log2(32, 4), Some(0));
+        assert_eq!(out_chunks_log2(512, 1), Some(1));
+        assert_eq!(out_chunks_log2(1024, 2), Some(2));
+        assert_eq!(out_chunks_log2(768, 1), Some(2));
+        assert_eq!(out_chunks_log2(2048, 1), Some(3));
+        assert_eq!(out_chunks_log2(2056, 1), None);
+        assert_eq!(out_chunks_log2(12, 1), None);
+        assert_eq!(out_chunks_log2(256, 5), None);
     }
 }
