@@ -765,7 +765,7 @@ impl Engine {
             }
             self.class(Class::Attention)?;
             let rope = i32::from(cfg.family == Family::Llama);
-            let rope_hkeep = self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep.ptr);
+            let rope_hkeep = self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep_of(self, l));
             // Decode (one token a row): RoPE and the cache write inside the attention kernel (`rope_fuse`).
             let fold = self.rope_fuse && seq == 1 && rows <= GEMV_MAX_ROWS;
             if !fold {
@@ -800,7 +800,7 @@ impl Engine {
                 .i32(splits as i32)
                 .f32(scale)
                 .ptr(if splits == 1 { att } else { 0 })
-                .ptr(self.heads_at(l).map_or(0, |hs| hs.keep.ptr))
+                .ptr(self.heads_at(l).map_or(0, |hs| hs.keep_of(self, l)))
                 .ptr(if skips { pc[l] } else { 0 });
             if fold {
                 let args = args.f32(cfg.rope_theta as f32).i32(rope).ptr(rope_hkeep).ptr(pc[l]);
@@ -815,7 +815,7 @@ impl Engine {
             }
             self.class(Class::OutProj)?;
             if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
-                // The look-ahead scoring forked at this layer reads x: joined before the out-projection writes it.
+                // The look-ahead selection forked at this layer reads x: joined before the out-projection writes it.
                 hs.join(self, l)?;
             }
             if let Some(hs) = self.heads_at(l) {

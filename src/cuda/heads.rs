@@ -1,11 +1,15 @@
 //! Head-sparse attention on the GPU (predicted heads): per layer, the look-ahead predictor scores the heads from the
-//! previous layer's block input (layer 0: its own) — computed on the side stream while the previous layer runs
-//! (`DEJAVU_LOOKAHEAD=0`: in line, from a copy of that input) — each token keeps its top k, and for each chunk of up to 16
+//! previous layer's block input (layer 0: its own), each token keeps its top k, and for each chunk of up to 16
 //! tokens the union of their heads is what is read: the q rows of those heads and the k/v rows (`--head-kv all`:
 //! every one, so the cache stays what dense decoding writes; `kept`: those of the union's key/value heads, each
 //! token marking present in the cache only its own), attention for each token's own heads only (a dropped head's
 //! output is 0; under `kept`, absent earlier entries are skipped), and the kept heads' columns of the
 //! out-projection from its transposed copy. The CPU reference computes the same function (`src/model/mod.rs`).
+//!
+//! Look-ahead (default): layer l + 1's whole selection (scores, top k, head and row lists) runs at layer l on the
+//! side stream, from layer l's block input, into the other of two sets of selection buffers (by layer parity); it is
+//! joined back before layer l's out-projection writes that input, so it overlaps layer l's norm, selection reads,
+//! q/k/v projection and attention. `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1, from a copy of that input.
 
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -24,22 +28,19 @@ pub struct SparseHeads {
     pub kv_kept: bool,
     pred: Vec<Option<GpuPredictor>>,
     o_t: Vec<Option<DBuf>>,
-    /// Layer l + 1's scores are computed at layer l on the side stream from layer l's block input, joined back
-    /// before layer l's out-projection writes that input (default; `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1
-    /// from a copy of it in `prev`).
+    /// Layer l + 1's selection runs at layer l on the side stream (module docs); `DEJAVU_LOOKAHEAD=0`: in line.
     lookahead: bool,
     fork_ev: Event,
     join_ev: Event,
-    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before (in-line scoring only).
+    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before (in-line selection only).
     prev: DBuf,
-    /// f32 scores: look-ahead `[2, MAX_CHUNKS * CHUNK, H]` (by layer parity), in line `[CHUNK, H]`; predictor
-    /// scratch.
+    /// f32 `[MAX_CHUNKS * CHUNK, H]` scores, predictor scratch.
     scores: DBuf,
     tmp: DBuf,
-    /// u8 `[MAX_CHUNKS * CHUNK, H]`: each token's own heads (1 kept), read by the attention kernel.
-    pub keep: DBuf,
-    /// Per chunk: kept head ids `[H]` and count, q/k/v rows `[(H + 2 KV) hd]` and count, out-projection rows
-    /// `[H hd]` and count.
+    /// The selection's outputs, one set per layer parity under look-ahead (else one): u8 `[MAX_CHUNKS * CHUNK, H]`
+    /// each token's own heads (1 kept, read by the attention kernel); per chunk the kept head ids `[H]`, q/k/v rows
+    /// `[(H + 2 KV) hd]`, out-projection rows `[H hd]` and their three counts.
+    keep: DBuf,
     heads: DBuf,
     qkv_rows: DBuf,
     o_rows: DBuf,
@@ -80,6 +81,7 @@ impl SparseHeads {
         }
         let rows = MAX_CHUNKS * CHUNK;
         let lookahead = std::env::var("DEJAVU_LOOKAHEAD").map_or(true, |v| v != "0");
+        let sets = if lookahead { 2 } else { 1 };
         let s = SparseHeads {
             k,
             kv_kept,
@@ -89,21 +91,37 @@ impl SparseHeads {
             fork_ev: e.gpu.sync_event()?,
             join_ev: e.gpu.sync_event()?,
             prev: e.gpu.alloc(if lookahead { 0 } else { rows * d * 4 })?,
-            scores: e.gpu.alloc(if lookahead { 2 * rows * h * 4 } else { CHUNK * h * 4 })?,
+            scores: e.gpu.alloc(rows * h * 4)?,
             tmp: e.gpu.alloc(scratch)?,
-            keep: e.gpu.alloc(rows * h)?,
-            heads: e.gpu.alloc(MAX_CHUNKS * h * 4)?,
-            qkv_rows: e.gpu.alloc(MAX_CHUNKS * qkv_n * 4)?,
-            o_rows: e.gpu.alloc(MAX_CHUNKS * h * hd * 4)?,
-            counts: e.gpu.alloc(MAX_CHUNKS * 3 * 4)?,
+            keep: e.gpu.alloc(sets * rows * h)?,
+            heads: e.gpu.alloc(sets * MAX_CHUNKS * h * 4)?,
+            qkv_rows: e.gpu.alloc(sets * MAX_CHUNKS * qkv_n * 4)?,
+            o_rows: e.gpu.alloc(sets * MAX_CHUNKS * h * hd * 4)?,
+            counts: e.gpu.alloc(sets * MAX_CHUNKS * 3 * 4)?,
         };
         e.gpu.sync()?;
         Ok(s)
     }
 
-    fn lists(&self, e: &Engine, c: usize) -> (Kept, Kept, Kept) {
+    /// The selection buffer set layer `l` uses.
+    fn set_of(&self, l: usize) -> usize {
+        if self.lookahead {
+            l % 2
+        } else {
+            0
+        }
+    }
+
+    /// Layer `l`'s per-token head flags, u8 `[rows, H]` (1 kept): read by the attention kernels.
+    pub fn keep_of(&self, e: &Engine, l: usize) -> CUdeviceptr {
+        self.keep.ptr + (self.set_of(l) * MAX_CHUNKS * CHUNK * e.cfg.heads) as u64
+    }
+
+    /// Layer `l`'s lists of chunk `c`: kept head ids, q/k/v rows, out-projection rows.
+    fn lists(&self, e: &Engine, c: usize, l: usize) -> (Kept, Kept, Kept) {
         let (h, hd) = (e.cfg.heads, e.cfg.head_dim);
         let qkv_n = (h + 2 * e.cfg.kv_heads) * hd;
+        let c = self.set_of(l) * MAX_CHUNKS + c;
         let cnt = |i: usize| self.counts.ptr + ((c * 3 + i) * 4) as u64;
         (
             Kept { idx: self.heads.ptr + (c * h * 4) as u64, cnt: cnt(0), cap: h },
@@ -112,84 +130,67 @@ impl SparseHeads {
         )
     }
 
-    /// Whether layer `l` forks the look-ahead scoring of layer `l + 1` (and so must [`SparseHeads::join`]).
+    /// Whether layer `l` forks the look-ahead selection of layer `l + 1` (and so must [`SparseHeads::join`]).
     fn forks(&self, l: usize) -> bool {
         self.lookahead && self.k.get(l + 1).is_some_and(Option::is_some)
     }
 
-    /// Layer `l`'s scores (f32 `[rows, H]`) in the look-ahead buffer.
-    fn scores_of(&self, e: &Engine, l: usize) -> CUdeviceptr {
-        self.scores.ptr + ((l % 2) * MAX_CHUNKS * CHUNK * e.cfg.heads * 4) as u64
-    }
-
-    /// Layer `l`'s head scores of the block input `x` (f32 `[rows, d]`) into `out` (`[rows, H]`), chunk by chunk.
-    fn score(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize, out: CUdeviceptr) -> GpuResult<()> {
-        let (d, h) = (e.cfg.hidden, e.cfg.heads);
-        let p = self.pred[l].as_ref().ok_or_else(|| GpuError(format!("internal: layer {l} has no head predictor")))?;
-        for (_, r0, nb) in chunks(rows, "head-sparse attention")? {
-            p.scores(e, x + (r0 * d * 4) as u64, nb, self.tmp.ptr, out + (r0 * h * 4) as u64)?;
+    /// Layer `l`'s whole selection from the block input `src` (f32 `[rows, d]`) into its buffer set: the head
+    /// predictor's scores, each token's top k into the flags, and per chunk the union's head ids and row lists.
+    fn select_from(&self, e: &Engine, l: usize, src: CUdeviceptr, rows: usize) -> GpuResult<()> {
+        let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) else {
+            return Ok(());
+        };
+        let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
+        let f = e.k.get("expand_heads")?;
+        for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
+            let scores = self.scores.ptr + (r0 * h * 4) as u64;
+            p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, scores)?;
+            let keep = self.keep_of(e, l) + (r0 * h) as u64;
+            let (heads, qkv, o) = self.lists(e, c, l);
+            if nb == 1 {
+                // One token: the mark kernel writes the kept head ids itself.
+                topk_mark(e, Scores::F32(scores), nb, h, k, keep, Some((heads, None)))?;
+            } else {
+                topk_mark(e, Scores::F32(scores), nb, h, k, keep, None)?;
+                topk_compact(e, keep, nb, h, heads, None, None)?;
+            }
+            let mut args = Args::new()
+                .ptr(heads.idx)
+                .ptr(heads.cnt)
+                .i32(h as i32)
+                .i32(kv as i32)
+                .i32(hd as i32)
+                .i32(i32::from(self.kv_kept))
+                .ptr(qkv.idx)
+                .ptr(qkv.cnt)
+                .ptr(o.idx)
+                .ptr(o.cnt);
+            e.gpu.launch(f, (1, 1, 1), 256, 0, &mut args)?;
         }
         Ok(())
     }
 
-    /// Layer `l`'s head selection for `rows` tokens: scores from the previous block input (layer 0: `x` itself),
-    /// each token's top k into [`SparseHeads::keep`], and per chunk the union's head ids and row lists. `x` is the
-    /// f32 residual entering the layer, `[rows, d]`. With look-ahead, layer `l + 1`'s scoring of `x` is forked onto
-    /// the side stream here; the caller [`SparseHeads::join`]s it before anything writes `x`. In line, `x` is
-    /// copied for the next layer instead.
+    /// The head selection at layer `l` for `rows` tokens; `x` is the f32 residual entering the layer, `[rows, d]`.
+    /// Look-ahead: layer 0 selects in line from `x`; layer `l + 1`'s selection from `x` is forked onto the side
+    /// stream, and the caller [`SparseHeads::join`]s it before anything writes `x`. In line: layer `l` selects from
+    /// the previous layer's input (layer 0: `x`), and `x` is copied for the next layer.
     pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize) -> GpuResult<()> {
-        let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
-        let parts = chunks(rows, "head-sparse attention")?;
         if self.lookahead {
-            if l == 0 && self.k[0].is_some() {
-                self.score(e, 0, x, rows, self.scores_of(e, 0))?;
+            if l == 0 {
+                self.select_from(e, 0, x, rows)?;
             }
             if self.forks(l) {
                 e.gpu.fork(&self.fork_ev)?;
-                e.gpu.on_side(|| self.score(e, l + 1, x, rows, self.scores_of(e, l + 1)))?;
+                e.gpu.on_side(|| self.select_from(e, l + 1, x, rows))?;
             }
+            return Ok(());
         }
-        if let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) {
-            let src = if l == 0 { x } else { self.prev.ptr };
-            let f = e.k.get("expand_heads")?;
-            for (c, r0, nb) in parts {
-                let scores = if self.lookahead {
-                    self.scores_of(e, l) + (r0 * h * 4) as u64
-                } else {
-                    p.scores(e, src + (r0 * d * 4) as u64, nb, self.tmp.ptr, self.scores.ptr)?;
-                    self.scores.ptr
-                };
-                let keep = self.keep.ptr + (r0 * h) as u64;
-                let (heads, qkv, o) = self.lists(e, c);
-                if nb == 1 {
-                    // One token: the mark kernel writes the kept head ids itself.
-                    topk_mark(e, Scores::F32(scores), nb, h, k, keep, Some((heads, None)))?;
-                } else {
-                    topk_mark(e, Scores::F32(scores), nb, h, k, keep, None)?;
-                    topk_compact(e, keep, nb, h, heads, None, None)?;
-                }
-                let mut args = Args::new()
-                    .ptr(heads.idx)
-                    .ptr(heads.cnt)
-                    .i32(h as i32)
-                    .i32(kv as i32)
-                    .i32(hd as i32)
-                    .i32(i32::from(self.kv_kept))
-                    .ptr(qkv.idx)
-                    .ptr(qkv.cnt)
-                    .ptr(o.idx)
-                    .ptr(o.cnt);
-                e.gpu.launch(f, (1, 1, 1), 256, 0, &mut args)?;
-            }
-        }
-        if self.lookahead {
-            Ok(())
-        } else {
-            e.gpu.copy(self.prev.ptr, x, rows * d * 4)
-        }
+        self.select_from(e, l, if l == 0 { x } else { self.prev.ptr }, rows)?;
+        e.gpu.copy(self.prev.ptr, x, rows * e.cfg.hidden * 4)
     }
 
-    /// Before the first write of layer `l`'s block input: the main stream waits for the look-ahead scoring that
+    /// Before the first write of layer `l`'s block input: the main stream waits for the look-ahead selection that
     /// [`SparseHeads::select`] forked at layer `l` (nothing where it forked none).
     pub fn join(&self, e: &Engine, l: usize) -> GpuResult<()> {
         if self.forks(l) {
@@ -206,7 +207,7 @@ impl SparseHeads {
         let qkv_n = (h + 2 * kv) * hd;
         let lw = &e.w.layers[l];
         for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
-            let (_, rows_c, _) = self.lists(e, c);
+            let (_, rows_c, _) = self.lists(e, c, l);
             super::sparse::gather_store(e, lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), input(r0), rows_c, qkv + (r0 * qkv_n * 4) as u64, nb, d)?;
         }
         Ok(())
@@ -219,7 +220,7 @@ impl SparseHeads {
         let ot = self.o_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed out-projection for a head-sparse layer"))?;
         let ob = e.w.layers[l].o_b.as_ref().map(|b| b.ptr);
         for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
-            let (_, _, o) = self.lists(e, c);
+            let (_, _, o) = self.lists(e, c, l);
             down_t(e, ot.ptr, ob, att + (r0 * h * hd * 2) as u64, h * hd, Some(o), h * hd, x + (r0 * d * 4) as u64, nb, d, true)?;
         }
         Ok(())
