@@ -256,9 +256,7 @@ __device__ __forceinline__ void gemv_impl(
     int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI == EPI_GLU;
-    // 16-byte loads in flight per lane and matrix; a one-row gather holds 8 (its rows are known only after the
-    // wait, so nothing is prefetched, and a short kept set leaves each warp one row: fewer round trips per row).
-    constexpr int U = (GATHER && NB == 1) ? 8 : 4;
+    const int U = 4; // 16-byte loads in flight per lane and matrix (8 for the one-row gathers measured 1.7-2.8x slower)
     const int K8 = K >> 3;
     const bool vec = (K & 7) == 0;
     // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
