@@ -75,8 +75,8 @@ impl GpuPredictor {
         self.scores_by(e, x, rows, tmp, out, e.pred_split)
     }
 
-    /// [`GpuPredictor::scores`] by the predictor kernels (`split`: `pred_hidden_*` and `pred_out_*` where they
-    /// apply) or by the GEMV path.
+    /// [`GpuPredictor::scores`] with the hidden layer by `pred_hidden_*` where it applies (`split`) or by the GEMV
+    /// path.
     pub(crate) fn scores_by(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr, split: bool) -> GpuResult<()> {
         let (h, h16) = (tmp, tmp + (rows * self.r * 4) as u64);
         match hidden_split(self.d, rows) {
@@ -95,33 +95,10 @@ impl GpuPredictor {
                 e.to_half(h, h16, rows * self.r)?;
             }
         }
-        match out_chunks_log2(self.r, rows) {
-            // One row: the second layer by `pred_out_*` (8 loads a lane, all issued before the wait).
-            Some(lc) if split => {
-                let name = format!("pred_out_{}_b{}", e.dt().name(), rows.next_power_of_two());
-                let f = e.k.get(&name)?;
-                let rows_per_block = 8 * (PRED_OUT_L >> lc);
-                let mut args = Args::new().ptr(self.w2t.ptr).ptr(self.b2.ptr).ptr(h16).ptr(out).i32(self.n as i32).i32(self.r as i32).i32(rows as i32).i32(lc as i32);
-                e.gpu.launch(f, (self.n.div_ceil(rows_per_block) as u32, 1, 1), 256, 0, &mut args)
-            }
-            _ => e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32),
-        }
+        // The second layer stays a GEMV: a kernel holding 8 loads a lane over 8 rows a warp (`pred_out`, tenth
+        // session) measured no faster at 20,480 outputs (8.93 us both, H100, ncu) and slower at 40 (5.2 vs 4.0 us).
+        e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32)
     }
-}
-
-/// 16-byte loads a lane holds in `pred_out_*` (`PRED_OUT_L` in kernels/predict.cu).
-const PRED_OUT_L: usize = 8;
-
-/// log2 of the chunks of 32 lanes' 16-byte loads one row of rank `r` takes in `pred_out_*` (the lane holds
-/// [`PRED_OUT_L`] >> that many rows), or None where the kernel does not apply: more than one row (at 4 rows it
-/// measured slower than the GEMV on an H100: 13.4 against 12.3 us; at 1 row 7.0 against 9.3), `r` not a multiple
-/// of 8, or over 2,048.
-pub(crate) fn out_chunks_log2(r: usize, rows: usize) -> Option<usize> {
-    if rows != 1 || r % 8 != 0 || r == 0 {
-        return None;
-    }
-    let cpl = (r / 8).div_ceil(32).next_power_of_two();
-    (cpl <= PRED_OUT_L).then(|| cpl.trailing_zeros() as usize)
 }
 
 /// Warps of a `pred_hidden_*` block.
@@ -141,7 +118,7 @@ pub(crate) fn hidden_split(d: usize, rows: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{hidden_split, out_chunks_log2};
+    use super::hidden_split;
 
     #[test]
     fn hidden_split_fits_the_lanes_registers() {
@@ -154,21 +131,5 @@ mod tests {
         assert_eq!(hidden_split(4096, 5), None);
         assert_eq!(hidden_split(100, 1), None);
         assert_eq!(hidden_split(32768, 1), None);
-    }
-
-    #[test]
-    fn out_chunks_cover_the_rank() {
-        // Rank 256 (the bench's predictors): one 16-byte chunk a lane covers a row, 8 rows a warp; 1024: 4 chunks,
-        // 2 rows; 2048 is the most (8 chunks, 1 row); 2056, rank 12 or more than one input row take the GEMV.
-        assert_eq!(out_chunks_log2(256, 1), Some(0));
-        assert_eq!(out_chunks_log2(32, 1), Some(0));
-        assert_eq!(out_chunks_log2(256, 2), None);
-        assert_eq!(out_chunks_log2(512, 1), Some(1));
-        assert_eq!(out_chunks_log2(1024, 2), Some(2));
-        assert_eq!(out_chunks_log2(768, 1), Some(2));
-        assert_eq!(out_chunks_log2(2048, 1), Some(3));
-        assert_eq!(out_chunks_log2(2056, 1), None);
-        assert_eq!(out_chunks_log2(12, 1), None);
-        assert_eq!(out_chunks_log2(256, 5), None);
     }
 }
