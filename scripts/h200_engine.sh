@@ -20,6 +20,9 @@
 #   rules     issue 12's task sweep through the reference path on the GPU (`--device burn-cuda`: every mode, the ones
 #             the engine refuses too): eval 8 x 200 per mode in $RULE_MODES, with $CARRY/th/smollm2-th.json,
 #             $CARRY/qscore.safetensors, $CARRY/rules.json (KL budgets), $CARRY/rules-exact.json and $CARRY/predictors
+#   ncu       where one decode step goes, kernel by kernel (ncu, kernels serialised, no PDL overlap): sparse OPT-13B
+#             dejavu@0.9 + half the heads (rank 256) and dense Llama-2-7B, a window of ~one step each; the table by
+#             scripts/ncu_table.py (BIN2=another binary adds its columns beside)
 #   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
@@ -134,6 +137,16 @@ PY
         R="$CARRY/rules.json"; case $m in teal*|wina*|exactdown*|cascade*) R="$CARRY/rules-exact.json" ;; esac
         $BIN eval -m "$M" --device burn-cuda --tasks-dir "$CARRY/tasks" --limit 200 --mode $m --thresholds "$CARRY/th/smollm2-th.json" \
           --qscore "$CARRY/qscore.safetensors" --rules "$R" --predictors "$CARRY/predictors" --out "$OUT/rules_$m" 2>/dev/null | tail -9
+      done ;;
+    ncu)
+      NCU="ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --launch-skip 1200 --launch-count 700"
+      for b in BIN ${BIN2:+BIN2}; do
+        $NCU --log-file "$OUT/ncu_sparse_$b.csv" ${!b} bench --shape opt-13b --prompt 4 --tokens 3 --warmup 0 \
+          --mode dejavu@0.9 --head-sparsity 0.5 --rank 256 > /dev/null
+        $NCU --log-file "$OUT/ncu_dense_$b.csv" ${!b} bench --shape llama2-7b --prompt 4 --tokens 3 --warmup 0 > /dev/null
+      done
+      for k in sparse dense; do
+        python3 scripts/ncu_table.py "BIN=$OUT/ncu_${k}_BIN.csv" ${BIN2:+"BIN2=$OUT/ncu_${k}_BIN2.csv"}
       done ;;
     startup)
       rm -rf "$DEJAVU_CACHE"
