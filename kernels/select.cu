@@ -1,9 +1,10 @@
 // Top-k selection on the device, with the host reference's rules (src/sparse/select.rs): the k largest scores of a
 // row are kept, ties broken by the lower index, NaN ranked below every number, -0 equal to +0; k >= N keeps every
 // unit, k = 0 none. Two kernels:
-//   topk_mark_*    one block per row: an exact radix select of the k-th largest key, then the keep flags in index
-//                  order (so the ties kept are the lowest indices); rows of at most TOPK_SHORT units count each
-//                  unit's rank directly;
+//   topk_mark_*    one block per row: an exact select of the k-th largest key (a 12-bit histogram, then a radix
+//                  select over that bin's keys; or four 8-bit radix passes over the row), then the keep flags in
+//                  index order (so the ties kept are the lowest indices); rows of at most TOPK_SHORT units count
+//                  each unit's rank directly;
 //   topk_compact*  one block: the union of the rows' flags as an ascending id list (the kept set the gather kernels
 //                  read), each row's own flags per kept id (a 0/1 factor, so a row uses only its own neurons), and
 //                  optionally a 16-bit source gathered onto the kept ids with the rows' flags applied.
@@ -54,12 +55,79 @@ __device__ __forceinline__ int block_excl_scan(int v, int* red, int& total) {
     return inc - v + (warp > 0 ? red[warp - 1] : 0);
 }
 
+// One digit of a radix select over `n` keys (key_at(j), j < n): among the keys matching `prefix` on `himask`, the
+// digit (key >> shift) & dmask (dmask + 1 <= 256 bins) holding the need-th largest is fixed into `prefix`, and
+// `need` becomes the rank still to find among the keys matching the longer prefix. Every thread of the block calls
+// it; the histogram is warp-aggregated (the keys of a row share a few exponent bytes, so plain shared atomics on
+// the first digits serialise on one or two bins), with four keys read before the first of their atomics.
+template <typename KeyAt>
+__device__ __forceinline__ void radix_digit(KeyAt key_at, int n, int shift, u32 dmask, u32& prefix, u32& himask,
+                                            int& need, u32* hist, u32* s_prefix, int* s_need) {
+    const int lane = threadIdx.x & 31;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int base = 0; base < n; base += 4 * blockDim.x) {
+        u32 kk[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            kk[u] = i < n ? key_at(i) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            const bool act = i < n && (kk[u] & himask) == prefix;
+            const u32 bin = (kk[u] >> shift) & dmask;
+            const unsigned am = __ballot_sync(0xffffffffu, act);
+            if (act) {
+                const unsigned peers = __match_any_sync(am, bin);
+                if (__ffs(peers) - 1 == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+            }
+        }
+    }
+    __syncthreads();
+    // The bin holding the need-th largest matching key, by warp 0: lane l sums bins 255-8l .. 248-8l, a scan over
+    // the lanes finds the lane where the running count from the top reaches `need`.
+    if (threadIdx.x < 32) {
+        u32 c[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            c[j] = hist[255 - (lane * 8 + j)];
+            sum += c[j];
+        }
+        const u32 inc = warp_incl_scan(sum, lane);
+        const u32 excl = inc - sum;
+        if (excl < (u32)need && (u32)need <= inc) {
+            u32 above = excl;
+            int d = 255 - lane * 8 - 7;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (above + c[j] >= (u32)need) {
+                    d = 255 - (lane * 8 + j);
+                    break;
+                }
+                above += c[j];
+            }
+            *s_prefix = prefix | ((u32)d << shift);
+            *s_need = need - (int)above;
+        }
+    }
+    __syncthreads();
+    prefix = *s_prefix;
+    need = *s_need;
+    himask |= dmask << shift;
+    __syncthreads();
+}
+
 // Rows of at most this many units take the one-pass rank count instead of the radix select.
 #define TOPK_SHORT 256
+// Candidates the binned select holds (keys of the k-th key's 12-bit bin); more take the radix path.
+#define TOPK_CAP 4096
 
 // Grid: B blocks (one per row); block: any multiple of 32 up to 1024 threads.
 // With `cached` (and N * 4 bytes of dynamic shared memory) the row's keys are read from global memory once and every
-// pass runs over shared memory; without, each pass reads the scores again.
+// pass runs over shared memory; without, each pass reads the scores again. `algo` 1 (with `cached` and (N + 4096 +
+// 2 TOPK_CAP) * 4 bytes of dynamic shared memory): the binned select; 0: the radix passes over the whole row.
 // With `idx` (one row), the kept ids also go out in ascending order (idx, cnt) and, with `src`/`dst`, the 16-bit
 // source gathered onto them (dst[s] = src[idx[s]]): topk_compact's work for B = 1, done from the keys in this block
 // instead of re-reading the flags from global memory.
@@ -68,7 +136,7 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
                                                int N, int k,
                                                unsigned char* __restrict__ keep, // [B, N] out: 1 kept, 0 not
                                                int cached, int* __restrict__ idx, int* __restrict__ cnt,
-                                               const u16* __restrict__ src, u16* __restrict__ dst) {
+                                               const u16* __restrict__ src, u16* __restrict__ dst, int algo) {
     extern __shared__ u32 topk_keys[]; // [N] with `cached`
     __shared__ int red[33];
     const int b = blockIdx.x;
@@ -117,7 +185,111 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         }
         return;
     }
-    if (cached) {
+    // Per-warp counts of the keys above the k-th (s_gt) and equal to it (s_eq), over each warp's contiguous run of
+    // the row (a multiple of 32 units), for the index-order marking at the end.
+    __shared__ int s_gt[32], s_eq[32], s_eqoff[32], s_koff[32];
+    __shared__ u32 hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_need, s_bin, s_m, s_fill;
+    const int per = ((N + nw - 1) / nw + 31) & ~31;
+    const int w0 = min(N, warp * per), w1 = min(N, w0 + per);
+    u32 prefix = 0, himask = 0;
+    int need = k; // how many of the units matching `prefix` in the bits fixed so far are still to be kept
+    bool counted = false;
+    if (algo == 1 && cached) {
+        // Binned select: the keys go to shared memory while a 4,096-bin histogram of their top 12 bits (sign, 8
+        // exponent bits, 3 mantissa bits) is built; the bin holding the k-th largest key is found; one pass over
+        // the row counts each warp's keys in higher bins and copies the keys of that bin (with their indices) to a
+        // candidate list; the rest of the select (20 bits, three passes) runs over the candidates only, and they
+        // also give each warp's count of keys above and equal to the k-th. The row is read three times (load,
+        // candidates, marking) instead of six as in the radix path below, which runs when the bin holds more
+        // than TOPK_CAP keys.
+        u32* h12 = topk_keys + N;                 // [4096]
+        u32* ckey = h12 + 4096;                   // [TOPK_CAP]
+        int* cidx = (int*)(ckey + TOPK_CAP);      // [TOPK_CAP]
+        for (int i = threadIdx.x; i < 4096; i += blockDim.x) h12[i] = 0;
+        if (threadIdx.x == 0) s_fill = 0;
+        __syncthreads();
+        for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
+            u32 kk[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * blockDim.x;
+                kk[u] = i < N ? score_key(S::at(scores, row + i)) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * blockDim.x;
+                if (i < N) {
+                    topk_keys[i] = kk[u];
+                    atomicAdd(&h12[kk[u] >> 20], 1u);
+                }
+            }
+        }
+        __syncthreads();
+        // Thread t sums a run of bins from the top; a block scan finds the thread whose run reaches the k-th key.
+        const int bpt = (4096 + blockDim.x - 1) / blockDim.x;
+        const int p0 = min(4096, (int)threadIdx.x * bpt), p1 = min(4096, p0 + bpt);
+        int sum = 0;
+        for (int p = p0; p < p1; p++) sum += (int)h12[4095 - p];
+        int total;
+        const int excl = block_excl_scan(sum, red, total);
+        if (excl < need && need <= excl + sum) {
+            int above = excl;
+            for (int p = p0; p < p1; p++) {
+                const int c = (int)h12[4095 - p];
+                if (above + c >= need) {
+                    s_bin = 4095 - p;
+                    s_need = need - above;
+                    s_m = c;
+                    break;
+                }
+                above += c;
+            }
+        }
+        __syncthreads();
+        const int bin = s_bin, m = s_m;
+        if (m <= TOPK_CAP) {
+            need = s_need;
+            int gt = 0;
+            for (int base = w0; base < w1; base += 32) {
+                const int i = base + lane;
+                const u32 key = i < w1 ? topk_keys[i] : 0u;
+                const int b = (int)(key >> 20);
+                gt += __popc(__ballot_sync(0xffffffffu, i < w1 && b > bin));
+                const bool in = i < w1 && b == bin;
+                const unsigned ib = __ballot_sync(0xffffffffu, in);
+                if (ib) {
+                    int at = 0;
+                    if (lane == 0) at = atomicAdd(&s_fill, __popc(ib));
+                    at = __shfl_sync(0xffffffffu, at, 0);
+                    if (in) {
+                        const int pos = at + __popc(ib & lt);
+                        ckey[pos] = key;
+                        cidx[pos] = i;
+                    }
+                }
+            }
+            if (lane == 0) {
+                s_gt[warp] = gt;
+                s_eq[warp] = 0;
+            }
+            __syncthreads();
+            prefix = (u32)bin << 20;
+            himask = 0xfff00000u;
+            auto cand = [&](int j) -> u32 { return ckey[j]; };
+            radix_digit(cand, m, 12, 255u, prefix, himask, need, hist, &s_prefix, &s_need);
+            radix_digit(cand, m, 4, 255u, prefix, himask, need, hist, &s_prefix, &s_need);
+            radix_digit(cand, m, 0, 15u, prefix, himask, need, hist, &s_prefix, &s_need);
+            for (int j = threadIdx.x; j < m; j += blockDim.x) {
+                const u32 key = ckey[j];
+                const int w = cidx[j] / per;
+                if (key > prefix) atomicAdd(&s_gt[w], 1);
+                else if (key == prefix) atomicAdd(&s_eq[w], 1);
+            }
+            counted = true;
+        }
+    } else if (cached) {
         // Eight loads in flight per thread before the shared-memory stores.
         for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
             u32 kk[8];
@@ -135,88 +307,26 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
         __syncthreads();
     }
     auto key_at = [&](int i) -> u32 { return cached ? topk_keys[i] : score_key(S::at(scores, row + i)); };
-    __shared__ u32 hist[256];
-    __shared__ u32 s_prefix;
-    __shared__ int s_need;
-    u32 prefix = 0, himask = 0;
-    int need = k; // how many of the units matching `prefix` in the bits fixed so far are still to be kept
-    for (int pass = 0; pass < 4; pass++) {
-        const int shift = 24 - 8 * pass;
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        // Warp-aggregated histogram: the scores of a row share a few exponent bytes, so plain shared atomics on
-        // the first passes serialise on one or two bins; each warp adds its equal bins once. Four keys are read
-        // before the first of their atomics.
-        for (int base = 0; base < N; base += 4 * blockDim.x) {
-            u32 kk[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = base + u * blockDim.x + threadIdx.x;
-                kk[u] = i < N ? key_at(i) : 0u;
-            }
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = base + u * blockDim.x + threadIdx.x;
-                const bool act = i < N && (kk[u] & himask) == prefix;
-                const u32 bin = (kk[u] >> shift) & 255u;
-                const unsigned am = __ballot_sync(0xffffffffu, act);
-                if (act) {
-                    const unsigned peers = __match_any_sync(am, bin);
-                    if (__ffs(peers) - 1 == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
-                }
-            }
+    if (!counted) {
+        // Radix select: four 8-bit passes over the row.
+        for (int pass = 0; pass < 4; pass++)
+            radix_digit(key_at, N, 24 - 8 * pass, 255u, prefix, himask, need, hist, &s_prefix, &s_need);
+        // `prefix` is the k-th largest key. Each warp counts its larger and equal keys.
+        int gt = 0, eq = 0;
+        for (int base = w0; base < w1; base += 32) {
+            const int i = base + lane;
+            const u32 key = i < w1 ? key_at(i) : 0u;
+            gt += __popc(__ballot_sync(0xffffffffu, i < w1 && key > prefix));
+            eq += __popc(__ballot_sync(0xffffffffu, i < w1 && key == prefix));
         }
-        __syncthreads();
-        // The bin holding the need-th largest matching key, by warp 0: lane l sums bins 255-8l .. 248-8l, a
-        // scan over the lanes finds the lane where the running count from the top reaches `need`.
-        if (threadIdx.x < 32) {
-            u32 c[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                c[j] = hist[255 - (lane * 8 + j)];
-                sum += c[j];
-            }
-            const u32 inc = warp_incl_scan(sum, lane);
-            const u32 excl = inc - sum;
-            if (excl < (u32)need && (u32)need <= inc) {
-                u32 above = excl;
-                int d = 255 - lane * 8 - 7;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    if (above + c[j] >= (u32)need) {
-                        d = 255 - (lane * 8 + j);
-                        break;
-                    }
-                    above += c[j];
-                }
-                s_prefix = prefix | ((u32)d << shift);
-                s_need = need - (int)above;
-            }
+        if (lane == 0) {
+            s_gt[warp] = gt;
+            s_eq[warp] = eq;
         }
-        __syncthreads();
-        prefix = s_prefix;
-        need = s_need;
-        himask |= 255u << shift;
-        __syncthreads();
     }
     // `prefix` is the k-th largest key; every larger key is kept, and the first `need` equal ones in index order.
-    // Each warp takes a contiguous run of the row (a multiple of 32 units) in 32-unit steps: first it counts its
-    // larger and equal keys; warp 0 turns the counts into each warp's offsets (equal keys before it, kept units
-    // before it); then each warp writes its flags and, with `idx`, its kept ids at their ranks.
-    __shared__ int s_gt[32], s_eq[32], s_eqoff[32], s_koff[32];
-    const int per = ((N + nw - 1) / nw + 31) & ~31;
-    const int w0 = min(N, warp * per), w1 = min(N, w0 + per);
-    int gt = 0, eq = 0;
-    for (int base = w0; base < w1; base += 32) {
-        const int i = base + lane;
-        const u32 key = i < w1 ? key_at(i) : 0u;
-        gt += __popc(__ballot_sync(0xffffffffu, i < w1 && key > prefix));
-        eq += __popc(__ballot_sync(0xffffffffu, i < w1 && key == prefix));
-    }
-    if (lane == 0) {
-        s_gt[warp] = gt;
-        s_eq[warp] = eq;
-    }
+    // Warp 0 turns the warps' counts into each warp's offsets (equal keys before it, kept units before it); then
+    // each warp writes its flags and, with `idx`, its kept ids at their ranks.
     __syncthreads();
     if (warp == 0) {
         const int g = lane < nw ? s_gt[lane] : 0, q = lane < nw ? s_eq[lane] : 0;
@@ -287,9 +397,9 @@ __device__ __forceinline__ void topk_compact_impl(const unsigned char* keep, int
 // with B = 1 and `src`/`dst`), saving the second launch on the batch-1 path.
 #define TOPK_MARK(NAME, S)                                                                                          \
     extern "C" __global__ void NAME(const void* scores, int N, int k, unsigned char* keep, int cached, int* idx,    \
-                                    int* cnt, const u16* src, u16* dst) {                                           \
+                                    int* cnt, const u16* src, u16* dst, int algo) {                                 \
         PDL_ENTER                                                                                                   \
-        topk_mark_impl<S>(scores, N, k, keep, cached, idx, cnt, src, dst);                                          \
+        topk_mark_impl<S>(scores, N, k, keep, cached, idx, cnt, src, dst, algo);                                    \
     }
 TOPK_MARK(topk_mark_f32, ScoreF32)
 TOPK_MARK(topk_mark_absf16, ScoreAbs<F16>)

@@ -225,6 +225,9 @@ pub struct Engine {
     /// 4.103 -> 4.168, Llama-2-13B 7.687 -> 7.833, OPT-6.7B 4.182 -> 4.255 (`kernels/NOTES.md`); `engine-check`
     /// compares it bit for bit with attn_combine + the GEMV.
     comb_fold: bool,
+    /// Top-k over a row by the binned select (a 12-bit histogram while the keys load, then a radix select over
+    /// the k-th key's bin only) instead of four radix passes over the row (`DEJAVU_TOPK_BINNED=0`).
+    pub(crate) topk_binned: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
     sparse: Option<SparseMlp>,
@@ -279,6 +282,7 @@ impl Engine {
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
+            topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),

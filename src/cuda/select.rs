@@ -21,9 +21,32 @@ pub enum Scores {
 
 /// Keep flags (u8 `[rows, n]`, 1 kept) of each row's top `k` of `scores` (`[rows, n]`). With `compact` (one row
 /// only), the same launch also does [`topk_compact`]'s work into that kept set (with its optional gather), so the
-/// batch-1 path needs one selection launch instead of two.
+/// batch-1 path needs one selection launch instead of two. The engine's select algorithm (binned unless
+/// `DEJAVU_TOPK_BINNED=0`).
 pub fn topk_mark(
     e: &Engine,
+    scores: Scores,
+    rows: usize,
+    n: usize,
+    k: usize,
+    keep: CUdeviceptr,
+    compact: Option<(Kept, Option<(CUdeviceptr, CUdeviceptr)>)>,
+) -> GpuResult<()> {
+    topk_mark_with(e, e.topk_binned, scores, rows, n, k, keep, compact)
+}
+
+/// Shared memory (bytes) of the binned select over `n` keys: the keys, a 4,096-bin histogram and the candidates'
+/// keys and indices (`TOPK_CAP` = 4,096 in kernels/select.cu).
+fn binned_smem(n: usize) -> usize {
+    (n + 4096 + 2 * 4096) * 4
+}
+
+/// [`topk_mark`] with the algorithm chosen: `binned` (where its shared memory fits; else the radix passes) or the
+/// radix passes over the whole row.
+#[allow(clippy::too_many_arguments)]
+pub fn topk_mark_with(
+    e: &Engine,
+    binned: bool,
     scores: Scores,
     rows: usize,
     n: usize,
@@ -36,7 +59,9 @@ pub fn topk_mark(
         Scores::Abs16(p) => (format!("topk_mark_abs{}", e.dt().name()), p),
     };
     // The row's keys held in shared memory for the passes when they fit (every shape of the shape table).
-    let smem = n * 4;
+    // (Rows of at most 256 units, TOPK_SHORT, count ranks directly either way.)
+    let binned = binned && n > 256 && binned_smem(n) <= GEMV_SMEM;
+    let smem = if binned { binned_smem(n) } else { n * 4 };
     let cached = smem <= GEMV_SMEM;
     let f = if cached { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
     let mut args = Args::new().ptr(p).i32(n as i32).i32(k.min(i32::MAX as usize) as i32).ptr(keep).i32(i32::from(cached));
@@ -50,6 +75,7 @@ pub fn topk_mark(
         }
         None => args = args.ptr(0).ptr(0).ptr(0).ptr(0),
     }
+    args = args.i32(i32::from(binned));
     let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
     e.gpu.launch(f, (rows as u32, 1, 1), threads, if cached { smem as u32 } else { 0 }, &mut args)
 }

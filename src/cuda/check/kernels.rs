@@ -218,15 +218,18 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// the union ascending): exact equality of the kept ids, the rows' flags and the gathered values. Scores are drawn
 /// on a coarse grid (many ties), with NaN and both zeros among them.
 fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
-    use crate::cuda::select::{topk_compact, topk_mark, Scores};
+    use crate::cuda::select::{topk_compact, topk_mark_with, Scores};
     use crate::cuda::sparse::Kept;
     use crate::sparse::select::top_k;
     let d = Dev { e };
-    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100), (1, 20480, 2048), (1, 40, 20), (1, 11008, 11008), (1, 11008, 0), (1, 1000, 999)] {
+    for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100), (1, 20480, 2048), (1, 40, 20), (1, 11008, 11008), (1, 11008, 0), (1, 1000, 999), (1, 20000, 7000)] {
         let s = seed + (rows * 31 + n * 7 + k) as u64;
         let mut r = rng(s);
-        // Scores on a grid of 1/8 in [-4, 4): ties everywhere; a few NaN, -0 and +0.
-        let mut v: Vec<f32> = (0..rows * n).map(|_| ((r.next_u64() % 64) as f32 - 32.0) / 8.0).collect();
+        // Scores on a grid of 1/8 in [-4, 4): ties everywhere; a few NaN, -0 and +0. At 20,000 units only four
+        // levels (-0.25 .. 0.125), so the k-th key's bin holds more keys than the binned select keeps as candidates
+        // and it falls back to the radix passes.
+        let levels = if n == 20_000 { 4 } else { 64 };
+        let mut v: Vec<f32> = (0..rows * n).map(|_| ((r.next_u64() % levels) as f32 - levels as f32 / 2.0) / 8.0).collect();
         for i in (0..v.len()).step_by(97) {
             v[i] = match i % 3 {
                 0 => f32::NAN,
@@ -239,8 +242,10 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             (0..rows).map(|b| top_k(&v[b * n..(b + 1) * n].iter().map(|&x| score(x)).collect::<Vec<_>>(), k)).collect()
         };
         // One row also takes the fused path: the mark kernel compacts in the same launch (no `pre` flags there).
+        // Both select algorithms (binned, radix passes) on every case.
         let fusings: &[bool] = if rows == 1 { &[false, true] } else { &[false] };
-        for (abs, fused) in [false, true].into_iter().flat_map(|a| fusings.iter().map(move |&f| (a, f))) {
+        let cases = [false, true].into_iter().flat_map(|a| fusings.iter().flat_map(move |&f| [true, false].map(|b| (a, f, b))));
+        for (abs, fused, binned) in cases {
             let sets = if abs { want_sets(&|x: f32| x.abs()) } else { want_sets(&|x: f32| x) };
             let mut union: Vec<usize> = sets.iter().flatten().copied().collect();
             union.sort_unstable();
@@ -251,9 +256,9 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let scores = if abs { Scores::Abs16(src.ptr) } else { Scores::F32(src.ptr) };
             let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: n };
             if fused {
-                topk_mark(e, scores, rows, n, k, keep.ptr, Some((kept, abs.then_some((src.ptr, dst.ptr)))))?;
+                topk_mark_with(e, binned, scores, rows, n, k, keep.ptr, Some((kept, abs.then_some((src.ptr, dst.ptr)))))?;
             } else {
-                topk_mark(e, scores, rows, n, k, keep.ptr, None)?;
+                topk_mark_with(e, binned, scores, rows, n, k, keep.ptr, None)?;
                 topk_compact(e, keep.ptr, rows, n, kept, Some(pre.ptr), abs.then_some((src.ptr, dst.ptr)))?;
             }
             let mut c = [0i32];
@@ -290,9 +295,10 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             }
             out.push(KernelCheck {
                 kernel: format!(
-                    "topk {}{} rows={rows} n={n} k={k}: {} kept, {bad} mismatches",
+                    "topk {}{}{} rows={rows} n={n} k={k}: {} kept, {bad} mismatches",
                     if abs { "|16-bit|" } else { "f32" },
                     if fused { " (mark+compact fused)" } else { "" },
+                    if binned { " binned" } else { " radix" },
                     union.len()
                 ),
                 dtype: dt.name(),
