@@ -80,9 +80,20 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "KV", default_value_t = dejavu::sparse::HeadKv::All, requires = "head_sparsity")]
     #[serde(default)]
     pub head_kv: dejavu::sparse::HeadKv,
-    /// Timed replays per `--mlp-block` row (the median and p90 are reported).
+    /// Timed replays per `--mlp-block` row and per `--kernels` prefix (the median and p90 are reported).
     #[arg(long, default_value_t = 100)]
     pub reps: usize,
+    /// Also print where one captured decode step's time goes, kernel by kernel: the step is captured again with
+    /// only its first n launches for every n, each graph replayed `--reps` times with the L2 flushed first, and a
+    /// kernel's time is the growth of the median when it is added (so what PDL or the side stream hides does not
+    /// count). The shape's layers are cut to `--kernel-layers` for it and the whole run. Needs `--shape`.
+    #[arg(long, requires = "shape")]
+    #[serde(default)]
+    pub kernels: bool,
+    /// Layers of the shape under `--kernels`.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[serde(default)]
+    pub kernel_layers: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -223,7 +234,10 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         return Ok(results);
     }
     for sh in shapes {
-        let cfg = sh.config();
+        let mut cfg = sh.config();
+        if args.kernels {
+            cfg.layers = cfg.layers.min(args.kernel_layers.max(1));
+        }
         let dt = args.dtype.unwrap_or(Half::F16);
         let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let need = needed_bytes(&cfg, &opts(max_batch));
@@ -255,6 +269,16 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
             let r = dejavu::cuda::bench::run_plan(&mut engine, sh.name, &label, &opts(b), bytes).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
             eprintln!("{}", table(std::slice::from_ref(&r)).lines().nth(2).unwrap_or_default());
             results.push(r);
+            if args.kernels {
+                use dejavu::cuda::step_profile::{profile, tables};
+                let (total, rows) = profile(&mut engine, b, args.prompt, args.reps, |n, of| {
+                    if n % 16 == 0 {
+                        eprintln!("bench --kernels {}: prefix {n} of {of}", sh.name);
+                    }
+                })
+                .map_err(|e| anyhow::anyhow!("bench --kernels {}: {e}", sh.name))?;
+                out(&tables(&format!("{} ({} layers), {label}, batch {b}", sh.name, engine.cfg.layers), total, &rows))?;
+            }
         }
     }
     if results.is_empty() {

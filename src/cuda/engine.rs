@@ -974,6 +974,21 @@ impl Engine {
         Ok(())
     }
 
+    /// The decode step of `batch` rows at the current position, captured into a graph of its own (not kept by the
+    /// engine, and the position not advanced): `bench --kernels` times prefixes of it.
+    pub(super) fn capture_step(&mut self, batch: usize) -> GpuResult<super::gpu::Graph> {
+        self.gpu.bind()?;
+        self.reserve(batch, batch, self.len + 1)?;
+        self.ensure_logits(batch)?;
+        self.gpu.upload(&self.state, 0, &[self.len as i32])?;
+        self.gpu.sync()?;
+        self.gpu.begin_capture()?;
+        let body = self.step_body(batch);
+        let graph = self.gpu.end_capture();
+        body?;
+        graph
+    }
+
     fn step_body(&mut self, batch: usize) -> GpuResult<()> {
         self.forward(batch, 1)?;
         let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);

@@ -3,7 +3,7 @@
 //! buffers, events and graphs. The engine keeps raw device pointers so that a decode step can be captured
 //! into a CUDA graph and replayed (cudarc's safe slices track events per buffer, which graph capture forbids).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 
 use cudarc::driver::{result, sys};
@@ -68,6 +68,11 @@ pub struct Gpu {
     /// reading its inputs, so only the launch latency and the previous kernel's tail are overlapped. Measured on
     /// the H200 (2026-12-05, side by side): SmolLM2 0.715 -> 0.651 ms a token, Llama-2-7B unchanged (4.88 ms).
     pub pdl: bool,
+    /// Launches issued since [`Gpu::trace`] started (counted while tracing) and, when set, how many of them run:
+    /// later ones are skipped (`bench --kernels` times the graphs of a step's first n kernels).
+    launched: Cell<usize>,
+    limit: Cell<Option<usize>>,
+    trace: RefCell<Option<Vec<(sys::CUfunction, bool)>>>,
 }
 
 impl Gpu {
@@ -92,7 +97,7 @@ impl Gpu {
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let name = result::device::get_name(device).ctx("cuDeviceGetName")?;
         let pdl = arch.0 >= 9 && std::env::var("DEJAVU_PDL").map_or(true, |v| v != "0");
-        Ok(Gpu { device, ctx, stream, side, side_now: Cell::new(false), joined: Cell::new(false), name, arch, sms, pdl })
+        Ok(Gpu { device, ctx, stream, side, side_now: Cell::new(false), joined: Cell::new(false), name, arch, sms, pdl, launched: Cell::new(0), limit: Cell::new(None), trace: RefCell::new(None) })
     }
 
     /// Make this context current on the calling thread (every entry point of the engine does).
@@ -197,8 +202,16 @@ impl Gpu {
     /// Launch `f` with `args` on the current stream (see [`Gpu::on_side`]); on the main stream with programmatic
     /// dependent launch where enabled, except right after a [`Gpu::join`].
     pub(crate) fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut Args) -> GpuResult<()> {
-        let mut ptrs = args.ptrs();
         let side = self.side_now.get();
+        if let Some(t) = self.trace.borrow_mut().as_mut() {
+            let n = self.launched.get();
+            self.launched.set(n + 1);
+            t.push((f, side));
+            if self.limit.get().is_some_and(|l| n >= l) {
+                return Ok(());
+            }
+        }
+        let mut ptrs = args.ptrs();
         let after_join = !side && self.joined.replace(false);
         if !self.pdl || side || after_join {
             return unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.cur(), &mut ptrs) }
@@ -223,6 +236,20 @@ impl Gpu {
         unsafe { sys::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .ctx("cuLaunchKernelEx")
+    }
+
+    /// Start recording launches (function and stream, in issue order); with `limit`, only the first `limit`
+    /// launches from now on run, the rest are skipped.
+    pub fn trace(&self, limit: Option<usize>) {
+        self.launched.set(0);
+        self.limit.set(limit);
+        *self.trace.borrow_mut() = Some(Vec::new());
+    }
+
+    /// Stop recording: the launches since [`Gpu::trace`] as (function, on the side stream), skipped ones included.
+    pub fn trace_take(&self) -> Vec<(sys::CUfunction, bool)> {
+        self.limit.set(None);
+        self.trace.borrow_mut().take().unwrap_or_default()
     }
 
     /// Blocks of `f` with `threads` threads and `smem` bytes of dynamic shared memory one multiprocessor holds.

@@ -185,6 +185,11 @@ impl Kernels {
         Ok(Kernels { modules, funcs: RefCell::new(HashMap::new()), info })
     }
 
+    /// The name of a loaded kernel function.
+    pub fn name_of(&self, f: sys::CUfunction) -> Option<String> {
+        self.funcs.borrow().iter().find(|(n, g)| **g == f && !n.contains('#')).map(|(n, _)| n.clone())
+    }
+
     /// The kernel `name`, allowed `bytes` of dynamic shared memory (set once per kernel).
     pub fn get_smem(&self, name: &str, bytes: usize) -> GpuResult<sys::CUfunction> {
         let key = format!("{name}#smem");

@@ -24,9 +24,9 @@ pub fn needed_bytes(sh: &Shape, batch: usize) -> usize {
 }
 
 /// Written before each timed replay: twice the H200's 60 MB L2.
-const FLUSH_BYTES: usize = 128 << 20;
+pub(super) const FLUSH_BYTES: usize = 128 << 20;
 
-fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
+pub(super) fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
     for _ in 0..3 {
         e.gpu.replay(g)?;
     }

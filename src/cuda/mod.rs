@@ -15,6 +15,7 @@ pub mod mlp_bench;
 pub mod predict;
 pub mod select;
 pub mod sparse;
+pub mod step_profile;
 pub mod weights;
 
 pub use decoder::{CudaDecoder, StartInfo};
