@@ -242,6 +242,10 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--mode cats@0.5", "--model"]);
     let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--mode", "qscore@0.5", "--head-sparsity", "1.5"], &[]);
     common::assert_one_line_exit(&out, 2, &["--head-sparsity 1.5"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--kernels", "--mlp-block"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--kernels", "--mlp-block"]);
+    let out = common::dejavu(&["bench", "--shape", "opt-13b", "--kernels", "--kernel-layers", "0"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--kernel-layers"]);
 }
 
 #[test]

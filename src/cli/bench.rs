@@ -138,6 +138,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             return Err(usage(format!("--head-sparsity {h}: not in [0, 1)")));
         }
     }
+    if args.kernels && args.mlp_block {
+        return Err(usage("--kernels profiles the decode step; time one MLP block with --mlp-block alone"));
+    }
+    if args.kernels && (args.kernel_layers == 0 || args.reps == 0) {
+        return Err(usage("--kernels needs --kernel-layers and --reps of at least 1"));
+    }
     if args.mlp_block {
         if let Some(k) = args.keep.iter().find(|k| !(**k > 0.0 && **k <= 1.0)) {
             return Err(usage(format!("--keep {k}: a kept fraction must be in (0, 1]")));
@@ -236,7 +242,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
     for sh in shapes {
         let mut cfg = sh.config();
         if args.kernels {
-            cfg.layers = cfg.layers.min(args.kernel_layers.max(1));
+            cfg.layers = cfg.layers.min(args.kernel_layers);
         }
         let dt = args.dtype.unwrap_or(Half::F16);
         let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
