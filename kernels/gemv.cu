@@ -238,7 +238,9 @@ __device__ __forceinline__ void gemv_impl(
     float t,                       // CATS: the threshold
     int* __restrict__ tally,       // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
     const float* __restrict__ part = 0, // COMB: [B * (K / hd) * S, hd + 2] attention partials, the input (staged)
-    int S = 0, int hd = 0) {       // COMB: key splits and head size
+    int S = 0, int hd = 0,         // COMB: key splits and head size
+    int early = 0) {               // GATHER: idx / cnt were complete before the previous kernel in the stream began
+                                   // (written earlier than by it), so they and the first weights load before the wait
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -249,8 +251,8 @@ __device__ __forceinline__ void gemv_impl(
     const int W = gridDim.x * (blockDim.x >> 5);
     int slot = (threadIdx.x >> 5) * gridDim.x + blockIdx.x;
     int nrows = N;
-    if (GATHER) { // the kept rows are an earlier kernel's output: nothing can be loaded before the wait
-        pdl_wait();
+    if (GATHER) { // the kept rows are an earlier kernel's output: unless `early`, nothing loads before the wait
+        if (!early) pdl_wait();
         nrows = min(cnt[0], N);
     }
     int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
@@ -449,9 +451,9 @@ __device__ __forceinline__ void gemv_async_impl(
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_##KIND##_##TN##_##EN##_b##NB( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
         int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int* idx, int* cnt,   \
-        const float* pre, float t, int* tally) {                                                                  \
+        const float* pre, float t, int* tally, int early) {                                                       \
         gemv_impl<T, NB, EPI, GATHER>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, idx, cnt,  \
-                                      pre, t, tally);                                                             \
+                                      pre, t, tally, 0, 0, 0, early);                                             \
     }
 #define GEMV_SPARSE_NB(KIND, GATHER, TN, T, EN, EPI)                                                             \
     GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 1) GEMV_SPARSE(KIND, GATHER, TN, T, EN, EPI, 2)                    \

@@ -2,7 +2,8 @@
 //   rmsnorm:   y = x / sqrt(mean(x^2) + eps) * w                 (Llama)
 //   layernorm: y = (x - mean) / sqrt(var + eps) * w + b          (OPT; two passes for the variance)
 // y goes out in the 16-bit type (the next projection's input) and, when `xout` is given, also in f32 (OPT's
-// post-LayerNorm layers replace the residual stream with it; `xout` may equal `x`).
+// post-LayerNorm layers replace the residual stream with it; `xout` may equal `x`). When `xraw` is given, x itself
+// is copied there (the block input the head-sparse look-ahead selects from later in the layer).
 
 template <typename T, bool RMS>
 __device__ __forceinline__ void norm_impl(
@@ -11,6 +12,7 @@ __device__ __forceinline__ void norm_impl(
     const u16* __restrict__ bias, // [d] or null
     u16* __restrict__ out,        // [rows, d]
     float* xout,                  // [rows, d] or null
+    float* __restrict__ xraw,     // [rows, d] or null: x copied (not with xout == x)
     int d, float eps) {
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * d;
@@ -18,22 +20,25 @@ __device__ __forceinline__ void norm_impl(
     row_stats(xr, d, RMS, eps, red, mean, inv);
     u16* o = out + (size_t)blockIdx.x * d;
     float* xo = xout ? xout + (size_t)blockIdx.x * d : 0;
+    float* xc = xraw ? xraw + (size_t)blockIdx.x * d : 0;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float y = (xr[i] - mean) * inv * T::load(w[i]);
+        const float xi = xr[i];
+        float y = (xi - mean) * inv * T::load(w[i]);
         if (bias) y += T::load(bias[i]);
         o[i] = T::store(y);
+        if (xc) xc[i] = xi;
         if (xo) xo[i] = y;
     }
 }
 
 #define NORM_KERNELS(TN, T)                                                                                    \
     extern "C" __global__ void rmsnorm_##TN(const float* x, const u16* w, const u16* bias, u16* out,            \
-                                            float* xout, int d, float eps) { PDL_ENTER                                   \
-        norm_impl<T, true>(x, w, bias, out, xout, d, eps);                                                      \
+                                            float* xout, float* xraw, int d, float eps) { PDL_ENTER                      \
+        norm_impl<T, true>(x, w, bias, out, xout, xraw, d, eps);                                                \
     }                                                                                                          \
     extern "C" __global__ void layernorm_##TN(const float* x, const u16* w, const u16* bias, u16* out,          \
-                                              float* xout, int d, float eps) { PDL_ENTER                                 \
-        norm_impl<T, false>(x, w, bias, out, xout, d, eps);                                                     \
+                                              float* xout, float* xraw, int d, float eps) { PDL_ENTER                    \
+        norm_impl<T, false>(x, w, bias, out, xout, xraw, d, eps);                                               \
     }
 
 NORM_KERNELS(f16, F16)
@@ -52,7 +57,8 @@ __device__ __forceinline__ void unpack4h(uint2 v, float* f) {
 
 template <typename T, bool RMS, int NV>
 __device__ __forceinline__ void norm4_impl(const float* x, const u16* __restrict__ w, const u16* __restrict__ bias,
-                                           u16* __restrict__ out, float* xout, int d, float eps) {
+                                           u16* __restrict__ out, float* xout, float* __restrict__ xraw, int d,
+                                           float eps) {
     __shared__ float red[32];
     const int d4 = d >> 2;
     float wv[NV][4], bv[NV][4];
@@ -74,6 +80,14 @@ __device__ __forceinline__ void norm4_impl(const float* x, const u16* __restrict
     for (int j = 0; j < NV; j++) {
         const int i4 = threadIdx.x + j * blockDim.x;
         v[j] = i4 < d4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    if (xraw) {
+        float4* xc = (float4*)(xraw + (size_t)blockIdx.x * d);
+#pragma unroll
+        for (int j = 0; j < NV; j++) {
+            const int i4 = threadIdx.x + j * blockDim.x;
+            if (i4 < d4) xc[i4] = v[j];
+        }
     }
     float mean = 0.0f;
     if (!RMS) {
@@ -113,12 +127,12 @@ __device__ __forceinline__ void norm4_impl(const float* x, const u16* __restrict
 
 #define NORM4_KERNEL(TN, T, NV)                                                                                 \
     extern "C" __global__ void rmsnorm4_##TN##_v##NV(const float* x, const u16* w, const u16* bias, u16* out,  \
-                                                     float* xout, int d, float eps) {                          \
-        norm4_impl<T, true, NV>(x, w, bias, out, xout, d, eps);                                                 \
+                                                     float* xout, float* xraw, int d, float eps) {             \
+        norm4_impl<T, true, NV>(x, w, bias, out, xout, xraw, d, eps);                                           \
     }                                                                                                          \
     extern "C" __global__ void layernorm4_##TN##_v##NV(const float* x, const u16* w, const u16* bias, u16* out,\
-                                                       float* xout, int d, float eps) {                        \
-        norm4_impl<T, false, NV>(x, w, bias, out, xout, d, eps);                                                \
+                                                       float* xout, float* xraw, int d, float eps) {           \
+        norm4_impl<T, false, NV>(x, w, bias, out, xout, xraw, d, eps);                                          \
     }
 #define NORM4_ALL(TN, T) NORM4_KERNEL(TN, T, 1) NORM4_KERNEL(TN, T, 2) NORM4_KERNEL(TN, T, 4) NORM4_KERNEL(TN, T, 8)
 NORM4_ALL(f16, F16)

@@ -197,6 +197,9 @@ pub struct Engine {
     /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
     /// once, each warp taking several rows (default); `DEJAVU_GEMV_PERSIST=0`: one row per warp, as before.
     persist: bool,
+    /// Kernels read kept sets marked [`super::sparse::Kept::early`] (and their first weights) before the programmatic
+    /// wait (default; `DEJAVU_EARLY_IDS=0`: after it).
+    pub(super) early_ids: bool,
     /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows
     /// (`DEJAVU_PRED_SPLIT=0`: the GEMV + `to_half` path).
     pub pred_split: bool,
@@ -293,6 +296,7 @@ impl Engine {
             stats: Default::default(),
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
             persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
+            early_ids: std::env::var("DEJAVU_EARLY_IDS").map_or(true, |v| v != "0"),
             pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
@@ -634,7 +638,7 @@ impl Engine {
             Some(m) => {
                 let name = if rms == 1 { self.kname("rmsnorm") } else { self.kname("layernorm") };
                 let threads = (k.div_ceil(32) * 32).clamp(32, 1024) as u32;
-                let args = Args::new().ptr(m.x).ptr(m.g).ptr(m.gb).ptr(m.tmp).ptr(0).i32(k as i32).f32(eps);
+                let args = Args::new().ptr(m.x).ptr(m.g).ptr(m.gb).ptr(m.tmp).ptr(0).ptr(0).i32(k as i32).f32(eps);
                 self.launch(&name, (rows as u32, 1, 1), threads, args)?;
                 m.tmp
             }
@@ -673,9 +677,15 @@ impl Engine {
     }
 
     fn norm(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, rows: usize) -> GpuResult<()> {
+        self.norm_copy(w, b, x, out, xout, 0, rows)
+    }
+
+    /// [`Engine::norm`], also copying `x` itself to `xraw` (f32 `[rows, d]`) where it is not 0.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_copy(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize) -> GpuResult<()> {
         let d = self.cfg.hidden;
         let (name, threads) = norm_kernel(self.cfg.family == Family::Llama, self.dt(), d);
-        let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).i32(d as i32).f32(self.cfg.norm_eps as f32);
+        let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).ptr(xraw).i32(d as i32).f32(self.cfg.norm_eps as f32);
         self.launch(&name, (rows as u32, 1, 1), threads, args)
     }
 
@@ -741,6 +751,9 @@ impl Engine {
         let splits = self.splits(rows, self.len + seq);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.layers {
+            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+                hs.join(self)?;
+            }
             let lw = &self.w.layers[l];
             // Pre-norm layers normalise inside the projection; post-LN layers project x itself.
             let fused = pre && (self.fuse_norm || rows > GEMV_MAX_ROWS);
@@ -751,11 +764,12 @@ impl Engine {
             } else if !fused {
                 self.class(Class::Norm)?;
                 let lw = &self.w.layers[l];
-                self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, rows)?;
+                let snap = self.heads.as_ref().filter(|_| !self.dense_now).and_then(|hs| hs.snapshot(l)).unwrap_or(0);
+                self.norm_copy(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, snap, rows)?;
             }
             self.class(Class::Qkv)?;
             if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
-                hs.select(self, l, x, rows)?;
+                hs.select(self, l, x, rows, pre && !fused)?;
             }
             if let Some(hs) = self.heads_at(l) {
                 let input = |r0: usize| match attn_in {
@@ -818,10 +832,6 @@ impl Engine {
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             }
             self.class(Class::OutProj)?;
-            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
-                // The look-ahead selection forked at this layer reads x: joined before the out-projection writes it.
-                hs.join(self, l)?;
-            }
             if let Some(hs) = self.heads_at(l) {
                 hs.out_proj(self, l, rows, att, x)?;
             } else if fold_comb {
@@ -845,6 +855,9 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
+            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+                hs.fork_next(self, l, rows)?;
+            }
             if let Some((sp, rule)) = self.sparse_active().and_then(|sp| sp.rules[l].map(|r| (sp, r))) {
                 let input = |r0: usize| match mlp_in {
                     Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
@@ -862,6 +875,9 @@ impl Engine {
                 let lw = &self.w.layers[l];
                 self.norm(&lw.mlp_norm, lw.mlp_norm_b.as_ref(), x, h, x, rows)?;
             }
+        }
+        if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+            hs.join(self)?; // nothing is pending after the last layer; kept for the capture's sake
         }
         self.class(Class::Norm)?;
         let w = &self.w;

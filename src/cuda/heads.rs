@@ -6,10 +6,12 @@
 //! output is 0; under `kept`, absent earlier entries are skipped), and the kept heads' columns of the
 //! out-projection from its transposed copy. The CPU reference computes the same function (`src/model/mod.rs`).
 //!
-//! Look-ahead (default): layer l + 1's whole selection (scores, top k, head and row lists) runs at layer l on the
-//! side stream, from layer l's block input, into the other of two sets of selection buffers (by layer parity); it is
-//! joined back before layer l's out-projection writes that input, so it overlaps layer l's norm, selection reads,
-//! q/k/v projection and attention. `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1, from a copy of that input.
+//! Look-ahead (default): layer l + 1's whole selection (scores, top k, head and row lists) runs on the side stream
+//! during layer l's MLP, from a copy of layer l's block input (made by layer l's norm), into the other of two sets
+//! of selection buffers (by layer parity), and is joined back at layer l + 1's start. It so overlaps the MLP's
+//! predictor and single-block top-k, which leave most multiprocessors idle (forked at layer l's start, beside the
+//! q/k/v projection, it waited for the projection's blocks, which fill every multiprocessor, and lay on the critical
+//! path). `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1, from the same copy.
 
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -32,7 +34,10 @@ pub struct SparseHeads {
     lookahead: bool,
     fork_ev: Event,
     join_ev: Event,
-    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the block input of the layer before (in-line selection only).
+    /// The look-ahead selection forked and not yet joined.
+    pending: std::cell::Cell<bool>,
+    /// f32 `[MAX_CHUNKS * CHUNK, d]`: a copy of a layer's block input (look-ahead: for the selection forked at its
+    /// MLP; in line: for the next layer's selection).
     prev: DBuf,
     /// f32 `[MAX_CHUNKS * CHUNK, H]` scores, predictor scratch.
     scores: DBuf,
@@ -90,7 +95,8 @@ impl SparseHeads {
             lookahead,
             fork_ev: e.gpu.sync_event()?,
             join_ev: e.gpu.sync_event()?,
-            prev: e.gpu.alloc(if lookahead { 0 } else { rows * d * 4 })?,
+            pending: std::cell::Cell::new(false),
+            prev: e.gpu.alloc(rows * d * 4)?,
             scores: e.gpu.alloc(rows * h * 4)?,
             tmp: e.gpu.alloc(scratch)?,
             keep: e.gpu.alloc(sets * rows * h)?,
@@ -117,16 +123,19 @@ impl SparseHeads {
         self.keep.ptr + (self.set_of(l) * MAX_CHUNKS * CHUNK * e.cfg.heads) as u64
     }
 
-    /// Layer `l`'s lists of chunk `c`: kept head ids, q/k/v rows, out-projection rows.
+    /// Layer `l`'s lists of chunk `c`: kept head ids, q/k/v rows, out-projection rows (`early` where they were made
+    /// at the layer before).
     fn lists(&self, e: &Engine, c: usize, l: usize) -> (Kept, Kept, Kept) {
         let (h, hd) = (e.cfg.heads, e.cfg.head_dim);
         let qkv_n = (h + 2 * e.cfg.kv_heads) * hd;
         let c = self.set_of(l) * MAX_CHUNKS + c;
+        // Under look-ahead, layer l > 0's lists were made during layer l - 1's MLP and joined at layer l's start.
+        let early = self.lookahead && l > 0;
         let cnt = |i: usize| self.counts.ptr + ((c * 3 + i) * 4) as u64;
         (
-            Kept { idx: self.heads.ptr + (c * h * 4) as u64, cnt: cnt(0), cap: h },
-            Kept { idx: self.qkv_rows.ptr + (c * qkv_n * 4) as u64, cnt: cnt(1), cap: qkv_n },
-            Kept { idx: self.o_rows.ptr + (c * h * hd * 4) as u64, cnt: cnt(2), cap: h * hd },
+            Kept { idx: self.heads.ptr + (c * h * 4) as u64, cnt: cnt(0), cap: h, early },
+            Kept { idx: self.qkv_rows.ptr + (c * qkv_n * 4) as u64, cnt: cnt(1), cap: qkv_n, early },
+            Kept { idx: self.o_rows.ptr + (c * h * hd * 4) as u64, cnt: cnt(2), cap: h * hd, early },
         )
     }
 
@@ -171,18 +180,23 @@ impl SparseHeads {
         Ok(())
     }
 
-    /// The head selection at layer `l` for `rows` tokens; `x` is the f32 residual entering the layer, `[rows, d]`.
-    /// Look-ahead: layer 0 selects in line from `x`; layer `l + 1`'s selection from `x` is forked onto the side
-    /// stream, and the caller [`SparseHeads::join`]s it before anything writes `x`. In line: layer `l` selects from
-    /// the previous layer's input (layer 0: `x`), and `x` is copied for the next layer.
-    pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize) -> GpuResult<()> {
+    /// The block input `l`'s norm copies `x` to (f32 `[rows, d]`), where layer `l` forks the look-ahead selection
+    /// ([`SparseHeads::fork_next`] reads it); None where it does not (then [`SparseHeads::select`] copies it).
+    pub fn snapshot(&self, l: usize) -> Option<CUdeviceptr> {
+        (self.lookahead && self.forks(l)).then_some(self.prev.ptr)
+    }
+
+    /// The head selection at the start of layer `l` for `rows` tokens; `x` is the f32 residual entering the layer,
+    /// `[rows, d]`, already copied to [`SparseHeads::snapshot`] where `copied`. Look-ahead: layer 0 selects in line
+    /// from `x`; where the layer forks, `x` is kept (copied here unless `copied`) for [`SparseHeads::fork_next`]. In
+    /// line: layer `l` selects from the previous layer's input (layer 0: `x`), and `x` is copied for the next layer.
+    pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize, copied: bool) -> GpuResult<()> {
         if self.lookahead {
             if l == 0 {
                 self.select_from(e, 0, x, rows)?;
             }
-            if self.forks(l) {
-                e.gpu.fork(&self.fork_ev)?;
-                e.gpu.on_side(|| self.select_from(e, l + 1, x, rows))?;
+            if self.forks(l) && !copied {
+                e.gpu.copy(self.prev.ptr, x, rows * e.cfg.hidden * 4)?;
             }
             return Ok(());
         }
@@ -190,10 +204,22 @@ impl SparseHeads {
         e.gpu.copy(self.prev.ptr, x, rows * e.cfg.hidden * 4)
     }
 
-    /// Before the first write of layer `l`'s block input: the main stream waits for the look-ahead selection that
-    /// [`SparseHeads::select`] forked at layer `l` (nothing where it forked none).
-    pub fn join(&self, e: &Engine, l: usize) -> GpuResult<()> {
-        if self.forks(l) {
+    /// Look-ahead, at the start of layer `l`'s MLP: layer `l + 1`'s selection from layer `l`'s block input (the
+    /// snapshot) forked onto the side stream, where it runs beside the MLP (whose single-block top-k leaves the
+    /// multiprocessors idle); [`SparseHeads::join`]ed at the start of layer `l + 1`.
+    pub fn fork_next(&self, e: &Engine, l: usize, rows: usize) -> GpuResult<()> {
+        if !(self.lookahead && self.forks(l)) {
+            return Ok(());
+        }
+        e.gpu.fork(&self.fork_ev)?;
+        self.pending.set(true);
+        e.gpu.on_side(|| self.select_from(e, l + 1, self.prev.ptr, rows))
+    }
+
+    /// At the start of a layer (before its norm writes the snapshot and its q/k/v projection reads the lists): the
+    /// main stream waits for the look-ahead selection forked at the layer before (nothing where none is pending).
+    pub fn join(&self, e: &Engine) -> GpuResult<()> {
+        if self.pending.replace(false) {
             e.gpu.join(&self.join_ev)?;
         }
         Ok(())
@@ -226,3 +252,4 @@ impl SparseHeads {
         Ok(())
     }
 }
+

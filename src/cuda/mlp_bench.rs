@@ -91,7 +91,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
             }
             e.gpu.upload(&idx, 0, &random_kept(f, kk, 99 + kk as u64))?;
             e.gpu.upload(&cnt, 0, &[kk as i32])?;
-            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk };
+            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: kk, early: true };
             e.gpu.begin_capture()?;
             gather_up(&e, up, up_b, f, In::Half(x.ptr), kept, act.ptr, b, d, epi, None)?;
             down_t(&e, wt.ptr, down_b, act.ptr, kk, Some(kept), kk, out.ptr, b, d, false)?;

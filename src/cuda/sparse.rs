@@ -23,6 +23,9 @@ pub struct Kept {
     pub idx: CUdeviceptr,
     pub cnt: CUdeviceptr,
     pub cap: usize,
+    /// The set was complete before the launch ahead of the kernel that reads it (a kernel before that one wrote it,
+    /// or the side stream's, joined): the reader loads it, and its first weight rows, before its programmatic wait.
+    pub early: bool,
 }
 
 /// A sorted random subset of `0..f` of size `k` (kept sets for kernel checks and block timings).
@@ -70,6 +73,8 @@ struct SparseGemv {
     pre: CUdeviceptr,
     t: f32,
     tally: CUdeviceptr,
+    /// Gathers: the kept set may be read before the programmatic wait ([`Kept::early`]).
+    early: bool,
 }
 
 /// The sparse kernels take 1..=16 rows sharing one kept set.
@@ -112,7 +117,8 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
         .ptr(l.cnt)
         .ptr(l.pre)
         .f32(l.t)
-        .ptr(l.tally);
+        .ptr(l.tally)
+        .i32(i32::from(l.early && e.early_ids));
     let grid = (e.row_grid(f, l.n, threads, smem)?, 1, 1);
     e.gpu.launch(f, grid, threads, smem as u32, &mut args)
 }
@@ -131,7 +137,7 @@ pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize
     let (w2, bias2) = if glu { (w + (f * k * 2) as u64, bias.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
     launch_sparse(
         e,
-        SparseGemv { kind: "gather", epi: if glu { "glu" } else { "relu" }, w, w2, bias: bias.unwrap_or(0), bias2, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: flags.unwrap_or(0), t: 0.0, tally: 0 },
+        SparseGemv { kind: "gather", epi: if glu { "glu" } else { "relu" }, w, w2, bias: bias.unwrap_or(0), bias2, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: flags.unwrap_or(0), t: 0.0, tally: 0, early: kept.early },
     )
 }
 
@@ -144,7 +150,7 @@ pub fn gather_up(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, f: usize
 pub fn cats_select(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, silu: bool, input: In, t: f32, kept: Kept, out: CUdeviceptr, rows: usize, k: usize, tally: CUdeviceptr) -> GpuResult<()> {
     launch_sparse(
         e,
-        SparseGemv { kind: "cats", epi: if silu { "silu" } else { "relu" }, w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t, tally },
+        SparseGemv { kind: "cats", epi: if silu { "silu" } else { "relu" }, w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t, tally, early: false },
     )
 }
 
@@ -154,7 +160,7 @@ pub fn cats_select(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, silu: 
 pub fn gather_store(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, input: In, kept: Kept, out: CUdeviceptr, rows: usize, k: usize) -> GpuResult<()> {
     launch_sparse(
         e,
-        SparseGemv { kind: "gather", epi: "store", w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t: 0.0, tally: 0 },
+        SparseGemv { kind: "gather", epi: "store", w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre: 0, t: 0.0, tally: 0, early: kept.early },
     )
 }
 
@@ -164,22 +170,51 @@ pub fn gather_store(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, input
 pub fn gather_mul(e: &Engine, up: CUdeviceptr, bias: Option<CUdeviceptr>, input: In, pre: CUdeviceptr, kept: Kept, out: CUdeviceptr, rows: usize, k: usize) -> GpuResult<()> {
     launch_sparse(
         e,
-        SparseGemv { kind: "gather", epi: "mul", w: up, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre, t: 0.0, tally: 0 },
+        SparseGemv { kind: "gather", epi: "mul", w: up, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input, out, n: kept.cap, k, rows, idx: kept.idx, cnt: kept.cnt, pre, t: 0.0, tally: 0, early: kept.early },
     )
 }
 
 /// The most kept rows one `down_t` block takes (`DOWN_T_MAXR` in kernels/sparse.cu: their ids and activations are
 /// staged in shared memory).
-pub const DOWN_T_MAXR: usize = 64;
+pub const DOWN_T_MAXR: usize = 128;
 
-/// Kept rows per `down_t` block (`DEJAVU_DOWN_ROWS`, else enough blocks for ~8 per multiprocessor, at least 4), at
-/// most [`DOWN_T_MAXR`].
-pub fn down_rows(cap: usize, tiles: usize, sms: usize) -> usize {
-    let r = match std::env::var("DEJAVU_DOWN_ROWS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&r| r > 0) {
-        Some(r) => r,
-        None => (cap * tiles).div_ceil(8 * sms.max(1)).max(4),
+/// A `down_t` launch's shape: `tc` threads across column groups of 8 (the block's other 256 / tc threads are row
+/// groups whose sums meet in shared memory), `tiles` column tiles, `r` kept rows a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownShape {
+    pub tc: usize,
+    pub tiles: usize,
+    pub r: usize,
+}
+
+/// The `down_t` shape for width `d` and `cap` kept rows on `sms` multiprocessors. Each block adds its `d` sums into
+/// the residual with atomics, so fewer, taller row chunks mean fewer atomics per weight byte (2 / r of the bytes
+/// read) and fewer prologues: `tc` = 64 threads (1 KB of each row) where the width fills them, else 32; `r` = 16
+/// rows per row group (two batches of loads in flight), halved while that leaves fewer than 2 blocks per
+/// multiprocessor. Swept at sparse OPT-13B (H100, 2026-12-06, e2e ms/token): 16-32 rows per thread 4.27-4.35,
+/// 8 rows 4.51, 4 rows 5.09; 64-128 rows (too few blocks) 4.55-5.26; the shape before this one 4.51.
+/// `DEJAVU_DOWN_TC` (32, 64, 128 or 256) and `DEJAVU_DOWN_ROWS` override.
+pub fn down_shape(d: usize, cap: usize, sms: usize) -> DownShape {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok()).filter(|&v| v > 0);
+    let g = d / 8;
+    let tc = match env("DEJAVU_DOWN_TC").filter(|t| [32, 64, 128, 256].contains(t)) {
+        Some(t) => t,
+        None if g % 64 == 0 || g >= 256 => 64,
+        None => 32,
     };
-    r.min(DOWN_T_MAXR)
+    let rg = 256 / tc;
+    let tiles = g.div_ceil(tc).max(1);
+    let r = match env("DEJAVU_DOWN_ROWS") {
+        Some(r) => r,
+        None => {
+            let mut r = (16 * rg).min(DOWN_T_MAXR);
+            while r > rg && tiles * cap.div_ceil(r) < 2 * sms.max(1) {
+                r /= 2;
+            }
+            r
+        }
+    };
+    DownShape { tc, tiles, r: r.min(DOWN_T_MAXR) }
 }
 
 /// `out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]` for `b < rows`: the down projection over the kept
@@ -194,10 +229,7 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
     }
     check_rows(rows)?;
     let cap = kept.map_or(n, |k| k.cap);
-    let tc = (d / 8).div_ceil(32).clamp(1, 8) * 32;
-    let rg = 256 / tc;
-    let tiles = (d / 8).div_ceil(tc);
-    let r = down_rows(cap, tiles, e.gpu.sms as usize);
+    let DownShape { tc, tiles, r } = down_shape(d, cap, e.gpu.sms as usize);
     let chunks = cap.div_ceil(r).max(1);
     let name = format!("down_t_{}{}_b{}", if by_id { "id_" } else { "" }, e.dt().name(), k_of(rows));
     let f = e.k.get(&name)?;
@@ -213,8 +245,9 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
         .i32(d as i32)
         .i32(rows as i32)
         .i32(r as i32)
-        .i32(tc as i32);
-    e.gpu.launch(f, (tiles as u32, chunks as u32, 1), (tc * rg) as u32, 0, &mut args)
+        .i32(tc as i32)
+        .i32(i32::from(kept.is_some_and(|k| k.early) && e.early_ids));
+    e.gpu.launch(f, (tiles as u32, chunks as u32, 1), 256, 0, &mut args)
 }
 
 /// `out [c, r] = in [r, c]` transposed, 16-bit.
@@ -391,7 +424,7 @@ impl SparseMlp {
 
     /// The kept set of chunk `c` of layer `l`.
     pub fn kept(&self, l: usize, c: usize, cap: usize) -> Kept {
-        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap }
+        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap, early: false }
     }
 }
 
@@ -451,7 +484,9 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
                 topk_select(e, Scores::Abs16(hid.ptr), nb, f, k, keep.ptr, kept, None, Some((hid.ptr, act)))?;
             }
         }
-        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
+        // Under qscore / predicted the top-k wrote the set before the gather ran: the down projection reads it early.
+        let early = matches!(rule, GpuMlp::QScore(_) | GpuMlp::Predicted(_));
+        down_t(e, wt.ptr, down_b, act, f, Some(Kept { early, ..kept }), f, x + (r0 * d * 4) as u64, nb, d, false)?;
     }
     Ok(())
 }

@@ -210,7 +210,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                 g(e.gpu.upload(&xin, 0, &bits(&xn[c0 * d..(c0 + nb) * d], dt)))?;
                 g(e.gpu.memset(&cnt, 0))?;
                 g(e.gpu.memset(&tally, 0))?;
-                let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: f };
+                let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: f, early: false };
                 let lw = &e.w.layers[l];
                 let up_b = lw.up_b.as_ref().map(|b| b.ptr);
                 match rule {

@@ -108,7 +108,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             for kk in [1usize, f / 3, f] {
                 let idx = random_kept(f, kk, s + kk as u64);
                 let (ib, cb) = (d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
-                let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f };
+                let kept = Kept { idx: ib.ptr, cnt: cb.ptr, cap: f, early: true };
                 let ob = d.poisoned(rows * f * 2)?;
                 gather_up(e, wb.ptr, Some(bb.ptr), f, In::Half(xb.ptr), kept, ob.ptr, rows, k, epi, None)?;
                 let all = d.read_half(&ob, rows * f, dt)?;
@@ -160,7 +160,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         }
     }
     // The transposed down projection: out (f32, initialised) += bias + sum_s act[b, s] wt[idx[s], :].
-    for (rows, dd, f) in [(1usize, 576usize, 1536usize), (4, 1024, 2048), (16, 576, 344), (1, 4096, 11008)] {
+    for (rows, dd, f) in [(1usize, 576usize, 1536usize), (4, 1024, 2048), (16, 576, 344), (1, 4096, 11008), (1, 5120, 2048)] {
         let s = seed + 5 + (rows * 104_729 + dd * 13 + f) as u64;
         let wt = rounded(&randv(f * dd, s, (3.0 / f as f32).sqrt()), dt);
         let bias = rounded(&randv(dd, s + 1, 0.5), dt);
@@ -171,7 +171,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let act = rounded(&randv(rows * f, s + 3 + kk as u64, 1.0), dt);
             let (ab, ib, cb) = (d.halfbuf(&act, dt)?, d.i32buf(&idx)?, d.i32buf(&[kk as i32])?);
             let ob = d.f32buf(&init)?;
-            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd, false)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f, early: false }), f, ob.ptr, rows, dd, false)?;
             let got = d.read_f32(&ob, rows * dd)?;
             let mut want = vec![0f32; rows * dd];
             for r in 0..rows {
@@ -183,7 +183,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             out.push(verdict(format!("down_t rows={rows} d={dd} f={f} kept={kk}"), dt, &got, &want, 1e-2));
             // By id: act read at the unit's own column (the head-sparse out-projection).
             let ob = d.f32buf(&init)?;
-            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f }), f, ob.ptr, rows, dd, true)?;
+            down_t(e, wb.ptr, Some(bb.ptr), ab.ptr, f, Some(Kept { idx: ib.ptr, cnt: cb.ptr, cap: f, early: true }), f, ob.ptr, rows, dd, true)?;
             let got = d.read_f32(&ob, rows * dd)?;
             for r in 0..rows {
                 for c in 0..dd {
@@ -254,7 +254,7 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let keep = d.poisoned(rows * n)?;
             let (idx, cnt, pre, dst) = (d.poisoned(n * 4)?, d.poisoned(4)?, d.poisoned(rows * n * 4)?, d.poisoned(rows * n * 2)?);
             let scores = if abs { Scores::Abs16(src.ptr) } else { Scores::F32(src.ptr) };
-            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: n };
+            let kept = Kept { idx: idx.ptr, cnt: cnt.ptr, cap: n, early: false };
             if fused {
                 topk_mark_with(e, binned, scores, rows, n, k, keep.ptr, Some((kept, abs.then_some((src.ptr, dst.ptr)))))?;
             } else {
@@ -407,7 +407,7 @@ fn check_head_lists(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
             let qkv_n = (h + 2 * kv) * hd;
             let (sb, keep) = (d.f32buf(&sc)?, d.poisoned(h)?);
             let (heads, hcnt, qrows, qcnt, orows, ocnt) = (d.poisoned(h * 4)?, d.poisoned(4)?, d.poisoned(qkv_n * 4)?, d.poisoned(4)?, d.poisoned(h * hd * 4)?, d.poisoned(4)?);
-            topk_mark(e, Scores::F32(sb.ptr), 1, h, k, keep.ptr, Some((Kept { idx: heads.ptr, cnt: hcnt.ptr, cap: h }, None)))?;
+            topk_mark(e, Scores::F32(sb.ptr), 1, h, k, keep.ptr, Some((Kept { idx: heads.ptr, cnt: hcnt.ptr, cap: h, early: false }, None)))?;
             let args = Args::new().ptr(heads.ptr).ptr(hcnt.ptr).i32(h as i32).i32(kv as i32).i32(hd as i32).i32(kv_kept).ptr(qrows.ptr).ptr(qcnt.ptr).ptr(orows.ptr).ptr(ocnt.ptr);
             d.launch("expand_heads", (1, 1, 1), 256, args)?;
             let mut c = [0i32; 3];
@@ -497,6 +497,8 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
         let (xb, wb, bb) = (d.f32buf(&x)?, d.halfbuf(&w, dt)?, d.halfbuf(&b, dt)?);
         let ob = d.poisoned(rows * dim * 2)?;
         let xo = if in_place { d.f32buf(&x)? } else { d.poisoned(rows * dim * 4)? };
+        // The raw copy of x (the look-ahead's snapshot), where the output is not written in place.
+        let xc = d.poisoned(rows * dim * 4)?;
         let (name, threads) = if plain {
             (format!("{}_{}", if rms { "rmsnorm" } else { "layernorm" }, dt.name()), (dim.div_ceil(32) * 32).clamp(32, 1024) as u32)
         } else {
@@ -504,7 +506,7 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
         };
         let bias = if rms { 0 } else { bb.ptr };
         let xin = if in_place { xo.ptr } else { xb.ptr };
-        d.launch(&name, (rows as u32, 1, 1), threads, Args::new().ptr(xin).ptr(wb.ptr).ptr(bias).ptr(ob.ptr).ptr(xo.ptr).i32(dim as i32).f32(1e-5))?;
+        d.launch(&name, (rows as u32, 1, 1), threads, Args::new().ptr(xin).ptr(wb.ptr).ptr(bias).ptr(ob.ptr).ptr(xo.ptr).ptr(if in_place { 0 } else { xc.ptr }).i32(dim as i32).f32(1e-5))?;
         let mut want = vec![0f32; rows * dim];
         for r in 0..rows {
             let xr = &x[r * dim..(r + 1) * dim];
@@ -522,6 +524,11 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
         let tag = if in_place { ", in place" } else { "" };
         out.push(verdict(format!("{name} d={dim} (16-bit out{tag})"), dt, &d.read_half(&ob, rows * dim, dt)?, &want, 1e-2));
         out.push(verdict(format!("{name} d={dim} (f32 out{tag})"), dt, &d.read_f32(&xo, rows * dim)?, &want, 1e-2));
+        if !in_place {
+            let got = d.read_f32(&xc, rows * dim)?;
+            let same = got.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits());
+            out.push(KernelCheck { kernel: format!("{name} d={dim} (copy of x, bit for bit)"), dtype: dt.name(), rel_err: if same { 0.0 } else { 1.0 }, nan: got.iter().filter(|v| !v.is_finite()).count(), pass: same });
+        }
     }
     Ok(())
 }
