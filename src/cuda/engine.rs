@@ -377,7 +377,12 @@ impl Engine {
 
     /// Layer `l`'s head-sparse attention in the next forward (None: dense attention there).
     fn heads_at(&self, l: usize) -> Option<&SparseHeads> {
-        self.heads.as_ref().filter(|h| !self.dense_now && h.k[l].is_some())
+        self.heads_on().filter(|h| h.k[l].is_some())
+    }
+
+    /// The head-sparse state while the plan runs (None without head sparsity or while running dense).
+    fn heads_on(&self) -> Option<&SparseHeads> {
+        self.heads.as_ref().filter(|_| !self.dense_now)
     }
 
     /// Run dense (`true`) or the plan set (`false`) from the next forward on.
@@ -751,7 +756,7 @@ impl Engine {
         let splits = self.splits(rows, self.len + seq);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.layers {
-            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+            if let Some(hs) = self.heads_on() {
                 hs.join(self)?;
             }
             let lw = &self.w.layers[l];
@@ -764,11 +769,11 @@ impl Engine {
             } else if !fused {
                 self.class(Class::Norm)?;
                 let lw = &self.w.layers[l];
-                let snap = self.heads.as_ref().filter(|_| !self.dense_now).and_then(|hs| hs.snapshot(l)).unwrap_or(0);
+                let snap = self.heads_on().and_then(|hs| hs.snapshot(l)).unwrap_or(0);
                 self.norm_copy(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, snap, rows)?;
             }
             self.class(Class::Qkv)?;
-            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+            if let Some(hs) = self.heads_on() {
                 hs.select(self, l, x, rows, pre && !fused)?;
             }
             if let Some(hs) = self.heads_at(l) {
@@ -855,7 +860,7 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
-            if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+            if let Some(hs) = self.heads_on() {
                 hs.fork_next(self, l, rows)?;
             }
             if let Some((sp, rule)) = self.sparse_active().and_then(|sp| sp.rules[l].map(|r| (sp, r))) {
@@ -876,7 +881,7 @@ impl Engine {
                 self.norm(&lw.mlp_norm, lw.mlp_norm_b.as_ref(), x, h, x, rows)?;
             }
         }
-        if let Some(hs) = self.heads.as_ref().filter(|_| !self.dense_now) {
+        if let Some(hs) = self.heads_on() {
             hs.join(self)?; // nothing is pending after the last layer; kept for the capture's sake
         }
         self.class(Class::Norm)?;
