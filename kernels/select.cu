@@ -444,6 +444,42 @@ __device__ __forceinline__ void topk_compact_impl(const unsigned char* keep, int
                                                   int* __restrict__ cnt, float* __restrict__ pre,
                                                   const u16* __restrict__ src, u16* __restrict__ dst) {
     __shared__ int red[33];
+    if ((N & 3) == 0 && B <= 16 && ((size_t)keep & 3) == 0) {
+        // Four units a thread, consecutive threads on consecutive units: each row's flags are read with one 4-byte
+        // load a thread (coalesced, all rows' loads in flight together), the ids and flags written in runs.
+        int base = 0;
+        for (int c0 = 0; c0 < N; c0 += 4 * blockDim.x) {
+            const int i = c0 + 4 * threadIdx.x;
+            u32 wv[16];
+            u32 any = 0;
+#pragma unroll
+            for (int b = 0; b < 16; b++) {
+                wv[b] = b < B && i < N ? *(const u32*)(keep + (size_t)b * N + i) : 0u;
+                any |= wv[b];
+            }
+            int mine = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) mine += ((any >> (8 * j)) & 0xffu) != 0u;
+            int total;
+            int s = base + block_excl_scan(mine, red, total);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (((any >> (8 * j)) & 0xffu) == 0u) continue;
+                idx[s] = i + j;
+#pragma unroll
+                for (int b = 0; b < 16; b++) {
+                    if (b >= B) break;
+                    const bool kb = ((wv[b] >> (8 * j)) & 0xffu) != 0u;
+                    if (pre) pre[(size_t)b * N + s] = kb ? 1.0f : 0.0f;
+                    if (dst) dst[(size_t)b * N + s] = kb ? src[(size_t)b * N + i + j] : (u16)0;
+                }
+                s++;
+            }
+            base += total;
+        }
+        if (threadIdx.x == 0) cnt[0] = base;
+        return;
+    }
     const int seg = (N + blockDim.x - 1) / blockDim.x;
     const int i0 = min(N, (int)threadIdx.x * seg), i1 = min(N, i0 + seg);
     int mine = 0;

@@ -200,6 +200,9 @@ pub struct Engine {
     /// Kernels read kept sets marked [`super::sparse::Kept::early`] (and their first weights) before the programmatic
     /// wait (default; `DEJAVU_EARLY_IDS=0`: after it).
     pub(super) early_ids: bool,
+    /// Gathers of at least this many rows run on the tensor cores (`gemv_mma_*`, kernels/mma.cu;
+    /// `DEJAVU_MMA_ROWS`, default 3; 0: never).
+    pub(super) mma_rows: usize,
     /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows
     /// (`DEJAVU_PRED_SPLIT=0`: the GEMV + `to_half` path).
     pub pred_split: bool,
@@ -297,6 +300,7 @@ impl Engine {
             gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
             persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
             early_ids: std::env::var("DEJAVU_EARLY_IDS").map_or(true, |v| v != "0"),
+            mma_rows: std::env::var("DEJAVU_MMA_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(3),
             pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
@@ -401,6 +405,11 @@ impl Engine {
         r
     }
 
+    /// Gathers of at least `rows` rows on the tensor cores from now on (0: never); returns the previous setting.
+    pub fn set_mma_rows(&mut self, rows: usize) -> usize {
+        std::mem::replace(&mut self.mma_rows, rows)
+    }
+
     /// Rows up to which projections run on the GEMV kernels.
     pub fn gemv_rows(&self) -> usize {
         if self.blas.is_some() { self.gemv_rows } else { usize::MAX }
@@ -443,6 +452,26 @@ impl Engine {
         let cap_warps = per_sm as usize * self.gpu.sms.max(1) as usize * wpb;
         let per_warp = rows.div_ceil(cap_warps).max(1);
         Ok(rows.div_ceil(per_warp).div_ceil(wpb).clamp(1, one_each) as u32)
+    }
+
+    /// Blocks for a kernel whose blocks loop over `items` work items: what the multiprocessors hold at once, at
+    /// most one block an item (and at most the checks' cap).
+    pub(super) fn block_grid(&self, f: cudarc::driver::sys::CUfunction, items: usize, threads: u32, smem: usize) -> GpuResult<u32> {
+        let items = items.max(1);
+        if let Some(c) = self.grid_cap {
+            return Ok((items as u32).min(c.max(1)));
+        }
+        let key = (f as usize, threads, smem);
+        let cached = self.occupancy.borrow().get(&key).copied();
+        let per_sm = match cached {
+            Some(n) => n,
+            None => {
+                let n = self.gpu.occupancy(f, threads, smem)?.max(1);
+                self.occupancy.borrow_mut().insert(key, n);
+                n
+            }
+        };
+        Ok(items.min(per_sm as usize * self.gpu.sms.max(1) as usize) as u32)
     }
 
     /// Cap the grids of the row-looping kernels at `blocks` (None: sized by occupancy), for the kernel checks.
@@ -691,6 +720,13 @@ impl Engine {
         let d = self.cfg.hidden;
         let (name, threads) = norm_kernel(self.cfg.family == Family::Llama, self.dt(), d);
         let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).ptr(xraw).i32(d as i32).f32(self.cfg.norm_eps as f32);
+        self.launch(&name, (rows as u32, 1, 1), threads, args)
+    }
+
+    /// `out` 16-bit `[rows, d]` = RMSNorm of `x` f32 `[rows, d]` with weight `g` and `eps` (the engine's norm kernel).
+    pub fn rms_half(&self, x: CUdeviceptr, g: CUdeviceptr, out: CUdeviceptr, rows: usize, d: usize, eps: f32) -> GpuResult<()> {
+        let (name, threads) = norm_kernel(true, self.dt(), d);
+        let args = Args::new().ptr(x).ptr(g).ptr(0).ptr(out).ptr(0).ptr(0).i32(d as i32).f32(eps);
         self.launch(&name, (rows as u32, 1, 1), threads, args)
     }
 

@@ -26,6 +26,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("select.cu", include_str!("../../kernels/select.cu")),
     ("qscore.cu", include_str!("../../kernels/qscore.cu")),
     ("predict.cu", include_str!("../../kernels/predict.cu")),
+    ("mma.cu", include_str!("../../kernels/mma.cu")),
 ];
 
 /// The NVRTC programs: the files each one sees (the prelude first) and its `DJ_PART` (which share of the GEMV
@@ -45,6 +46,7 @@ pub const PARTS: &[(&[&str], i32)] = &[
     (&["common.cuh", "attention.cu"], 11),
     (&["common.cuh", "sparse.cu", "predict.cu"], 12),
     (&["common.cuh", "gemv.cu", "qscore.cu"], 13),
+    (&["common.cuh", "gemv.cu", "mma.cu"], 14),
 ];
 
 /// The source NVRTC compiles for part `i` of [`PARTS`].

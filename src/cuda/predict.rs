@@ -7,6 +7,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::predictor::{FoldedPredictor, RMS_EPS};
 
 use super::engine::{Engine, Epi, NormIn};
+use super::sparse::{mma_dense, mma_dense_fits};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// One layer's predictor on the device, in the engine's 16-bit type: `w1t [r, d]`, `w2t [n, r]`, their biases,
@@ -64,9 +65,10 @@ impl GpuPredictor {
         (self.r * self.d + self.n * self.r + self.r + self.n) * 2
     }
 
-    /// Scratch a prediction over `rows` rows needs: f32 `[rows, r]` and 16-bit `[rows, r]`.
+    /// Scratch a prediction over `rows` rows needs: f32 `[rows, r]`, 16-bit `[rows, r]` and 16-bit `[rows, d]` (the
+    /// normalised input on the tensor-core path).
     pub fn scratch_bytes(&self, rows: usize) -> usize {
-        rows * self.r * 6
+        rows * (self.r * 6 + self.d * 2)
     }
 
     /// `out` f32 `[rows, n]`: the scores of the residual rows `x` (f32 `[rows, d]`); `tmp` holds
@@ -89,6 +91,14 @@ impl GpuPredictor {
                 let mut args = Args::new().ptr(self.w1t.ptr).ptr(self.b1.ptr).ptr(x).ptr(h16).i32(self.r as i32).i32(self.d as i32).i32(rows as i32).i32(s as i32).f32(RMS_EPS as f32);
                 e.gpu.launch(f, (self.r.div_ceil(rpb) as u32, 1, 1), (PRED_WARPS * 32) as u32, smem as u32, &mut args)?;
             }
+            // 3-16 rows on the tensor cores: the input normalised into 16 bits first (the CUDA-core GEMV normalises
+            // it in f32 on the fly), then the hidden layer.
+            _ if mma_dense_fits(e, rows, self.d) => {
+                let u = tmp + (rows * self.r * 6) as u64;
+                e.rms_half(x, self.ones.ptr, u, rows, self.d, RMS_EPS as f32)?;
+                mma_dense(e, self.w1t.ptr, Some(self.b1.ptr), u, h, rows, self.r, self.d)?;
+                e.to_half(h, h16, rows * self.r)?;
+            }
             _ => {
                 let norm = NormIn { x, g: self.ones.ptr, gb: 0, tmp: 0 };
                 e.gemv(self.w1t.ptr, Some(self.b1.ptr), 0, Some(norm), h, rows, self.r, self.d, Epi::Store, true, RMS_EPS as f32)?;
@@ -97,6 +107,9 @@ impl GpuPredictor {
         }
         // The second layer stays a GEMV: a kernel holding 8 loads a lane over 8 rows a warp (`pred_out`, tenth
         // session) measured no faster at 20,480 outputs (8.93 us both, H100, ncu) and slower at 40 (5.2 vs 4.0 us).
+        if mma_dense_fits(e, rows, self.r) {
+            return mma_dense(e, self.w2t.ptr, Some(self.b2.ptr), h16, out, rows, self.n, self.r);
+        }
         e.gemv(self.w2t.ptr, Some(self.b2.ptr), h16, None, out, rows, self.n, self.r, Epi::Store, true, RMS_EPS as f32)
     }
 }

@@ -87,6 +87,9 @@ fn check_rows(rows: usize) -> GpuResult<()> {
 
 fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
     check_rows(l.rows)?;
+    if let (true, In::Half(x)) = (l.kind == "gather" && e.mma_rows > 0 && l.rows >= e.mma_rows && l.k % 32 == 0, l.input) {
+        return launch_mma(e, &l, x);
+    }
     let name = format!("gemv_{}_{}_{}_b{}", l.kind, e.dt().name(), l.epi, k_of(l.rows));
     let (x, xf, g, gb) = match l.input {
         In::Half(x) => (x, 0, 0, 0),
@@ -122,6 +125,48 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
     let grid = (e.row_grid(f, l.n, threads, smem)?, 1, 1);
     e.gpu.launch(f, grid, threads, smem as u32, &mut args)
 }
+
+/// A gather on the tensor cores (`gemv_mma_{dt}_{epi}_n{1,2}`, kernels/mma.cu): 8 warps a block over 16 kept
+/// rows at a time, blocks looping over the kept set.
+fn launch_mma(e: &Engine, l: &SparseGemv, x: CUdeviceptr) -> GpuResult<()> {
+    let name = format!("gemv_mma_{}_{}_n{}", e.dt().name(), l.epi, l.rows.div_ceil(8));
+    let f = e.k.get(&name)?;
+    let threads = MMA_THREADS;
+    let mut args = Args::new()
+        .ptr(l.w)
+        .ptr(l.w2)
+        .ptr(l.bias)
+        .ptr(l.bias2)
+        .ptr(x)
+        .ptr(l.out)
+        .i32(l.n as i32)
+        .i32(l.k as i32)
+        .i32(l.rows as i32)
+        .ptr(l.idx)
+        .ptr(l.cnt)
+        .ptr(l.pre)
+        .i32(i32::from(l.early && e.early_ids));
+    let grid = (e.block_grid(f, l.n.div_ceil(16), threads, 0)?, 1, 1);
+    e.gpu.launch(f, grid, threads, 0, &mut args)
+}
+
+/// `out` f32 `[rows, n]` = `w` `[n, k]` times each 16-bit row of `x` `[rows, k]` (+ `bias`), on the tensor cores
+/// (`gemv_mma_*` with no index list): for 3-16 rows where the CUDA-core GEMV is bound by its per-row work.
+/// Whether it applies: [`mma_dense_fits`].
+#[allow(clippy::too_many_arguments)]
+pub fn mma_dense(e: &Engine, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, rows: usize, n: usize, k: usize) -> GpuResult<()> {
+    check_rows(rows)?;
+    let l = SparseGemv { kind: "gather", epi: "store", w, w2: 0, bias: bias.unwrap_or(0), bias2: 0, input: In::Half(x), out, n, k, rows, idx: 0, cnt: 0, pre: 0, t: 0.0, tally: 0, early: false };
+    launch_mma(e, &l, x)
+}
+
+/// Whether [`mma_dense`] takes `rows` rows of width `k` on this engine (`DEJAVU_MMA_ROWS`).
+pub fn mma_dense_fits(e: &Engine, rows: usize, k: usize) -> bool {
+    e.mma_rows > 0 && rows >= e.mma_rows && rows <= GEMV_MAX_ROWS && k % 32 == 0
+}
+
+/// Threads of a `gemv_mma_*` block (`MMA_WARPS` in kernels/mma.cu).
+const MMA_THREADS: u32 = 256;
 
 /// `out[b, s] = epi(W[kept s] . x_b)` for `s < cnt`, `b < rows`: OPT fc1 + bias + ReLU (`Epi::Relu`, `w` `[f, k]`,
 /// `bias` `[f]`) or SwiGLU (`Epi::Glu`, `w` `[2f, k]` gate rows then up rows, `bias` `[2f]`). `out` is 16-bit

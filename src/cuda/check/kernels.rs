@@ -445,7 +445,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
     use crate::cuda::predict::GpuPredictor;
     use crate::predictor::{FoldedPredictor, RMS_EPS};
     let d = Dev { e };
-    for (rows, dim, r, n) in [(1usize, 5120usize, 256usize, 40usize), (1, 4096, 1024, 11008), (3, 576, 128, 1536), (4, 12288, 64, 96), (6, 512, 64, 200), (2, 100, 32, 50)] {
+    for (rows, dim, r, n) in [(1usize, 5120usize, 256usize, 40usize), (1, 4096, 1024, 11008), (3, 576, 128, 1536), (4, 12288, 64, 96), (6, 512, 64, 200), (2, 100, 32, 50), (16, 5120, 256, 20480), (9, 4096, 1024, 11008)] {
         let s = seed + (rows * 7 + dim + r) as u64;
         let f = FoldedPredictor {
             d: dim,
@@ -477,8 +477,16 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let tmp = d.poisoned(p.scratch_bytes(rows))?;
             let ob = d.poisoned(rows * n * 4)?;
             p.scores_by(e, xb.ptr, rows, tmp.ptr, ob.ptr, split)?;
-            let hidden = if split && crate::cuda::predict::hidden_split(dim, rows).is_some() { "pred_hidden" } else { "gemv + to_half" };
-            out.push(verdict(format!("predictor scores ({hidden} + gemv) rows={rows} d={dim} r={r} n={n}"), dt, &d.read_f32(&ob, rows * n)?, &want, 1e-2));
+            let fits = |k: usize| crate::cuda::sparse::mma_dense_fits(e, rows, k);
+            let hidden = if split && crate::cuda::predict::hidden_split(dim, rows).is_some() {
+                "pred_hidden"
+            } else if fits(dim) {
+                "rms_half + mma + to_half"
+            } else {
+                "gemv + to_half"
+            };
+            let second = if fits(r) { "mma" } else { "gemv" };
+            out.push(verdict(format!("predictor scores ({hidden} + {second}) rows={rows} d={dim} r={r} n={n}"), dt, &d.read_f32(&ob, rows * n)?, &want, 1e-2));
         }
     }
     Ok(())
@@ -842,6 +850,16 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_rope_fused(&e, dt, seed, &mut out)?;
         check_comb_fold(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
+        super::mma::check_mma(&e, dt, seed, &mut out)?;
+        // The CUDA-core gathers at 3-16 rows too (the path without tensor cores: DEJAVU_MMA_ROWS=0, widths not a
+        // multiple of 32, inputs normalised on the fly).
+        let mma_rows = e.set_mma_rows(0);
+        let from = out.len();
+        check_sparse(&e, dt, seed + 2, &mut out)?;
+        for c in &mut out[from..] {
+            c.kernel += " [CUDA-core gathers]";
+        }
+        e.set_mma_rows(mma_rows);
         check_select(&e, dt, seed, &mut out)?;
         check_topk_mlp(&e, dt, seed, &mut out)?;
         if dt == Half::F16 {
@@ -853,6 +871,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let from = out.len();
         check_linear(&e, dt, seed + 1, &mut out)?;
         check_sparse(&e, dt, seed + 1, &mut out)?;
+        super::mma::check_mma(&e, dt, seed + 1, &mut out)?;
         check_topk_mlp(&e, dt, seed + 1, &mut out)?;
         for c in &mut out[from..] {
             c.kernel += " [3 blocks: many rows a warp]";

@@ -9,6 +9,7 @@
 
 mod kept;
 mod kernels;
+mod mma;
 mod models;
 
 pub use kept::{kept_sets, KeptCheck, KeptRule};
