@@ -147,3 +147,18 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     float t = lane < nw ? red[lane] : NEG_INF;
     return warp_max(t);
 }
+
+// out[0..8) += v[0..8) with vector atomic adds (sm_90; scalar adds below): the sparse down projections'
+// partial sums meeting in the f32 residual stream.
+__device__ __forceinline__ void red_add8(float* p, const float* v) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+                 : "memory");
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + 4), "f"(v[4]), "f"(v[5]), "f"(v[6]),
+                 "f"(v[7])
+                 : "memory");
+#else
+#pragma unroll
+    for (int e = 0; e < 8; e++) atomicAdd(p + e, v[e]);
+#endif
+}

@@ -176,3 +176,151 @@ GEMV_MMA_EPIS(f16, F16, 1)
 GEMV_MMA_EPIS(f16, F16, 2)
 GEMV_MMA_EPIS(bf16, BF16, 1)
 GEMV_MMA_EPIS(bf16, BF16, 2)
+
+// The down projection over the kept neurons (down_t_*, kernels/sparse.cu, same arguments and semantics) on the
+// tensor cores, for 3-16 rows:
+//   out[b, :] += bias + sum_{s < cnt} act[b, s] * wt[idx[s], :]     (BY_ID: act[b, idx[s]])
+// as C[b, col] = A[b, s] B[s, col] with m16 = the (up to 16) input rows, k16 = 16 kept neurons, n8 = 8 columns.
+// The weights' rows are the k dimension, so a step's 16 rows x 64 columns go to the warp's ring in shared memory
+// (cp.async, DM_STAGES steps in flight, 16-byte chunks XOR-swizzled by row against bank conflicts) and
+// ldmatrix.trans makes the B fragments. Grid: (D / 64 column tiles, splits of the kept set); DM_WARPS warps a
+// block take the split's steps in turn; their sums meet in shared memory and go into `out` with vector atomics
+// (one a block per 8 columns and row), so the order of addition is not fixed. D must be a multiple of 64.
+#define DM_WARPS 4
+#define DM_STAGES 4
+
+__device__ __forceinline__ void cp_async16z(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+template <typename T, bool BY_ID>
+__device__ __forceinline__ void down_mma_impl(
+    const u16* __restrict__ wt,   // [F, D] transposed down / fc2 weights
+    const u16* __restrict__ bias, // [D] or null
+    const u16* __restrict__ act,  // [B, lda] compact activations of the kept neurons (BY_ID: by neuron id)
+    int lda,
+    const int* __restrict__ idx,  // [kcap] kept neuron ids, or null (row s is neuron s)
+    const int* __restrict__ cnt,  // [1] valid entries of idx (<= kcap), or null (kcap)
+    int kcap,
+    float* __restrict__ out,      // [B, D] f32, accumulated into
+    int D, int B,                 // B <= 16
+    int early) {                  // idx / cnt complete before the previous kernel began: read before the wait
+    __shared__ __align__(128) u16 ring[DM_WARPS][DM_STAGES][16][64];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    if (!early) pdl_wait();
+    const int n = cnt ? min(cnt[0], kcap) : kcap;
+    // This block's split of the kept set, in whole steps of 16.
+    const int steps_all = (n + 15) >> 4;
+    const int per = (steps_all + gridDim.y - 1) / gridDim.y;
+    const int st0 = blockIdx.y * per, st1 = min(steps_all, st0 + per);
+    const int col0 = blockIdx.x * 64;
+    // The warp's steps: st0 + warp, + DM_WARPS, ...
+    const int mine = st1 > st0 + warp ? (st1 - st0 - warp + DM_WARPS - 1) / DM_WARPS : 0;
+    const unsigned rbase = smem_addr(&ring[warp][0][0][0]);
+    auto issue = [&](int i) { // step i of this warp into stage i % DM_STAGES
+        if (i < mine) {
+            const int k0 = 16 * (st0 + warp + i * DM_WARPS);
+            const int stg = i % DM_STAGES;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int c = lane + 32 * j, r = c >> 3, p = c & 7;
+                const int s = k0 + r;
+                const bool ok = s < n;
+                const int row = ok ? (idx ? idx[s] : s) : 0;
+                const u16* src = wt + (size_t)row * D + col0 + 8 * p;
+                cp_async16z(rbase + (unsigned)(((stg * 16 + r) * 64 + 8 * (p ^ (r & 7))) * 2), src, ok ? 16 : 0);
+            }
+        }
+        cp_async_commit(); // empty groups keep the wait count uniform
+    };
+#pragma unroll
+    for (int i = 0; i < DM_STAGES - 1; i++) issue(i);
+    pdl_wait();
+    pdl_launch();
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+    const bool hi = g + 8 < B, lo = g < B;
+    const u16* arow_lo = act + (size_t)(lo ? g : 0) * lda;
+    const u16* arow_hi = act + (size_t)(hi ? g + 8 : 0) * lda;
+    for (int i = 0; i < mine; i++) {
+        issue(i + DM_STAGES - 1);
+        // A fragment: rows g, g + 8 (input rows), k = 2q, 2q + 1, 2q + 8, 2q + 9 of this step (zero past n).
+        const int k0 = 16 * (st0 + warp + i * DM_WARPS);
+        u32 a[4];
+#pragma unroll
+        for (int h = 0; h < 2; h++) { // h: k + 8h
+            const int s = k0 + 2 * q + 8 * h;
+            const bool ok0 = s < n, ok1 = s + 1 < n;
+            const int c0 = BY_ID ? (ok0 ? idx[s] : 0) : s, c1 = BY_ID ? (ok1 ? idx[s + 1] : 0) : s + 1;
+            const u32 l0 = lo && ok0 ? arow_lo[c0] : 0u, l1 = lo && ok1 ? arow_lo[c1] : 0u;
+            const u32 h0 = hi && ok0 ? arow_hi[c0] : 0u, h1 = hi && ok1 ? arow_hi[c1] : 0u;
+            a[2 * h] = l0 | (l1 << 16);
+            a[2 * h + 1] = h0 | (h1 << 16);
+        }
+        asm volatile("cp.async.wait_group %0;" ::"n"(DM_STAGES - 1) : "memory");
+        __syncwarp();
+        const int stg = i % DM_STAGES;
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) { // n-tiles 2jj, 2jj + 1
+            const int mat = lane >> 3, r = (mat & 1) * 8 + (lane & 7), ch = 2 * jj + (mat >> 1);
+            const unsigned addr = rbase + (unsigned)(((stg * 16 + r) * 64 + 8 * (ch ^ (r & 7))) * 2);
+            u32 b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(addr));
+            mma16816<T>(acc[2 * jj], a[0], a[1], a[2], a[3], b0, b1);
+            mma16816<T>(acc[2 * jj + 1], a[0], a[1], a[2], a[3], b2, b3);
+        }
+        __syncwarp(); // every lane has read this stage before it is refilled
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+    // The warps' sums meet in shared memory (the ring, no longer needed): red[w][b][col].
+    float* red = (float*)&ring[0][0][0][0];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int c = 8 * j + 2 * q;
+        red[(warp * 16 + g) * 64 + c] = acc[j][0];
+        red[(warp * 16 + g) * 64 + c + 1] = acc[j][1];
+        red[(warp * 16 + g + 8) * 64 + c] = acc[j][2];
+        red[(warp * 16 + g + 8) * 64 + c + 1] = acc[j][3];
+    }
+    __syncthreads();
+    // 128 threads: input row b = t / 8, columns 8 (t % 8) .. + 7.
+    const int b = threadIdx.x >> 3, c8 = threadIdx.x & 7;
+    if (b < B && (st1 > st0 || (bias && blockIdx.y == 0))) { // blocks with no rows add only the bias
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < DM_WARPS; w++) sum += red[(w * 16 + b) * 64 + 8 * c8 + e];
+            v[e] = sum;
+        }
+        if (bias && blockIdx.y == 0) {
+            float bf[8];
+            unpack8<T>(__ldg((const uint4*)(bias + col0) + c8), bf);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] += bf[e];
+        }
+        red_add8(out + (size_t)b * D + col0 + 8 * c8, v);
+    }
+}
+
+#define DOWN_MMA(TN, T)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * DM_WARPS) down_mma_##TN(                                  \
+        const u16* wt, const u16* bias, const u16* act, int lda, const int* idx, const int* cnt, int kcap,         \
+        float* out, int D, int B, int early) {                                                                    \
+        down_mma_impl<T, false>(wt, bias, act, lda, idx, cnt, kcap, out, D, B, early);                           \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * DM_WARPS) down_mma_id_##TN(                               \
+        const u16* wt, const u16* bias, const u16* act, int lda, const int* idx, const int* cnt, int kcap,         \
+        float* out, int D, int B, int early) {                                                                    \
+        down_mma_impl<T, true>(wt, bias, act, lda, idx, cnt, kcap, out, D, B, early);                            \
+    }
+DOWN_MMA(f16, F16)
+DOWN_MMA(bf16, BF16)

@@ -10,19 +10,6 @@
 // meet in shared memory first, so a block issues one vector atomic per 8 columns (a chunk of R rows costs D atomic
 // adds into the residual, against the 2 R D bytes of weights it reads). D must be a multiple of 8.
 
-__device__ __forceinline__ void red_add8(float* p, const float* v) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
-                 : "memory");
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + 4), "f"(v[4]), "f"(v[5]), "f"(v[6]),
-                 "f"(v[7])
-                 : "memory");
-#else
-#pragma unroll
-    for (int e = 0; e < 8; e++) atomicAdd(p + e, v[e]);
-#endif
-}
-
 // Kept rows a block takes at most (the host's `R`): their ids and activations are staged in shared memory first.
 #define DOWN_T_MAXR 128
 

@@ -274,6 +274,9 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
     }
     check_rows(rows)?;
     let cap = kept.map_or(n, |k| k.cap);
+    if e.mma_rows > 0 && rows >= e.mma_rows && d % 64 == 0 {
+        return down_mma(e, wt, bias, act, lda, kept, cap, out, rows, d, by_id);
+    }
     let DownShape { tc, tiles, r } = down_shape(d, cap, e.gpu.sms as usize);
     let chunks = cap.div_ceil(r).max(1);
     let name = format!("down_t_{}{}_b{}", if by_id { "id_" } else { "" }, e.dt().name(), k_of(rows));
@@ -294,6 +297,33 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
         .i32(i32::from(kept.is_some_and(|k| k.early) && e.early_ids));
     e.gpu.launch(f, (tiles as u32, chunks as u32, 1), 256, 0, &mut args)
 }
+
+/// [`down_t`] on the tensor cores (`down_mma_*`, kernels/mma.cu) for 3-16 rows: 64 columns a block, the kept set
+/// split over enough blocks to give each multiprocessor about four.
+#[allow(clippy::too_many_arguments)]
+fn down_mma(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdeviceptr, lda: usize, kept: Option<Kept>, cap: usize, out: CUdeviceptr, rows: usize, d: usize, by_id: bool) -> GpuResult<()> {
+    let name = format!("down_mma_{}{}", if by_id { "id_" } else { "" }, e.dt().name());
+    let f = e.k.get(&name)?;
+    let tiles = d / 64;
+    // Splits: ~4 blocks a multiprocessor, but at least two steps of 16 kept rows for each of a block's warps.
+    let splits = (4 * e.gpu.sms as usize).div_ceil(tiles).clamp(1, cap.div_ceil(16 * DM_WARPS * 2).max(1));
+    let mut args = Args::new()
+        .ptr(wt)
+        .ptr(bias.unwrap_or(0))
+        .ptr(act)
+        .i32(lda as i32)
+        .ptr(kept.map_or(0, |k| k.idx))
+        .ptr(kept.map_or(0, |k| k.cnt))
+        .i32(cap as i32)
+        .ptr(out)
+        .i32(d as i32)
+        .i32(rows as i32)
+        .i32(i32::from(kept.is_some_and(|k| k.early) && e.early_ids));
+    e.gpu.launch(f, (tiles as u32, splits as u32, 1), (32 * DM_WARPS) as u32, 0, &mut args)
+}
+
+/// Warps of a `down_mma_*` block (`DM_WARPS` in kernels/mma.cu).
+const DM_WARPS: usize = 4;
 
 /// `out [c, r] = in [r, c]` transposed, 16-bit.
 pub fn transpose(e: &Engine, input: CUdeviceptr, out: CUdeviceptr, r: usize, c: usize) -> GpuResult<()> {

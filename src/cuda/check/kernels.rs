@@ -160,7 +160,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         }
     }
     // The transposed down projection: out (f32, initialised) += bias + sum_s act[b, s] wt[idx[s], :].
-    for (rows, dd, f) in [(1usize, 576usize, 1536usize), (4, 1024, 2048), (16, 576, 344), (1, 4096, 11008), (1, 5120, 2048)] {
+    for (rows, dd, f) in [(1usize, 576usize, 1536usize), (4, 1024, 2048), (16, 576, 344), (1, 4096, 11008), (1, 5120, 2048), (9, 5120, 700), (3, 2048, 333)] {
         let s = seed + 5 + (rows * 104_729 + dd * 13 + f) as u64;
         let wt = rounded(&randv(f * dd, s, (3.0 / f as f32).sqrt()), dt);
         let bias = rounded(&randv(dd, s + 1, 0.5), dt);
@@ -851,13 +851,13 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_comb_fold(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
         super::mma::check_mma(&e, dt, seed, &mut out)?;
-        // The CUDA-core gathers at 3-16 rows too (the path without tensor cores: DEJAVU_MMA_ROWS=0, widths not a
-        // multiple of 32, inputs normalised on the fly).
+        // The CUDA-core gathers and down projections at 3-16 rows too (DEJAVU_MMA_ROWS=0, widths not a multiple of
+        // 32 / 64, inputs normalised on the fly).
         let mma_rows = e.set_mma_rows(0);
         let from = out.len();
         check_sparse(&e, dt, seed + 2, &mut out)?;
         for c in &mut out[from..] {
-            c.kernel += " [CUDA-core gathers]";
+            c.kernel += " [without tensor cores]";
         }
         e.set_mma_rows(mma_rows);
         check_select(&e, dt, seed, &mut out)?;
