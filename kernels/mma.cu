@@ -96,7 +96,7 @@ __device__ __forceinline__ void gemv_mma_impl(
         for (int t = 0; t < NT; t++)
 #pragma unroll
             for (int j = 0; j < 4; j++) { acc[t][j] = 0.0f; acc2[t][j] = 0.0f; }
-        constexpr int U = glu ? 2 : 4; // chunks in flight
+        constexpr int U = 4; // chunks in flight
         for (int c = c0; c < c1; c += U) {
             uint4 wa[U], wb[U], ua[U], ub[U], xv[U][NT];
 #pragma unroll

@@ -440,43 +440,58 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
 // The kept set of B rows' flags: idx[0 .. cnt) the ascending ids kept by at least one row; with `pre`, pre[b, s] =
 // 1 or 0 (whether row b keeps idx[s], row stride N); with `src`/`dst`, dst[b, s] = src[b, idx[s]] where row b keeps
 // it, else 0 (16-bit, row stride N). One block; every thread takes part.
+// The union flags of units i .. i + 3 (i = c0 + 4 * threadIdx.x) over the B rows, one byte a unit.
+__device__ __forceinline__ u32 union4(const unsigned char* __restrict__ keep, int N, int B, int i, u32* wv) {
+    u32 any = 0;
+#pragma unroll
+    for (int b = 0; b < 16; b++) {
+        wv[b] = b < B && i < N ? *(const u32*)(keep + (size_t)b * N + i) : 0u;
+        any |= wv[b];
+    }
+    return any;
+}
+
+__device__ __forceinline__ int kept4(u32 any) {
+    int m = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) m += ((any >> (8 * j)) & 0xffu) != 0u;
+    return m;
+}
+
+// topk_compact's work for the units c0 .. c0 + 4 * blockDim.x (N % 4 == 0, B <= 16, `keep` 4-byte aligned), four
+// consecutive units a thread, their first slot `base`: each row's flags read with one coalesced 4-byte load a
+// thread (all rows' loads in flight together), the ids and flags written in runs. Returns the units kept here.
+__device__ __forceinline__ int compact_chunk4(const unsigned char* __restrict__ keep, int N, int B, int c0, int base,
+                                              int* __restrict__ idx, float* __restrict__ pre,
+                                              const u16* __restrict__ src, u16* __restrict__ dst, int* red) {
+    const int i = c0 + 4 * threadIdx.x;
+    u32 wv[16];
+    const u32 any = union4(keep, N, B, i, wv);
+    int total;
+    int s = base + block_excl_scan(kept4(any), red, total);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        if (((any >> (8 * j)) & 0xffu) == 0u) continue;
+        idx[s] = i + j;
+#pragma unroll
+        for (int b = 0; b < 16; b++) {
+            if (b >= B) break;
+            const bool kb = ((wv[b] >> (8 * j)) & 0xffu) != 0u;
+            if (pre) pre[(size_t)b * N + s] = kb ? 1.0f : 0.0f;
+            if (dst) dst[(size_t)b * N + s] = kb ? src[(size_t)b * N + i + j] : (u16)0;
+        }
+        s++;
+    }
+    return total;
+}
+
 __device__ __forceinline__ void topk_compact_impl(const unsigned char* keep, int N, int B, int* __restrict__ idx,
                                                   int* __restrict__ cnt, float* __restrict__ pre,
                                                   const u16* __restrict__ src, u16* __restrict__ dst) {
     __shared__ int red[33];
     if ((N & 3) == 0 && B <= 16 && ((size_t)keep & 3) == 0) {
-        // Four units a thread, consecutive threads on consecutive units: each row's flags are read with one 4-byte
-        // load a thread (coalesced, all rows' loads in flight together), the ids and flags written in runs.
         int base = 0;
-        for (int c0 = 0; c0 < N; c0 += 4 * blockDim.x) {
-            const int i = c0 + 4 * threadIdx.x;
-            u32 wv[16];
-            u32 any = 0;
-#pragma unroll
-            for (int b = 0; b < 16; b++) {
-                wv[b] = b < B && i < N ? *(const u32*)(keep + (size_t)b * N + i) : 0u;
-                any |= wv[b];
-            }
-            int mine = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) mine += ((any >> (8 * j)) & 0xffu) != 0u;
-            int total;
-            int s = base + block_excl_scan(mine, red, total);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                if (((any >> (8 * j)) & 0xffu) == 0u) continue;
-                idx[s] = i + j;
-#pragma unroll
-                for (int b = 0; b < 16; b++) {
-                    if (b >= B) break;
-                    const bool kb = ((wv[b] >> (8 * j)) & 0xffu) != 0u;
-                    if (pre) pre[(size_t)b * N + s] = kb ? 1.0f : 0.0f;
-                    if (dst) dst[(size_t)b * N + s] = kb ? src[(size_t)b * N + i + j] : (u16)0;
-                }
-                s++;
-            }
-            base += total;
-        }
+        for (int c0 = 0; c0 < N; c0 += 4 * blockDim.x) base += compact_chunk4(keep, N, B, c0, base, idx, pre, src, dst, red);
         if (threadIdx.x == 0) cnt[0] = base;
         return;
     }
@@ -527,6 +542,32 @@ extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, 
                                         u16* __restrict__ dst) {     // [B, N] out, or null
     PDL_ENTER
     topk_compact_impl(keep, N, B, idx, cnt, pre, src, dst);
+}
+
+// topk_compact over several blocks (N % 4 == 0, B <= 16, `keep` 4-byte aligned; the host checks): block c takes the
+// units 4 c blockDim.x .. + 4 blockDim.x. Its first slot is the union count of the units before it, which it
+// counts itself from the flags (no second launch, no scratch; the last block's recount is the longest); the last
+// block writes the count.
+extern "C" __global__ void __launch_bounds__(256) topk_compact_grid(const unsigned char* __restrict__ keep, // [B, N]
+                                                                     int N, int B,
+                                                                     int* __restrict__ idx,   // [N] out
+                                                                     int* __restrict__ cnt,   // [1] out
+                                                                     float* __restrict__ pre, // [B, N] out, or null
+                                                                     const u16* __restrict__ src, // [B, N] or null
+                                                                     u16* __restrict__ dst) {     // [B, N] out, or null
+    PDL_ENTER
+    __shared__ int red[33];
+    const int c0 = blockIdx.x * 4 * blockDim.x;
+    int before = 0;
+#pragma unroll 2
+    for (int i = 4 * threadIdx.x; i < c0; i += 4 * blockDim.x) {
+        u32 wv[16];
+        before += kept4(union4(keep, N, B, i, wv));
+    }
+    int base;
+    block_excl_scan(before, red, base);
+    const int total = compact_chunk4(keep, N, B, c0, base, idx, pre, src, dst, red);
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) cnt[0] = base + total;
 }
 
 // The head-sparse attention's row lists from a kept head set (one block): `qkv_rows` the q rows of the kept heads

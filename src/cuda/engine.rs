@@ -203,6 +203,9 @@ pub struct Engine {
     /// Gathers of at least this many rows run on the tensor cores (`gemv_mma_*`, kernels/mma.cu;
     /// `DEJAVU_MMA_ROWS`, default 3; 0: never).
     pub(super) mma_rows: usize,
+    /// The union of several rows' kept sets over many blocks past 2,048 units (`topk_compact_grid`;
+    /// `DEJAVU_COMPACT_GRID=0`: one block).
+    pub(super) compact_grid: bool,
     /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows
     /// (`DEJAVU_PRED_SPLIT=0`: the GEMV + `to_half` path).
     pub pred_split: bool,
@@ -301,6 +304,7 @@ impl Engine {
             persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
             early_ids: std::env::var("DEJAVU_EARLY_IDS").map_or(true, |v| v != "0"),
             mma_rows: std::env::var("DEJAVU_MMA_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(3),
+            compact_grid: std::env::var("DEJAVU_COMPACT_GRID").map_or(true, |v| v != "0"),
             pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
