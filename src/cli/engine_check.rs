@@ -53,6 +53,11 @@ pub struct Args {
     /// The key/value heads of dropped heads under `--head-sparsity`: computed (`all`) or skipped (`kept`).
     #[arg(long, value_enum, default_value_t = dejavu::sparse::HeadKv::All)]
     pub head_kv: dejavu::sparse::HeadKv,
+    /// Also decode the prompts in batches of these sizes (3-16 rows run the tensor-core kernels) under every plan
+    /// checked, against each prompt decoded alone on the engine: identical tokens on 90% of the prompts, the other
+    /// divergences at a top-2 margin under 0.05 of the single run.
+    #[arg(long, num_args = 1.., value_name = "ROWS", value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub batched: Vec<u32>,
     /// Write every check as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -103,12 +108,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out(&s)?;
     }
     let mut models = Vec::new();
+    let mut batches = Vec::new();
     if !args.models.is_empty() {
         let path = args.prompts.clone().ok_or_else(|| super::usage("--models needs --prompts FILE"))?;
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| l.len() > 8 && !l.starts_with('=')).take(args.n).collect();
         let mut s = String::from(
             "\n| model | dtype | prompts | steps | identical | divergences at margin < 0.05 | worst margin | max abs dlogprob | pass |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        let mut bs = String::from(
+            "\n| model, batched against alone | rows | prompts | steps | identical | divergences at margin < 0.05 | worst margin | pass |\n|---|---|---|---|---|---|---|---|\n",
         );
         for m in &args.models {
             let files = super::common::resolve(m)?;
@@ -208,12 +217,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 );
                 failed += usize::from(!c.pass);
                 models.push(c);
+                for &rows in &args.batched {
+                    let b = check::batched(&files, args.dtype, &prompts, args.steps, rows as usize, plan, copies.as_ref(), predictors.as_ref()).map_err(|e| anyhow::anyhow!("{m}: batched: {e}"))?;
+                    bs += &format!(
+                        "| {} | {} | {} | {} | {} | {} | {:.4} | {} |\n",
+                        b.model, b.rows, b.prompts, b.steps, b.identical, b.divergences_at_near_ties, b.worst_margin, if b.pass { "yes" } else { "NO" }
+                    );
+                    failed += usize::from(!b.pass);
+                    batches.push(b);
+                }
             }
         }
         out(&s)?;
+        if !args.batched.is_empty() {
+            out(&bs)?;
+        }
     }
     if let Some(p) = &args.json {
-        dejavu::store::write_json(p, &serde_json::json!({ "kernels": kernels, "models": models }))?;
+        dejavu::store::write_json(p, &serde_json::json!({ "kernels": kernels, "models": models, "batched": batches }))?;
     }
     if failed > 0 {
         anyhow::bail!("{failed} check(s) failed");

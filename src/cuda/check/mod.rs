@@ -3,7 +3,8 @@
 //!   < 1e-2, no NaN, every element written);
 //! - [`models`]: whole models against the burn reference: greedy continuations, divergences only where the
 //!   reference's top-2 log-prob margin is under 0.05, teacher-forced log-probs of the reference's tokens within 0.05;
-//! - [`kept`]: the sparse rules' kept sets on real weights, given the same inputs.
+//! - [`kept`]: the sparse rules' kept sets on real weights, given the same inputs;
+//! - [`batched`]: a batch of prompts decoded together against each decoded alone (same engine and plan).
 //!
 //! The helpers below (random inputs, 16-bit rounding, error measures, poisoned device buffers) serve all three.
 
@@ -14,7 +15,7 @@ mod models;
 
 pub use kept::{kept_sets, KeptCheck, KeptRule};
 pub use kernels::{kernels, KernelCheck};
-pub use models::{compare, model, ModelCheck};
+pub use models::{batched, compare, model, BatchCheck, ModelCheck};
 
 use half::{bf16, f16};
 

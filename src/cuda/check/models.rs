@@ -134,3 +134,101 @@ pub fn model(
     };
     compare(&name, &mut cpu, &mut gpu, dt, prompts, steps)
 }
+
+/// Batched sparse decoding against the same engine decoding each prompt alone: an invariant of the union kept sets
+/// (each row uses only its own units, so a row's tokens must not depend on what it is batched with).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchCheck {
+    pub model: String,
+    pub rows: usize,
+    /// Prompts compared (whole groups of `rows`).
+    pub prompts: usize,
+    pub steps: usize,
+    pub identical: usize,
+    /// Prompts whose first divergence sits where the single-row run's top-2 log-prob margin is under 0.05.
+    pub divergences_at_near_ties: usize,
+    pub worst_margin: f64,
+    pub pass: bool,
+}
+
+/// Load `files` on the engine under `plan` (None: dense) and decode `prompts` greedily in groups of `rows` (each
+/// group cut to its shortest prompt), then each prompt alone; compare the tokens row by row.
+#[allow(clippy::too_many_arguments)]
+pub fn batched(
+    files: &ModelFiles,
+    dt: Option<Half>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    rows: usize,
+    plan: Option<(&crate::sparse::Plan, &str)>,
+    copies: Option<&crate::sparse::quant::QScoreCopies>,
+    predictors: Option<&crate::predictor::Predictors<crate::backend::CpuBackend>>,
+) -> Result<BatchCheck, String> {
+    let (mut gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
+    if let Some((p, _)) = plan {
+        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
+        let (fm, fh) = (fold(false), fold(true));
+        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
+        gpu.set_plan(p, &art).map_err(|e| e.0)?;
+    }
+    let name = match plan {
+        Some((_, label)) => format!("{} ({label})", files.identity),
+        None => files.identity.clone(),
+    };
+    let limit = gpu.config().position_limit();
+    let (mut identical, mut near, mut worst, mut n) = (0, 0, 0f64, 0);
+    let mut steps_run = steps;
+    for group in prompts.chunks(rows).filter(|g| g.len() == rows) {
+        let len = group.iter().map(|p| p.len()).min().unwrap_or(0);
+        if len == 0 {
+            continue;
+        }
+        let steps = limit.map_or(steps, |l| steps.min(l.saturating_sub(len)));
+        if steps == 0 {
+            continue;
+        }
+        steps_run = steps;
+        let cut: Vec<Vec<u32>> = group.iter().map(|p| p[..len].to_vec()).collect();
+        // Together.
+        gpu.reset();
+        gpu.prefill(&cut, None).map_err(|e| format!("batched prefill: {e}"))?;
+        let mut together = vec![Vec::with_capacity(steps); rows];
+        for j in 0..steps {
+            let t = gpu.greedy().map_err(|e| format!("batched greedy: {e}"))?;
+            for (r, &x) in t.iter().enumerate() {
+                together[r].push(x);
+            }
+            if j + 1 < steps {
+                gpu.step(&t).map_err(|e| format!("batched step: {e}"))?;
+            }
+        }
+        // Alone, with the top-2 margin at every step.
+        for (r, p) in cut.iter().enumerate() {
+            gpu.reset();
+            gpu.prefill(std::slice::from_ref(p), None).map_err(|e| format!("prefill: {e}"))?;
+            let mut alone = Vec::with_capacity(steps);
+            let mut margins = Vec::with_capacity(steps);
+            for j in 0..steps {
+                let l = gpu.logits().map_err(|e| format!("logits: {e}"))?;
+                margins.push(top2_margin(&l[0]));
+                let x = gpu.greedy().map_err(|e| format!("greedy: {e}"))?[0];
+                alone.push(x);
+                if j + 1 < steps {
+                    gpu.step(&[x]).map_err(|e| format!("step: {e}"))?;
+                }
+            }
+            n += 1;
+            match alone.iter().zip(&together[r]).position(|(a, b)| a != b) {
+                None => identical += 1,
+                Some(i) => {
+                    worst = worst.max(margins[i]);
+                    if margins[i] < 0.05 {
+                        near += 1;
+                    }
+                }
+            }
+        }
+    }
+    let pass = n > 0 && identical * 10 >= n * 9 && identical + near == n;
+    Ok(BatchCheck { model: name, rows, prompts: n, steps: steps_run, identical, divergences_at_near_ties: near, worst_margin: worst, pass })
+}
