@@ -114,6 +114,13 @@ impl GpuPredictor {
     }
 }
 
+/// Whether a prediction over `rows` rows of width `d` rounds its normalised input to the 16-bit type before the
+/// hidden layer: the tensor-core path ([`GpuPredictor::scores`] at 3-16 rows past `pred_hidden_*`'s 4); the other
+/// paths normalise in f32.
+pub(crate) fn rounds_input(e: &Engine, d: usize, rows: usize) -> bool {
+    !(e.pred_split && hidden_split(d, rows).is_some()) && mma_dense_fits(e, rows, d)
+}
+
 /// Warps of a `pred_hidden_*` block.
 const PRED_WARPS: usize = 8;
 /// 16-byte weight loads a lane holds in `pred_hidden_*` (`PRED_PL` in kernels/predict.cu).

@@ -75,7 +75,10 @@ impl EngineSel {
     /// The kept set of one token at layer `l`: `xn` its normed MLP input (as given to the GPU, before rounding),
     /// `xr` its residual (predictors).
     #[allow(clippy::too_many_arguments)]
-    fn kept(&self, th: Option<&[f32]>, k: usize, l: usize, xn: &[f32], xr: &[f32], dt: Half, llama: bool, f: usize) -> Vec<usize> {
+    /// `u16`: the predictor's normalised input is rounded to the 16-bit type before its hidden layer (the
+    /// tensor-core path at 3-16 rows, [`crate::cuda::predict::rounds_input`]).
+    #[allow(clippy::too_many_arguments)]
+    fn kept(&self, th: Option<&[f32]>, k: usize, l: usize, xn: &[f32], xr: &[f32], dt: Half, llama: bool, f: usize, u16: bool) -> Vec<usize> {
         let x16: Vec<f64> = rounded(xn, dt).into_iter().map(f64::from).collect();
         match (self, th) {
             (EngineSel::Glu(ws), Some(th)) => {
@@ -106,7 +109,11 @@ impl EngineSel {
                 let p = &ps[l];
                 let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / xr.len() as f64;
                 let rstd = 1.0 / (ms + crate::predictor::RMS_EPS).sqrt();
-                let z: Vec<f64> = xr.iter().map(|&v| v as f64 * rstd).collect();
+                let mut z: Vec<f64> = xr.iter().map(|&v| v as f64 * rstd).collect();
+                if u16 {
+                    let zr: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+                    z = rounded(&zr, dt).into_iter().map(f64::from).collect();
+                }
                 let t: Vec<f32> = (0..p.r).map(|j| (dot64(&p.w1t[j * p.d..(j + 1) * p.d], &z) + p.b1[j] as f64) as f32).collect();
                 let t16: Vec<f64> = rounded(&t, dt).into_iter().map(f64::from).collect();
                 let sc: Vec<f32> = (0..p.n).map(|c| (dot64(&p.w2t[c * p.r..(c + 1) * p.r], &t16) + p.b2[c] as f64) as f32).collect();
@@ -258,11 +265,12 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
                     }
                 };
                 // The engine function's sets of the chunk's tokens, one thread per token.
+                let u16 = crate::cuda::predict::rounds_input(e, d, nb);
                 let eng: Vec<Vec<usize>> = std::thread::scope(|sc| -> Result<_, String> {
                     let hs: Vec<_> = (0..nb)
                         .map(|b| {
                             let (xn, xr, esel) = (&xn[(c0 + b) * d..(c0 + b + 1) * d], &xr[(c0 + b) * d..(c0 + b + 1) * d], &esel);
-                            sc.spawn(move || esel.kept(sel_th, sel_k, l, xn, xr, dt, llama, f))
+                            sc.spawn(move || esel.kept(sel_th, sel_k, l, xn, xr, dt, llama, f, u16))
                         })
                         .collect();
                     hs.into_iter().map(|h| h.join().map_err(|_| format!("the host's selection function panicked at layer {l}"))).collect()
