@@ -324,3 +324,151 @@ __device__ __forceinline__ void down_mma_impl(
     }
 DOWN_MMA(f16, F16)
 DOWN_MMA(bf16, BF16)
+
+// The `qscore` rule's score pass (qscore_*, kernels/qscore.cu, same copies and result) on the tensor cores for 3-16
+// rows: s[b, n] = |silu(gate_n . x_b) * (up_n . x_b)|, each group of 32 inputs a sum of (code - 7) x scaled by its
+// f16 scale. A warp takes 16 neurons and a slice of the groups; per group, lane (g, q) holds word q of the group's
+// codes (elements 8q .. 8q + 7) for neurons g and g + 8 of both matrices, decoded exactly into 16-bit pairs
+// (code - 7 is an integer in [-7, 8]: the 16-bit float with the code in its low mantissa bits, minus 1031 (f16) or
+// 135 (bf16)), and the group's two k16 steps use the gathers' permuted k order against 16 bytes of each input row.
+// The group's sums are scaled per neuron and added into f32 accumulators; the block's slices meet in shared memory.
+// K must be a multiple of 32; 16-bit input rows only.
+template <typename T>
+__device__ __forceinline__ u32 code_pair(u32 byte2); // nibbles n0 (bits 0-3), n1 (bits 4-7) -> (n0 - 7, n1 - 7)
+template <>
+__device__ __forceinline__ u32 code_pair<F16>(u32 t) {
+    const u32 v = 0x64006400u | (t & 0xFu) | ((t & 0xF0u) << 12); // 1024 + n in each half, exact
+    u32 r;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(0x64076407u)); // - 1031
+    return r;
+}
+template <>
+__device__ __forceinline__ u32 code_pair<BF16>(u32 t) {
+    const u32 v = 0x43004300u | (t & 0xFu) | ((t & 0xF0u) << 12); // 128 + n in each half, exact
+    u32 r;
+    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(0x43074307u)); // - 135
+    return r;
+}
+
+// tmp (+)= one group's 16 x 32 codes (lane's words wlo: neuron g, whi: neuron g + 8) times input chunk xv.
+template <typename T>
+__device__ __forceinline__ void mma_codes(float* tmp, u32 wlo, u32 whi, uint4 xv) {
+    // Step s takes the lane's elements 4s .. 4s + 3: pairs (4s, 4s + 1) -> k = 2q, 2q + 1; (4s + 2, 4s + 3) -> 2q + 8, 9.
+    mma16816<T>(tmp, code_pair<T>(wlo), code_pair<T>(whi), code_pair<T>(wlo >> 8), code_pair<T>(whi >> 8), xv.x, xv.y);
+    mma16816<T>(tmp, code_pair<T>(wlo >> 16), code_pair<T>(whi >> 16), code_pair<T>(wlo >> 24), code_pair<T>(whi >> 24), xv.z, xv.w);
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void qscore_mma_impl(
+    const u32* __restrict__ gq,   // [N, K / 32, 4] gate codes (one 16-byte word a group, read as 4 words)
+    const u32* __restrict__ uq,   // [N, K / 32, 4] up codes
+    const u16* __restrict__ gs,   // [N, K / 32] gate scales, f16
+    const u16* __restrict__ us,   // [N, K / 32] up scales, f16
+    const u16* __restrict__ x,    // [B, K] 16-bit input rows
+    float* __restrict__ out,      // [B, N] scores
+    int N, int K, int B) {
+    constexpr int NB = 8 * NT;
+    __shared__ float red[MMA_WARPS][16][NB], red2[MMA_WARPS][16][NB];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    pdl_wait();
+    pdl_launch();
+    const int G = K >> 5, tiles = (N + 15) >> 4;
+    const int c0 = warp * G / MMA_WARPS, c1 = (warp + 1) * G / MMA_WARPS;
+    const uint4* xr[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        xok[t] = 8 * t + g < B;
+        xr[t] = (const uint4*)(x + (size_t)(xok[t] ? 8 * t + g : 0) * K) + q;
+    }
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int na = min(16 * tile + g, N - 1), nb = min(16 * tile + g + 8, N - 1);
+        const u32* ga = gq + (size_t)na * G * 4 + q;
+        const u32* gb = gq + (size_t)nb * G * 4 + q;
+        const u32* ua = uq + (size_t)na * G * 4 + q;
+        const u32* ub = uq + (size_t)nb * G * 4 + q;
+        float ag[NT][4], au[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) { ag[t][j] = 0.0f; au[t][j] = 0.0f; }
+        constexpr int U = 4; // groups in flight
+        for (int c = c0; c < c1; c += U) {
+            u32 wga[U], wgb[U], wua[U], wub[U];
+            float sga[U], sgb[U], sua[U], sub_[U];
+            uint4 xv[U][NT];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int j = c + u;
+                const bool ok = j < c1;
+                wga[u] = ok ? __ldg(ga + 4 * j) : 0u;
+                wgb[u] = ok ? __ldg(gb + 4 * j) : 0u;
+                wua[u] = ok ? __ldg(ua + 4 * j) : 0u;
+                wub[u] = ok ? __ldg(ub + 4 * j) : 0u;
+                sga[u] = ok ? F16::load(gs[(size_t)na * G + j]) : 0.0f;
+                sgb[u] = ok ? F16::load(gs[(size_t)nb * G + j]) : 0.0f;
+                sua[u] = ok ? F16::load(us[(size_t)na * G + j]) : 0.0f;
+                sub_[u] = ok ? F16::load(us[(size_t)nb * G + j]) : 0.0f;
+#pragma unroll
+                for (int t = 0; t < NT; t++) xv[u][t] = ok && xok[t] ? __ldg(xr[t] + 4 * j) : zero;
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    float tg[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tu[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    mma_codes<T>(tg, wga[u], wgb[u], xv[u][t]);
+                    mma_codes<T>(tu, wua[u], wub[u], xv[u][t]);
+                    // C rows: 0, 1 -> neuron g; 2, 3 -> neuron g + 8.
+                    ag[t][0] = fmaf(sga[u], tg[0], ag[t][0]);
+                    ag[t][1] = fmaf(sga[u], tg[1], ag[t][1]);
+                    ag[t][2] = fmaf(sgb[u], tg[2], ag[t][2]);
+                    ag[t][3] = fmaf(sgb[u], tg[3], ag[t][3]);
+                    au[t][0] = fmaf(sua[u], tu[0], au[t][0]);
+                    au[t][1] = fmaf(sua[u], tu[1], au[t][1]);
+                    au[t][2] = fmaf(sub_[u], tu[2], au[t][2]);
+                    au[t][3] = fmaf(sub_[u], tu[3], au[t][3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const int b = 8 * t + 2 * q;
+            red[warp][g][b] = ag[t][0];
+            red[warp][g][b + 1] = ag[t][1];
+            red[warp][g + 8][b] = ag[t][2];
+            red[warp][g + 8][b + 1] = ag[t][3];
+            red2[warp][g][b] = au[t][0];
+            red2[warp][g][b + 1] = au[t][1];
+            red2[warp][g + 8][b] = au[t][2];
+            red2[warp][g + 8][b + 1] = au[t][3];
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < 16 * NB; e += blockDim.x) {
+            const int sl = e / NB, b = e % NB;
+            const int n = 16 * tile + sl;
+            if (n < N && b < B) {
+                float v = 0.0f, u = 0.0f;
+#pragma unroll
+                for (int k = 0; k < MMA_WARPS; k++) {
+                    v += red[k][sl][b];
+                    u += red2[k][sl][b];
+                }
+                out[(size_t)b * N + n] = fabsf(v / (1.0f + expf(-v)) * u);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define QSCORE_MMA(TN, T, NT)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS) qscore_mma_##TN##_n##NT(                        \
+        const u32* gq, const u32* uq, const u16* gs, const u16* us, const u16* x, float* out, int N, int K, int B) { \
+        qscore_mma_impl<T, NT>(gq, uq, gs, us, x, out, N, K, B);                                                 \
+    }
+QSCORE_MMA(f16, F16, 1)
+QSCORE_MMA(f16, F16, 2)
+QSCORE_MMA(bf16, BF16, 1)
+QSCORE_MMA(bf16, BF16, 2)

@@ -195,6 +195,13 @@ pub fn qscore(e: &Engine, q: &QCopy, input: In, out: CUdeviceptr, rows: usize, f
     if rows == 0 || rows > super::engine::GEMV_MAX_ROWS {
         return Err(GpuError(format!("internal: the score pass runs 1..=16 rows, got {rows}")));
     }
+    if let (In::Half(x), true) = (input, e.mma_rows > 0 && rows >= e.mma_rows && k % 32 == 0) {
+        // 3-16 rows on the tensor cores (`qscore_mma_*`, kernels/mma.cu): 8 warps a block over 16 neurons.
+        let func = e.k.get(&format!("qscore_mma_{}_n{}", e.dt().name(), rows.div_ceil(8)))?;
+        let mut args = Args::new().ptr(q.gate.ptr).ptr(q.up.ptr).ptr(q.gate_scale.ptr).ptr(q.up_scale.ptr).ptr(x).ptr(out).i32(f as i32).i32(k as i32).i32(rows as i32);
+        let grid = e.block_grid(func, f.div_ceil(16), 256, 0)?;
+        return e.gpu.launch(func, (grid, 1, 1), 256, 0, &mut args);
+    }
     let name = format!("qscore_{}_b{}", e.dt().name(), k_of(rows));
     let (x, xf, g, gb) = match input {
         In::Half(x) => (x, 0, 0, 0),

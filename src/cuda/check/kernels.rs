@@ -856,6 +856,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let mma_rows = e.set_mma_rows(0);
         let from = out.len();
         check_sparse(&e, dt, seed + 2, &mut out)?;
+        check_topk_mlp(&e, dt, seed + 2, &mut out)?;
         for c in &mut out[from..] {
             c.kernel += " [without tensor cores]";
         }
