@@ -443,19 +443,21 @@ impl Engine {
         if !self.persist {
             return Ok(one_each as u32);
         }
-        let key = (f as usize, threads, smem);
-        let cached = self.occupancy.borrow().get(&key).copied();
-        let per_sm = match cached {
-            Some(n) => n,
-            None => {
-                let n = self.gpu.occupancy(f, threads, smem)?.max(1);
-                self.occupancy.borrow_mut().insert(key, n);
-                n
-            }
-        };
+        let per_sm = self.blocks_per_sm(f, threads, smem)?;
         let cap_warps = per_sm as usize * self.gpu.sms.max(1) as usize * wpb;
         let per_warp = rows.div_ceil(cap_warps).max(1);
         Ok(rows.div_ceil(per_warp).div_ceil(wpb).clamp(1, one_each) as u32)
+    }
+
+    /// Blocks of `f` one multiprocessor holds at once (the occupancy calculator, cached per kernel and shape).
+    fn blocks_per_sm(&self, f: cudarc::driver::sys::CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
+        let key = (f as usize, threads, smem);
+        if let Some(n) = self.occupancy.borrow().get(&key).copied() {
+            return Ok(n);
+        }
+        let n = self.gpu.occupancy(f, threads, smem)?.max(1);
+        self.occupancy.borrow_mut().insert(key, n);
+        Ok(n)
     }
 
     /// Blocks for a kernel whose blocks loop over `items` work items: what the multiprocessors hold at once, at
@@ -465,16 +467,7 @@ impl Engine {
         if let Some(c) = self.grid_cap {
             return Ok((items as u32).min(c.max(1)));
         }
-        let key = (f as usize, threads, smem);
-        let cached = self.occupancy.borrow().get(&key).copied();
-        let per_sm = match cached {
-            Some(n) => n,
-            None => {
-                let n = self.gpu.occupancy(f, threads, smem)?.max(1);
-                self.occupancy.borrow_mut().insert(key, n);
-                n
-            }
-        };
+        let per_sm = self.blocks_per_sm(f, threads, smem)?;
         Ok(items.min(per_sm as usize * self.gpu.sms.max(1) as usize) as u32)
     }
 

@@ -77,6 +77,14 @@ struct SparseGemv {
     early: bool,
 }
 
+impl SparseGemv {
+    /// The arguments every `gemv_{gather,cats,mma}_*` kernel starts with: weights, biases, the input rows `x`, the
+    /// output and the shape.
+    fn leading_args(&self, x: CUdeviceptr) -> Args {
+        Args::new().ptr(self.w).ptr(self.w2).ptr(self.bias).ptr(self.bias2).ptr(x).ptr(self.out).i32(self.n as i32).i32(self.k as i32).i32(self.rows as i32)
+    }
+}
+
 /// The sparse kernels take 1..=16 rows sharing one kept set.
 fn check_rows(rows: usize) -> GpuResult<()> {
     if rows == 0 || rows > GEMV_MAX_ROWS {
@@ -100,16 +108,7 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
     let smem = if stage { staged } else { 0 };
     let f = if smem > 0 { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
     let threads = gather_threads(l.n, e.gpu.sms as usize);
-    let mut args = Args::new()
-        .ptr(l.w)
-        .ptr(l.w2)
-        .ptr(l.bias)
-        .ptr(l.bias2)
-        .ptr(x)
-        .ptr(l.out)
-        .i32(l.n as i32)
-        .i32(l.k as i32)
-        .i32(l.rows as i32)
+    let mut args = l.leading_args(x)
         .ptr(xf)
         .ptr(g)
         .ptr(gb)
@@ -132,16 +131,7 @@ fn launch_mma(e: &Engine, l: &SparseGemv, x: CUdeviceptr) -> GpuResult<()> {
     let name = format!("gemv_mma_{}_{}_n{}", e.dt().name(), l.epi, l.rows.div_ceil(8));
     let f = e.k.get(&name)?;
     let threads = MMA_THREADS;
-    let mut args = Args::new()
-        .ptr(l.w)
-        .ptr(l.w2)
-        .ptr(l.bias)
-        .ptr(l.bias2)
-        .ptr(x)
-        .ptr(l.out)
-        .i32(l.n as i32)
-        .i32(l.k as i32)
-        .i32(l.rows as i32)
+    let mut args = l.leading_args(x)
         .ptr(l.idx)
         .ptr(l.cnt)
         .ptr(l.pre)
@@ -281,20 +271,8 @@ pub fn down_t(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdev
     let chunks = cap.div_ceil(r).max(1);
     let name = format!("down_t_{}{}_b{}", if by_id { "id_" } else { "" }, e.dt().name(), k_of(rows));
     let f = e.k.get(&name)?;
-    let mut args = Args::new()
-        .ptr(wt)
-        .ptr(bias.unwrap_or(0))
-        .ptr(act)
-        .i32(lda as i32)
-        .ptr(kept.map_or(0, |k| k.idx))
-        .ptr(kept.map_or(0, |k| k.cnt))
-        .i32(cap as i32)
-        .ptr(out)
-        .i32(d as i32)
-        .i32(rows as i32)
-        .i32(r as i32)
-        .i32(tc as i32)
-        .i32(i32::from(kept.is_some_and(|k| k.early) && e.early_ids));
+    let early = i32::from(kept.is_some_and(|k| k.early) && e.early_ids);
+    let mut args = down_args(wt, bias, act, lda, kept, cap, out, d, rows).i32(r as i32).i32(tc as i32).i32(early);
     e.gpu.launch(f, (tiles as u32, chunks as u32, 1), 256, 0, &mut args)
 }
 
@@ -307,7 +285,16 @@ fn down_mma(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdevic
     let tiles = d / 64;
     // Splits: ~4 blocks a multiprocessor, but at least two steps of 16 kept rows for each of a block's warps.
     let splits = (4 * e.gpu.sms as usize).div_ceil(tiles).clamp(1, cap.div_ceil(16 * DM_WARPS * 2).max(1));
-    let mut args = Args::new()
+    let early = i32::from(kept.is_some_and(|k| k.early) && e.early_ids);
+    let mut args = down_args(wt, bias, act, lda, kept, cap, out, d, rows).i32(early);
+    e.gpu.launch(f, (tiles as u32, splits as u32, 1), (32 * DM_WARPS) as u32, 0, &mut args)
+}
+
+/// The arguments `down_t_*` and `down_mma_*` share, in their order: weights, bias, activations and their stride,
+/// the kept set and its capacity, the output, its width and the rows.
+#[allow(clippy::too_many_arguments)]
+fn down_args(wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdeviceptr, lda: usize, kept: Option<Kept>, cap: usize, out: CUdeviceptr, d: usize, rows: usize) -> Args {
+    Args::new()
         .ptr(wt)
         .ptr(bias.unwrap_or(0))
         .ptr(act)
@@ -318,8 +305,6 @@ fn down_mma(e: &Engine, wt: CUdeviceptr, bias: Option<CUdeviceptr>, act: CUdevic
         .ptr(out)
         .i32(d as i32)
         .i32(rows as i32)
-        .i32(i32::from(kept.is_some_and(|k| k.early) && e.early_ids));
-    e.gpu.launch(f, (tiles as u32, splits as u32, 1), (32 * DM_WARPS) as u32, 0, &mut args)
 }
 
 /// Warps of a `down_mma_*` block (`DM_WARPS` in kernels/mma.cu).

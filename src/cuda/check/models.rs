@@ -100,6 +100,24 @@ pub fn compare(name: &str, cpu: &mut dyn Decoder, gpu: &mut dyn Decoder, dt: Hal
     })
 }
 
+/// `files` on the engine, running `plan` (None: dense) with the score copies and predictors it needs.
+fn engine_decoder(
+    files: &ModelFiles,
+    dt: Option<Half>,
+    plan: Option<&crate::sparse::Plan>,
+    copies: Option<&crate::sparse::quant::QScoreCopies>,
+    predictors: Option<&crate::predictor::Predictors<crate::backend::CpuBackend>>,
+) -> Result<crate::cuda::CudaDecoder, String> {
+    let (mut gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
+    if let Some(p) = plan {
+        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
+        let (fm, fh) = (fold(false), fold(true));
+        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
+        gpu.set_plan(p, &art).map_err(|e| e.0)?;
+    }
+    Ok(gpu)
+}
+
 /// Load `files` on both engines and [`compare`], both running `plan` (None: dense; `label` names it in the table),
 /// with the score copies `copies` where the plan has `qscore` layers.
 pub fn model(
@@ -120,13 +138,7 @@ pub fn model(
         Some((p, _)) => RefDecoder::with_qscore(&m, p, scorer, qs.as_ref()).map_err(|e| e.to_string())?,
         None => RefDecoder::dense(&m),
     };
-    let (mut gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
-    if let Some((p, _)) = plan {
-        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
-        let (fm, fh) = (fold(false), fold(true));
-        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
-        gpu.set_plan(p, &art).map_err(|e| e.0)?;
-    }
+    let mut gpu = engine_decoder(files, dt, plan.map(|(p, _)| p), copies, predictors)?;
     let dt = gpu.engine.w.dt;
     let name = match plan {
         Some((_, label)) => format!("{} ({label})", files.identity),
@@ -164,13 +176,7 @@ pub fn batched(
     copies: Option<&crate::sparse::quant::QScoreCopies>,
     predictors: Option<&crate::predictor::Predictors<crate::backend::CpuBackend>>,
 ) -> Result<BatchCheck, String> {
-    let (mut gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
-    if let Some((p, _)) = plan {
-        let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
-        let (fm, fh) = (fold(false), fold(true));
-        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref() };
-        gpu.set_plan(p, &art).map_err(|e| e.0)?;
-    }
+    let mut gpu = engine_decoder(files, dt, plan.map(|(p, _)| p), copies, predictors)?;
     let name = match plan {
         Some((_, label)) => format!("{} ({label})", files.identity),
         None => files.identity.clone(),
