@@ -714,17 +714,21 @@ impl Engine {
     /// [`Engine::norm`], also copying `x` itself to `xraw` (f32 `[rows, d]`) where it is not 0.
     #[allow(clippy::too_many_arguments)]
     fn norm_copy(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize) -> GpuResult<()> {
-        let d = self.cfg.hidden;
-        let (name, threads) = norm_kernel(self.cfg.family == Family::Llama, self.dt(), d);
-        let args = Args::new().ptr(x).ptr(w.ptr).ptr(b.map_or(0, |b| b.ptr)).ptr(out).ptr(xout).ptr(xraw).i32(d as i32).f32(self.cfg.norm_eps as f32);
+        let rms = self.cfg.family == Family::Llama;
+        self.norm_launch(rms, w.ptr, b.map_or(0, |b| b.ptr), x, out, xout, xraw, rows, self.cfg.hidden, self.cfg.norm_eps as f32)
+    }
+
+    /// The engine's norm kernel at width `d` (`norm_kernel`; kernels/norm.cu says what each pointer is, 0: none).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_launch(&self, rms: bool, w: CUdeviceptr, b: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize, d: usize, eps: f32) -> GpuResult<()> {
+        let (name, threads) = norm_kernel(rms, self.dt(), d);
+        let args = Args::new().ptr(x).ptr(w).ptr(b).ptr(out).ptr(xout).ptr(xraw).i32(d as i32).f32(eps);
         self.launch(&name, (rows as u32, 1, 1), threads, args)
     }
 
     /// `out` 16-bit `[rows, d]` = RMSNorm of `x` f32 `[rows, d]` with weight `g` and `eps` (the engine's norm kernel).
     pub fn rms_half(&self, x: CUdeviceptr, g: CUdeviceptr, out: CUdeviceptr, rows: usize, d: usize, eps: f32) -> GpuResult<()> {
-        let (name, threads) = norm_kernel(true, self.dt(), d);
-        let args = Args::new().ptr(x).ptr(g).ptr(0).ptr(out).ptr(0).ptr(0).i32(d as i32).f32(eps);
-        self.launch(&name, (rows as u32, 1, 1), threads, args)
+        self.norm_launch(true, g, 0, x, out, 0, 0, rows, d, eps)
     }
 
     /// `out` 16-bit `[n]` = `x` f32 `[n]` rounded.

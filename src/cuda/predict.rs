@@ -105,8 +105,9 @@ impl GpuPredictor {
                 e.to_half(h, h16, rows * self.r)?;
             }
         }
-        // The second layer stays a GEMV: a kernel holding 8 loads a lane over 8 rows a warp (`pred_out`, tenth
-        // session) measured no faster at 20,480 outputs (8.93 us both, H100, ncu) and slower at 40 (5.2 vs 4.0 us).
+        // The second layer: on the tensor cores at 3-16 rows; below, a GEMV (a kernel holding 8 loads a lane over
+        // 8 rows a warp, `pred_out`, tenth session, measured no faster at 20,480 outputs (8.93 us both, H100, ncu)
+        // and slower at 40 (5.2 vs 4.0 us)).
         if mma_dense_fits(e, rows, self.r) {
             return mma_dense(e, self.w2t.ptr, Some(self.b2.ptr), h16, out, rows, self.n, self.r);
         }
