@@ -47,6 +47,29 @@ __device__ __forceinline__ void mma_chunk(float* acc, uint4 wa, uint4 wb, uint4 
     mma16816<T>(acc, wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
 }
 
+// One warp's C fragments of a tile (NT tiles of 8 input rows) into its slice of `red` [MMA_WARPS][16][8 NT]:
+// acc[t][0, 1] = (slot g, input rows 8t + 2q, + 1), acc[t][2, 3] = (slot g + 8, the same rows).
+template <int NT>
+__device__ __forceinline__ void frag_to_red(float (*red)[8 * NT], const float (*acc)[4], int g, int q) {
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const int b = 8 * t + 2 * q;
+        red[g][b] = acc[t][0];
+        red[g][b + 1] = acc[t][1];
+        red[g + 8][b] = acc[t][2];
+        red[g + 8][b + 1] = acc[t][3];
+    }
+}
+
+// The block's sums of slot `sl`, input row `b`: the MMA_WARPS slices added in warp order.
+template <int NB>
+__device__ __forceinline__ float red_sum(const float (*red)[16][NB], int sl, int b) {
+    float v = 0.0f;
+#pragma unroll
+    for (int k = 0; k < MMA_WARPS; k++) v += red[k][sl][b];
+    return v;
+}
+
 // NT: input-row tiles of 8 (1: B <= 8, 2: B <= 16).
 template <typename T, int NT, int EPI>
 __device__ __forceinline__ void gemv_mma_impl(
@@ -121,32 +144,15 @@ __device__ __forceinline__ void gemv_mma_impl(
                 }
             }
         }
-        // C fragment: acc[t][0, 1] = (slot g, input rows 8t + 2q, + 1), acc[t][2, 3] = (slot g + 8, the same rows).
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const int b = 8 * t + 2 * q;
-            red[warp][g][b] = acc[t][0];
-            red[warp][g][b + 1] = acc[t][1];
-            red[warp][g + 8][b] = acc[t][2];
-            red[warp][g + 8][b + 1] = acc[t][3];
-            if (glu) {
-                red2[warp][g][b] = acc2[t][0];
-                red2[warp][g][b + 1] = acc2[t][1];
-                red2[warp][g + 8][b] = acc2[t][2];
-                red2[warp][g + 8][b + 1] = acc2[t][3];
-            }
-        }
+        frag_to_red<NT>(red[warp], acc, g, q);
+        if constexpr (glu) frag_to_red<NT>(red2[warp], acc2, g, q);
         __syncthreads();
         for (int e = threadIdx.x; e < 16 * NB; e += blockDim.x) {
             const int sl = e / NB, b = e % NB;
             const int s = 16 * tile + sl;
             if (s < nrows && b < B) {
-                float v = 0.0f, u = 0.0f;
-#pragma unroll
-                for (int k = 0; k < MMA_WARPS; k++) {
-                    v += red[k][sl][b];
-                    if (glu) u += red2[k][sl][b];
-                }
+                float v = red_sum<NB>(red, sl, b), u = 0.0f;
+                if constexpr (glu) u = red_sum<NB>(red2, sl, b);
                 const int row = idx ? idx[s] : s;
                 v += bias ? T::load(bias[row]) : 0.0f;
                 const size_t o = (size_t)b * N + s;
@@ -433,29 +439,14 @@ __device__ __forceinline__ void qscore_mma_impl(
                 }
             }
         }
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const int b = 8 * t + 2 * q;
-            red[warp][g][b] = ag[t][0];
-            red[warp][g][b + 1] = ag[t][1];
-            red[warp][g + 8][b] = ag[t][2];
-            red[warp][g + 8][b + 1] = ag[t][3];
-            red2[warp][g][b] = au[t][0];
-            red2[warp][g][b + 1] = au[t][1];
-            red2[warp][g + 8][b] = au[t][2];
-            red2[warp][g + 8][b + 1] = au[t][3];
-        }
+        frag_to_red<NT>(red[warp], ag, g, q);
+        frag_to_red<NT>(red2[warp], au, g, q);
         __syncthreads();
         for (int e = threadIdx.x; e < 16 * NB; e += blockDim.x) {
             const int sl = e / NB, b = e % NB;
             const int n = 16 * tile + sl;
             if (n < N && b < B) {
-                float v = 0.0f, u = 0.0f;
-#pragma unroll
-                for (int k = 0; k < MMA_WARPS; k++) {
-                    v += red[k][sl][b];
-                    u += red2[k][sl][b];
-                }
+                const float v = red_sum<NB>(red, sl, b), u = red_sum<NB>(red2, sl, b);
                 out[(size_t)b * N + n] = fabsf(v / (1.0f + expf(-v)) * u);
             }
         }

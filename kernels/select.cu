@@ -133,6 +133,28 @@ __device__ __forceinline__ void radix_digit(KeyAt key_at, int n, int shift, u32 
 // With `idx` (one row), the kept ids also go out in ascending order (idx, cnt) and, with `src`/`dst`, the 16-bit
 // source gathered onto them (dst[s] = src[idx[s]]): topk_compact's work for B = 1, done from the keys in this block
 // instead of re-reading the flags from global memory.
+// A row's N keys into shared memory `keys`, eight loads in flight per thread before the stores; with `h12`, each
+// key's top 12 bits counted there too (the binned select's histogram).
+template <typename S>
+__device__ __forceinline__ void load_keys(const void* __restrict__ scores, size_t row, int N, u32* keys, u32* h12) {
+    for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
+        u32 kk[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x;
+            kk[u] = i < N ? score_key(S::at(scores, row + i)) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < N) {
+                keys[i] = kk[u];
+                if (h12) atomicAdd(&h12[kk[u] >> 20], 1u);
+            }
+        }
+    }
+}
+
 template <typename S>
 __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, // [B, N] scores, row stride N
                                                int N, int k,
@@ -239,22 +261,7 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
                 }
             }
         } else {
-            for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
-                u32 kk[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int i = i0 + u * blockDim.x;
-                    kk[u] = i < N ? score_key(S::at(scores, row + i)) : 0u;
-                }
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int i = i0 + u * blockDim.x;
-                    if (i < N) {
-                        topk_keys[i] = kk[u];
-                        atomicAdd(&h12[kk[u] >> 20], 1u);
-                    }
-                }
-            }
+            load_keys<S>(scores, row, N, topk_keys, h12);
         }
         __syncthreads();
         // Thread t sums a run of bins from the top; a block scan finds the thread whose run reaches the k-th key.
@@ -320,20 +327,7 @@ __device__ __forceinline__ void topk_mark_impl(const void* __restrict__ scores, 
             counted = true;
         }
     } else if (cached) {
-        // Eight loads in flight per thread before the shared-memory stores.
-        for (int i0 = threadIdx.x; i0 < N; i0 += 8 * blockDim.x) {
-            u32 kk[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + u * blockDim.x;
-                kk[u] = i < N ? score_key(S::at(scores, row + i)) : 0u;
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const int i = i0 + u * blockDim.x;
-                if (i < N) topk_keys[i] = kk[u];
-            }
-        }
+        load_keys<S>(scores, row, N, topk_keys, nullptr);
         __syncthreads();
     }
     auto key_at = [&](int i) -> u32 { return cached ? topk_keys[i] : score_key(S::at(scores, row + i)); };
@@ -532,7 +526,10 @@ TOPK_MARK(topk_mark_f32, ScoreF32)
 TOPK_MARK(topk_mark_absf16, ScoreAbs<F16>)
 TOPK_MARK(topk_mark_absbf16, ScoreAbs<BF16>)
 
-// One block (1024 threads): topk_compact_impl over B rows of flags.
+// topk_compact_impl over B rows of flags: one block (1,024 threads), or, launched with more than one block (N % 4
+// == 0, B <= 16, `keep` 4-byte aligned; the host checks), block c takes the units 4 c blockDim.x .. + 4 blockDim.x:
+// its first slot is the union count of the units before it, which it counts itself from the flags (no second
+// launch, no scratch; the last block's recount is the longest), and the last block writes the count.
 extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, // [B, N]
                                         int N, int B,
                                         int* __restrict__ idx,   // [N] out
@@ -541,21 +538,10 @@ extern "C" __global__ void topk_compact(const unsigned char* __restrict__ keep, 
                                         const u16* __restrict__ src, // [B, N] or null
                                         u16* __restrict__ dst) {     // [B, N] out, or null
     PDL_ENTER
-    topk_compact_impl(keep, N, B, idx, cnt, pre, src, dst);
-}
-
-// topk_compact over several blocks (N % 4 == 0, B <= 16, `keep` 4-byte aligned; the host checks): block c takes the
-// units 4 c blockDim.x .. + 4 blockDim.x. Its first slot is the union count of the units before it, which it
-// counts itself from the flags (no second launch, no scratch; the last block's recount is the longest); the last
-// block writes the count.
-extern "C" __global__ void __launch_bounds__(256) topk_compact_grid(const unsigned char* __restrict__ keep, // [B, N]
-                                                                     int N, int B,
-                                                                     int* __restrict__ idx,   // [N] out
-                                                                     int* __restrict__ cnt,   // [1] out
-                                                                     float* __restrict__ pre, // [B, N] out, or null
-                                                                     const u16* __restrict__ src, // [B, N] or null
-                                                                     u16* __restrict__ dst) {     // [B, N] out, or null
-    PDL_ENTER
+    if (gridDim.x == 1) {
+        topk_compact_impl(keep, N, B, idx, cnt, pre, src, dst);
+        return;
+    }
     __shared__ int red[33];
     const int c0 = blockIdx.x * 4 * blockDim.x;
     int before = 0;

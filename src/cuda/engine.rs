@@ -203,7 +203,7 @@ pub struct Engine {
     /// Gathers of at least this many rows run on the tensor cores (`gemv_mma_*`, kernels/mma.cu;
     /// `DEJAVU_MMA_ROWS`, default 3; 0: never).
     pub(super) mma_rows: usize,
-    /// The union of several rows' kept sets over many blocks past 2,048 units (`topk_compact_grid`;
+    /// The union of several rows' kept sets over many blocks past 2,048 units (`topk_compact` on a grid;
     /// `DEJAVU_COMPACT_GRID=0`: one block).
     pub(super) compact_grid: bool,
     /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows

@@ -112,11 +112,10 @@ pub fn topk_compact(e: &Engine, keep: CUdeviceptr, rows: usize, n: usize, kept: 
     let mut args = Args::new().ptr(keep).i32(n as i32).i32(rows as i32).ptr(kept.idx).ptr(kept.cnt).ptr(pre.unwrap_or(0)).ptr(src).ptr(dst);
     // Past 2,048 units (the MLP's neurons) one block per 1,024 units, each recounting the flags before its own;
     // below (heads) and where the four-unit loads do not apply, one block.
+    let f = e.k.get("topk_compact")?;
     if e.compact_grid && n > 2048 && n % 4 == 0 && keep % 4 == 0 && rows <= 16 {
-        let f = e.k.get("topk_compact_grid")?;
         return e.gpu.launch(f, (n.div_ceil(1024) as u32, 1, 1), 256, 0, &mut args);
     }
-    let f = e.k.get("topk_compact")?;
     e.gpu.launch(f, (1, 1, 1), 1024, 0, &mut args)
 }
 
