@@ -58,11 +58,16 @@ fn manifest(out: &Path) -> serde_json::Value {
 /// Held-out neuron recall of the loaded predictor of layer `l` at its chosen k, against labels recomputed here
 /// from the recorded `label_tap` (OPT: > 0; Llama: top half by magnitude, the default --neuron-density 0.5).
 fn loader_recall(pred: &Predictors<B>, acts: &Activations, l: usize, cfg: &dejavu::ModelConfig, label_tap: Tap) -> f64 {
+    loader_recall_from(pred, acts, l, cfg, Tap::MlpInput, label_tap)
+}
+
+/// [`loader_recall`] with the predictor fed the recorded `input_tap`.
+fn loader_recall_from(pred: &Predictors<B>, acts: &Activations, l: usize, cfg: &dejavu::ModelConfig, input_tap: Tap, label_tap: Tap) -> f64 {
     let dev = Default::default();
     let train_n = pred.manifest.train_tokens;
     let total = acts.manifest.tokens;
     let k = pred.k_neurons(l);
-    let (x, _) = acts.read(l, Tap::MlpInput, total).unwrap();
+    let (x, _) = acts.read(l, input_tap, total).unwrap();
     let (act, _) = acts.read(l, label_tap, total).unwrap();
     let rows = total - train_n;
     let d = cfg.hidden;
@@ -210,6 +215,38 @@ fn neuron_target_gate_labels_by_silu_gate() {
     assert_ok(&collect(&fixture("tiny-opt"), &text, 300, &opt_run, &[], &[]));
     let out = common::dejavu(&["train-predictors", "--run", p(&opt_run), "--neuron-target", "gate"], &[]);
     assert_clean_failure(&out, &["acts/manifest.json", "--neuron-target gate", "Llama"]);
+}
+
+/// `--neuron-input block` trains each layer's neuron predictor on the layer's block input (the look-ahead): the
+/// manifest says so, the loaded predictors report it, and their recall on the recorded block inputs matches the
+/// trained one. A manifest without the field (older dejavus) loads as the MLP input.
+#[test]
+fn neuron_input_block_trains_on_the_block_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calib.txt");
+    write_text(&text, 300);
+    let run = tmp.path().join("run");
+    assert_ok(&collect(&fixture("tiny-opt"), &text, 2000, &run, &[], &[]));
+    let args = ["train-predictors", "--run", p(&run), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2", "--neuron-input", "block"];
+    assert_ok(&common::dejavu(&args, &[]));
+    let files = ModelFiles::resolve(&fixture("tiny-opt")).unwrap();
+    let dir = run.join("predictors");
+    let pred = Predictors::<B>::load(&dir, &files.identity().unwrap(), &Default::default()).unwrap();
+    assert_eq!(pred.neuron_input(), dejavu::predictor::NeuronInput::Block);
+    assert!(pred.manifest.neuron_input.contains("block_input"), "{}", pred.manifest.neuron_input);
+    let acts = Activations::open(&run).unwrap();
+    for l in 0..files.config.layers {
+        let lm = &pred.manifest.layers[l];
+        let recall = loader_recall_from(&pred, &acts, l, &files.config, Tap::BlockInput, Tap::MlpAct);
+        assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall on the block input {recall} vs trained {}", lm.neuron_recall);
+    }
+    // The same file without `neuron_tap`, as older dejavus wrote it.
+    let mpath = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    assert!(m.as_object_mut().unwrap().remove("neuron_tap").is_some());
+    std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
+    let old = Predictors::<B>::load(&dir, &files.identity().unwrap(), &Default::default()).unwrap();
+    assert_eq!(old.neuron_input(), dejavu::predictor::NeuronInput::Mlp);
 }
 
 #[test]

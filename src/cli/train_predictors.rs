@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 
 use dejavu::backend::{dispatch, BackendTask, DeviceKind};
 use dejavu::collect::Activations;
-use dejavu::predictor::{default_rank, train, NeuronTarget, TrainEvent, TrainOptions};
+use dejavu::predictor::{default_rank, train, NeuronInput, NeuronTarget, TrainEvent, TrainOptions};
 
 
 #[derive(Debug, Clone, clap::Args, serde::Deserialize)]
@@ -60,6 +60,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "act")]
     #[serde(default)]
     pub neuron_target: NeuronTarget,
+    /// What each layer's neuron predictor reads: `mlp` = the residual entering the layer's MLP (after its
+    /// attention; the most accurate), or `block` = the residual entering the layer (Deja Vu's look-ahead: on the
+    /// CUDA engine the MLP's kept set is then predicted on a side stream while the layer's attention runs).
+    #[arg(long, value_enum, default_value = "mlp")]
+    #[serde(default)]
+    pub neuron_input: NeuronInput,
     /// Fraction of heads labelled active per token (top-k of head output norm).
     #[arg(long, default_value_t = 0.5)]
     pub head_density: f64,
@@ -125,6 +131,7 @@ impl BackendTask for Task {
             head_target_recall: args.head_target_recall,
             neuron_density: args.neuron_density,
             neuron_target: args.neuron_target,
+            neuron_input: args.neuron_input,
             head_density: args.head_density,
             seed: args.seed,
             max_tokens: args.max_tokens.unwrap_or(usize::MAX),

@@ -323,6 +323,12 @@ impl<B: Backend> Model<B> {
             taps.block_input = Some(x.clone());
         }
 
+        // A look-ahead neuron predictor reads the block input (before the attention).
+        let block_in = match (plan.mlp, scorer) {
+            (MlpRule::PredictedTopK { .. }, Some(sc)) if sc.neuron_input() == crate::predictor::NeuronInput::Block => Some(x.clone()),
+            _ => None,
+        };
+
         // Attention sub-block.
         let residual = x.clone();
         let a_in = if c.norm_before { layer.attn_norm.forward(x) } else { x };
@@ -379,7 +385,7 @@ impl<B: Backend> Model<B> {
             return residual + m_out;
         }
         let predicted = match (plan.mlp, scorer) {
-            (MlpRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.neuron_scores(index, residual.clone()), k)),
+            (MlpRule::PredictedTopK { k }, Some(sc)) => Some(topk_mask(sc.neuron_scores(index, block_in.unwrap_or_else(|| residual.clone())), k)),
             (MlpRule::PredictedTopK { .. }, None) => unreachable!("Sparse::new refuses predicted rules without a scorer"),
             _ => None,
         };

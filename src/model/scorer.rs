@@ -4,14 +4,20 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::error::OptionError;
+use crate::predictor::NeuronInput;
 use crate::sparse::Plan;
 
 use super::QScorer;
 
 /// Scores neurons and heads for the `Predicted*` rules (implemented by trained Deja Vu predictors).
 pub trait Scorer<B: Backend> {
-    /// `mlp_input: [b, s, d] -> [b, s, ffn]`, larger means more likely needed.
-    fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// `input: [b, s, d] -> [b, s, ffn]`, larger means more likely needed; `input` is what
+    /// [`Scorer::neuron_input`] names (the MLP's input residual, or the layer's block input).
+    fn neuron_scores(&self, layer: usize, input: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// What [`Scorer::neuron_scores`] reads.
+    fn neuron_input(&self) -> NeuronInput {
+        NeuronInput::Mlp
+    }
     /// `prev_block_input: [b, s, d] -> [b, s, heads]`
     fn head_scores(&self, layer: usize, prev_block_input: Tensor<B, 3>) -> Tensor<B, 3>;
 }

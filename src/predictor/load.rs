@@ -75,9 +75,15 @@ impl<B: Backend> Predictors<B> {
         self.mlp.len()
     }
 
-    /// Neuron logits of `layer` from its MLP input: `[b, s, d] -> [b, s, ffn]`.
-    pub fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.mlp[layer].scores(mlp_input)
+    /// Neuron logits of `layer` from its MLP input (or its block input: [`Predictors::neuron_input`]):
+    /// `[b, s, d] -> [b, s, ffn]`.
+    pub fn neuron_scores(&self, layer: usize, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.mlp[layer].scores(input)
+    }
+
+    /// What the neuron predictors read (the manifest's `neuron_tap`).
+    pub fn neuron_input(&self) -> super::NeuronInput {
+        self.manifest.neuron_tap
     }
 
     /// Head logits of `layer` from the previous layer's block input (layer 0: its own): `[b, s, d] -> [b, s, heads]`.
@@ -112,8 +118,11 @@ impl<B: Backend> Predictors<B> {
 
 /// Trained predictors drive the reference forward's `PredictedTopK` rules.
 impl<B: Backend> crate::model::Scorer<B> for Predictors<B> {
-    fn neuron_scores(&self, layer: usize, mlp_input: Tensor<B, 3>) -> Tensor<B, 3> {
-        Predictors::neuron_scores(self, layer, mlp_input)
+    fn neuron_scores(&self, layer: usize, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        Predictors::neuron_scores(self, layer, input)
+    }
+    fn neuron_input(&self) -> super::NeuronInput {
+        Predictors::neuron_input(self)
     }
     fn head_scores(&self, layer: usize, prev_block_input: Tensor<B, 3>) -> Tensor<B, 3> {
         Predictors::head_scores(self, layer, prev_block_input)

@@ -11,7 +11,8 @@
 //! logits = (z @ w1 + b1) @ w2 + b2        // w1 [d, r], w2 [r, n]
 //! ```
 //!
-//! The neuron predictor of layer l reads layer l's MLP input; the head predictor of layer l reads layer l−1's
+//! The neuron predictor of layer l reads layer l's MLP input (or, trained with `--neuron-input block`, layer l's
+//! block input: Deja Vu's asynchronous look-ahead, predicted while the attention runs); the head predictor of layer l reads layer l−1's
 //! block input (look-ahead: it can run while layer l−1 computes), layer 0 its own block input. A unit is kept
 //! when it is among the top `k` scores of its token; `k` per layer is the smallest that reaches the target recall
 //! on held-out tokens (the last `holdout` fraction of the collected stream, so different text).
@@ -33,7 +34,7 @@ pub use load::Predictors;
 pub use metrics::LayerMetrics;
 pub use model::{normalize_input, rms_normalize, FoldedPredictor, LowRankHost, RMS_EPS};
 pub use svg::svg_plot;
-pub use train::{default_rank, topk_count, train, NeuronTarget, TrainEvent, TrainOptions};
+pub use train::{default_rank, topk_count, train, NeuronInput, NeuronTarget, TrainEvent, TrainOptions};
 
 pub const WEIGHTS_FILE: &str = "predictors.safetensors";
 
@@ -59,6 +60,9 @@ pub struct PredictorsManifest {
     pub neuron_label: String,
     pub head_label: String,
     pub neuron_input: String,
+    /// What the neuron predictors read, as [`NeuronInput`] (absent from older manifests: the MLP input).
+    #[serde(default)]
+    pub neuron_tap: NeuronInput,
     pub head_input: String,
     pub normalisation: String,
     pub layers: Vec<LayerMetrics>,

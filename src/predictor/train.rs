@@ -56,6 +56,33 @@ impl NeuronTarget {
     }
 }
 
+/// What the neuron predictor of layer l reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NeuronInput {
+    /// The residual entering layer l's MLP (after its attention): the set is known only once the attention ran.
+    #[default]
+    Mlp,
+    /// The residual entering layer l itself (Deja Vu's asynchronous look-ahead): the set can be predicted while
+    /// the layer's attention runs, at some cost in recall (the attention's output is not seen).
+    Block,
+}
+
+impl NeuronInput {
+    pub fn tap(self) -> Tap {
+        match self {
+            NeuronInput::Mlp => Tap::MlpInput,
+            NeuronInput::Block => Tap::BlockInput,
+        }
+    }
+    pub fn describe(self) -> &'static str {
+        match self {
+            NeuronInput::Mlp => "layer.{i}.mlp_input: residual entering layer i's MLP, before its norm",
+            NeuronInput::Block => "layer.{i}.block_input: residual entering layer i (before its attention and norm; look-ahead)",
+        }
+    }
+}
+
 /// How training is run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {
@@ -75,6 +102,9 @@ pub struct TrainOptions {
     /// Llama: the activation the neuron labels rank.
     #[serde(default)]
     pub neuron_target: NeuronTarget,
+    /// What the neuron predictors read (absent from the options of older dejavus: the MLP input).
+    #[serde(default)]
+    pub neuron_input: NeuronInput,
     /// Fraction of heads labelled active per token (top-k of head output norm).
     pub head_density: f64,
     pub seed: u64,
@@ -228,7 +258,8 @@ pub fn train<B: Backend>(
             opts.head_density,
             topk_count(opts.head_density, id.heads)
         ),
-        neuron_input: "layer.{i}.mlp_input: residual entering layer i's MLP, before its norm".into(),
+        neuron_input: opts.neuron_input.describe().into(),
+        neuron_tap: opts.neuron_input,
         head_input: "layer.{i-1}.block_input (layer 0: layer.0.block_input): residual entering the previous layer, before its norm".into(),
         normalisation: "z = (x / sqrt(mean(x^2) + 1e-6) - in_mean) * in_inv_std; logits = (z @ w1 + b1) @ w2 + b2".into(),
         layers: metrics,
@@ -260,7 +291,7 @@ fn train_layer<B: Backend>(
     let id = m.model();
     let (d, ffn, heads) = (id.hidden, id.ffn, id.heads);
     // Neurons.
-    let (x, _) = acts.read(l, Tap::MlpInput, total)?;
+    let (x, _) = acts.read(l, opts.neuron_input.tap(), total)?;
     let target = if id.family == Family::Llama { opts.neuron_target.tap() } else { Tap::MlpAct };
     let (act, _) = acts.read(l, target, total)?;
     let labels = match id.family {
