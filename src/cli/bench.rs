@@ -71,6 +71,12 @@ pub struct Args {
     #[arg(long, value_name = "R")]
     #[serde(default)]
     pub rank: Option<usize>,
+    /// With `--mode dejavu@S`: what the random MLP predictors read, `mlp` (the MLP's input, after the attention) or
+    /// `block` (the layer's input: the selection runs on a side stream beside the attention; see
+    /// `train-predictors --neuron-input`).
+    #[arg(long, value_enum, value_name = "INPUT", default_value = "mlp", requires = "mode")]
+    #[serde(default)]
+    pub neuron_input: dejavu::predictor::NeuronInput,
     /// With `--mode`: this fraction of heads dropped by random look-ahead head predictors.
     #[arg(long, value_name = "H", requires = "mode")]
     #[serde(default)]
@@ -266,7 +272,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let (label, bytes) = match args.mode {
             Some(m) => {
-                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.head_kv == dejavu::sparse::HeadKv::Kept, args.rank).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.head_kv == dejavu::sparse::HeadKv::Kept, args.rank, args.neuron_input == dejavu::predictor::NeuronInput::Block).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
                 (format!("random, {l}"), Some(b))
             }
             None => ("random".to_string(), None),

@@ -17,7 +17,7 @@ use super::kernels::Kernels;
 use super::predict::GpuPredictor;
 use super::select::QCopy;
 use super::heads::SparseHeads;
-use super::sparse::{sparse_mlp, GpuMlp, In, SparseMlp, SparseParts};
+use super::sparse::{sparse_mlp, GpuMlp, In, PredIn, SparseMlp, SparseParts};
 use super::weights::Weights;
 use crate::source::weights::Half;
 use crate::predictor::FoldedPredictor;
@@ -32,6 +32,9 @@ pub struct GpuArtifacts<'a> {
     pub mlp_predictors: Option<&'a [FoldedPredictor]>,
     /// The look-ahead head predictors (one per layer, folded) of a predicted head rule.
     pub head_predictors: Option<&'a [FoldedPredictor]>,
+    /// The MLP predictors read each layer's block input (`train-predictors --neuron-input block`): the engine
+    /// selects the layer's neurons on the side stream beside its attention ([`super::sparse::MlpAhead`]).
+    pub mlp_block_input: bool,
 }
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
@@ -356,6 +359,7 @@ impl Engine {
                 .collect()
         };
         parts.pred = upload(art.mlp_predictors, &|l| matches!(rules[l], Some(GpuMlp::Predicted(_))))?;
+        parts.block_input = art.mlp_block_input;
         let head_pred = upload(art.head_predictors, &|l| heads_k[l].is_some())?;
         self.install(rules, heads_k, kv_kept, parts, head_pred)
     }
@@ -800,19 +804,32 @@ impl Engine {
             // Pre-norm layers normalise inside the projection; post-LN layers project x itself.
             let fused = pre && (self.fuse_norm || rows > GEMV_MAX_ROWS);
             let attn_in = fused.then(|| NormIn { x, g: lw.attn_norm.ptr, gb: lw.attn_norm_b.as_ref().map_or(0, |b| b.ptr), tmp: h });
+            // The block input's copy, where the head look-ahead forks at this layer or the MLP predictor reads it
+            // (then the heads' copy serves both); the norm writes it as it reads x.
+            let mlp_block = self.sparse_active().filter(|sp| sp.reads_block(l)).and_then(|sp| sp.ahead.as_ref()).map(|a| a.snap.ptr);
+            let heads_snap = self.heads_on().and_then(|hs| hs.snapshot(l));
+            let snap = heads_snap.or(mlp_block);
+            let copied = pre && !fused;
             if !pre {
                 self.class(Class::Norm)?;
                 self.to_half(x, h, rows * d)?;
             } else if !fused {
                 self.class(Class::Norm)?;
                 let lw = &self.w.layers[l];
-                let snap = self.heads_on().and_then(|hs| hs.snapshot(l)).unwrap_or(0);
-                self.norm_copy(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, snap, rows)?;
+                self.norm_copy(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, 0, snap.unwrap_or(0), rows)?;
             }
             self.class(Class::Qkv)?;
             if let Some(hs) = self.heads_on() {
-                hs.select(self, l, x, rows, pre && !fused)?;
+                hs.select(self, l, x, rows, copied)?;
             }
+            if let (Some(own), None, false) = (mlp_block, heads_snap, copied) {
+                self.gpu.copy(own, x, rows * d * 4)?;
+            }
+            // The look-ahead MLP selection from the block input, on the side stream beside the attention.
+            let pred_in = match (self.sparse_active(), mlp_block.and(snap)) {
+                (Some(sp), Some(src)) => PredIn { x: src, selected: sp.fork_ahead(self, l, src, rows)? },
+                _ => PredIn { x, selected: false },
+            };
             if let Some(hs) = self.heads_at(l) {
                 let input = |r0: usize| match attn_in {
                     Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
@@ -897,6 +914,10 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
+            // Joined before the head look-ahead forks (a join waits for all the side stream was given).
+            if let Some(sp) = self.sparse_active() {
+                sp.join_ahead(self)?;
+            }
             if let Some(hs) = self.heads_on() {
                 hs.fork_next(self, l, rows)?;
             }
@@ -905,7 +926,7 @@ impl Engine {
                     Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
                     None => In::Half(h + (r0 * d * 2) as u64),
                 };
-                sparse_mlp(self, sp, l, rule, rows, input, x, y, act)?;
+                sparse_mlp(self, sp, l, rule, rows, input, x, pred_in, y, act)?;
             } else {
                 let lw = &self.w.layers[l];
                 let epi = if opt { Epi::Relu } else { Epi::Glu };

@@ -12,7 +12,7 @@ use super::gpu::{DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
 use super::predict::GpuPredictor;
 use super::select::QCopy;
-use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, SparseMlp, SparseParts};
+use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, PredIn, SparseMlp, SparseParts};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -130,7 +130,7 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
     let act = e.gpu.alloc(16 * f * 2)?;
     let pre = e.gpu.alloc(16 * f * 4)?;
     e.gpu.begin_capture()?;
-    sparse_mlp(e, &sp, 0, gr, b, |r0| In::Half(x + (r0 * d * 2) as u64), out, pre.ptr, act.ptr)?;
+    sparse_mlp(e, &sp, 0, gr, b, |r0| In::Half(x + (r0 * d * 2) as u64), out, PredIn { x: out, selected: false }, pre.ptr, act.ptr)?;
     let g = e.gpu.end_capture()?;
     let (med, p90) = time_graph(e, &g, flush, reps)?;
     let mut n = [0i32];

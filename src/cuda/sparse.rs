@@ -15,7 +15,7 @@ use crate::config::Family;
 use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
 use super::predict::GpuPredictor;
 use super::select::{qscore, topk_select, QCopy, Scores};
-use super::gpu::{Args, DBuf, GpuError, GpuResult};
+use super::gpu::{Args, DBuf, Event, GpuError, GpuResult};
 
 /// A kept set on the device: `idx` `[cap]` i32 neuron ids, `cnt` `[1]` i32 how many of them are valid (<= cap).
 #[derive(Debug, Clone, Copy)]
@@ -345,6 +345,8 @@ pub struct SparseParts {
     pub q: Vec<Option<QCopy>>,
     pub score_bits: f64,
     pub pred: Vec<Option<GpuPredictor>>,
+    /// The predictors read each layer's block input, not its MLP input ([`MlpAhead`]).
+    pub block_input: bool,
 }
 
 /// The engine's sparse MLP state for a plan: per layer its rule (None: dense), the transposed down copies of the
@@ -362,6 +364,24 @@ pub struct SparseMlp {
     /// Top-k scratch over one chunk: scores f32 `[CHUNK, 2F]` (also the dense gate/up's scratch), keep flags u8,
     /// row flags f32 and hidden values 16-bit, `[CHUNK, F]`.
     topk: Option<[DBuf; 4]>,
+    /// Neuron predictors that read the block input ([`MlpAhead`]); None where they read the MLP input.
+    pub ahead: Option<MlpAhead>,
+}
+
+/// The look-ahead MLP selection (neuron predictors trained on the block input, `train-predictors --neuron-input
+/// block`, Deja Vu's asynchronous predictor): layer l's kept set depends only on the residual entering layer l, so
+/// for a chunk of up to [`CHUNK`] rows (decode) the predictor and the top-k run on the side stream from the start of
+/// the layer, beside its attention, and the main stream waits for them just before the MLP's first gather. Longer
+/// forwards (prefill) select in line at the MLP from the same copy of the block input (the same function).
+/// `DEJAVU_MLP_AHEAD=0` selects in line at every width (for side-by-side timing).
+pub struct MlpAhead {
+    side: bool,
+    fork_ev: Event,
+    join_ev: Event,
+    /// The side selection forked and not yet joined.
+    pending: std::cell::Cell<bool>,
+    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the current layer's block input, where the head look-ahead keeps no copy.
+    pub snap: DBuf,
 }
 
 impl SparseMlp {
@@ -410,7 +430,58 @@ impl SparseMlp {
         };
         e.gpu.sync()?;
         let heads_k = vec![None; rules.len()];
-        Ok(SparseMlp { rules, heads_k, down_t, parts, idx, counters, tallies, topk })
+        let ahead = if parts.block_input && rules.iter().any(|r| matches!(r, Some(GpuMlp::Predicted(_)))) {
+            Some(MlpAhead {
+                side: std::env::var("DEJAVU_MLP_AHEAD").map_or(true, |v| v != "0"),
+                fork_ev: e.gpu.sync_event()?,
+                join_ev: e.gpu.sync_event()?,
+                pending: std::cell::Cell::new(false),
+                snap: e.gpu.alloc(MAX_CHUNKS * CHUNK * d * 4)?,
+            })
+        } else {
+            None
+        };
+        Ok(SparseMlp { rules, heads_k, down_t, parts, idx, counters, tallies, topk, ahead })
+    }
+
+    /// Whether layer `l`'s neuron predictor reads the layer's block input (so its input must be kept before the
+    /// attention changes the residual).
+    pub fn reads_block(&self, l: usize) -> bool {
+        self.ahead.is_some() && matches!(self.rules.get(l), Some(Some(GpuMlp::Predicted(_))))
+    }
+
+    /// At layer `l`'s start, once `src` (f32 `[rows, d]`) holds the block input: for a forward of one chunk, the
+    /// layer's predictor and top-k forked onto the side stream (returns true; [`SparseMlp::join_ahead`] before the
+    /// MLP); otherwise nothing (the MLP selects in line from `src`).
+    pub fn fork_ahead(&self, e: &Engine, l: usize, src: CUdeviceptr, rows: usize) -> GpuResult<bool> {
+        let (Some(a), Some(GpuMlp::Predicted(k))) = (self.ahead.as_ref(), self.rules[l]) else {
+            return Ok(false);
+        };
+        if !a.side || rows > CHUNK {
+            return Ok(false);
+        }
+        e.gpu.fork(&a.fork_ev)?;
+        a.pending.set(true);
+        e.gpu.on_side(|| self.predict(e, l, k, 0, rows, src))?;
+        Ok(true)
+    }
+
+    /// Before the MLP's first gather: the main stream waits for the side selection (nothing where none is pending).
+    pub fn join_ahead(&self, e: &Engine) -> GpuResult<()> {
+        match &self.ahead {
+            Some(a) if a.pending.replace(false) => e.gpu.join(&a.join_ev),
+            _ => Ok(()),
+        }
+    }
+
+    /// The predicted rule's selection for chunk `c` (rows `r0..r0 + nb`) of layer `l`: the predictor's scores of
+    /// `src` (f32 `[nb, d]`, the chunk's own rows), each row's top `k`, and their union as the kept set.
+    fn predict(&self, e: &Engine, l: usize, k: usize, c: usize, nb: usize, src: CUdeviceptr) -> GpuResult<()> {
+        let f = e.cfg.ffn;
+        let [scores, keep, flags, hid] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
+        let p = self.parts.pred[l].as_ref().ok_or_else(|| GpuError::new("internal: no predictor for a predicted layer"))?;
+        p.scores(e, src, nb, hid.ptr, scores.ptr)?;
+        topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, self.kept(l, c, f), (nb > 1).then_some(flags.ptr), None)
     }
 
     /// Zero the counters and tallies a forward over `rows` rows uses.
@@ -497,22 +568,31 @@ pub fn chunks(rows: usize, what: &str) -> GpuResult<impl Iterator<Item = (usize,
     Ok((0..rows.div_ceil(CHUNK)).map(move |c| (c, c * CHUNK, (rows - c * CHUNK).min(CHUNK))))
 }
 
-/// Layer `l`'s sparse MLP over `rows` rows (see [`cats_mlp`] for the arguments), by its rule.
+/// What the predicted rule's predictor reads: `x`, f32 `[rows, d]` (the residual entering the MLP, or the block
+/// input's copy under [`MlpAhead`]); `selected` where [`SparseMlp::fork_ahead`] already made the kept set.
+#[derive(Debug, Clone, Copy)]
+pub struct PredIn {
+    pub x: CUdeviceptr,
+    pub selected: bool,
+}
+
+/// Layer `l`'s sparse MLP over `rows` rows (see [`cats_mlp`] for the arguments; `pred` for the predicted rule), by
+/// its rule.
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
+pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pred: PredIn, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
     match rule {
         GpuMlp::Cats(t) => cats_mlp(e, sp, l, t, rows, input, x, pre, act),
-        GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k) => topk_mlp(e, sp, l, rule, k, rows, input, x, act),
+        GpuMlp::ExactDown(k) | GpuMlp::QScore(k) | GpuMlp::Predicted(k) => topk_mlp(e, sp, l, rule, k, rows, input, x, pred, act),
     }
 }
 
 /// Layer `l`'s MLP under a top-k rule, in chunks of [`CHUNK`] rows: per chunk the scores (`qscore`: the int4
-/// copies; `exactdown`: the dense hidden values' magnitudes; `predicted`: the predictor on the residual `x`), each
+/// copies; `exactdown`: the dense hidden values' magnitudes; `predicted`: the predictor on `pred.x`), each
 /// row's top `k`, their union as the kept set, then the kept rows of gate/up or fc1 (each row multiplied by its
 /// own flags) or the kept hidden values gathered (`exactdown`), and the kept rows of the transposed down
 /// accumulated into `x`. `act` 16-bit `[CHUNK, f]` scratch.
 #[allow(clippy::too_many_arguments)]
-fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
+fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pred: PredIn, act: CUdeviceptr) -> GpuResult<()> {
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);
     let lw = &e.w.layers[l];
     let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
@@ -527,13 +607,13 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
                 if let GpuMlp::QScore(_) = rule {
                     let q = sp.parts.q[l].as_ref().ok_or_else(|| GpuError::new("internal: no score copies for a qscore layer"))?;
                     qscore(e, q, inp, scores.ptr, nb, f, d)?;
-                } else {
-                    let p = sp.parts.pred[l].as_ref().ok_or_else(|| GpuError::new("internal: no predictor for a predicted layer"))?;
-                    p.scores(e, x + (r0 * d * 4) as u64, nb, hid.ptr, scores.ptr)?;
+                    topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, kept, fl, None)?;
+                } else if !pred.selected {
+                    sp.predict(e, l, k, c, nb, pred.x + (r0 * d * 4) as u64)?;
                 }
-                topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, kept, fl, None)?;
                 let epi = if e.cfg.family == Family::Llama { Epi::Glu } else { Epi::Relu };
-                gather_up(e, lw.up.ptr, up_b, f, inp, kept, act, nb, d, epi, fl)?;
+                // A set made on the side stream (joined) is complete before the gather's launch.
+                gather_up(e, lw.up.ptr, up_b, f, inp, Kept { early: pred.selected, ..kept }, act, nb, d, epi, fl)?;
             }
             _ => {
                 let (xh, norm) = match inp {

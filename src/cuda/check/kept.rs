@@ -194,9 +194,11 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
         let blocks: Vec<Vec<f32>> = taps.iter().map(|lt| lt.block_input.clone().map(|t| to_host_3d(t).0).unwrap_or_default()).collect();
         for (l, lt) in taps.into_iter().enumerate() {
             let (xn, [_, s, _]) = to_host_3d(lt.mlp_normed.ok_or("no normed taps")?);
-            // Neuron predictors read the MLP's input residual; head predictors the previous block's input.
+            // Neuron predictors read the MLP's input residual (look-ahead ones the layer's block input); head
+            // predictors the previous block's input.
             let xr = match rule {
                 KeptRule::Heads(..) => blocks[l.saturating_sub(1)].clone(),
+                KeptRule::Predicted(_, p) if p.neuron_input() == crate::predictor::NeuronInput::Block => blocks[l].clone(),
                 _ => to_host_3d(lt.mlp_input.ok_or("no residual taps")?).0,
             };
             // The reference's ranking per token: CATS's magnitudes, the exact hidden values, the copies' scores, or

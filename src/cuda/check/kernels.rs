@@ -316,7 +316,7 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// the engine's type, as the engine stores them), the kept hidden values through down, added to the residual.
 fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use crate::cuda::select::{qscore, QCopy};
-    use crate::cuda::sparse::{sparse_mlp, GpuMlp, In, SparseMlp, SparseParts};
+    use crate::cuda::sparse::{sparse_mlp, GpuMlp, In, PredIn, SparseMlp, SparseParts};
     use crate::sparse::quant::{QMatrix, QScheme, QuantOptions};
     use crate::sparse::select::top_k;
     let d_ = Dev { e };
@@ -353,13 +353,13 @@ fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -
         for kk in [1usize, f / 3, f] {
             for rule in [GpuMlp::ExactDown(kk), GpuMlp::QScore(kk)] {
                 let qv = matches!(rule, GpuMlp::QScore(_)).then(|| QCopy::upload(e, &qg, &qu)).transpose()?;
-                let parts = SparseParts { q: vec![qv], score_bits: opts.bits_per_weight(), pred: Vec::new() };
+                let parts = SparseParts { q: vec![qv], score_bits: opts.bits_per_weight(), ..Default::default() };
                 let sp = SparseMlp::new(e, vec![Some(rule)], parts)?;
                 sp.zero(e, rows)?;
                 let init = randv(rows * d, s + kk as u64, 1.0);
                 let xo = d_.f32buf(&init)?;
                 let (pre, act) = (d_.poisoned(16 * f * 4)?, d_.poisoned(16 * f * 2)?);
-                sparse_mlp(e, &sp, 0, rule, rows, |r0| In::Half(xb.ptr + (r0 * d * 2) as u64), xo.ptr, pre.ptr, act.ptr)?;
+                sparse_mlp(e, &sp, 0, rule, rows, |r0| In::Half(xb.ptr + (r0 * d * 2) as u64), xo.ptr, PredIn { x: xo.ptr, selected: false }, pre.ptr, act.ptr)?;
                 let got = d_.read_f32(&xo, rows * d)?;
                 let mut want = vec![0f32; rows * d];
                 for b in 0..rows {
