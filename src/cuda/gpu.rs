@@ -187,7 +187,18 @@ impl Gpu {
 
     /// The main stream's next work waits for everything the side stream has been given so far.
     pub fn join(&self, ev: &Event) -> GpuResult<()> {
-        unsafe { result::event::record(ev.0, self.side) }.ctx("cuEventRecord")?;
+        self.mark_side(ev)?;
+        self.wait_mark(ev)
+    }
+
+    /// Record `ev` on the side stream: it completes once what the side stream has been given so far has run (for
+    /// [`Gpu::wait_mark`] later, while the side stream goes on with other work).
+    pub fn mark_side(&self, ev: &Event) -> GpuResult<()> {
+        unsafe { result::event::record(ev.0, self.side) }.ctx("cuEventRecord")
+    }
+
+    /// The main stream's next work waits for `ev` (recorded by [`Gpu::mark_side`]).
+    pub fn wait_mark(&self, ev: &Event) -> GpuResult<()> {
         unsafe { result::stream::wait_event(self.stream, ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.ctx("cuStreamWaitEvent")?;
         self.joined.set(true);
         Ok(())

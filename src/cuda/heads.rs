@@ -32,6 +32,9 @@ pub struct SparseHeads {
     o_t: Vec<Option<DBuf>>,
     /// Layer l + 1's selection runs at layer l on the side stream (module docs); `DEJAVU_LOOKAHEAD=0`: in line.
     lookahead: bool,
+    /// The look-ahead forks at layer l's start (after its norm) instead of at its MLP (`DEJAVU_HEADS_FORK=start`;
+    /// trial knob for the MLP look-ahead, which takes the MLP's predictor and top-k off the main stream).
+    pub fork_at_start: bool,
     fork_ev: Event,
     join_ev: Event,
     /// The look-ahead selection forked and not yet joined.
@@ -93,6 +96,7 @@ impl SparseHeads {
             pred,
             o_t,
             lookahead,
+            fork_at_start: std::env::var("DEJAVU_HEADS_FORK").is_ok_and(|v| v == "start"),
             fork_ev: e.gpu.sync_event()?,
             join_ev: e.gpu.sync_event()?,
             pending: std::cell::Cell::new(false),

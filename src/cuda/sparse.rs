@@ -463,13 +463,15 @@ impl SparseMlp {
         e.gpu.fork(&a.fork_ev)?;
         a.pending.set(true);
         e.gpu.on_side(|| self.predict(e, l, k, 0, rows, src))?;
+        // Marked here, so the side stream may take further work (the head look-ahead) that the MLP does not wait for.
+        e.gpu.mark_side(&a.join_ev)?;
         Ok(true)
     }
 
     /// Before the MLP's first gather: the main stream waits for the side selection (nothing where none is pending).
     pub fn join_ahead(&self, e: &Engine) -> GpuResult<()> {
         match &self.ahead {
-            Some(a) if a.pending.replace(false) => e.gpu.join(&a.join_ev),
+            Some(a) if a.pending.replace(false) => e.gpu.wait_mark(&a.join_ev),
             _ => Ok(()),
         }
     }
