@@ -192,17 +192,26 @@ fn end_to_end_tiny_llama() {
 
 /// `--neuron-target gate` labels Llama neurons by |SiLU(gate)| (CATS' criterion): the recall the loaded predictors
 /// reach against labels recomputed here from the recorded gate activations matches the trained one. OPT refuses it.
+/// 2,000 tokens of `fixture` collected into `tmp/run` and predictors trained there (4 epochs) with `extra` options:
+/// the run directory, the model and the loaded predictors.
+fn collect_and_train(tmp: &Path, fixture_name: &str, extra: &[&str]) -> (std::path::PathBuf, ModelFiles, Predictors<B>) {
+    let text = tmp.join("calib.txt");
+    write_text(&text, 300);
+    let run = tmp.join("run");
+    assert_ok(&collect(&fixture(fixture_name), &text, 2000, &run, &[], &[]));
+    let mut args = vec!["train-predictors", "--run", p(&run), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2"];
+    args.extend_from_slice(extra);
+    assert_ok(&common::dejavu(&args, &[]));
+    let files = ModelFiles::resolve(&fixture(fixture_name)).unwrap();
+    let pred = Predictors::<B>::load(&run.join("predictors"), &files.identity().unwrap(), &Default::default()).unwrap();
+    (run, files, pred)
+}
+
 #[test]
 fn neuron_target_gate_labels_by_silu_gate() {
     let tmp = tempfile::tempdir().unwrap();
+    let (run, files, pred) = collect_and_train(tmp.path(), "tiny-llama", &["--neuron-target", "gate"]);
     let text = tmp.path().join("calib.txt");
-    write_text(&text, 300);
-    let run = tmp.path().join("run");
-    assert_ok(&collect(&fixture("tiny-llama"), &text, 2000, &run, &[], &[]));
-    let args = ["train-predictors", "--run", p(&run), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2", "--neuron-target", "gate"];
-    assert_ok(&common::dejavu(&args, &[]));
-    let files = ModelFiles::resolve(&fixture("tiny-llama")).unwrap();
-    let pred = Predictors::<B>::load(&run.join("predictors"), &files.identity().unwrap(), &Default::default()).unwrap();
     assert!(pred.manifest.neuron_label.contains("|SiLU(gate)|") && !pred.manifest.neuron_label.contains("up"), "{}", pred.manifest.neuron_label);
     let acts = Activations::open(&run).unwrap();
     for l in 0..files.config.layers {
@@ -223,15 +232,8 @@ fn neuron_target_gate_labels_by_silu_gate() {
 #[test]
 fn neuron_input_block_trains_on_the_block_input() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("calib.txt");
-    write_text(&text, 300);
-    let run = tmp.path().join("run");
-    assert_ok(&collect(&fixture("tiny-opt"), &text, 2000, &run, &[], &[]));
-    let args = ["train-predictors", "--run", p(&run), "--epochs", "4", "--batch-size", "128", "--lr", "1e-2", "--neuron-input", "block"];
-    assert_ok(&common::dejavu(&args, &[]));
-    let files = ModelFiles::resolve(&fixture("tiny-opt")).unwrap();
+    let (run, files, pred) = collect_and_train(tmp.path(), "tiny-opt", &["--neuron-input", "block"]);
     let dir = run.join("predictors");
-    let pred = Predictors::<B>::load(&dir, &files.identity().unwrap(), &Default::default()).unwrap();
     assert_eq!(pred.neuron_input(), dejavu::predictor::NeuronInput::Block);
     assert!(pred.manifest.neuron_input.contains("block_input"), "{}", pred.manifest.neuron_input);
     let acts = Activations::open(&run).unwrap();
