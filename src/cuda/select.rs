@@ -60,13 +60,9 @@ pub fn topk_mark_with(
     };
     // The row's keys held in shared memory for the passes when they fit (every shape of the shape table).
     // (Rows of at most 256 units, TOPK_SHORT, count ranks directly either way.)
-    // Trial knobs (fourteenth session: a smaller block that may share a multiprocessor with the gathers when the
-    // selection runs on the side stream): `DEJAVU_TOPK_UNCACHED=1` reads the keys from global memory each pass,
-    // `DEJAVU_TOPK_THREADS=T` (a multiple of 32, at most 1024) caps the block.
-    let uncached = std::env::var("DEJAVU_TOPK_UNCACHED").is_ok_and(|v| v == "1");
-    let binned = binned && !uncached && n > 256 && binned_smem(n) <= GEMV_SMEM;
+    let binned = binned && n > 256 && binned_smem(n) <= GEMV_SMEM;
     let smem = if binned { binned_smem(n) } else { n * 4 };
-    let cached = !uncached && smem <= GEMV_SMEM;
+    let cached = smem <= GEMV_SMEM;
     let f = if cached { e.k.get_smem(&name, GEMV_SMEM)? } else { e.k.get(&name)? };
     let mut args = Args::new().ptr(p).i32(n as i32).i32(k.min(i32::MAX as usize) as i32).ptr(keep).i32(i32::from(cached));
     match compact {
@@ -80,9 +76,7 @@ pub fn topk_mark_with(
         None => args = args.ptr(0).ptr(0).ptr(0).ptr(0),
     }
     args = args.i32(i32::from(binned));
-    let cap = std::env::var("DEJAVU_TOPK_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t)).unwrap_or(1024);
-    // Rows of at most 256 units (TOPK_SHORT) need a thread a unit.
-    let threads = (n.div_ceil(32) * 32).clamp(32, if n <= 256 { 1024 } else { cap }) as u32;
+    let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
     e.gpu.launch(f, (rows as u32, 1, 1), threads, if cached { smem as u32 } else { 0 }, &mut args)
 }
 
