@@ -830,9 +830,6 @@ impl Engine {
                 (Some(sp), Some(src)) => PredIn { x: src, selected: sp.fork_ahead(self, l, src, rows)? },
                 _ => PredIn { x, selected: false },
             };
-            if let Some(hs) = self.heads_on().filter(|hs| hs.fork_at_start) {
-                hs.fork_next(self, l, rows)?;
-            }
             if let Some(hs) = self.heads_at(l) {
                 let input = |r0: usize| match attn_in {
                     Some(m) => In::Norm(NormIn { x: m.x + (r0 * d * 4) as u64, ..m }),
@@ -921,7 +918,7 @@ impl Engine {
             if let Some(sp) = self.sparse_active() {
                 sp.join_ahead(self)?;
             }
-            if let Some(hs) = self.heads_on().filter(|hs| !hs.fork_at_start) {
+            if let Some(hs) = self.heads_on() {
                 hs.fork_next(self, l, rows)?;
             }
             if let Some((sp, rule)) = self.sparse_active().and_then(|sp| sp.rules[l].map(|r| (sp, r))) {

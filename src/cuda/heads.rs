@@ -11,7 +11,10 @@
 //! of selection buffers (by layer parity), and is joined back at layer l + 1's start. It so overlaps the MLP's
 //! predictor and single-block top-k, which leave most multiprocessors idle (forked at layer l's start, beside the
 //! q/k/v projection, it waited for the projection's blocks, which fill every multiprocessor, and lay on the critical
-//! path). `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1, from the same copy.
+//! path). `DEJAVU_LOOKAHEAD=0`: in line at layer l + 1, from the same copy. Under the MLP look-ahead (block-input
+//! neuron predictors, [`super::sparse::MlpAhead`]) the MLP's selection has left the main stream too; forking the
+//! head selection at the layer's start instead, behind it on the side stream, measured the same (fourteenth
+//! session, H100, OPT-13B 4.07-4.09 against 4.05-4.07 ms), so it stays at the MLP.
 
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -32,9 +35,6 @@ pub struct SparseHeads {
     o_t: Vec<Option<DBuf>>,
     /// Layer l + 1's selection runs at layer l on the side stream (module docs); `DEJAVU_LOOKAHEAD=0`: in line.
     lookahead: bool,
-    /// The look-ahead forks at layer l's start (after its norm) instead of at its MLP (`DEJAVU_HEADS_FORK=start`;
-    /// trial knob for the MLP look-ahead, which takes the MLP's predictor and top-k off the main stream).
-    pub fork_at_start: bool,
     fork_ev: Event,
     join_ev: Event,
     /// The look-ahead selection forked and not yet joined.
@@ -96,7 +96,6 @@ impl SparseHeads {
             pred,
             o_t,
             lookahead,
-            fork_at_start: std::env::var("DEJAVU_HEADS_FORK").is_ok_and(|v| v == "start"),
             fork_ev: e.gpu.sync_event()?,
             join_ev: e.gpu.sync_event()?,
             pending: std::cell::Cell::new(false),
