@@ -800,6 +800,11 @@ impl Engine {
             if let Some(hs) = self.heads_on() {
                 hs.join(self)?;
             }
+            // Trial `DEJAVU_MLP_FORK=early`: the look-ahead MLP selection forked before the norm, reading x itself.
+            let early_sel = match self.sparse_active() {
+                Some(sp) if sp.forks_early(l, rows) => sp.fork_ahead(self, l, x, rows)?,
+                _ => false,
+            };
             let lw = &self.w.layers[l];
             // Pre-norm layers normalise inside the projection; post-LN layers project x itself.
             let fused = pre && (self.fuse_norm || rows > GEMV_MAX_ROWS);
@@ -827,6 +832,7 @@ impl Engine {
             }
             // The look-ahead MLP selection from the block input, on the side stream beside the attention.
             let pred_in = match (self.sparse_active(), mlp_block.and(snap)) {
+                _ if early_sel => PredIn { x, selected: true },
                 (Some(sp), Some(src)) => PredIn { x: src, selected: sp.fork_ahead(self, l, src, rows)? },
                 _ => PredIn { x, selected: false },
             };
@@ -879,6 +885,12 @@ impl Engine {
                 .ptr(if splits == 1 { att } else { 0 })
                 .ptr(self.heads_at(l).map_or(0, |hs| hs.keep_of(self, l)))
                 .ptr(if skips { pc[l] } else { 0 });
+            if early_sel {
+                // The out-projection after the attention writes x: the early predictor must have read it.
+                if let Some(sp) = self.sparse_active() {
+                    sp.wait_read(self)?;
+                }
+            }
             if fold {
                 let args = args.f32(cfg.rope_theta as f32).i32(rope).ptr(rope_hkeep).ptr(pc[l]);
                 self.launch(&format!("attn_split_rope_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;

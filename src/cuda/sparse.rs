@@ -376,6 +376,14 @@ pub struct SparseMlp {
 /// `DEJAVU_MLP_AHEAD=0` selects in line at every width (for side-by-side timing).
 pub struct MlpAhead {
     side: bool,
+    /// Trial (`DEJAVU_MLP_FORK=early`): fork before the layer's norm, the predictor reading the residual `x` itself,
+    /// so the side chain is on the multiprocessors before the q/k/v gather's blocks fill them; the main stream waits
+    /// for the predictor's scores (the last read of `x`) before the attention, ahead of the out-projection that
+    /// writes `x`.
+    pub early: bool,
+    read_ev: Event,
+    /// The early fork's read of `x` marked and not yet waited for.
+    read_pending: std::cell::Cell<bool>,
     fork_ev: Event,
     join_ev: Event,
     /// The side selection forked and not yet joined.
@@ -433,6 +441,9 @@ impl SparseMlp {
         let ahead = if parts.block_input && rules.iter().any(|r| matches!(r, Some(GpuMlp::Predicted(_)))) {
             Some(MlpAhead {
                 side: std::env::var("DEJAVU_MLP_AHEAD").map_or(true, |v| v != "0"),
+                early: std::env::var("DEJAVU_MLP_FORK").is_ok_and(|v| v == "early"),
+                read_ev: e.gpu.sync_event()?,
+                read_pending: std::cell::Cell::new(false),
                 fork_ev: e.gpu.sync_event()?,
                 join_ev: e.gpu.sync_event()?,
                 pending: std::cell::Cell::new(false),
@@ -462,10 +473,29 @@ impl SparseMlp {
         }
         e.gpu.fork(&a.fork_ev)?;
         a.pending.set(true);
-        e.gpu.on_side(|| self.predict(e, l, k, 0, rows, src))?;
+        e.gpu.on_side(|| self.pred_scores(e, l, rows, src))?;
+        if a.early {
+            e.gpu.mark_side(&a.read_ev)?;
+            a.read_pending.set(true);
+        }
+        e.gpu.on_side(|| self.pred_select(e, l, k, 0, rows))?;
         // Marked here, so the side stream may take further work (the head look-ahead) that the MLP does not wait for.
         e.gpu.mark_side(&a.join_ev)?;
         Ok(true)
+    }
+
+    /// Whether layer `l` forks its look-ahead selection before the norm (`DEJAVU_MLP_FORK=early`, one chunk).
+    pub fn forks_early(&self, l: usize, rows: usize) -> bool {
+        self.ahead.as_ref().is_some_and(|a| a.early && a.side) && rows <= CHUNK && self.reads_block(l)
+    }
+
+    /// Under the early fork, before the first kernel after which `x` may change: the main stream waits until the
+    /// predictor has read it (nothing where no early read is pending).
+    pub fn wait_read(&self, e: &Engine) -> GpuResult<()> {
+        match &self.ahead {
+            Some(a) if a.read_pending.replace(false) => e.gpu.wait_mark(&a.read_ev),
+            _ => Ok(()),
+        }
     }
 
     /// Before the MLP's first gather: the main stream waits for the side selection (nothing where none is pending).
@@ -479,10 +509,21 @@ impl SparseMlp {
     /// The predicted rule's selection for chunk `c` (rows `r0..r0 + nb`) of layer `l`: the predictor's scores of
     /// `src` (f32 `[nb, d]`, the chunk's own rows), each row's top `k`, and their union as the kept set.
     fn predict(&self, e: &Engine, l: usize, k: usize, c: usize, nb: usize, src: CUdeviceptr) -> GpuResult<()> {
-        let f = e.cfg.ffn;
-        let [scores, keep, flags, hid] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
+        self.pred_scores(e, l, nb, src)?;
+        self.pred_select(e, l, k, c, nb)
+    }
+
+    /// The predictor's scores of `src` (f32 `[nb, d]`) into the top-k scratch (the only read of `src`).
+    fn pred_scores(&self, e: &Engine, l: usize, nb: usize, src: CUdeviceptr) -> GpuResult<()> {
+        let [scores, _, _, hid] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
         let p = self.parts.pred[l].as_ref().ok_or_else(|| GpuError::new("internal: no predictor for a predicted layer"))?;
-        p.scores(e, src, nb, hid.ptr, scores.ptr)?;
+        p.scores(e, src, nb, hid.ptr, scores.ptr)
+    }
+
+    /// Each row's top `k` of the scores [`SparseMlp::pred_scores`] wrote, and their union as chunk `c`'s kept set.
+    fn pred_select(&self, e: &Engine, l: usize, k: usize, c: usize, nb: usize) -> GpuResult<()> {
+        let f = e.cfg.ffn;
+        let [scores, keep, flags, _] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
         topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, self.kept(l, c, f), (nb > 1).then_some(flags.ptr), None)
     }
 
