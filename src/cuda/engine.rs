@@ -800,7 +800,7 @@ impl Engine {
             if let Some(hs) = self.heads_on() {
                 hs.join(self)?;
             }
-            // Trial `DEJAVU_MLP_FORK=early`: the look-ahead MLP selection forked before the norm, reading x itself.
+            // The look-ahead MLP selection forked before the norm, reading x itself (`MlpAhead::early`).
             let early_sel = match self.sparse_active() {
                 Some(sp) if sp.forks_early(l, rows) => sp.fork_ahead(self, l, x, rows)?,
                 _ => false,
