@@ -926,7 +926,8 @@ impl Engine {
                 self.norm(&lw.attn_norm, lw.attn_norm_b.as_ref(), x, h, x, rows)?;
             }
             self.class(Class::Mlp)?;
-            // Joined before the head look-ahead forks (a join waits for all the side stream was given).
+            // The MLP waits for its look-ahead selection only (a mark of the side stream's work up to it), so the
+            // head look-ahead forked next is not waited for here.
             if let Some(sp) = self.sparse_active() {
                 sp.join_ahead(self)?;
             }
