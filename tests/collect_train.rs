@@ -58,16 +58,16 @@ fn manifest(out: &Path) -> serde_json::Value {
 /// Held-out neuron recall of the loaded predictor of layer `l` at its chosen k, against labels recomputed here
 /// from the recorded `label_tap` (OPT: > 0; Llama: top half by magnitude, the default --neuron-density 0.5).
 fn loader_recall(pred: &Predictors<B>, acts: &Activations, l: usize, cfg: &dejavu::ModelConfig, label_tap: Tap) -> f64 {
-    loader_recall_from(pred, acts, l, cfg, Tap::MlpInput, label_tap)
+    loader_recall_from(pred, acts, (l, l), cfg, Tap::MlpInput, label_tap)
 }
 
-/// [`loader_recall`] with the predictor fed the recorded `input_tap`.
-fn loader_recall_from(pred: &Predictors<B>, acts: &Activations, l: usize, cfg: &dejavu::ModelConfig, input_tap: Tap, label_tap: Tap) -> f64 {
+/// [`loader_recall`] with the predictor of layer `l.0` fed the recorded `input_tap` of layer `l.1`.
+fn loader_recall_from(pred: &Predictors<B>, acts: &Activations, (l, input_layer): (usize, usize), cfg: &dejavu::ModelConfig, input_tap: Tap, label_tap: Tap) -> f64 {
     let dev = Default::default();
     let train_n = pred.manifest.train_tokens;
     let total = acts.manifest.tokens;
     let k = pred.k_neurons(l);
-    let (x, _) = acts.read(l, input_tap, total).unwrap();
+    let (x, _) = acts.read(input_layer, input_tap, total).unwrap();
     let (act, _) = acts.read(l, label_tap, total).unwrap();
     let rows = total - train_n;
     let d = cfg.hidden;
@@ -226,20 +226,34 @@ fn neuron_target_gate_labels_by_silu_gate() {
     assert_clean_failure(&out, &["acts/manifest.json", "--neuron-target gate", "Llama"]);
 }
 
-/// `--neuron-input block` trains each layer's neuron predictor on the layer's block input (the look-ahead): the
-/// manifest says so, the loaded predictors report it, and their recall on the recorded block inputs matches the
-/// trained one. A manifest without the field (older dejavus) loads as the MLP input.
+/// `--neuron-input block` trains each layer's neuron predictor on the layer's block input (the look-ahead), and
+/// `prev` on the previous layer's (layer 0: its own): the manifest says so, the loaded predictors report it, and
+/// their recall on the recorded block inputs of that layer matches the trained one. A manifest without the field
+/// (older dejavus) loads as the MLP input.
 #[test]
 fn neuron_input_block_trains_on_the_block_input() {
+    use dejavu::predictor::NeuronInput;
     let tmp = tempfile::tempdir().unwrap();
+    let prev_dir = tmp.path().join("prev");
+    std::fs::create_dir_all(&prev_dir).unwrap();
+    let (prun, pfiles, ppred) = collect_and_train(&prev_dir, "tiny-opt", &["--neuron-input", "prev"]);
+    assert_eq!(ppred.neuron_input(), NeuronInput::Prev);
+    assert!(ppred.manifest.neuron_input.contains("i-1"), "{}", ppred.manifest.neuron_input);
+    let pacts = Activations::open(&prun).unwrap();
+    assert!(pfiles.config.layers >= 2);
+    for l in 0..pfiles.config.layers {
+        let lm = &ppred.manifest.layers[l];
+        let recall = loader_recall_from(&ppred, &pacts, (l, l.saturating_sub(1)), &pfiles.config, Tap::BlockInput, Tap::MlpAct);
+        assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall on the previous block input {recall} vs trained {}", lm.neuron_recall);
+    }
     let (run, files, pred) = collect_and_train(tmp.path(), "tiny-opt", &["--neuron-input", "block"]);
     let dir = run.join("predictors");
-    assert_eq!(pred.neuron_input(), dejavu::predictor::NeuronInput::Block);
+    assert_eq!(pred.neuron_input(), NeuronInput::Block);
     assert!(pred.manifest.neuron_input.contains("block_input"), "{}", pred.manifest.neuron_input);
     let acts = Activations::open(&run).unwrap();
     for l in 0..files.config.layers {
         let lm = &pred.manifest.layers[l];
-        let recall = loader_recall_from(&pred, &acts, l, &files.config, Tap::BlockInput, Tap::MlpAct);
+        let recall = loader_recall_from(&pred, &acts, (l, l), &files.config, Tap::BlockInput, Tap::MlpAct);
         assert!((recall - lm.neuron_recall).abs() < 5e-3, "layer {l}: loader recall on the block input {recall} vs trained {}", lm.neuron_recall);
     }
     // The same file without `neuron_tap`, as older dejavus wrote it.

@@ -1,6 +1,7 @@
-//! The look-ahead neuron predictor (`train-predictors --neuron-input block`): in the reference forward a layer's
-//! predicted MLP set is the top k of the scorer's scores of that layer's block input (the residual before its
-//! attention), not of its MLP input (`tests/collect_train.rs` trains such predictors and reads their manifest).
+//! The look-ahead neuron predictors (`train-predictors --neuron-input block|prev`): in the reference forward a
+//! layer's predicted MLP set is the top k of the scorer's scores of that layer's block input (the residual before
+//! its attention; `prev`: the previous layer's block input, layer 0 its own), not of its MLP input
+//! (`tests/collect_train.rs` trains such predictors and reads their manifest).
 
 mod common;
 
@@ -45,24 +46,33 @@ fn block_input_predictor_ranks_the_residual_before_the_attention() {
         let plan = Plan::uniform(c.layers, LayerPlan { mlp: MlpRule::PredictedTopK { k }, heads: HeadRule::Dense });
         let ids: Vec<u32> = (0..10u32).map(|i| (i * 53 + 11) % c.vocab_size as u32).collect();
         let want = TapSet { block_input: true, mlp_input: true, mlp_keep: true, ..Default::default() };
-        let mut differs = 0;
-        for input in [NeuronInput::Block, NeuronInput::Mlp] {
+        let (mut differs, mut prev_differs) = (0, 0);
+        for input in [NeuronInput::Block, NeuronInput::Mlp, NeuronInput::Prev] {
             let scorer = Tiled { ffn: f, input };
             let mut taps = Vec::new();
             let sparse = Sparse::new(&plan, Some(&scorer)).unwrap();
             let _ = model.forward_with(model.tokens(std::slice::from_ref(&ids)), &mut model.new_cache(), Forward { taps: Some((&want, &mut taps)), sparse: Some(sparse), ..Default::default() });
             assert_eq!(taps.len(), c.layers);
+            assert!(c.layers >= 2, "{name}: the previous layer's input needs two layers");
+            let top = |x: Vec<f32>| -> Vec<Vec<usize>> { tiled(&x, d, f).chunks(f).map(|row| select::top_k(row, k)).collect() };
+            let blocks: Vec<Vec<Vec<usize>>> = taps.iter().map(|t| top(to_host(t.block_input.clone().unwrap()))).collect();
             for (l, t) in taps.into_iter().enumerate() {
                 let keep = to_host(t.mlp_keep.unwrap());
                 let got: Vec<Vec<usize>> = keep.chunks(f).map(|row| (0..f).filter(|&j| row[j] == 1.0).collect()).collect();
-                let top = |x: Vec<f32>| -> Vec<Vec<usize>> { tiled(&x, d, f).chunks(f).map(|row| select::top_k(row, k)).collect() };
-                let (block, mlp) = (top(to_host(t.block_input.unwrap())), top(to_host(t.mlp_input.unwrap())));
-                let expect = if input == NeuronInput::Block { &block } else { &mlp };
+                let (block, mlp) = (&blocks[l], top(to_host(t.mlp_input.unwrap())));
+                let prev = &blocks[l.saturating_sub(1)];
+                let expect = match input {
+                    NeuronInput::Block => block,
+                    NeuronInput::Mlp => &mlp,
+                    NeuronInput::Prev => prev,
+                };
                 assert_eq!(&got, expect, "{name} layer {l} {input:?}: the kept sets are not the top {k} of that input's scores");
                 differs += block.iter().zip(&mlp).filter(|(a, b)| a != b).count();
+                prev_differs += block.iter().zip(prev).filter(|(a, b)| a != b).count();
             }
         }
-        // Otherwise the test could not tell the two inputs apart.
+        // Otherwise the test could not tell the inputs apart.
         assert!(differs > 0, "{name}: the block and MLP inputs rank alike at every token and layer");
+        assert!(prev_differs > 0, "{name}: a layer's block input and the previous layer's rank alike at every token");
     }
 }

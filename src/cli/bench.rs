@@ -272,7 +272,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         let mut engine = Engine::new(gpu, k, w, cfg).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         let (label, bytes) = match args.mode {
             Some(m) => {
-                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.head_kv == dejavu::sparse::HeadKv::Kept, args.rank, args.neuron_input == dejavu::predictor::NeuronInput::Block).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
+                let (l, b) = dejavu::cuda::bench::random_plan(&mut engine, m, args.head_sparsity, args.head_kv == dejavu::sparse::HeadKv::Kept, args.rank, args.neuron_input).map_err(|e| anyhow::anyhow!("bench {}: {e}", sh.name))?;
                 (format!("random, {l}"), Some(b))
             }
             None => ("random".to_string(), None),

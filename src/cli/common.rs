@@ -295,7 +295,7 @@ impl<B: Backend> AnyDecoder<'_, B> {
                     qscore: loaded.qcopies.as_ref().map(|(_, c)| c),
                     mlp_predictors: fm.as_deref(),
                     head_predictors: fh.as_deref(),
-                    mlp_block_input: matches!(&loaded.predictors, Some((_, p)) if p.neuron_input() == dejavu::predictor::NeuronInput::Block),
+                    mlp_input: loaded.predictors.as_ref().map_or(dejavu::predictor::NeuronInput::Mlp, |(_, p)| p.neuron_input()),
                 };
                 d.set_plan(plan, &art).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))
             }

@@ -61,8 +61,9 @@ pub struct Args {
     #[serde(default)]
     pub neuron_target: NeuronTarget,
     /// What each layer's neuron predictor reads: `mlp` = the residual entering the layer's MLP (after its
-    /// attention; the most accurate), or `block` = the residual entering the layer (Deja Vu's look-ahead: on the
-    /// CUDA engine the MLP's kept set is then predicted on a side stream while the layer's attention runs).
+    /// attention; the most accurate), `block` = the residual entering the layer (Deja Vu's look-ahead: on the
+    /// CUDA engine the MLP's kept set is then predicted on a side stream while the layer's attention runs), or
+    /// `prev` = the residual entering the layer before it (layer 0: its own), as the head predictors read it.
     #[arg(long, value_enum, default_value = "mlp")]
     #[serde(default)]
     pub neuron_input: NeuronInput,

@@ -65,10 +65,10 @@ fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> G
 
 /// A sparse decode on random weights: the MLP rule of `mode` at its sparsity (`dejavu@S`: a random predictor of
 /// `rank`, default the one `train-predictors` picks; `qscore@S`: random int4 copies; `exactdown@S`), and with `head_sparsity` the
-/// predicted heads (random look-ahead predictors, `--head-kv all`), installed on `e`; with `mlp_block_input` the MLP
-/// predictors read the block input (the look-ahead selection beside the attention). Returns a label and the
+/// predicted heads (random look-ahead predictors, `--head-kv all`), installed on `e`; `mlp_input` is what the MLP
+/// predictors read (from a block input the selection runs ahead on the side stream). Returns a label and the
 /// weight bytes one step reads at batch 1 (the kept rows, predictors and score copies; the floor's numerator).
-pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>, kv_kept: bool, rank: Option<usize>, mlp_block_input: bool) -> GpuResult<(String, usize)> {
+pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Option<f64>, kv_kept: bool, rank: Option<usize>, mlp_input: crate::predictor::NeuronInput) -> GpuResult<(String, usize)> {
     use super::predict::GpuPredictor;
     use super::select::QCopy;
     use super::sparse::{GpuMlp, SparseParts};
@@ -78,7 +78,7 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
     let llama = cfg.family == crate::config::Family::Llama;
     let mats = if llama { 3 } else { 2 };
     let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
-    let mut parts = SparseParts { score_bits: 4.5, block_input: mlp_block_input, ..Default::default() };
+    let mut parts = SparseParts { score_bits: 4.5, neuron_input: mlp_input, ..Default::default() };
     let mut bytes = step_weight_bytes(&cfg, 2);
     let dense_mlp = mats * f * d * 2;
     let (rule, mlp_bytes): (Option<GpuMlp>, usize) = match mode {
@@ -104,8 +104,13 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
         m => return Err(super::gpu::GpuError(format!("bench --mode {m}: random weights run dense, dejavu@S, and on Llama shapes qscore@S and exactdown@S"))),
     };
     bytes = bytes + l * mlp_bytes - l * dense_mlp;
-    let ahead = mlp_block_input && matches!(rule, Some(GpuMlp::Predicted(_)));
-    let mut label = format!("{mode} (predictor rank {rank}{})", if ahead { ", from the block input" } else { "" });
+    let ahead = match mlp_input {
+        _ if !matches!(rule, Some(GpuMlp::Predicted(_))) => "",
+        crate::predictor::NeuronInput::Mlp => "",
+        crate::predictor::NeuronInput::Block => ", from the block input",
+        crate::predictor::NeuronInput::Prev => ", from the previous block input",
+    };
+    let mut label = format!("{mode} (predictor rank {rank}{ahead})");
     let heads_k = head_sparsity.map(|hs| keep_count(hs, h).max(1)).filter(|&k| k < h);
     let mut head_pred = Vec::new();
     if let Some(k) = heads_k {

@@ -32,9 +32,9 @@ pub struct GpuArtifacts<'a> {
     pub mlp_predictors: Option<&'a [FoldedPredictor]>,
     /// The look-ahead head predictors (one per layer, folded) of a predicted head rule.
     pub head_predictors: Option<&'a [FoldedPredictor]>,
-    /// The MLP predictors read each layer's block input (`train-predictors --neuron-input block`): the engine
-    /// selects the layer's neurons on the side stream beside its attention ([`super::sparse::MlpAhead`]).
-    pub mlp_block_input: bool,
+    /// What the MLP predictors read (`train-predictors --neuron-input`): from a block input (`block`, `prev`) the
+    /// engine selects the layer's neurons on the side stream ahead of its MLP ([`super::sparse::MlpAhead`]).
+    pub mlp_input: crate::predictor::NeuronInput,
 }
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
@@ -359,7 +359,7 @@ impl Engine {
                 .collect()
         };
         parts.pred = upload(art.mlp_predictors, &|l| matches!(rules[l], Some(GpuMlp::Predicted(_))))?;
-        parts.block_input = art.mlp_block_input;
+        parts.neuron_input = art.mlp_input;
         let head_pred = upload(art.head_predictors, &|l| heads_k[l].is_some())?;
         self.install(rules, heads_k, kv_kept, parts, head_pred)
     }
@@ -811,9 +811,11 @@ impl Engine {
             let attn_in = fused.then(|| NormIn { x, g: lw.attn_norm.ptr, gb: lw.attn_norm_b.as_ref().map_or(0, |b| b.ptr), tmp: h });
             // The block input's copy, where the head look-ahead forks at this layer or the MLP predictor reads it
             // (then the heads' copy serves both); the norm writes it as it reads x.
-            let mlp_block = self.sparse_active().filter(|sp| sp.reads_block(l)).and_then(|sp| sp.ahead.as_ref()).map(|a| a.snap.ptr);
+            let mlp_block = self.sparse_active().filter(|sp| sp.reads_block(l)).and_then(|sp| sp.ahead.as_ref()).map(|a| a.snap[0].ptr);
             let heads_snap = self.heads_on().and_then(|hs| hs.snapshot(l));
-            let snap = heads_snap.or(mlp_block);
+            // Under `prev` predictors, the copy of x the next layer's MLP selection reads.
+            let prev_own = self.sparse_active().and_then(|sp| sp.prev_copy(l, rows, heads_snap.is_some()));
+            let snap = heads_snap.or(mlp_block).or(prev_own);
             let copied = pre && !fused;
             if !pre {
                 self.class(Class::Norm)?;
@@ -830,10 +832,15 @@ impl Engine {
             if let (Some(own), None, false) = (mlp_block, heads_snap, copied) {
                 self.gpu.copy(own, x, rows * d * 4)?;
             }
+            if let Some(own) = prev_own.filter(|&own| !(copied && snap == Some(own))) {
+                self.gpu.copy(own, x, rows * d * 4)?;
+            }
             // The look-ahead MLP selection from the block input, on the side stream beside the attention.
             let pred_in = match (self.sparse_active(), mlp_block.and(snap)) {
                 _ if early_sel => PredIn { x, selected: true },
                 (Some(sp), Some(src)) => PredIn { x: src, selected: sp.fork_ahead(self, l, src, rows)? },
+                // `prev` predictors: the next layer's selection forked from this layer's copy.
+                (Some(sp), None) => PredIn { x: sp.prev_src(l).unwrap_or(x), selected: sp.fork_prev(self, l, heads_snap.or(prev_own), rows)? },
                 _ => PredIn { x, selected: false },
             };
             if let Some(hs) = self.heads_at(l) {
@@ -885,11 +892,9 @@ impl Engine {
                 .ptr(if splits == 1 { att } else { 0 })
                 .ptr(self.heads_at(l).map_or(0, |hs| hs.keep_of(self, l)))
                 .ptr(if skips { pc[l] } else { 0 });
-            if early_sel {
-                // The out-projection after the attention writes x: the early predictor must have read it.
-                if let Some(sp) = self.sparse_active() {
-                    sp.wait_read(self)?;
-                }
+            // The out-projection after the attention writes x: an early predictor must have read it.
+            if let Some(sp) = self.sparse_active() {
+                sp.wait_read(self)?;
             }
             if fold {
                 let args = args.f32(cfg.rope_theta as f32).i32(rope).ptr(rope_hkeep).ptr(pc[l]);
@@ -929,7 +934,7 @@ impl Engine {
             // The MLP waits for its look-ahead selection only (a mark of the side stream's work up to it), so the
             // head look-ahead forked next is not waited for here.
             if let Some(sp) = self.sparse_active() {
-                sp.join_ahead(self)?;
+                sp.join_ahead(self, l)?;
             }
             if let Some(hs) = self.heads_on() {
                 hs.fork_next(self, l, rows)?;

@@ -11,6 +11,7 @@
 use cudarc::driver::sys::CUdeviceptr;
 
 use crate::config::Family;
+use crate::predictor::NeuronInput;
 
 use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
 use super::predict::GpuPredictor;
@@ -345,8 +346,8 @@ pub struct SparseParts {
     pub q: Vec<Option<QCopy>>,
     pub score_bits: f64,
     pub pred: Vec<Option<GpuPredictor>>,
-    /// The predictors read each layer's block input, not its MLP input ([`MlpAhead`]).
-    pub block_input: bool,
+    /// What the predictors read: the MLP input, or a block input ([`MlpAhead`]).
+    pub neuron_input: crate::predictor::NeuronInput,
 }
 
 /// The engine's sparse MLP state for a plan: per layer its rule (None: dense), the transposed down copies of the
@@ -376,6 +377,9 @@ pub struct SparseMlp {
 /// the block input (the same function). `DEJAVU_MLP_AHEAD=0` selects in line at every width (for side-by-side
 /// timing).
 pub struct MlpAhead {
+    /// What the predictors read: the layer's own block input, or the previous layer's ([`NeuronInput::Prev`]:
+    /// layer l + 1's selection is forked at layer l's start, a whole layer before its MLP needs it).
+    input: NeuronInput,
     side: bool,
     /// Fork before the layer's norm (default), the predictor reading the residual `x` itself, so the side chain is
     /// on the multiprocessors before the q/k/v gather's blocks fill them; the main stream waits for the predictor's
@@ -387,11 +391,13 @@ pub struct MlpAhead {
     /// The early fork's read of `x` marked and not yet waited for.
     read_pending: std::cell::Cell<bool>,
     fork_ev: Event,
-    join_ev: Event,
-    /// The side selection forked and not yet joined.
-    pending: std::cell::Cell<bool>,
-    /// f32 `[MAX_CHUNKS * CHUNK, d]`: the current layer's block input, where the head look-ahead keeps no copy.
-    pub snap: DBuf,
+    /// Per layer: marked on the side stream after the layer's selection.
+    join_ev: Vec<Event>,
+    /// Per layer: the side selection forked and not yet joined.
+    pending: Vec<std::cell::Cell<bool>>,
+    /// f32 `[MAX_CHUNKS * CHUNK, d]` each: the block inputs an in-line selection reads (one: the current layer's,
+    /// where the head look-ahead keeps no copy; two under `prev`: layer l's in `snap[l % 2]`).
+    pub snap: Vec<DBuf>,
 }
 
 impl SparseMlp {
@@ -430,26 +436,30 @@ impl SparseMlp {
                 None => None,
             });
         }
-        let idx = e.gpu.alloc(f * 4)?;
+        // Kept ids and row flags in two copies, by layer parity: under `prev` layer l + 1's selection is written on
+        // the side stream while layer l's MLP reads its own.
+        let idx = e.gpu.alloc(2 * f * 4)?;
         let counters = e.gpu.alloc(MAX_CHUNKS * rules.len() * 4)?;
         let tallies = e.gpu.alloc(MAX_CHUNKS * rules.len() * TALLY * 4)?;
         let topk = if topk {
-            Some([e.gpu.alloc(CHUNK * 2 * f * 4)?, e.gpu.alloc(CHUNK * f)?, e.gpu.alloc(CHUNK * f * 4)?, e.gpu.alloc((CHUNK * f * 2).max(pred_scratch))?])
+            Some([e.gpu.alloc(CHUNK * 2 * f * 4)?, e.gpu.alloc(CHUNK * f)?, e.gpu.alloc(2 * CHUNK * f * 4)?, e.gpu.alloc((CHUNK * f * 2).max(pred_scratch))?])
         } else {
             None
         };
         e.gpu.sync()?;
         let heads_k = vec![None; rules.len()];
-        let ahead = if parts.block_input && rules.iter().any(|r| matches!(r, Some(GpuMlp::Predicted(_)))) {
+        let ahead = if parts.neuron_input != NeuronInput::Mlp && rules.iter().any(|r| matches!(r, Some(GpuMlp::Predicted(_)))) {
+            let snaps = if parts.neuron_input == NeuronInput::Prev { 2 } else { 1 };
             Some(MlpAhead {
+                input: parts.neuron_input,
                 side: std::env::var("DEJAVU_MLP_AHEAD").map_or(true, |v| v != "0"),
                 early: std::env::var("DEJAVU_MLP_FORK").map_or(true, |v| v != "norm"),
                 read_ev: e.gpu.sync_event()?,
                 read_pending: std::cell::Cell::new(false),
                 fork_ev: e.gpu.sync_event()?,
-                join_ev: e.gpu.sync_event()?,
-                pending: std::cell::Cell::new(false),
-                snap: e.gpu.alloc(MAX_CHUNKS * CHUNK * d * 4)?,
+                join_ev: (0..rules.len()).map(|_| e.gpu.sync_event()).collect::<GpuResult<_>>()?,
+                pending: (0..rules.len()).map(|_| std::cell::Cell::new(false)).collect(),
+                snap: (0..snaps).map(|_| e.gpu.alloc(MAX_CHUNKS * CHUNK * d * 4)).collect::<GpuResult<_>>()?,
             })
         } else {
             None
@@ -457,24 +467,72 @@ impl SparseMlp {
         Ok(SparseMlp { rules, heads_k, down_t, parts, idx, counters, tallies, topk, ahead })
     }
 
-    /// Whether layer `l`'s neuron predictor reads the layer's block input (so its input must be kept before the
-    /// attention changes the residual).
+    /// Whether layer `l`'s neuron predictor reads the layer's own block input (so its input must be kept before
+    /// the attention changes the residual).
     pub fn reads_block(&self, l: usize) -> bool {
-        self.ahead.is_some() && matches!(self.rules.get(l), Some(Some(GpuMlp::Predicted(_))))
+        self.ahead.as_ref().is_some_and(|a| a.input == NeuronInput::Block) && self.predicted(l)
+    }
+
+    fn predicted(&self, l: usize) -> bool {
+        matches!(self.rules.get(l), Some(Some(GpuMlp::Predicted(_))))
+    }
+
+    /// Under `prev` predictors: whether a forward of `rows` rows selects ahead on the side stream (else in line at
+    /// each MLP, from the copies [`SparseMlp::prev_copy`] names).
+    fn prev_side(&self, rows: usize) -> Option<&MlpAhead> {
+        self.ahead.as_ref().filter(|a| a.input == NeuronInput::Prev && a.side && rows <= CHUNK)
+    }
+
+    /// Under `prev` predictors, after layer `l`'s norm, with `copy` a copy of its block input (f32 `[rows, d]`) that
+    /// stays unchanged until the side stream is next joined whole or layer l + 1's MLP: for one chunk, the
+    /// selections that read it forked onto the side stream (layer l + 1's, and at layer 0 its own), each joined
+    /// at its MLP ([`SparseMlp::join_ahead`]), so the main stream never waits for them before then. Returns
+    /// whether layer `l`'s own set is (or was) selected ahead; false where the MLP selects in line from
+    /// [`SparseMlp::prev_src`].
+    pub fn fork_prev(&self, e: &Engine, l: usize, copy: Option<CUdeviceptr>, rows: usize) -> GpuResult<bool> {
+        let Some(a) = self.prev_side(rows) else {
+            return Ok(false);
+        };
+        for t in [(l == 0).then_some(0), Some(l + 1)].into_iter().flatten() {
+            let Some(Some(GpuMlp::Predicted(k))) = self.rules.get(t).copied() else { continue };
+            let src = copy.ok_or_else(|| GpuError::new("internal: no copy of the block input for the look-ahead selection"))?;
+            e.gpu.fork(&a.fork_ev)?;
+            a.pending[t].set(true);
+            e.gpu.on_side(|| self.pred_scores(e, t, rows, src))?;
+            e.gpu.on_side(|| self.pred_select(e, t, k, 0, rows))?;
+            e.gpu.mark_side(&a.join_ev[t])?;
+        }
+        Ok(self.predicted(l))
+    }
+
+    /// Under `prev` predictors: where layer `l`'s block input is to be copied for the next layer's MLP (and layer
+    /// 0's own), by layer parity; none where `shared` (a look-ahead selection of one chunk reads the head
+    /// look-ahead's copy, which the side stream's join at the next layer's start protects).
+    pub fn prev_copy(&self, l: usize, rows: usize, shared: bool) -> Option<CUdeviceptr> {
+        let a = self.ahead.as_ref().filter(|a| a.input == NeuronInput::Prev)?;
+        let needed = self.predicted(l + 1) || (l == 0 && self.predicted(0));
+        (needed && !(shared && self.prev_side(rows).is_some())).then(|| a.snap[l % 2].ptr)
+    }
+
+    /// Under `prev` predictors selecting in line: the block input layer `l`'s predictor reads (layer l - 1's copy;
+    /// layer 0's own).
+    pub fn prev_src(&self, l: usize) -> Option<CUdeviceptr> {
+        let a = self.ahead.as_ref().filter(|a| a.input == NeuronInput::Prev)?;
+        Some(a.snap[l.saturating_sub(1) % 2].ptr)
     }
 
     /// At layer `l`'s start, once `src` (f32 `[rows, d]`) holds the block input: for a forward of one chunk, the
     /// layer's predictor and top-k forked onto the side stream (returns true; [`SparseMlp::join_ahead`] before the
     /// MLP); otherwise nothing (the MLP selects in line from `src`).
     pub fn fork_ahead(&self, e: &Engine, l: usize, src: CUdeviceptr, rows: usize) -> GpuResult<bool> {
-        let (Some(a), Some(GpuMlp::Predicted(k))) = (self.ahead.as_ref(), self.rules[l]) else {
+        let (Some(a), Some(GpuMlp::Predicted(k))) = (self.ahead.as_ref().filter(|a| a.input == NeuronInput::Block), self.rules[l]) else {
             return Ok(false);
         };
         if !a.side || rows > CHUNK {
             return Ok(false);
         }
         e.gpu.fork(&a.fork_ev)?;
-        a.pending.set(true);
+        a.pending[l].set(true);
         e.gpu.on_side(|| self.pred_scores(e, l, rows, src))?;
         if a.early {
             e.gpu.mark_side(&a.read_ev)?;
@@ -482,7 +540,7 @@ impl SparseMlp {
         }
         e.gpu.on_side(|| self.pred_select(e, l, k, 0, rows))?;
         // Marked here, so the side stream may take further work (the head look-ahead) that the MLP does not wait for.
-        e.gpu.mark_side(&a.join_ev)?;
+        e.gpu.mark_side(&a.join_ev[l])?;
         Ok(true)
     }
 
@@ -500,10 +558,11 @@ impl SparseMlp {
         }
     }
 
-    /// Before the MLP's first gather: the main stream waits for the side selection (nothing where none is pending).
-    pub fn join_ahead(&self, e: &Engine) -> GpuResult<()> {
+    /// Before layer `l`'s first MLP gather: the main stream waits for its side selection (nothing where none is
+    /// pending).
+    pub fn join_ahead(&self, e: &Engine, l: usize) -> GpuResult<()> {
         match &self.ahead {
-            Some(a) if a.pending.replace(false) => e.gpu.wait_mark(&a.join_ev),
+            Some(a) if a.pending[l].replace(false) => e.gpu.wait_mark(&a.join_ev[l]),
             _ => Ok(()),
         }
     }
@@ -525,8 +584,8 @@ impl SparseMlp {
     /// Each row's top `k` of the scores [`SparseMlp::pred_scores`] wrote, and their union as chunk `c`'s kept set.
     fn pred_select(&self, e: &Engine, l: usize, k: usize, c: usize, nb: usize) -> GpuResult<()> {
         let f = e.cfg.ffn;
-        let [scores, keep, flags, _] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
-        topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, self.kept(l, c, f), (nb > 1).then_some(flags.ptr), None)
+        let [scores, keep, _, _] = self.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
+        topk_select(e, Scores::F32(scores.ptr), nb, f, k, keep.ptr, self.kept(l, c, f), (nb > 1).then(|| self.flags(l)), None)
     }
 
     /// Zero the counters and tallies a forward over `rows` rows uses.
@@ -600,7 +659,13 @@ impl SparseMlp {
 
     /// The kept set of chunk `c` of layer `l`.
     pub fn kept(&self, l: usize, c: usize, cap: usize) -> Kept {
-        Kept { idx: self.idx.ptr, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap, early: false }
+        let f = self.idx.bytes / 8;
+        Kept { idx: self.idx.ptr + ((l % 2) * f * 4) as u64, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap, early: false }
+    }
+
+    /// Layer `l`'s per-row flags of its kept set (f32 `[CHUNK, F]`, by layer parity as the kept ids).
+    fn flags(&self, l: usize) -> CUdeviceptr {
+        self.topk.as_ref().map_or(0, |[_, _, flags, _]| flags.ptr + ((l % 2) * flags.bytes / 2) as u64)
     }
 }
 
@@ -641,12 +706,12 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);
     let lw = &e.w.layers[l];
     let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
-    let [scores, keep, flags, hid] = sp.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
+    let [scores, keep, _, hid] = sp.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
     let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
     for (c, r0, nb) in chunks(rows, "the sparse MLP")? {
         let kept = sp.kept(l, c, f);
         let inp = input(r0);
-        let fl = (nb > 1).then_some(flags.ptr);
+        let fl = (nb > 1).then(|| sp.flags(l));
         match rule {
             GpuMlp::QScore(_) | GpuMlp::Predicted(_) => {
                 if let GpuMlp::QScore(_) = rule {

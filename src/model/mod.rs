@@ -325,7 +325,11 @@ impl<B: Backend> Model<B> {
 
         // A look-ahead neuron predictor reads the block input (before the attention).
         let block_in = match (plan.mlp, scorer) {
-            (MlpRule::PredictedTopK { .. }, Some(sc)) if sc.neuron_input() == crate::predictor::NeuronInput::Block => Some(x.clone()),
+            (MlpRule::PredictedTopK { .. }, Some(sc)) => match sc.neuron_input() {
+                crate::predictor::NeuronInput::Block => Some(x.clone()),
+                crate::predictor::NeuronInput::Prev => Some(prev_block_input.clone()),
+                crate::predictor::NeuronInput::Mlp => None,
+            },
             _ => None,
         };
 

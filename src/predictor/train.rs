@@ -66,19 +66,30 @@ pub enum NeuronInput {
     /// The residual entering layer l itself (Deja Vu's asynchronous look-ahead): the set can be predicted while
     /// the layer's attention runs, at some cost in recall (the attention's output is not seen).
     Block,
+    /// The residual entering layer l - 1 (layer 0: its own block input), as the head predictors read it: the set
+    /// can be predicted a whole layer ahead, at a further cost in recall.
+    Prev,
 }
 
 impl NeuronInput {
     pub fn tap(self) -> Tap {
         match self {
             NeuronInput::Mlp => Tap::MlpInput,
-            NeuronInput::Block => Tap::BlockInput,
+            NeuronInput::Block | NeuronInput::Prev => Tap::BlockInput,
+        }
+    }
+    /// The layer whose [`NeuronInput::tap`] layer `l`'s neuron predictor reads.
+    pub fn layer(self, l: usize) -> usize {
+        match self {
+            NeuronInput::Prev => l.saturating_sub(1),
+            _ => l,
         }
     }
     pub fn describe(self) -> &'static str {
         match self {
             NeuronInput::Mlp => "layer.{i}.mlp_input: residual entering layer i's MLP, before its norm",
             NeuronInput::Block => "layer.{i}.block_input: residual entering layer i (before its attention and norm; look-ahead)",
+            NeuronInput::Prev => "layer.{i-1}.block_input: residual entering layer i - 1 (layer 0: its own; look-ahead by a layer)",
         }
     }
 }
@@ -291,7 +302,7 @@ fn train_layer<B: Backend>(
     let id = m.model();
     let (d, ffn, heads) = (id.hidden, id.ffn, id.heads);
     // Neurons.
-    let (x, _) = acts.read(l, opts.neuron_input.tap(), total)?;
+    let (x, _) = acts.read(opts.neuron_input.layer(l), opts.neuron_input.tap(), total)?;
     let target = if id.family == Family::Llama { opts.neuron_target.tap() } else { Tap::MlpAct };
     let (act, _) = acts.read(l, target, total)?;
     let labels = match id.family {

@@ -198,7 +198,7 @@ pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, promp
             // predictors the previous block's input.
             let xr = match rule {
                 KeptRule::Heads(..) => blocks[l.saturating_sub(1)].clone(),
-                KeptRule::Predicted(_, p) if p.neuron_input() == crate::predictor::NeuronInput::Block => blocks[l].clone(),
+                KeptRule::Predicted(_, p) if p.neuron_input() != crate::predictor::NeuronInput::Mlp => blocks[p.neuron_input().layer(l)].clone(),
                 _ => to_host_3d(lt.mlp_input.ok_or("no residual taps")?).0,
             };
             // The reference's ranking per token: CATS's magnitudes, the exact hidden values, the copies' scores, or

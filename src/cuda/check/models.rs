@@ -112,8 +112,8 @@ fn engine_decoder(
     if let Some(p) = plan {
         let fold = |heads: bool| -> Option<Vec<crate::predictor::FoldedPredictor>> { predictors.map(|ps| (0..ps.layers()).map(|l| ps.host(l, heads).fold()).collect()) };
         let (fm, fh) = (fold(false), fold(true));
-        let mlp_block_input = predictors.is_some_and(|ps| ps.neuron_input() == crate::predictor::NeuronInput::Block);
-        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref(), mlp_block_input };
+        let mlp_input = predictors.map_or(crate::predictor::NeuronInput::Mlp, |ps| ps.neuron_input());
+        let art = crate::cuda::engine::GpuArtifacts { qscore: copies, mlp_predictors: fm.as_deref(), head_predictors: fh.as_deref(), mlp_input };
         gpu.set_plan(p, &art).map_err(|e| e.0)?;
     }
     Ok(gpu)
