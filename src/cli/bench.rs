@@ -71,9 +71,9 @@ pub struct Args {
     #[arg(long, value_name = "R")]
     #[serde(default)]
     pub rank: Option<usize>,
-    /// With `--mode dejavu@S`: what the random MLP predictors read, `mlp` (the MLP's input, after the attention) or
-    /// `block` (the layer's input: the selection runs on a side stream beside the attention; see
-    /// `train-predictors --neuron-input`).
+    /// With `--mode dejavu@S`: what the random MLP predictors read, `mlp` (the MLP's input, after the attention),
+    /// `block` (the layer's input: the selection runs on a side stream beside the attention) or `prev` (the
+    /// previous layer's input: the selection runs a layer ahead); see `train-predictors --neuron-input`.
     #[arg(long, value_enum, value_name = "INPUT", default_value = "mlp", requires = "mode")]
     #[serde(default)]
     pub neuron_input: dejavu::predictor::NeuronInput,
