@@ -378,7 +378,7 @@ pub struct SparseMlp {
 /// timing).
 pub struct MlpAhead {
     /// What the predictors read: the layer's own block input, or the previous layer's ([`NeuronInput::Prev`]:
-    /// layer l + 1's selection is forked at layer l's start, a whole layer before its MLP needs it).
+    /// layer l + 1's selection is forked after layer l's norm, from its copy, a layer before its MLP needs it).
     input: NeuronInput,
     side: bool,
     /// Fork before the layer's norm (default), the predictor reading the residual `x` itself, so the side chain is
@@ -659,7 +659,7 @@ impl SparseMlp {
 
     /// The kept set of chunk `c` of layer `l`.
     pub fn kept(&self, l: usize, c: usize, cap: usize) -> Kept {
-        let f = self.idx.bytes / 8;
+        let f = self.idx.bytes / 8; // the ids are held twice (layer parity), 4 bytes each
         Kept { idx: self.idx.ptr + ((l % 2) * f * 4) as u64, cnt: self.counters.ptr + ((c * self.rules.len() + l) * 4) as u64, cap, early: false }
     }
 
