@@ -252,13 +252,15 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
         }
         let dt = args.dtype.unwrap_or(Half::F16);
         let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
-        let need = needed_bytes(&cfg, &opts(max_batch));
+        let plan = args.mode.map_or(0, |m| dejavu::cuda::bench::plan_bytes(&cfg, m, args.head_sparsity, args.rank, args.neuron_input));
+        let need = needed_bytes(&cfg, &opts(max_batch)) + plan;
         let (free, total) = gpu.mem_info().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
         if need > free {
             eprintln!(
-                "bench --shape {}: needs {:.1} GB (weights, KV cache and scratch at batch {max_batch}), the GPU has {:.1} GB free of {:.1} GB; skipped",
+                "bench --shape {}: needs {:.1} GB (weights, KV cache and scratch at batch {max_batch}{}), the GPU has {:.1} GB free of {:.1} GB; skipped",
                 sh.name,
                 need as f64 / 1e9,
+                if plan > 0 { format!(", the sparse plan's copies and predictors {:.1} GB", plan as f64 / 1e9) } else { String::new() },
                 free as f64 / 1e9,
                 total as f64 / 1e9
             );

@@ -23,6 +23,49 @@ pub struct BenchOpts {
     pub seed: u64,
 }
 
+/// Device bytes a random sparse plan of [`random_plan`] allocates beyond [`needed_bytes`], so that `bench --mode`
+/// refuses a shape that cannot hold it before allocating anything. Mirrors the allocations it makes: per sparse
+/// layer the transposed down copy (`SparseMlp::new`) and the random predictor (with its unit norm weight) or int4
+/// score copies; the kept ids, counters, top-k scratch and block-input copies (one for `block`, two for `prev`);
+/// with head sparsity, per layer the transposed out-projection and head predictor (`SparseHeads::new`) and the
+/// heads' copy of the block input, scores and lists; plus 64 MiB for the small buffers not counted.
+pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: Option<f64>, rank: Option<usize>, input: crate::predictor::NeuronInput) -> usize {
+    use super::predict::GpuPredictor;
+    use super::select::QCopy;
+    use super::sparse::{CHUNK, MAX_CHUNKS};
+    use crate::predictor::NeuronInput;
+    use crate::sparse::{keep_count, Mode};
+    let (d, f, l, h, hd) = (cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.head_dim);
+    let llama = cfg.family == crate::config::Family::Llama;
+    let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
+    let rows = MAX_CHUNKS * CHUNK;
+    let down_t = f * d * 2;
+    let (layer, predicted) = match mode {
+        Mode::Dejavu(_) => (down_t + GpuPredictor::bytes_for(d, rank, f) + d * 2, true),
+        Mode::QScore(..) if llama => (down_t + QCopy::bytes(f, d), false),
+        Mode::ExactDown(..) if llama => (down_t, false),
+        _ => (0, false),
+    };
+    let mut bytes = 64 << 20;
+    if layer > 0 {
+        let pred_scratch = if predicted { CHUNK * (rank * 6 + d * 2) } else { 0 };
+        let topk = CHUNK * 2 * f * 4 + CHUNK * f + 2 * CHUNK * f * 4 + (CHUNK * f * 2).max(pred_scratch);
+        let copies = match input {
+            _ if !predicted => 0,
+            NeuronInput::Mlp => 0,
+            NeuronInput::Block => 1,
+            NeuronInput::Prev => 2,
+        };
+        bytes += l * layer + 2 * f * 4 + topk + copies * rows * d * 4;
+    }
+    if head_sparsity.is_some_and(|hs| keep_count(hs, h).max(1) < h) {
+        let qkv_n = (h + 2 * cfg.kv_heads) * hd;
+        let lists = 2 * (rows * h + MAX_CHUNKS * (h * 4 + qkv_n * 4 + h * hd * 4 + 12));
+        bytes += l * (d * h * hd * 2 + GpuPredictor::bytes_for(d, rank, h) + d * 2) + rows * d * 4 + rows * h * 4 + lists;
+    }
+    bytes
+}
+
 /// Bytes the weights, cache and scratch of a run need on the GPU.
 pub fn needed_bytes(cfg: &ModelConfig, o: &BenchOpts) -> usize {
     Table::standard(cfg).params() * 2 + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
@@ -193,4 +236,47 @@ pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_
         ratio_to_floor: median / floor_ms,
         breakdown,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Shape;
+    use crate::predictor::NeuronInput;
+    use crate::sparse::Mode;
+
+    fn cfg(name: &str) -> ModelConfig {
+        Shape::find(name).unwrap().config()
+    }
+
+    #[test]
+    fn plan_bytes_count_the_transposed_copies_and_predictors() {
+        let c = cfg("opt-13b");
+        let (d, f, l) = (5120usize, 20480usize, 40usize);
+        assert_eq!((c.hidden, c.ffn, c.layers), (d, f, l));
+        let b = plan_bytes(&c, Mode::Dejavu(Some(0.9)), Some(0.5), Some(256), NeuronInput::Block);
+        // Per layer the transposed fc2 and out-projection (f16): 10.49 GB over the model; the rank-256 predictors
+        // (d x 256 + 256 x f, f16) another 0.52 GB; the rest (copies of the block input, lists, scratch) under 1 GB.
+        let copies = l * (f * d + d * d) * 2;
+        let preds = l * (d * 256 + 256 * f) * 2;
+        assert!(b > copies + preds && b < copies + preds + (1 << 30), "{b} against {copies} + {preds}");
+        // Dense without heads allocates nothing past the allowance.
+        assert_eq!(plan_bytes(&c, Mode::Dense, None, None, NeuronInput::Mlp), 64 << 20);
+        // A layer ahead keeps two copies of the block input (each [512 x 16, d] f32), the look-ahead one.
+        let one = 512 * 16 * d * 4;
+        let prev = plan_bytes(&c, Mode::Dejavu(Some(0.9)), Some(0.5), Some(256), NeuronInput::Prev);
+        let mlp = plan_bytes(&c, Mode::Dejavu(Some(0.9)), Some(0.5), Some(256), NeuronInput::Mlp);
+        assert_eq!((prev - b, b - mlp), (one, one));
+    }
+
+    #[test]
+    fn a_sparse_plan_that_outgrows_an_80_gb_gpu_is_counted() {
+        // OPT-30B in f16 (60 GB of weights) fits an 80 GB GPU dense; with the transposed copies of a sparse plan
+        // (48 x (28,672 + 7,168) x 7,168 x 2 bytes = 24.7 GB) it does not.
+        let c = cfg("opt-30b");
+        let o = BenchOpts { batch: 1, prompt: 32, tokens: 32, warmup: 1, breakdown: false, seed: 1 };
+        let dense = needed_bytes(&c, &o);
+        let sparse = dense + plan_bytes(&c, Mode::Dejavu(Some(0.9)), Some(0.5), None, NeuronInput::Block);
+        assert!(dense < 80_000_000_000 && sparse > 80_000_000_000, "dense {dense}, sparse {sparse}");
+    }
 }

@@ -62,7 +62,12 @@ impl GpuPredictor {
 
     /// Weight bytes one prediction reads.
     pub fn bytes(&self) -> usize {
-        (self.r * self.d + self.n * self.r + self.r + self.n) * 2
+        Self::bytes_for(self.d, self.r, self.n)
+    }
+
+    /// [`GpuPredictor::bytes`] of a predictor `d -> r -> n`.
+    pub fn bytes_for(d: usize, r: usize, n: usize) -> usize {
+        (r * d + n * r + r + n) * 2
     }
 
     /// Scratch a prediction over `rows` rows needs: f32 `[rows, r]`, 16-bit `[rows, r]` and 16-bit `[rows, d]` (the
