@@ -829,10 +829,10 @@ impl Engine {
             if let Some(hs) = self.heads_on() {
                 hs.select(self, l, x, rows, copied)?;
             }
-            if let (Some(own), None, false) = (mlp_block, heads_snap, copied) {
-                self.gpu.copy(own, x, rows * d * 4)?;
-            }
-            if let Some(own) = prev_own.filter(|&own| !(copied && snap == Some(own))) {
+            // The MLP's own copy, where the norm did not write it (a `block` predictor reads the heads' copy instead
+            // where there is one).
+            let own = mlp_block.filter(|_| heads_snap.is_none()).or(prev_own);
+            if let Some(own) = own.filter(|&own| !(copied && snap == Some(own))) {
                 self.gpu.copy(own, x, rows * d * 4)?;
             }
             // The look-ahead MLP selection from the block input, on the side stream beside the attention.

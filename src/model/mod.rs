@@ -323,7 +323,8 @@ impl<B: Backend> Model<B> {
             taps.block_input = Some(x.clone());
         }
 
-        // A look-ahead neuron predictor reads the block input (before the attention).
+        // A look-ahead neuron predictor reads a block input (this layer's, before the attention, or the previous
+        // layer's).
         let block_in = match (plan.mlp, scorer) {
             (MlpRule::PredictedTopK { .. }, Some(sc)) => match sc.neuron_input() {
                 crate::predictor::NeuronInput::Block => Some(x.clone()),

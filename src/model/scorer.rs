@@ -12,7 +12,7 @@ use super::QScorer;
 /// Scores neurons and heads for the `Predicted*` rules (implemented by trained Deja Vu predictors).
 pub trait Scorer<B: Backend> {
     /// `input: [b, s, d] -> [b, s, ffn]`, larger means more likely needed; `input` is what
-    /// [`Scorer::neuron_input`] names (the MLP's input residual, or the layer's block input).
+    /// [`Scorer::neuron_input`] names (the MLP's input residual, the layer's block input, or the previous layer's).
     fn neuron_scores(&self, layer: usize, input: Tensor<B, 3>) -> Tensor<B, 3>;
     /// What [`Scorer::neuron_scores`] reads.
     fn neuron_input(&self) -> NeuronInput {

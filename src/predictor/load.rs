@@ -75,7 +75,7 @@ impl<B: Backend> Predictors<B> {
         self.mlp.len()
     }
 
-    /// Neuron logits of `layer` from its MLP input (or its block input: [`Predictors::neuron_input`]):
+    /// Neuron logits of `layer` from its MLP input (or a block input: [`Predictors::neuron_input`]):
     /// `[b, s, d] -> [b, s, ffn]`.
     pub fn neuron_scores(&self, layer: usize, input: Tensor<B, 3>) -> Tensor<B, 3> {
         self.mlp[layer].scores(input)

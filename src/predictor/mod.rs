@@ -12,7 +12,8 @@
 //! ```
 //!
 //! The neuron predictor of layer l reads layer l's MLP input (or, trained with `--neuron-input block`, layer l's
-//! block input: Deja Vu's asynchronous look-ahead, predicted while the attention runs); the head predictor of layer l reads layer l−1's
+//! block input: Deja Vu's asynchronous look-ahead, predicted while the attention runs; with `prev`, layer l−1's
+//! block input, layer 0 its own, predicted a layer ahead); the head predictor of layer l reads layer l−1's
 //! block input (look-ahead: it can run while layer l−1 computes), layer 0 its own block input. A unit is kept
 //! when it is among the top `k` scores of its token; `k` per layer is the smallest that reaches the target recall
 //! on held-out tokens (the last `holdout` fraction of the collected stream, so different text).
