@@ -49,6 +49,10 @@ fn argmax_correction_reproduces_dense_greedy() {
                 assert_eq!(got.new_tokens, want, "{} seed {seed} period {period}", dir.display());
                 assert_eq!(got.accepted_runs.len(), got.dense_passes);
                 assert!(got.sparse_tokens < n, "the first token is always the dense model's");
+                // Each check follows at least one and at most `period` sparse steps, rejected proposals counted.
+                assert!(got.sparse_steps >= got.sparse_tokens && got.sparse_steps >= got.dense_passes);
+                assert!(got.sparse_steps <= got.dense_passes * period, "{} steps for {} checks of period {period}", got.sparse_steps, got.dense_passes);
+                assert!(got.ms_per_check().is_some() && got.ms_per_sparse_step().is_some());
 
                 // Every cached position was written by a dense verification forward: the cache equals a dense
                 // prefill of the same tokens (f32; the two forwards group positions differently, so not bitwise).

@@ -135,12 +135,16 @@ impl ModelCommand for Args {
             out(&format!("{}{text}\n", args.prompt))?;
             let ms = c.elapsed.as_secs_f64() * 1e3 / c.new_tokens.len().max(1) as f64;
             eprintln!(
-                "corrected {}: {} tokens, sparse fraction {:.3}, {:.1} dense passes per 100 tokens, mean accepted run {:.2}, {ms:.2} ms/token (period {}, accept {:?})",
+                "corrected {}: {} tokens, sparse fraction {:.3}, {:.1} dense passes per 100 tokens, mean accepted run {:.2}, {ms:.2} ms/token; {} sparse steps at {} ms, {} dense checks at {} ms (period {}, accept {:?})",
                 args.decode.mode,
                 c.new_tokens.len(),
                 c.sparse_fraction(),
                 c.dense_passes_per_100(),
                 c.mean_accepted_run(),
+                c.sparse_steps,
+                c.ms_per_sparse_step().map_or("—".into(), |v| format!("{v:.3}")),
+                c.dense_passes,
+                c.ms_per_check().map_or("—".into(), |v| format!("{v:.3}")),
                 period,
                 args.accept
             );
@@ -151,7 +155,8 @@ impl ModelCommand for Args {
                     "period": period, "accept": args.accept, "sparse_tokens": c.sparse_tokens,
                     "sparse_fraction": c.sparse_fraction(), "dense_passes": c.dense_passes,
                     "dense_passes_per_100_tokens": c.dense_passes_per_100(), "mean_accepted_run": c.mean_accepted_run(),
-                    "accepted_runs": c.accepted_runs, "ms_per_token": ms,
+                    "accepted_runs": c.accepted_runs, "ms_per_token": ms, "sparse_steps": c.sparse_steps,
+                    "ms_per_sparse_step": c.ms_per_sparse_step(), "ms_per_dense_check": c.ms_per_check(),
                 });
                 dejavu::store::write_json(path, &rec).with_context(|| format!("while writing {}", path.display()))?;
             }

@@ -81,7 +81,8 @@ fn decode_one(dec: &mut dyn Decoder, prompt: &[u32], s: Setting, args: &Args, eo
         }
         Some(k) => {
             let c = generate_corrected(dec, prompt, args.n, k, args.accept, eos)?;
-            Outcome::judge(c.new_tokens, dense, c.sparse_tokens, c.dense_passes, c.accepted_runs, c.elapsed)
+            let (steps, st, ct) = (c.sparse_steps, c.sparse_time, c.check_time);
+            Outcome::judge(c.new_tokens, dense, c.sparse_tokens, c.dense_passes, c.accepted_runs, c.elapsed).with_costs(steps, st, ct)
         }
     })
 }
@@ -171,7 +172,8 @@ fn record(
                 "mode": s.mode, "period": s.period, "accept": s.period.map(|_| args.accept),
                 "exact_rate": sum.exact_rate(), "sparse_fraction": sum.sparse_fraction(),
                 "dense_passes_per_100_tokens": sum.dense_passes_per_100(), "mean_accepted_run": sum.mean_accepted_run(),
-                "ms_per_token": sum.ms_per_token(), "summary": sum, "outcomes": o,
+                "ms_per_token": sum.ms_per_token(), "ms_per_sparse_step": sum.ms_per_sparse_step(),
+                "ms_per_dense_check": sum.ms_per_check(), "summary": sum, "outcomes": o,
             })
         })
         .collect();
@@ -184,12 +186,12 @@ fn record(
 
 fn table(rows: &[(Setting, Summary)], accept: Accept, n: usize) -> String {
     let mut t = String::from(
-        "| mode | correction | prompts | tokens | exact continuation | first divergence (mean; identical = length) | over diverged | sparse fraction | dense passes / 100 tok | mean accepted run | ms/token |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | correction | prompts | tokens | exact continuation | first divergence (mean; identical = length) | over diverged | sparse fraction | dense passes / 100 tok | mean accepted run | ms/token | ms / sparse step | ms / dense check |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (s, r) in rows {
         let opt = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.2}"));
         t += &format!(
-            "| {} | {} | {} | {} | {:.3} ({}/{}) | {:.2} | {} | {:.3} | {:.1} | {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.3} ({}/{}) | {:.2} | {} | {:.3} | {:.1} | {} | {:.2} | {} | {} |\n",
             s.mode,
             s.correction(accept),
             r.prompts,
@@ -202,8 +204,12 @@ fn table(rows: &[(Setting, Summary)], accept: Accept, n: usize) -> String {
             r.sparse_fraction(),
             r.dense_passes_per_100(),
             opt(r.mean_accepted_run()),
-            r.ms_per_token()
+            r.ms_per_token(),
+            opt(r.ms_per_sparse_step()),
+            opt(r.ms_per_check())
         );
     }
-    t + &format!("(-n {n}; continuations judged against the dense row's, token for token)\n")
+    t + &format!(
+        "(-n {n}; continuations judged against the dense row's, token for token; ms/token includes the prefill; a corrected row's sparse steps include proposals a check rejected, and a dense check is the rollback, the verification forward and its logits read back and judged)\n"
+    )
 }

@@ -25,6 +25,10 @@ pub struct Outcome {
     pub dense_passes: usize,
     pub accepted_runs: Vec<usize>,
     pub seconds: f64,
+    /// Sparse steps run (rejected proposals included) and their wall time; wall time of the dense checks.
+    pub sparse_steps: usize,
+    pub sparse_seconds: f64,
+    pub check_seconds: f64,
 }
 
 impl Outcome {
@@ -32,7 +36,26 @@ impl Outcome {
     pub fn judge(new_ids: Vec<u32>, dense: &[u32], sparse_tokens: usize, dense_passes: usize, accepted_runs: Vec<usize>, elapsed: Duration) -> Outcome {
         let first = first_divergence(&new_ids, dense);
         let exact = first.is_none() && new_ids.len() == dense.len();
-        Outcome { new_ids, exact, first_divergence: first, sparse_tokens, dense_passes, accepted_runs, seconds: elapsed.as_secs_f64() }
+        Outcome {
+            new_ids,
+            exact,
+            first_divergence: first,
+            sparse_tokens,
+            dense_passes,
+            accepted_runs,
+            seconds: elapsed.as_secs_f64(),
+            sparse_steps: 0,
+            sparse_seconds: 0.0,
+            check_seconds: 0.0,
+        }
+    }
+
+    /// With what a corrected decode spent where (sparse steps, dense checks).
+    pub fn with_costs(mut self, sparse_steps: usize, sparse: Duration, checks: Duration) -> Outcome {
+        self.sparse_steps = sparse_steps;
+        self.sparse_seconds = sparse.as_secs_f64();
+        self.check_seconds = checks.as_secs_f64();
+        self
     }
 }
 
@@ -52,6 +75,9 @@ pub struct Summary {
     pub accepted_runs: usize,
     pub accepted_tokens: usize,
     pub seconds: f64,
+    pub sparse_steps: usize,
+    pub sparse_seconds: f64,
+    pub check_seconds: f64,
 }
 
 impl Summary {
@@ -74,6 +100,9 @@ impl Summary {
             s.accepted_runs += o.accepted_runs.len();
             s.accepted_tokens += o.accepted_runs.iter().sum::<usize>();
             s.seconds += o.seconds;
+            s.sparse_steps += o.sparse_steps;
+            s.sparse_seconds += o.sparse_seconds;
+            s.check_seconds += o.check_seconds;
         }
         s.mean_first_divergence = div_all as f64 / s.prompts.max(1) as f64;
         s.mean_first_divergence_diverged = (diverged > 0).then(|| div_sum as f64 / diverged as f64);
@@ -94,6 +123,14 @@ impl Summary {
     }
     pub fn ms_per_token(&self) -> f64 {
         1e3 * self.seconds / self.tokens.max(1) as f64
+    }
+    /// Mean wall time of a corrected decode's sparse step, ms (`None` when no step was timed).
+    pub fn ms_per_sparse_step(&self) -> Option<f64> {
+        (self.sparse_steps > 0).then(|| 1e3 * self.sparse_seconds / self.sparse_steps as f64)
+    }
+    /// Mean wall time of one dense check, ms (`None` without checks).
+    pub fn ms_per_check(&self) -> Option<f64> {
+        (self.dense_passes > 0 && self.check_seconds > 0.0).then(|| 1e3 * self.check_seconds / self.dense_passes as f64)
     }
 }
 

@@ -43,6 +43,14 @@ pub struct Corrected {
     /// Length of each run of accepted sparse tokens, one per check.
     pub accepted_runs: Vec<usize>,
     pub stopped_at_eos: bool,
+    /// Sparse decode steps run, the proposals a check later rejected included.
+    pub sparse_steps: usize,
+    /// Wall time in those steps (each ends with its token read back).
+    #[serde(skip)]
+    pub sparse_time: Duration,
+    /// Wall time in the dense checks: the rollback, the verification forward, its logits read back and judged.
+    #[serde(skip)]
+    pub check_time: Duration,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -56,6 +64,14 @@ impl Corrected {
     }
     pub fn mean_accepted_run(&self) -> f64 {
         self.accepted_runs.iter().sum::<usize>() as f64 / self.accepted_runs.len().max(1) as f64
+    }
+    /// Mean wall time of one sparse step, ms (`None` without steps).
+    pub fn ms_per_sparse_step(&self) -> Option<f64> {
+        (self.sparse_steps > 0).then(|| self.sparse_time.as_secs_f64() * 1e3 / self.sparse_steps as f64)
+    }
+    /// Mean wall time of one dense check, ms (`None` without checks).
+    pub fn ms_per_check(&self) -> Option<f64> {
+        (self.dense_passes > 0).then(|| self.check_time.as_secs_f64() * 1e3 / self.dense_passes as f64)
     }
 }
 
@@ -102,19 +118,26 @@ pub fn generate_corrected(
     let mut next = first(dec.greedy()?)?;
     let result = (|| loop {
         let base = dec.len();
+        // The round's time, less its sparse steps, is its dense check.
+        let round = Instant::now();
+        let mut stepping = Duration::ZERO;
         let m = period.min(max_new - out.new_tokens.len() - 1);
         let mut pending = vec![next];
         if m > 0 && !eos.contains(&next) {
             dec.set_dense(false);
+            let ts = Instant::now();
             while pending.len() <= m {
                 let last = pending[pending.len() - 1];
                 dec.step(&[last])?;
                 let x = first(dec.greedy()?)?;
+                out.sparse_steps += 1;
                 pending.push(x);
                 if eos.contains(&x) {
                     break;
                 }
             }
+            stepping = ts.elapsed();
+            out.sparse_time += stepping;
             dec.truncate(base)?;
             dec.set_dense(true);
             dec.prefill(&[pending.clone()], None)?;
@@ -140,6 +163,7 @@ pub fn generate_corrected(
                 break;
             }
         }
+        out.check_time += round.elapsed().saturating_sub(stepping);
         out.accepted_runs.push(kept);
         out.sparse_tokens += kept;
         for &x in &pending[1..1 + kept] {
