@@ -139,7 +139,7 @@ impl Decoder for CudaDecoder {
         Ok(s
             .into_iter()
             .zip(targets)
-            .map(|(row, t)| row.into_iter().zip(t).map(|((lp, am), &id)| TokenScore { logprob: lp, argmax: am == id }).collect())
+            .map(|(row, t)| row.into_iter().zip(t).map(|((lp, am), &id)| TokenScore { logprob: lp, argmax: am == id, top: am }).collect())
             .collect())
     }
 

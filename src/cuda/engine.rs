@@ -183,7 +183,12 @@ pub struct Engine {
     /// int per row: argmax / gathered row index.
     small: DBuf,
     /// Captured decode steps by (batch, attention splits, sparse plan active).
-    graphs: HashMap<(usize, usize, bool), Graph>,
+    /// Captured forwards by (rows, tokens a row: 0 for the decode step with its head and argmax, attention key
+    /// splits, sparse plan active).
+    graphs: HashMap<(usize, usize, usize, bool), Graph>,
+    /// Short prefills (at most `GEMV_MAX_ROWS` tokens in all: Sirius' verification forwards, short prompts) run
+    /// from captured graphs too (`DEJAVU_PREFILL_GRAPH=0`: launched one by one).
+    prefill_graphs: bool,
     /// Positions in the cache.
     pub len: usize,
     pub last: Option<Last>,
@@ -293,6 +298,7 @@ impl Engine {
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
+            prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
             topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
@@ -1030,8 +1036,14 @@ impl Engine {
             }
         }
         self.set_inputs(ids, self.len)?;
-        self.forward(batch, seq)?;
-        self.end_profile()?;
+        if self.prefill_graphs && rows <= GEMV_MAX_ROWS && self.profile.is_none() {
+            // The forward reads its positions from `state`, so one graph serves every prefill of this shape.
+            let key = (batch, seq, self.splits(rows, self.len + seq), self.sparse_active().is_some());
+            self.replay_or_capture(key, |e| e.forward(batch, seq))?;
+        } else {
+            self.forward(batch, seq)?;
+            self.end_profile()?;
+        }
         self.len += seq;
         self.add_stats(batch, seq, &lens)?;
         self.last = Some(Last { rows: batch, seq, lens, step_logits: false });
@@ -1053,22 +1065,27 @@ impl Engine {
             self.end_profile()?;
         } else {
             // One graph per batch size and attention split count (which follows the context length).
-            let key = (batch, self.splits(batch, self.len + 1), self.sparse_active().is_some());
-            if !self.graphs.contains_key(&key) {
-                self.gpu.sync()?;
-                self.gpu.begin_capture()?;
-                let body = self.step_body(batch);
-                let graph = self.gpu.end_capture();
-                body?;
-                self.graphs.insert(key, graph?);
-            }
-            let g = self.graphs.get(&key).ok_or_else(|| GpuError::new("internal: graph"))?;
-            self.gpu.replay(g)?;
+            let key = (batch, 0, self.splits(batch, self.len + 1), self.sparse_active().is_some());
+            self.replay_or_capture(key, |e| e.step_body(batch))?;
         }
         self.len += 1;
         self.add_stats(batch, 1, &vec![1; batch])?;
         self.last = Some(Last { rows: batch, seq: 1, lens: vec![1; batch], step_logits: true });
         Ok(())
+    }
+
+    /// Replay the graph of `key`, capturing `body` into it first if there is none.
+    fn replay_or_capture(&mut self, key: (usize, usize, usize, bool), body: impl FnOnce(&mut Self) -> GpuResult<()>) -> GpuResult<()> {
+        if !self.graphs.contains_key(&key) {
+            self.gpu.sync()?;
+            self.gpu.begin_capture()?;
+            let r = body(self);
+            let graph = self.gpu.end_capture();
+            r?;
+            self.graphs.insert(key, graph?);
+        }
+        let g = self.graphs.get(&key).ok_or_else(|| GpuError::new("internal: graph"))?;
+        self.gpu.replay(g)
     }
 
     /// The decode step of `batch` rows at the current position, captured into a graph of its own (not kept by the

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{argmax, DecodeError, Decoder};
+use super::{DecodeError, Decoder, TokenScore};
 
 /// When a sparse token survives the dense check.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
@@ -75,15 +75,11 @@ impl Corrected {
     }
 }
 
-fn accepts(rule: Accept, logits: &[f32], token: u32) -> bool {
+/// Whether the dense model's score of a proposal keeps it.
+fn accepts(rule: Accept, s: &TokenScore) -> bool {
     match rule {
-        Accept::Argmax => argmax(logits) == token as usize,
-        Accept::Prob(p) => {
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-            let t = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
-            (t - max).exp() / z >= p as f64
-        }
+        Accept::Argmax => s.argmax,
+        Accept::Prob(p) => (s.logprob as f64).exp() >= p as f64,
     }
 }
 
@@ -152,14 +148,18 @@ pub fn generate_corrected(
             // No room left for a proposal.
             return Ok(());
         }
-        let rows = dec.position_logits()?;
+        // The dense forward judged on the decoder itself (log-probs and argmaxes, no logits read back): position i
+        // predicts proposal i + 1; the last position's target is a placeholder, only its argmax is used.
+        let mut targets = pending[1..].to_vec();
+        targets.push(0);
+        let scores = dec.score(&[targets])?.into_iter().next().ok_or(DecodeError::Empty)?;
         let mut kept = 0;
         let mut replacement = None;
-        for (i, &x) in pending[1..].iter().enumerate() {
-            if accepts(rule, &rows[i], x) {
+        for s in scores.iter().take(pending.len() - 1) {
+            if accepts(rule, s) {
                 kept += 1;
             } else {
-                replacement = Some(argmax(&rows[i]) as u32);
+                replacement = Some(s.top);
                 break;
             }
         }
@@ -180,7 +180,7 @@ pub fn generate_corrected(
                 t
             }
             // All kept: the forward's last position predicts the token after them.
-            None => argmax(&rows[pending.len() - 1]) as u32,
+            None => scores[pending.len() - 1].top,
         };
         if out.new_tokens.len() >= max_new {
             return Ok(());

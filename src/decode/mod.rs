@@ -35,11 +35,13 @@ pub enum DecodeError {
     Engine(String),
 }
 
-/// The log-probability a forward gave one target token, and whether that token was its argmax.
+/// The log-probability a forward gave one target token, whether that token was its argmax, and the argmax itself.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenScore {
     pub logprob: f32,
     pub argmax: bool,
+    /// The position's argmax token (first on ties).
+    pub top: u32,
 }
 
 /// A model that decodes: the one interface `generate`, `ppl` and `eval` are written against.
@@ -113,5 +115,6 @@ pub fn host_score(logits: &[f32], target: u32) -> TokenScore {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
     let t = target as usize;
-    TokenScore { logprob: (logits.get(t).copied().unwrap_or(f32::NEG_INFINITY) as f64 - lse) as f32, argmax: argmax(logits) == t }
+    let top = argmax(logits);
+    TokenScore { logprob: (logits.get(t).copied().unwrap_or(f32::NEG_INFINITY) as f64 - lse) as f32, argmax: top == t, top: top as u32 }
 }

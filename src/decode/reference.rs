@@ -161,7 +161,7 @@ impl<B: Backend> Decoder for RefDecoder<'_, B> {
         Ok(targets
             .iter()
             .enumerate()
-            .map(|(r, t)| (0..t.len()).map(|p| TokenScore { logprob: picked[r * s + p], argmax: greedy[r * s + p] == tgt[r * s + p] }).collect())
+            .map(|(r, t)| (0..t.len()).map(|p| TokenScore { logprob: picked[r * s + p], argmax: greedy[r * s + p] == tgt[r * s + p], top: greedy[r * s + p] as u32 }).collect())
             .collect())
     }
 
