@@ -180,6 +180,9 @@ pub struct Engine {
     /// f32 logits `[rows, V]`
     logits: Option<DBuf>,
     logits_rows: usize,
+    /// `score`'s targets, log-probs and argmaxes (4 bytes a row each), kept between calls.
+    score_bufs: Option<[DBuf; 3]>,
+    score_rows: usize,
     /// int per row: argmax / gathered row index.
     small: DBuf,
     /// Captured decode steps by (batch, attention splits, sparse plan active).
@@ -288,6 +291,8 @@ impl Engine {
             tok_cap: 64,
             logits: None,
             logits_rows: 0,
+            score_bufs: None,
+            score_rows: 0,
             small,
             graphs: HashMap::new(),
             len: 0,
@@ -1181,19 +1186,24 @@ impl Engine {
         // Chunks of rows whose logits fit a bounded buffer.
         let chunk = (256usize << 20) / (self.cfg.vocab_size * 4);
         let chunk = chunk.clamp(GEMV_MAX_ROWS, 4096);
-        let tbuf = self.gpu.alloc(rows * 4)?;
-        let lbuf = self.gpu.alloc(rows * 4)?;
-        let abuf = self.gpu.alloc(rows * 4)?;
-        self.gpu.upload(&tbuf, 0, &tgt)?;
+        if self.score_bufs.is_none() || self.score_rows < rows {
+            let n = rows.next_power_of_two().max(GEMV_MAX_ROWS);
+            self.score_bufs = None;
+            self.score_bufs = Some([self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?]);
+            self.score_rows = n;
+        }
+        let bufs = self.score_bufs.as_ref().ok_or_else(|| GpuError::new("internal: score buffers"))?;
+        self.gpu.upload(&bufs[0], 0, &tgt)?;
+        let [tbuf, lbuf, abuf] = [bufs[0].ptr, bufs[1].ptr, bufs[2].ptr];
         let mut r0 = 0;
         while r0 < rows {
             let n = (rows - r0).min(chunk);
             let logits = self.head(fin + (r0 * e * 2) as u64, n)?;
-            self.argmax_rows(logits, n, tbuf.ptr + (r0 * 4) as u64, lbuf.ptr + (r0 * 4) as u64, abuf.ptr + (r0 * 4) as u64)?;
+            self.argmax_rows(logits, n, tbuf + (r0 * 4) as u64, lbuf + (r0 * 4) as u64, abuf + (r0 * 4) as u64)?;
             r0 += n;
         }
-        self.gpu.download(lbuf.ptr, &mut lp)?;
-        self.gpu.download(abuf.ptr, &mut am)?;
+        self.gpu.download(lbuf, &mut lp)?;
+        self.gpu.download(abuf, &mut am)?;
         Ok(targets
             .iter()
             .enumerate()
