@@ -210,6 +210,6 @@ fn table(rows: &[(Setting, Summary)], accept: Accept, n: usize) -> String {
         );
     }
     t + &format!(
-        "(-n {n}; continuations judged against the dense row's, token for token; ms/token includes the prefill; a corrected row's sparse steps include proposals a check rejected, and a dense check is the rollback, the verification forward and its logits read back and judged)\n"
+        "(-n {n}; continuations judged against the dense row's, token for token; ms/token includes the prefill; a corrected row's sparse steps include proposals a check rejected, and a dense check is the rollback, the verification forward and its scores read back and judged)\n"
     )
 }

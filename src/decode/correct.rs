@@ -48,7 +48,7 @@ pub struct Corrected {
     /// Wall time in those steps (each ends with its token read back).
     #[serde(skip)]
     pub sparse_time: Duration,
-    /// Wall time in the dense checks: the rollback, the verification forward, its logits read back and judged.
+    /// Wall time in the dense checks: the rollback, the verification forward, its scores read back and judged.
     #[serde(skip)]
     pub check_time: Duration,
     #[serde(skip)]
