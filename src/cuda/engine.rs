@@ -190,7 +190,8 @@ pub struct Engine {
     /// splits, sparse plan active).
     graphs: HashMap<(usize, usize, usize, bool), Graph>,
     /// Short prefills (at most `GEMV_MAX_ROWS` tokens in all: Sirius' verification forwards, short prompts) run
-    /// from captured graphs too. Off by default until run on a GPU (`DEJAVU_PREFILL_GRAPH=1` turns it on).
+    /// from captured graphs too (`DEJAVU_PREFILL_GRAPH=0`: launched one by one). Measured on an H100 (SmolLM2,
+    /// `exactdown@0.5` corrected at K = 4): a dense check 1.54 -> 0.91 ms; same greedy results with and without.
     prefill_graphs: bool,
     /// Positions in the cache.
     pub len: usize,
@@ -303,7 +304,7 @@ impl Engine {
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
-            prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").is_ok_and(|v| v == "1"),
+            prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
             topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
