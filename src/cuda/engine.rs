@@ -185,7 +185,6 @@ pub struct Engine {
     score_rows: usize,
     /// int per row: argmax / gathered row index.
     small: DBuf,
-    /// Captured decode steps by (batch, attention splits, sparse plan active).
     /// Captured forwards by (rows, tokens a row: 0 for the decode step with its head and argmax, attention key
     /// splits, sparse plan active).
     graphs: HashMap<(usize, usize, usize, bool), Graph>,
