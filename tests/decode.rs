@@ -256,3 +256,41 @@ fn generate_into_a_closed_pipe_stops_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// `score` against the same forward's logits read back (`position_logits`) and judged on the host in f64: each
+/// position's log-prob of its target, whether the target is the argmax, and the argmax token itself (first on
+/// ties), which Sirius' check reads (`decode::correct`).
+#[test]
+fn score_agrees_with_the_host_on_the_position_logits() {
+    let mut dirs: Vec<std::path::PathBuf> = FIXTURES.iter().map(|f| common::fixture_dir(f)).collect();
+    dirs.push(common::shared_dir().join("models/stories260k"));
+    for dir in dirs {
+        let (files, model) = load(&dir);
+        let v = files.config.vocab_size;
+        let mut dec = RefDecoder::dense(&model);
+        let seq = ids(9, 3, v);
+        dec.prefill(std::slice::from_ref(&seq), None).unwrap();
+        let rows = dec.position_logits().unwrap();
+        // Targets: the next token where there is one; at two positions the position's own argmax, so both answers
+        // of the argmax flag occur.
+        let mut targets: Vec<u32> = seq[1..].to_vec();
+        targets.push(0);
+        for p in [2, 5] {
+            targets[p] = dejavu::decode::argmax(&rows[p]) as u32;
+        }
+        let scores = dec.score(std::slice::from_ref(&targets)).unwrap().remove(0);
+        assert_eq!(scores.len(), seq.len());
+        let mut flags = [0usize; 2];
+        for (p, (s, row)) in scores.iter().zip(&rows).enumerate() {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            let want = row[targets[p] as usize] as f64 - lse;
+            let top = row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+            assert!((s.logprob as f64 - want).abs() < 1e-4, "{} position {p}: log-prob {} against {want}", dir.display(), s.logprob);
+            assert_eq!(s.top as usize, top, "{} position {p}", dir.display());
+            assert_eq!(s.argmax, top == targets[p] as usize, "{} position {p}", dir.display());
+            flags[usize::from(s.argmax)] += 1;
+        }
+        assert!(flags[0] > 0 && flags[1] >= 2, "{}: argmax flags {flags:?}", dir.display());
+    }
+}
