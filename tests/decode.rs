@@ -18,6 +18,13 @@ fn load(dir: &std::path::Path) -> (ModelFiles, Model<B>) {
     (files, model)
 }
 
+/// The four fixtures and stories260k (real weights, from ../shared).
+fn models() -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = FIXTURES.iter().map(|n| common::fixture_dir(n)).collect();
+    dirs.push(common::shared_dir().join("models/stories260k"));
+    dirs
+}
+
 fn ids(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 131 + seed * 17 + 7) % vocab as u32).collect()
 }
@@ -49,9 +56,7 @@ fn step_after(dec: &mut dyn Decoder, ids: &[u32], n: usize, roll: bool, next: u3
 
 #[test]
 fn truncate_then_step_equals_a_fresh_prefill_bitwise() {
-    let mut dirs: Vec<std::path::PathBuf> = FIXTURES.iter().map(|n| common::fixture_dir(n)).collect();
-    dirs.push(common::shared_dir().join("models/stories260k"));
-    for dir in dirs {
+    for dir in models() {
         let (files, model) = load(&dir);
         let v = files.config.vocab_size;
         let ids = ids(32, 5, v);
@@ -262,9 +267,7 @@ fn generate_into_a_closed_pipe_stops_quietly() {
 /// ties), which Sirius' check reads (`decode::correct`).
 #[test]
 fn score_agrees_with_the_host_on_the_position_logits() {
-    let mut dirs: Vec<std::path::PathBuf> = FIXTURES.iter().map(|f| common::fixture_dir(f)).collect();
-    dirs.push(common::shared_dir().join("models/stories260k"));
-    for dir in dirs {
+    for dir in models() {
         let (files, model) = load(&dir);
         let v = files.config.vocab_size;
         let mut dec = RefDecoder::dense(&model);
