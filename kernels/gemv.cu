@@ -7,7 +7,8 @@
 //   RELU   out 16-bit [B, N] = max(acc + bias, 0)  (OPT fc1)
 //   GLU    out 16-bit [B, N] = silu(acc_gate + bias[n]) * (acc_up + bias2[n]), gate rows in W, up rows in W2 (SwiGLU)
 // With `xf` given, the input is normalised on the fly instead of read from `x`: x_b = norm(xf[b, :]) * g (+ gb),
-// RMSNorm (`rms`) or LayerNorm, statistics computed by each block (the norm kernel and its launch disappear).
+// RMSNorm (`rms` 1) or LayerNorm (0), statistics computed by each block (the norm kernel and its launch disappear);
+// `rms` 2 (staged only): RMSNorm with x * g staged and the sums scaled by the row's 1 / rms before the epilogue.
 // With `stage` set (and B * K * 4 bytes of dynamic shared memory), each block first writes its input rows to shared
 // memory in f32 (normalised when `xf` is given), so the inner loop converts only the weights.
 
@@ -108,6 +109,26 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
                     for (int j = 0; j < 4; j++) v[j] = T::load(T::store(attn_merge(pp, S, hd, e0 + j)));
                     d4[f] = make_float4(v[0], v[1], v[2], v[3]);
                 }
+            } else if (xf && rms == 2) {
+                // RMSNorm scaled at the epilogue (`DEJAVU_NORM_EPI=1`): the staged input is x * g, the row's
+                // 1 / rms goes to rstd_s and multiplies the sums in gemv_finish; no in-place pass over xs.
+                const float4* s4 = (const float4*)(xf + (size_t)b * K);
+                float ss = 0.0f;
+#pragma unroll 4
+                for (int i = threadIdx.x; i < K4; i += blockDim.x) {
+                    const float4 a = __ldg(s4 + i);
+                    const uint2 gv = __ldg((const uint2*)g + i);
+                    float g0, g1, g2, g3;
+                    T::unpack2(gv.x, g0, g1);
+                    T::unpack2(gv.y, g2, g3);
+                    ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+                    d4[i] = make_float4(a.x * g0, a.y * g1, a.z * g2, a.w * g3);
+                }
+                ss = block_sum(ss, red);
+                if (threadIdx.x == 0) {
+                    mean_s[b] = 0.0f;
+                    rstd_s[b] = rsqrtf(ss / (float)K + eps);
+                }
             } else if (xf) {
                 const float4* s4 = (const float4*)(xf + (size_t)b * K);
 #pragma unroll 4
@@ -125,7 +146,7 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
             }
         }
         __syncthreads();
-        if (xf) {
+        if (xf && rms != 2) {
             for (int b = 0; b < NB && b < B; b++) {
                 float* xr = xs + b * K;
                 float mean, rstd;
@@ -164,7 +185,7 @@ template <typename T, int NB, int EPI>
 __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, int slot, int row, int N, int B,
                                             const u16* __restrict__ bias, const u16* __restrict__ bias2,
                                             void* __restrict__ out, int* idx, int* cnt, const float* pre, float t,
-                                            int* tally) {
+                                            int* tally, const float* rs = 0) {
     const bool glu = EPI == EPI_GLU;
 #pragma unroll
     for (int b = 0; b < NB; b++) {
@@ -172,6 +193,13 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
         if (glu) acc2[b] = warp_sum(acc2[b]);
     }
     if (lane != 0) return;
+    if (rs) { // the input's 1 / rms, applied to the sums (gemv_prepare's epilogue-scaled RMSNorm)
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            acc[b] *= rs[b];
+            if (glu) acc2[b] *= rs[b];
+        }
+    }
     const float bv = bias ? T::load(bias[row]) : 0.0f;
     const float bv2 = (glu && bias2) ? T::load(bias2[row]) : 0.0f;
 #pragma unroll
@@ -326,7 +354,8 @@ __device__ __forceinline__ void gemv_impl(
             }
         }
         // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
-        gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally);
+        gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
+                                (xf && stage && rms == 2) ? rstd_s : 0);
         slot = slot2;
         row = row2;
     }

@@ -201,6 +201,9 @@ pub struct Engine {
     /// Normalise inside the GEMV projections (default); `DEJAVU_FUSE_NORM=0` runs the norm kernel instead, for
     /// side-by-side timing.
     fuse_norm: bool,
+    /// A fused RMSNorm stages x * g and scales the projection's sums by 1 / rms instead of normalising the staged
+    /// input in place (default; `DEJAVU_NORM_EPI=0` normalises in place, as before).
+    pub(super) norm_epi: bool,
     /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
     pub(super) stage: bool,
     /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
@@ -302,6 +305,7 @@ impl Engine {
             // Fusing the norm into each GEMV block pays at small widths (launches dominate) and costs at 4096
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
+            norm_epi: std::env::var("DEJAVU_NORM_EPI").map_or(true, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
@@ -612,7 +616,6 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, rms: bool, eps: f32) -> GpuResult<()> {
         let b0 = bias.unwrap_or(0);
-        let rms = i32::from(rms);
         let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
         let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
         let mut r0 = 0;
@@ -633,15 +636,15 @@ impl Engine {
                 .ptr(if xf == 0 { 0 } else { xf + (r0 * k * 4) as u64 })
                 .ptr(g)
                 .ptr(gb)
-                .f32(eps)
-                .i32(rms);
+                .f32(eps);
             let threads = self.gemv_threads;
             // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
             let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
             let staged = nb * k * 4;
             let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
             let smem = if stage { staged } else { 0 } + ring;
-            let mut args = args.i32(i32::from(stage));
+            let rms_arg = self.rms_arg(rms, stage && ring == 0 && xf != 0);
+            let mut args = args.i32(rms_arg).i32(i32::from(stage));
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
             let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
             // The cp.async variant computes one row per warp.
@@ -650,6 +653,16 @@ impl Engine {
             r0 += nb;
         }
         Ok(())
+    }
+
+    /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
+    /// staging x * g and scaling the sums by 1 / rms (only for a staged, normalised input: `staged_norm`).
+    pub(super) fn rms_arg(&self, rms: bool, staged_norm: bool) -> i32 {
+        if rms && self.norm_epi && staged_norm {
+            2
+        } else {
+            i32::from(rms)
+        }
     }
 
     /// The batch-1 decode out-projection from the attention's key-split partials: `out[n] += W x + bias`, `x` the

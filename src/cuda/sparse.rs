@@ -114,7 +114,7 @@ fn launch_sparse(e: &Engine, l: SparseGemv) -> GpuResult<()> {
         .ptr(g)
         .ptr(gb)
         .f32(e.cfg.norm_eps as f32)
-        .i32(i32::from(e.cfg.family == Family::Llama))
+        .i32(e.rms_arg(e.cfg.family == Family::Llama, stage && xf != 0))
         .i32(i32::from(stage))
         .ptr(l.idx)
         .ptr(l.cnt)
