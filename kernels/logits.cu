@@ -10,7 +10,18 @@ extern "C" __global__ void row_argmax_logprob(const float* __restrict__ logits, 
     const float* row = logits + (size_t)blockIdx.x * V;
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    // Four logits a load where the rows are 16-byte aligned (V % 4 == 0): a quarter of the dependent L2 rounds.
+    const int V4 = (V & 3) == 0 ? V >> 2 : 0;
+    for (int i4 = threadIdx.x; i4 < V4; i4 += blockDim.x) {
+        const float4 q = ((const float4*)row)[i4];
+        const float vv[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = 4 * i4 + j;
+            if (vv[j] > best || (vv[j] == best && i < bi)) { best = vv[j]; bi = i; }
+        }
+    }
+    for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) {
         const float v = row[i];
         if (v > best || (v == best && i < bi)) { best = v; bi = i; }
     }
@@ -39,7 +50,11 @@ extern "C" __global__ void row_argmax_logprob(const float* __restrict__ logits, 
     const int amax = si[0] == 0x7fffffff ? 0 : si[0];
     if (targets) {
         float s = 0.0f;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(row[i] - mx);
+        for (int i4 = threadIdx.x; i4 < V4; i4 += blockDim.x) {
+            const float4 q = ((const float4*)row)[i4];
+            s += expf(q.x - mx) + expf(q.y - mx) + expf(q.z - mx) + expf(q.w - mx);
+        }
+        for (int i = 4 * V4 + threadIdx.x; i < V; i += blockDim.x) s += expf(row[i] - mx);
         s = block_sum(s, red);
         if (threadIdx.x == 0) lp[blockIdx.x] = row[targets[blockIdx.x]] - mx - logf(s);
     }

@@ -799,7 +799,7 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
 
 fn check_rows(e: &Engine, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
-    for v in [1000usize, 49152] {
+    for v in [1000usize, 1001, 49152] { // 1001: rows not 16-byte aligned, the scalar loop
         let rows = 4;
         let mut l = randv(rows * v, seed + v as u64, 8.0);
         l[2 * v + 17] = 50.0; // a clear winner in row 2
