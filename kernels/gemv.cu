@@ -286,7 +286,8 @@ __device__ __forceinline__ void gemv_impl(
     int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI == EPI_GLU;
-    const int U = 4; // 16-byte loads in flight per lane and matrix (8 for the one-row gathers measured 1.7-2.8x slower)
+    const int U = 4; // 16-byte loads in flight per lane and matrix (8 measured slower: the one-row gathers 1.7-2.8x,
+                     // the one-row dense products +0.5-4% at 7-13B; kernels/NOTES.md)
     const int K8 = K >> 3;
     const bool vec = (K & 7) == 0;
     // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
