@@ -110,8 +110,8 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
                     d4[f] = make_float4(v[0], v[1], v[2], v[3]);
                 }
             } else if (xf && rms == 2) {
-                // RMSNorm scaled at the epilogue (`DEJAVU_NORM_EPI=1`): the staged input is x * g, the row's
-                // 1 / rms goes to rstd_s and multiplies the sums in gemv_finish; no in-place pass over xs.
+                // RMSNorm scaled at the epilogue (the host's default; `DEJAVU_NORM_EPI=0` passes 1): the staged
+                // input is x * g, the row's 1 / rms goes to rstd_s and multiplies the sums in gemv_finish.
                 const float4* s4 = (const float4*)(xf + (size_t)b * K);
                 float ss = 0.0f;
 #pragma unroll 4
