@@ -126,11 +126,11 @@ impl Summary {
     }
     /// Mean wall time of a corrected decode's sparse step, ms (`None` when no step was timed).
     pub fn ms_per_sparse_step(&self) -> Option<f64> {
-        (self.sparse_steps > 0).then(|| 1e3 * self.sparse_seconds / self.sparse_steps as f64)
+        super::mean_ms(self.sparse_seconds, self.sparse_steps)
     }
     /// Mean wall time of one dense check, ms (`None` without checks).
     pub fn ms_per_check(&self) -> Option<f64> {
-        (self.dense_passes > 0 && self.check_seconds > 0.0).then(|| 1e3 * self.check_seconds / self.dense_passes as f64)
+        super::mean_ms(self.check_seconds, self.dense_passes)
     }
 }
 

@@ -67,11 +67,11 @@ impl Corrected {
     }
     /// Mean wall time of one sparse step, ms (`None` without steps).
     pub fn ms_per_sparse_step(&self) -> Option<f64> {
-        (self.sparse_steps > 0).then(|| self.sparse_time.as_secs_f64() * 1e3 / self.sparse_steps as f64)
+        super::mean_ms(self.sparse_time.as_secs_f64(), self.sparse_steps)
     }
     /// Mean wall time of one dense check, ms (`None` without checks).
     pub fn ms_per_check(&self) -> Option<f64> {
-        (self.dense_passes > 0).then(|| self.check_time.as_secs_f64() * 1e3 / self.dense_passes as f64)
+        super::mean_ms(self.check_time.as_secs_f64(), self.dense_passes)
     }
 }
 

@@ -44,6 +44,11 @@ pub struct TokenScore {
     pub top: u32,
 }
 
+/// Mean milliseconds of `n` events that took `seconds` in all (`None` when there were none).
+pub(crate) fn mean_ms(seconds: f64, n: usize) -> Option<f64> {
+    (n > 0).then(|| 1e3 * seconds / n as f64)
+}
+
 /// A model that decodes: the one interface `generate`, `ppl` and `eval` are written against.
 pub trait Decoder {
     fn config(&self) -> &ModelConfig;
