@@ -264,13 +264,17 @@ __device__ __forceinline__ void attn_split_impl(
     }
 }
 
-// Merge the S partials of each (token, head) into the attention output [N, H * hd] (16-bit). Block: hd threads.
+// Merge the S partials of each (token, head) into the attention output [N, H * hd] (16-bit, or f32 with `o32`: the
+// dense decode step's, read unrounded by the out-projection). Block: hd threads.
 template <typename T>
 __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, // [N * H * S, hd + 2]
-                                                  u16* __restrict__ out,          // [N, H * hd]
-                                                  int hd, int S) {
+                                                  void* __restrict__ out,         // [N, H * hd]
+                                                  int hd, int S, int o32) {
     const int nh = blockIdx.x, i = threadIdx.x;
-    if (i < hd) out[(size_t)nh * hd + i] = T::store(attn_merge(part + (size_t)nh * S * (hd + 2), S, hd, i));
+    if (i >= hd) return;
+    const float v = attn_merge(part + (size_t)nh * S * (hd + 2), S, hd, i);
+    if (o32) ((float*)out)[(size_t)nh * hd + i] = v;
+    else ((u16*)out)[(size_t)nh * hd + i] = T::store(v);
 }
 
 #define ATTN_SPLIT_ROPE(TN, T, HD)                                                                             \
@@ -299,8 +303,8 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
     ATTN_SPLIT(TN, T, 256)                                                                                        \
     ATTN_SPLIT_ROPE(TN, T, 8) ATTN_SPLIT_ROPE(TN, T, 16) ATTN_SPLIT_ROPE(TN, T, 32) ATTN_SPLIT_ROPE(TN, T, 64)      \
     ATTN_SPLIT_ROPE(TN, T, 128) ATTN_SPLIT_ROPE(TN, T, 256)                                                       \
-    extern "C" __global__ void attn_combine_##TN(const float* part, u16* out, int hd, int S) { PDL_ENTER                     \
-        attn_combine_impl<T>(part, out, hd, S);                                                                    \
+    extern "C" __global__ void attn_combine_##TN(const float* part, void* out, int hd, int S, int o32) { PDL_ENTER          \
+        attn_combine_impl<T>(part, out, hd, S, o32);                                                               \
     }
 
 ATTN_KERNELS(f16, F16)

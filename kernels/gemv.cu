@@ -6,9 +6,12 @@
 //   ACC    out f32 [B, N] += acc + bias            (the residual stream)
 //   RELU   out 16-bit [B, N] = max(acc + bias, 0)  (OPT fc1)
 //   GLU    out 16-bit [B, N] = silu(acc_gate + bias[n]) * (acc_up + bias2[n]), gate rows in W, up rows in W2 (SwiGLU)
+//   RELU32, GLU32  the same in f32 (the dense decode step's MLP hidden, read back unrounded by the down projection)
 // With `xf` given, the input is normalised on the fly instead of read from `x`: x_b = norm(xf[b, :]) * g (+ gb),
 // RMSNorm (`rms` 1) or LayerNorm (0), statistics computed by each block (the norm kernel and its launch disappear);
 // `rms` 2 (staged only): RMSNorm with x * g staged and the sums scaled by the row's 1 / rms before the epilogue.
+// `rms` 3 with `g` null: `xf` is the input itself, f32, not normalised (the MLP hidden or attention output of a
+// decode step kept in f32).
 // With `stage` set (and B * K * 4 bytes of dynamic shared memory), each block first writes its input rows to shared
 // memory in f32 (normalised when `xf` is given), so the inner loop converts only the weights.
 
@@ -24,6 +27,9 @@
 #define EPI_MUL 4
 #define EPI_CATS_SILU 5
 #define EPI_CATS_RELU 6
+#define EPI_RELU32 7
+#define EPI_GLU32 8
+#define EPI_IS_GLU(EPI) ((EPI) == EPI_GLU || (EPI) == EPI_GLU32)
 
 // The position of staged float4 `f` in a swizzled staging buffer (kernels/qscore.cu says why): f ^ ((f >> 3) & 7),
 // its own inverse, within each aligned block of 8 float4s.
@@ -46,6 +52,11 @@ __device__ __forceinline__ void gemv_x8(int b, int i, int K, const u16* __restri
     } else if (xf) {
         const float4* xr = (const float4*)(xf + (size_t)b * K) + 2 * i;
         const float4 a0 = __ldg(xr), a1 = __ldg(xr + 1);
+        if (!g) { // a raw f32 input (`rms` 3)
+            xv8[0] = a0.x; xv8[1] = a0.y; xv8[2] = a0.z; xv8[3] = a0.w;
+            xv8[4] = a1.x; xv8[5] = a1.y; xv8[6] = a1.z; xv8[7] = a1.w;
+            return;
+        }
         float gf[8], bf[8];
         unpack8<T>(__ldg((const uint4*)g + i), gf);
         if (gb) unpack8<T>(__ldg((const uint4*)gb + i), bf);
@@ -63,7 +74,7 @@ __device__ __forceinline__ void gemv_fma8(uint4 a, uint4 a2, int i, int K, int B
                                           const float* xs, const float* __restrict__ xf, const u16* __restrict__ g,
                                           const u16* __restrict__ gb, const float* mean_s, const float* rstd_s,
                                           int stage, float* acc, float* acc2) {
-    const bool glu = EPI == EPI_GLU;
+    const bool glu = EPI_IS_GLU(EPI);
     float wf[8], wf2[8];
     unpack8<T>(a, wf);
     if (glu) unpack8<T>(a2, wf2);
@@ -98,15 +109,19 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
             float4* d4 = (float4*)(xs + b * K);
             if (COMB) {
                 // The input is the attention output, merged here from its S key-split partials [B * H * S, hd + 2]
-                // by attn_combine's own function and rounded to T as it stores it: the same values the
-                // out-projection would read from attn_combine's output (hd % 4 == 0).
+                // by attn_combine's own function and, with `rms` 1, rounded to T as it stores it (0: kept in f32,
+                // as attn_combine's f32 output): the same values the out-projection would read from attn_combine's
+                // output (hd % 4 == 0).
                 const int H = K / hd;
                 for (int f = threadIdx.x; f < K4; f += blockDim.x) {
                     const int h = (4 * f) / hd, e0 = 4 * f - h * hd;
                     const float* pp = part + (size_t)(b * H + h) * S * (hd + 2);
                     float v[4];
 #pragma unroll
-                    for (int j = 0; j < 4; j++) v[j] = T::load(T::store(attn_merge(pp, S, hd, e0 + j)));
+                    for (int j = 0; j < 4; j++) {
+                        const float m = attn_merge(pp, S, hd, e0 + j);
+                        v[j] = rms ? T::load(T::store(m)) : m; // COMB: `rms` 1 rounds the input as attn_combine stores it
+                    }
                     d4[f] = make_float4(v[0], v[1], v[2], v[3]);
                 }
             } else if (xf && rms == 2) {
@@ -146,7 +161,7 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
             }
         }
         __syncthreads();
-        if (xf && rms != 2) {
+        if (xf && rms < 2) {
             for (int b = 0; b < NB && b < B; b++) {
                 float* xr = xs + b * K;
                 float mean, rstd;
@@ -166,7 +181,7 @@ __device__ __forceinline__ void gemv_prepare(const u16* __restrict__ x, float* x
         }
         return;
     }
-    if (xf) {
+    if (xf && rms < 2) {
         for (int b = 0; b < NB && b < B; b++) {
             float mean, rstd;
             row_stats(xf + (size_t)b * K, K, rms, eps, red, mean, rstd);
@@ -186,7 +201,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
                                             const u16* __restrict__ bias, const u16* __restrict__ bias2,
                                             void* __restrict__ out, int* idx, int* cnt, const float* pre, float t,
                                             int* tally, const float* rs = 0) {
-    const bool glu = EPI == EPI_GLU;
+    const bool glu = EPI_IS_GLU(EPI);
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         acc[b] = warp_sum(acc[b]);
@@ -243,6 +258,8 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
             float u = acc2[b] + bv2;
             ((u16*)out)[o] = T::store(v / (1.0f + expf(-v)) * u * (pre ? pre[o] : 1.0f));
         }
+        if (EPI == EPI_RELU32) ((float*)out)[o] = fmaxf(v, 0.0f);
+        if (EPI == EPI_GLU32) ((float*)out)[o] = v / (1.0f + expf(-v)) * (acc2[b] + bv2);
     }
 }
 
@@ -285,7 +302,7 @@ __device__ __forceinline__ void gemv_impl(
     }
     int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
-    const bool glu = EPI == EPI_GLU;
+    const bool glu = EPI_IS_GLU(EPI);
     const int U = 4; // 16-byte loads in flight per lane and matrix (8 measured slower: the one-row gathers 1.7-2.8x,
                      // the one-row dense products +0.5-4% at 7-13B; kernels/NOTES.md)
     const int K8 = K >> 3;
@@ -335,8 +352,10 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     if (b < B) {
-                        float xv = stage ? xs[b * K + k] : xf ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
-                                      : T::load(x[(size_t)b * K + k]);
+                        float xv = stage ? xs[b * K + k]
+                                   : xf ? (g ? (xf[(size_t)b * K + k] - mean_s[b]) * rstd_s[b] * T::load(g[k]) + (gb ? T::load(gb[k]) : 0.0f)
+                                             : xf[(size_t)b * K + k])
+                                        : T::load(x[(size_t)b * K + k]);
                         acc[b] = fmaf(ws, xv, acc[b]);
                         if (glu) acc2[b] = fmaf(ws2, xv, acc2[b]);
                     }
@@ -458,7 +477,7 @@ __device__ __forceinline__ void gemv_async_impl(
 }
 
 // Two 512-thread blocks per multiprocessor for the narrow variants (64 registers a thread; GLU would spill).
-#define GEMV_MIN_BLOCKS(EPI, NB) ((NB) <= 2 && (EPI) != EPI_GLU ? 2 : 1)
+#define GEMV_MIN_BLOCKS(EPI, NB) ((NB) <= 2 && !EPI_IS_GLU(EPI) ? 2 : 1)
 #define GEMV_KERNEL(TN, T, EN, EPI, NB)                                                                          \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, NB)) gemv_##TN##_##EN##_b##NB(const u16* w, const u16* w2, const u16* bias,            \
                                                         const u16* bias2, const u16* x, void* out, int N, int K, \
@@ -493,16 +512,17 @@ __device__ __forceinline__ void gemv_async_impl(
     K(TN, T, EN, EPI, 1) K(TN, T, EN, EPI, 2) K(TN, T, EN, EPI, 4) K(TN, T, EN, EPI, 8) K(TN, T, EN, EPI, 16)
 // The decode out-projection (one row) reading the attention's key-split partials itself, so the attn_combine launch
 // goes: out f32 [N] += W [N, K] x + bias, x the merged attention output (staged; K * 4 bytes of dynamic shared
-// memory).
+// memory), rounded to T first when `r16` (as attn_combine's 16-bit output) or not (its f32 output).
 #define GEMV_COMB_KERNEL(TN, T)                                                                                  \
     extern "C" __global__ void __launch_bounds__(512, 2) gemv_comb_##TN##_acc_b1(                                 \
-        const u16* w, const u16* bias, const float* part, float* out, int N, int K, int S, int hd) {              \
-        gemv_impl<T, 1, EPI_ACC, false, true>(w, 0, bias, 0, 0, out, N, K, 1, 0, 0, 0, 0.0f, 0, 1, 0, 0, 0, 0.0f, 0, \
+        const u16* w, const u16* bias, const float* part, float* out, int N, int K, int S, int hd, int r16) {     \
+        gemv_impl<T, 1, EPI_ACC, false, true>(w, 0, bias, 0, 0, out, N, K, 1, 0, 0, 0, 0.0f, r16, 1, 0, 0, 0, 0.0f, 0, \
                                               part, S, hd);                                                        \
     }
 #define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC) \
     GEMV_COMB_KERNEL(TN, T)
-#define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)
+#define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)     \
+    GEMV_KERNEL(TN, T, relu32, EPI_RELU32, 1) GEMV_KERNEL(TN, T, glu32, EPI_GLU32, 1)
 #define GEMV_ASYNC(TN, T)                                                                                        \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, glu, EPI_GLU)

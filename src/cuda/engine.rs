@@ -39,6 +39,12 @@ pub struct GpuArtifacts<'a> {
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
+/// Below width 2048, a one-sequence forward of up to this many tokens (a short prompt, Sirius' checks) runs on our
+/// GEMV, 16 rows a launch, instead of cuBLAS: the GEMV keeps the normalised input in f32 (cuBLAS reads it rounded to
+/// 16 bits), as the decode steps and the CPU reference do. On the CPU reference with the engine's roundings
+/// emulated (tiny-llama, 50 prompts x 64 steps), that rounding in the prefill alone moved 2 of 50 continuations
+/// (`kernels/NOTES.md`, nineteenth session).
+pub const SMALL_PREFILL_GEMV: usize = 64;
 /// Threads per GEMV block (16 warps, one output row each): measured faster than 8 on the H200 at SmolLM2,
 /// OPT-6.7B and Llama-2-7B shapes.
 const GEMV_THREADS: u32 = 512;
@@ -50,7 +56,7 @@ pub(super) const GEMV_SMEM: usize = 200 * 1024;
 /// Shared memory of the cp.async GEMV's ring: per thread, ASYNC_STAGES (4) x ASYNC_U (2) 16-byte slots per matrix
 /// (kernels/gemv.cu), two matrices for the GLU.
 fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
-    threads * 4 * 2 * 16 * if epi == Epi::Glu { 2 } else { 1 }
+    threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
 /// Projection epilogues, matching `kernels/gemv.cu`.
@@ -60,6 +66,10 @@ pub enum Epi {
     Acc,
     Relu,
     Glu,
+    /// `Relu` and `Glu` writing f32 (one row, our GEMV only): the dense decode step's MLP hidden, read unrounded by
+    /// the down projection.
+    Relu32,
+    Glu32,
 }
 
 impl Epi {
@@ -69,6 +79,20 @@ impl Epi {
             Epi::Acc => "acc",
             Epi::Relu => "relu",
             Epi::Glu => "glu",
+            Epi::Relu32 => "relu32",
+            Epi::Glu32 => "glu32",
+        }
+    }
+
+    fn is_glu(self) -> bool {
+        matches!(self, Epi::Glu | Epi::Glu32)
+    }
+
+    /// Bytes of one output element.
+    fn out_bytes(self) -> usize {
+        match self {
+            Epi::Relu | Epi::Glu => 2,
+            Epi::Store | Epi::Acc | Epi::Relu32 | Epi::Glu32 => 4,
         }
     }
 }
@@ -137,6 +161,9 @@ struct Scratch {
     y: DBuf,
     /// 16-bit MLP hidden `[rows, F]`
     act: DBuf,
+    /// f32 MLP hidden `[F]` and attention output `[H hd]` of a one-row dense decode step (`f32_acts`)
+    act32: DBuf,
+    att32: DBuf,
     /// 16-bit final hidden `[rows, E]` (after the final norm and project_out): the head's input
     fin: DBuf,
 }
@@ -233,6 +260,11 @@ pub struct Engine {
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
+    /// Tokens up to which a one-sequence forward uses our GEMV (`DEJAVU_PREFILL_GEMV`; default
+    /// [`SMALL_PREFILL_GEMV`] below width 2048, else 0).
+    prefill_gemv: usize,
+    /// The forward under way (or the last) runs one sequence (batch 1).
+    one_seq: bool,
     /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 128: with the values loaded beside the keys,
     /// measured side by side on an H100, prompt 128 + 128 tokens, 128 was faster than 64 and 32 at Llama-2-7B/13B,
     /// OPT-6.7B and SmolLM2; `kernels/NOTES.md`).
@@ -248,6 +280,10 @@ pub struct Engine {
     /// 4.103 -> 4.168, Llama-2-13B 7.687 -> 7.833, OPT-6.7B 4.182 -> 4.255 (`kernels/NOTES.md`); `engine-check`
     /// compares it bit for bit with attn_combine + the GEMV.
     comb_fold: bool,
+    /// A one-row dense decode step keeps the MLP hidden and the attention output in f32 between the kernels
+    /// (`DEJAVU_F32_ACTS=0` rounds them to the 16-bit type, as before): closer to the f32 reference at no
+    /// measurable cost (kernels/NOTES.md, eighteenth session).
+    f32_acts: bool,
     /// Top-k over a row by the binned select (a 12-bit histogram while the keys load, then a radix select over
     /// the k-th key's bin only) instead of four radix passes over the row (`DEJAVU_TOPK_BINNED=0`).
     pub(crate) topk_binned: bool,
@@ -309,10 +345,13 @@ impl Engine {
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
+            f32_acts: std::env::var("DEJAVU_F32_ACTS").map_or(true, |v| v != "0"),
             topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
-            gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| (1..=GEMV_MAX_ROWS).contains(r)).unwrap_or(1),
+            gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|&r: &usize| r >= 1).unwrap_or(1),
+            prefill_gemv: std::env::var("DEJAVU_PREFILL_GEMV").ok().and_then(|v| v.parse().ok()).unwrap_or(if small_model { SMALL_PREFILL_GEMV } else { 0 }),
+            one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             sparse: None,
             heads: None,
@@ -544,6 +583,8 @@ impl Engine {
                 part: g.alloc((r * c.heads * splits).max(GEMV_MAX_ROWS * c.heads * MAX_SPLITS) * (hd + 2) * 4)?,
                 y: g.alloc(r * (2 * f).max(e).max(d) * 4)?,
                 act: g.alloc(r * f * 2)?,
+                act32: g.alloc(f * 4)?,
+                att32: g.alloc(c.heads * hd * 4)?,
                 fin: g.alloc(r * e.max(d) * 2)?,
             });
         }
@@ -600,6 +641,7 @@ impl Engine {
         let r = rows.max(GEMV_MAX_ROWS);
         let qkv = (cfg.heads + 2 * cfg.kv_heads) * hd;
         let scratch = r * (d * 4 + d.max(e) * 2 + qkv * 4 + cfg.heads * hd * 2 + (2 * f).max(e).max(d) * 4 + f * 2 + e.max(d) * 2)
+            + (f + cfg.heads * hd) * 4
             + (r * cfg.heads).max(GEMV_MAX_ROWS * cfg.heads * MAX_SPLITS) * (hd + 2) * 4;
         cache + scratch + r * cfg.vocab_size * 4
     }
@@ -617,12 +659,14 @@ impl Engine {
     pub fn gemv(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, rms: bool, eps: f32) -> GpuResult<()> {
         let b0 = bias.unwrap_or(0);
         let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
-        let (w2, bias2) = if epi == Epi::Glu { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
+        // A norm input without a weight is the raw f32 input itself (`rms` 3 of the kernels).
+        let raw = xf != 0 && g == 0;
+        let (w2, bias2) = if epi.is_glu() { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
         let mut r0 = 0;
         while r0 < rows {
             let nb = (rows - r0).min(GEMV_MAX_ROWS);
             let name = format!("gemv_{}_{}_b{}", self.dt().name(), epi.name(), k_of(nb));
-            let out_elem = if matches!(epi, Epi::Store | Epi::Acc) { 4 } else { 2 };
+            let out_elem = epi.out_bytes();
             let args = Args::new()
                 .ptr(w)
                 .ptr(w2)
@@ -639,11 +683,16 @@ impl Engine {
                 .f32(eps);
             let threads = self.gemv_threads;
             // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
-            let ring = if self.gemv_async && k % 8 == 0 { gemv_ring_bytes(threads as usize, epi) } else { 0 };
+            // (not instantiated for the f32 hidden epilogues or a raw f32 input)
+            let ring = if self.gemv_async && k % 8 == 0 && !matches!(epi, Epi::Relu32 | Epi::Glu32) && !raw {
+                gemv_ring_bytes(threads as usize, epi)
+            } else {
+                0
+            };
             let staged = nb * k * 4;
             let stage = self.stage && k % 4 == 0 && staged + ring <= GEMV_SMEM;
             let smem = if stage { staged } else { 0 } + ring;
-            let rms_arg = self.rms_arg(rms, stage && ring == 0 && xf != 0);
+            let rms_arg = if raw { 3 } else { self.rms_arg(rms, stage && ring == 0 && xf != 0) };
             let mut args = args.i32(rms_arg).i32(i32::from(stage));
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
             let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
@@ -668,14 +717,24 @@ impl Engine {
     /// The batch-1 decode out-projection from the attention's key-split partials: `out[n] += W x + bias`, `x` the
     /// merged attention output of `k / hd` heads over `splits` partials (`part`, `[heads * splits, hd + 2]` f32).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv_comb(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, part: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, splits: usize, hd: usize) -> GpuResult<()> {
+    /// `r16`: the merged input rounded to the 16-bit type first, as attn_combine's 16-bit output (else as its f32
+    /// output).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_comb(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, part: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, splits: usize, hd: usize, r16: bool) -> GpuResult<()> {
         let name = format!("gemv_comb_{}_acc_b1", self.dt().name());
         let smem = k * 4;
         let f = self.k.get_smem(&name, GEMV_SMEM)?;
         let threads = GEMV_THREADS;
         let grid = self.row_grid(f, n, threads, smem)?;
-        let mut args = Args::new().ptr(w).ptr(bias.unwrap_or(0)).ptr(part).ptr(out).i32(n as i32).i32(k as i32).i32(splits as i32).i32(hd as i32);
+        let mut args = Args::new().ptr(w).ptr(bias.unwrap_or(0)).ptr(part).ptr(out).i32(n as i32).i32(k as i32).i32(splits as i32).i32(hd as i32).i32(i32::from(r16));
         self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)
+    }
+
+    /// Whether layer `l`'s attention output stays in f32 for the out-projection: a one-row step with every head
+    /// (`f32_acts`; the out-projection stages it, so it must fit the staging memory).
+    fn f32_att(&self, l: usize, rows: usize) -> bool {
+        let k = self.cfg.heads * self.cfg.head_dim;
+        self.f32_acts && rows == 1 && self.heads_at(l).is_none() && self.stage && k * 4 <= GEMV_SMEM && self.cfg.head_dim % 4 == 0
     }
 
     /// Whether the out-projection of a decode step over `rows` rows with `splits` key splits merges them itself.
@@ -690,7 +749,10 @@ impl Engine {
         let b0 = bias.unwrap_or(0);
         let rms = i32::from(self.cfg.family == Family::Llama);
         let eps = self.cfg.norm_eps as f32;
-        if rows <= self.gemv_rows || self.blas.is_none() {
+        if (matches!(epi, Epi::Relu32 | Epi::Glu32) || norm.is_some_and(|m| m.g == 0)) && rows != 1 {
+            return Err(GpuError::new("internal: the f32 hidden epilogues and raw f32 inputs take one row"));
+        }
+        if rows <= self.gemv_rows || (self.one_seq && rows <= self.prefill_gemv) || self.blas.is_none() {
             return self.gemv(w, bias, x, norm, out, rows, n, k, epi, rms == 1, eps);
         }
         let x = match norm {
@@ -731,6 +793,7 @@ impl Engine {
                 blas.gemm(dt, w, x, y, rows, 2 * n, k, false)?;
                 self.launch(&ep, grid(rows * n), 256, ep_args(y, 2 * n, 2, out))?;
             }
+            Epi::Relu32 | Epi::Glu32 => return Err(GpuError::new("internal: the f32 hidden epilogues take one row (the GEMV)")),
         }
         Ok(())
     }
@@ -781,6 +844,7 @@ impl Engine {
     /// appends to the cache and leaves the final hidden states (16-bit, `[rows, E]`) in `fin`.
     fn forward(&mut self, batch: usize, seq: usize) -> GpuResult<()> {
         let rows = batch * seq;
+        self.one_seq = batch == 1;
         let cfg = self.cfg.clone();
         let (d, e, f, hd) = (cfg.hidden, cfg.embed_dim, cfg.ffn, cfg.head_dim);
         let (h_, kv) = (cfg.heads, cfg.kv_heads);
@@ -789,6 +853,7 @@ impl Engine {
         let pre = !opt || cfg.norm_before;
         let s = self.scratch.as_ref().ok_or_else(|| GpuError::new("internal: no scratch"))?;
         let (x, h, qkv, att, part, y, act, fin) = (s.x.ptr, s.h.ptr, s.qkv.ptr, s.att.ptr, s.part.ptr, s.y.ptr, s.act.ptr, s.fin.ptr);
+        let (act32, att32) = (s.act32.ptr, s.att32.ptr);
         let cache = self.cache.as_ref().ok_or_else(|| GpuError::new("internal: no cache"))?;
         let cap = cache.cap;
         let kc: Vec<CUdeviceptr> = cache.k.iter().map(|b| b.ptr).collect();
@@ -882,6 +947,7 @@ impl Engine {
             let rope_hkeep = self.heads_at(l).filter(|hs| hs.kv_kept).map_or(0, |hs| hs.keep_of(self, l));
             // Decode (one token a row): RoPE and the cache write inside the attention kernel (`rope_fuse`).
             let fold = self.rope_fuse && seq == 1 && rows <= GEMV_MAX_ROWS;
+            let a32 = self.f32_att(l, rows);
             if !fold {
                 let args = Args::new()
                     .ptr(qkv)
@@ -913,7 +979,7 @@ impl Engine {
                 .i32(cap as i32)
                 .i32(splits as i32)
                 .f32(scale)
-                .ptr(if splits == 1 { att } else { 0 })
+                .ptr(if splits == 1 && !a32 { att } else { 0 })
                 .ptr(self.heads_at(l).map_or(0, |hs| hs.keep_of(self, l)))
                 .ptr(if skips { pc[l] } else { 0 });
             // The out-projection after the attention writes x: an early predictor must have read it.
@@ -926,9 +992,11 @@ impl Engine {
             } else {
                 self.launch(&format!("attn_split_{}_h{hd}", self.dt().name()), ((rows * h_) as u32, splits as u32, 1), 128, args)?;
             }
-            let fold_comb = self.heads_at(l).is_none() && self.folds_combine(rows, splits);
+            // With the output kept in f32 and one split, the partial goes straight to the out-projection, which
+            // normalises it as it stages it.
+            let fold_comb = self.heads_at(l).is_none() && (self.folds_combine(rows, splits) || (a32 && splits == 1));
             if splits > 1 && !fold_comb {
-                let args = Args::new().ptr(part).ptr(att).i32(hd as i32).i32(splits as i32);
+                let args = Args::new().ptr(part).ptr(if a32 { att32 } else { att }).i32(hd as i32).i32(splits as i32).i32(i32::from(a32));
                 self.launch(&self.kname("attn_combine"), ((rows * h_) as u32, 1, 1), hd as u32, args)?;
             }
             self.class(Class::OutProj)?;
@@ -936,7 +1004,11 @@ impl Engine {
                 hs.out_proj(self, l, rows, att, x)?;
             } else if fold_comb {
                 let lw = &self.w.layers[l];
-                self.gemv_comb(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), part, x, d, h_ * hd, splits, hd)?;
+                self.gemv_comb(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), part, x, d, h_ * hd, splits, hd, !a32)?;
+            } else if a32 {
+                let lw = &self.w.layers[l];
+                let raw = NormIn { x: att32, g: 0, gb: 0, tmp: 0 };
+                self.linear_in(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), 0, Some(raw), x, rows, d, h_ * hd, Epi::Acc, y)?;
             } else {
                 let lw = &self.w.layers[l];
                 self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
@@ -971,9 +1043,17 @@ impl Engine {
                 sparse_mlp(self, sp, l, rule, rows, input, x, pred_in, y, act)?;
             } else {
                 let lw = &self.w.layers[l];
-                let epi = if opt { Epi::Relu } else { Epi::Glu };
-                self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
-                self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
+                if self.f32_acts && rows == 1 {
+                    // One row: the hidden stays in f32 between the two products.
+                    let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
+                    self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act32, rows, f, d, epi, y)?;
+                    let raw = NormIn { x: act32, g: 0, gb: 0, tmp: 0 };
+                    self.linear_in(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), 0, Some(raw), x, rows, d, f, Epi::Acc, y)?;
+                } else {
+                    let epi = if opt { Epi::Relu } else { Epi::Glu };
+                    self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;
+                    self.linear(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), act, x, rows, d, f, Epi::Acc, y)?;
+                }
             }
             if !pre {
                 self.class(Class::Norm)?;

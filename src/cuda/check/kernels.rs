@@ -22,9 +22,12 @@ pub struct KernelCheck {
 fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     for (rows, k) in [(1usize, 576usize), (3, 576), (16, 1536), (5, 172), (40, 576)] {
-        for epi in [Epi::Store, Epi::Acc, Epi::Relu, Epi::Glu] {
+        for epi in [Epi::Store, Epi::Acc, Epi::Relu, Epi::Glu, Epi::Relu32, Epi::Glu32] {
+            if matches!(epi, Epi::Relu32 | Epi::Glu32) && rows != 1 {
+                continue; // the f32 hidden epilogues serve the one-row decode step only
+            }
             let n = 136usize;
-            let wrows = if epi == Epi::Glu { 2 * n } else { n };
+            let wrows = if matches!(epi, Epi::Glu | Epi::Glu32) { 2 * n } else { n };
             let s = seed + (rows * 1000 + k) as u64 + epi as u64 * 7;
             let w = rounded(&randv(wrows * k, s, (3.0 / k as f32).sqrt()), dt);
             let x = rounded(&randv(rows * k, s + 1, 1.0), dt);
@@ -43,8 +46,8 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                     let v = match epi {
                         Epi::Store => dot(j),
                         Epi::Acc => init[r * n + j] as f64 + dot(j),
-                        Epi::Relu => dot(j).max(0.0),
-                        Epi::Glu => silu(dot(j)) * dot(n + j),
+                        Epi::Relu | Epi::Relu32 => dot(j).max(0.0),
+                        Epi::Glu | Epi::Glu32 => silu(dot(j)) * dot(n + j),
                     };
                     want[r * n + j] = v as f32;
                 }
@@ -52,6 +55,23 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             let path = if rows <= e.gemv_rows() { "gemv" } else { "cublas+epilogue" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
         }
+    }
+    // One row read as a raw f32 input (the decode step's f32 MLP hidden or attention output into its projection):
+    // staged where the row fits, K % 8 != 0 on the scalar loop.
+    for k in [576usize, 1536, 172, 11008] {
+        let n = 136usize;
+        let s = seed + 55 + k as u64;
+        let w = rounded(&randv(n * k, s, (3.0 / k as f32).sqrt()), dt);
+        let xr = randv(k, s + 1, 1.0); // f32, not rounded: the product must see it unrounded
+        let bias = rounded(&randv(n, s + 2, 0.5), dt);
+        let init = randv(n, s + 3, 1.0);
+        let (wb, xb, bb, ob) = (d.halfbuf(&w, dt)?, d.f32buf(&xr)?, d.halfbuf(&bias, dt)?, d.f32buf(&init)?);
+        let y = d.poisoned(2 * n * 4)?;
+        let raw = NormIn { x: xb.ptr, g: 0, gb: 0, tmp: 0 };
+        e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(raw), ob.ptr, 1, n, k, Epi::Acc, y.ptr)?;
+        let got = d.read_f32(&ob, n)?;
+        let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * xr[i] as f64).sum::<f64>()) as f32).collect();
+        out.push(verdict(format!("gemv Acc, raw f32 input, rows=1 k={k} n={n}"), dt, &got, &want, 1e-2));
     }
     // The same with the input normalised inside the projection (RMSNorm for this Llama-shaped engine).
     for (rows, k) in [(1usize, 576usize), (16, 1536), (4, 172), (40, 576)] {
@@ -587,7 +607,7 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let direct = if splits == 1 { att.ptr } else { 0 };
             d.launch(&format!("attn_split_{t}_h{hd}"), ((n * heads) as u32, splits as u32, 1), 128, Args::new().ptr(qb.ptr).ptr(kb.ptr).ptr(vb.ptr).ptr(part.ptr).ptr(st.ptr).i32(seq as i32).i32(heads as i32).i32(kvh as i32).i32(hd as i32).i32(cap as i32).i32(splits as i32).f32(scale).ptr(direct).ptr(hkeep).ptr(pres))?;
             if splits > 1 {
-                d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+                d.launch(&format!("attn_combine_{t}"), ((n * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32).i32(0))?;
             }
             Ok(())
         };
@@ -722,7 +742,7 @@ fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
                 d.launch(&format!("attn_split_{t}_h{hd}"), ((rows * heads) as u32, splits as u32, 1), 128, args)?;
             }
             if splits > 1 {
-                d.launch(&format!("attn_combine_{t}"), ((rows * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
+                d.launch(&format!("attn_combine_{t}"), ((rows * heads) as u32, 1, 1), hd as u32, Args::new().ptr(part.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32).i32(0))?;
             }
             let mut pv = vec![0u8; pres0.len()];
             e.gpu.download(pb.ptr, &mut pv)?;
@@ -749,7 +769,7 @@ fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
 fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     let t = dt.name();
-    for (heads, hd, splits) in [(9usize, 64usize, 3usize), (4, 128, 2), (2, 256, 5), (16, 8, 2)] {
+    for (heads, hd, splits) in [(9usize, 64usize, 3usize), (4, 128, 2), (2, 256, 5), (16, 8, 2), (8, 64, 1)] {
         let (n, k, rec) = (136usize, heads * hd, hd + 2);
         let s = seed + 9090 + (heads * 1000 + hd * 10 + splits) as u64;
         let mut part = randv(heads * splits * rec, s, 1.0);
@@ -768,31 +788,39 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         let bias = rounded(&randv(n, s + 3, 0.5), dt);
         let init = randv(n, s + 4, 1.0);
         let (pb, wb, bb) = (d.f32buf(&part)?, d.halfbuf(&w, dt)?, d.halfbuf(&bias, dt)?);
-        let (oa, ob) = (d.f32buf(&init)?, d.f32buf(&init)?);
-        let att = d.poisoned(k * 2)?;
-        let y = d.poisoned(2 * n * 4)?;
-        d.launch(&format!("attn_combine_{t}"), (heads as u32, 1, 1), hd as u32, Args::new().ptr(pb.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32))?;
-        e.linear(wb.ptr, Some(bb.ptr), att.ptr, oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
-        e.gemv_comb(wb.ptr, Some(bb.ptr), pb.ptr, ob.ptr, n, k, splits, hd)?;
-        let (a, b) = (d.read_f32(&oa, n)?, d.read_f32(&ob, n)?);
-        let bad = (0..n).filter(|&i| a[i].to_bits() != b[i].to_bits()).count();
-        // f64: the merged attention output, rounded to the 16-bit type, then the product.
-        let mut x = vec![0f32; k];
-        for h in 0..heads {
-            let recs: Vec<&[f32]> = (0..splits).map(|sp| &part[(h * splits + sp) * rec..(h * splits + sp + 1) * rec]).collect();
-            let m = recs.iter().map(|p| p[0] as f64).fold(f64::NEG_INFINITY, f64::max);
-            let live: Vec<(f64, &[f32])> = recs.iter().filter(|p| p[0] != f32::NEG_INFINITY).map(|p| ((p[0] as f64 - m).exp(), *p)).collect();
-            let den: f64 = live.iter().map(|(wg, p)| wg * p[1] as f64).sum();
-            for i in 0..hd {
-                let num: f64 = live.iter().map(|(wg, p)| wg * p[2 + i] as f64).sum();
-                x[h * hd + i] = if den > 0.0 { (num / den) as f32 } else { 0.0 };
+        for r16 in [true, false] {
+            let (oa, ob) = (d.f32buf(&init)?, d.f32buf(&init)?);
+            let att = d.poisoned(k * if r16 { 2 } else { 4 })?;
+            let y = d.poisoned(2 * n * 4)?;
+            d.launch(&format!("attn_combine_{t}"), (heads as u32, 1, 1), hd as u32, Args::new().ptr(pb.ptr).ptr(att.ptr).i32(hd as i32).i32(splits as i32).i32(i32::from(!r16)))?;
+            if r16 {
+                e.linear(wb.ptr, Some(bb.ptr), att.ptr, oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
+            } else {
+                let raw = NormIn { x: att.ptr, g: 0, gb: 0, tmp: 0 };
+                e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(raw), oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
             }
+            e.gemv_comb(wb.ptr, Some(bb.ptr), pb.ptr, ob.ptr, n, k, splits, hd, r16)?;
+            let (a, b) = (d.read_f32(&oa, n)?, d.read_f32(&ob, n)?);
+            let bad = (0..n).filter(|&i| a[i].to_bits() != b[i].to_bits()).count();
+            // f64: the merged attention output (rounded to the 16-bit type with `r16`), then the product.
+            let mut x = vec![0f32; k];
+            for h in 0..heads {
+                let recs: Vec<&[f32]> = (0..splits).map(|sp| &part[(h * splits + sp) * rec..(h * splits + sp + 1) * rec]).collect();
+                let m = recs.iter().map(|p| p[0] as f64).fold(f64::NEG_INFINITY, f64::max);
+                let live: Vec<(f64, &[f32])> = recs.iter().filter(|p| p[0] != f32::NEG_INFINITY).map(|p| ((p[0] as f64 - m).exp(), *p)).collect();
+                let den: f64 = live.iter().map(|(wg, p)| wg * p[1] as f64).sum();
+                for i in 0..hd {
+                    let num: f64 = live.iter().map(|(wg, p)| wg * p[2 + i] as f64).sum();
+                    x[h * hd + i] = if den > 0.0 { (num / den) as f32 } else { 0.0 };
+                }
+            }
+            let x = if r16 { rounded(&x, dt) } else { x };
+            let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>()) as f32).collect();
+            let input = if r16 { "16-bit" } else { "f32" };
+            let mut c = verdict(format!("gemv_comb (attention splits merged in the out-projection, {input} input) heads={heads} hd={hd} splits={splits}; {bad} outputs differ from attn_combine + gemv"), dt, &b, &want, 1e-2);
+            c.pass &= bad == 0;
+            out.push(c);
         }
-        let x = rounded(&x, dt);
-        let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>()) as f32).collect();
-        let mut c = verdict(format!("gemv_comb (attention splits merged in the out-projection) heads={heads} hd={hd} splits={splits}; {bad} outputs differ from attn_combine + gemv"), dt, &b, &want, 1e-2);
-        c.pass &= bad == 0;
-        out.push(c);
     }
     Ok(())
 }
