@@ -105,6 +105,14 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
             }
             let path = if rows <= e.gemv_rows() { "gemv+rmsnorm" } else { "rmsnorm+cublas" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
+            if rows > e.gemv_rows() {
+                // The same rows on our GEMV, 16 a launch (a short one-sequence prefill below width 2048,
+                // `DEJAVU_PREFILL_GEMV`).
+                let ob = d.poisoned(rows * n * if half_out { 2 } else { 4 })?;
+                e.gemv(wb.ptr, None, 0, Some(norm), ob.ptr, rows, n, k, epi, true, eps as f32)?;
+                let got = if half_out { d.read_half(&ob, rows * n, dt)? } else { d.read_f32(&ob, rows * n)? };
+                out.push(verdict(format!("gemv+rmsnorm {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
+            }
         }
     }
     Ok(())
