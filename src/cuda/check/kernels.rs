@@ -796,6 +796,18 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
         let bias = rounded(&randv(n, s + 3, 0.5), dt);
         let init = randv(n, s + 4, 1.0);
         let (pb, wb, bb) = (d.f32buf(&part)?, d.halfbuf(&w, dt)?, d.halfbuf(&bias, dt)?);
+        // The merged attention output in f64 arithmetic, shared by both input roundings below.
+        let mut merged = vec![0f32; k];
+        for h in 0..heads {
+            let recs: Vec<&[f32]> = (0..splits).map(|sp| &part[(h * splits + sp) * rec..(h * splits + sp + 1) * rec]).collect();
+            let m = recs.iter().map(|p| p[0] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let live: Vec<(f64, &[f32])> = recs.iter().filter(|p| p[0] != f32::NEG_INFINITY).map(|p| ((p[0] as f64 - m).exp(), *p)).collect();
+            let den: f64 = live.iter().map(|(wg, p)| wg * p[1] as f64).sum();
+            for i in 0..hd {
+                let num: f64 = live.iter().map(|(wg, p)| wg * p[2 + i] as f64).sum();
+                merged[h * hd + i] = if den > 0.0 { (num / den) as f32 } else { 0.0 };
+            }
+        }
         for r16 in [true, false] {
             let (oa, ob) = (d.f32buf(&init)?, d.f32buf(&init)?);
             let att = d.poisoned(k * if r16 { 2 } else { 4 })?;
@@ -811,18 +823,7 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let (a, b) = (d.read_f32(&oa, n)?, d.read_f32(&ob, n)?);
             let bad = (0..n).filter(|&i| a[i].to_bits() != b[i].to_bits()).count();
             // f64: the merged attention output (rounded to the 16-bit type with `r16`), then the product.
-            let mut x = vec![0f32; k];
-            for h in 0..heads {
-                let recs: Vec<&[f32]> = (0..splits).map(|sp| &part[(h * splits + sp) * rec..(h * splits + sp + 1) * rec]).collect();
-                let m = recs.iter().map(|p| p[0] as f64).fold(f64::NEG_INFINITY, f64::max);
-                let live: Vec<(f64, &[f32])> = recs.iter().filter(|p| p[0] != f32::NEG_INFINITY).map(|p| ((p[0] as f64 - m).exp(), *p)).collect();
-                let den: f64 = live.iter().map(|(wg, p)| wg * p[1] as f64).sum();
-                for i in 0..hd {
-                    let num: f64 = live.iter().map(|(wg, p)| wg * p[2 + i] as f64).sum();
-                    x[h * hd + i] = if den > 0.0 { (num / den) as f32 } else { 0.0 };
-                }
-            }
-            let x = if r16 { rounded(&x, dt) } else { x };
+            let x = if r16 { rounded(&merged, dt) } else { merged.clone() };
             let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>()) as f32).collect();
             let input = if r16 { "16-bit" } else { "f32" };
             let mut c = verdict(format!("gemv_comb (attention splits merged in the out-projection, {input} input) heads={heads} hd={hd} splits={splits}; {bad} outputs differ from attn_combine + gemv"), dt, &b, &want, 1e-2);
