@@ -39,11 +39,12 @@ pub struct GpuArtifacts<'a> {
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
-/// With `DEJAVU_PREFILL_GEMV=1` (off by default until measured on a GPU), a one-sequence forward of up to this many
-/// tokens (a short prompt, Sirius' checks) below width 2048 runs on our GEMV, 16 rows a launch, instead of cuBLAS:
-/// the GEMV keeps the normalised input in f32 (cuBLAS reads it rounded to 16 bits), as the decode steps and the CPU
-/// reference do. On the CPU reference with the engine's roundings emulated (tiny-llama, 50 prompts x 64 steps), that
-/// rounding in the prefill alone moved 2 of 50 continuations (`kernels/NOTES.md`, nineteenth session).
+/// Below width 2048, a one-sequence forward of up to this many tokens (a short prompt, Sirius' checks) runs on our
+/// GEMV, 16 rows a launch, instead of cuBLAS (`DEJAVU_PREFILL_GEMV=0` restores cuBLAS): the GEMV keeps the
+/// normalised input in f32 (cuBLAS reads it rounded to 16 bits), as the decode steps and the CPU reference do. With
+/// `f32_acts` it lifted tiny-llama from 43 to 45 of 50 greedy continuations identical to the CPU path (one H100,
+/// 2026-12-07); it costs time: a SmolLM2-shape prefill of 32 / 64 tokens took 5.6 / 10.5 ms against cuBLAS' 1.8 /
+/// 2.0 (`kernels/NOTES.md`, twentieth session).
 pub const SMALL_PREFILL_GEMV: usize = 64;
 /// Threads per GEMV block (16 warps, one output row each): measured faster than 8 on the H200 at SmolLM2,
 /// OPT-6.7B and Llama-2-7B shapes.
@@ -260,8 +261,8 @@ pub struct Engine {
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
-    /// Tokens up to which a one-sequence forward uses our GEMV: 0 (default), or with `DEJAVU_PREFILL_GEMV=1`
-    /// [`SMALL_PREFILL_GEMV`] below width 2048 (`=N`: N tokens at any width).
+    /// Tokens up to which a one-sequence forward uses our GEMV: [`SMALL_PREFILL_GEMV`] below width 2048, else 0
+    /// (`DEJAVU_PREFILL_GEMV=0` off, `=1` the default, `=N`: N tokens at any width).
     prefill_gemv: usize,
     /// The forward under way (or the last) runs one sequence (batch 1).
     one_seq: bool,
@@ -281,8 +282,9 @@ pub struct Engine {
     /// compares it bit for bit with attn_combine + the GEMV.
     comb_fold: bool,
     /// A one-row dense decode step keeps the MLP hidden and the attention output in f32 between the kernels
-    /// (`DEJAVU_F32_ACTS=1`; off by default: alone it moved as many continuations one way as the other on an H100,
-    /// eighteenth session; predicted to pay with `DEJAVU_PREFILL_GEMV=1`, nineteenth; kernels/NOTES.md).
+    /// (`DEJAVU_F32_ACTS=0` turns it off). Alone it moved as many continuations one way as the other (one H100,
+    /// eighteenth session); with the short prefills on the GEMV ([`SMALL_PREFILL_GEMV`]) tiny-llama went from 43 to
+    /// 45 of 50 and no model fell below 45 (one H100, twentieth); decode time unchanged (kernels/NOTES.md).
     f32_acts: bool,
     /// Top-k over a row by the binned select (a 12-bit histogram while the keys load, then a radix select over
     /// the k-th key's bin only) instead of four radix passes over the row (`DEJAVU_TOPK_BINNED=0`).
@@ -345,13 +347,13 @@ impl Engine {
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
-            f32_acts: std::env::var("DEJAVU_F32_ACTS").is_ok_and(|v| v != "0"),
+            f32_acts: std::env::var("DEJAVU_F32_ACTS").map_or(true, |v| v != "0"),
             topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
             stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|&r: &usize| r >= 1).unwrap_or(1),
             prefill_gemv: match std::env::var("DEJAVU_PREFILL_GEMV").ok().and_then(|v| v.parse::<usize>().ok()) {
-                Some(1) if small_model => SMALL_PREFILL_GEMV,
+                Some(1) | None if small_model => SMALL_PREFILL_GEMV,
                 Some(1) | None => 0,
                 Some(n) => n,
             },
