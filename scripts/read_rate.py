@@ -29,6 +29,20 @@ SHAPES = {
 }
 
 
+def events_ms(run, reps):
+    """Median ms of `run()` between two CUDA events, over `reps` runs after 3 untimed ones."""
+    ts = []
+    for i in range(reps + 3):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        e.synchronize()
+        if i >= 3:
+            ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
 def timed(fn, reps, inner=16):
     """Median ms of one `fn(j)`: `inner` calls captured in one CUDA graph (no launch gaps), replayed `reps` times."""
     side = torch.cuda.Stream()
@@ -41,16 +55,7 @@ def timed(fn, reps, inner=16):
     with torch.cuda.graph(graph):
         for j in range(inner):
             fn(j)
-    ts = []
-    for i in range(reps + 3):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        if i >= 3:
-            ts.append(s.elapsed_time(e) / inner)
-    return statistics.median(ts)
+    return events_ms(graph.replay, reps) / inner
 
 
 def copies(shape, dtype, rotate_bytes):
@@ -71,16 +76,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}")
     g = 1 << 30
     src, dst = torch.ones(g // 2, device="cuda", dtype=torch.float16), torch.empty(g // 2, device="cuda", dtype=torch.float16)
-    ts = []
-    for i in range(a.reps + 3):  # one copy per pair of events, as `bench` times its floor (not in a graph)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        if i >= 3:
-            ts.append(s.elapsed_time(e))
-    ms = statistics.median(ts)
+    ms = events_ms(lambda: dst.copy_(src), a.reps)  # one copy per pair of events, as `bench` times its floor
     copy = 2 * g / (ms * 1e-3)
     print(f"copy 1 GiB: {ms:.3f} ms, {copy / 1e9:.1f} GB/s (bytes read + written)")
     del src, dst
