@@ -89,6 +89,11 @@ impl Epi {
         matches!(self, Epi::Glu | Epi::Glu32)
     }
 
+    /// The f32 hidden epilogues (one row, our GEMV only).
+    pub(crate) fn is_f32_hidden(self) -> bool {
+        matches!(self, Epi::Relu32 | Epi::Glu32)
+    }
+
     /// Bytes of one output element.
     fn out_bytes(self) -> usize {
         match self {
@@ -106,6 +111,17 @@ pub struct NormIn {
     pub g: CUdeviceptr,
     pub gb: CUdeviceptr,
     pub tmp: CUdeviceptr,
+}
+
+impl NormIn {
+    /// A raw f32 input `[K]`, read as it is (no norm weight: `rms` 3 of the GEMV kernels).
+    pub fn raw(x: CUdeviceptr) -> Self {
+        NormIn { x, g: 0, gb: 0, tmp: 0 }
+    }
+
+    pub fn is_raw(self) -> bool {
+        self.g == 0
+    }
 }
 
 /// Kernel classes, for the per-class time breakdown of `bench`.
@@ -666,7 +682,7 @@ impl Engine {
         let b0 = bias.unwrap_or(0);
         let (xf, g, gb) = norm.map_or((0, 0, 0), |m| (m.x, m.g, m.gb));
         // A norm input without a weight is the raw f32 input itself (`rms` 3 of the kernels).
-        let raw = xf != 0 && g == 0;
+        let raw = norm.is_some_and(NormIn::is_raw);
         let (w2, bias2) = if epi.is_glu() { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
         let mut r0 = 0;
         while r0 < rows {
@@ -690,7 +706,7 @@ impl Engine {
             let threads = self.gemv_threads;
             // The cp.async variant needs its ring of in-flight weights in shared memory beside the inputs.
             // (not instantiated for the f32 hidden epilogues or a raw f32 input)
-            let ring = if self.gemv_async && k % 8 == 0 && !matches!(epi, Epi::Relu32 | Epi::Glu32) && !raw {
+            let ring = if self.gemv_async && k % 8 == 0 && !epi.is_f32_hidden() && !raw {
                 gemv_ring_bytes(threads as usize, epi)
             } else {
                 0
@@ -722,7 +738,6 @@ impl Engine {
 
     /// The batch-1 decode out-projection from the attention's key-split partials: `out[n] += W x + bias`, `x` the
     /// merged attention output of `k / hd` heads over `splits` partials (`part`, `[heads * splits, hd + 2]` f32).
-    #[allow(clippy::too_many_arguments)]
     /// `r16`: the merged input rounded to the 16-bit type first, as attn_combine's 16-bit output (else as its f32
     /// output).
     #[allow(clippy::too_many_arguments)]
@@ -755,7 +770,7 @@ impl Engine {
         let b0 = bias.unwrap_or(0);
         let rms = i32::from(self.cfg.family == Family::Llama);
         let eps = self.cfg.norm_eps as f32;
-        if (matches!(epi, Epi::Relu32 | Epi::Glu32) || norm.is_some_and(|m| m.g == 0)) && rows != 1 {
+        if (epi.is_f32_hidden() || norm.is_some_and(NormIn::is_raw)) && rows != 1 {
             return Err(GpuError::new("internal: the f32 hidden epilogues and raw f32 inputs take one row"));
         }
         if rows <= self.gemv_rows || (self.one_seq && rows <= self.prefill_gemv) || self.blas.is_none() {
@@ -1013,8 +1028,7 @@ impl Engine {
                 self.gemv_comb(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), part, x, d, h_ * hd, splits, hd, !a32)?;
             } else if a32 {
                 let lw = &self.w.layers[l];
-                let raw = NormIn { x: att32, g: 0, gb: 0, tmp: 0 };
-                self.linear_in(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), 0, Some(raw), x, rows, d, h_ * hd, Epi::Acc, y)?;
+                self.linear_in(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), 0, Some(NormIn::raw(att32)), x, rows, d, h_ * hd, Epi::Acc, y)?;
             } else {
                 let lw = &self.w.layers[l];
                 self.linear(lw.o.ptr, lw.o_b.as_ref().map(|b| b.ptr), att, x, rows, d, h_ * hd, Epi::Acc, y)?;
@@ -1053,8 +1067,7 @@ impl Engine {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
                     self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act32, rows, f, d, epi, y)?;
-                    let raw = NormIn { x: act32, g: 0, gb: 0, tmp: 0 };
-                    self.linear_in(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), 0, Some(raw), x, rows, d, f, Epi::Acc, y)?;
+                    self.linear_in(lw.down.ptr, lw.down_b.as_ref().map(|b| b.ptr), 0, Some(NormIn::raw(act32)), x, rows, d, f, Epi::Acc, y)?;
                 } else {
                     let epi = if opt { Epi::Relu } else { Epi::Glu };
                     self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act, rows, f, d, epi, y)?;

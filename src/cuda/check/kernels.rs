@@ -23,7 +23,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     let d = Dev { e };
     for (rows, k) in [(1usize, 576usize), (3, 576), (16, 1536), (5, 172), (40, 576)] {
         for epi in [Epi::Store, Epi::Acc, Epi::Relu, Epi::Glu, Epi::Relu32, Epi::Glu32] {
-            if matches!(epi, Epi::Relu32 | Epi::Glu32) && rows != 1 {
+            if epi.is_f32_hidden() && rows != 1 {
                 continue; // the f32 hidden epilogues serve the one-row decode step only
             }
             let n = 136usize;
@@ -67,8 +67,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         let init = randv(n, s + 3, 1.0);
         let (wb, xb, bb, ob) = (d.halfbuf(&w, dt)?, d.f32buf(&xr)?, d.halfbuf(&bias, dt)?, d.f32buf(&init)?);
         let y = d.poisoned(2 * n * 4)?;
-        let raw = NormIn { x: xb.ptr, g: 0, gb: 0, tmp: 0 };
-        e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(raw), ob.ptr, 1, n, k, Epi::Acc, y.ptr)?;
+        e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(NormIn::raw(xb.ptr)), ob.ptr, 1, n, k, Epi::Acc, y.ptr)?;
         let got = d.read_f32(&ob, n)?;
         let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * xr[i] as f64).sum::<f64>()) as f32).collect();
         out.push(verdict(format!("gemv Acc, raw f32 input, rows=1 k={k} n={n}"), dt, &got, &want, 1e-2));
@@ -816,8 +815,7 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             if r16 {
                 e.linear(wb.ptr, Some(bb.ptr), att.ptr, oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
             } else {
-                let raw = NormIn { x: att.ptr, g: 0, gb: 0, tmp: 0 };
-                e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(raw), oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
+                e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(NormIn::raw(att.ptr)), oa.ptr, 1, n, k, Epi::Acc, y.ptr)?;
             }
             e.gemv_comb(wb.ptr, Some(bb.ptr), pb.ptr, ob.ptr, n, k, splits, hd, r16)?;
             let (a, b) = (d.read_f32(&oa, n)?, d.read_f32(&ob, n)?);
