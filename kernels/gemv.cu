@@ -476,6 +476,161 @@ __device__ __forceinline__ void gemv_async_impl(
     gemv_finish<T, NB, EPI>(acc, acc2, lane, row, row, N, B, bias, bias2, out, 0, 0, 0, 0.0f, 0);
 }
 
+// The one-row product with the weights streamed by the Hopper bulk-copy engine (sm_90+; `DEJAVU_GEMV_TMA`, off by
+// default). Each block owns a contiguous range of output rows, so its weights are one contiguous range of memory
+// (two for the GLU); a producer warp (the block's last) walks it in items of one row segment of up to TMA_SEG
+// elements per matrix and copies each into a ring of `stages` slots in shared memory
+// (cp.async.bulk, completion counted in bytes on the slot's `full` mbarrier); the TMA_CW consumer warps split every
+// item, each thread taking 16-byte words t, t + 256, ... of the segment, and release the slot on its `empty` mbarrier
+// (one arrival a warp). The bytes in flight are `stages` items a block whatever the registers, from before the
+// programmatic wait on. At a row's last segment each warp reduces its partial sums into `part` [rows of the block,
+// TMA_CW]; after the loop one warp a row adds the TMA_CW partials and runs the epilogue (gemv_finish). The input is
+// staged by gemv_prepare as in the register GEMV (so `rms` 0-3 and the fused norms behave alike).
+// Dynamic shared memory (bytes): xs [K f32, rounded up to 128] | ring [stages * M * TMA_SEG * 2] |
+// part [ceil(N / grid) * TMA_CW * M f32] | bars [2 * stages * 8]. K % 8 == 0; blockDim = 32 * (TMA_CW + 1).
+#define TMA_SEG 4096
+#define TMA_CW 8
+
+__device__ __forceinline__ void mbar_init(unsigned a, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned a, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                     : "=r"(done)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void mbar_arrive(unsigned a) {
+    asm volatile("{\n\t.reg .b64 st;\n\tmbarrier.arrive.shared::cta.b64 st, [%0];\n\t}" ::"r"(a) : "memory");
+}
+// Arrive on `a` expecting `bytes` more of asynchronous copies in this phase.
+__device__ __forceinline__ void mbar_expect(unsigned a, unsigned bytes) {
+    asm volatile("{\n\t.reg .b64 st;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n\t}" ::"r"(a), "r"(bytes)
+                 : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` to shared `dst`, counted on `bar`.
+__device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+template <typename T, int EPI>
+__device__ __forceinline__ void gemv_tma_impl(
+    const u16* __restrict__ w,     // [N, K]
+    const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
+    const u16* __restrict__ bias,  // [N] or null
+    const u16* __restrict__ bias2, // [N] or null (GLU only)
+    const u16* __restrict__ x,     // [1, K] (unused when xf is given)
+    void* __restrict__ out,        // [1, N], f32 or 16-bit by EPI
+    int N, int K,
+    const float* __restrict__ xf,  // [1, K] f32 residual to normalise (or the raw f32 input, `rms` 3), or null
+    const u16* __restrict__ g,     // [K] norm weight (with xf)
+    const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
+    float eps, int rms,
+    int stages,                    // ring slots (items in flight a block)
+    int rmax) {                    // ceil(N / gridDim.x): the rows `part` holds
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ float4 dyn_smem[];
+    const bool glu = EPI_IS_GLU(EPI);
+    const int M = glu ? 2 : 1;
+    float* xs = (float*)dyn_smem;
+    unsigned char* base = (unsigned char*)dyn_smem;
+    const size_t xs_bytes = ((size_t)K * 4 + 127) & ~(size_t)127;
+    u16* ring = (u16*)(base + xs_bytes);
+    float* part = (float*)(base + xs_bytes + (size_t)stages * M * TMA_SEG * 2);
+    unsigned long long* bars = (unsigned long long*)(part + (size_t)rmax * TMA_CW * M);
+    const unsigned full0 = smem_addr(bars), empty0 = smem_addr(bars + stages), ring0 = smem_addr(ring);
+    __shared__ float mean_s[1], rstd_s[1], red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = (int)((long long)N * blockIdx.x / gridDim.x), r1 = (int)((long long)N * (blockIdx.x + 1) / gridDim.x);
+    const int C = (K + TMA_SEG - 1) / TMA_SEG; // segments a row
+    const int items = (r1 - r0) * C;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; s++) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, TMA_CW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const bool producer = warp == TMA_CW && lane == 0;
+    auto issue = [&](int i) {
+        const int s = i % stages, row = r0 + i / C, c = i % C;
+        const int col0 = c * TMA_SEG, len = min(TMA_SEG, K - col0);
+        const unsigned bytes = (unsigned)len * 2, slot = ring0 + (unsigned)(s * M) * TMA_SEG * 2;
+        mbar_expect(full0 + 8 * s, bytes * M);
+        bulk_g2s(slot, w + (size_t)row * K + col0, bytes, full0 + 8 * s);
+        if (glu) bulk_g2s(slot + TMA_SEG * 2, w2 + (size_t)row * K + col0, bytes, full0 + 8 * s);
+    };
+    // Weights never change: the first `stages` items are requested before waiting for the previous kernel.
+    if (producer)
+        for (int i = 0; i < min(stages, items); i++) issue(i);
+    pdl_wait();
+    pdl_launch();
+    gemv_prepare<T, 1>(x, xs, K, 1, xf, g, gb, eps, rms, 1, mean_s, rstd_s, red);
+    if (warp == TMA_CW) {
+        if (producer) {
+            for (int i = stages; i < items; i++) {
+                const int s = i % stages;
+                mbar_wait(empty0 + 8 * s, ((i / stages) - 1) & 1); // the consumers are done with item i - stages
+                issue(i);
+            }
+        }
+    } else {
+        float acc = 0.0f, acc2 = 0.0f;
+        for (int i = 0; i < items; i++) {
+            const int s = i % stages, rl = i / C, c = i % C;
+            const int col0 = c * TMA_SEG, len8 = min(TMA_SEG, K - col0) >> 3;
+            mbar_wait(full0 + 8 * s, (i / stages) & 1);
+            const uint4* st = (const uint4*)(ring + (size_t)(s * M) * TMA_SEG);
+            for (int j = threadIdx.x; j < len8; j += 32 * TMA_CW) {
+                const uint4 a = st[j];
+                const uint4 a2 = glu ? st[TMA_SEG / 8 + j] : make_uint4(0, 0, 0, 0);
+                gemv_fma8<T, 1, EPI>(a, a2, (col0 >> 3) + j, K, 1, x, xs, xf, g, gb, mean_s, rstd_s, 1, &acc, &acc2);
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty0 + 8 * s);
+            if (c == C - 1) { // the row is complete: this warp's share of its sums
+                acc = warp_sum(acc);
+                if (glu) acc2 = warp_sum(acc2);
+                if (lane == 0) {
+                    part[((size_t)rl * TMA_CW + warp) * M] = acc;
+                    if (glu) part[((size_t)rl * TMA_CW + warp) * M + 1] = acc2;
+                }
+                acc = 0.0f;
+                acc2 = 0.0f;
+            }
+        }
+    }
+    __syncwarp();
+    __syncthreads();
+    const int nw = blockDim.x >> 5;
+    for (int rl = warp; rl < r1 - r0; rl += nw) {
+        float a = lane < TMA_CW ? part[((size_t)rl * TMA_CW + lane) * M] : 0.0f;
+        float a2 = (glu && lane < TMA_CW) ? part[((size_t)rl * TMA_CW + lane) * M + 1] : 0.0f;
+        gemv_finish<T, 1, EPI>(&a, &a2, lane, r0 + rl, r0 + rl, N, 1, bias, bias2, out, 0, 0, 0, 0.0f, 0,
+                               (xf && rms == 2) ? rstd_s : 0);
+    }
+#else
+    __trap();
+#endif
+}
+
+#define GEMV_TMA_KERNEL(TN, T, EN, EPI)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * (TMA_CW + 1)) gemv_tma_##TN##_##EN##_b1(                   \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
+        const float* xf, const u16* g, const u16* gb, float eps, int rms, int stages, int rmax) {                 \
+        gemv_tma_impl<T, EPI>(w, w2, bias, bias2, x, out, N, K, xf, g, gb, eps, rms, stages, rmax);              \
+    }
+#define GEMV_TMA(TN, T)                                                                                          \
+    GEMV_TMA_KERNEL(TN, T, store, EPI_STORE) GEMV_TMA_KERNEL(TN, T, acc, EPI_ACC)                                \
+    GEMV_TMA_KERNEL(TN, T, relu, EPI_RELU) GEMV_TMA_KERNEL(TN, T, glu, EPI_GLU)                                  \
+    GEMV_TMA_KERNEL(TN, T, relu32, EPI_RELU32) GEMV_TMA_KERNEL(TN, T, glu32, EPI_GLU32)
+
 // Two 512-thread blocks per multiprocessor for the narrow variants (64 registers a thread; GLU would spill).
 #define GEMV_MIN_BLOCKS(EPI, NB) ((NB) <= 2 && !EPI_IS_GLU(EPI) ? 2 : 1)
 #define GEMV_KERNEL(TN, T, EN, EPI, NB)                                                                          \
@@ -564,7 +719,9 @@ GEMV_SPARSE_B(bf16, BF16)
 #endif
 #if DJ_PART < 0 || DJ_PART == 8
 GEMV_ASYNC(f16, F16)
+GEMV_TMA(f16, F16)
 #endif
 #if DJ_PART < 0 || DJ_PART == 9
 GEMV_ASYNC(bf16, BF16)
+GEMV_TMA(bf16, BF16)
 #endif

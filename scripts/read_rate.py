@@ -9,7 +9,10 @@
   * read: `torch.sum(x, dtype=float32)` over f16 buffers of the decode step's matrix sizes (a streaming read that
     writes almost nothing);
   * gemv: `torch.mv(W, x)` (cuBLAS) at the matrix shapes of one decode step of the given model shape, batch 1,
-    f16: the rate a library GEMV reaches on each matrix, to compare with `bench --kernels`.
+    f16: the rate a library GEMV reaches on each matrix, to compare with `bench --kernels`;
+  * whole step: `torch.sum` over one f16 buffer of all the step's layer matrices' bytes (one streaming read of
+    everything a decode step reads but the head, timed uncaptured): what a kernel that did nothing but read the step's
+    weights would score against the floor (copy rate / this rate).
 The read and gemv figures are medians over `--reps` replays of a CUDA graph of 16 calls (CUDA events); their
 buffers rotate over copies totalling at least `--rotate-mb`, so that no call finds its operand in the L2 cache
 (50-60 MB on an H100/H200). Run once on an H100 (kernels/NOTES.md, twentieth session); the uncaptured copy since.
@@ -20,12 +23,31 @@ import argparse, statistics
 
 import torch
 
-# name: (hidden, ffn, heads, kv heads, head dim, swiglu)
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream_read(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        base = pid.to(tl.int64) * BLOCK * ITERS
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ITERS):
+            offs = base + i * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+except ImportError:  # the figure is left out without Triton
+    triton = None
+
+# (elements a tile, tiles a program, warps)
+TRITON_TILES = [(4096, 8, 4), (8192, 8, 8), (8192, 16, 8), (16384, 4, 16)]
+
+# name: (hidden, ffn, heads, kv heads, head dim, swiglu, layers)
 SHAPES = {
-    "llama2-7b": (4096, 11008, 32, 32, 128, True),
-    "llama2-13b": (5120, 13824, 40, 40, 128, True),
-    "opt-6.7b": (4096, 16384, 32, 32, 128, False),
-    "opt-13b": (5120, 20480, 40, 40, 128, False),
+    "llama2-7b": (4096, 11008, 32, 32, 128, True, 32),
+    "llama2-13b": (5120, 13824, 40, 40, 128, True, 40),
+    "opt-6.7b": (4096, 16384, 32, 32, 128, False, 32),
+    "opt-13b": (5120, 20480, 40, 40, 128, False, 40),
 }
 
 
@@ -80,9 +102,9 @@ def main():
     copy = 2 * g / (ms * 1e-3)
     print(f"copy 1 GiB: {ms:.3f} ms, {copy / 1e9:.1f} GB/s (bytes read + written)")
     del src, dst
-    rows = []
+    rows, wholes = [], []
     for name in a.shape:
-        h, f, nh, kvh, hd, glu = SHAPES[name]
+        h, f, nh, kvh, hd, glu, layers = SHAPES[name]
         mats = [("q/k/v", ((nh + 2 * kvh) * hd, h)), ("out", (h, nh * hd)),
                 ("gate+up" if glu else "fc1", ((2 if glu else 1) * f, h)), ("down" if glu else "fc2", (h, f))]
         for what, (n, k) in mats:
@@ -93,6 +115,23 @@ def main():
             rows.append((name, what, n, k, one, ms_r, ms_g))
             del ws
             torch.cuda.empty_cache()
+        total = layers * sum(n * k for _, (n, k) in mats)
+        big = torch.ones(total, device="cuda", dtype=torch.float16)
+        ms_w = events_ms(lambda: torch.sum(big, dtype=torch.float32), max(5, a.reps // 3))
+        ms_t = float("nan")
+        if triton is not None:
+            for blk, it, nw in TRITON_TILES:
+                progs = -(-total // (blk * it))
+                part = torch.empty(progs, device="cuda", dtype=torch.float32)
+                run = lambda: _stream_read[(progs,)](big, part, total, BLOCK=blk, ITERS=it, num_warps=nw)
+                ms = events_ms(run, max(5, a.reps // 3))
+                if abs(part.sum().item() - total) > 1e-3 * total:
+                    raise SystemExit(f"read_rate.py: the Triton read summed {part.sum().item()} over {total} ones")
+                ms_t = ms if ms_t != ms_t else min(ms_t, ms)
+                del part
+        wholes.append((name, total * 2, ms_w, ms_t))
+        del big
+        torch.cuda.empty_cache()
     print()
     print("| shape | matrix | rows x cols | MB | floor at copy, us | sum, us (GB/s) | cuBLAS mv, us (GB/s) |")
     print("|---|---|---|---|---|---|---|")
@@ -100,6 +139,13 @@ def main():
         fl = one / copy * 1e6
         print(f"| {name} | {what} | {n} x {k} | {one / 1e6:.1f} | {fl:.1f} | {ms_r * 1e3:.1f} ({one / ms_r / 1e6:.0f}) | "
               f"{ms_g * 1e3:.1f} ({one / ms_g / 1e6:.0f}) |")
+    print()
+    print("| shape | step's layer weights, GB | floor at copy, ms | torch.sum, ms (GB/s, x floor) | Triton read, ms (GB/s, x floor) |")
+    print("|---|---|---|---|---|")
+    for name, b, ms_w, ms_t in wholes:
+        fl = b / copy * 1e3
+        print(f"| {name} | {b / 1e9:.2f} | {fl:.3f} | {ms_w:.3f} ({b / ms_w / 1e6:.0f}, {ms_w / fl:.3f}x) | "
+              f"{ms_t:.3f} ({b / ms_t / 1e6:.0f}, {ms_t / fl:.3f}x) |")
 
 
 if __name__ == "__main__":

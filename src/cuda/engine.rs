@@ -60,6 +60,32 @@ fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
     threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
+/// The bulk-copy GEMV (kernels/gemv.cu, `gemv_tma_*`): elements of a row segment per matrix (TMA_SEG), consumer
+/// warps a block (TMA_CW, plus one producer warp), the default ring in KiB, and the most shared memory a block may
+/// take (sm_90's 227 KiB).
+const TMA_SEG: usize = 4096;
+const TMA_CW: usize = 8;
+const TMA_RING_KB: usize = 96;
+const TMA_SMEM: usize = 227 * 1024;
+
+/// `DEJAVU_GEMV_TMA`: "0" off, "1" the default ring, "R" or "R,B" (ring KiB, blocks a multiprocessor).
+fn tma_knob(v: &str) -> Option<(usize, u32)> {
+    let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
+    let ring = match it.next().flatten()? {
+        0 => return None,
+        1 => TMA_RING_KB,
+        r => r,
+    };
+    let blocks = it.next().flatten().unwrap_or(1).clamp(1, 4) as u32;
+    Some((ring, blocks))
+}
+
+/// Shared memory of one `gemv_tma_*` block: the staged f32 input (rounded up to 128 bytes), `stages` ring slots of
+/// `m` matrices' segments, the partial sums of `rmax` rows, and two mbarriers a slot.
+fn tma_smem(k: usize, m: usize, stages: usize, rmax: usize) -> usize {
+    (k * 4).div_ceil(128) * 128 + stages * m * TMA_SEG * 2 + rmax * TMA_CW * m * 4 + 2 * stages * 8
+}
+
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epi {
@@ -274,6 +300,9 @@ pub struct Engine {
     grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
+    /// One-row products on the bulk-copy GEMV (`gemv_tma_*`, sm_90+): `DEJAVU_GEMV_TMA=R[,B]` with a ring of R KiB a
+    /// block (`1`: [`TMA_RING_KB`]) and B blocks a multiprocessor (default 1). Off by default (a trial).
+    gemv_tma: Option<(usize, u32)>,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -375,6 +404,7 @@ impl Engine {
             },
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
+            gemv_tma: std::env::var("DEJAVU_GEMV_TMA").ok().and_then(|v| tma_knob(&v)),
             sparse: None,
             heads: None,
             dense_now: false,
@@ -495,6 +525,11 @@ impl Engine {
     }
 
     /// Rows up to which projections run on the GEMV kernels.
+    /// Whether one-row products of width `k` go to the bulk-copy GEMV (`DEJAVU_GEMV_TMA`; the kernel checks name it).
+    pub fn gemv_tma_at(&self, k: usize) -> bool {
+        self.gemv_tma.is_some() && k % 8 == 0 && self.stage && self.gpu.arch.0 >= 9
+    }
+
     pub fn gemv_rows(&self) -> usize {
         if self.blas.is_some() { self.gemv_rows } else { usize::MAX }
     }
@@ -684,6 +719,9 @@ impl Engine {
         // A norm input without a weight is the raw f32 input itself (`rms` 3 of the kernels).
         let raw = norm.is_some_and(NormIn::is_raw);
         let (w2, bias2) = if epi.is_glu() { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
+        if rows == 1 && self.gemv_tma.is_some() && self.gemv_tma_one(w, w2, b0, bias2, x, xf, g, gb, out, n, k, epi, rms, eps, raw)? {
+            return Ok(());
+        }
         let mut r0 = 0;
         while r0 < rows {
             let nb = (rows - r0).min(GEMV_MAX_ROWS);
@@ -724,6 +762,50 @@ impl Engine {
             r0 += nb;
         }
         Ok(())
+    }
+
+    /// One row on the bulk-copy GEMV when `DEJAVU_GEMV_TMA` asks for it and the shape allows (K % 8 == 0, the
+    /// staged input and the ring in one block's shared memory, an sm_90+ GPU); false: not launched, the caller
+    /// takes the register GEMV.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_tma_one(&self, w: CUdeviceptr, w2: CUdeviceptr, bias: CUdeviceptr, bias2: CUdeviceptr, x: CUdeviceptr, xf: CUdeviceptr, g: CUdeviceptr, gb: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, epi: Epi, rms: bool, eps: f32, raw: bool) -> GpuResult<bool> {
+        let Some((ring_kb, per_sm)) = self.gemv_tma else { return Ok(false) };
+        if k % 8 != 0 || !self.stage || self.gpu.arch.0 < 9 || n == 0 {
+            return Ok(false);
+        }
+        let m = if epi.is_glu() { 2 } else { 1 };
+        let stages = (ring_kb * 1024 / (m * TMA_SEG * 2)).max(2);
+        let sms = self.gpu.sms.max(1) as usize;
+        let grid = match self.grid_cap {
+            Some(c) => (c.max(1) as usize).min(n),
+            None => (sms * per_sm as usize).min(n),
+        };
+        let rmax = n.div_ceil(grid);
+        let smem = tma_smem(k, m, stages, rmax);
+        if smem > TMA_SMEM {
+            return Ok(false);
+        }
+        let name = format!("gemv_tma_{}_{}_b1", self.dt().name(), epi.name());
+        let f = self.k.get_smem(&name, TMA_SMEM)?;
+        let rms_arg = if raw { 3 } else { self.rms_arg(rms, xf != 0) };
+        let mut args = Args::new()
+            .ptr(w)
+            .ptr(w2)
+            .ptr(bias)
+            .ptr(bias2)
+            .ptr(x)
+            .ptr(out)
+            .i32(n as i32)
+            .i32(k as i32)
+            .ptr(xf)
+            .ptr(g)
+            .ptr(gb)
+            .f32(eps)
+            .i32(rms_arg)
+            .i32(stages as i32)
+            .i32(rmax as i32);
+        self.gpu.launch(f, (grid as u32, 1, 1), (32 * (TMA_CW + 1)) as u32, smem as u32, &mut args)?;
+        Ok(true)
     }
 
     /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm

@@ -21,7 +21,8 @@ pub struct KernelCheck {
 /// Projections (GEMV at <= 16 rows, cuBLAS + epilogue above) against f64 on the same rounded inputs.
 fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
-    for (rows, k) in [(1usize, 576usize), (3, 576), (16, 1536), (5, 172), (40, 576)] {
+    // One row also at 4096 and 11008 (a 7B layer's widths: one and three row segments of the bulk-copy GEMV).
+    for (rows, k) in [(1usize, 576usize), (3, 576), (16, 1536), (5, 172), (40, 576), (1, 4096), (1, 11008)] {
         for epi in [Epi::Store, Epi::Acc, Epi::Relu, Epi::Glu, Epi::Relu32, Epi::Glu32] {
             if epi.is_f32_hidden() && rows != 1 {
                 continue; // the f32 hidden epilogues serve the one-row decode step only
@@ -52,7 +53,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                     want[r * n + j] = v as f32;
                 }
             }
-            let path = if rows <= e.gemv_rows() { "gemv" } else { "cublas+epilogue" };
+            let path = if rows == 1 && e.gemv_tma_at(k) { "gemv-tma" } else if rows <= e.gemv_rows() { "gemv" } else { "cublas+epilogue" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
         }
     }
@@ -70,7 +71,8 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
         e.linear_in(wb.ptr, Some(bb.ptr), 0, Some(NormIn::raw(xb.ptr)), ob.ptr, 1, n, k, Epi::Acc, y.ptr)?;
         let got = d.read_f32(&ob, n)?;
         let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * xr[i] as f64).sum::<f64>()) as f32).collect();
-        out.push(verdict(format!("gemv Acc, raw f32 input, rows=1 k={k} n={n}"), dt, &got, &want, 1e-2));
+        let path = if e.gemv_tma_at(k) { "gemv-tma" } else { "gemv" };
+        out.push(verdict(format!("{path} Acc, raw f32 input, rows=1 k={k} n={n}"), dt, &got, &want, 1e-2));
     }
     // The same with the input normalised inside the projection (RMSNorm for this Llama-shaped engine).
     for (rows, k) in [(1usize, 576usize), (16, 1536), (4, 172), (40, 576)] {
@@ -102,7 +104,7 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
                     } as f32;
                 }
             }
-            let path = if rows <= e.gemv_rows() { "gemv+rmsnorm" } else { "rmsnorm+cublas" };
+            let path = if rows == 1 && e.gemv_tma_at(k) { "gemv-tma+rmsnorm" } else if rows <= e.gemv_rows() { "gemv+rmsnorm" } else { "rmsnorm+cublas" };
             out.push(verdict(format!("{path} {epi:?} rows={rows} k={k} n={n}"), dt, &got, &want, 1e-2));
             if rows > e.gemv_rows() {
                 // The same rows on our GEMV, 16 a launch (a short one-sequence prefill below width 2048,
