@@ -532,7 +532,8 @@ __device__ __forceinline__ void gemv_tma_impl(
     const u16* __restrict__ gb,    // [K] norm bias (LayerNorm) or null
     float eps, int rms,
     int stages,                    // ring slots (items in flight a block)
-    int rmax) {                    // ceil(N / gridDim.x): the rows `part` holds
+    int rmax,                      // ceil(N / gridDim.x): the rows `part` holds
+    int pre) {                     // items requested before the programmatic wait (at most `stages`)
 #if __CUDA_ARCH__ >= 900
     extern __shared__ float4 dyn_smem[];
     const bool glu = EPI_IS_GLU(EPI);
@@ -566,17 +567,18 @@ __device__ __forceinline__ void gemv_tma_impl(
         bulk_g2s(slot, w + (size_t)row * K + col0, bytes, full0 + 8 * s);
         if (glu) bulk_g2s(slot + TMA_SEG * 2, w2 + (size_t)row * K + col0, bytes, full0 + 8 * s);
     };
-    // Weights never change: the first `stages` items are requested before waiting for the previous kernel.
+    // Weights never change: the first `pre` items are requested before waiting for the previous kernel.
+    const int first = min(min(pre, stages), items);
     if (producer)
-        for (int i = 0; i < min(stages, items); i++) issue(i);
+        for (int i = 0; i < first; i++) issue(i);
     pdl_wait();
     pdl_launch();
     gemv_prepare<T, 1>(x, xs, K, 1, xf, g, gb, eps, rms, 1, mean_s, rstd_s, red);
     if (warp == TMA_CW) {
         if (producer) {
-            for (int i = stages; i < items; i++) {
+            for (int i = first; i < items; i++) {
                 const int s = i % stages;
-                mbar_wait(empty0 + 8 * s, ((i / stages) - 1) & 1); // the consumers are done with item i - stages
+                if (i >= stages) mbar_wait(empty0 + 8 * s, ((i / stages) - 1) & 1); // consumers done with item i - stages
                 issue(i);
             }
         }
@@ -623,8 +625,8 @@ __device__ __forceinline__ void gemv_tma_impl(
 #define GEMV_TMA_KERNEL(TN, T, EN, EPI)                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * (TMA_CW + 1)) gemv_tma_##TN##_##EN##_b1(                   \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
-        const float* xf, const u16* g, const u16* gb, float eps, int rms, int stages, int rmax) {                 \
-        gemv_tma_impl<T, EPI>(w, w2, bias, bias2, x, out, N, K, xf, g, gb, eps, rms, stages, rmax);              \
+        const float* xf, const u16* g, const u16* gb, float eps, int rms, int stages, int rmax, int pre) {        \
+        gemv_tma_impl<T, EPI>(w, w2, bias, bias2, x, out, N, K, xf, g, gb, eps, rms, stages, rmax, pre);         \
     }
 #define GEMV_TMA(TN, T)                                                                                          \
     GEMV_TMA_KERNEL(TN, T, store, EPI_STORE) GEMV_TMA_KERNEL(TN, T, acc, EPI_ACC)                                \

@@ -68,16 +68,26 @@ const TMA_CW: usize = 8;
 const TMA_RING_KB: usize = 96;
 const TMA_SMEM: usize = 227 * 1024;
 
-/// `DEJAVU_GEMV_TMA`: "0" off, "1" the default ring, "R" or "R,B" (ring KiB, blocks a multiprocessor).
-fn tma_knob(v: &str) -> Option<(usize, u32)> {
+/// The bulk-copy GEMV's settings: ring KiB a block, blocks a multiprocessor, ring slots requested before the wait.
+#[derive(Debug, Clone, Copy)]
+struct TmaKnob {
+    ring_kb: usize,
+    per_sm: u32,
+    pre: usize,
+}
+
+/// `DEJAVU_GEMV_TMA`: "0" off, "1" the default ring, "R", "R,B" or "R,B,P" (ring KiB, blocks a multiprocessor,
+/// slots requested before the programmatic wait).
+fn tma_knob(v: &str) -> Option<TmaKnob> {
     let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
-    let ring = match it.next().flatten()? {
+    let ring_kb = match it.next().flatten()? {
         0 => return None,
         1 => TMA_RING_KB,
         r => r,
     };
-    let blocks = it.next().flatten().unwrap_or(1).clamp(1, 4) as u32;
-    Some((ring, blocks))
+    let per_sm = it.next().flatten().unwrap_or(1).clamp(1, 4) as u32;
+    let pre = it.next().flatten().unwrap_or(usize::MAX);
+    Some(TmaKnob { ring_kb, per_sm, pre })
 }
 
 /// Shared memory of one `gemv_tma_*` block: the staged f32 input (rounded up to 128 bytes), `stages` ring slots of
@@ -300,9 +310,10 @@ pub struct Engine {
     grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
-    /// One-row products on the bulk-copy GEMV (`gemv_tma_*`, sm_90+): `DEJAVU_GEMV_TMA=R[,B]` with a ring of R KiB a
-    /// block (`1`: [`TMA_RING_KB`]) and B blocks a multiprocessor (default 1). Off by default (a trial).
-    gemv_tma: Option<(usize, u32)>,
+    /// One-row products on the bulk-copy GEMV (`gemv_tma_*`, sm_90+): `DEJAVU_GEMV_TMA=R[,B[,P]]` with a ring of R
+    /// KiB a block (`1`: [`TMA_RING_KB`]), B blocks a multiprocessor (default 1) and at most P ring slots requested
+    /// before the programmatic wait (default all). Off by default (a trial).
+    gemv_tma: Option<TmaKnob>,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -769,7 +780,7 @@ impl Engine {
     /// takes the register GEMV.
     #[allow(clippy::too_many_arguments)]
     fn gemv_tma_one(&self, w: CUdeviceptr, w2: CUdeviceptr, bias: CUdeviceptr, bias2: CUdeviceptr, x: CUdeviceptr, xf: CUdeviceptr, g: CUdeviceptr, gb: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, epi: Epi, rms: bool, eps: f32, raw: bool) -> GpuResult<bool> {
-        let Some((ring_kb, per_sm)) = self.gemv_tma else { return Ok(false) };
+        let Some(TmaKnob { ring_kb, per_sm, pre }) = self.gemv_tma else { return Ok(false) };
         if k % 8 != 0 || !self.stage || self.gpu.arch.0 < 9 || n == 0 {
             return Ok(false);
         }
@@ -803,7 +814,8 @@ impl Engine {
             .f32(eps)
             .i32(rms_arg)
             .i32(stages as i32)
-            .i32(rmax as i32);
+            .i32(rmax as i32)
+            .i32(pre.min(stages) as i32);
         self.gpu.launch(f, (grid as u32, 1, 1), (32 * (TMA_CW + 1)) as u32, smem as u32, &mut args)?;
         Ok(true)
     }
