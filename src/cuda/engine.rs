@@ -781,7 +781,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn gemv_tma_one(&self, w: CUdeviceptr, w2: CUdeviceptr, bias: CUdeviceptr, bias2: CUdeviceptr, x: CUdeviceptr, xf: CUdeviceptr, g: CUdeviceptr, gb: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, epi: Epi, rms: bool, eps: f32, raw: bool) -> GpuResult<bool> {
         let Some(TmaKnob { ring_kb, per_sm, pre }) = self.gemv_tma else { return Ok(false) };
-        if k % 8 != 0 || !self.stage || self.gpu.arch.0 < 9 || n == 0 {
+        if !self.gemv_tma_at(k) || n == 0 {
             return Ok(false);
         }
         let m = if epi.is_glu() { 2 } else { 1 };
