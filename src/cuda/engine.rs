@@ -535,12 +535,12 @@ impl Engine {
         std::mem::replace(&mut self.mma_rows, rows)
     }
 
-    /// Rows up to which projections run on the GEMV kernels.
     /// Whether one-row products of width `k` go to the bulk-copy GEMV (`DEJAVU_GEMV_TMA`; the kernel checks name it).
     pub fn gemv_tma_at(&self, k: usize) -> bool {
         self.gemv_tma.is_some() && k % 8 == 0 && self.stage && self.gpu.arch.0 >= 9
     }
 
+    /// Rows up to which projections run on the GEMV kernels.
     pub fn gemv_rows(&self) -> usize {
         if self.blas.is_some() { self.gemv_rows } else { usize::MAX }
     }
@@ -730,7 +730,7 @@ impl Engine {
         // A norm input without a weight is the raw f32 input itself (`rms` 3 of the kernels).
         let raw = norm.is_some_and(NormIn::is_raw);
         let (w2, bias2) = if epi.is_glu() { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
-        if rows == 1 && self.gemv_tma.is_some() && self.gemv_tma_one(w, w2, b0, bias2, x, xf, g, gb, out, n, k, epi, rms, eps, raw)? {
+        if rows == 1 && self.gemv_tma_one(w, w2, b0, bias2, x, xf, g, gb, out, n, k, epi, rms, eps, raw)? {
             return Ok(());
         }
         let mut r0 = 0;
