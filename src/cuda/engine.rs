@@ -60,7 +60,7 @@ fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
     threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
-/// The bulk-copy GEMV (kernels/gemv.cu, `gemv_tma_*`): elements of a row segment per matrix (TMA_SEG), consumer
+/// The bulk-copy GEMV (kernels/gemv.cu, `gemv_tma_*`): the most elements of a row segment per matrix (TMA_SEG), consumer
 /// warps a block (TMA_CW, plus one producer warp), the default ring in KiB, and the most shared memory a block may
 /// take (sm_90 allows 227 KiB a block, static shared memory included; 1 KiB is left for the static part).
 const TMA_SEG: usize = 4096;
@@ -77,7 +77,7 @@ struct TmaKnob {
 }
 
 /// `DEJAVU_GEMV_TMA`: "0" off, "1" the default ring, "R", "R,B" or "R,B,P" (ring KiB, blocks a multiprocessor,
-/// slots requested before the programmatic wait).
+/// items requested before the programmatic wait).
 fn tma_knob(v: &str) -> Option<TmaKnob> {
     let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
     let ring_kb = match it.next().flatten()? {
@@ -90,10 +90,20 @@ fn tma_knob(v: &str) -> Option<TmaKnob> {
     Some(TmaKnob { ring_kb, per_sm, pre })
 }
 
-/// Shared memory of one `gemv_tma_*` block: the staged f32 input (rounded up to 128 bytes), `stages` ring slots of
-/// `m` matrices' segments, the partial sums of `rmax` rows, and two mbarriers a slot.
-fn tma_smem(k: usize, m: usize, stages: usize, rmax: usize) -> usize {
-    (k * 4).div_ceil(128) * 128 + stages * m * TMA_SEG * 2 + rmax * TMA_CW * m * 4 + 2 * stages * 8
+/// The bulk-copy GEMV's ring for width `k` and `m` matrices in `ring` bytes: (segment elements, slots a consumer
+/// warp). Rows are cut into the fewest equal segments (multiples of 8 elements, at most TMA_SEG) that leave every
+/// consumer warp two slots.
+fn tma_ring(k: usize, m: usize, ring: usize) -> (usize, usize) {
+    let seg_max = (ring / (TMA_CW * 2 * m * 2)).clamp(8, TMA_SEG) / 8 * 8;
+    let seg = k.div_ceil(k.div_ceil(seg_max)).div_ceil(8) * 8;
+    (seg, (ring / (TMA_CW * m * seg * 2)).max(2))
+}
+
+/// Shared memory of one `gemv_tma_*` block: the staged f32 input (rounded up to 128 bytes), `spw` slots a consumer
+/// warp of `m` matrices' `seg`-element segments, and two mbarriers a slot.
+fn tma_smem(k: usize, m: usize, seg: usize, spw: usize) -> usize {
+    let slots = TMA_CW * spw;
+    (k * 4).div_ceil(128) * 128 + slots * m * seg * 2 + 2 * slots * 8
 }
 
 /// Projection epilogues, matching `kernels/gemv.cu`.
@@ -311,8 +321,8 @@ pub struct Engine {
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
     /// One-row products on the bulk-copy GEMV (`gemv_tma_*`, sm_90+): `DEJAVU_GEMV_TMA=R[,B[,P]]` with a ring of R
-    /// KiB a block (`1`: [`TMA_RING_KB`]), B blocks a multiprocessor (default 1) and at most P ring slots requested
-    /// before the programmatic wait (default all). Off by default (a trial).
+    /// KiB a block (`1`: [`TMA_RING_KB`]), B blocks a multiprocessor (default 1) and at most P items requested
+    /// before the programmatic wait (default: one a ring slot). Off by default (a trial).
     gemv_tma: Option<TmaKnob>,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
@@ -785,14 +795,13 @@ impl Engine {
             return Ok(false);
         }
         let m = if epi.is_glu() { 2 } else { 1 };
-        let stages = (ring_kb * 1024 / (m * TMA_SEG * 2)).max(2);
+        let (seg, spw) = tma_ring(k, m, ring_kb * 1024);
         let sms = self.gpu.sms.max(1) as usize;
         let grid = match self.grid_cap {
             Some(c) => (c.max(1) as usize).min(n),
             None => (sms * per_sm as usize).min(n),
         };
-        let rmax = n.div_ceil(grid);
-        let smem = tma_smem(k, m, stages, rmax);
+        let smem = tma_smem(k, m, seg, spw);
         if smem > TMA_SMEM {
             return Ok(false);
         }
@@ -813,9 +822,9 @@ impl Engine {
             .ptr(gb)
             .f32(eps)
             .i32(rms_arg)
-            .i32(stages as i32)
-            .i32(rmax as i32)
-            .i32(pre.min(stages) as i32);
+            .i32(spw as i32)
+            .i32(seg as i32)
+            .i32(pre.min(i32::MAX as usize) as i32);
         self.gpu.launch(f, (grid as u32, 1, 1), (32 * (TMA_CW + 1)) as u32, smem as u32, &mut args)?;
         Ok(true)
     }

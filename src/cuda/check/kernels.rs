@@ -827,7 +827,8 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let want: Vec<f32> = (0..n).map(|j| (init[j] as f64 + bias[j] as f64 + (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>()) as f32).collect();
             let input = if r16 { "16-bit" } else { "f32" };
             let mut c = verdict(format!("gemv_comb (attention splits merged in the out-projection, {input} input) heads={heads} hd={hd} splits={splits}; {bad} outputs differ from attn_combine + gemv"), dt, &b, &want, 1e-2);
-            c.pass &= bad == 0;
+            // Bit for bit only against the register GEMV (the bulk-copy one, `DEJAVU_GEMV_TMA`, sums in another order).
+            c.pass &= bad == 0 || e.gemv_tma_at(k);
             out.push(c);
         }
     }
