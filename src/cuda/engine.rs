@@ -60,52 +60,6 @@ fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
     threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
-/// The bulk-copy GEMV (kernels/gemv.cu, `gemv_tma_*`): the most elements of a row segment per matrix (TMA_SEG), consumer
-/// warps a block (TMA_CW, plus one producer warp), the default ring in KiB, and the most shared memory a block may
-/// take (sm_90 allows 227 KiB a block, static shared memory included; 1 KiB is left for the static part).
-const TMA_SEG: usize = 4096;
-const TMA_CW: usize = 8;
-const TMA_RING_KB: usize = 96;
-const TMA_SMEM: usize = 226 * 1024;
-
-/// The bulk-copy GEMV's settings: ring KiB a block, blocks a multiprocessor, ring slots requested before the wait.
-#[derive(Debug, Clone, Copy)]
-struct TmaKnob {
-    ring_kb: usize,
-    per_sm: u32,
-    pre: usize,
-}
-
-/// `DEJAVU_GEMV_TMA`: "0" off, "1" the default ring, "R", "R,B" or "R,B,P" (ring KiB, blocks a multiprocessor,
-/// items requested before the programmatic wait).
-fn tma_knob(v: &str) -> Option<TmaKnob> {
-    let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
-    let ring_kb = match it.next().flatten()? {
-        0 => return None,
-        1 => TMA_RING_KB,
-        r => r,
-    };
-    let per_sm = it.next().flatten().unwrap_or(1).clamp(1, 4) as u32;
-    let pre = it.next().flatten().unwrap_or(usize::MAX);
-    Some(TmaKnob { ring_kb, per_sm, pre })
-}
-
-/// The bulk-copy GEMV's ring for width `k` and `m` matrices in `ring` bytes: (segment elements, slots a consumer
-/// warp). Rows are cut into the fewest equal segments (multiples of 8 elements, at most TMA_SEG) that leave every
-/// consumer warp two slots.
-fn tma_ring(k: usize, m: usize, ring: usize) -> (usize, usize) {
-    let seg_max = (ring / (TMA_CW * 2 * m * 2)).clamp(8, TMA_SEG) / 8 * 8;
-    let seg = k.div_ceil(k.div_ceil(seg_max)).div_ceil(8) * 8;
-    (seg, (ring / (TMA_CW * m * seg * 2)).max(2))
-}
-
-/// Shared memory of one `gemv_tma_*` block: the staged f32 input (rounded up to 128 bytes), `spw` slots a consumer
-/// warp of `m` matrices' `seg`-element segments, and two mbarriers a slot.
-fn tma_smem(k: usize, m: usize, seg: usize, spw: usize) -> usize {
-    let slots = TMA_CW * spw;
-    (k * 4).div_ceil(128) * 128 + slots * m * seg * 2 + 2 * slots * 8
-}
-
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epi {
@@ -320,10 +274,6 @@ pub struct Engine {
     grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
-    /// One-row products on the bulk-copy GEMV (`gemv_tma_*`, sm_90+): `DEJAVU_GEMV_TMA=R[,B[,P]]` with a ring of R
-    /// KiB a block (`1`: [`TMA_RING_KB`]), B blocks a multiprocessor (default 1) and at most P items requested
-    /// before the programmatic wait (default: one a ring slot). Off by default (a trial).
-    gemv_tma: Option<TmaKnob>,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -425,7 +375,6 @@ impl Engine {
             },
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
-            gemv_tma: std::env::var("DEJAVU_GEMV_TMA").ok().and_then(|v| tma_knob(&v)),
             sparse: None,
             heads: None,
             dense_now: false,
@@ -543,11 +492,6 @@ impl Engine {
     /// Gathers of at least `rows` rows on the tensor cores from now on (0: never); returns the previous setting.
     pub fn set_mma_rows(&mut self, rows: usize) -> usize {
         std::mem::replace(&mut self.mma_rows, rows)
-    }
-
-    /// Whether one-row products of width `k` go to the bulk-copy GEMV (`DEJAVU_GEMV_TMA`; the kernel checks name it).
-    pub fn gemv_tma_at(&self, k: usize) -> bool {
-        self.gemv_tma.is_some() && k % 8 == 0 && self.stage && self.gpu.arch.0 >= 9
     }
 
     /// Rows up to which projections run on the GEMV kernels.
@@ -740,9 +684,6 @@ impl Engine {
         // A norm input without a weight is the raw f32 input itself (`rms` 3 of the kernels).
         let raw = norm.is_some_and(NormIn::is_raw);
         let (w2, bias2) = if epi.is_glu() { (w + (n * k * 2) as u64, bias.map_or(0, |b| b + (n * 2) as u64)) } else { (0, 0) };
-        if rows == 1 && self.gemv_tma_one(w, w2, b0, bias2, x, xf, g, gb, out, n, k, epi, rms, eps, raw)? {
-            return Ok(());
-        }
         let mut r0 = 0;
         while r0 < rows {
             let nb = (rows - r0).min(GEMV_MAX_ROWS);
@@ -783,50 +724,6 @@ impl Engine {
             r0 += nb;
         }
         Ok(())
-    }
-
-    /// One row on the bulk-copy GEMV when `DEJAVU_GEMV_TMA` asks for it and the shape allows (K % 8 == 0, the
-    /// staged input and the ring in one block's shared memory, an sm_90+ GPU); false: not launched, the caller
-    /// takes the register GEMV.
-    #[allow(clippy::too_many_arguments)]
-    fn gemv_tma_one(&self, w: CUdeviceptr, w2: CUdeviceptr, bias: CUdeviceptr, bias2: CUdeviceptr, x: CUdeviceptr, xf: CUdeviceptr, g: CUdeviceptr, gb: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, epi: Epi, rms: bool, eps: f32, raw: bool) -> GpuResult<bool> {
-        let Some(TmaKnob { ring_kb, per_sm, pre }) = self.gemv_tma else { return Ok(false) };
-        if !self.gemv_tma_at(k) || n == 0 {
-            return Ok(false);
-        }
-        let m = if epi.is_glu() { 2 } else { 1 };
-        let (seg, spw) = tma_ring(k, m, ring_kb * 1024);
-        let sms = self.gpu.sms.max(1) as usize;
-        let grid = match self.grid_cap {
-            Some(c) => (c.max(1) as usize).min(n),
-            None => (sms * per_sm as usize).min(n),
-        };
-        let smem = tma_smem(k, m, seg, spw);
-        if smem > TMA_SMEM {
-            return Ok(false);
-        }
-        let name = format!("gemv_tma_{}_{}_b1", self.dt().name(), epi.name());
-        let f = self.k.get_smem(&name, TMA_SMEM)?;
-        let rms_arg = if raw { 3 } else { self.rms_arg(rms, xf != 0) };
-        let mut args = Args::new()
-            .ptr(w)
-            .ptr(w2)
-            .ptr(bias)
-            .ptr(bias2)
-            .ptr(x)
-            .ptr(out)
-            .i32(n as i32)
-            .i32(k as i32)
-            .ptr(xf)
-            .ptr(g)
-            .ptr(gb)
-            .f32(eps)
-            .i32(rms_arg)
-            .i32(spw as i32)
-            .i32(seg as i32)
-            .i32(pre.min(i32::MAX as usize) as i32);
-        self.gpu.launch(f, (grid as u32, 1, 1), (32 * (TMA_CW + 1)) as u32, smem as u32, &mut args)?;
-        Ok(true)
     }
 
     /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
