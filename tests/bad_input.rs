@@ -246,6 +246,12 @@ fn bench_usage_errors() {
     common::assert_one_line_exit(&out, 2, &["--kernels", "--mlp-block"]);
     let out = common::dejavu(&["bench", "--shape", "opt-13b", "--kernels", "--kernel-layers", "0"], &[]);
     common::assert_one_line_exit(&out, 2, &["--kernel-layers"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--launch-cost", "--chain", "1"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--launch-cost", "--chain"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--launch-cost", "--kernels"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--launch-cost", "--kernels"]);
+    let out = common::dejavu(&["bench", "--shape", "llama2-7b", "--launch-cost", "--csv", "x.csv"], &[]);
+    common::assert_one_line_exit(&out, 2, &["--launch-cost", "--csv"]);
 }
 
 #[test]

@@ -100,6 +100,16 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_name = "N")]
     #[serde(default)]
     pub kernel_layers: usize,
+    /// Time what one launch boundary costs our one-row GEMV apart from its bytes, instead of decode: at the shape's
+    /// out- and down-projection, one launch over `--chain` x d rows against a chain of `--chain` launches of d rows
+    /// (the same bytes; one CUDA graph each, `--reps` replays, the L2 flushed first). Needs `--shape`.
+    #[arg(long, requires = "shape")]
+    #[serde(default)]
+    pub launch_cost: bool,
+    /// Launches in the `--launch-cost` chain (a decode step has one a layer of each matrix).
+    #[arg(long, default_value_t = 32, value_name = "C")]
+    #[serde(default)]
+    pub chain: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -150,6 +160,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.kernels && (args.kernel_layers == 0 || args.reps == 0) {
         return Err(usage("--kernels needs --kernel-layers and --reps of at least 1"));
     }
+    if args.launch_cost {
+        if args.kernels || args.mlp_block || args.mode.is_some() || args.model.is_some() {
+            return Err(usage("--launch-cost times one GEMV shape on --shape alone (without --kernels, --mlp-block, --mode or --model)"));
+        }
+        if args.chain < 2 || args.reps == 0 {
+            return Err(usage("--launch-cost needs --chain of at least 2 and --reps of at least 1"));
+        }
+        if args.csv.is_some() {
+            return Err(usage("--launch-cost writes --json, not --csv"));
+        }
+        return launch_cost(&args, &shapes);
+    }
     if args.mlp_block {
         if let Some(k) = args.keep.iter().find(|k| !(**k > 0.0 && **k <= 1.0)) {
             return Err(usage(format!("--keep {k}: a kept fraction must be in (0, 1]")));
@@ -180,6 +202,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = &args.csv {
         let bytes = dejavu::bench::csv(&results)?;
         dejavu::store::write_atomic(p, &bytes).with_context(|| format!("while writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launch_cost(_args: &Args, _shapes: &[Shape]) -> anyhow::Result<()> {
+    anyhow::bail!("bench runs on the CUDA engine: this binary was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)")
+}
+
+/// `--launch-cost`: measure every shape, print the table, write `--json`.
+#[cfg(feature = "cuda")]
+fn launch_cost(args: &Args, shapes: &[Shape]) -> anyhow::Result<()> {
+    use dejavu::cuda::launch_bench::{needed_bytes, run, table};
+    use dejavu::cuda::Gpu;
+
+    dejavu::cuda::probe().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+    let dt = args.dtype.unwrap_or(Half::F16);
+    let mut rows = Vec::new();
+    for sh in shapes {
+        {
+            let gpu = Gpu::new(0).map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+            let need = needed_bytes(sh, args.chain);
+            let (free, _) = gpu.mem_info().map_err(|e| anyhow::anyhow!("bench: {e}"))?;
+            if need > free {
+                anyhow::bail!("--shape {}: --launch-cost with --chain {} needs {:.1} GB, the GPU has {:.1} GB free", sh.name, args.chain, need as f64 / 1e9, free as f64 / 1e9);
+            }
+        }
+        let r = run(sh, dt, args.chain, args.reps).map_err(|e| anyhow::anyhow!("bench --launch-cost {}: {e}", sh.name))?;
+        for l in table(&r).lines().skip(2) {
+            eprintln!("{l}");
+        }
+        rows.extend(r);
+    }
+    out(&table(&rows))?;
+    if let Some(p) = &args.json {
+        dejavu::store::write_json(p, &rows).with_context(|| format!("while writing {}", p.display()))?;
     }
     Ok(())
 }

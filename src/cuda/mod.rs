@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod gpu;
 pub mod heads;
 pub mod kernels;
+pub mod launch_bench;
 pub mod mlp_bench;
 pub mod predict;
 pub mod select;
