@@ -263,7 +263,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     }
 }
 
-template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false>
+template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false, bool SPLIT = false>
 __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w,     // [N, K]
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
@@ -284,8 +284,11 @@ __device__ __forceinline__ void gemv_impl(
     int* __restrict__ tally,       // CATS: [16, 8] per-row kept counts (row b: the sum of tally[b, 0..8)), or null
     const float* __restrict__ part = 0, // COMB: [B * (K / hd) * S, hd + 2] attention partials, the input (staged)
     int S = 0, int hd = 0,         // COMB: key splits and head size
-    int early = 0) {               // GATHER: idx / cnt were complete before the previous kernel in the stream began
+    int early = 0,                 // GATHER: idx / cnt were complete before the previous kernel in the stream began
                                    // (written earlier than by it), so they and the first weights load before the wait
+    int split = 1,                 // SPLIT: warps a row (each sums a contiguous 1 / split of it; NB == 1, K % 8 == 0)
+    float* __restrict__ scr = 0,   // SPLIT: [2 * split, N] f32 partial sums (second half: the GLU's up rows)
+    int* __restrict__ sem = 0) {   // SPLIT: [N] arrivals a row, zero before the launch and left zero after it
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -300,20 +303,37 @@ __device__ __forceinline__ void gemv_impl(
         if (!early) pdl_wait();
         nrows = min(cnt[0], N);
     }
-    int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
+    // SPLIT: slot s is part s % split of row s / split, so a row's parts are summed by `split` warps at once (the
+    // rows balance over the warps when N is just above a multiple of them, as N = 5,120 on 4,224 warps).
+    const int S_ = SPLIT ? split : 1;
+    if (SPLIT) nrows = N * S_;
+    int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot / S_;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI_IS_GLU(EPI);
     const int U = 4; // 16-byte loads in flight per lane and matrix (8 measured slower: the one-row gathers 1.7-2.8x,
                      // the one-row dense products +0.5-4% at 7-13B; kernels/NOTES.md)
     const int K8 = K >> 3;
     const bool vec = (K & 7) == 0;
+    // The 16-byte columns [k0, k1) of slot `sl`'s row that it sums (all of them unless SPLIT).
+    auto span = [&](int sl, int& k0, int& k1) {
+        if (SPLIT) {
+            const int p = sl % S_;
+            k0 = (int)((long long)K8 * p / S_);
+            k1 = (int)((long long)K8 * (p + 1) / S_);
+        } else {
+            k0 = 0;
+            k1 = K8;
+        }
+    };
+    int k0, k1;
+    span(slot, k0, k1);
     // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
     // (under programmatic dependent launch they overlap its tail and this kernel's prologue).
     uint4 wv[U], wv2[U];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int i = lane + 32 * u;
-        const bool ok = vec && slot < nrows && i < K8;
+        const int i = k0 + lane + 32 * u;
+        const bool ok = vec && slot < nrows && i < k1;
         wv[u] = ok ? ld_stream_first((const uint4*)(w + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
         wv2[u] = (glu && ok) ? ld_stream_first((const uint4*)(w2 + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
     }
@@ -329,19 +349,19 @@ __device__ __forceinline__ void gemv_impl(
 #pragma unroll
         for (int b = 0; b < NB; b++) { acc[b] = 0.0f; acc2[b] = 0.0f; }
         if (vec) {
-            for (int base = lane; base < K8; base += 32 * U) {
-                if (base != lane) { // the first batch is already in registers
+            for (int base = k0 + lane; base < k1; base += 32 * U) {
+                if (base != k0 + lane) { // the first batch is already in registers
 #pragma unroll
                     for (int u = 0; u < U; u++) {
                         const int i = base + 32 * u;
-                        wv[u] = i < K8 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
-                        if (glu) wv2[u] = i < K8 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
+                        wv[u] = i < k1 ? ld_stream(w4 + i) : make_uint4(0, 0, 0, 0);
+                        if (glu) wv2[u] = i < k1 ? ld_stream(w24 + i) : make_uint4(0, 0, 0, 0);
                     }
                 }
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     const int i = base + 32 * u;
-                    if (i >= K8) break;
+                    if (i >= k1) break;
                     gemv_fma8<T, NB, EPI>(wv[u], wv2[u], i, K, B, x, xs, xf, g, gb, mean_s, rstd_s, stage, acc, acc2);
                 }
             }
@@ -364,18 +384,49 @@ __device__ __forceinline__ void gemv_impl(
         }
         // The next row's first batch goes out before this row's reduction.
         const int slot2 = slot + W;
-        const int row2 = slot2 < nrows ? (GATHER ? idx[slot2] : slot2) : 0;
+        const int row2 = slot2 < nrows ? (GATHER ? idx[slot2] : slot2 / S_) : 0;
+        const int part = slot % S_;
+        span(slot2, k0, k1);
         if (vec && slot2 < nrows) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                const int i = lane + 32 * u;
-                wv[u] = i < K8 ? ld_stream((const uint4*)(w + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
-                if (glu) wv2[u] = i < K8 ? ld_stream((const uint4*)(w2 + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
+                const int i = k0 + lane + 32 * u;
+                wv[u] = i < k1 ? ld_stream((const uint4*)(w + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
+                if (glu) wv2[u] = i < k1 ? ld_stream((const uint4*)(w2 + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
+            }
+        }
+        bool finish = true;
+        if (SPLIT && S_ > 1) {
+            // This part's sums go to `scr`; the row's last warp to arrive adds the parts in order (the same sum
+            // whichever warp that is) and runs the epilogue.
+            acc[0] = warp_sum(acc[0]);
+            if (glu) acc2[0] = warp_sum(acc2[0]);
+            int last = 0;
+            if (lane == 0) {
+                scr[(size_t)part * N + row] = acc[0];
+                if (glu) scr[(size_t)(S_ + part) * N + row] = acc2[0];
+                __threadfence();
+                last = atomicAdd(sem + row, 1) == S_ - 1;
+            }
+            finish = __shfl_sync(0xffffffffu, last, 0) != 0;
+            if (finish) {
+                float s1 = 0.0f, s2 = 0.0f;
+                if (lane == 0) {
+                    __threadfence();
+                    for (int p = 0; p < S_; p++) {
+                        s1 += __ldcg(scr + (size_t)p * N + row);
+                        if (glu) s2 += __ldcg(scr + (size_t)(S_ + p) * N + row);
+                    }
+                    sem[row] = 0;
+                }
+                acc[0] = s1;
+                acc2[0] = s2;
             }
         }
         // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
-        gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
-                                (xf && stage && rms == 2) ? rstd_s : 0);
+        if (finish)
+            gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : (SPLIT ? row : slot), row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
+                                    (xf && stage && rms == 2) ? rstd_s : 0);
         slot = slot2;
         row = row2;
     }
@@ -485,6 +536,15 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         float eps, int rms, int stage) {                          \
         gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0, 0, 0.f, 0);          \
     }
+// One row with `split` warps a row (see gemv_impl's SPLIT): scr [2 * split, N] f32, sem [N] int, zero.
+#define GEMV_SPLIT_KERNEL(TN, T, EN, EPI)                                                                        \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, 1)) gemv_split_##TN##_##EN##_b1(       \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int split, float* scr, \
+        int* sem) {                                                                                               \
+        gemv_impl<T, 1, EPI, false, false, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, \
+                                                 0, 0, 0, 0.f, 0, 0, 0, 0, 0, split, scr, sem);                   \
+    }
 #define GEMV_ASYNC_KERNEL(TN, T, EN, EPI, NB)                                                                    \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
@@ -520,9 +580,11 @@ __device__ __forceinline__ void gemv_async_impl(
                                               part, S, hd);                                                        \
     }
 #define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC) \
-    GEMV_COMB_KERNEL(TN, T)
+    GEMV_COMB_KERNEL(TN, T) GEMV_SPLIT_KERNEL(TN, T, store, EPI_STORE) GEMV_SPLIT_KERNEL(TN, T, acc, EPI_ACC)
 #define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)     \
-    GEMV_KERNEL(TN, T, relu32, EPI_RELU32, 1) GEMV_KERNEL(TN, T, glu32, EPI_GLU32, 1)
+    GEMV_KERNEL(TN, T, relu32, EPI_RELU32, 1) GEMV_KERNEL(TN, T, glu32, EPI_GLU32, 1)                          \
+    GEMV_SPLIT_KERNEL(TN, T, relu, EPI_RELU) GEMV_SPLIT_KERNEL(TN, T, glu, EPI_GLU)                              \
+    GEMV_SPLIT_KERNEL(TN, T, relu32, EPI_RELU32) GEMV_SPLIT_KERNEL(TN, T, glu32, EPI_GLU32)
 #define GEMV_ASYNC(TN, T)                                                                                        \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, glu, EPI_GLU)

@@ -60,6 +60,25 @@ fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
     threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
+/// Rows a one-row GEMV may split over several warps (its partial-sum and arrival buffers hold this many), and the
+/// most warps a row.
+const SPLIT_MAX_N: usize = 65536;
+const SPLIT_MAX: usize = 4;
+
+/// Warps a row for `n` rows over `warps` resident warps: a warp's work is ceil(n s / warps) / s rows at s warps a
+/// row; the fewest s (up to SPLIT_MAX) within 5% of the least, or 1 unless that saves at least 5%. N = 5,120 on
+/// 4,224 warps: 2 rows' time at s = 1, 1.25 at s = 4; N = 4,096: 1 either way.
+fn split_for(n: usize, warps: usize) -> usize {
+    let work = |s: usize| (n * s).div_ceil(warps.max(1)) as f64 / s as f64;
+    let best = (1..=SPLIT_MAX).map(work).fold(f64::INFINITY, f64::min);
+    let s = (1..=SPLIT_MAX).find(|&s| work(s) <= best * 1.05).unwrap_or(1);
+    if work(s) <= work(1) * 0.95 {
+        s
+    } else {
+        1
+    }
+}
+
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epi {
@@ -274,6 +293,14 @@ pub struct Engine {
     grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
+    /// One-row products with a row's sum split over several warps where the rows balance better over the
+    /// resident warps that way (`gemv_split_*`): `DEJAVU_GEMV_SPLIT=1` by [`split_for`], `=S` (2-4) always S warps a
+    /// row, 0 or unset off (a trial).
+    gemv_split: usize,
+    /// The split GEMV's partial sums [2 * SPLIT_MAX, SPLIT_MAX_N] f32 and arrivals [SPLIT_MAX_N] i32 (zero between
+    /// launches: the last warp of a row resets its count).
+    split_scr: DBuf,
+    split_sem: DBuf,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -335,6 +362,9 @@ impl Engine {
         let state = gpu.alloc(16)?;
         let small = gpu.alloc(4 * 1024)?;
         let tok = gpu.alloc(4 * 64)?;
+        let split_scr = gpu.alloc(2 * SPLIT_MAX * SPLIT_MAX_N * 4)?;
+        let split_sem = gpu.alloc(SPLIT_MAX_N * 4)?;
+        gpu.memset(&split_sem, 0)?;
         Ok(Engine {
             gpu,
             k,
@@ -375,6 +405,9 @@ impl Engine {
             },
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
+            gemv_split: std::env::var("DEJAVU_GEMV_SPLIT").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |v| v.min(SPLIT_MAX)),
+            split_scr,
+            split_sem,
             sparse: None,
             heads: None,
             dense_now: false,
@@ -551,6 +584,17 @@ impl Engine {
         Ok(items.min(per_sm as usize * self.gpu.sms.max(1) as usize) as u32)
     }
 
+    /// One-row products split over `s` warps a row (0 off, 1 where it balances the rows better, 2-4 always), for
+    /// the kernel checks.
+    pub fn set_gemv_split(&mut self, s: usize) {
+        self.gemv_split = s.min(SPLIT_MAX);
+    }
+
+    /// The one-row split setting (see [`Engine::set_gemv_split`]).
+    pub fn gemv_split(&self) -> usize {
+        self.gemv_split
+    }
+
     /// Cap the grids of the row-looping kernels at `blocks` (None: sized by occupancy), for the kernel checks.
     pub fn set_grid_cap(&mut self, blocks: Option<u32>) {
         self.grid_cap = blocks;
@@ -716,6 +760,24 @@ impl Engine {
             let smem = if stage { staged } else { 0 } + ring;
             let rms_arg = if raw { 3 } else { self.rms_arg(rms, stage && ring == 0 && xf != 0) };
             let mut args = args.i32(rms_arg).i32(i32::from(stage));
+            if nb == 1 && ring == 0 && self.gemv_split > 0 && k % 8 == 0 && n <= SPLIT_MAX_N {
+                let name = format!("gemv_split_{}_{}_b1", self.dt().name(), epi.name());
+                let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+                let split = match self.gemv_split {
+                    1 => {
+                        let warps = self.blocks_per_sm(f, threads, smem)? as usize * self.gpu.sms.max(1) as usize * (threads as usize / 32);
+                        split_for(n, warps)
+                    }
+                    s => s,
+                };
+                if split > 1 {
+                    let grid = self.row_grid(f, n * split, threads, smem)?;
+                    let mut args = args.i32(split as i32).ptr(self.split_scr.ptr).ptr(self.split_sem.ptr);
+                    self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
+                    r0 += nb;
+                    continue;
+                }
+            }
             let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
             let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
             // The cp.async variant computes one row per warp.

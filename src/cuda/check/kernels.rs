@@ -914,6 +914,21 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
             c.kernel += " [3 blocks: many rows a warp]";
         }
         e.set_grid_cap(None);
+        // One-row products with each row's sum split over warps (`DEJAVU_GEMV_SPLIT`): 3 warps a row (unequal
+        // parts at every width), then 2 on the 3-block grid (many rows a warp).
+        let split_was = e.gemv_split();
+        for (split, cap) in [(3usize, None), (2, Some(3u32))] {
+            e.set_gemv_split(split);
+            e.set_grid_cap(cap);
+            let mut got = Vec::new();
+            check_linear(&e, dt, seed + 3, &mut got)?;
+            for mut c in got.into_iter().filter(|c| c.kernel.contains("rows=1 ")) {
+                c.kernel = c.kernel.replacen("gemv", "gemv-split", 1) + &format!(" [{split} warps a row{}]", if cap.is_some() { ", 3 blocks" } else { "" });
+                out.push(c);
+            }
+        }
+        e.set_gemv_split(split_was);
+        e.set_grid_cap(None);
     }
     Ok(out)
 }
