@@ -914,10 +914,11 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
             c.kernel += " [3 blocks: many rows a warp]";
         }
         e.set_grid_cap(None);
-        // One-row products with each row's sum split over warps (`DEJAVU_GEMV_SPLIT`): 3 warps a row (unequal
-        // parts at every width), then 2 on the 3-block grid (many rows a warp).
+        // One-row products with each row's sum split over warps (the `DEJAVU_GEMV_SPLIT` trial; checked when it
+        // is set): 3 warps a row (unequal parts at every width), then 2 on the 3-block grid (many rows a warp).
         let split_was = e.gemv_split();
-        for (split, cap) in [(3usize, None), (2, Some(3u32))] {
+        let splits: &[(usize, Option<u32>)] = if split_was > 0 { &[(3, None), (2, Some(3))] } else { &[] };
+        for &(split, cap) in splits {
             e.set_gemv_split(split);
             e.set_grid_cap(cap);
             let mut got = Vec::new();
