@@ -8,10 +8,9 @@
 use crate::bench::Shape;
 use crate::source::weights::Half;
 
-use super::engine::{Engine, Epi};
-use super::gpu::{Gpu, GpuResult};
-use super::kernels::Kernels;
-use super::mlp_bench::{time_graph, FLUSH_BYTES};
+use super::engine::Epi;
+use super::gpu::GpuResult;
+use super::mlp_bench::{one_layer_engine, time_graph, FLUSH_BYTES};
 use super::weights::Weights;
 
 /// One matrix shape's pair of timings.
@@ -46,13 +45,8 @@ pub fn needed_bytes(sh: &Shape, chain: usize) -> usize {
 /// Time one launch against a chain of `chain` launches at the shape's out-projection (N = K = d, `Acc`) and its
 /// down-projection (N = d, K = ffn, `Acc`), `reps` replays each.
 pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<LaunchCost>> {
-    let mut cfg = sh.config();
-    cfg.layers = 1;
-    cfg.vocab_size = 256;
-    let gpu = Gpu::new(0)?;
-    let k = Kernels::load(gpu.arch)?;
-    let w = Weights::random(&gpu, &k, &cfg, dt, 11)?;
-    let e = Engine::new(gpu, k, w, cfg.clone())?;
+    let e = one_layer_engine(sh, dt)?;
+    let cfg = e.cfg.clone();
     let copy_bw = e.copy_bandwidth(1 << 30, 10)?;
     let flush = e.gpu.alloc(FLUSH_BYTES)?;
     let d = cfg.hidden;

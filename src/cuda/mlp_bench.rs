@@ -26,6 +26,17 @@ pub fn needed_bytes(sh: &Shape, batch: usize) -> usize {
 /// Written before each timed replay: twice the H200's 60 MB L2.
 pub(super) const FLUSH_BYTES: usize = 128 << 20;
 
+/// An engine on one layer of `sh` with random weights (and a 256-token vocabulary: the head is not timed).
+pub(super) fn one_layer_engine(sh: &Shape, dt: Half) -> GpuResult<Engine> {
+    let mut cfg = sh.config();
+    cfg.layers = 1;
+    cfg.vocab_size = 256;
+    let gpu = Gpu::new(0)?;
+    let k = Kernels::load(gpu.arch)?;
+    let w = Weights::random(&gpu, &k, &cfg, dt, 11)?;
+    Engine::new(gpu, k, w, cfg)
+}
+
 pub(super) fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
     for _ in 0..3 {
         e.gpu.replay(g)?;
@@ -50,13 +61,8 @@ pub(super) fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> Gp
 /// Time the block at `sh` for every kept fraction in `keep`, at each batch size: `rule` gather (the kept ids
 /// given), or a SwiGLU rule whose selection runs inside the timed graph (`qscore`: random int4 score copies).
 pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, rule: BlockRule, rank: Option<usize>) -> GpuResult<Vec<MlpBlockResult>> {
-    let mut cfg = sh.config();
-    cfg.layers = 1;
-    cfg.vocab_size = 256;
-    let gpu = Gpu::new(0)?;
-    let k = Kernels::load(gpu.arch)?;
-    let w = Weights::random(&gpu, &k, &cfg, dt, 11)?;
-    let e = Engine::new(gpu, k, w, cfg.clone())?;
+    let e = one_layer_engine(sh, dt)?;
+    let cfg = e.cfg.clone();
     let (d, f) = (cfg.hidden, cfg.ffn);
     let llama = cfg.family == Family::Llama;
     let epi = if llama { Epi::Glu } else { Epi::Relu };
