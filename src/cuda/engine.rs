@@ -1443,3 +1443,19 @@ impl Engine {
         self.gpu.upload(&self.tok, 0, ids)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_for;
+
+    #[test]
+    fn split_balances_rows_just_above_a_multiple_of_the_warps() {
+        // Worked by hand: 5,120 rows on 4,224 warps take 2 rows' time at 1 warp a row, 3/2 at 2, 4/3 at 3, 5/4 at 4.
+        assert_eq!(split_for(5120, 4224), 4);
+        // 4,096 rows: one round at 1 warp a row; 12,288: 3 rows' time at every split; no split.
+        assert_eq!(split_for(4096, 4224), 1);
+        assert_eq!(split_for(12288, 4224), 1);
+        // 13,824 GLU rows on 2,112 warps: 7 at 1, 7 at 2, 20/3 at 3 (within 5% of 7): not worth splitting.
+        assert_eq!(split_for(13824, 2112), 1);
+    }
+}
