@@ -79,6 +79,13 @@ fn split_for(n: usize, warps: usize) -> usize {
     }
 }
 
+/// The split GEMV's partial-sum and (zeroed) arrival buffers.
+fn split_bufs(gpu: &Gpu) -> GpuResult<(DBuf, DBuf)> {
+    let (scr, sem) = (gpu.alloc(2 * SPLIT_MAX * SPLIT_MAX_N * 4)?, gpu.alloc(SPLIT_MAX_N * 4)?);
+    gpu.memset(&sem, 0)?;
+    Ok((scr, sem))
+}
+
 /// Projection epilogues, matching `kernels/gemv.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epi {
@@ -298,9 +305,8 @@ pub struct Engine {
     /// row, 0 or unset off (a trial).
     gemv_split: usize,
     /// The split GEMV's partial sums [2 * SPLIT_MAX, SPLIT_MAX_N] f32 and arrivals [SPLIT_MAX_N] i32 (zero between
-    /// launches: the last warp of a row resets its count).
-    split_scr: DBuf,
-    split_sem: DBuf,
+    /// launches: the last warp of a row resets its count); allocated once the split is on.
+    split_bufs: Option<(DBuf, DBuf)>,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -362,9 +368,8 @@ impl Engine {
         let state = gpu.alloc(16)?;
         let small = gpu.alloc(4 * 1024)?;
         let tok = gpu.alloc(4 * 64)?;
-        let split_scr = gpu.alloc(2 * SPLIT_MAX * SPLIT_MAX_N * 4)?;
-        let split_sem = gpu.alloc(SPLIT_MAX_N * 4)?;
-        gpu.memset(&split_sem, 0)?;
+        let gemv_split = std::env::var("DEJAVU_GEMV_SPLIT").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |v| v.min(SPLIT_MAX));
+        let split_bufs = if gemv_split > 0 { Some(split_bufs(&gpu)?) } else { None };
         Ok(Engine {
             gpu,
             k,
@@ -405,9 +410,8 @@ impl Engine {
             },
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
-            gemv_split: std::env::var("DEJAVU_GEMV_SPLIT").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |v| v.min(SPLIT_MAX)),
-            split_scr,
-            split_sem,
+            gemv_split,
+            split_bufs,
             sparse: None,
             heads: None,
             dense_now: false,
@@ -586,8 +590,12 @@ impl Engine {
 
     /// One-row products split over `s` warps a row (0 off, 1 where it balances the rows better, 2-4 always), for
     /// the kernel checks.
-    pub fn set_gemv_split(&mut self, s: usize) {
+    pub fn set_gemv_split(&mut self, s: usize) -> GpuResult<()> {
+        if s > 0 && self.split_bufs.is_none() {
+            self.split_bufs = Some(split_bufs(&self.gpu)?);
+        }
         self.gemv_split = s.min(SPLIT_MAX);
+        Ok(())
     }
 
     /// The one-row split setting (see [`Engine::set_gemv_split`]).
@@ -760,7 +768,8 @@ impl Engine {
             let smem = if stage { staged } else { 0 } + ring;
             let rms_arg = if raw { 3 } else { self.rms_arg(rms, stage && ring == 0 && xf != 0) };
             let mut args = args.i32(rms_arg).i32(i32::from(stage));
-            if nb == 1 && ring == 0 && self.gemv_split > 0 && k % 8 == 0 && n <= SPLIT_MAX_N {
+            let split_on = nb == 1 && ring == 0 && self.gemv_split > 0 && k % 8 == 0 && n <= SPLIT_MAX_N;
+            if let Some((scr, sem)) = self.split_bufs.as_ref().filter(|_| split_on) {
                 let name = format!("gemv_split_{}_{}_b1", self.dt().name(), epi.name());
                 let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
                 let split = match self.gemv_split {
@@ -772,7 +781,7 @@ impl Engine {
                 };
                 if split > 1 {
                     let grid = self.row_grid(f, n * split, threads, smem)?;
-                    let mut args = args.i32(split as i32).ptr(self.split_scr.ptr).ptr(self.split_sem.ptr);
+                    let mut args = args.i32(split as i32).ptr(scr.ptr).ptr(sem.ptr);
                     self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
                     r0 += nb;
                     continue;

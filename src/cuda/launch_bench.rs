@@ -46,12 +46,11 @@ pub fn needed_bytes(sh: &Shape, chain: usize) -> usize {
 /// down-projection (N = d, K = ffn, `Acc`), `reps` replays each.
 pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<LaunchCost>> {
     let e = one_layer_engine(sh, dt)?;
-    let cfg = e.cfg.clone();
     let copy_bw = e.copy_bandwidth(1 << 30, 10)?;
     let flush = e.gpu.alloc(FLUSH_BYTES)?;
-    let d = cfg.hidden;
+    let (d, f) = (e.cfg.hidden, e.cfg.ffn);
     let mut rows = Vec::new();
-    for (matrix, n, kk) in [("out", d, d), ("down", d, cfg.ffn)] {
+    for (matrix, n, kk) in [("out", d, d), ("down", d, f)] {
         let big = Weights::random_half(&e.gpu, &e.k, dt, chain * n * kk, 0x1a0c + kk as u64, (3.0 / kk as f64).sqrt() as f32)?;
         let x = Weights::random_half(&e.gpu, &e.k, dt, kk, 0x5eed, 1.0)?;
         let out = e.gpu.alloc(chain * n * 4)?;

@@ -919,7 +919,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let split_was = e.gemv_split();
         let splits: &[(usize, Option<u32>)] = if split_was > 0 { &[(3, None), (2, Some(3))] } else { &[] };
         for &(split, cap) in splits {
-            e.set_gemv_split(split);
+            e.set_gemv_split(split)?;
             e.set_grid_cap(cap);
             let mut got = Vec::new();
             check_linear(&e, dt, seed + 3, &mut got)?;
@@ -928,7 +928,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
                 out.push(c);
             }
         }
-        e.set_gemv_split(split_was);
+        e.set_gemv_split(split_was)?;
         e.set_grid_cap(None);
     }
     Ok(out)
