@@ -66,6 +66,30 @@ __device__ __forceinline__ void pdl_launch() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// A barrier over the whole grid, for a kernel whose blocks are all resident at once (the host sizes its grid by
+// the occupancy calculator and it calls `pdl_launch` only after its last barrier, so no later kernel can take the
+// slots of its blocks not yet resident). bar [2] u32, zero before the first launch: arrivals, then a generation
+// the last block to arrive advances (after resetting the arrivals), so the barrier is reusable within a launch and
+// across replays. Every thread's writes before it are visible to every thread after it (the block barriers on
+// either side and thread 0's device-scope fences, as a cooperative grid sync).
+__device__ __forceinline__ void grid_barrier(unsigned* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* gen = bar + 1;
+        const unsigned g0 = *gen; // read before arriving: the generation cannot advance without this block
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*gen == g0) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
 // Both, for kernels with nothing to do before their inputs are ready.
 #define PDL_ENTER \
     pdl_wait();   \

@@ -263,7 +263,7 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     }
 }
 
-template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false, bool SPLIT = false>
+template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false, bool CHAIN = false, int GROUP = 1>
 __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w,     // [N, K]
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
@@ -286,9 +286,8 @@ __device__ __forceinline__ void gemv_impl(
     int S = 0, int hd = 0,         // COMB: key splits and head size
     int early = 0,                 // GATHER: idx / cnt were complete before the previous kernel in the stream began
                                    // (written earlier than by it), so they and the first weights load before the wait
-    int split = 1,                 // SPLIT: warps a row (each sums a contiguous 1 / split of it; NB == 1, K % 8 == 0)
-    float* __restrict__ scr = 0,   // SPLIT: [2 * split, N] f32 partial sums (second half: the GLU's up rows)
-    int* __restrict__ sem = 0) {   // SPLIT: [N] arrivals a row, zero before the launch and left zero after it
+    unsigned* bar = 0) {           // CHAIN: a grid barrier ([2], grid_barrier) to wait at instead of the previous
+                                   // kernel (null: wait for it); the caller releases the next kernel at its end
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -296,37 +295,29 @@ __device__ __forceinline__ void gemv_impl(
     // to what the multiprocessors hold at once, so a block stages its input once for several rows and the next
     // row's first loads are in flight while the current row is reduced.
     // Warps are numbered block-minor, so a kept set shorter than the grid still spreads over every block.
-    const int W = gridDim.x * (blockDim.x >> 5);
-    int slot = (threadIdx.x >> 5) * gridDim.x + blockIdx.x;
+    // GROUP > 1 (NB == 1, K % 8 == 0, not GATHER; dividing the block's warps): the unit is a group of GROUP
+    // consecutive warps of a block, warp p of a group summing the contiguous part p / GROUP of each row's columns,
+    // so rows balance over the resident warps where N is just above a multiple of them (N = 5,120 on 4,224 warps:
+    // 2 rows' time at one warp a row, 1.25 at four); the parts meet in shared memory, not global.
+    const int S_ = GROUP;
+    const int wib = threadIdx.x >> 5;
+    const int W = gridDim.x * (blockDim.x >> 5) / S_;
+    int slot = (wib / S_) * gridDim.x + blockIdx.x;
     int nrows = N;
     if (GATHER) { // the kept rows are an earlier kernel's output: unless `early`, nothing loads before the wait
         if (!early) pdl_wait();
         nrows = min(cnt[0], N);
     }
-    // SPLIT: slot s is part s % split of row s / split, so a row's parts are summed by `split` warps at once (the
-    // rows balance over the warps when N is just above a multiple of them, as N = 5,120 on 4,224 warps).
-    const int S_ = SPLIT ? split : 1;
-    if (SPLIT) nrows = N * S_;
-    int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot / S_;
+    int row = GATHER ? (slot < nrows ? idx[slot] : 0) : slot;
     __shared__ float mean_s[NB], rstd_s[NB], red[32];
     const bool glu = EPI_IS_GLU(EPI);
     const int U = 4; // 16-byte loads in flight per lane and matrix (8 measured slower: the one-row gathers 1.7-2.8x,
                      // the one-row dense products +0.5-4% at 7-13B; kernels/NOTES.md)
     const int K8 = K >> 3;
     const bool vec = (K & 7) == 0;
-    // The 16-byte columns [k0, k1) of slot `sl`'s row that it sums (all of them unless SPLIT).
-    auto span = [&](int sl, int& k0, int& k1) {
-        if (SPLIT) {
-            const int p = sl % S_;
-            k0 = (int)((long long)K8 * p / S_);
-            k1 = (int)((long long)K8 * (p + 1) / S_);
-        } else {
-            k0 = 0;
-            k1 = K8;
-        }
-    };
-    int k0, k1;
-    span(slot, k0, k1);
+    // The 16-byte columns [k0, k1) of each row that this warp sums (all of them unless GROUP).
+    const int k0 = GROUP > 1 ? (int)((long long)K8 * (wib % S_) / S_) : 0;
+    const int k1 = GROUP > 1 ? (int)((long long)K8 * (wib % S_ + 1) / S_) : K8;
     // Weights never change: the first loads of this warp's row are issued before waiting for the previous kernel
     // (under programmatic dependent launch they overlap its tail and this kernel's prologue).
     uint4 wv[U], wv2[U];
@@ -337,9 +328,14 @@ __device__ __forceinline__ void gemv_impl(
         wv[u] = ok ? ld_stream_first((const uint4*)(w + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
         wv2[u] = (glu && ok) ? ld_stream_first((const uint4*)(w2 + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
     }
-    pdl_wait();
-    pdl_launch();
+    if (CHAIN && bar) {
+        grid_barrier(bar);
+    } else {
+        pdl_wait();
+        if (!CHAIN) pdl_launch();
+    }
     gemv_prepare<T, NB, COMB>(x, xs, K, B, xf, g, gb, eps, rms, stage, mean_s, rstd_s, red, part, S, hd);
+    int grp_par = 0; // GROUP: the parity of the rows this warp has done
     while (slot < nrows) {
         const u16* wr = w + (size_t)row * K;
         const u16* wr2 = glu ? w2 + (size_t)row * K : wr;
@@ -384,9 +380,7 @@ __device__ __forceinline__ void gemv_impl(
         }
         // The next row's first batch goes out before this row's reduction.
         const int slot2 = slot + W;
-        const int row2 = slot2 < nrows ? (GATHER ? idx[slot2] : slot2 / S_) : 0;
-        const int part = slot % S_;
-        span(slot2, k0, k1);
+        const int row2 = slot2 < nrows ? (GATHER ? idx[slot2] : slot2) : 0;
         if (vec && slot2 < nrows) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -395,38 +389,40 @@ __device__ __forceinline__ void gemv_impl(
                 if (glu) wv2[u] = i < k1 ? ld_stream((const uint4*)(w2 + (size_t)row2 * K) + i) : make_uint4(0, 0, 0, 0);
             }
         }
-        bool finish = true;
-        if (SPLIT && S_ > 1) {
-            // This part's sums go to `scr`; the row's last warp to arrive adds the parts in order (the same sum
-            // whichever warp that is) and runs the epilogue.
-            acc[0] = warp_sum(acc[0]);
-            if (glu) acc2[0] = warp_sum(acc2[0]);
-            int last = 0;
-            if (lane == 0) {
-                scr[(size_t)part * N + row] = acc[0];
-                if (glu) scr[(size_t)(S_ + part) * N + row] = acc2[0];
-                __threadfence();
-                last = atomicAdd(sem + row, 1) == S_ - 1;
-            }
-            finish = __shfl_sync(0xffffffffu, last, 0) != 0;
-            if (finish) {
+        if constexpr (GROUP > 1) {
+            // The group's partial sums meet in shared memory (two buffers by row parity: a buffer is written again
+            // only after the group's next barrier, which its first warp reaches after reading it); that warp adds
+            // them in part order (the same sum whichever warp is slower) and runs the epilogue.
+            __shared__ float grp_s[2][32][2];
+            if (S_ > 1) {
+                acc[0] = warp_sum(acc[0]);
+                if (glu) acc2[0] = warp_sum(acc2[0]);
+                const int par = grp_par;
+                grp_par ^= 1;
+                if (lane == 0) {
+                    grp_s[par][wib][0] = acc[0];
+                    grp_s[par][wib][1] = acc2[0];
+                }
+                asm volatile("bar.sync %0, %1;" ::"r"(1 + wib / S_), "r"(32 * S_) : "memory");
+                if (wib % S_ != 0) {
+                    slot = slot2;
+                    row = row2;
+                    continue;
+                }
                 float s1 = 0.0f, s2 = 0.0f;
                 if (lane == 0) {
-                    __threadfence();
-                    for (int p = 0; p < S_; p++) {
-                        s1 += __ldcg(scr + (size_t)p * N + row);
-                        if (glu) s2 += __ldcg(scr + (size_t)(S_ + p) * N + row);
+                    for (int q = 0; q < S_; q++) {
+                        s1 += grp_s[par][wib + q][0];
+                        s2 += grp_s[par][wib + q][1];
                     }
-                    sem[row] = 0;
                 }
                 acc[0] = s1;
                 acc2[0] = s2;
             }
         }
         // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
-        if (finish)
-            gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : (SPLIT ? row : slot), row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
-                                    (xf && stage && rms == 2) ? rstd_s : 0);
+        gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
+                                (xf && stage && rms == 2) ? rstd_s : 0);
         slot = slot2;
         row = row2;
     }
@@ -536,15 +532,15 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         float eps, int rms, int stage) {                          \
         gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0, 0, 0.f, 0);          \
     }
-// One row with `split` warps a row (see gemv_impl's SPLIT): scr [2 * split, N] f32, sem [N] int, zero.
-#define GEMV_SPLIT_KERNEL(TN, T, EN, EPI)                                                                        \
-    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, 1)) gemv_split_##TN##_##EN##_b1(       \
+// One row with SPLIT warps a row (gemv_impl's GROUP; 2 or 4; K % 8 == 0), `gemv_grp{SPLIT}_*`.
+#define GEMV_GROUP_KERNEL(TN, T, EN, EPI, SPLIT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, 1)) gemv_grp##SPLIT##_##TN##_##EN##_b1( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
-        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int split, float* scr, \
-        int* sem) {                                                                                               \
-        gemv_impl<T, 1, EPI, false, false, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, \
-                                                 0, 0, 0, 0.f, 0, 0, 0, 0, 0, split, scr, sem);                   \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                     \
+        gemv_impl<T, 1, EPI, false, false, false, SPLIT>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, \
+                                                         stage, 0, 0, 0, 0.f, 0);                                 \
     }
+#define GEMV_GROUPS(TN, T, EN, EPI) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 2) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 4)
 #define GEMV_ASYNC_KERNEL(TN, T, EN, EPI, NB)                                                                    \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
@@ -579,12 +575,26 @@ __device__ __forceinline__ void gemv_async_impl(
         gemv_impl<T, 1, EPI_ACC, false, true>(w, 0, bias, 0, 0, out, N, K, 1, 0, 0, 0, 0.0f, r16, 1, 0, 0, 0, 0.0f, 0, \
                                               part, S, hd);                                                        \
     }
+// `bench --launch-cost`'s persistent chain: C consecutive N-row slices of w [C * N, K], each into its own outputs
+// out [C, N] f32 (+=, ACC), in one launch, the slices separated by a grid barrier instead of launch boundaries
+// (x [K] 16-bit, staged per slice as a phase's input would be; bar [2] u32, zero). A warp that ends a slice issues
+// its first loads of the next before the barrier. The grid must be resident at once (the host caps it).
+#define GEMV_CHAIN_KERNEL(TN, T)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI_ACC, 1)) gemv_chain_##TN##_acc_b1(    \
+        const u16* w, const u16* x, float* out, int N, int K, int C, int stage, unsigned* bar) {               \
+        for (int c = 0; c < C; c++)                                                                              \
+            gemv_impl<T, 1, EPI_ACC, false, false, true>(w + (size_t)c * N * K, 0, 0, 0, x, out + (size_t)c * N, \
+                                                         N, K, 1, 0, 0, 0, 0.0f, 0, stage, 0, 0, 0, 0.0f, 0, 0, 0, \
+                                                         0, 0, c ? bar : 0);                                      \
+        pdl_launch();                                                                                            \
+    }
 #define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC) \
-    GEMV_COMB_KERNEL(TN, T) GEMV_SPLIT_KERNEL(TN, T, store, EPI_STORE) GEMV_SPLIT_KERNEL(TN, T, acc, EPI_ACC)
+    GEMV_COMB_KERNEL(TN, T) GEMV_CHAIN_KERNEL(TN, T) GEMV_GROUPS(TN, T, store, EPI_STORE)                 \
+    GEMV_GROUPS(TN, T, acc, EPI_ACC)
 #define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)     \
     GEMV_KERNEL(TN, T, relu32, EPI_RELU32, 1) GEMV_KERNEL(TN, T, glu32, EPI_GLU32, 1)                          \
-    GEMV_SPLIT_KERNEL(TN, T, relu, EPI_RELU) GEMV_SPLIT_KERNEL(TN, T, glu, EPI_GLU)                              \
-    GEMV_SPLIT_KERNEL(TN, T, relu32, EPI_RELU32) GEMV_SPLIT_KERNEL(TN, T, glu32, EPI_GLU32)
+    GEMV_GROUPS(TN, T, relu, EPI_RELU) GEMV_GROUPS(TN, T, glu, EPI_GLU) GEMV_GROUPS(TN, T, relu32, EPI_RELU32)    \
+    GEMV_GROUPS(TN, T, glu32, EPI_GLU32)
 #define GEMV_ASYNC(TN, T)                                                                                        \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, glu, EPI_GLU)

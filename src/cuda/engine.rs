@@ -60,30 +60,26 @@ fn gemv_ring_bytes(threads: usize, epi: Epi) -> usize {
     threads * 4 * 2 * 16 * if epi.is_glu() { 2 } else { 1 }
 }
 
-/// Rows a one-row GEMV may split over several warps (its partial-sum and arrival buffers hold this many), and the
-/// most warps a row.
-const SPLIT_MAX_N: usize = 65536;
-const SPLIT_MAX: usize = 4;
+/// Warps a row the one-row GEMV may take (`gemv_grp{S}_*`, S > 1).
+const GROUPS: [usize; 3] = [1, 2, 4];
 
-/// Warps a row for `n` rows over `warps` resident warps: a warp's work is ceil(n s / warps) / s rows at s warps a
-/// row; the fewest s (up to SPLIT_MAX) within 5% of the least, or 1 unless that saves at least 5%. N = 5,120 on
-/// 4,224 warps: 2 rows' time at s = 1, 1.25 at s = 4; N = 4,096: 1 either way.
-fn split_for(n: usize, warps: usize) -> usize {
+/// Warps a row for `n` rows of width `k` over `warps` resident warps: at s warps a row a warp's work is
+/// ceil(n s / warps) / s rows; the fewest s within 5% of the least, or 1 unless that saves at least 10% (Llama-2-7B's
+/// gate/up rows, 11,008 on 2,112 warps, split in two would save 8% of a warp's rows and measured 0.2-0.4% slower a
+/// token on an H100; Llama-2-13B's out- and down-projections, 5,120 rows, save 37% at four). A part must
+/// hold at least one full round of a warp's loads (k / s >= 1,024: 32 lanes x 4 loads of 8 elements), since a
+/// shorter row takes one round whatever its split (SmolLM2's k = 576 split four ways measured 10% slower). N = 5,120
+/// on 4,224 warps: 2 rows' time at s = 1, 1.25 at s = 4; N = 4,096: 1 either way.
+fn split_for(n: usize, k: usize, warps: usize) -> usize {
+    let allowed = |s: &usize| k / s >= 1024;
     let work = |s: usize| (n * s).div_ceil(warps.max(1)) as f64 / s as f64;
-    let best = (1..=SPLIT_MAX).map(work).fold(f64::INFINITY, f64::min);
-    let s = (1..=SPLIT_MAX).find(|&s| work(s) <= best * 1.05).unwrap_or(1);
-    if work(s) <= work(1) * 0.95 {
+    let best = GROUPS.iter().filter(|s| allowed(s)).map(|&s| work(s)).fold(f64::INFINITY, f64::min);
+    let s = GROUPS.iter().copied().filter(allowed).find(|&s| work(s) <= best * 1.05).unwrap_or(1);
+    if work(s) <= work(1) * 0.90 {
         s
     } else {
         1
     }
-}
-
-/// The split GEMV's partial-sum and (zeroed) arrival buffers.
-fn split_bufs(gpu: &Gpu) -> GpuResult<(DBuf, DBuf)> {
-    let (scr, sem) = (gpu.alloc(2 * SPLIT_MAX * SPLIT_MAX_N * 4)?, gpu.alloc(SPLIT_MAX_N * 4)?);
-    gpu.memset(&sem, 0)?;
-    Ok((scr, sem))
 }
 
 /// Projection epilogues, matching `kernels/gemv.cu`.
@@ -300,13 +296,11 @@ pub struct Engine {
     grid_cap: Option<u32>,
     /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
     gemv_async: bool,
-    /// One-row products with a row's sum split over several warps where the rows balance better over the
-    /// resident warps that way (`gemv_split_*`): `DEJAVU_GEMV_SPLIT=1` by [`split_for`], `=S` (2-4) always S warps a
-    /// row, 0 or unset off (a trial).
-    gemv_split: usize,
-    /// The split GEMV's partial sums [2 * SPLIT_MAX, SPLIT_MAX_N] f32 and arrivals [SPLIT_MAX_N] i32 (zero between
-    /// launches: the last warp of a row resets its count); allocated once the split is on.
-    split_bufs: Option<(DBuf, DBuf)>,
+    /// One-row products with a row's sum split over a group of warps of a block where the rows balance better over
+    /// the resident warps that way (`gemv_grp{S}_*`): by [`split_for`] (the default, `DEJAVU_GEMV_GROUP=1`), `=2` or
+    /// `=4` always that many warps a row (where the width is a multiple of 8), `=0` off. On an H100: Llama-2-13B
+    /// 9.617 -> 9.399 ms a token (its 5,120-row projections split four ways).
+    gemv_group: usize,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -368,8 +362,6 @@ impl Engine {
         let state = gpu.alloc(16)?;
         let small = gpu.alloc(4 * 1024)?;
         let tok = gpu.alloc(4 * 64)?;
-        let gemv_split = std::env::var("DEJAVU_GEMV_SPLIT").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |v| v.min(SPLIT_MAX));
-        let split_bufs = if gemv_split > 0 { Some(split_bufs(&gpu)?) } else { None };
         Ok(Engine {
             gpu,
             k,
@@ -410,8 +402,7 @@ impl Engine {
             },
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
-            gemv_split,
-            split_bufs,
+            gemv_group: std::env::var("DEJAVU_GEMV_GROUP").ok().and_then(|v| v.parse::<usize>().ok()).filter(|v| [0, 1, 2, 4].contains(v)).unwrap_or(1),
             sparse: None,
             heads: None,
             dense_now: false,
@@ -588,19 +579,32 @@ impl Engine {
         Ok(items.min(per_sm as usize * self.gpu.sms.max(1) as usize) as u32)
     }
 
-    /// One-row products split over `s` warps a row (0 off, 1 where it balances the rows better, 2-4 always), for
-    /// the kernel checks.
-    pub fn set_gemv_split(&mut self, s: usize) -> GpuResult<()> {
-        if s > 0 && self.split_bufs.is_none() {
-            self.split_bufs = Some(split_bufs(&self.gpu)?);
-        }
-        self.gemv_split = s.min(SPLIT_MAX);
-        Ok(())
+    /// `bench --launch-cost`'s persistent chain (`gemv_chain_*`): `chain` consecutive `n`-row slices of `w`
+    /// (`[chain n, k]`) times the 16-bit `x` (`[k]`) added into `out` (`[chain, n]` f32) in one launch, the slices
+    /// separated by a grid barrier (`bar`: 8 zeroed bytes) instead of launch boundaries; the grid as the one-row
+    /// GEMV's, capped at what the multiprocessors hold at once (the barrier needs every block resident).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_chain(&self, w: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, n: usize, k: usize, chain: usize, bar: CUdeviceptr) -> GpuResult<()> {
+        let name = format!("gemv_chain_{}_acc_b1", self.dt().name());
+        let stage = self.stage && k % 4 == 0 && k * 4 <= GEMV_SMEM;
+        let smem = if stage { k * 4 } else { 0 };
+        let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+        let threads = self.gemv_threads;
+        let resident = self.blocks_per_sm(f, threads, smem)? * self.gpu.sms.max(1) as u32;
+        let grid = self.row_grid(f, n, threads, smem)?.min(resident);
+        let mut args = Args::new().ptr(w).ptr(x).ptr(out).i32(n as i32).i32(k as i32).i32(chain as i32).i32(i32::from(stage)).ptr(bar);
+        self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)
     }
 
-    /// The one-row split setting (see [`Engine::set_gemv_split`]).
-    pub fn gemv_split(&self) -> usize {
-        self.gemv_split
+    /// One-row products over groups of warps (0 off, 1 where it balances the rows better, 2 or 4 always), for the
+    /// kernel checks.
+    pub fn set_gemv_group(&mut self, s: usize) {
+        self.gemv_group = if [0, 1, 2, 4].contains(&s) { s } else { 0 };
+    }
+
+    /// The one-row group setting (see [`Engine::set_gemv_group`]).
+    pub fn gemv_group(&self) -> usize {
+        self.gemv_group
     }
 
     /// Cap the grids of the row-looping kernels at `blocks` (None: sized by occupancy), for the kernel checks.
@@ -768,20 +772,20 @@ impl Engine {
             let smem = if stage { staged } else { 0 } + ring;
             let rms_arg = if raw { 3 } else { self.rms_arg(rms, stage && ring == 0 && xf != 0) };
             let mut args = args.i32(rms_arg).i32(i32::from(stage));
-            let split_on = nb == 1 && ring == 0 && self.gemv_split > 0 && k % 8 == 0 && n <= SPLIT_MAX_N;
-            if let Some((scr, sem)) = self.split_bufs.as_ref().filter(|_| split_on) {
-                let name = format!("gemv_split_{}_{}_b1", self.dt().name(), epi.name());
-                let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
-                let split = match self.gemv_split {
+            if nb == 1 && ring == 0 && self.gemv_group > 0 && k % 8 == 0 {
+                let grp = |s: usize| format!("gemv_grp{s}_{}_{}_b1", self.dt().name(), epi.name());
+                let get = |name: &str| if smem > 0 { self.k.get_smem(name, GEMV_SMEM) } else { self.k.get(name) };
+                let split = match self.gemv_group {
                     1 => {
+                        let f = get(&grp(2))?;
                         let warps = self.blocks_per_sm(f, threads, smem)? as usize * self.gpu.sms.max(1) as usize * (threads as usize / 32);
-                        split_for(n, warps)
+                        split_for(n, k, warps)
                     }
                     s => s,
                 };
                 if split > 1 {
+                    let f = get(&grp(split))?;
                     let grid = self.row_grid(f, n * split, threads, smem)?;
-                    let mut args = args.i32(split as i32).ptr(scr.ptr).ptr(sem.ptr);
                     self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
                     r0 += nb;
                     continue;
@@ -1459,12 +1463,22 @@ mod tests {
 
     #[test]
     fn split_balances_rows_just_above_a_multiple_of_the_warps() {
-        // Worked by hand: 5,120 rows on 4,224 warps take 2 rows' time at 1 warp a row, 3/2 at 2, 4/3 at 3, 5/4 at 4.
-        assert_eq!(split_for(5120, 4224), 4);
+        // Worked by hand: 5,120 rows on 4,224 warps take 2 rows' time at 1 warp a row, 3/2 at 2, 5/4 at 4.
+        assert_eq!(split_for(5120, 5120, 4224), 4);
         // 4,096 rows: one round at 1 warp a row; 12,288: 3 rows' time at every split; no split.
-        assert_eq!(split_for(4096, 4224), 1);
-        assert_eq!(split_for(12288, 4224), 1);
-        // 13,824 GLU rows on 2,112 warps: 7 at 1, 7 at 2, 20/3 at 3 (within 5% of 7): not worth splitting.
-        assert_eq!(split_for(13824, 2112), 1);
+        assert_eq!(split_for(4096, 4096, 4224), 1);
+        assert_eq!(split_for(12288, 4096, 4224), 1);
+        // 15,360 rows (13B q/k/v): 4 at 1, 8/2 = 4 at 2, 15/4 = 3.75 at 4 (6% less): under 10%.
+        assert_eq!(split_for(15360, 5120, 4224), 1);
+        // 11,008 GLU rows on 2,112 warps: 6 at 1, 11/2 = 5.5 at 2 (8% less), 21/4 = 5.25 at 4: under 10%.
+        assert_eq!(split_for(11008, 4096, 2112), 1);
+        // 7,000 rows on 4,224 warps: 2 at 1, 4/2 = 2 at 2, 7/4 = 1.75 at 4 (12.5% less).
+        assert_eq!(split_for(7000, 4096, 4224), 4);
+        // 13,824 on 2,112: 7 at 1, 7 at 2, 27/4 = 6.75 at 4 (3.6% less): not worth splitting.
+        assert_eq!(split_for(13824, 5120, 2112), 1);
+        // Fewer rows than warps but short rows (SmolLM2's 576 x 576): a part would be under one round of loads.
+        assert_eq!(split_for(576, 576, 4224), 1);
+        // The same rows at width 2,048 may split in two, not four (1,024 a part at least).
+        assert_eq!(split_for(576, 2048, 4224), 2);
     }
 }

@@ -3,7 +3,9 @@
 //! the same matrix, each into its own outputs), one CUDA graph each, the L2 flushed before every replay, the chain's
 //! kernels joined by programmatic dependent launch as in a decode step. The difference over the C - 1 boundaries
 //! is the fixed cost of a boundary; if it is near zero, the GEMVs' distance from the floor is their streaming
-//! rate, not their launches.
+//! rate, not their launches. A third graph runs the same C slices in one persistent launch (`gemv_chain_*`), the
+//! slices separated by a grid barrier, a warp's first loads of its next slice issued before it: what a decode step
+//! kept in one kernel a layer would pay a phase instead of a launch.
 
 use crate::bench::Shape;
 use crate::source::weights::Half;
@@ -29,6 +31,10 @@ pub struct LaunchCost {
     pub chain_us: f64,
     /// (chain - one) / (C - 1), µs.
     pub per_boundary_us: f64,
+    /// Median of the C slices in one persistent launch separated by grid barriers, µs.
+    pub barrier_us: f64,
+    /// (barrier - one) / (C - 1), µs.
+    pub per_barrier_us: f64,
     /// The one launch's read rate, GB/s.
     pub one_gbps: f64,
     /// The device-to-device copy rate measured in the same process, GB/s.
@@ -64,8 +70,14 @@ pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<Lau
             e.linear(big.ptr + (c * n * kk * 2) as u64, None, x.ptr, out.ptr + (c * n * 4) as u64, 1, n, kk, Epi::Acc, y.ptr)?;
         }
         let chained = e.gpu.end_capture()?;
+        let bar = e.gpu.alloc(8)?;
+        e.gpu.memset(&bar, 0)?;
+        e.gpu.begin_capture()?;
+        e.gemv_chain(big.ptr, x.ptr, out.ptr, n, kk, chain, bar.ptr)?;
+        let barred = e.gpu.end_capture()?;
         let (one_us, _) = time_graph(&e, &one, &flush, reps)?;
         let (chain_us, _) = time_graph(&e, &chained, &flush, reps)?;
+        let (barrier_us, _) = time_graph(&e, &barred, &flush, reps)?;
         let bytes = (chain * n * kk * 2) as f64;
         rows.push(LaunchCost {
             shape: sh.name.to_string(),
@@ -76,6 +88,8 @@ pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<Lau
             one_us,
             chain_us,
             per_boundary_us: (chain_us - one_us) / (chain.max(2) - 1) as f64,
+            barrier_us,
+            per_barrier_us: (barrier_us - one_us) / (chain.max(2) - 1) as f64,
             one_gbps: bytes / (one_us * 1e-6) / 1e9,
             copy_gbps: copy_bw / 1e9,
         });
@@ -85,11 +99,11 @@ pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<Lau
 
 /// The rows as markdown, with each one-launch time's ratio to its bytes at the copy rate.
 pub fn table(rows: &[LaunchCost]) -> String {
-    let mut s = String::from("| shape | matrix | slice N x K | launches | one launch us (GB/s, x copy floor) | chain us | us a boundary |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| shape | matrix | slice N x K | launches | one launch us (GB/s, x copy floor) | chain us | us a boundary | barriers us | us a barrier |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let floor_us = (r.chain * r.n * r.k * 2) as f64 / (r.copy_gbps * 1e9) * 1e6;
         s += &format!(
-            "| {} | {} | {} x {} | {} | {:.1} ({:.0}, {:.3}x) | {:.1} | {:.2} |\n",
+            "| {} | {} | {} x {} | {} | {:.1} ({:.0}, {:.3}x) | {:.1} | {:.2} | {:.1} | {:.2} |\n",
             r.shape,
             r.matrix,
             r.n,
@@ -99,7 +113,9 @@ pub fn table(rows: &[LaunchCost]) -> String {
             r.one_gbps,
             r.one_us / floor_us,
             r.chain_us,
-            r.per_boundary_us
+            r.per_boundary_us,
+            r.barrier_us,
+            r.per_barrier_us
         );
     }
     s

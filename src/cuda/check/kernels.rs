@@ -874,6 +874,10 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         cfg.layers = 1;
         let w = Weights::random(&gpu, &k, &cfg, dt, 3)?;
         let mut e = Engine::new(gpu, k, w, cfg)?;
+        // The grouped one-row GEMV (the `DEJAVU_GEMV_GROUP` trial) is checked on its own below, when it is set;
+        // every other check runs the default kernels (the bit-for-bit ones compare two default paths).
+        let group = e.gemv_group();
+        e.set_gemv_group(0);
         if !e.has_blas() {
             return Err(GpuError::new("cuBLAS is not available: the prefill path cannot be checked"));
         }
@@ -914,21 +918,20 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
             c.kernel += " [3 blocks: many rows a warp]";
         }
         e.set_grid_cap(None);
-        // One-row products with each row's sum split over warps (the `DEJAVU_GEMV_SPLIT` trial; checked when it
-        // is set): 3 warps a row (unequal parts at every width), then 2 on the 3-block grid (many rows a warp).
-        let split_was = e.gemv_split();
-        let splits: &[(usize, Option<u32>)] = if split_was > 0 { &[(3, None), (2, Some(3))] } else { &[] };
-        for &(split, cap) in splits {
-            e.set_gemv_split(split)?;
+        // One-row products with each row's sum split over a group of warps: 2 and 4 warps a row, then 2 on the
+        // 3-block grid (many rows a group). Widths not a multiple of 8 take the plain kernel.
+        let groups: &[(usize, Option<u32>)] = if group > 0 { &[(2, None), (4, None), (2, Some(3))] } else { &[] };
+        for &(s, cap) in groups {
+            e.set_gemv_group(s);
             e.set_grid_cap(cap);
             let mut got = Vec::new();
             check_linear(&e, dt, seed + 3, &mut got)?;
             for mut c in got.into_iter().filter(|c| c.kernel.contains("rows=1 ")) {
-                c.kernel = c.kernel.replacen("gemv", "gemv-split", 1) + &format!(" [{split} warps a row{}]", if cap.is_some() { ", 3 blocks" } else { "" });
+                c.kernel = c.kernel.replacen("gemv", &format!("gemv-grp{s}"), 1) + if cap.is_some() { " [3 blocks]" } else { "" };
                 out.push(c);
             }
         }
-        e.set_gemv_split(split_was)?;
+        e.set_gemv_group(group);
         e.set_grid_cap(None);
     }
     Ok(out)
