@@ -102,7 +102,8 @@ pub struct Args {
     pub kernel_layers: usize,
     /// Time what one launch boundary costs our one-row GEMV apart from its bytes, instead of decode: at the shape's
     /// out- and down-projection, one launch over `--chain` x d rows against a chain of `--chain` launches of d rows
-    /// (the same bytes; one CUDA graph each, `--reps` replays, the L2 flushed first). Needs `--shape`.
+    /// (the same bytes; one CUDA graph each, `--reps` replays, the L2 flushed first), and the same slices in one
+    /// launch separated by grid barriers. Needs `--shape`.
     #[arg(long, requires = "shape")]
     #[serde(default)]
     pub launch_cost: bool,
