@@ -263,7 +263,8 @@ __device__ __forceinline__ void gemv_finish(float* acc, float* acc2, int lane, i
     }
 }
 
-template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false, bool CHAIN = false, int GROUP = 1>
+template <typename T, int NB, int EPI, bool GATHER = false, bool COMB = false, bool CHAIN = false, int GROUP = 1,
+          bool PF = false>
 __device__ __forceinline__ void gemv_impl(
     const u16* __restrict__ w,     // [N, K]
     const u16* __restrict__ w2,    // [N, K] up rows (GLU only), else unused
@@ -286,8 +287,10 @@ __device__ __forceinline__ void gemv_impl(
     int S = 0, int hd = 0,         // COMB: key splits and head size
     int early = 0,                 // GATHER: idx / cnt were complete before the previous kernel in the stream began
                                    // (written earlier than by it), so they and the first weights load before the wait
-    unsigned* bar = 0) {           // CHAIN: a grid barrier ([2], grid_barrier) to wait at instead of the previous
+    unsigned* bar = 0,             // CHAIN: a grid barrier ([2], grid_barrier) to wait at instead of the previous
                                    // kernel (null: wait for it); the caller releases the next kernel at its end
+    int pf = 0) {                  // PF: batches of the warp's first row after the first asked of the L2 before the
+                                   // wait (the memory keeps streaming while the block stages its input)
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [B, K] when staged
     const int lane = threadIdx.x & 31;
@@ -327,6 +330,18 @@ __device__ __forceinline__ void gemv_impl(
         const bool ok = vec && slot < nrows && i < k1;
         wv[u] = ok ? ld_stream_first((const uint4*)(w + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
         wv2[u] = (glu && ok) ? ld_stream_first((const uint4*)(w2 + (size_t)row * K) + i) : make_uint4(0, 0, 0, 0);
+    }
+    if constexpr (PF) {
+        for (int j = 1; j <= pf; j++) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = k0 + lane + 32 * (U * j + u);
+                if (vec && slot < nrows && i < k1) {
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"((const uint4*)(w + (size_t)row * K) + i));
+                    if (glu) asm volatile("prefetch.global.L2 [%0];" ::"l"((const uint4*)(w2 + (size_t)row * K) + i));
+                }
+            }
+        }
     }
     if (CHAIN && bar) {
         grid_barrier(bar);
@@ -541,6 +556,14 @@ __device__ __forceinline__ void gemv_async_impl(
                                                          stage, 0, 0, 0, 0.f, 0);                                 \
     }
 #define GEMV_GROUPS(TN, T, EN, EPI) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 2) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 4)
+// One row, `pf` more batches of each warp's first row asked of the L2 before the wait (gemv_impl's PF; the default).
+#define GEMV_PF_KERNEL(TN, T, EN, EPI)                                                                           \
+    extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, 1)) gemv_pf_##TN##_##EN##_b1(          \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int pf) {            \
+        gemv_impl<T, 1, EPI, false, false, false, 1, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps,    \
+                                                           rms, stage, 0, 0, 0, 0.f, 0, 0, 0, 0, 0, 0, pf);        \
+    }
 #define GEMV_ASYNC_KERNEL(TN, T, EN, EPI, NB)                                                                    \
     extern "C" __global__ void __launch_bounds__(512) gemv_async_##TN##_##EN##_b##NB(                            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
@@ -590,11 +613,12 @@ __device__ __forceinline__ void gemv_async_impl(
     }
 #define GEMV_DENSE_A(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_KERNEL, TN, T, acc, EPI_ACC) \
     GEMV_COMB_KERNEL(TN, T) GEMV_CHAIN_KERNEL(TN, T) GEMV_GROUPS(TN, T, store, EPI_STORE)                 \
-    GEMV_GROUPS(TN, T, acc, EPI_ACC)
+    GEMV_GROUPS(TN, T, acc, EPI_ACC) GEMV_PF_KERNEL(TN, T, store, EPI_STORE) GEMV_PF_KERNEL(TN, T, acc, EPI_ACC)
 #define GEMV_DENSE_B(TN, T) GEMV_NB(GEMV_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_KERNEL, TN, T, glu, EPI_GLU)     \
     GEMV_KERNEL(TN, T, relu32, EPI_RELU32, 1) GEMV_KERNEL(TN, T, glu32, EPI_GLU32, 1)                          \
     GEMV_GROUPS(TN, T, relu, EPI_RELU) GEMV_GROUPS(TN, T, glu, EPI_GLU) GEMV_GROUPS(TN, T, relu32, EPI_RELU32)    \
-    GEMV_GROUPS(TN, T, glu32, EPI_GLU32)
+    GEMV_GROUPS(TN, T, glu32, EPI_GLU32) GEMV_PF_KERNEL(TN, T, relu, EPI_RELU) GEMV_PF_KERNEL(TN, T, glu, EPI_GLU) \
+    GEMV_PF_KERNEL(TN, T, relu32, EPI_RELU32) GEMV_PF_KERNEL(TN, T, glu32, EPI_GLU32)
 #define GEMV_ASYNC(TN, T)                                                                                        \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, store, EPI_STORE) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, acc, EPI_ACC)           \
     GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, relu, EPI_RELU) GEMV_NB(GEMV_ASYNC_KERNEL, TN, T, glu, EPI_GLU)
