@@ -298,8 +298,8 @@ pub struct Engine {
     gemv_async: bool,
     /// One-row products with a row's sum split over a group of warps of a block where the rows balance better over
     /// the resident warps that way (`gemv_grp{S}_*`): by [`split_for`] (the default, `DEJAVU_GEMV_GROUP=1`), `=2` or
-    /// `=4` always that many warps a row (where the width is a multiple of 8), `=0` off. On an H100: Llama-2-13B
-    /// 9.617 -> 9.399 ms a token (its 5,120-row projections split four ways).
+    /// `=4` always that many warps a row (where the width is a multiple of 8), `=0` off. On an H100, side by side:
+    /// Llama-2-13B 9.620 -> 9.371 ms a token (its 5,120-row projections split four ways), OPT-13B 9.540 -> 9.448.
     gemv_group: usize,
     /// Batches of each warp's first row after the first (2 KB a warp each) that a one-row product asks of the L2
     /// before waiting for the previous kernel, so the memory keeps streaming while the block stages its input
