@@ -594,7 +594,7 @@ impl Engine {
         let name = format!("gemv_chain_{}_acc_b1", self.dt().name());
         let stage = self.stage && k % 4 == 0 && k * 4 <= GEMV_SMEM;
         let smem = if stage { k * 4 } else { 0 };
-        let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+        let f = self.gemv_fn(&name, smem)?;
         let threads = self.gemv_threads;
         let resident = self.blocks_per_sm(f, threads, smem)? * self.gpu.sms.max(1) as u32;
         let grid = self.row_grid(f, n, threads, smem)?.min(resident);
@@ -778,45 +778,51 @@ impl Engine {
             let smem = if stage { staged } else { 0 } + ring;
             let rms_arg = if raw { 3 } else { self.rms_arg(rms, stage && ring == 0 && xf != 0) };
             let mut args = args.i32(rms_arg).i32(i32::from(stage));
-            if nb == 1 && ring == 0 && self.gemv_group > 0 && k % 8 == 0 {
-                let grp = |s: usize| format!("gemv_grp{s}_{}_{}_b1", self.dt().name(), epi.name());
-                let get = |name: &str| if smem > 0 { self.k.get_smem(name, GEMV_SMEM) } else { self.k.get(name) };
-                let split = match self.gemv_group {
-                    1 => {
-                        let f = get(&grp(2))?;
-                        let warps = self.blocks_per_sm(f, threads, smem)? as usize * self.gpu.sms.max(1) as usize * (threads as usize / 32);
-                        split_for(n, k, warps)
-                    }
-                    s => s,
-                };
-                if split > 1 {
-                    let f = get(&grp(split))?;
-                    let grid = self.row_grid(f, n * split, threads, smem)?;
-                    self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
-                    r0 += nb;
-                    continue;
-                }
-            }
-            if nb == 1 && ring == 0 && self.gemv_pf > 0 && k % 8 == 0 {
-                let name = format!("gemv_pf_{}_{}_b1", self.dt().name(), epi.name());
-                let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
-                let grid = self.row_grid(f, n, threads, smem)?;
-                let mut args = args.i32(self.gemv_pf as i32);
-                self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
-                r0 += nb;
-                continue;
-            }
-            let name = if ring > 0 { name.replacen("gemv_", "gemv_async_", 1) } else { name };
-            let f = if smem > 0 { self.k.get_smem(&name, GEMV_SMEM)? } else { self.k.get(&name)? };
+            // One row of a width of whole 16-byte words: a row split over a group of warps where that balances the
+            // rows better, else the prefetching kernel (its batch count one more argument).
+            let one_row = nb == 1 && ring == 0 && k % 8 == 0;
+            let split = if one_row { self.group_split(n, k, epi, threads, smem)? } else { 1 };
+            let (dt, en) = (self.dt().name(), epi.name());
+            let name = if ring > 0 {
+                name.replacen("gemv_", "gemv_async_", 1)
+            } else if split > 1 {
+                format!("gemv_grp{split}_{dt}_{en}_b1")
+            } else if one_row && self.gemv_pf > 0 {
+                args = args.i32(self.gemv_pf as i32);
+                format!("gemv_pf_{dt}_{en}_b1")
+            } else {
+                name
+            };
+            let f = self.gemv_fn(&name, smem)?;
             // The cp.async variant computes one row per warp.
-            let grid = if ring > 0 { (n as u32).div_ceil(threads / 32) } else { self.row_grid(f, n, threads, smem)? };
+            let grid = if ring > 0 { (n as u32).div_ceil(threads / 32) } else { self.row_grid(f, n * split, threads, smem)? };
             self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)?;
             r0 += nb;
         }
         Ok(())
     }
 
-    /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
+    /// A GEMV kernel by name, with `smem` bytes of dynamic shared memory allowed when it takes any.
+    fn gemv_fn(&self, name: &str, smem: usize) -> GpuResult<cudarc::driver::sys::CUfunction> {
+        if smem > 0 {
+            self.k.get_smem(name, GEMV_SMEM)
+        } else {
+            self.k.get(name)
+        }
+    }
+
+    /// Warps a row for a one-row product of `n` rows of width `k` (a multiple of 8): the `gemv_group` setting, or
+    /// with `1` [`split_for`] over the warps the grouped kernel keeps resident.
+    fn group_split(&self, n: usize, k: usize, epi: Epi, threads: u32, smem: usize) -> GpuResult<usize> {
+        if self.gemv_group != 1 {
+            return Ok(self.gemv_group.max(1));
+        }
+        let f = self.gemv_fn(&format!("gemv_grp2_{}_{}_b1", self.dt().name(), epi.name()), smem)?;
+        let warps = self.blocks_per_sm(f, threads, smem)? as usize * self.gpu.sms.max(1) as usize * (threads as usize / 32);
+        Ok(split_for(n, k, warps))
+    }
+
+    /// The GEMV kernels' `rms` argument    /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
     /// staging x * g and scaling the sums by 1 / rms (only for a staged, normalised input: `staged_norm`).
     pub(super) fn rms_arg(&self, rms: bool, staged_norm: bool) -> i32 {
         if rms && self.norm_epi && staged_norm {

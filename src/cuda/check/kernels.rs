@@ -874,8 +874,9 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         cfg.layers = 1;
         let w = Weights::random(&gpu, &k, &cfg, dt, 3)?;
         let mut e = Engine::new(gpu, k, w, cfg)?;
-        // The grouped one-row GEMV (the `DEJAVU_GEMV_GROUP` trial) is checked on its own below, when it is set;
-        // every other check runs the default kernels (the bit-for-bit ones compare two default paths).
+        // The grouped one-row GEMV (`DEJAVU_GEMV_GROUP`, on unless 0) is checked on its own below, forced to 2 and
+        // 4 warps a row; every other check runs the ungrouped kernels, so the bit-for-bit ones compare two paths
+        // that sum in the same order.
         let group = e.gemv_group();
         e.set_gemv_group(0);
         if !e.has_blas() {
