@@ -409,31 +409,29 @@ __device__ __forceinline__ void gemv_impl(
             // only after the group's next barrier, which its first warp reaches after reading it); that warp adds
             // them in part order (the same sum whichever warp is slower) and runs the epilogue.
             __shared__ float grp_s[2][32][2];
-            if (S_ > 1) {
-                acc[0] = warp_sum(acc[0]);
-                if (glu) acc2[0] = warp_sum(acc2[0]);
-                const int par = grp_par;
-                grp_par ^= 1;
-                if (lane == 0) {
-                    grp_s[par][wib][0] = acc[0];
-                    grp_s[par][wib][1] = acc2[0];
-                }
-                asm volatile("bar.sync %0, %1;" ::"r"(1 + wib / S_), "r"(32 * S_) : "memory");
-                if (wib % S_ != 0) {
-                    slot = slot2;
-                    row = row2;
-                    continue;
-                }
-                float s1 = 0.0f, s2 = 0.0f;
-                if (lane == 0) {
-                    for (int q = 0; q < S_; q++) {
-                        s1 += grp_s[par][wib + q][0];
-                        s2 += grp_s[par][wib + q][1];
-                    }
-                }
-                acc[0] = s1;
-                acc2[0] = s2;
+            acc[0] = warp_sum(acc[0]);
+            if (glu) acc2[0] = warp_sum(acc2[0]);
+            const int par = grp_par;
+            grp_par ^= 1;
+            if (lane == 0) {
+                grp_s[par][wib][0] = acc[0];
+                grp_s[par][wib][1] = acc2[0];
             }
+            asm volatile("bar.sync %0, %1;" ::"r"(1 + wib / S_), "r"(32 * S_) : "memory");
+            if (wib % S_ != 0) {
+                slot = slot2;
+                row = row2;
+                continue;
+            }
+            float s1 = 0.0f, s2 = 0.0f;
+            if (lane == 0) {
+                for (int q = 0; q < S_; q++) {
+                    s1 += grp_s[par][wib + q][0];
+                    s2 += grp_s[par][wib + q][1];
+                }
+            }
+            acc[0] = s1;
+            acc2[0] = s2;
         }
         // A gathered STORE scatters: the output column is the weight row itself (the head-sparse q/k/v projection).
         gemv_finish<T, NB, EPI>(acc, acc2, lane, (GATHER && EPI == EPI_STORE) ? row : slot, row, N, B, bias, bias2, out, idx, cnt, pre, t, tally,
