@@ -545,15 +545,13 @@ __device__ __forceinline__ void gemv_async_impl(
                                                         float eps, int rms, int stage) {                          \
         gemv_impl<T, NB, EPI>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, stage, 0, 0, 0, 0.f, 0);          \
     }
-// One row with SPLIT warps a row (gemv_impl's GROUP; 2 or 4; K % 8 == 0), `gemv_grp{SPLIT}_*`; `pf` more batches of
-// each warp's part of its first row asked of the L2 before the wait (gemv_impl's PF; 0: none).
+// One row with SPLIT warps a row (gemv_impl's GROUP; 2 or 4; K % 8 == 0), `gemv_grp{SPLIT}_*`.
 #define GEMV_GROUP_KERNEL(TN, T, EN, EPI, SPLIT)                                                                 \
     extern "C" __global__ void __launch_bounds__(512, GEMV_MIN_BLOCKS(EPI, 1)) gemv_grp##SPLIT##_##TN##_##EN##_b1( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* x, void* out, int N, int K,    \
-        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage, int pf) {            \
-        gemv_impl<T, 1, EPI, false, false, false, SPLIT, true>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb,    \
-                                                               eps, rms, stage, 0, 0, 0, 0.f, 0, 0, 0, 0, 0, 0,   \
-                                                               pf);                                               \
+        int B, const float* xf, const u16* g, const u16* gb, float eps, int rms, int stage) {                     \
+        gemv_impl<T, 1, EPI, false, false, false, SPLIT>(w, w2, bias, bias2, x, out, N, K, B, xf, g, gb, eps, rms, \
+                                                         stage, 0, 0, 0, 0.f, 0);                                 \
     }
 #define GEMV_GROUPS(TN, T, EN, EPI) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 2) GEMV_GROUP_KERNEL(TN, T, EN, EPI, 4)
 // One row, `pf` more batches of each warp's first row asked of the L2 before the wait (gemv_impl's PF; the default).

@@ -306,9 +306,6 @@ pub struct Engine {
     /// (`gemv_pf_*`; `DEJAVU_GEMV_PF=P`, default 1, 0 off). On an H100, side by side: Llama-2-7B 5.217 -> 5.111 ms a
     /// token, SmolLM2 0.608 -> 0.566 (2 batches: 5.156, 0.568).
     gemv_pf: usize,
-    /// The same for the grouped kernel (`gemv_grp*`), batches of each warp's part of its first row
-    /// (`DEJAVU_GEMV_GRP_PF=P`, default 0: none).
-    gemv_group_pf: usize,
     /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
     /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
     gemv_rows: usize,
@@ -411,7 +408,6 @@ impl Engine {
             one_seq: false,
             gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
             gemv_pf: std::env::var("DEJAVU_GEMV_PF").ok().and_then(|v| v.parse::<usize>().ok()).map_or(1, |v| v.min(8)),
-            gemv_group_pf: std::env::var("DEJAVU_GEMV_GRP_PF").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |v| v.min(8)),
             gemv_group: std::env::var("DEJAVU_GEMV_GROUP").ok().and_then(|v| v.parse::<usize>().ok()).filter(|v| [0, 1, 2, 4].contains(v)).unwrap_or(1),
             sparse: None,
             heads: None,
@@ -790,7 +786,6 @@ impl Engine {
             let name = if ring > 0 {
                 name.replacen("gemv_", "gemv_async_", 1)
             } else if split > 1 {
-                args = args.i32(self.gemv_group_pf as i32);
                 format!("gemv_grp{split}_{dt}_{en}_b1")
             } else if one_row && self.gemv_pf > 0 {
                 args = args.i32(self.gemv_pf as i32);
