@@ -822,7 +822,7 @@ impl Engine {
         Ok(split_for(n, k, warps))
     }
 
-    /// The GEMV kernels' `rms` argument    /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
+    /// The GEMV kernels' `rms` argument: 0 LayerNorm, 1 RMSNorm normalising the staged input in place, 2 RMSNorm
     /// staging x * g and scaling the sums by 1 / rms (only for a staged, normalised input: `staged_norm`).
     pub(super) fn rms_arg(&self, rms: bool, staged_norm: bool) -> i32 {
         if rms && self.norm_epi && staged_norm {
