@@ -346,6 +346,22 @@ pub struct Engine {
     dense_now: bool,
     /// Kept-neuron statistics of the sparse forwards since the last take.
     pub stats: crate::sparse::SparsityStats,
+    /// A one-row dense decode step runs its MLP as one launch (`mlp_fused_*`, kernels/mlp.cu) where the input is
+    /// the norm's 16-bit output: each block streams its neurons' gate / up rows and then their down rows from a
+    /// transposed copy, so no launch boundary sits between the two products (`DEJAVU_MLP_FUSE=1`; off by default
+    /// until measured). The copies are made at start (one more copy of every down projection in memory).
+    mlp_fuse: bool,
+    /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off).
+    down_t: Vec<DBuf>,
+}
+
+/// Threads of a fused-MLP block (`MLPF_WARPS` warps in kernels/mlp.cu).
+const MLPF_THREADS: u32 = 256;
+
+/// Widths the fused MLP takes: input `k` and output `d` multiples of 8, `d` within 4 16-byte words a thread, the
+/// staged input within the default 48 KB of shared memory.
+pub fn mlp_fused_fits(k: usize, d: usize) -> bool {
+    k % 8 == 0 && d % 8 == 0 && k > 0 && d > 0 && d / 8 <= 4 * MLPF_THREADS as usize && k * 4 <= 48 * 1024
 }
 
 pub(super) fn k_of(n: usize) -> usize {
@@ -367,7 +383,7 @@ impl Engine {
         let state = gpu.alloc(16)?;
         let small = gpu.alloc(4 * 1024)?;
         let tok = gpu.alloc(4 * 64)?;
-        Ok(Engine {
+        let mut e = Engine {
             gpu,
             k,
             w,
@@ -421,7 +437,58 @@ impl Engine {
             pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
-        })
+            mlp_fuse: false,
+            down_t: Vec::new(),
+        };
+        if std::env::var("DEJAVU_MLP_FUSE").is_ok_and(|v| v != "0") {
+            e.set_mlp_fuse(true)?;
+        }
+        Ok(e)
+    }
+
+    /// Turn the one-launch dense MLP ([`Engine::mlp_fuse`]) on (making the transposed down copies, once) or off.
+    /// Widths it cannot take (see [`mlp_fused_fits`]) keep the two GEMVs either way.
+    pub fn set_mlp_fuse(&mut self, on: bool) -> GpuResult<()> {
+        self.mlp_fuse = on;
+        if on && self.down_t.is_empty() && mlp_fused_fits(self.cfg.hidden, self.cfg.hidden) {
+            let (d, f) = (self.cfg.hidden, self.cfg.ffn);
+            for l in 0..self.cfg.layers {
+                let b = self.gpu.alloc(f * d * 2)?;
+                super::sparse::transpose(self, self.w.layers[l].down.ptr, b.ptr, d, f)?;
+                self.down_t.push(b);
+            }
+            self.gpu.sync()?;
+        }
+        Ok(())
+    }
+
+    /// `out[:] += down_b + down^T act(up . x)` for one 16-bit input row `x` in one launch (`mlp_fused_*`): `up`
+    /// `[2F, k]` (gate rows, then up rows) with `glu`, else fc1 `[F, k]`; `wt` the transposed down `[F, d]`; `out`
+    /// the f32 residual stream `[d]`. Shapes [`mlp_fused_fits`] refuses are an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<()> {
+        if !mlp_fused_fits(k, d) {
+            return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 (k {k}, d {d})")));
+        }
+        let mw = (d / 8).div_ceil(MLPF_THREADS as usize);
+        let name = format!("mlp_fused_{}_{}_w{mw}", self.dt().name(), if glu { "glu" } else { "relu" });
+        let (w2, b2) = if glu { (up + (f * k * 2) as u64, up_b.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
+        let smem = k * 4;
+        let func = self.k.get(&name)?;
+        let grid = self.block_grid(func, f.div_ceil(MLPF_THREADS as usize / 32), MLPF_THREADS, smem)?;
+        let mut args = Args::new()
+            .ptr(up)
+            .ptr(w2)
+            .ptr(up_b.unwrap_or(0))
+            .ptr(b2)
+            .ptr(wt)
+            .ptr(down_b.unwrap_or(0))
+            .ptr(x)
+            .ptr(out)
+            .i32(f as i32)
+            .i32(k as i32)
+            .i32(d as i32);
+        self.gpu.launch(func, (grid, 1, 1), MLPF_THREADS, smem as u32, &mut args)
     }
 
     /// Run `plan` from now on. The GPU runs, on the MLP (any layer may stay dense): CATS thresholds, the SwiGLU
@@ -1159,7 +1226,11 @@ impl Engine {
                 sparse_mlp(self, sp, l, rule, rows, input, x, pred_in, y, act)?;
             } else {
                 let lw = &self.w.layers[l];
-                if self.f32_acts && rows == 1 {
+                if self.mlp_fuse && rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
+                    // One row, one launch: each neuron's activation goes straight into its down row's products.
+                    let glu = !opt;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
+                } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
                     self.linear_in(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), h, mlp_in, act32, rows, f, d, epi, y)?;

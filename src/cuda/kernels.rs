@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("qscore.cu", include_str!("../../kernels/qscore.cu")),
     ("predict.cu", include_str!("../../kernels/predict.cu")),
     ("mma.cu", include_str!("../../kernels/mma.cu")),
+    ("mlp.cu", include_str!("../../kernels/mlp.cu")),
 ];
 
 /// The NVRTC programs: the files each one sees (the prelude first) and its `DJ_PART` (which share of the GEMV
@@ -44,7 +45,7 @@ pub const PARTS: &[(&[&str], i32)] = &[
     (&["common.cuh", "gemv.cu"], 9),
     (&["common.cuh", "embed.cu", "norm.cu", "logits.cu", "select.cu"], 10),
     (&["common.cuh", "attention.cu"], 11),
-    (&["common.cuh", "sparse.cu", "predict.cu"], 12),
+    (&["common.cuh", "sparse.cu", "predict.cu", "mlp.cu"], 12),
     (&["common.cuh", "gemv.cu", "qscore.cu"], 13),
     (&["common.cuh", "gemv.cu", "mma.cu"], 14),
 ];

@@ -242,6 +242,43 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
     Ok(())
 }
 
+/// The one-launch dense MLP (`mlp_fused_*`): out (f32, initialised) += bd + sum_i act_i wt[i, :], act_i from the
+/// gate / up (or fc1) rows, against f64 on the same rounded inputs; every output width class (1-4 words a thread),
+/// neuron counts not a multiple of a chunk, input and output widths apart, with and without biases.
+fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    let d_ = Dev { e };
+    for (k, f, dd) in [(576usize, 1536usize, 576usize), (1024, 344, 1024), (2048, 333, 2048), (4096, 700, 4096), (5120, 301, 5120), (8192, 130, 8192), (576, 203, 4096), (4096, 2051, 2048)] {
+        for glu in [false, true] {
+            for with_bias in [false, true] {
+                let s = seed + (k * 31 + f * 7 + dd) as u64 + 2 * u64::from(glu) + u64::from(with_bias);
+                let wrows = if glu { 2 * f } else { f };
+                let w = rounded(&randv(wrows * k, s, (3.0 / k as f32).sqrt()), dt);
+                let wt = rounded(&randv(f * dd, s + 1, (3.0 / f as f32).sqrt()), dt);
+                let x = rounded(&randv(k, s + 2, 1.0), dt);
+                let b1 = rounded(&randv(wrows, s + 3, 0.5), dt);
+                let bd = rounded(&randv(dd, s + 4, 0.5), dt);
+                let init = randv(dd, s + 5, 1.0);
+                let (wb, wtb, xb, b1b, bdb) = (d_.halfbuf(&w, dt)?, d_.halfbuf(&wt, dt)?, d_.halfbuf(&x, dt)?, d_.halfbuf(&b1, dt)?, d_.halfbuf(&bd, dt)?);
+                let ob = d_.f32buf(&init)?;
+                let (bias, dbias) = if with_bias { (Some(b1b.ptr), Some(bdb.ptr)) } else { (None, None) };
+                e.mlp_fused(wb.ptr, bias, wtb.ptr, dbias, xb.ptr, ob.ptr, f, k, dd, glu)?;
+                let got = d_.read_f32(&ob, dd)?;
+                let dot = |row: usize| -> f64 { (0..k).map(|i| w[row * k + i] as f64 * x[i] as f64).sum::<f64>() + if with_bias { b1[row] as f64 } else { 0.0 } };
+                let act: Vec<f64> = (0..f).map(|j| if glu { silu(dot(j)) * dot(f + j) } else { dot(j).max(0.0) }).collect();
+                let want: Vec<f32> = (0..dd)
+                    .map(|c| {
+                        let acc: f64 = (0..f).map(|j| act[j] * wt[j * dd + c] as f64).sum();
+                        (init[c] as f64 + if with_bias { bd[c] as f64 } else { 0.0 } + acc) as f32
+                    })
+                    .collect();
+                let kind = if glu { "glu" } else { "relu" };
+                out.push(verdict(format!("mlp_fused {kind} k={k} f={f} d={dd} bias={with_bias}"), dt, &got, &want, 1e-2));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Top-k selection (`topk_mark_*`, `topk_compact`) against the host reference (`sparse::select::top_k` per row,
 /// the union ascending): exact equality of the kept ids, the rows' flags and the gathered values. Scores are drawn
 /// on a coarse grid (many ties), with NaN and both zeros among them.
@@ -891,6 +928,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         check_rope_fused(&e, dt, seed, &mut out)?;
         check_comb_fold(&e, dt, seed, &mut out)?;
         check_sparse(&e, dt, seed, &mut out)?;
+        check_mlp_fused(&e, dt, seed, &mut out)?;
         super::mma::check_mma(&e, dt, seed, &mut out)?;
         // The CUDA-core gathers and down projections at 3-16 rows too (DEJAVU_MMA_ROWS=0, widths not a multiple of
         // 32 / 64, inputs normalised on the fly).
@@ -913,6 +951,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let from = out.len();
         check_linear(&e, dt, seed + 1, &mut out)?;
         check_sparse(&e, dt, seed + 1, &mut out)?;
+        check_mlp_fused(&e, dt, seed + 1, &mut out)?;
         super::mma::check_mma(&e, dt, seed + 1, &mut out)?;
         check_topk_mlp(&e, dt, seed + 1, &mut out)?;
         for c in &mut out[from..] {
