@@ -5,9 +5,10 @@
 // neurons' gate / up rows and their down rows back to back. The down weights come from their transposed copy
 // `wt` [F, D] (one contiguous row a neuron), as in the sparse path's down_t (kernels/sparse.cu).
 //
-// Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons (chunk
-// blockIdx.x, then + gridDim.x, ...). Warp w sums neuron (chunk * MLPF_WARPS + w)'s rows against x staged in f32 in
-// shared memory (16-byte loads, four in flight per lane and matrix, the lanes' partition and order of the GEMV's
+// Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons: chunk
+// blockIdx.x, then + gridDim.x, ... (`contig` 0), or the block's own contiguous range of F / gridDim.x neurons, in
+// chunks from its start, the last one short (`contig` 1: the blocks' bytes equal within one neuron). Warp w sums
+// the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in flight per lane and matrix, the lanes' partition and order of the GEMV's
 // one-row kernels, kernels/gemv.cu) and parks its activation in shared memory (two buffers by chunk parity); after a
 // block barrier every thread adds the chunk's down rows times their activations into its own columns' f32 sums
 // (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The chunk's first MLPF_HALF down
@@ -28,21 +29,23 @@ __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ bd,    // [D] fc2 / down bias or null
     const u16* __restrict__ x,     // [K] the MLP input (already normalised), 16-bit
     float* __restrict__ out,       // [D] f32 residual stream, accumulated into
-    int F, int K, int D) {
+    int F, int K, int D, int contig) {
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [K]
     __shared__ float hs[2][MLPF_WARPS];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
     const int K8 = K >> 3, D8 = D >> 3;
-    const int chunks = (F + MLPF_WARPS - 1) / MLPF_WARPS;
+    // This block's neurons: chunks starting at lo, lo + stride, ... below hi.
+    const int lo = contig ? (int)((long long)F * blockIdx.x / gridDim.x) : blockIdx.x * MLPF_WARPS;
+    const int hi = contig ? (int)((long long)F * (blockIdx.x + 1) / gridDim.x) : F;
+    const int stride = contig ? MLPF_WARPS : gridDim.x * MLPF_WARPS;
     constexpr int U = 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    int c = blockIdx.x;
     // Weights never change: this warp's first gate / up loads go out before the wait.
     uint4 wv[U], wv2[U];
     {
-        const int n = c * MLPF_WARPS + wib;
-        const bool ok = c < chunks && n < F;
+        const int n = lo + wib;
+        const bool ok = n < hi;
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int i = lane + 32 * u;
@@ -72,9 +75,9 @@ __device__ __forceinline__ void mlp_fused_impl(
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[m][e] = 0.0f;
     int par = 0;
-    for (; c < chunks; c += gridDim.x) {
-        const int n0 = c * MLPF_WARPS, n = n0 + wib;
-        const bool ok = n < F;
+    for (int n0 = lo; n0 < hi; n0 += stride) {
+        const int n = n0 + wib;
+        const bool ok = n < hi;
         const uint4* w4 = (const uint4*)(w + (size_t)n * K);
         const uint4* w24 = (const uint4*)(w2 + (size_t)n * K);
         float s = 0.0f, s2 = 0.0f;
@@ -112,11 +115,11 @@ __device__ __forceinline__ void mlp_fused_impl(
 #pragma unroll
             for (int m = 0; m < MW; m++) {
                 const int word = threadIdx.x + m * blockDim.x;
-                dv[j][m] = (n0 + j < F && word < D8) ? ld_stream((const uint4*)(wt + (size_t)(n0 + j) * D) + word) : zero;
+                dv[j][m] = (n0 + j < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)(n0 + j) * D) + word) : zero;
             }
         {
-            const int c2 = c + gridDim.x, n2 = c2 * MLPF_WARPS + wib;
-            const bool ok2 = c2 < chunks && n2 < F;
+            const int n2 = n0 + stride + wib;
+            const bool ok2 = n2 < hi;
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int i = lane + 32 * u;
@@ -143,7 +146,7 @@ __device__ __forceinline__ void mlp_fused_impl(
 #pragma unroll
             for (int m = 0; m < MW; m++) {
                 const int word = threadIdx.x + m * blockDim.x, nj = n0 + MLPF_HALF + j;
-                dv2[j][m] = (nj < F && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
+                dv2[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
             }
 #pragma unroll
         for (int j = 0; j < MLPF_WARPS; j++) {
@@ -175,8 +178,8 @@ __device__ __forceinline__ void mlp_fused_impl(
 #define MLP_FUSED(TN, T, EN, GLU, MW)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1) mlp_fused_##TN##_##EN##_w##MW( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* wt, const u16* bd,             \
-        const u16* x, float* out, int F, int K, int D) {                                                           \
-        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                   \
+        const u16* x, float* out, int F, int K, int D, int contig) {                                               \
+        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D, contig);                           \
     }
 #define MLP_FUSED_W(TN, T, EN, GLU) \
     MLP_FUSED(TN, T, EN, GLU, 1) MLP_FUSED(TN, T, EN, GLU, 2) MLP_FUSED(TN, T, EN, GLU, 3) MLP_FUSED(TN, T, EN, GLU, 4)

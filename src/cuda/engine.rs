@@ -353,6 +353,9 @@ pub struct Engine {
     mlp_fuse: bool,
     /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off).
     down_t: Vec<DBuf>,
+    /// The fused MLP's blocks take contiguous ranges of neurons, equal within one (`DEJAVU_MLP_CONTIG=1`), instead
+    /// of chunks of 8 strided by the grid (0, the default until measured).
+    mlp_contig: bool,
 }
 
 /// Threads of a fused-MLP block (`MLPF_WARPS` warps in kernels/mlp.cu).
@@ -439,6 +442,7 @@ impl Engine {
             grid_cap: None,
             mlp_fuse: false,
             down_t: Vec::new(),
+            mlp_contig: std::env::var("DEJAVU_MLP_CONTIG").is_ok_and(|v| v != "0"),
         };
         if std::env::var("DEJAVU_MLP_FUSE").is_ok_and(|v| v != "0") {
             e.set_mlp_fuse(true)?;
@@ -464,9 +468,10 @@ impl Engine {
 
     /// `out[:] += down_b + down^T act(up . x)` for one 16-bit input row `x` in one launch (`mlp_fused_*`): `up`
     /// `[2F, k]` (gate rows, then up rows) with `glu`, else fc1 `[F, k]`; `wt` the transposed down `[F, d]`; `out`
-    /// the f32 residual stream `[d]`. Shapes [`mlp_fused_fits`] refuses are an error.
+    /// the f32 residual stream `[d]`; `contig`: each block a contiguous range of neurons (else chunks of 8 strided
+    /// by the grid). Shapes [`mlp_fused_fits`] refuses are an error.
     #[allow(clippy::too_many_arguments)]
-    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<()> {
+    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool, contig: bool) -> GpuResult<()> {
         if !mlp_fused_fits(k, d) {
             return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 (k {k}, d {d})")));
         }
@@ -487,7 +492,8 @@ impl Engine {
             .ptr(out)
             .i32(f as i32)
             .i32(k as i32)
-            .i32(d as i32);
+            .i32(d as i32)
+            .i32(i32::from(contig));
         self.gpu.launch(func, (grid, 1, 1), MLPF_THREADS, smem as u32, &mut args)
     }
 
@@ -1229,7 +1235,7 @@ impl Engine {
                 if self.mlp_fuse && rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlp_contig)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };

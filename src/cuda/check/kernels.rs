@@ -259,10 +259,7 @@ fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
                 let bd = rounded(&randv(dd, s + 4, 0.5), dt);
                 let init = randv(dd, s + 5, 1.0);
                 let (wb, wtb, xb, b1b, bdb) = (d_.halfbuf(&w, dt)?, d_.halfbuf(&wt, dt)?, d_.halfbuf(&x, dt)?, d_.halfbuf(&b1, dt)?, d_.halfbuf(&bd, dt)?);
-                let ob = d_.f32buf(&init)?;
                 let (bias, dbias) = if with_bias { (Some(b1b.ptr), Some(bdb.ptr)) } else { (None, None) };
-                e.mlp_fused(wb.ptr, bias, wtb.ptr, dbias, xb.ptr, ob.ptr, f, k, dd, glu)?;
-                let got = d_.read_f32(&ob, dd)?;
                 let dot = |row: usize| -> f64 { (0..k).map(|i| w[row * k + i] as f64 * x[i] as f64).sum::<f64>() + if with_bias { b1[row] as f64 } else { 0.0 } };
                 let act: Vec<f64> = (0..f).map(|j| if glu { silu(dot(j)) * dot(f + j) } else { dot(j).max(0.0) }).collect();
                 let want: Vec<f32> = (0..dd)
@@ -272,7 +269,13 @@ fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
                     })
                     .collect();
                 let kind = if glu { "glu" } else { "relu" };
-                out.push(verdict(format!("mlp_fused {kind} k={k} f={f} d={dd} bias={with_bias}"), dt, &got, &want, 1e-2));
+                for contig in [false, true] {
+                    let ob = d_.f32buf(&init)?;
+                    e.mlp_fused(wb.ptr, bias, wtb.ptr, dbias, xb.ptr, ob.ptr, f, k, dd, glu, contig)?;
+                    let got = d_.read_f32(&ob, dd)?;
+                    let how = if contig { "contiguous" } else { "strided" };
+                    out.push(verdict(format!("mlp_fused {kind} {how} k={k} f={f} d={dd} bias={with_bias}"), dt, &got, &want, 1e-2));
+                }
             }
         }
     }
