@@ -68,7 +68,7 @@ pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: O
 
 /// Bytes the weights, cache and scratch of a run need on the GPU.
 pub fn needed_bytes(cfg: &ModelConfig, o: &BenchOpts) -> usize {
-    Table::standard(cfg).params() * 2 + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
+    Table::standard(cfg).params() * 2 + Engine::extra_weight_bytes(cfg) + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
 }
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<i32> {

@@ -367,6 +367,11 @@ pub fn mlp_fused_fits(k: usize, d: usize) -> bool {
     k % 8 == 0 && d % 8 == 0 && k > 0 && d > 0 && d / 8 <= 4 * MLPF_THREADS as usize && k * 4 <= 48 * 1024
 }
 
+/// `DEJAVU_MLP_FUSE` set to anything but 0.
+fn mlp_fuse_env() -> bool {
+    std::env::var("DEJAVU_MLP_FUSE").is_ok_and(|v| v != "0")
+}
+
 pub(super) fn k_of(n: usize) -> usize {
     // GEMV template batch sizes.
     [1, 2, 4, 8, 16].into_iter().find(|&b| b >= n).unwrap_or(16)
@@ -444,10 +449,20 @@ impl Engine {
             down_t: Vec::new(),
             mlp_contig: std::env::var("DEJAVU_MLP_CONTIG").is_ok_and(|v| v != "0"),
         };
-        if std::env::var("DEJAVU_MLP_FUSE").is_ok_and(|v| v != "0") {
+        if mlp_fuse_env() {
             e.set_mlp_fuse(true)?;
         }
         Ok(e)
+    }
+
+    /// Device bytes an engine for `cfg` holds beyond the checkpoint's weights at start: the fused MLP's
+    /// transposed down copies when `DEJAVU_MLP_FUSE` turns it on (for `bench`'s fit check).
+    pub fn extra_weight_bytes(cfg: &ModelConfig) -> usize {
+        if mlp_fuse_env() && mlp_fused_fits(cfg.hidden, cfg.hidden) {
+            cfg.layers * cfg.ffn * cfg.hidden * 2
+        } else {
+            0
+        }
     }
 
     /// Turn the one-launch dense MLP ([`Engine::mlp_fuse`]) on (making the transposed down copies, once) or off.
