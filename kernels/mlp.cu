@@ -19,6 +19,22 @@
 #define MLPF_WARPS 8
 #define MLPF_HALF 4
 
+// One batch of a lane's gate / up loads: words base + 32 u (u < U) of neuron n's rows, zero where !ok or past the
+// row. FIRST: kept in program order (issued ahead of pdl_wait).
+template <bool GLU, bool FIRST, int U>
+__device__ __forceinline__ void mlpf_batch(const u16* __restrict__ w, const u16* __restrict__ w2, int n, bool ok, int K,
+                                           int base, uint4* wv, uint4* wv2) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int i = base + 32 * u;
+        const bool l = ok && i < (K >> 3);
+        const uint4* p = (const uint4*)(w + (size_t)n * K) + i;
+        const uint4* p2 = (const uint4*)(w2 + (size_t)n * K) + i;
+        wv[u] = l ? (FIRST ? ld_stream_first(p) : ld_stream(p)) : make_uint4(0, 0, 0, 0);
+        if (GLU) wv2[u] = l ? (FIRST ? ld_stream_first(p2) : ld_stream(p2)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
 template <typename T, bool GLU, int MW>
 __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ w,     // [F, K] fc1 / gate rows
@@ -43,17 +59,7 @@ __device__ __forceinline__ void mlp_fused_impl(
     const uint4 zero = make_uint4(0, 0, 0, 0);
     // Weights never change: this warp's first gate / up loads go out before the wait.
     uint4 wv[U], wv2[U];
-    {
-        const int n = lo + wib;
-        const bool ok = n < hi;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int i = lane + 32 * u;
-            const bool l = ok && i < K8;
-            wv[u] = l ? ld_stream_first((const uint4*)(w + (size_t)n * K) + i) : zero;
-            wv2[u] = (GLU && l) ? ld_stream_first((const uint4*)(w2 + (size_t)n * K) + i) : zero;
-        }
-    }
+    mlpf_batch<GLU, true, U>(w, w2, lo + wib, lo + wib < hi, K, lane, wv, wv2);
     pdl_wait();
     pdl_launch();
     {
@@ -78,19 +84,9 @@ __device__ __forceinline__ void mlp_fused_impl(
     for (int n0 = lo; n0 < hi; n0 += stride) {
         const int n = n0 + wib;
         const bool ok = n < hi;
-        const uint4* w4 = (const uint4*)(w + (size_t)n * K);
-        const uint4* w24 = (const uint4*)(w2 + (size_t)n * K);
         float s = 0.0f, s2 = 0.0f;
         for (int base = lane; base < K8; base += 32 * U) {
-            if (base != lane) { // the first batch is already in registers
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int i = base + 32 * u;
-                    const bool l = ok && i < K8;
-                    wv[u] = l ? ld_stream(w4 + i) : zero;
-                    if (GLU) wv2[u] = l ? ld_stream(w24 + i) : zero;
-                }
-            }
+            if (base != lane) mlpf_batch<GLU, false, U>(w, w2, n, ok, K, base, wv, wv2); // the first is in registers
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int i = base + 32 * u;
@@ -117,17 +113,7 @@ __device__ __forceinline__ void mlp_fused_impl(
                 const int word = threadIdx.x + m * blockDim.x;
                 dv[j][m] = (n0 + j < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)(n0 + j) * D) + word) : zero;
             }
-        {
-            const int n2 = n0 + stride + wib;
-            const bool ok2 = n2 < hi;
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int i = lane + 32 * u;
-                const bool l = ok2 && i < K8;
-                wv[u] = l ? ld_stream((const uint4*)(w + (size_t)n2 * K) + i) : zero;
-                if (GLU) wv2[u] = l ? ld_stream((const uint4*)(w2 + (size_t)n2 * K) + i) : zero;
-            }
-        }
+        mlpf_batch<GLU, false, U>(w, w2, n0 + stride + wib, n0 + stride + wib < hi, K, lane, wv, wv2);
         s = warp_sum(s);
         if (GLU) s2 = warp_sum(s2);
         if (lane == 0) {
