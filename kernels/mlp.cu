@@ -6,8 +6,8 @@
 // `wt` [F, D] (one contiguous row a neuron), as in the sparse path's down_t (kernels/sparse.cu).
 //
 // Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons: chunk
-// blockIdx.x, then + gridDim.x, ... (`contig` 0), or the block's own contiguous range of F / gridDim.x neurons, in
-// chunks from its start, the last one short (`contig` 1: the blocks' bytes equal within one neuron). Warp w sums
+// blockIdx.x, then + gridDim.x, ... (contiguous ranges a block, equal within one neuron, measured slower on an
+// H100: kernels/NOTES.md, twenty-sixth session). Warp w sums
 // the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in flight per lane and matrix, the lanes' partition and order of the GEMV's
 // one-row kernels, kernels/gemv.cu) and parks its activation in shared memory (two buffers by chunk parity); after a
 // block barrier every thread adds the chunk's down rows times their activations into its own columns' f32 sums
@@ -45,16 +45,14 @@ __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ bd,    // [D] fc2 / down bias or null
     const u16* __restrict__ x,     // [K] the MLP input (already normalised), 16-bit
     float* __restrict__ out,       // [D] f32 residual stream, accumulated into
-    int F, int K, int D, int contig) {
+    int F, int K, int D) {
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [K]
     __shared__ float hs[2][MLPF_WARPS];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
     const int K8 = K >> 3, D8 = D >> 3;
     // This block's neurons: chunks starting at lo, lo + stride, ... below hi.
-    const int lo = contig ? (int)((long long)F * blockIdx.x / gridDim.x) : blockIdx.x * MLPF_WARPS;
-    const int hi = contig ? (int)((long long)F * (blockIdx.x + 1) / gridDim.x) : F;
-    const int stride = contig ? MLPF_WARPS : gridDim.x * MLPF_WARPS;
+    const int lo = blockIdx.x * MLPF_WARPS, hi = F, stride = gridDim.x * MLPF_WARPS;
     constexpr int U = 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     // Weights never change: this warp's first gate / up loads go out before the wait.
@@ -164,8 +162,8 @@ __device__ __forceinline__ void mlp_fused_impl(
 #define MLP_FUSED(TN, T, EN, GLU, MW)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1) mlp_fused_##TN##_##EN##_w##MW( \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* wt, const u16* bd,             \
-        const u16* x, float* out, int F, int K, int D, int contig) {                                               \
-        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D, contig);                           \
+        const u16* x, float* out, int F, int K, int D) {                                                           \
+        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                   \
     }
 #define MLP_FUSED_W(TN, T, EN, GLU) \
     MLP_FUSED(TN, T, EN, GLU, 1) MLP_FUSED(TN, T, EN, GLU, 2) MLP_FUSED(TN, T, EN, GLU, 3) MLP_FUSED(TN, T, EN, GLU, 4)

@@ -25,7 +25,7 @@ pub struct BenchOpts {
 
 /// Device bytes a random sparse plan of [`random_plan`] allocates beyond [`needed_bytes`], so that `bench --mode`
 /// refuses a shape that cannot hold it before allocating anything. Mirrors the allocations it makes: per sparse
-/// layer the transposed down copy (`SparseMlp::new`) and the random predictor (with its unit norm weight) or int4
+/// layer the transposed down copy (`SparseMlp::new`; none where the engine holds one already) and the random predictor (with its unit norm weight) or int4
 /// score copies; the kept ids, counters, top-k scratch and block-input copies (one for `block`, two for `prev`);
 /// with head sparsity, per layer the transposed out-projection and head predictor (`SparseHeads::new`) and the
 /// heads' copy of the block input, scores and lists; plus 64 MiB for the small buffers not counted.
@@ -39,7 +39,8 @@ pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: O
     let llama = cfg.family == crate::config::Family::Llama;
     let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
     let rows = MAX_CHUNKS * CHUNK;
-    let down_t = f * d * 2;
+    // The fused dense MLP's transposed down copies (counted in `needed_bytes`) serve the sparse layers too.
+    let down_t = if Engine::extra_weight_bytes(cfg) > 0 { 0 } else { f * d * 2 };
     let (layer, predicted) = match mode {
         Mode::Dejavu(_) => (down_t + GpuPredictor::bytes_for(d, rank, f) + d * 2, true),
         Mode::QScore(..) if llama => (down_t + QCopy::bytes(f, d), false),

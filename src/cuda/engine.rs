@@ -348,14 +348,13 @@ pub struct Engine {
     pub stats: crate::sparse::SparsityStats,
     /// A one-row dense decode step runs its MLP as one launch (`mlp_fused_*`, kernels/mlp.cu) where the input is
     /// the norm's 16-bit output: each block streams its neurons' gate / up rows and then their down rows from a
-    /// transposed copy, so no launch boundary sits between the two products (`DEJAVU_MLP_FUSE=1`; off by default
-    /// until measured). The copies are made at start (one more copy of every down projection in memory).
+    /// transposed copy, so no launch boundary sits between the two products. On by default at widths over 2,048 up
+    /// to 4,096 (see [`mlp_fuse_default`]); `DEJAVU_MLP_FUSE=0` turns it off, `=1` on at every width it takes. The
+    /// copies are made at start (one more copy of every down projection in memory).
     mlp_fuse: bool,
-    /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off).
-    down_t: Vec<DBuf>,
-    /// The fused MLP's blocks take contiguous ranges of neurons, equal within one (`DEJAVU_MLP_CONTIG=1`), instead
-    /// of chunks of 8 strided by the grid (0, the default until measured).
-    mlp_contig: bool,
+    /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off); a sparse plan's layers
+    /// read them too instead of making their own.
+    pub(super) down_t: Vec<DBuf>,
 }
 
 /// Threads of a fused-MLP block (`MLPF_WARPS` warps in kernels/mlp.cu).
@@ -367,9 +366,17 @@ pub fn mlp_fused_fits(k: usize, d: usize) -> bool {
     k % 8 == 0 && d % 8 == 0 && k > 0 && d > 0 && d / 8 <= 4 * MLPF_THREADS as usize && k * 4 <= 48 * 1024
 }
 
-/// `DEJAVU_MLP_FUSE` set to anything but 0.
-fn mlp_fuse_env() -> bool {
-    std::env::var("DEJAVU_MLP_FUSE").is_ok_and(|v| v != "0")
+/// Whether an engine for `cfg` runs the one-launch MLP: `DEJAVU_MLP_FUSE=0` no, `=1` wherever
+/// [`mlp_fused_fits`], unset where it was measured to win. Side by side on an H100 (2026-12-07, `bench --prompt 128
+/// --tokens 128`, kernels/NOTES.md) it took Llama-2-7B f16 from 5.11 to 5.06 ms and OPT-6.7B from 5.14 to 5.04
+/// (bf16 alike), but cost 0.5-1.6% at the 13B shapes (width 5,120: three 16-byte words of the output a thread,
+/// one block a multiprocessor) and is not used below width 2,048 (the norm is fused into the GEMV there).
+pub fn mlp_fuse_default(cfg: &ModelConfig) -> bool {
+    let fits = mlp_fused_fits(cfg.hidden, cfg.hidden);
+    match std::env::var("DEJAVU_MLP_FUSE") {
+        Ok(v) => v != "0" && fits,
+        Err(_) => fits && cfg.hidden > 2048 && cfg.hidden <= 4096,
+    }
 }
 
 pub(super) fn k_of(n: usize) -> usize {
@@ -447,18 +454,24 @@ impl Engine {
             grid_cap: None,
             mlp_fuse: false,
             down_t: Vec::new(),
-            mlp_contig: std::env::var("DEJAVU_MLP_CONTIG").is_ok_and(|v| v != "0"),
         };
-        if mlp_fuse_env() {
-            e.set_mlp_fuse(true)?;
+        if mlp_fuse_default(&e.cfg) {
+            if let Err(err) = e.set_mlp_fuse(true) {
+                if std::env::var_os("DEJAVU_MLP_FUSE").is_some() {
+                    return Err(err);
+                }
+                // By default only: no room for the transposed copies, so the MLP keeps its two GEMVs.
+                e.down_t.clear();
+                e.mlp_fuse = false;
+            }
         }
         Ok(e)
     }
 
     /// Device bytes an engine for `cfg` holds beyond the checkpoint's weights at start: the fused MLP's
-    /// transposed down copies when `DEJAVU_MLP_FUSE` turns it on (for `bench`'s fit check).
+    /// transposed down copies when the fused MLP is on ([`mlp_fuse_default`]; for `bench`'s fit check).
     pub fn extra_weight_bytes(cfg: &ModelConfig) -> usize {
-        if mlp_fuse_env() && mlp_fused_fits(cfg.hidden, cfg.hidden) {
+        if mlp_fuse_default(cfg) {
             cfg.layers * cfg.ffn * cfg.hidden * 2
         } else {
             0
@@ -483,10 +496,9 @@ impl Engine {
 
     /// `out[:] += down_b + down^T act(up . x)` for one 16-bit input row `x` in one launch (`mlp_fused_*`): `up`
     /// `[2F, k]` (gate rows, then up rows) with `glu`, else fc1 `[F, k]`; `wt` the transposed down `[F, d]`; `out`
-    /// the f32 residual stream `[d]`; `contig`: each block a contiguous range of neurons (else chunks of 8 strided
-    /// by the grid). Shapes [`mlp_fused_fits`] refuses are an error.
+    /// the f32 residual stream `[d]`. Shapes [`mlp_fused_fits`] refuses are an error.
     #[allow(clippy::too_many_arguments)]
-    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool, contig: bool) -> GpuResult<()> {
+    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<()> {
         if !mlp_fused_fits(k, d) {
             return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 (k {k}, d {d})")));
         }
@@ -507,8 +519,7 @@ impl Engine {
             .ptr(out)
             .i32(f as i32)
             .i32(k as i32)
-            .i32(d as i32)
-            .i32(i32::from(contig));
+            .i32(d as i32);
         self.gpu.launch(func, (grid, 1, 1), MLPF_THREADS, smem as u32, &mut args)
     }
 
@@ -1250,7 +1261,7 @@ impl Engine {
                 if self.mlp_fuse && rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlp_contig)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };

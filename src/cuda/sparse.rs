@@ -357,6 +357,8 @@ pub struct SparseMlp {
     pub rules: Vec<Option<GpuMlp>>,
     /// Heads kept per token in each layer (None: every head), for the statistics.
     pub heads_k: Vec<Option<usize>>,
+    /// Transposed down copies `[F, D]` of the sparse layers, made here unless the engine holds them already
+    /// (the fused dense MLP's; see [`SparseMlp::wt`]).
     pub down_t: Vec<Option<DBuf>>,
     pub parts: SparseParts,
     pub idx: DBuf,
@@ -401,6 +403,14 @@ pub struct MlpAhead {
 }
 
 impl SparseMlp {
+    /// Layer `l`'s transposed down projection: the engine's copy (the fused dense MLP's) or this plan's own.
+    pub fn wt(&self, e: &Engine, l: usize) -> GpuResult<CUdeviceptr> {
+        match (e.down_t.get(l), self.down_t.get(l).and_then(|b| b.as_ref())) {
+            (Some(b), _) | (None, Some(b)) => Ok(b.ptr),
+            (None, None) => Err(GpuError::new("internal: no transposed down for a sparse layer")),
+        }
+    }
+
     /// State for `rules` (one entry per layer): the transposed down copies are made here, once. `parts` holds
     /// the score copies and predictors the rules read (one entry per layer).
     pub fn new(e: &Engine, rules: Vec<Option<GpuMlp>>, mut parts: SparseParts) -> GpuResult<Self> {
@@ -428,6 +438,8 @@ impl SparseMlp {
                 pred_scratch = pred_scratch.max(p.scratch_bytes(CHUNK));
             }
             down_t.push(match r {
+                // The fused dense MLP's copies serve (`SparseMlp::wt`).
+                Some(_) if !e.down_t.is_empty() => None,
                 Some(_) => {
                     let b = e.gpu.alloc(f * d * 2)?;
                     transpose(e, e.w.layers[l].down.ptr, b.ptr, d, f)?;
@@ -705,7 +717,7 @@ pub fn sparse_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, rows: usiz
 fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pred: PredIn, act: CUdeviceptr) -> GpuResult<()> {
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);
     let lw = &e.w.layers[l];
-    let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
+    let wt = sp.wt(e, l)?;
     let [scores, keep, _, hid] = sp.topk.as_ref().ok_or_else(|| GpuError::new("internal: no top-k scratch"))?;
     let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
     for (c, r0, nb) in chunks(rows, "the sparse MLP")? {
@@ -736,7 +748,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
         }
         // Under qscore / predicted the top-k wrote the set before the gather ran: the down projection reads it early.
         let early = matches!(rule, GpuMlp::QScore(_) | GpuMlp::Predicted(_));
-        down_t(e, wt.ptr, down_b, act, f, Some(Kept { early, ..kept }), f, x + (r0 * d * 4) as u64, nb, d, false)?;
+        down_t(e, wt, down_b, act, f, Some(Kept { early, ..kept }), f, x + (r0 * d * 4) as u64, nb, d, false)?;
     }
     Ok(())
 }
@@ -749,7 +761,7 @@ fn topk_mlp(e: &Engine, sp: &SparseMlp, l: usize, rule: GpuMlp, k: usize, rows: 
 pub fn cats_mlp(e: &Engine, sp: &SparseMlp, l: usize, t: f32, rows: usize, input: impl Fn(usize) -> In, x: CUdeviceptr, pre: CUdeviceptr, act: CUdeviceptr) -> GpuResult<()> {
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);
     let lw = &e.w.layers[l];
-    let wt = sp.down_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed down for a sparse layer"))?;
+    let wt = sp.wt(e, l)?;
     let llama = e.cfg.family == Family::Llama;
     let (up_b, down_b) = (lw.up_b.as_ref().map(|b| b.ptr), lw.down_b.as_ref().map(|b| b.ptr));
     for (c, r0, nb) in chunks(rows, "the sparse MLP")? {
@@ -763,7 +775,7 @@ pub fn cats_mlp(e: &Engine, sp: &SparseMlp, l: usize, t: f32, rows: usize, input
         } else {
             cats_select(e, lw.up.ptr, up_b, false, inp, t, kept, act, nb, d, tally)?;
         }
-        down_t(e, wt.ptr, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
+        down_t(e, wt, down_b, act, f, Some(kept), f, x + (r0 * d * 4) as u64, nb, d, false)?;
     }
     Ok(())
 }
