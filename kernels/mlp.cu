@@ -35,7 +35,7 @@ __device__ __forceinline__ void mlpf_batch(const u16* __restrict__ w, const u16*
     }
 }
 
-template <typename T, bool GLU, int MW>
+template <typename T, bool GLU, int MW, bool ROLL>
 __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ w,     // [F, K] fc1 / gate rows
     const u16* __restrict__ w2,    // [F, K] up rows (GLU), else unused
@@ -84,7 +84,9 @@ __device__ __forceinline__ void mlp_fused_impl(
         const bool ok = n < hi;
         float s = 0.0f, s2 = 0.0f;
         for (int base = lane; base < K8; base += 32 * U) {
-            if (base != lane) mlpf_batch<GLU, false, U>(w, w2, n, ok, K, base, wv, wv2); // the first is in registers
+            // The first batch is in registers; ROLL refills each word's register as soon as it is used (the next
+            // batch's word u), so loads stay in flight through the sums instead of four at a time.
+            if (!ROLL && base != lane) mlpf_batch<GLU, false, U>(w, w2, n, ok, K, base, wv, wv2);
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int i = base + 32 * u;
@@ -99,6 +101,12 @@ __device__ __forceinline__ void mlp_fused_impl(
                     unpack8<T>(wv2[u], wf);
 #pragma unroll
                     for (int e = 0; e < 8; e++) s2 = fmaf(wf[e], xv[e], s2);
+                }
+                if (ROLL) {
+                    const int nx = i + 32 * U;
+                    const bool l = ok && nx < K8;
+                    wv[u] = l ? ld_stream((const uint4*)(w + (size_t)n * K) + nx) : zero;
+                    if (GLU) wv2[u] = l ? ld_stream((const uint4*)(w2 + (size_t)n * K) + nx) : zero;
                 }
             }
         }
@@ -159,14 +167,16 @@ __device__ __forceinline__ void mlp_fused_impl(
     }
 }
 
-#define MLP_FUSED(TN, T, EN, GLU, MW)                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1) mlp_fused_##TN##_##EN##_w##MW( \
-        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* wt, const u16* bd,             \
-        const u16* x, float* out, int F, int K, int D) {                                                           \
-        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                   \
+#define MLP_FUSED(TN, T, EN, GLU, MW, ROLL, SUF)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1)                                \
+        mlp_fused_##TN##_##EN##_w##MW##SUF(const u16* w, const u16* w2, const u16* bias, const u16* bias2,          \
+                                           const u16* wt, const u16* bd, const u16* x, float* out, int F, int K, int D) { \
+        mlp_fused_impl<T, GLU, MW, ROLL>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                              \
     }
-#define MLP_FUSED_W(TN, T, EN, GLU) \
-    MLP_FUSED(TN, T, EN, GLU, 1) MLP_FUSED(TN, T, EN, GLU, 2) MLP_FUSED(TN, T, EN, GLU, 3) MLP_FUSED(TN, T, EN, GLU, 4)
+#define MLP_FUSED_W(TN, T, EN, GLU)                                                                        \
+    MLP_FUSED(TN, T, EN, GLU, 1, false, ) MLP_FUSED(TN, T, EN, GLU, 2, false, )                            \
+    MLP_FUSED(TN, T, EN, GLU, 3, false, ) MLP_FUSED(TN, T, EN, GLU, 4, false, )                            \
+    MLP_FUSED(TN, T, EN, GLU, 1, true, _roll) MLP_FUSED(TN, T, EN, GLU, 2, true, _roll)
 
 MLP_FUSED_W(f16, F16, glu, true)
 MLP_FUSED_W(f16, F16, relu, false)
