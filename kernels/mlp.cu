@@ -8,7 +8,7 @@
 // Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons: chunk
 // blockIdx.x, then + gridDim.x, ... (contiguous ranges a block, equal within one neuron, measured slower on an
 // H100: kernels/NOTES.md, twenty-sixth session). Warp w sums
-// the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in flight per lane and matrix, the lanes' partition and order of the GEMV's
+// the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in flight per lane and matrix, each register refilled as soon as its word is summed; the lanes' partition and order of the GEMV's
 // one-row kernels, kernels/gemv.cu) and parks its activation in shared memory (two buffers by chunk parity); after a
 // block barrier every thread adds the chunk's down rows times their activations into its own columns' f32 sums
 // (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The chunk's first MLPF_HALF down
@@ -35,7 +35,7 @@ __device__ __forceinline__ void mlpf_batch(const u16* __restrict__ w, const u16*
     }
 }
 
-template <typename T, bool GLU, int MW, bool ROLL>
+template <typename T, bool GLU, int MW>
 __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ w,     // [F, K] fc1 / gate rows
     const u16* __restrict__ w2,    // [F, K] up rows (GLU), else unused
@@ -84,9 +84,8 @@ __device__ __forceinline__ void mlp_fused_impl(
         const bool ok = n < hi;
         float s = 0.0f, s2 = 0.0f;
         for (int base = lane; base < K8; base += 32 * U) {
-            // The first batch is in registers; ROLL refills each word's register as soon as it is used (the next
-            // batch's word u), so loads stay in flight through the sums instead of four at a time.
-            if (!ROLL && base != lane) mlpf_batch<GLU, false, U>(w, w2, n, ok, K, base, wv, wv2);
+            // The first batch is in registers, and each word's register is refilled with the next batch's word
+            // as soon as it is summed, so loads stay in flight through the sums instead of going out four at a time.
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int i = base + 32 * u;
@@ -102,12 +101,10 @@ __device__ __forceinline__ void mlp_fused_impl(
 #pragma unroll
                     for (int e = 0; e < 8; e++) s2 = fmaf(wf[e], xv[e], s2);
                 }
-                if (ROLL) {
-                    const int nx = i + 32 * U;
-                    const bool l = ok && nx < K8;
-                    wv[u] = l ? ld_stream((const uint4*)(w + (size_t)n * K) + nx) : zero;
-                    if (GLU) wv2[u] = l ? ld_stream((const uint4*)(w2 + (size_t)n * K) + nx) : zero;
-                }
+                const int nx = i + 32 * U;
+                const bool l = ok && nx < K8;
+                wv[u] = l ? ld_stream((const uint4*)(w + (size_t)n * K) + nx) : zero;
+                if (GLU) wv2[u] = l ? ld_stream((const uint4*)(w2 + (size_t)n * K) + nx) : zero;
             }
         }
         // The chunk's first down rows, then the next chunk's first gate / up batch, go out before the reduction.
@@ -167,16 +164,14 @@ __device__ __forceinline__ void mlp_fused_impl(
     }
 }
 
-#define MLP_FUSED(TN, T, EN, GLU, MW, ROLL, SUF)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1)                                \
-        mlp_fused_##TN##_##EN##_w##MW##SUF(const u16* w, const u16* w2, const u16* bias, const u16* bias2,          \
-                                           const u16* wt, const u16* bd, const u16* x, float* out, int F, int K, int D) { \
-        mlp_fused_impl<T, GLU, MW, ROLL>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                              \
+#define MLP_FUSED(TN, T, EN, GLU, MW)                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1) mlp_fused_##TN##_##EN##_w##MW( \
+        const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* wt, const u16* bd,             \
+        const u16* x, float* out, int F, int K, int D) {                                                           \
+        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                   \
     }
-#define MLP_FUSED_W(TN, T, EN, GLU)                                                                        \
-    MLP_FUSED(TN, T, EN, GLU, 1, false, ) MLP_FUSED(TN, T, EN, GLU, 2, false, )                            \
-    MLP_FUSED(TN, T, EN, GLU, 3, false, ) MLP_FUSED(TN, T, EN, GLU, 4, false, )                            \
-    MLP_FUSED(TN, T, EN, GLU, 1, true, _roll) MLP_FUSED(TN, T, EN, GLU, 2, true, _roll)
+#define MLP_FUSED_W(TN, T, EN, GLU) \
+    MLP_FUSED(TN, T, EN, GLU, 1) MLP_FUSED(TN, T, EN, GLU, 2) MLP_FUSED(TN, T, EN, GLU, 3) MLP_FUSED(TN, T, EN, GLU, 4)
 
 MLP_FUSED_W(f16, F16, glu, true)
 MLP_FUSED_W(f16, F16, relu, false)

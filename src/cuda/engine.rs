@@ -355,9 +355,6 @@ pub struct Engine {
     /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off); a sparse plan's layers
     /// read them too instead of making their own.
     pub(super) down_t: Vec<DBuf>,
-    /// The fused MLP (widths up to 4,096) refills each gate / up register as soon as its word is summed
-    /// (`mlp_fused_*_roll`; `DEJAVU_MLPF_ROLL=1`, off by default until measured).
-    mlp_roll: bool,
 }
 
 /// Threads of a fused-MLP block (`MLPF_WARPS` warps in kernels/mlp.cu).
@@ -457,7 +454,6 @@ impl Engine {
             grid_cap: None,
             mlp_fuse: false,
             down_t: Vec::new(),
-            mlp_roll: std::env::var("DEJAVU_MLPF_ROLL").is_ok_and(|v| v != "0"),
         };
         if mlp_fuse_default(&e.cfg) {
             if let Err(err) = e.set_mlp_fuse(true) {
@@ -500,15 +496,14 @@ impl Engine {
 
     /// `out[:] += down_b + down^T act(up . x)` for one 16-bit input row `x` in one launch (`mlp_fused_*`): `up`
     /// `[2F, k]` (gate rows, then up rows) with `glu`, else fc1 `[F, k]`; `wt` the transposed down `[F, d]`; `out`
-    /// the f32 residual stream `[d]`; `roll`: the `_roll` kernels where the width has them (up to 4,096). Shapes [`mlp_fused_fits`] refuses are an error.
+    /// the f32 residual stream `[d]`. Shapes [`mlp_fused_fits`] refuses are an error.
     #[allow(clippy::too_many_arguments)]
-    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool, roll: bool) -> GpuResult<()> {
+    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<()> {
         if !mlp_fused_fits(k, d) {
             return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 (k {k}, d {d})")));
         }
         let mw = (d / 8).div_ceil(MLPF_THREADS as usize);
-        let roll = if roll && mw <= 2 { "_roll" } else { "" };
-        let name = format!("mlp_fused_{}_{}_w{mw}{roll}", self.dt().name(), if glu { "glu" } else { "relu" });
+        let name = format!("mlp_fused_{}_{}_w{mw}", self.dt().name(), if glu { "glu" } else { "relu" });
         let (w2, b2) = if glu { (up + (f * k * 2) as u64, up_b.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
         let smem = k * 4;
         let func = self.k.get(&name)?;
@@ -1266,7 +1261,7 @@ impl Engine {
                 if self.mlp_fuse && rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlp_roll)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
