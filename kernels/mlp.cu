@@ -6,15 +6,15 @@
 // `wt` [F, D] (one contiguous row a neuron), as in the sparse path's down_t (kernels/sparse.cu).
 //
 // Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons: chunk
-// blockIdx.x, then + gridDim.x, ... (contiguous ranges a block, equal within one neuron, measured slower on an
-// H100: kernels/NOTES.md, twenty-sixth session). Warp w sums
-// the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in flight per lane and matrix, each register refilled as soon as its word is summed; the lanes' partition and order of the GEMV's
-// one-row kernels, kernels/gemv.cu) and parks its activation in shared memory (two buffers by chunk parity); after a
-// block barrier every thread adds the chunk's down rows times their activations into its own columns' f32 sums
-// (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The chunk's first MLPF_HALF down
-// rows and the next chunk's first gate / up loads go out before the barrier. At the end each block adds its D sums
-// into `out` with vector atomic adds (red_add8), so the order of addition across blocks is not fixed.
-// Requires K % 8 == 0, D % 8 == 0, D / 8 <= MW * blockDim.x, and K * 4 bytes of dynamic shared memory.
+// blockIdx.x, then + gridDim.x, ... (contiguous ranges a block, equal within one neuron, measured slower on an H100:
+// kernels/NOTES.md, twenty-sixth session). Warp w sums the chunk's neuron w's rows against x staged in f32 in shared
+// memory (16-byte loads, four in flight per lane and matrix, each register refilled as soon as its word is summed; the
+// lanes' partition and order of the GEMV's one-row kernels, kernels/gemv.cu) and parks its activation in shared memory
+// (two buffers by chunk parity); after a block barrier every thread adds the chunk's down rows times their activations
+// into its own columns' f32 sums (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The
+// chunk's first MLPF_HALF down rows and the next chunk's first gate / up loads go out before the barrier. At the end
+// each block adds its D sums into `out` with vector atomic adds (red_add8), so the order of addition across blocks is
+// not fixed. Requires K % 8 == 0, D % 8 == 0, D / 8 <= MW * blockDim.x, and K * 4 bytes of dynamic shared memory.
 
 #define MLPF_WARPS 8
 #define MLPF_HALF 4

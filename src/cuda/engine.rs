@@ -346,14 +346,11 @@ pub struct Engine {
     dense_now: bool,
     /// Kept-neuron statistics of the sparse forwards since the last take.
     pub stats: crate::sparse::SparsityStats,
-    /// A one-row dense decode step runs its MLP as one launch (`mlp_fused_*`, kernels/mlp.cu) where the input is
-    /// the norm's 16-bit output: each block streams its neurons' gate / up rows and then their down rows from a
-    /// transposed copy, so no launch boundary sits between the two products. On by default at widths over 2,048 up
-    /// to 4,096 (see [`mlp_fuse_default`]); `DEJAVU_MLP_FUSE=0` turns it off, `=1` on at every width it takes. The
-    /// copies are made at start (one more copy of every down projection in memory).
-    mlp_fuse: bool,
-    /// The transposed down projections `[F, d]` per layer for `mlp_fuse` (empty when off); a sparse plan's layers
-    /// read them too instead of making their own.
+    /// The transposed down projections `[F, d]` per layer (empty unless [`mlp_fuse_default`]): with them a one-row
+    /// dense decode step runs its MLP as one launch (`mlp_fused_*`, kernels/mlp.cu) where the input is the norm's
+    /// 16-bit output: each block streams its neurons' gate / up rows and then their down rows from these copies,
+    /// so no launch boundary sits between the two products. A sparse plan's layers read them too instead of making
+    /// their own. Made at start: one more copy of every down projection in memory.
     pub(super) down_t: Vec<DBuf>,
 }
 
@@ -452,17 +449,15 @@ impl Engine {
             pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             grid_cap: None,
-            mlp_fuse: false,
             down_t: Vec::new(),
         };
         if mlp_fuse_default(&e.cfg) {
-            if let Err(err) = e.set_mlp_fuse(true) {
+            if let Err(err) = e.transpose_downs() {
                 if std::env::var_os("DEJAVU_MLP_FUSE").is_some() {
                     return Err(err);
                 }
                 // By default only: no room for the transposed copies, so the MLP keeps its two GEMVs.
                 e.down_t.clear();
-                e.mlp_fuse = false;
             }
         }
         Ok(e)
@@ -478,11 +473,10 @@ impl Engine {
         }
     }
 
-    /// Turn the one-launch dense MLP ([`Engine::mlp_fuse`]) on (making the transposed down copies, once) or off.
-    /// Widths it cannot take (see [`mlp_fused_fits`]) keep the two GEMVs either way.
-    pub fn set_mlp_fuse(&mut self, on: bool) -> GpuResult<()> {
-        self.mlp_fuse = on;
-        if on && self.down_t.is_empty() && mlp_fused_fits(self.cfg.hidden, self.cfg.hidden) {
+    /// Make [`Engine::down_t`], the transposed down copies of every layer (the fused MLP's widths only, see
+    /// [`mlp_fused_fits`]).
+    fn transpose_downs(&mut self) -> GpuResult<()> {
+        if mlp_fused_fits(self.cfg.hidden, self.cfg.hidden) {
             let (d, f) = (self.cfg.hidden, self.cfg.ffn);
             for l in 0..self.cfg.layers {
                 let b = self.gpu.alloc(f * d * 2)?;
@@ -1258,7 +1252,7 @@ impl Engine {
                 sparse_mlp(self, sp, l, rule, rows, input, x, pred_in, y, act)?;
             } else {
                 let lw = &self.w.layers[l];
-                if self.mlp_fuse && rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
+                if rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
                     self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
