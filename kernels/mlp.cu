@@ -5,18 +5,20 @@
 // neurons' gate / up rows and their down rows back to back. The down weights come from their transposed copy
 // `wt` [F, D] (one contiguous row a neuron), as in the sparse path's down_t (kernels/sparse.cu).
 //
-// Block: MLPF_WARPS warps (blockDim.x = 32 * MLPF_WARPS) taking chunks of MLPF_WARPS consecutive neurons: chunk
-// blockIdx.x, then + gridDim.x, ... (contiguous ranges a block, equal within one neuron, measured slower on an H100:
-// kernels/NOTES.md, twenty-sixth session). Warp w sums the chunk's neuron w's rows against x staged in f32 in shared
-// memory (16-byte loads, four in flight per lane and matrix, each register refilled as soon as its word is summed; the
-// lanes' partition and order of the GEMV's one-row kernels, kernels/gemv.cu) and parks its activation in shared memory
-// (two buffers by chunk parity); after a block barrier every thread adds the chunk's down rows times their activations
-// into its own columns' f32 sums (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The
-// chunk's first MLPF_HALF down rows and the next chunk's first gate / up loads go out before the barrier. At the end
-// each block adds its D sums into `out` with vector atomic adds (red_add8), so the order of addition across blocks is
-// not fixed. Requires K % 8 == 0, D % 8 == 0, D / 8 <= MW * blockDim.x, and K * 4 bytes of dynamic shared memory.
+// Block: W warps (blockDim.x = 32 * W) taking chunks of W consecutive neurons: chunk blockIdx.x, then + gridDim.x, ...
+// (contiguous ranges a block, equal within one neuron, measured slower on an H100: kernels/NOTES.md, twenty-sixth
+// session). Warp w sums the chunk's neuron w's rows against x staged in f32 in shared memory (16-byte loads, four in
+// flight per lane and matrix, each register refilled as soon as its word is summed; the lanes' partition and order of
+// the GEMV's one-row kernels, kernels/gemv.cu) and parks its activation in shared memory (two buffers by chunk parity);
+// after a block barrier every thread adds the chunk's down rows times their activations into its own columns' f32 sums
+// (thread t: 16-byte words t, t + blockDim.x, ... of a row: MW words, MW * 8 sums). The chunk's first MLPF_HALF down
+// rows and the next chunk's first gate / up loads go out before the barrier. At the end each block adds its D sums into
+// `out` with vector atomic adds (red_add8), so the order of addition across blocks is not fixed. Requires K % 8 == 0,
+// D % 8 == 0, D / 8 <= MW * blockDim.x, and K * 4 bytes of dynamic shared memory.
+//
+// W (warps a block) is 8, or 16 (`_x16`: one block of 512 threads a multiprocessor, two words of the output a
+// thread up to width 8,192); the chunk's down rows are added in groups of 8, 4 of them loaded ahead.
 
-#define MLPF_WARPS 8
 #define MLPF_HALF 4
 
 // One batch of a lane's gate / up loads: words base + 32 u (u < U) of neuron n's rows, zero where !ok or past the
@@ -35,7 +37,23 @@ __device__ __forceinline__ void mlpf_batch(const u16* __restrict__ w, const u16*
     }
 }
 
-template <typename T, bool GLU, int MW>
+// acc[m][:] += a[j] * row j's word m, for the MLPF_HALF rows held in dv.
+template <typename T, int MW>
+__device__ __forceinline__ void mlpf_down(const uint4 (&dv)[MLPF_HALF][MW], const float* a, float (&acc)[MW][8]) {
+#pragma unroll
+    for (int j = 0; j < MLPF_HALF; j++) {
+        const float aj = a[j];
+#pragma unroll
+        for (int m = 0; m < MW; m++) {
+            float wf[8];
+            unpack8<T>(dv[j][m], wf);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m][e] = fmaf(aj, wf[e], acc[m][e]);
+        }
+    }
+}
+
+template <typename T, bool GLU, int MW, int W>
 __device__ __forceinline__ void mlp_fused_impl(
     const u16* __restrict__ w,     // [F, K] fc1 / gate rows
     const u16* __restrict__ w2,    // [F, K] up rows (GLU), else unused
@@ -48,11 +66,11 @@ __device__ __forceinline__ void mlp_fused_impl(
     int F, int K, int D) {
     extern __shared__ float4 dyn_smem[];
     float* xs = (float*)dyn_smem; // [K]
-    __shared__ float hs[2][MLPF_WARPS];
+    __shared__ float hs[2][W];
     const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
     const int K8 = K >> 3, D8 = D >> 3;
     // This block's neurons: chunks starting at lo, lo + stride, ... below hi.
-    const int lo = blockIdx.x * MLPF_WARPS, hi = F, stride = gridDim.x * MLPF_WARPS;
+    const int lo = blockIdx.x * W, hi = F, stride = gridDim.x * W;
     constexpr int U = 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     // Weights never change: this warp's first gate / up loads go out before the wait.
@@ -128,25 +146,29 @@ __device__ __forceinline__ void mlp_fused_impl(
             hs[par][wib] = a;
         }
         __syncthreads();
-        // The chunk's other down rows go out before the first ones are added.
-        uint4 dv2[MLPF_WARPS - MLPF_HALF][MW];
+        // Each group of 8 down rows: its other 4 go out before its first 4 are added, and the next group's first
+        // 4 before its other 4 are.
+        uint4 dv2[MLPF_HALF][MW];
 #pragma unroll
-        for (int j = 0; j < MLPF_WARPS - MLPF_HALF; j++)
+        for (int g = 0; g < W / 8; g++) {
 #pragma unroll
-            for (int m = 0; m < MW; m++) {
-                const int word = threadIdx.x + m * blockDim.x, nj = n0 + MLPF_HALF + j;
-                dv2[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
+            for (int j = 0; j < MLPF_HALF; j++)
+#pragma unroll
+                for (int m = 0; m < MW; m++) {
+                    const int word = threadIdx.x + m * blockDim.x, nj = n0 + 8 * g + MLPF_HALF + j;
+                    dv2[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
+                }
+            mlpf_down<T, MW>(dv, hs[par] + 8 * g, acc);
+            if (8 * (g + 1) < W) {
+#pragma unroll
+                for (int j = 0; j < MLPF_HALF; j++)
+#pragma unroll
+                    for (int m = 0; m < MW; m++) {
+                        const int word = threadIdx.x + m * blockDim.x, nj = n0 + 8 * (g + 1) + j;
+                        dv[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
+                    }
             }
-#pragma unroll
-        for (int j = 0; j < MLPF_WARPS; j++) {
-            const float a = hs[par][j];
-#pragma unroll
-            for (int m = 0; m < MW; m++) {
-                float wf[8];
-                unpack8<T>(j < MLPF_HALF ? dv[j][m] : dv2[j - MLPF_HALF][m], wf);
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[m][e] = fmaf(a, wf[e], acc[m][e]);
-            }
+            mlpf_down<T, MW>(dv2, hs[par] + 8 * g + MLPF_HALF, acc);
         }
         par ^= 1; // hs[par] is written again only after the next barrier, which every thread reaches after this
     }
@@ -164,14 +186,16 @@ __device__ __forceinline__ void mlp_fused_impl(
     }
 }
 
-#define MLP_FUSED(TN, T, EN, GLU, MW)                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * MLPF_WARPS, (MW) <= 2 ? 2 : 1) mlp_fused_##TN##_##EN##_w##MW( \
+#define MLP_FUSED(TN, T, EN, GLU, MW, W, SUF, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * (W), MINB) mlp_fused_##TN##_##EN##_w##MW##SUF(            \
         const u16* w, const u16* w2, const u16* bias, const u16* bias2, const u16* wt, const u16* bd,             \
         const u16* x, float* out, int F, int K, int D) {                                                           \
-        mlp_fused_impl<T, GLU, MW>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                   \
+        mlp_fused_impl<T, GLU, MW, W>(w, w2, bias, bias2, wt, bd, x, out, F, K, D);                                \
     }
-#define MLP_FUSED_W(TN, T, EN, GLU) \
-    MLP_FUSED(TN, T, EN, GLU, 1) MLP_FUSED(TN, T, EN, GLU, 2) MLP_FUSED(TN, T, EN, GLU, 3) MLP_FUSED(TN, T, EN, GLU, 4)
+#define MLP_FUSED_W(TN, T, EN, GLU)                                                                     \
+    MLP_FUSED(TN, T, EN, GLU, 1, 8, , 2) MLP_FUSED(TN, T, EN, GLU, 2, 8, , 2)                            \
+    MLP_FUSED(TN, T, EN, GLU, 3, 8, , 1) MLP_FUSED(TN, T, EN, GLU, 4, 8, , 1)                            \
+    MLP_FUSED(TN, T, EN, GLU, 1, 16, _x16, 1) MLP_FUSED(TN, T, EN, GLU, 2, 16, _x16, 1)
 
 MLP_FUSED_W(f16, F16, glu, true)
 MLP_FUSED_W(f16, F16, relu, false)

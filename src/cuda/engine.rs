@@ -352,9 +352,12 @@ pub struct Engine {
     /// so no launch boundary sits between the two products. A sparse plan's layers read them too instead of making
     /// their own. Made at start: one more copy of every down projection in memory.
     pub(super) down_t: Vec<DBuf>,
+    /// Warps a fused-MLP block: 8, or 16 (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two
+    /// words of the output a thread at 13B widths; `DEJAVU_MLPF_WARPS=16`, not the default until measured).
+    mlpf_warps: u32,
 }
 
-/// Threads of a fused-MLP block (`MLPF_WARPS` warps in kernels/mlp.cu).
+/// Threads of a fused-MLP block (W = 8 warps in kernels/mlp.cu; the `_x16` kernels take twice as many).
 const MLPF_THREADS: u32 = 256;
 
 /// Widths the fused MLP takes: input `k` and output `d` multiples of 8, `d` within 4 16-byte words a thread, the
@@ -450,6 +453,7 @@ impl Engine {
             occupancy: Default::default(),
             grid_cap: None,
             down_t: Vec::new(),
+            mlpf_warps: if std::env::var("DEJAVU_MLPF_WARPS").is_ok_and(|v| v == "16") { 16 } else { 8 },
         };
         if mlp_fuse_default(&e.cfg) {
             if let Err(err) = e.transpose_downs() {
@@ -490,18 +494,20 @@ impl Engine {
 
     /// `out[:] += down_b + down^T act(up . x)` for one 16-bit input row `x` in one launch (`mlp_fused_*`): `up`
     /// `[2F, k]` (gate rows, then up rows) with `glu`, else fc1 `[F, k]`; `wt` the transposed down `[F, d]`; `out`
-    /// the f32 residual stream `[d]`. Shapes [`mlp_fused_fits`] refuses are an error.
+    /// the f32 residual stream `[d]`; `warps` a block, 8 or 16. Shapes [`mlp_fused_fits`] refuses are an error.
     #[allow(clippy::too_many_arguments)]
-    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<()> {
-        if !mlp_fused_fits(k, d) {
-            return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 (k {k}, d {d})")));
+    pub fn mlp_fused(&self, up: CUdeviceptr, up_b: Option<CUdeviceptr>, wt: CUdeviceptr, down_b: Option<CUdeviceptr>, x: CUdeviceptr, out: CUdeviceptr, f: usize, k: usize, d: usize, glu: bool, warps: u32) -> GpuResult<()> {
+        if !mlp_fused_fits(k, d) || ![8, 16].contains(&warps) {
+            return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 and 8 or 16 warps (k {k}, d {d}, {warps} warps)")));
         }
-        let mw = (d / 8).div_ceil(MLPF_THREADS as usize);
-        let name = format!("mlp_fused_{}_{}_w{mw}", self.dt().name(), if glu { "glu" } else { "relu" });
+        let threads = 32 * warps;
+        let mw = (d / 8).div_ceil(threads as usize);
+        let x16 = if warps == 16 { "_x16" } else { "" };
+        let name = format!("mlp_fused_{}_{}_w{mw}{x16}", self.dt().name(), if glu { "glu" } else { "relu" });
         let (w2, b2) = if glu { (up + (f * k * 2) as u64, up_b.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
         let smem = k * 4;
         let func = self.k.get(&name)?;
-        let grid = self.block_grid(func, f.div_ceil(MLPF_THREADS as usize / 32), MLPF_THREADS, smem)?;
+        let grid = self.block_grid(func, f.div_ceil(warps as usize), threads, smem)?;
         let mut args = Args::new()
             .ptr(up)
             .ptr(w2)
@@ -514,7 +520,7 @@ impl Engine {
             .i32(f as i32)
             .i32(k as i32)
             .i32(d as i32);
-        self.gpu.launch(func, (grid, 1, 1), MLPF_THREADS, smem as u32, &mut args)
+        self.gpu.launch(func, (grid, 1, 1), threads, smem as u32, &mut args)
     }
 
     /// Run `plan` from now on. The GPU runs, on the MLP (any layer may stay dense): CATS thresholds, the SwiGLU
@@ -1255,7 +1261,7 @@ impl Engine {
                 if rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlpf_warps)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };

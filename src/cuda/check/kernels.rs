@@ -244,7 +244,8 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 
 /// The one-launch dense MLP (`mlp_fused_*`): out (f32, initialised) += bd + sum_i act_i wt[i, :], act_i from the
 /// gate / up (or fc1) rows, against f64 on the same rounded inputs; every output width class (1-4 words a thread),
-/// neuron counts not a multiple of a chunk, input and output widths apart, with and without biases.
+/// neuron counts not a multiple of a chunk, input and output widths apart, with and without biases, blocks of 8 and 16
+/// warps.
 fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d_ = Dev { e };
     for (k, f, dd) in [(576usize, 1536usize, 576usize), (1024, 344, 1024), (2048, 333, 2048), (4096, 700, 4096), (5120, 301, 5120), (8192, 130, 8192), (576, 203, 4096), (4096, 2051, 2048)] {
@@ -269,10 +270,12 @@ fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
                     })
                     .collect();
                 let kind = if glu { "glu" } else { "relu" };
-                let ob = d_.f32buf(&init)?;
-                e.mlp_fused(wb.ptr, bias, wtb.ptr, dbias, xb.ptr, ob.ptr, f, k, dd, glu)?;
-                let got = d_.read_f32(&ob, dd)?;
-                out.push(verdict(format!("mlp_fused {kind} k={k} f={f} d={dd} bias={with_bias}"), dt, &got, &want, 1e-2));
+                for warps in [8u32, 16] {
+                    let ob = d_.f32buf(&init)?;
+                    e.mlp_fused(wb.ptr, bias, wtb.ptr, dbias, xb.ptr, ob.ptr, f, k, dd, glu, warps)?;
+                    let got = d_.read_f32(&ob, dd)?;
+                    out.push(verdict(format!("mlp_fused {kind} {warps} warps k={k} f={f} d={dd} bias={with_bias}"), dt, &got, &want, 1e-2));
+                }
             }
         }
     }
