@@ -37,6 +37,18 @@ __device__ __forceinline__ void mlpf_batch(const u16* __restrict__ w, const u16*
     }
 }
 
+// dv[j][m] = word threadIdx.x + m * blockDim.x of down row r + j (j < MLPF_HALF), zero past hi or past the row.
+template <int MW>
+__device__ __forceinline__ void mlpf_rows(uint4 (&dv)[MLPF_HALF][MW], const u16* __restrict__ wt, int r, int hi, int D) {
+#pragma unroll
+    for (int j = 0; j < MLPF_HALF; j++)
+#pragma unroll
+        for (int m = 0; m < MW; m++) {
+            const int word = threadIdx.x + m * blockDim.x;
+            dv[j][m] = (r + j < hi && word < (D >> 3)) ? ld_stream((const uint4*)(wt + (size_t)(r + j) * D) + word) : make_uint4(0, 0, 0, 0);
+        }
+}
+
 // acc[m][:] += a[j] * row j's word m, for the MLPF_HALF rows held in dv.
 template <typename T, int MW>
 __device__ __forceinline__ void mlpf_down(const uint4 (&dv)[MLPF_HALF][MW], const float* a, float (&acc)[MW][8]) {
@@ -127,13 +139,7 @@ __device__ __forceinline__ void mlp_fused_impl(
         }
         // The chunk's first down rows, then the next chunk's first gate / up batch, go out before the reduction.
         uint4 dv[MLPF_HALF][MW];
-#pragma unroll
-        for (int j = 0; j < MLPF_HALF; j++)
-#pragma unroll
-            for (int m = 0; m < MW; m++) {
-                const int word = threadIdx.x + m * blockDim.x;
-                dv[j][m] = (n0 + j < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)(n0 + j) * D) + word) : zero;
-            }
+        mlpf_rows<MW>(dv, wt, n0, hi, D);
         mlpf_batch<GLU, false, U>(w, w2, n0 + stride + wib, n0 + stride + wib < hi, K, lane, wv, wv2);
         s = warp_sum(s);
         if (GLU) s2 = warp_sum(s2);
@@ -151,23 +157,9 @@ __device__ __forceinline__ void mlp_fused_impl(
         uint4 dv2[MLPF_HALF][MW];
 #pragma unroll
         for (int g = 0; g < W / 8; g++) {
-#pragma unroll
-            for (int j = 0; j < MLPF_HALF; j++)
-#pragma unroll
-                for (int m = 0; m < MW; m++) {
-                    const int word = threadIdx.x + m * blockDim.x, nj = n0 + 8 * g + MLPF_HALF + j;
-                    dv2[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
-                }
+            mlpf_rows<MW>(dv2, wt, n0 + 8 * g + MLPF_HALF, hi, D);
             mlpf_down<T, MW>(dv, hs[par] + 8 * g, acc);
-            if (8 * (g + 1) < W) {
-#pragma unroll
-                for (int j = 0; j < MLPF_HALF; j++)
-#pragma unroll
-                    for (int m = 0; m < MW; m++) {
-                        const int word = threadIdx.x + m * blockDim.x, nj = n0 + 8 * (g + 1) + j;
-                        dv[j][m] = (nj < hi && word < D8) ? ld_stream((const uint4*)(wt + (size_t)nj * D) + word) : zero;
-                    }
-            }
+            if (8 * (g + 1) < W) mlpf_rows<MW>(dv, wt, n0 + 8 * (g + 1), hi, D);
             mlpf_down<T, MW>(dv2, hs[par] + 8 * g + MLPF_HALF, acc);
         }
         par ^= 1; // hs[par] is written again only after the next barrier, which every thread reaches after this
