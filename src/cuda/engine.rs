@@ -458,7 +458,7 @@ impl Engine {
         if mlp_fuse_default(&e.cfg) {
             if let Err(err) = e.transpose_downs() {
                 if std::env::var_os("DEJAVU_MLP_FUSE").is_some() {
-                    return Err(err);
+                    return Err(GpuError(format!("the one-launch MLP's transposed down copies (DEJAVU_MLP_FUSE=1; 0 turns them off): {err}")));
                 }
                 // By default only: no room for the transposed copies, so the MLP keeps its two GEMVs.
                 e.down_t.clear();
