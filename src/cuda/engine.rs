@@ -352,8 +352,9 @@ pub struct Engine {
     /// so no launch boundary sits between the two products. A sparse plan's layers read them too instead of making
     /// their own. Made at start: one more copy of every down projection in memory.
     pub(super) down_t: Vec<DBuf>,
-    /// Warps a fused-MLP block: 8, or 16 (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two
-    /// words of the output a thread at 13B widths; `DEJAVU_MLPF_WARPS=16`, not the default until measured).
+    /// Warps a fused-MLP block: 0 picks per shape ([`mlpf_pick`]); `DEJAVU_MLPF_WARPS=8` or `=16` forces 8 or 16
+    /// (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two words of the output a thread up to
+    /// width 8,192).
     mlpf_warps: u32,
 }
 
@@ -367,15 +368,49 @@ pub fn mlp_fused_fits(k: usize, d: usize) -> bool {
 }
 
 /// Whether an engine for `cfg` runs the one-launch MLP: `DEJAVU_MLP_FUSE=0` no, `=1` wherever
-/// [`mlp_fused_fits`], unset where it was measured to win. Side by side on an H100 (2026-12-07, `bench --prompt 128
-/// --tokens 128`, kernels/NOTES.md) it took Llama-2-7B f16 from 5.11 to 5.06 ms and OPT-6.7B from 5.14 to 5.04
-/// (bf16 alike), but cost 0.5-1.6% at the 13B shapes (width 5,120: three 16-byte words of the output a thread,
-/// one block a multiprocessor) and is not used below width 2,048 (the norm is fused into the GEMV there).
+/// [`mlp_fused_fits`], unset at widths 2,049-5,120, where it was measured to win. Side by side on an H100
+/// (`bench --prompt 128 --tokens 128`, kernels/NOTES.md) it took Llama-2-7B f16 from 5.11 to 5.06 ms and OPT-6.7B
+/// from 5.14 to 5.04 (bf16 alike), and with 16-warp blocks OPT-13B from 9.41 to 9.13 and Llama-2-13B from 9.31 to
+/// 9.11. It is not used below width 2,048 (the norm is fused into the GEMV there), nor by default above 5,120:
+/// OPT-30B gained 2% forced, but its copies (20 GB at f16) would no longer leave it room on an 80 GB card.
 pub fn mlp_fuse_default(cfg: &ModelConfig) -> bool {
     let fits = mlp_fused_fits(cfg.hidden, cfg.hidden);
     match std::env::var("DEJAVU_MLP_FUSE") {
         Ok(v) => v != "0" && fits,
-        Err(_) => fits && cfg.hidden > 2048 && cfg.hidden <= 4096,
+        Err(_) => fits && cfg.hidden > 2048 && cfg.hidden <= 5120,
+    }
+}
+
+/// Neurons the busiest multiprocessor sums in a fused-MLP launch over `f` neurons with `warps` warps a block on a
+/// grid of `grid` blocks: chunks of `warps` neurons go to the blocks in turn (chunk c to block c mod grid,
+/// kernels/mlp.cu) and the blocks to the `sms` multiprocessors in waves (block b to b mod sms). Only which
+/// multiprocessors get a wave's extra blocks depends on that last assumption, not the maximum.
+fn mlpf_busiest(f: usize, warps: usize, grid: usize, sms: usize) -> usize {
+    let chunks = f.div_ceil(warps.max(1));
+    let grid = grid.clamp(1, chunks.max(1));
+    let sms = sms.max(1);
+    let mut per_sm = vec![0usize; sms.min(grid)];
+    for b in 0..grid {
+        per_sm[b % sms] += chunks / grid + usize::from(b < chunks % grid);
+    }
+    per_sm.into_iter().max().unwrap_or(0) * warps
+}
+
+/// Warps a fused-MLP block for `f` neurons on `sms` multiprocessors that hold `per_sm8` 8-warp blocks or
+/// `per_sm16` 16-warp blocks at once: 16 unless the 8-warp kernel keeps at least as many warps resident and its
+/// busiest multiprocessor sums fewer neurons ([`mlpf_busiest`]). Measured on an H100 (kernels/NOTES.md,
+/// twenty-seventh session): at width 5,120 the 8-warp kernel holds three words of the output a thread, one block a
+/// multiprocessor, and 16 warps took OPT-13B and Llama-2-13B 2-3% faster; at width 4,096 both keep 16 warps a
+/// multiprocessor, and the 16-warp blocks were 1.3% faster at OPT-6.7B and 0.9% at Mistral-7B (the same busiest
+/// multiprocessor) but 0.7% slower at Llama-2-7B (11,008 neurons: 96 on the busiest against 88).
+fn mlpf_pick(f: usize, sms: usize, per_sm8: usize, per_sm16: usize) -> u32 {
+    let sms = sms.max(1);
+    let (c8, c16) = (f.div_ceil(8), f.div_ceil(16));
+    let (g8, g16) = (c8.min(per_sm8.max(1) * sms), c16.min(per_sm16.max(1) * sms));
+    if per_sm8 * 8 >= per_sm16 * 16 && mlpf_busiest(f, 8, g8, sms) < mlpf_busiest(f, 16, g16, sms) {
+        8
+    } else {
+        16
     }
 }
 
@@ -453,7 +488,7 @@ impl Engine {
             occupancy: Default::default(),
             grid_cap: None,
             down_t: Vec::new(),
-            mlpf_warps: if std::env::var("DEJAVU_MLPF_WARPS").is_ok_and(|v| v == "16") { 16 } else { 8 },
+            mlpf_warps: std::env::var("DEJAVU_MLPF_WARPS").ok().and_then(|v| v.parse().ok()).filter(|w| [8, 16].contains(w)).unwrap_or(0),
         };
         if mlp_fuse_default(&e.cfg) {
             if let Err(err) = e.transpose_downs() {
@@ -500,13 +535,9 @@ impl Engine {
         if !mlp_fused_fits(k, d) || ![8, 16].contains(&warps) {
             return Err(GpuError(format!("internal: the fused MLP takes widths that are multiples of 8 up to 8192 and 8 or 16 warps (k {k}, d {d}, {warps} warps)")));
         }
-        let threads = 32 * warps;
-        let mw = (d / 8).div_ceil(threads as usize);
-        let x16 = if warps == 16 { "_x16" } else { "" };
-        let name = format!("mlp_fused_{}_{}_w{mw}{x16}", self.dt().name(), if glu { "glu" } else { "relu" });
+        let (func, threads) = self.mlpf_kernel(d, glu, warps)?;
         let (w2, b2) = if glu { (up + (f * k * 2) as u64, up_b.map_or(0, |b| b + (f * 2) as u64)) } else { (0, 0) };
         let smem = k * 4;
-        let func = self.k.get(&name)?;
         let grid = self.block_grid(func, f.div_ceil(warps as usize), threads, smem)?;
         let mut args = Args::new()
             .ptr(up)
@@ -521,6 +552,28 @@ impl Engine {
             .i32(k as i32)
             .i32(d as i32);
         self.gpu.launch(func, (grid, 1, 1), threads, smem as u32, &mut args)
+    }
+
+    /// The fused-MLP kernel for output width `d` with `warps` warps a block, and its threads a block.
+    fn mlpf_kernel(&self, d: usize, glu: bool, warps: u32) -> GpuResult<(cudarc::driver::sys::CUfunction, u32)> {
+        let threads = 32 * warps;
+        let mw = (d / 8).div_ceil(threads as usize);
+        let x16 = if warps == 16 { "_x16" } else { "" };
+        let name = format!("mlp_fused_{}_{}_w{mw}{x16}", self.dt().name(), if glu { "glu" } else { "relu" });
+        Ok((self.k.get(&name)?, threads))
+    }
+
+    /// Warps a fused-MLP block for `f` neurons of input width `k` and output width `d`: `DEJAVU_MLPF_WARPS` where
+    /// set, else [`mlpf_pick`] from the occupancy of both kernels.
+    fn mlpf_warps_for(&self, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<u32> {
+        if self.mlpf_warps != 0 {
+            return Ok(self.mlpf_warps);
+        }
+        let per_sm = |warps: u32| -> GpuResult<usize> {
+            let (func, threads) = self.mlpf_kernel(d, glu, warps)?;
+            Ok(self.blocks_per_sm(func, threads, k * 4)? as usize)
+        };
+        Ok(mlpf_pick(f, self.gpu.sms as usize, per_sm(8)?, per_sm(16)?))
     }
 
     /// Run `plan` from now on. The GPU runs, on the MLP (any layer may stay dense): CATS thresholds, the SwiGLU
@@ -1261,7 +1314,8 @@ impl Engine {
                 if rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlpf_warps)?;
+                    let warps = self.mlpf_warps_for(f, d, d, glu)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, warps)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
@@ -1583,7 +1637,26 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::split_for;
+    use super::{mlpf_busiest, mlpf_pick, split_for};
+
+    #[test]
+    fn fused_mlp_warps_follow_the_busiest_multiprocessor() {
+        // Worked by hand, 132 multiprocessors. Llama-2-7B, 11,008 neurons: 8 warps, 2 blocks a multiprocessor,
+        // 1,376 chunks on 264 blocks = 5 each and 56 with 6, so at most 6 + 5 chunks of 8 = 88 neurons; 16 warps,
+        // 1 block, 688 chunks on 132 = 5 each and 28 with 6: 96.
+        assert_eq!(mlpf_busiest(11008, 8, 264, 132), 88);
+        assert_eq!(mlpf_busiest(11008, 16, 132, 132), 96);
+        assert_eq!(mlpf_pick(11008, 132, 2, 1), 8);
+        // Mistral-7B, 14,336: 1,792 chunks on 264 = 6 each and 208 with 7, so 76 multiprocessors hold 7 + 7 = 14
+        // chunks, 112 neurons; 896 on 132 = 6 and 104 with 7: 112. A tie takes 16.
+        assert_eq!(mlpf_busiest(14336, 8, 264, 132), 112);
+        assert_eq!(mlpf_busiest(14336, 16, 132, 132), 112);
+        assert_eq!(mlpf_pick(14336, 132, 2, 1), 16);
+        // Llama-2-13B, 13,824: the 8-warp kernel holds 1 block (8 warps) a multiprocessor, fewer than 16.
+        assert_eq!(mlpf_pick(13824, 132, 1, 1), 16);
+        // Fewer chunks than blocks: 100 neurons, 13 chunks of 8 on 13 blocks, one a multiprocessor: 8.
+        assert_eq!(mlpf_busiest(100, 8, 264, 132), 8);
+    }
 
     #[test]
     fn split_balances_rows_just_above_a_multiple_of_the_warps() {
