@@ -1652,8 +1652,16 @@ mod tests {
         assert_eq!(mlpf_busiest(14336, 8, 264, 132), 112);
         assert_eq!(mlpf_busiest(14336, 16, 132, 132), 112);
         assert_eq!(mlpf_pick(14336, 132, 2, 1), 16);
-        // Llama-2-13B, 13,824: the 8-warp kernel holds 1 block (8 warps) a multiprocessor, fewer than 16.
+        // OPT-6.7B, 16,384: 2,048 chunks on 264 = 7 each and 200 with 8, so 68 multiprocessors hold 8 + 8 = 16
+        // chunks, 128 neurons; 1,024 on 132 = 7 and 100 with 8: 128. 16.
+        assert_eq!(mlpf_busiest(16384, 8, 264, 132), 128);
+        assert_eq!(mlpf_busiest(16384, 16, 132, 132), 128);
+        assert_eq!(mlpf_pick(16384, 132, 2, 1), 16);
+        // Llama-2-13B, 13,824, and OPT-13B, 20,480: the 8-warp kernel holds 1 block (8 warps) a multiprocessor,
+        // fewer than 16, so 16 even where 8 would put fewer neurons on the busiest one.
         assert_eq!(mlpf_pick(13824, 132, 1, 1), 16);
+        assert_eq!(mlpf_pick(20480, 132, 1, 1), 16);
+        assert_eq!(mlpf_pick(11008, 132, 1, 1), 16);
         // Fewer chunks than blocks: 100 neurons, 13 chunks of 8 on 13 blocks, one a multiprocessor: 8.
         assert_eq!(mlpf_busiest(100, 8, 264, 132), 8);
     }
