@@ -352,9 +352,9 @@ pub struct Engine {
     /// so no launch boundary sits between the two products. A sparse plan's layers read them too instead of making
     /// their own. Made at start: one more copy of every down projection in memory.
     pub(super) down_t: Vec<DBuf>,
-    /// Warps a fused-MLP block: 0 picks per shape ([`mlpf_pick`]); `DEJAVU_MLPF_WARPS=8` or `=16` forces 8 or 16
-    /// (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two words of the output a thread up to
-    /// width 8,192).
+    /// Warps a fused-MLP block, 8 or 16 (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two
+    /// words of the output a thread up to width 8,192): `DEJAVU_MLPF_WARPS=8` or `=16`, else picked at start for
+    /// the model's shape ([`mlpf_pick`]; 0 until then).
     mlpf_warps: u32,
 }
 
@@ -499,6 +499,10 @@ impl Engine {
                 e.down_t.clear();
             }
         }
+        if !e.down_t.is_empty() && e.mlpf_warps == 0 {
+            let glu = e.cfg.family != Family::Opt;
+            e.mlpf_warps = e.mlpf_warps_for(e.cfg.ffn, e.cfg.hidden, e.cfg.hidden, glu)?;
+        }
         Ok(e)
     }
 
@@ -563,12 +567,9 @@ impl Engine {
         Ok((self.k.get(&name)?, threads))
     }
 
-    /// Warps a fused-MLP block for `f` neurons of input width `k` and output width `d`: `DEJAVU_MLPF_WARPS` where
-    /// set, else [`mlpf_pick`] from the occupancy of both kernels.
+    /// Warps a fused-MLP block for `f` neurons of input width `k` and output width `d` by [`mlpf_pick`] from the
+    /// occupancy of both kernels.
     fn mlpf_warps_for(&self, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<u32> {
-        if self.mlpf_warps != 0 {
-            return Ok(self.mlpf_warps);
-        }
         let per_sm = |warps: u32| -> GpuResult<usize> {
             let (func, threads) = self.mlpf_kernel(d, glu, warps)?;
             Ok(self.blocks_per_sm(func, threads, k * 4)? as usize)
@@ -1314,8 +1315,7 @@ impl Engine {
                 if rows == 1 && mlp_in.is_none() && !self.down_t.is_empty() {
                     // One row, one launch: each neuron's activation goes straight into its down row's products.
                     let glu = !opt;
-                    let warps = self.mlpf_warps_for(f, d, d, glu)?;
-                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, warps)?;
+                    self.mlp_fused(lw.up.ptr, lw.up_b.as_ref().map(|b| b.ptr), self.down_t[l].ptr, lw.down_b.as_ref().map(|b| b.ptr), h, x, f, d, d, glu, self.mlpf_warps)?;
                 } else if self.f32_acts && rows == 1 {
                     // One row: the hidden stays in f32 between the two products.
                     let epi = if opt { Epi::Relu32 } else { Epi::Glu32 };
