@@ -15,6 +15,7 @@ pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod fixture;
+pub mod launch;
 pub mod model;
 pub mod ppl;
 pub mod predictor;

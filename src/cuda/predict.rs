@@ -4,6 +4,7 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
+use crate::launch::{hidden_split, GEMV_SMEM};
 use crate::predictor::{FoldedPredictor, RMS_EPS};
 
 use super::engine::{Engine, Epi, NormIn};
@@ -91,7 +92,7 @@ impl GpuPredictor {
             Some(s) if split => {
                 let name = format!("pred_hidden_{}_b{}", e.dt().name(), rows.next_power_of_two());
                 let smem = rows * self.d * 4;
-                let f = e.k.get_smem(&name, super::engine::GEMV_SMEM)?;
+                let f = e.k.get_smem(&name, GEMV_SMEM)?;
                 let rpb = PRED_WARPS / s;
                 let mut args = Args::new().ptr(self.w1t.ptr).ptr(self.b1.ptr).ptr(x).ptr(h16).i32(self.r as i32).i32(self.d as i32).i32(rows as i32).i32(s as i32).f32(RMS_EPS as f32);
                 e.gpu.launch(f, (self.r.div_ceil(rpb) as u32, 1, 1), (PRED_WARPS * 32) as u32, smem as u32, &mut args)?;
@@ -129,33 +130,3 @@ pub(crate) fn rounds_input(e: &Engine, d: usize, rows: usize) -> bool {
 
 /// Warps of a `pred_hidden_*` block.
 const PRED_WARPS: usize = 8;
-/// 16-byte weight loads a lane holds in `pred_hidden_*` (`PRED_PL` in kernels/predict.cu).
-const PRED_LOADS: usize = 8;
-
-/// The warps sharing one hidden row in `pred_hidden_*` for input width `d` and `rows` rows (4 or 8: the fewest
-/// whose slices fit the 8 16-byte loads a lane holds), or None where the kernel does not apply (more than 4 rows,
-/// `d` not a multiple of 8, slices too long, inputs beyond the shared memory).
-pub(crate) fn hidden_split(d: usize, rows: usize) -> Option<usize> {
-    if rows == 0 || rows > 4 || d % 8 != 0 || rows * d * 4 > super::engine::GEMV_SMEM {
-        return None;
-    }
-    [4usize, 8].into_iter().find(|s| (d / 8).div_ceil(*s) <= 32 * PRED_LOADS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hidden_split;
-
-    #[test]
-    fn hidden_split_fits_the_lanes_registers() {
-        // Llama-2-7B, OPT-13B, Llama-2-70B widths take 4 warps a row; OPT-175B's 12288 needs 8 (384 loads a slice
-        // at 4 would exceed 256); past 4 rows or at widths not a multiple of 8 the GEMV path stays.
-        assert_eq!(hidden_split(4096, 1), Some(4));
-        assert_eq!(hidden_split(5120, 4), Some(4));
-        assert_eq!(hidden_split(8192, 1), Some(4));
-        assert_eq!(hidden_split(12288, 1), Some(8));
-        assert_eq!(hidden_split(4096, 5), None);
-        assert_eq!(hidden_split(100, 1), None);
-        assert_eq!(hidden_split(32768, 1), None);
-    }
-}

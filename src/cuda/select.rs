@@ -8,7 +8,8 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::config::Family;
 use crate::sparse::quant::{QMatrix, QScheme, QScoreCopies};
 
-use super::engine::{k_of, Engine, GEMV_SMEM};
+use super::engine::Engine;
+use crate::launch::{k_of, GEMV_SMEM};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 use super::sparse::{In, Kept};
 

@@ -13,7 +13,8 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::config::Family;
 use crate::predictor::NeuronInput;
 
-use super::engine::{k_of, Engine, Epi, NormIn, GEMV_MAX_ROWS, GEMV_SMEM};
+use super::engine::{Engine, Epi, NormIn, GEMV_MAX_ROWS};
+use crate::launch::{k_of, GEMV_SMEM};
 use super::predict::GpuPredictor;
 use super::select::{qscore, topk_select, QCopy, Scores};
 use super::gpu::{Args, DBuf, Event, GpuError, GpuResult};

@@ -546,7 +546,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let ob = d.poisoned(rows * n * 4)?;
             p.scores_by(e, xb.ptr, rows, tmp.ptr, ob.ptr, split)?;
             let fits = |k: usize| crate::cuda::sparse::mma_dense_fits(e, rows, k);
-            let hidden = if split && crate::cuda::predict::hidden_split(dim, rows).is_some() {
+            let hidden = if split && crate::launch::hidden_split(dim, rows).is_some() {
                 "pred_hidden"
             } else if fits(dim) {
                 "rms_half + mma + to_half"
