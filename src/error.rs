@@ -4,8 +4,6 @@
 
 use std::path::PathBuf;
 
-use crate::decode::DecodeError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing `path` failed.
@@ -92,4 +90,21 @@ impl OptionError {
     pub fn new(field: &'static str, msg: impl Into<String>) -> Self {
         OptionError { field, msg: msg.into() }
     }
+}
+
+/// Why a decoder refused a request. Each message is one line a user can act on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("token id {id} is outside the model's vocabulary of {vocab} ids")]
+    TokenOutOfVocab { id: u32, vocab: usize },
+    #[error("{len} positions exceed the model's max_position_embeddings {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("a forward needs at least one token in every row")]
+    Empty,
+    #[error("rows of one forward must have equal lengths (got {0:?})")]
+    RaggedRows(Vec<usize>),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Engine(String),
 }

@@ -1,6 +1,8 @@
 //! `dejavu generate`: greedy (or sampled) text generation on the reference decoder (dense or sparse) or the CUDA
 //! engine (dense).
 
+mod prompt_set;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -100,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.limit == Some(0) {
             return Err(usage("--limit must be at least 1"));
         }
-        return run_decoding(&args.decode.model.clone(), super::prompt_set::PromptSet(args));
+        return run_decoding(&args.decode.model.clone(), prompt_set::PromptSet(args));
     }
     run_decoding(&args.decode.model.clone(), args)
 }

@@ -12,7 +12,6 @@ pub mod generate;
 pub mod inspect;
 pub mod ppl;
 pub mod progress;
-pub mod prompt_set;
 pub mod report;
 pub mod run;
 pub mod train_predictors;

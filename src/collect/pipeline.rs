@@ -234,7 +234,7 @@ impl Collector {
                 for f in rx {
                     let tr = Instant::now();
                     let s = f.rows[0].ids.len();
-                    let packed = shard.check_forward(&f)?;
+                    let packed = shard.check_forward(f.rows.len(), f.rows[0].ids.len(), &f.datas)?;
                     for (ri, row) in f.rows.iter().enumerate() {
                         for p in first..s {
                             shard.push_token(row.ids[p], p as u32, &packed, ri * s + p);

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use safetensors::{tensor::TensorView, Dtype};
 
-use super::pipeline::Forwarded;
 use super::{ActsManifest, ShardInfo, TextPos};
 use crate::error::{Error, Result};
 use crate::config::{Family, ModelConfig};
@@ -160,17 +159,16 @@ impl ShardBuf {
         }
     }
 
-    /// One forward's taps as read back, checked against this shard's layout.
-    pub(super) fn check_forward<'a>(&self, f: &'a Forwarded) -> Result<Packed<'a>> {
-        let (b, s) = (f.rows.len(), f.rows[0].ids.len());
+    /// One forward's taps as read back (`datas`, for `b` rows of `s` tokens), checked against this shard's layout.
+    pub(super) fn check_forward<'a>(&self, b: usize, s: usize, datas: &'a [TensorData]) -> Result<Packed<'a>> {
         let bad = |what: String| Error::Internal(format!("reading the taps back: {what}"));
-        if let [d] = f.datas.as_slice() {
+        if let [d] = datas {
             if d.dtype != DType::F16 || d.as_bytes().len() != b * s * self.row_bytes {
                 return Err(bad(format!("got {:?} with {} bytes, expected F16 with {}", d.dtype, d.as_bytes().len(), b * s * self.row_bytes)));
             }
             return Ok(Packed::F16(d.as_bytes()));
         }
-        let slices = f.datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<Vec<_>>>()?;
+        let slices = datas.iter().map(|d| d.as_slice::<f32>().map_err(|e| bad(format!("{e:?}")))).collect::<Result<Vec<_>>>()?;
         for (sl, &w) in slices.iter().zip(&self.shapes_w) {
             if sl.len() != b * s * w {
                 return Err(bad(format!("a tap holds {} values, expected {}", sl.len(), b * s * w)));

@@ -14,26 +14,11 @@ pub mod reference;
 
 pub use generate::{argmax, generate, Generation, Sampling, SplitMix64};
 pub use reference::RefDecoder;
+/// Why a decoder refused a request (defined with the library's other errors, which wrap it).
+pub use crate::error::DecodeError;
 
 use crate::config::ModelConfig;
 use crate::sparse::SparsityStats;
-
-/// Why a decoder refused a request. Each message is one line a user can act on.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("token id {id} is outside the model's vocabulary of {vocab} ids")]
-    TokenOutOfVocab { id: u32, vocab: usize },
-    #[error("{len} positions exceed the model's max_position_embeddings {max}")]
-    TooLong { len: usize, max: usize },
-    #[error("a forward needs at least one token in every row")]
-    Empty,
-    #[error("rows of one forward must have equal lengths (got {0:?})")]
-    RaggedRows(Vec<usize>),
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Engine(String),
-}
 
 /// The log-probability a forward gave one target token, whether that token was its argmax, and the argmax itself.
 #[derive(Debug, Clone, Copy, PartialEq)]

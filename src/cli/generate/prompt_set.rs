@@ -14,9 +14,9 @@ use dejavu::decode::{generate, Decoder, Sampling};
 use dejavu::sparse::Mode;
 use dejavu::ModelFiles;
 
-use super::common::{Decoders, ModelCommand};
-use super::generate::Args;
-use super::{out, usage};
+use crate::cli::common::{Decoders, ModelCommand};
+use crate::cli::{out, usage};
+use super::Args;
 
 /// The generate arguments of a prompt-set run.
 pub struct PromptSet(pub Args);
@@ -121,7 +121,7 @@ impl ModelCommand for PromptSet {
             args.n,
             settings.len()
         );
-        let bar = super::progress::bar((prompts.len() * settings.len()) as u64, "{msg} [{bar:30}] {pos}/{len} continuations {per_sec} eta {eta}");
+        let bar = crate::cli::progress::bar((prompts.len() * settings.len()) as u64, "{msg} [{bar:30}] {pos}/{len} continuations {per_sec} eta {eta}");
         let mut dense: Vec<Vec<u32>> = Vec::new();
         let mut results: Vec<(Setting, Vec<Outcome>)> = Vec::new();
         for s in &settings {
