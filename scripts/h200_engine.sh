@@ -23,7 +23,7 @@
 #   ncu       where one decode step goes, kernel by kernel (ncu, kernels serialised, no PDL overlap): sparse OPT-13B
 #             dejavu@0.9 + half the heads (rank 256) and dense Llama-2-7B, a window of ~one step each; the table by
 #             scripts/ncu_table.py (BIN2=another binary adds its columns beside)
-#   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/engine.rs and
+#   variants  decode at four shapes under each GEMV / launch setting (env knobs, see src/cuda/launcher.rs and
 #             gpu.rs: DEJAVU_PDL, DEJAVU_GEMV_ASYNC, DEJAVU_GEMV_THREADS, DEJAVU_GEMV_STAGE), side by side; table last
 # Inputs: BIN (the dejavu binary), CARRY (folder with stories260k/, data/, smollm2.gguf), OUT (results folder).
 set -uo pipefail

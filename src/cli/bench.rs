@@ -350,7 +350,7 @@ fn measure(args: &Args, shapes: &[Shape]) -> anyhow::Result<Vec<BenchResult>> {
                     }
                 })
                 .map_err(|e| anyhow::anyhow!("bench --kernels {}: {e}", sh.name))?;
-                out(&tables(&format!("{} ({} layers), {label}, batch {b}", sh.name, engine.cfg.layers), total, &rows))?;
+                out(&tables(&format!("{} ({} layers), {label}, batch {b}", sh.name, engine.ctx.cfg.layers), total, &rows))?;
             }
         }
     }

@@ -422,7 +422,7 @@ pub fn engine_decoder<'a, B: Backend>(files: &ModelFiles, args: &DecodeArgs, qui
             "CUDA engine on {}: {} ({} weights, {:.2} GB) ready in {:.2}s (kernels {} in {:.2}s, upload {:.2}s)",
             info.device,
             files.identity,
-            dec.engine.w.dt.name(),
+            dec.engine.ctx.w.dt.name(),
             info.weight_bytes as f64 / 1e9,
             t0.elapsed().as_secs_f64(),
             if info.module_from_cache { "from the disk cache" } else { "compiled by NVRTC" },

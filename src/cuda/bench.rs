@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::source::names::Table;
 
 use super::engine::{Class, Engine};
+use super::launcher::Launcher;
 use super::gpu::GpuResult;
 use super::weights::step_weight_bytes;
 
@@ -32,7 +33,7 @@ pub struct BenchOpts {
 pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: Option<f64>, rank: Option<usize>, input: crate::predictor::NeuronInput) -> usize {
     use super::predict::GpuPredictor;
     use super::select::QCopy;
-    use super::sparse::{CHUNK, MAX_CHUNKS};
+    use super::gather::{CHUNK, MAX_CHUNKS};
     use crate::predictor::NeuronInput;
     use crate::sparse::{keep_count, Mode};
     let (d, f, l, h, hd) = (cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.head_dim);
@@ -40,7 +41,7 @@ pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: O
     let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
     let rows = MAX_CHUNKS * CHUNK;
     // The fused dense MLP's transposed down copies (counted in `needed_bytes`) serve the sparse layers too.
-    let down_t = if Engine::extra_weight_bytes(cfg) > 0 { 0 } else { f * d * 2 };
+    let down_t = if Launcher::extra_weight_bytes(cfg) > 0 { 0 } else { f * d * 2 };
     let (layer, predicted) = match mode {
         Mode::Dejavu(_) => (down_t + GpuPredictor::bytes_for(d, rank, f) + d * 2, true),
         Mode::QScore(..) if llama => (down_t + QCopy::bytes(f, d), false),
@@ -69,7 +70,7 @@ pub fn plan_bytes(cfg: &ModelConfig, mode: crate::sparse::Mode, head_sparsity: O
 
 /// Bytes the weights, cache and scratch of a run need on the GPU.
 pub fn needed_bytes(cfg: &ModelConfig, o: &BenchOpts) -> usize {
-    Table::standard(cfg).params() * 2 + Engine::extra_weight_bytes(cfg) + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
+    Table::standard(cfg).params() * 2 + Launcher::extra_weight_bytes(cfg) + Engine::working_bytes(cfg, o.batch, o.prompt + o.tokens + 1, o.batch * o.prompt)
 }
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
@@ -79,27 +80,27 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
 
 fn one_run(e: &mut Engine, o: &BenchOpts, prompt: &[i32], time_steps: bool) -> GpuResult<(f64, Vec<f64>)> {
     e.reset();
-    let (s, t) = (e.gpu.event()?, e.gpu.event()?);
-    e.gpu.record(&s)?;
+    let (s, t) = (e.ctx.gpu.event()?, e.ctx.gpu.event()?);
+    e.ctx.gpu.record(&s)?;
     e.prefill(prompt, o.batch, o.prompt, vec![o.prompt; o.batch])?;
-    e.gpu.record(&t)?;
+    e.ctx.gpu.record(&t)?;
     let prefill_ms = s.elapsed_ms(&t)? as f64;
     // The first step takes the prompt's argmax; later ones read the previous step's argmax on the device.
     let first = e.argmax()?;
     let first: Vec<i32> = first.into_iter().map(|v| v as i32).collect();
     let mut events = Vec::with_capacity(o.tokens);
     for i in 0..o.tokens {
-        let (a, b) = (e.gpu.event()?, e.gpu.event()?);
+        let (a, b) = (e.ctx.gpu.event()?, e.ctx.gpu.event()?);
         if time_steps {
-            e.gpu.record(&a)?;
+            e.ctx.gpu.record(&a)?;
         }
         e.step(if i == 0 { Some(&first) } else { None }, o.batch)?;
         if time_steps {
-            e.gpu.record(&b)?;
+            e.ctx.gpu.record(&b)?;
             events.push((a, b));
         }
     }
-    e.gpu.sync()?;
+    e.ctx.gpu.sync()?;
     let mut ms = Vec::with_capacity(events.len());
     for (a, b) in &events {
         ms.push(a.elapsed_ms(b)? as f64);
@@ -117,7 +118,7 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
     use super::select::QCopy;
     use super::sparse::{GpuMlp, SparseParts};
     use crate::sparse::{keep_count, Mode};
-    let cfg = e.cfg.clone();
+    let cfg = e.ctx.cfg.clone();
     let (d, f, l, h, hd) = (cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.head_dim);
     let llama = cfg.family == crate::config::Family::Llama;
     let mats = if llama { 3 } else { 2 };
@@ -130,14 +131,14 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
         Mode::Dejavu(s) => {
             let k = keep_count(s.unwrap_or(0.0), f);
             for layer in 0..l {
-                parts.pred.push(Some(GpuPredictor::random(e, rank, f, 100 + layer as u64)?));
+                parts.pred.push(Some(GpuPredictor::random(&e.ctx, rank, f, 100 + layer as u64)?));
             }
             (Some(GpuMlp::Predicted(k)), parts.pred[0].as_ref().map_or(0, |p| p.bytes()) + mats * k * d * 2)
         }
         Mode::QScore(s, _) if llama => {
             let k = keep_count(s, f);
             for layer in 0..l {
-                parts.q.push(Some(QCopy::random(e, f, d, 200 + 4 * layer as u64)?));
+                parts.q.push(Some(QCopy::random(&e.ctx, f, d, 200 + 4 * layer as u64)?));
             }
             (Some(GpuMlp::QScore(k)), QCopy::bytes(f, d) + 3 * k * d * 2)
         }
@@ -159,7 +160,7 @@ pub fn random_plan(e: &mut Engine, mode: crate::sparse::Mode, head_sparsity: Opt
     let mut head_pred = Vec::new();
     if let Some(k) = heads_k {
         for layer in 0..l {
-            head_pred.push(Some(GpuPredictor::random(e, rank, h, 300 + layer as u64)?));
+            head_pred.push(Some(GpuPredictor::random(&e.ctx, rank, h, 300 + layer as u64)?));
         }
         let per = head_pred[0].as_ref().map_or(0, |p| p.bytes());
         // Dropped heads: their q rows and out-projection columns are not read; every k/v row is, unless `kept`
@@ -180,11 +181,11 @@ pub fn run(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts) -> GpuResu
 
 /// [`run`] with the step's weight bytes given (a sparse plan installed by [`random_plan`]).
 pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_bytes: Option<usize>) -> GpuResult<BenchResult> {
-    let cfg = e.cfg.clone();
+    let cfg = e.ctx.cfg.clone();
     let copy_bytes = 1usize << 30;
     // The copy is measured before and after the timed runs and the faster kept: a single measurement put OPT-6.7B's
     // floor 16% high in some processes (cause not found; kernels/NOTES.md), flattering the ratio.
-    let copy_before = e.copy_bandwidth(copy_bytes, 10)?;
+    let copy_before = e.ctx.copy_bandwidth(copy_bytes, 10)?;
     let prompt = ids(o.batch * o.prompt, cfg.vocab_size, o.seed);
     for _ in 0..o.warmup {
         one_run(e, o, &prompt, false)?;
@@ -193,7 +194,7 @@ pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_
     let (median, p90) = median_p90(&mut steps);
     let step_bytes = step_bytes.unwrap_or_else(|| step_weight_bytes(&cfg, 2));
     // (Should the cache and scratch leave no room for the copy's buffers now, the first measurement stands.)
-    let copy_bw = copy_before.max(e.copy_bandwidth(copy_bytes, 10).unwrap_or(0.0));
+    let copy_bw = copy_before.max(e.ctx.copy_bandwidth(copy_bytes, 10).unwrap_or(0.0));
     let floor_ms = step_bytes as f64 / copy_bw * 1e3;
     let mut breakdown = Vec::new();
     if o.breakdown {
@@ -205,7 +206,7 @@ pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_
         for _ in 0..reps {
             e.profile = Some(Vec::new());
             e.step(None, o.batch)?;
-            e.gpu.sync()?;
+            e.ctx.gpu.sync()?;
             if let Some(p) = e.profile.take() {
                 for (c, s, t) in &p {
                     *sums.entry(*c).or_default() += s.elapsed_ms(t)? as f64 / reps as f64;
@@ -219,8 +220,8 @@ pub fn run_plan(e: &mut Engine, model: &str, weights: &str, o: &BenchOpts, step_
         engine: "dejavu-cuda".into(),
         model: model.into(),
         weights: weights.into(),
-        device: e.gpu.name.clone(),
-        dtype: e.w.dt.name().into(),
+        device: e.ctx.gpu.name.clone(),
+        dtype: e.ctx.w.dt.name().into(),
         batch: o.batch,
         prompt: o.prompt,
         tokens: o.tokens,
@@ -259,7 +260,7 @@ mod tests {
         // At width 5,120 the engine makes the transposed fc2 itself for its one-launch MLP (with DEJAVU_MLP_FUSE
         // unset): 8.39 GB in f16, counted by `needed_bytes`, which the sparse layers read too.
         let engine_copies = l * f * d * 2;
-        assert_eq!(Engine::extra_weight_bytes(&c), engine_copies);
+        assert_eq!(Launcher::extra_weight_bytes(&c), engine_copies);
         // Per layer the transposed fc2 and out-projection (f16): 10.49 GB over the model, once; the rank-256
         // predictors (d x 256 + 256 x f, f16) another 0.52 GB; the rest (copies of the block input, lists, scratch)
         // under 1 GB.

@@ -78,7 +78,7 @@ impl CudaDecoder {
 
 impl Decoder for CudaDecoder {
     fn config(&self) -> &ModelConfig {
-        &self.engine.cfg
+        &self.engine.ctx.cfg
     }
 
     fn len(&self) -> usize {
@@ -90,7 +90,7 @@ impl Decoder for CudaDecoder {
     }
 
     fn prefill(&mut self, rows: &[Vec<u32>], lens: Option<&[usize]>) -> Result<(), DecodeError> {
-        let s = check_rows(&self.engine.cfg, self.engine.len, rows)?;
+        let s = check_rows(&self.engine.ctx.cfg, self.engine.len, rows)?;
         let b = rows.len();
         let lens: Vec<usize> = match lens {
             Some(l) if l.len() != b || l.iter().any(|&n| n > s) => {
@@ -107,7 +107,7 @@ impl Decoder for CudaDecoder {
             }
         }
         let ids: Vec<i32> = rows.iter().flatten().map(|&t| t as i32).collect();
-        if s == 1 && b <= super::engine::GEMV_MAX_ROWS {
+        if s == 1 && b <= super::launcher::GEMV_MAX_ROWS {
             self.engine.step(Some(&ids), b).map_err(engine_err)
         } else {
             self.engine.prefill(&ids, b, s, lens).map_err(engine_err)
@@ -128,7 +128,7 @@ impl Decoder for CudaDecoder {
 
     fn score(&mut self, targets: &[Vec<u32>]) -> Result<Vec<Vec<TokenScore>>, DecodeError> {
         let last = self.engine.last.clone().ok_or_else(|| DecodeError::Usage("no forward has run since the last reset".into()))?;
-        let v = self.engine.cfg.vocab_size;
+        let v = self.engine.ctx.cfg.vocab_size;
         if targets.len() != last.rows || targets.iter().any(|t| t.len() > last.seq) {
             return Err(DecodeError::Usage(format!("{} target rows for a forward of {} rows of {} positions", targets.len(), last.rows, last.seq)));
         }

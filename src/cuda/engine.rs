@@ -6,34 +6,27 @@
 //! the kernels read, so one captured graph serves every step; the host writes them before each replay.
 //!
 //! This file holds the engine's state and its decode interface (prefill, step, logits, scores, the cache); the
-//! forward itself is in `forward`, the projections and norms in `linear`, the one-launch MLP in `mlp_fused`.
+//! forward itself is in `forward`. Every launch goes through the [`Launcher`] it holds (weights, kernels, settings).
 
 mod forward;
-mod linear;
-mod mlp_fused;
 
 use std::collections::HashMap;
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::predictor::FoldedPredictor;
-use crate::source::weights::Half;
 use crate::sparse::plan::{HeadKv, HeadRule, MlpRule, Plan};
 use crate::sparse::quant::QScoreCopies;
 
-use super::gemm::Blas;
 use super::gpu::{Args, DBuf, Gpu, GpuError, GpuResult, Graph};
 use super::heads::SparseHeads;
 use super::kernels::Kernels;
+use super::launcher::{Epi, Launcher, GEMV_MAX_ROWS};
 use super::predict::GpuPredictor;
 use super::select::QCopy;
 use super::sparse::{GpuMlp, SparseMlp, SparseParts};
 use super::weights::Weights;
-
-pub(in crate::cuda) use linear::norm_kernel;
-pub use linear::{Epi, NormIn};
-pub use mlp_fused::{mlp_fuse_default, mlp_fused_fits};
 
 /// What a sparse plan on the GPU reads besides the model: the `qscore` score copies, and the trained MLP
 /// predictors (one per layer, folded) of the `dejavu` rule.
@@ -48,18 +41,6 @@ pub struct GpuArtifacts<'a> {
     pub mlp_input: crate::predictor::NeuronInput,
 }
 
-/// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
-pub const GEMV_MAX_ROWS: usize = 16;
-/// Below width 2048, a one-sequence forward of up to this many tokens (a short prompt, Sirius' checks) runs on our
-/// GEMV, 16 rows a launch, instead of cuBLAS (`DEJAVU_PREFILL_GEMV=0` restores cuBLAS): the GEMV keeps the
-/// normalised input in f32 (cuBLAS reads it rounded to 16 bits), as the decode steps and the CPU reference do. With
-/// `f32_acts` it lifted tiny-llama from 43 to 45 of 50 greedy continuations identical to the CPU path (one H100,
-/// 2026-12-07); it costs time: a SmolLM2-shape prefill of 32 / 64 tokens took 5.6 / 10.5 ms against cuBLAS' 1.8 /
-/// 2.0 (`kernels/NOTES.md`, twentieth session).
-pub const SMALL_PREFILL_GEMV: usize = 64;
-/// Threads per GEMV block (16 warps, one output row each): measured faster than 8 on the H200 at SmolLM2,
-/// OPT-6.7B and Llama-2-7B shapes.
-const GEMV_THREADS: u32 = 512;
 /// Attention key splits at most, for decode.
 const MAX_SPLITS: usize = 32;
 
@@ -138,11 +119,8 @@ pub struct Last {
 
 /// One model on one GPU, with its cache and graphs.
 pub struct Engine {
-    pub gpu: Gpu,
-    pub k: Kernels,
-    pub w: Weights,
-    pub cfg: ModelConfig,
-    blas: Option<Blas>,
+    /// The weights, kernels and launch settings every launch goes through.
+    pub ctx: Launcher,
     scratch: Option<Scratch>,
     cache: Option<Cache>,
     /// `[0]`: positions cached before the running forward.
@@ -174,53 +152,6 @@ pub struct Engine {
     /// Normalise inside the GEMV projections (default); `DEJAVU_FUSE_NORM=0` runs the norm kernel instead, for
     /// side-by-side timing.
     fuse_norm: bool,
-    /// A fused RMSNorm stages x * g and scales the projection's sums by 1 / rms instead of normalising the staged
-    /// input in place (default; `DEJAVU_NORM_EPI=0` normalises in place, as before).
-    pub(super) norm_epi: bool,
-    /// Stage GEMV inputs in shared memory (default; `DEJAVU_GEMV_STAGE=0` turns it off).
-    pub(super) stage: bool,
-    /// Threads per GEMV block (`DEJAVU_GEMV_THREADS`, default 512).
-    gemv_threads: u32,
-    /// Size the grids of the row-looping kernels (GEMV, gathers, score pass) to what the multiprocessors hold at
-    /// once, each warp taking several rows (default); `DEJAVU_GEMV_PERSIST=0`: one row per warp, as before.
-    persist: bool,
-    /// Kernels read kept sets marked [`super::sparse::Kept::early`] (and their first weights) before the programmatic
-    /// wait (default; `DEJAVU_EARLY_IDS=0`: after it).
-    pub(super) early_ids: bool,
-    /// Gathers of at least this many rows run on the tensor cores (`gemv_mma_*`, kernels/mma.cu;
-    /// `DEJAVU_MMA_ROWS`, default 3; 0: never).
-    pub(super) mma_rows: usize,
-    /// The union of several rows' kept sets over many blocks past 2,048 units (`topk_compact` on a grid;
-    /// `DEJAVU_COMPACT_GRID=0`: one block).
-    pub(super) compact_grid: bool,
-    /// The predictors' hidden layer by `pred_hidden_*` (S warps a row, 16-bit output) up to 4 rows
-    /// (`DEJAVU_PRED_SPLIT=0`: the GEMV + `to_half` path).
-    pub pred_split: bool,
-    /// Blocks per multiprocessor by (kernel, threads, dynamic shared memory), from the occupancy calculator.
-    occupancy: std::cell::RefCell<HashMap<(usize, u32, usize), u32>>,
-    /// At most this many blocks for the row-looping kernels (the kernel checks run with a small cap, so that every
-    /// warp loops over many rows).
-    grid_cap: Option<u32>,
-    /// Stream GEMV weights through shared memory with cp.async (`DEJAVU_GEMV_ASYNC=1`) instead of registers.
-    gemv_async: bool,
-    /// One-row products with a row's sum split over a group of warps of a block where the rows balance better over
-    /// the resident warps that way (`gemv_grp{S}_*`): by [`crate::launch::split_for`] (the default, `DEJAVU_GEMV_GROUP=1`), `=2` or
-    /// `=4` always that many warps a row (where the width is a multiple of 8), `=0` off. On an H100, side by side:
-    /// Llama-2-13B 9.620 -> 9.371 ms a token (its 5,120-row projections split four ways), OPT-13B 9.540 -> 9.448.
-    gemv_group: usize,
-    /// Batches of each warp's first row after the first (2 KB a warp each) that a one-row product asks of the L2
-    /// before waiting for the previous kernel, so the memory keeps streaming while the block stages its input
-    /// (`gemv_pf_*`; `DEJAVU_GEMV_PF=P`, default 1, 0 off). On an H100, side by side: Llama-2-7B 5.217 -> 5.111 ms a
-    /// token, SmolLM2 0.608 -> 0.566 (2 batches: 5.156, 0.568).
-    gemv_pf: usize,
-    /// Rows up to which projections use our GEMV (`DEJAVU_GEMV_ROWS`, default 1); above, cuBLAS (tensor cores):
-    /// at Llama-2-7B batch 4 our GEMV took 14.8 ms a step, cuBLAS at batch 16 5.4 ms.
-    gemv_rows: usize,
-    /// Tokens up to which a one-sequence forward uses our GEMV: [`SMALL_PREFILL_GEMV`] below width 2048, else 0
-    /// (`DEJAVU_PREFILL_GEMV=0` off, `=1` the default, `=N`: N tokens at any width).
-    prefill_gemv: usize,
-    /// The forward under way (or the last) runs one sequence (batch 1).
-    one_seq: bool,
     /// Keys per attention split at least (`DEJAVU_ATTN_KEYS`, default 128: with the values loaded beside the keys,
     /// measured side by side on an H100, prompt 128 + 128 tokens, 128 was faster than 64 and 32 at Llama-2-7B/13B,
     /// OPT-6.7B and SmolLM2; `kernels/NOTES.md`).
@@ -238,12 +169,10 @@ pub struct Engine {
     comb_fold: bool,
     /// A one-row dense decode step keeps the MLP hidden and the attention output in f32 between the kernels
     /// (`DEJAVU_F32_ACTS=0` turns it off). Alone it moved as many continuations one way as the other (one H100,
-    /// eighteenth session); with the short prefills on the GEMV ([`SMALL_PREFILL_GEMV`]) tiny-llama went from 43 to
-    /// 45 of 50 and no model fell below 45 (one H100, twentieth); decode time unchanged (kernels/NOTES.md).
+    /// eighteenth session); with the short prefills on the GEMV ([`super::launcher::SMALL_PREFILL_GEMV`])
+    /// tiny-llama went from 43 to 45 of 50 and no model fell below 45 (one H100, twentieth); decode time unchanged
+    /// (kernels/NOTES.md).
     f32_acts: bool,
-    /// Top-k over a row by the binned select (a 12-bit histogram while the keys load, then a radix select over
-    /// the k-th key's bin only) instead of four radix passes over the row (`DEJAVU_TOPK_BINNED=0`).
-    pub(crate) topk_binned: bool,
     /// The sparse MLP of the plan set by [`Engine::set_plan`] (None: dense; present, possibly with every MLP
     /// dense, whenever the plan is sparse: it keeps the statistics).
     sparse: Option<SparseMlp>,
@@ -253,16 +182,6 @@ pub struct Engine {
     dense_now: bool,
     /// Kept-neuron statistics of the sparse forwards since the last take.
     pub stats: crate::sparse::SparsityStats,
-    /// The transposed down projections `[F, d]` per layer (empty unless [`mlp_fuse_default`]): with them a one-row
-    /// dense decode step runs its MLP as one launch (`mlp_fused_*`, kernels/mlp.cu) where the input is the norm's
-    /// 16-bit output: each block streams its neurons' gate / up rows and then their down rows from these copies,
-    /// so no launch boundary sits between the two products. A sparse plan's layers read them too instead of making
-    /// their own. Made at start: one more copy of every down projection in memory.
-    pub(super) down_t: Vec<DBuf>,
-    /// Warps a fused-MLP block, 8 or 16 (`mlp_fused_*_x16`, one block of 512 threads a multiprocessor with two
-    /// words of the output a thread up to width 8,192): `DEJAVU_MLPF_WARPS=8` or `=16`, else picked at start for
-    /// the model's shape ([`crate::launch::mlpf_pick`]; 0 until then).
-    mlpf_warps: u32,
 }
 
 impl Engine {
@@ -274,17 +193,13 @@ impl Engine {
         if cfg.heads % cfg.kv_heads != 0 {
             return Err(GpuError(format!("{} heads are not a multiple of {} kv heads", cfg.heads, cfg.kv_heads)));
         }
-        let blas = Blas::new(gpu.stream).ok();
         let small_model = cfg.hidden < 2048;
-        let state = gpu.alloc(16)?;
-        let small = gpu.alloc(4 * 1024)?;
-        let tok = gpu.alloc(4 * 64)?;
-        let mut e = Engine {
-            gpu,
-            k,
-            w,
-            cfg,
-            blas,
+        let ctx = Launcher::new(gpu, k, w, cfg)?;
+        let state = ctx.gpu.alloc(16)?;
+        let small = ctx.gpu.alloc(4 * 1024)?;
+        let tok = ctx.gpu.alloc(4 * 64)?;
+        let e = Engine {
+            ctx,
             scratch: None,
             cache: None,
             state,
@@ -303,52 +218,16 @@ impl Engine {
             // Fusing the norm into each GEMV block pays at small widths (launches dominate) and costs at 4096
             // (every block re-reads the row): measured on the H200, SmolLM2 0.721 vs 0.757 ms, Llama-2-7B 4.75 vs 4.55.
             fuse_norm: std::env::var("DEJAVU_FUSE_NORM").map_or(small_model, |v| v != "0"),
-            norm_epi: std::env::var("DEJAVU_NORM_EPI").map_or(true, |v| v != "0"),
             rope_fuse: std::env::var("DEJAVU_ROPE_FUSE").map_or(small_model, |v| v != "0"),
             prefill_graphs: std::env::var("DEJAVU_PREFILL_GRAPH").map_or(true, |v| v != "0"),
             comb_fold: std::env::var("DEJAVU_COMB_FOLD").map_or(small_model, |v| v != "0"),
             f32_acts: std::env::var("DEJAVU_F32_ACTS").map_or(true, |v| v != "0"),
-            topk_binned: std::env::var("DEJAVU_TOPK_BINNED").map_or(true, |v| v != "0"),
             attn_keys: std::env::var("DEJAVU_ATTN_KEYS").ok().and_then(|v| v.parse().ok()).filter(|&k: &usize| k >= 16).unwrap_or(128),
-            stage: std::env::var("DEJAVU_GEMV_STAGE").map_or(true, |v| v != "0"),
-            gemv_rows: std::env::var("DEJAVU_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|&r: &usize| r >= 1).unwrap_or(1),
-            prefill_gemv: match std::env::var("DEJAVU_PREFILL_GEMV").ok().and_then(|v| v.parse::<usize>().ok()) {
-                Some(1) | None if small_model => SMALL_PREFILL_GEMV,
-                Some(1) | None => 0,
-                Some(n) => n,
-            },
-            one_seq: false,
-            gemv_async: std::env::var("DEJAVU_GEMV_ASYNC").is_ok_and(|v| v != "0"),
-            gemv_pf: std::env::var("DEJAVU_GEMV_PF").ok().and_then(|v| v.parse::<usize>().ok()).map_or(1, |v| v.min(8)),
-            gemv_group: std::env::var("DEJAVU_GEMV_GROUP").ok().and_then(|v| v.parse::<usize>().ok()).filter(|v| [0, 1, 2, 4].contains(v)).unwrap_or(1),
             sparse: None,
             heads: None,
             dense_now: false,
             stats: Default::default(),
-            gemv_threads: std::env::var("DEJAVU_GEMV_THREADS").ok().and_then(|v| v.parse().ok()).filter(|t| [128, 256, 512].contains(t)).unwrap_or(GEMV_THREADS),
-            persist: std::env::var("DEJAVU_GEMV_PERSIST").map_or(true, |v| v != "0"),
-            early_ids: std::env::var("DEJAVU_EARLY_IDS").map_or(true, |v| v != "0"),
-            mma_rows: std::env::var("DEJAVU_MMA_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(3),
-            compact_grid: std::env::var("DEJAVU_COMPACT_GRID").map_or(true, |v| v != "0"),
-            pred_split: std::env::var("DEJAVU_PRED_SPLIT").map_or(true, |v| v != "0"),
-            occupancy: Default::default(),
-            grid_cap: None,
-            down_t: Vec::new(),
-            mlpf_warps: std::env::var("DEJAVU_MLPF_WARPS").ok().and_then(|v| v.parse().ok()).filter(|w| [8, 16].contains(w)).unwrap_or(0),
         };
-        if mlp_fuse_default(&e.cfg) {
-            if let Err(err) = e.transpose_downs() {
-                if std::env::var_os("DEJAVU_MLP_FUSE").is_some() {
-                    return Err(GpuError(format!("the one-launch MLP's transposed down copies (DEJAVU_MLP_FUSE=1; 0 turns them off): {err}")));
-                }
-                // By default only: no room for the transposed copies, so the MLP keeps its two GEMVs.
-                e.down_t.clear();
-            }
-        }
-        if !e.down_t.is_empty() && e.mlpf_warps == 0 {
-            let glu = e.cfg.family != Family::Opt;
-            e.mlpf_warps = e.mlpf_warps_for(e.cfg.ffn, e.cfg.hidden, e.cfg.hidden, glu)?;
-        }
         Ok(e)
     }
 
@@ -358,8 +237,8 @@ impl Engine {
     /// predictors; see [`super::heads`]). Other rules are refused with their name. Sparse layers get transposed
     /// copies of their down projection and out-projection (made here, once).
     pub fn set_plan(&mut self, plan: &Plan, art: &GpuArtifacts<'_>) -> GpuResult<()> {
-        if plan.layers.len() != self.cfg.layers {
-            return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.cfg.layers)));
+        if plan.layers.len() != self.ctx.cfg.layers {
+            return Err(GpuError(format!("the plan has {} layers, the model {}", plan.layers.len(), self.ctx.cfg.layers)));
         }
         let mut rules = Vec::with_capacity(plan.layers.len());
         let mut heads_k = Vec::with_capacity(plan.layers.len());
@@ -367,7 +246,7 @@ impl Engine {
         for (l, lp) in plan.layers.iter().enumerate() {
             heads_k.push(match lp.heads {
                 HeadRule::Dense => None,
-                HeadRule::PredictedTopK { k, .. } if k >= self.cfg.heads => None,
+                HeadRule::PredictedTopK { k, .. } if k >= self.ctx.cfg.heads => None,
                 HeadRule::PredictedTopK { k, kv } => {
                     kv_kept |= kv == HeadKv::Kept;
                     Some(k)
@@ -385,13 +264,13 @@ impl Engine {
         }
         let mut parts = SparseParts::default();
         if let Some(c) = art.qscore.filter(|_| rules.iter().any(|r| matches!(r, Some(GpuMlp::QScore(_))))) {
-            parts.q = QCopy::upload_all(self, c)?.into_iter().map(Some).collect();
+            parts.q = QCopy::upload_all(&self.ctx, c)?.into_iter().map(Some).collect();
             parts.score_bits = c.opts.bits_per_weight();
         }
         let upload = |ps: Option<&[FoldedPredictor]>, want: &dyn Fn(usize) -> bool| -> GpuResult<Vec<Option<GpuPredictor>>> {
             (0..plan.layers.len())
                 .map(|l| match ps.and_then(|ps| ps.get(l)).filter(|_| want(l)) {
-                    Some(p) => GpuPredictor::upload(self, p).map(Some),
+                    Some(p) => GpuPredictor::upload(&self.ctx, p).map(Some),
                     None => Ok(None),
                 })
                 .collect()
@@ -410,10 +289,10 @@ impl Engine {
         self.sparse = None;
         self.heads = None;
         if heads_k.iter().any(Option::is_some) {
-            self.heads = Some(SparseHeads::new(self, heads_k.clone(), kv_kept, head_pred)?);
+            self.heads = Some(SparseHeads::new(&self.ctx, heads_k.clone(), kv_kept, head_pred)?);
         }
         if rules.iter().any(Option::is_some) || self.heads.is_some() {
-            let mut sp = SparseMlp::new(self, rules, parts)?;
+            let mut sp = SparseMlp::new(&self.ctx, rules, parts)?;
             sp.heads_k = heads_k;
             self.sparse = Some(sp);
         }
@@ -444,47 +323,19 @@ impl Engine {
     fn add_stats(&mut self, batch: usize, seq: usize, lens: &[usize]) -> GpuResult<()> {
         let mut st = std::mem::take(&mut self.stats);
         let r = match self.sparse_active() {
-            Some(sp) => sp.add_stats(self, batch, seq, lens, &mut st),
+            Some(sp) => sp.add_stats(&self.ctx, batch, seq, lens, &mut st),
             None => Ok(()),
         };
         self.stats = st;
         r
     }
 
-    /// Gathers of at least `rows` rows on the tensor cores from now on (0: never); returns the previous setting.
-    pub fn set_mma_rows(&mut self, rows: usize) -> usize {
-        std::mem::replace(&mut self.mma_rows, rows)
-    }
-
-    /// Rows up to which projections run on the GEMV kernels.
-    pub fn gemv_rows(&self) -> usize {
-        if self.blas.is_some() { self.gemv_rows } else { usize::MAX }
-    }
-
-    pub fn has_blas(&self) -> bool {
-        self.blas.is_some()
-    }
-
-    pub(super) fn dt(&self) -> Half {
-        self.w.dt
-    }
-
-    fn kname(&self, base: &str) -> String {
-        format!("{base}_{}", self.dt().name())
-    }
-
-    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: Args) -> GpuResult<()> {
-        let f = self.k.get(name)?;
-        let mut args = args;
-        self.gpu.launch(f, grid, block, 0, &mut args)
-    }
-
     fn class(&mut self, c: Class) -> GpuResult<()> {
         if let Some(p) = &mut self.profile {
-            let (s, e) = (self.gpu.event()?, self.gpu.event()?);
-            self.gpu.record(&s)?;
+            let (s, e) = (self.ctx.gpu.event()?, self.ctx.gpu.event()?);
+            self.ctx.gpu.record(&s)?;
             if let Some(last) = p.last() {
-                self.gpu.record(&last.2)?;
+                self.ctx.gpu.record(&last.2)?;
             }
             p.push((c, s, e));
         }
@@ -495,7 +346,7 @@ impl Engine {
     fn end_profile(&mut self) -> GpuResult<()> {
         if let Some(p) = &self.profile {
             if let Some(last) = p.last() {
-                self.gpu.record(&last.2)?;
+                self.ctx.gpu.record(&last.2)?;
             }
         }
         Ok(())
@@ -504,12 +355,12 @@ impl Engine {
     /// Make room for a forward of `rows` tokens in `batch` rows reaching `need` cached positions. Reallocation
     /// drops the captured graphs (they hold the old addresses).
     fn reserve(&mut self, batch: usize, rows: usize, need: usize) -> GpuResult<()> {
-        let c = &self.cfg;
+        let c = &self.ctx.cfg;
         let (d, e, f, hd) = (c.hidden, c.embed_dim, c.ffn, c.head_dim);
         let qkv = (c.heads + 2 * c.kv_heads) * hd;
         if self.scratch.as_ref().is_none_or(|s| s.rows < rows) {
             let r = rows.max(GEMV_MAX_ROWS);
-            let g = &self.gpu;
+            let g = &self.ctx.gpu;
             let splits = if r <= GEMV_MAX_ROWS { MAX_SPLITS } else { 1 };
             self.graphs.clear();
             self.scratch = None;
@@ -530,7 +381,7 @@ impl Engine {
         if rows > self.tok_cap {
             self.graphs.clear();
             self.tok_cap = rows.next_power_of_two();
-            self.tok = self.gpu.alloc(self.tok_cap * 4)?;
+            self.tok = self.ctx.gpu.alloc(self.tok_cap * 4)?;
         }
         let limit = c.position_limit().unwrap_or(usize::MAX);
         let grow = match &self.cache {
@@ -546,8 +397,8 @@ impl Engine {
             let mut v = Vec::with_capacity(c.layers);
             let mut present = Vec::with_capacity(c.layers);
             for l in 0..c.layers {
-                let (kb, vb) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
-                let pb = self.gpu.alloc(rows_new * c.kv_heads * cap)?;
+                let (kb, vb) = (self.ctx.gpu.alloc(bytes)?, self.ctx.gpu.alloc(bytes)?);
+                let pb = self.ctx.gpu.alloc(rows_new * c.kv_heads * cap)?;
                 if let Some(old) = &self.cache {
                     // Keep the cached positions: copy each (row, kv head) run of `len` positions.
                     let run = self.len * hd * 2;
@@ -555,10 +406,10 @@ impl Engine {
                         for j in 0..c.kv_heads {
                             let src = ((r * c.kv_heads + j) * old.cap * hd * 2) as u64;
                             let dst = ((r * c.kv_heads + j) * cap * hd * 2) as u64;
-                            self.gpu.copy(kb.ptr + dst, old.k[l].ptr + src, run)?;
-                            self.gpu.copy(vb.ptr + dst, old.v[l].ptr + src, run)?;
+                            self.ctx.gpu.copy(kb.ptr + dst, old.k[l].ptr + src, run)?;
+                            self.ctx.gpu.copy(vb.ptr + dst, old.v[l].ptr + src, run)?;
                             let (ps, pd) = (((r * c.kv_heads + j) * old.cap) as u64, ((r * c.kv_heads + j) * cap) as u64);
-                            self.gpu.copy(pb.ptr + pd, old.present[l].ptr + ps, self.len)?;
+                            self.ctx.gpu.copy(pb.ptr + pd, old.present[l].ptr + ps, self.len)?;
                         }
                     }
                 }
@@ -566,7 +417,7 @@ impl Engine {
                 v.push(vb);
                 present.push(pb);
             }
-            self.gpu.sync()?;
+            self.ctx.gpu.sync()?;
             self.graphs.clear();
             self.cache = Some(Cache { rows: rows_new, cap, k, v, present });
         }
@@ -586,8 +437,8 @@ impl Engine {
     }
 
     fn set_inputs(&mut self, tokens: &[i32], past: usize) -> GpuResult<()> {
-        self.gpu.upload(&self.tok, 0, tokens)?;
-        self.gpu.upload(&self.state, 0, &[past as i32])
+        self.ctx.gpu.upload(&self.tok, 0, tokens)?;
+        self.ctx.gpu.upload(&self.state, 0, &[past as i32])
     }
 
     fn ensure_logits(&mut self, rows: usize) -> GpuResult<CUdeviceptr> {
@@ -595,34 +446,34 @@ impl Engine {
             self.graphs.clear();
             self.logits = None;
             let r = rows.max(GEMV_MAX_ROWS);
-            self.logits = Some(self.gpu.alloc(r * self.cfg.vocab_size * 4)?);
+            self.logits = Some(self.ctx.gpu.alloc(r * self.ctx.cfg.vocab_size * 4)?);
             self.logits_rows = r;
         }
         Ok(self.logits.as_ref().map_or(0, |b| b.ptr))
     }
 
     fn head_ptr(&self) -> CUdeviceptr {
-        self.w.lm_head.as_ref().map_or(self.w.embed.ptr, |b| b.ptr)
+        self.ctx.w.lm_head.as_ref().map_or(self.ctx.w.embed.ptr, |b| b.ptr)
     }
 
     /// Logits f32 `[rows, V]` of `rows` 16-bit hidden rows at `src`.
     fn head(&mut self, src: CUdeviceptr, rows: usize) -> GpuResult<CUdeviceptr> {
         let out = self.ensure_logits(rows)?;
         self.class(Class::Head)?;
-        let (v, e) = (self.cfg.vocab_size, self.cfg.embed_dim);
+        let (v, e) = (self.ctx.cfg.vocab_size, self.ctx.cfg.embed_dim);
         let y = self.scratch.as_ref().map_or(0, |s| s.y.ptr);
-        self.linear(self.head_ptr(), None, src, out, rows, v, e, Epi::Store, y)?;
+        self.ctx.linear(self.head_ptr(), None, src, out, rows, v, e, Epi::Store, y)?;
         Ok(out)
     }
 
     fn argmax_rows(&self, logits: CUdeviceptr, rows: usize, targets: CUdeviceptr, lp: CUdeviceptr, am: CUdeviceptr) -> GpuResult<()> {
-        let args = Args::new().ptr(logits).i32(self.cfg.vocab_size as i32).ptr(targets).ptr(lp).ptr(am);
-        self.launch("row_argmax_logprob", (rows as u32, 1, 1), 1024, args)
+        let args = Args::new().ptr(logits).i32(self.ctx.cfg.vocab_size as i32).ptr(targets).ptr(lp).ptr(am);
+        self.ctx.launch("row_argmax_logprob", (rows as u32, 1, 1), 1024, args)
     }
 
     /// Run `batch` rows of `seq` tokens (row-major ids) after the cached positions.
     pub fn prefill(&mut self, ids: &[i32], batch: usize, seq: usize, lens: Vec<usize>) -> GpuResult<()> {
-        self.gpu.bind()?;
+        self.ctx.gpu.bind()?;
         let rows = batch * seq;
         self.reserve(batch, rows, self.len + seq)?;
         if let Some(c) = &self.cache {
@@ -648,13 +499,13 @@ impl Engine {
     /// One token per row through the captured graph of this batch size (captured on first use): forward, head
     /// and argmax, which lands in `tok` for the next step.
     pub fn step(&mut self, ids: Option<&[i32]>, batch: usize) -> GpuResult<()> {
-        self.gpu.bind()?;
+        self.ctx.gpu.bind()?;
         self.reserve(batch, batch, self.len + 1)?;
         self.ensure_logits(batch)?;
         if let Some(ids) = ids {
-            self.gpu.upload(&self.tok, 0, ids)?;
+            self.ctx.gpu.upload(&self.tok, 0, ids)?;
         }
-        self.gpu.upload(&self.state, 0, &[self.len as i32])?;
+        self.ctx.gpu.upload(&self.state, 0, &[self.len as i32])?;
         if self.profile.is_some() {
             self.step_body(batch)?;
             self.end_profile()?;
@@ -672,28 +523,28 @@ impl Engine {
     /// Replay the graph of `key`, capturing `body` into it first if there is none.
     fn replay_or_capture(&mut self, key: (usize, usize, usize, bool), body: impl FnOnce(&mut Self) -> GpuResult<()>) -> GpuResult<()> {
         if !self.graphs.contains_key(&key) {
-            self.gpu.sync()?;
-            self.gpu.begin_capture()?;
+            self.ctx.gpu.sync()?;
+            self.ctx.gpu.begin_capture()?;
             let r = body(self);
-            let graph = self.gpu.end_capture();
+            let graph = self.ctx.gpu.end_capture();
             r?;
             self.graphs.insert(key, graph?);
         }
         let g = self.graphs.get(&key).ok_or_else(|| GpuError::new("internal: graph"))?;
-        self.gpu.replay(g)
+        self.ctx.gpu.replay(g)
     }
 
     /// The decode step of `batch` rows at the current position, captured into a graph of its own (not kept by the
     /// engine, and the position not advanced): `bench --kernels` times prefixes of it.
     pub(super) fn capture_step(&mut self, batch: usize) -> GpuResult<super::gpu::Graph> {
-        self.gpu.bind()?;
+        self.ctx.gpu.bind()?;
         self.reserve(batch, batch, self.len + 1)?;
         self.ensure_logits(batch)?;
-        self.gpu.upload(&self.state, 0, &[self.len as i32])?;
-        self.gpu.sync()?;
-        self.gpu.begin_capture()?;
+        self.ctx.gpu.upload(&self.state, 0, &[self.len as i32])?;
+        self.ctx.gpu.sync()?;
+        self.ctx.gpu.begin_capture()?;
         let body = self.step_body(batch);
-        let graph = self.gpu.end_capture();
+        let graph = self.ctx.gpu.end_capture();
         body?;
         graph
     }
@@ -710,11 +561,11 @@ impl Engine {
         let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
         let mut out = vec![0i32; last.rows];
         if last.step_logits {
-            self.gpu.download(self.tok.ptr, &mut out)?;
+            self.ctx.gpu.download(self.tok.ptr, &mut out)?;
         } else {
             let logits = self.last_logits(&last)?;
             self.argmax_rows(logits, last.rows, 0, 0, self.small.ptr)?;
-            self.gpu.download(self.small.ptr, &mut out)?;
+            self.ctx.gpu.download(self.small.ptr, &mut out)?;
         }
         Ok(out.into_iter().map(|v| v as u32).collect())
     }
@@ -724,13 +575,13 @@ impl Engine {
             return Ok(self.logits.as_ref().map_or(0, |b| b.ptr));
         }
         let idx: Vec<i32> = last.lens.iter().enumerate().map(|(r, &n)| (r * last.seq + n.max(1) - 1) as i32).collect();
-        self.gpu.upload(&self.small, 0, &idx)?;
+        self.ctx.gpu.upload(&self.small, 0, &idx)?;
         let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
-        let e = self.cfg.embed_dim;
+        let e = self.ctx.cfg.embed_dim;
         // Gather into the projection-input buffer (free after the forward), then the head.
         let tmp = self.scratch.as_ref().map_or(0, |s| s.h.ptr);
         let args = Args::new().ptr(fin).ptr(self.small.ptr).ptr(tmp).i32(e as i32);
-        self.launch("gather_rows", (last.rows as u32, 1, 1), 256, args)?;
+        self.ctx.launch("gather_rows", (last.rows as u32, 1, 1), 256, args)?;
         self.head(tmp, last.rows)
     }
 
@@ -738,9 +589,9 @@ impl Engine {
     pub fn logits(&mut self) -> GpuResult<Vec<Vec<f32>>> {
         let last = self.last.clone().ok_or_else(|| GpuError::new("no forward has run since the last reset"))?;
         let p = self.last_logits(&last)?;
-        let v = self.cfg.vocab_size;
+        let v = self.ctx.cfg.vocab_size;
         let mut flat = vec![0f32; last.rows * v];
-        self.gpu.download(p, &mut flat)?;
+        self.ctx.gpu.download(p, &mut flat)?;
         Ok(flat.chunks(v).map(|c| c.to_vec()).collect())
     }
 
@@ -752,9 +603,9 @@ impl Engine {
         }
         let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
         let p = self.head(fin, last.seq)?;
-        let v = self.cfg.vocab_size;
+        let v = self.ctx.cfg.vocab_size;
         let mut flat = vec![0f32; last.seq * v];
-        self.gpu.download(p, &mut flat)?;
+        self.ctx.gpu.download(p, &mut flat)?;
         Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
     }
 
@@ -764,7 +615,7 @@ impl Engine {
         // A captured step's hidden rows are in `fin` too: scored like a prefill's.
         let rows = last.rows * last.seq;
         let fin = self.scratch.as_ref().map_or(0, |s| s.fin.ptr);
-        let e = self.cfg.embed_dim;
+        let e = self.ctx.cfg.embed_dim;
         let mut tgt = vec![0i32; rows];
         for (r, t) in targets.iter().enumerate() {
             for (p, &id) in t.iter().enumerate() {
@@ -774,16 +625,16 @@ impl Engine {
         let mut lp = vec![0f32; rows];
         let mut am = vec![0i32; rows];
         // Chunks of rows whose logits fit a bounded buffer.
-        let chunk = (256usize << 20) / (self.cfg.vocab_size * 4);
+        let chunk = (256usize << 20) / (self.ctx.cfg.vocab_size * 4);
         let chunk = chunk.clamp(GEMV_MAX_ROWS, 4096);
         if self.score_bufs.is_none() || self.score_rows < rows {
             let n = rows.next_power_of_two().max(GEMV_MAX_ROWS);
             self.score_bufs = None;
-            self.score_bufs = Some([self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?]);
+            self.score_bufs = Some([self.ctx.gpu.alloc(n * 4)?, self.ctx.gpu.alloc(n * 4)?, self.ctx.gpu.alloc(n * 4)?]);
             self.score_rows = n;
         }
         let bufs = self.score_bufs.as_ref().ok_or_else(|| GpuError::new("internal: score buffers"))?;
-        self.gpu.upload(&bufs[0], 0, &tgt)?;
+        self.ctx.gpu.upload(&bufs[0], 0, &tgt)?;
         let [tbuf, lbuf, abuf] = [bufs[0].ptr, bufs[1].ptr, bufs[2].ptr];
         let mut r0 = 0;
         while r0 < rows {
@@ -792,8 +643,8 @@ impl Engine {
             self.argmax_rows(logits, n, tbuf + (r0 * 4) as u64, lbuf + (r0 * 4) as u64, abuf + (r0 * 4) as u64)?;
             r0 += n;
         }
-        self.gpu.download(lbuf, &mut lp)?;
-        self.gpu.download(abuf, &mut am)?;
+        self.ctx.gpu.download(lbuf, &mut lp)?;
+        self.ctx.gpu.download(abuf, &mut am)?;
         Ok(targets
             .iter()
             .enumerate()
@@ -817,45 +668,25 @@ impl Engine {
 
     /// Repeat row 0 of the cache into rows 1..n.
     pub fn fork(&mut self, n: usize) -> GpuResult<()> {
-        self.gpu.bind()?;
+        self.ctx.gpu.bind()?;
         self.reserve(n, GEMV_MAX_ROWS, self.len.max(1))?;
         let c = self.cache.as_ref().ok_or_else(|| GpuError::new("internal: no cache"))?;
-        let row = self.cfg.kv_heads * c.cap * self.cfg.head_dim * 2;
-        let prow = self.cfg.kv_heads * c.cap;
-        for l in 0..self.cfg.layers {
+        let row = self.ctx.cfg.kv_heads * c.cap * self.ctx.cfg.head_dim * 2;
+        let prow = self.ctx.cfg.kv_heads * c.cap;
+        for l in 0..self.ctx.cfg.layers {
             for r in 1..n {
-                self.gpu.copy(c.k[l].ptr + (r * row) as u64, c.k[l].ptr, row)?;
-                self.gpu.copy(c.v[l].ptr + (r * row) as u64, c.v[l].ptr, row)?;
-                self.gpu.copy(c.present[l].ptr + (r * prow) as u64, c.present[l].ptr, prow)?;
+                self.ctx.gpu.copy(c.k[l].ptr + (r * row) as u64, c.k[l].ptr, row)?;
+                self.ctx.gpu.copy(c.v[l].ptr + (r * row) as u64, c.v[l].ptr, row)?;
+                self.ctx.gpu.copy(c.present[l].ptr + (r * prow) as u64, c.present[l].ptr, prow)?;
             }
         }
         self.last = None;
         Ok(())
     }
 
-    /// Device-to-device copy bandwidth (bytes read + written per second) over a `bytes` buffer, median of `reps`.
-    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> GpuResult<f64> {
-        let (a, b) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
-        self.gpu.memset(&a, 1)?;
-        let mut t = Vec::new();
-        for i in 0..reps + 2 {
-            let (s, e) = (self.gpu.event()?, self.gpu.event()?);
-            self.gpu.record(&s)?;
-            self.gpu.copy(b.ptr, a.ptr, bytes)?;
-            self.gpu.record(&e)?;
-            let ms = s.elapsed_ms(&e)? as f64;
-            if i >= 2 {
-                t.push(ms);
-            }
-        }
-        t.sort_by(f64::total_cmp);
-        let ms = t[t.len() / 2];
-        Ok(2.0 * bytes as f64 / (ms * 1e-3))
-    }
-
     /// Upload random ids, for `bench`.
     pub fn put_tokens(&mut self, ids: &[i32]) -> GpuResult<()> {
         self.reserve(1, ids.len(), 1)?;
-        self.gpu.upload(&self.tok, 0, ids)
+        self.ctx.gpu.upload(&self.tok, 0, ids)
     }
 }

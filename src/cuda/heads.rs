@@ -18,11 +18,11 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::engine::Engine;
+use super::launcher::Launcher;
 use super::gpu::{Args, DBuf, Event, GpuError, GpuResult};
 use super::predict::GpuPredictor;
 use super::select::{topk_compact, topk_mark, Scores};
-use super::sparse::{chunks, down_t, transpose, Kept, CHUNK, MAX_CHUNKS};
+use super::gather::{chunks, down_t, gather_store, transpose, In, Kept, CHUNK, MAX_CHUNKS};
 
 /// The head-sparse state of a plan: per layer the kept count (None: dense attention), its predictor and the
 /// transposed out-projection; the previous block input; per chunk the kept heads and their row lists.
@@ -58,7 +58,7 @@ pub struct SparseHeads {
 impl SparseHeads {
     /// State for `k` (one entry per layer) with the layers' head predictors `preds` (needed where `k` is Some).
     /// The transposed out-projections are made here, once.
-    pub fn new(e: &Engine, k: Vec<Option<usize>>, kv_kept: bool, mut preds: Vec<Option<GpuPredictor>>) -> GpuResult<Self> {
+    pub fn new(e: &Launcher, k: Vec<Option<usize>>, kv_kept: bool, mut preds: Vec<Option<GpuPredictor>>) -> GpuResult<Self> {
         let c = &e.cfg;
         let (d, h, hd) = (c.hidden, c.heads, c.head_dim);
         let qkv_n = (h + 2 * c.kv_heads) * hd;
@@ -122,13 +122,13 @@ impl SparseHeads {
     }
 
     /// Layer `l`'s per-token head flags, u8 `[rows, H]` (1 kept): read by the attention kernels.
-    pub fn keep_of(&self, e: &Engine, l: usize) -> CUdeviceptr {
+    pub fn keep_of(&self, e: &Launcher, l: usize) -> CUdeviceptr {
         self.keep.ptr + (self.set_of(l) * MAX_CHUNKS * CHUNK * e.cfg.heads) as u64
     }
 
     /// Layer `l`'s lists of chunk `c`: kept head ids, q/k/v rows, out-projection rows (`early` where they were made
     /// at the layer before).
-    fn lists(&self, e: &Engine, c: usize, l: usize) -> (Kept, Kept, Kept) {
+    fn lists(&self, e: &Launcher, c: usize, l: usize) -> (Kept, Kept, Kept) {
         let (h, hd) = (e.cfg.heads, e.cfg.head_dim);
         let qkv_n = (h + 2 * e.cfg.kv_heads) * hd;
         let c = self.set_of(l) * MAX_CHUNKS + c;
@@ -149,7 +149,7 @@ impl SparseHeads {
 
     /// Layer `l`'s whole selection from the block input `src` (f32 `[rows, d]`) into its buffer set: the head
     /// predictor's scores, each token's top k into the flags, and per chunk the union's head ids and row lists.
-    fn select_from(&self, e: &Engine, l: usize, src: CUdeviceptr, rows: usize) -> GpuResult<()> {
+    fn select_from(&self, e: &Launcher, l: usize, src: CUdeviceptr, rows: usize) -> GpuResult<()> {
         let (Some(k), Some(p)) = (self.k[l], self.pred[l].as_ref()) else {
             return Ok(());
         };
@@ -193,7 +193,7 @@ impl SparseHeads {
     /// `[rows, d]`, already copied to [`SparseHeads::snapshot`] where `copied`. Look-ahead: layer 0 selects in line
     /// from `x`; where the layer forks, `x` is kept (copied here unless `copied`) for [`SparseHeads::fork_next`]. In
     /// line: layer `l` selects from the previous layer's input (layer 0: `x`), and `x` is copied for the next layer.
-    pub fn select(&self, e: &Engine, l: usize, x: CUdeviceptr, rows: usize, copied: bool) -> GpuResult<()> {
+    pub fn select(&self, e: &Launcher, l: usize, x: CUdeviceptr, rows: usize, copied: bool) -> GpuResult<()> {
         if self.lookahead {
             if l == 0 {
                 self.select_from(e, 0, x, rows)?;
@@ -210,7 +210,7 @@ impl SparseHeads {
     /// Look-ahead, at the start of layer `l`'s MLP: layer `l + 1`'s selection from layer `l`'s block input (the
     /// snapshot) forked onto the side stream, where it runs beside the MLP (whose single-block top-k leaves the
     /// multiprocessors idle); [`SparseHeads::join`]ed at the start of layer `l + 1`.
-    pub fn fork_next(&self, e: &Engine, l: usize, rows: usize) -> GpuResult<()> {
+    pub fn fork_next(&self, e: &Launcher, l: usize, rows: usize) -> GpuResult<()> {
         if !(self.lookahead && self.forks(l)) {
             return Ok(());
         }
@@ -221,7 +221,7 @@ impl SparseHeads {
 
     /// At the start of a layer (before its norm writes the snapshot and its q/k/v projection reads the lists): the
     /// main stream waits for the look-ahead selection forked at the layer before (nothing where none is pending).
-    pub fn join(&self, e: &Engine) -> GpuResult<()> {
+    pub fn join(&self, e: &Launcher) -> GpuResult<()> {
         if self.pending.replace(false) {
             e.gpu.join(&self.join_ev)?;
         }
@@ -231,20 +231,20 @@ impl SparseHeads {
     /// The q/k/v projection of the kept heads' q rows and every k/v row, written at their own columns of `qkv`
     /// (f32 `[rows, (H + 2 KV) hd]`; the dropped heads' q columns are left as they were). `input(r0)` is the
     /// attention input of the chunk starting at row `r0`.
-    pub fn qkv(&self, e: &Engine, l: usize, rows: usize, input: impl Fn(usize) -> super::sparse::In, qkv: CUdeviceptr) -> GpuResult<()> {
+    pub fn qkv(&self, e: &Launcher, l: usize, rows: usize, input: impl Fn(usize) -> In, qkv: CUdeviceptr) -> GpuResult<()> {
         let (d, h, hd, kv) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim, e.cfg.kv_heads);
         let qkv_n = (h + 2 * kv) * hd;
         let lw = &e.w.layers[l];
         for (c, r0, nb) in chunks(rows, "head-sparse attention")? {
             let (_, rows_c, _) = self.lists(e, c, l);
-            super::sparse::gather_store(e, lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), input(r0), rows_c, qkv + (r0 * qkv_n * 4) as u64, nb, d)?;
+            gather_store(e, lw.qkv.ptr, lw.qkv_b.as_ref().map(|b| b.ptr), input(r0), rows_c, qkv + (r0 * qkv_n * 4) as u64, nb, d)?;
         }
         Ok(())
     }
 
     /// The out-projection over the kept heads' columns, accumulated into the residual `x` (f32 `[rows, d]`):
     /// `att` 16-bit `[rows, H hd]` (dropped heads' outputs are 0 for their own tokens).
-    pub fn out_proj(&self, e: &Engine, l: usize, rows: usize, att: CUdeviceptr, x: CUdeviceptr) -> GpuResult<()> {
+    pub fn out_proj(&self, e: &Launcher, l: usize, rows: usize, att: CUdeviceptr, x: CUdeviceptr) -> GpuResult<()> {
         let (d, h, hd) = (e.cfg.hidden, e.cfg.heads, e.cfg.head_dim);
         let ot = self.o_t[l].as_ref().ok_or_else(|| GpuError::new("internal: no transposed out-projection for a head-sparse layer"))?;
         let ob = e.w.layers[l].o_b.as_ref().map(|b| b.ptr);

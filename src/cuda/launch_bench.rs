@@ -10,9 +10,9 @@
 use crate::bench::Shape;
 use crate::source::weights::Half;
 
-use super::engine::Epi;
+use super::launcher::Epi;
 use super::gpu::GpuResult;
-use super::mlp_bench::{one_layer_engine, time_graph, FLUSH_BYTES};
+use super::mlp_bench::{one_layer, time_graph, FLUSH_BYTES};
 use super::weights::Weights;
 
 /// One matrix shape's pair of timings.
@@ -51,7 +51,7 @@ pub fn needed_bytes(sh: &Shape, chain: usize) -> usize {
 /// Time one launch against a chain of `chain` launches at the shape's out-projection (N = K = d, `Acc`) and its
 /// down-projection (N = d, K = ffn, `Acc`), `reps` replays each.
 pub fn run(sh: &Shape, dt: Half, chain: usize, reps: usize) -> GpuResult<Vec<LaunchCost>> {
-    let e = one_layer_engine(sh, dt)?;
+    let e = one_layer(sh, dt)?;
     let copy_bw = e.copy_bandwidth(1 << 30, 10)?;
     let flush = e.gpu.alloc(FLUSH_BYTES)?;
     let (d, f) = (e.cfg.hidden, e.cfg.ffn);

@@ -7,12 +7,14 @@ use crate::bench::{median_p90, BlockRule, MlpBlockResult, Shape};
 use crate::config::Family;
 use crate::source::weights::Half;
 
-use super::engine::{Engine, Epi};
+use super::launcher::Launcher;
+use super::launcher::Epi;
 use super::gpu::{DBuf, Gpu, GpuResult, Graph};
 use super::kernels::Kernels;
 use super::predict::GpuPredictor;
 use super::select::QCopy;
-use super::sparse::{down_t, gather_up, random_kept, sparse_mlp, GpuMlp, In, Kept, PredIn, SparseMlp, SparseParts};
+use super::gather::{down_t, gather_up, random_kept, In, Kept};
+use super::sparse::{sparse_mlp, GpuMlp, PredIn, SparseMlp, SparseParts};
 use super::weights::Weights;
 
 /// Bytes the block needs on the GPU beyond the engine's (transposed down copy, activations, flush buffer).
@@ -27,17 +29,17 @@ pub fn needed_bytes(sh: &Shape, batch: usize) -> usize {
 pub(super) const FLUSH_BYTES: usize = 128 << 20;
 
 /// An engine on one layer of `sh` with random weights (and a 256-token vocabulary: the head is not timed).
-pub(super) fn one_layer_engine(sh: &Shape, dt: Half) -> GpuResult<Engine> {
+pub(super) fn one_layer(sh: &Shape, dt: Half) -> GpuResult<Launcher> {
     let mut cfg = sh.config();
     cfg.layers = 1;
     cfg.vocab_size = 256;
     let gpu = Gpu::new(0)?;
     let k = Kernels::load(gpu.arch)?;
     let w = Weights::random(&gpu, &k, &cfg, dt, 11)?;
-    Engine::new(gpu, k, w, cfg)
+    Launcher::new(gpu, k, w, cfg)
 }
 
-pub(super) fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
+pub(super) fn time_graph(e: &Launcher, g: &Graph, flush: &DBuf, reps: usize) -> GpuResult<(f64, f64)> {
     for _ in 0..3 {
         e.gpu.replay(g)?;
     }
@@ -61,7 +63,7 @@ pub(super) fn time_graph(e: &Engine, g: &Graph, flush: &DBuf, reps: usize) -> Gp
 /// Time the block at `sh` for every kept fraction in `keep`, at each batch size: `rule` gather (the kept ids
 /// given), or a SwiGLU rule whose selection runs inside the timed graph (`qscore`: random int4 score copies).
 pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, rule: BlockRule, rank: Option<usize>) -> GpuResult<Vec<MlpBlockResult>> {
-    let e = one_layer_engine(sh, dt)?;
+    let e = one_layer(sh, dt)?;
     let cfg = e.cfg.clone();
     let (d, f) = (cfg.hidden, cfg.ffn);
     let llama = cfg.family == Family::Llama;
@@ -116,7 +118,7 @@ pub fn run(sh: &Shape, dt: Half, batches: &[usize], keep: &[f64], reps: usize, r
 /// down; `exactdown` gate and up whole, then the kept rows of down; `dejavu` the predictor's two matrices, then the
 /// kept rows of every matrix.
 #[allow(clippy::too_many_arguments)]
-fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64, rank: Option<usize>) -> GpuResult<MlpBlockResult> {
+fn time_rule(e: &Launcher, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64, out: u64, flush: &DBuf, reps: usize, copy_bw: f64, dense_us: f64, rank: Option<usize>) -> GpuResult<MlpBlockResult> {
     let (d, f) = (sh.hidden, sh.ffn);
     let mut parts = SparseParts { score_bits: 4.5, ..Default::default() };
     let rank = rank.unwrap_or_else(|| crate::predictor::default_rank(d));
@@ -159,7 +161,7 @@ fn time_rule(e: &Engine, sh: &Shape, rule: BlockRule, b: usize, k: usize, x: u64
 /// One table row: the timing `(median, p90)` in µs of a block reading `bytes`, beside its floor (bytes over the copy
 /// bandwidth `copy_bw`, bytes/s), the 1.2 × floor + 4 µs bound and our dense block.
 #[allow(clippy::too_many_arguments)]
-fn block_row(e: &Engine, sh: &Shape, batch: usize, kept: usize, kernels: String, (med, p90): (f64, f64), bytes: usize, copy_bw: f64, dense_us: f64) -> MlpBlockResult {
+fn block_row(e: &Launcher, sh: &Shape, batch: usize, kept: usize, kernels: String, (med, p90): (f64, f64), bytes: usize, copy_bw: f64, dense_us: f64) -> MlpBlockResult {
     let floor_us = bytes as f64 / copy_bw * 1e6;
     MlpBlockResult {
         shape: sh.name.to_string(),

@@ -7,8 +7,8 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::launch::{hidden_split, GEMV_SMEM};
 use crate::predictor::{FoldedPredictor, RMS_EPS};
 
-use super::engine::{Engine, Epi, NormIn};
-use super::sparse::{mma_dense, mma_dense_fits};
+use super::launcher::{Epi, Launcher, NormIn};
+use super::gather::{mma_dense, mma_dense_fits};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
 
 /// One layer's predictor on the device, in the engine's 16-bit type: `w1t [r, d]`, `w2t [n, r]`, their biases,
@@ -25,7 +25,7 @@ pub struct GpuPredictor {
 }
 
 impl GpuPredictor {
-    pub fn upload(e: &Engine, f: &FoldedPredictor) -> GpuResult<Self> {
+    pub fn upload(e: &Launcher, f: &FoldedPredictor) -> GpuResult<Self> {
         if f.d != e.cfg.hidden {
             return Err(GpuError(format!("a predictor of input width {}, the model's hidden size is {}", f.d, e.cfg.hidden)));
         }
@@ -33,7 +33,7 @@ impl GpuPredictor {
     }
 
     /// [`GpuPredictor::upload`] at any input width (the kernel checks try widths other than the engine's model).
-    pub(crate) fn upload_any(e: &Engine, f: &FoldedPredictor) -> GpuResult<Self> {
+    pub(crate) fn upload_any(e: &Launcher, f: &FoldedPredictor) -> GpuResult<Self> {
         let dt = e.dt();
         let put = |v: &[f32]| -> GpuResult<DBuf> {
             let b = e.gpu.alloc(v.len() * 2)?;
@@ -53,7 +53,7 @@ impl GpuPredictor {
     }
 
     /// A predictor of random weights (small values of the engine's type) at real shapes, for timing.
-    pub fn random(e: &Engine, r: usize, n: usize, seed: u64) -> GpuResult<Self> {
+    pub fn random(e: &Launcher, r: usize, n: usize, seed: u64) -> GpuResult<Self> {
         let d = e.cfg.hidden;
         let rnd = |len: usize, seed: u64, scale: f32| super::Weights::random_half(&e.gpu, &e.k, e.dt(), len, seed, scale);
         let ones = e.gpu.alloc(d * 2)?;
@@ -79,13 +79,13 @@ impl GpuPredictor {
 
     /// `out` f32 `[rows, n]`: the scores of the residual rows `x` (f32 `[rows, d]`); `tmp` holds
     /// [`GpuPredictor::scratch_bytes`].
-    pub fn scores(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr) -> GpuResult<()> {
+    pub fn scores(&self, e: &Launcher, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr) -> GpuResult<()> {
         self.scores_by(e, x, rows, tmp, out, e.pred_split)
     }
 
     /// [`GpuPredictor::scores`] with the hidden layer by `pred_hidden_*` where it applies (`split`) or by the GEMV
     /// path.
-    pub(crate) fn scores_by(&self, e: &Engine, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr, split: bool) -> GpuResult<()> {
+    pub(crate) fn scores_by(&self, e: &Launcher, x: CUdeviceptr, rows: usize, tmp: CUdeviceptr, out: CUdeviceptr, split: bool) -> GpuResult<()> {
         let (h, h16) = (tmp, tmp + (rows * self.r * 4) as u64);
         match hidden_split(self.d, rows) {
             // Up to 4 rows: the hidden layer by `pred_hidden_*` (S warps a row), written in 16 bits directly.
@@ -124,7 +124,7 @@ impl GpuPredictor {
 /// Whether a prediction over `rows` rows of width `d` rounds its normalised input to the 16-bit type before the
 /// hidden layer: the tensor-core path ([`GpuPredictor::scores`] at 3-16 rows past `pred_hidden_*`'s 4); the other
 /// paths normalise in f32.
-pub(crate) fn rounds_input(e: &Engine, d: usize, rows: usize) -> bool {
+pub(crate) fn rounds_input(e: &Launcher, d: usize, rows: usize) -> bool {
     !(e.pred_split && hidden_split(d, rows).is_some()) && mma_dense_fits(e, rows, d)
 }
 

@@ -8,10 +8,10 @@ use cudarc::driver::sys::CUdeviceptr;
 use crate::config::Family;
 use crate::sparse::quant::{QMatrix, QScheme, QScoreCopies};
 
-use super::engine::Engine;
+use super::launcher::Launcher;
 use crate::launch::{k_of, GEMV_SMEM};
 use super::gpu::{Args, DBuf, GpuError, GpuResult};
-use super::sparse::{In, Kept};
+use super::gather::{In, Kept};
 
 /// What [`topk_mark`] ranks: f32 scores, or the magnitudes of 16-bit hidden values (in the engine's type).
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +25,7 @@ pub enum Scores {
 /// batch-1 path needs one selection launch instead of two. The engine's select algorithm (binned unless
 /// `DEJAVU_TOPK_BINNED=0`).
 pub fn topk_mark(
-    e: &Engine,
+    e: &Launcher,
     scores: Scores,
     rows: usize,
     n: usize,
@@ -46,7 +46,7 @@ fn binned_smem(n: usize) -> usize {
 /// radix passes over the whole row.
 #[allow(clippy::too_many_arguments)]
 pub fn topk_mark_with(
-    e: &Engine,
+    e: &Launcher,
     binned: bool,
     scores: Scores,
     rows: usize,
@@ -85,7 +85,7 @@ pub fn topk_mark_with(
 /// `gather` as in [`topk_compact`]: one launch for one row (no `pre` then), [`topk_mark`] and [`topk_compact`] for more.
 #[allow(clippy::too_many_arguments)]
 pub fn topk_select(
-    e: &Engine,
+    e: &Launcher,
     scores: Scores,
     rows: usize,
     n: usize,
@@ -105,7 +105,7 @@ pub fn topk_select(
 /// The union of `rows` rows of keep flags (`[rows, n]`) as the ascending kept set `kept` (capacity `n`); with
 /// `pre` (f32 `[rows, n]`), each row's 0/1 flag per kept id; with `gather = (src, dst)` (16-bit `[rows, n]`),
 /// `dst[b, s] = src[b, kept[s]]` where row b keeps it, else 0.
-pub fn topk_compact(e: &Engine, keep: CUdeviceptr, rows: usize, n: usize, kept: Kept, pre: Option<CUdeviceptr>, gather: Option<(CUdeviceptr, CUdeviceptr)>) -> GpuResult<()> {
+pub fn topk_compact(e: &Launcher, keep: CUdeviceptr, rows: usize, n: usize, kept: Kept, pre: Option<CUdeviceptr>, gather: Option<(CUdeviceptr, CUdeviceptr)>) -> GpuResult<()> {
     if kept.cap < n {
         return Err(GpuError(format!("internal: a kept set of capacity {} for {n} units", kept.cap)));
     }
@@ -146,7 +146,7 @@ pub fn pack_int4(m: &QMatrix) -> Result<(Vec<u8>, Vec<u16>), String> {
 }
 
 impl QCopy {
-    pub fn upload(e: &Engine, gate: &QMatrix, up: &QMatrix) -> GpuResult<Self> {
+    pub fn upload(e: &Launcher, gate: &QMatrix, up: &QMatrix) -> GpuResult<Self> {
         let put = |m: &QMatrix| -> GpuResult<(DBuf, DBuf)> {
             let (codes, scale) = pack_int4(m).map_err(GpuError)?;
             let (c, s) = (e.gpu.alloc(codes.len())?, e.gpu.alloc(scale.len() * 2)?);
@@ -160,7 +160,7 @@ impl QCopy {
     }
 
     /// Random copies (any codes, small f16 scales) of an `[f, d]` gate and up, for timing.
-    pub fn random(e: &Engine, f: usize, d: usize, seed: u64) -> GpuResult<Self> {
+    pub fn random(e: &Launcher, f: usize, d: usize, seed: u64) -> GpuResult<Self> {
         let rnd = |bytes: usize, seed: u64, scale: f32| super::Weights::random_half(&e.gpu, &e.k, crate::source::weights::Half::F16, bytes / 2, seed, scale);
         Ok(QCopy { gate: rnd(f * d / 2, seed, 1.0)?, up: rnd(f * d / 2, seed + 1, 1.0)?, gate_scale: rnd(f * d / 16, seed + 2, 0.01)?, up_scale: rnd(f * d / 16, seed + 3, 0.01)? })
     }
@@ -171,7 +171,7 @@ impl QCopy {
     }
 
     /// Every layer's copies, checked against the engine's model.
-    pub fn upload_all(e: &Engine, c: &QScoreCopies) -> GpuResult<Vec<QCopy>> {
+    pub fn upload_all(e: &Launcher, c: &QScoreCopies) -> GpuResult<Vec<QCopy>> {
         let (d, f) = (e.cfg.hidden, e.cfg.ffn);
         if c.layers.len() != e.cfg.layers {
             return Err(GpuError(format!("score copies for {} layers, the model has {}", c.layers.len(), e.cfg.layers)));
@@ -191,8 +191,8 @@ impl QCopy {
 
 /// `out[b, n] = |silu(gate_n . x_b) * (up_n . x_b)|` from the copies `q` (`n < f`), f32 `[rows, f]`; `x` the MLP
 /// input (`k` wide) of `rows` <= 16 rows.
-pub fn qscore(e: &Engine, q: &QCopy, input: In, out: CUdeviceptr, rows: usize, f: usize, k: usize) -> GpuResult<()> {
-    if rows == 0 || rows > super::engine::GEMV_MAX_ROWS {
+pub fn qscore(e: &Launcher, q: &QCopy, input: In, out: CUdeviceptr, rows: usize, f: usize, k: usize) -> GpuResult<()> {
+    if rows == 0 || rows > super::launcher::GEMV_MAX_ROWS {
         return Err(GpuError(format!("internal: the score pass runs 1..=16 rows, got {rows}")));
     }
     if let (In::Half(x), true) = (input, e.mma_rows > 0 && rows >= e.mma_rows && k % 32 == 0) {

@@ -25,7 +25,7 @@ pub struct KernelTime {
 /// Prefill `prompt` random tokens in `batch` rows, take one step, then time every prefix of the next step's
 /// launches (`reps` replays each; the median).
 pub fn profile(e: &mut Engine, batch: usize, prompt: usize, reps: usize, mut progress: impl FnMut(usize, usize)) -> GpuResult<(f64, Vec<KernelTime>)> {
-    let vocab = e.cfg.vocab_size as u64;
+    let vocab = e.ctx.cfg.vocab_size as u64;
     let mut r = crate::decode::SplitMix64(17);
     let ids: Vec<i32> = (0..batch * prompt).map(|_| (r.next_u64() % vocab) as i32).collect();
     e.reset();
@@ -33,23 +33,23 @@ pub fn profile(e: &mut Engine, batch: usize, prompt: usize, reps: usize, mut pro
     let first: Vec<i32> = e.argmax()?.into_iter().map(|v| v as i32).collect();
     // One real step, so the token buffer holds valid ids for the captured ones.
     e.step(Some(&first), batch)?;
-    let flush = e.gpu.alloc(FLUSH_BYTES)?;
-    e.gpu.trace(None);
+    let flush = e.ctx.gpu.alloc(FLUSH_BYTES)?;
+    e.ctx.gpu.trace(None);
     let counted = e.capture_step(batch);
-    let launches = e.gpu.trace_take();
+    let launches = e.ctx.gpu.trace_take();
     drop(counted?);
     let mut cum = Vec::with_capacity(launches.len() + 1);
     for n in 0..=launches.len() {
         progress(n, launches.len());
-        e.gpu.trace(Some(n));
+        e.ctx.gpu.trace(Some(n));
         let g = e.capture_step(batch);
-        e.gpu.trace_take();
-        cum.push(time_graph(e, &g?, &flush, reps)?.0);
+        e.ctx.gpu.trace_take();
+        cum.push(time_graph(&e.ctx, &g?, &flush, reps)?.0);
     }
     let rows = launches
         .iter()
         .enumerate()
-        .map(|(i, &(f, side))| KernelTime { index: i, name: e.k.name_of(f).unwrap_or_else(|| "?".into()), side, cum_us: cum[i + 1], us: cum[i + 1] - cum[i] })
+        .map(|(i, &(f, side))| KernelTime { index: i, name: e.ctx.k.name_of(f).unwrap_or_else(|| "?".into()), side, cum_us: cum[i + 1], us: cum[i + 1] - cum[i] })
         .collect();
     Ok((cum[launches.len()], rows))
 }

@@ -2,7 +2,7 @@
 
 use cudarc::driver::sys::CUdeviceptr;
 
-use crate::cuda::engine::Epi;
+use crate::cuda::launcher::Epi;
 use crate::cuda::gpu::GpuResult;
 use crate::source::weights::Half;
 use crate::source::ModelFiles;
@@ -126,14 +126,14 @@ impl EngineSel {
 pub fn kept_sets(files: &ModelFiles, dt: Option<Half>, rule: KeptRule<'_>, prompts: &[Vec<u32>]) -> Result<KeptCheck, String> {
     use crate::cuda::predict::GpuPredictor;
     use crate::cuda::select::{qscore, topk_compact, topk_mark, QCopy, Scores};
-    use crate::cuda::sparse::{cats_select, In, Kept};
+    use crate::cuda::gather::{cats_select, In, Kept};
     use crate::model::{to_host_3d, Forward, TapSet};
     use burn::tensor::{Tensor, TensorData};
     type Cpu = crate::backend::CpuBackend;
     let dev = Default::default();
     let m = crate::model::Model::<Cpu>::load(&files.config, files.checkpoint.as_ref(), &dev, |_| {}).map_err(|e| e.to_string())?;
     let (gpu, _) = crate::cuda::CudaDecoder::load(files, dt, 0, |_| {}).map_err(|e| e.0)?;
-    let e = &gpu.engine;
+    let e = &gpu.engine.ctx;
     let g = |r: GpuResult<()>| r.map_err(|x| x.0);
     let cfg = &files.config;
     let (d, f, nl) = (cfg.hidden, cfg.ffn, cfg.layers);

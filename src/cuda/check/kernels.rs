@@ -1,6 +1,6 @@
 //! Every kernel against f32/f64 CPU computations on fresh random inputs, f16 and bf16.
 
-use crate::cuda::engine::{Engine, Epi, NormIn};
+use crate::cuda::launcher::{Epi, Launcher, NormIn};
 use crate::cuda::gpu::{Args, DBuf, GpuError, GpuResult};
 use crate::cuda::weights::Weights;
 use crate::source::weights::Half;
@@ -19,7 +19,7 @@ pub struct KernelCheck {
 }
 
 /// Projections (GEMV at <= 16 rows, cuBLAS + epilogue above) against f64 on the same rounded inputs.
-fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_linear(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     // One row also at 4096 and 11008 (a 7B layer's widths).
     for (rows, k) in [(1usize, 576usize), (3, 576), (16, 1536), (5, 172), (40, 576), (1, 4096), (1, 11008)] {
@@ -122,8 +122,8 @@ fn check_linear(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// the same rounded inputs; columns past the kept count must stay untouched (still NaN). Plus two invariants: the
 /// gather over every row in order equals the dense GEMV bit for bit, and the transposed down over every row equals
 /// the dense down projection (within tolerance: the order of addition differs).
-fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
-    use crate::cuda::sparse::{down_t, gather_up, random_kept, In, Kept};
+fn check_sparse(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+    use crate::cuda::gather::{down_t, gather_up, random_kept, In, Kept};
     let d = Dev { e };
     for (rows, k, f) in [(1usize, 576usize, 1536usize), (3, 576, 1536), (16, 1024, 344), (2, 172, 200)] {
         for epi in [Epi::Relu, Epi::Glu] {
@@ -246,7 +246,7 @@ fn check_sparse(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// gate / up (or fc1) rows, against f64 on the same rounded inputs; every output width class (1-4 words a thread),
 /// neuron counts not a multiple of a chunk, input and output widths apart, with and without biases, blocks of 8 and 16
 /// warps.
-fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_mlp_fused(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d_ = Dev { e };
     for (k, f, dd) in [(576usize, 1536usize, 576usize), (1024, 344, 1024), (2048, 333, 2048), (4096, 700, 4096), (5120, 301, 5120), (8192, 130, 8192), (576, 203, 4096), (4096, 2051, 2048)] {
         for glu in [false, true] {
@@ -285,9 +285,9 @@ fn check_mlp_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
 /// Top-k selection (`topk_mark_*`, `topk_compact`) against the host reference (`sparse::select::top_k` per row,
 /// the union ascending): exact equality of the kept ids, the rows' flags and the gathered values. Scores are drawn
 /// on a coarse grid (many ties), with NaN and both zeros among them.
-fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_select(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use crate::cuda::select::{topk_compact, topk_mark_with, Scores};
-    use crate::cuda::sparse::Kept;
+    use crate::cuda::gather::Kept;
     use crate::sparse::select::top_k;
     let d = Dev { e };
     for (rows, n, k) in [(1usize, 1536usize, 1usize), (1, 1536, 768), (3, 1536, 500), (16, 11008, 5504), (2, 200, 200), (2, 200, 0), (1, 49152, 4915), (5, 344, 343), (4, 40, 20), (1, 9, 6), (3, 32, 1), (2, 256, 255), (1, 257, 100), (1, 20480, 2048), (1, 40, 20), (1, 11008, 11008), (1, 11008, 0), (1, 1000, 999), (1, 20000, 7000), (4, 20480, 2048), (3, 4100, 1000)] {
@@ -382,9 +382,10 @@ fn check_select(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> 
 /// The int4 score pass (`qscore_*`) against an f64 computation from the dequantized copies, and the top-k MLP
 /// blocks (`exactdown`, `qscore`) against f64: per row its own top k (exactdown ranks the hidden values rounded to
 /// the engine's type, as the engine stores them), the kept hidden values through down, added to the residual.
-fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_topk_mlp(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use crate::cuda::select::{qscore, QCopy};
-    use crate::cuda::sparse::{sparse_mlp, GpuMlp, In, PredIn, SparseMlp, SparseParts};
+    use crate::cuda::gather::In;
+    use crate::cuda::sparse::{sparse_mlp, GpuMlp, PredIn, SparseMlp, SparseParts};
     use crate::sparse::quant::{QMatrix, QScheme, QuantOptions};
     use crate::sparse::select::top_k;
     let d_ = Dev { e };
@@ -456,9 +457,9 @@ fn check_topk_mlp(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -
 /// The head-sparse lists of one token (`topk_mark_f32` writing the kept head ids itself, then `expand_heads`)
 /// against the host: the kept heads (top k of the scores), the q rows of those heads followed by the k and v rows
 /// of every key/value head (`kv_kept` = 0) or of those with a kept query head (1), and the out-projection rows.
-fn check_head_lists(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_head_lists(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use crate::cuda::select::{topk_mark, Scores};
-    use crate::cuda::sparse::Kept;
+    use crate::cuda::gather::Kept;
     use crate::sparse::select::top_k;
     let d = Dev { e };
     for (h, kv, hd, k) in [(32usize, 8usize, 8usize, 22usize), (40, 40, 4, 20), (9, 3, 8, 6), (64, 8, 2, 1), (12, 4, 4, 12)] {
@@ -509,7 +510,7 @@ fn check_head_lists(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
 /// A trained predictor's scores (`GpuPredictor::scores`: the hidden layer by `pred_hidden_*` up to 4 rows, by the
 /// GEMV + `to_half` above, then the second GEMV) against f64: the RMS-normalised residual (unit weight), the hidden
 /// layer rounded to the 16-bit type (the engine's rounding point), the scores.
-fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_predictor(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     use crate::cuda::predict::GpuPredictor;
     use crate::predictor::{FoldedPredictor, RMS_EPS};
     let d = Dev { e };
@@ -545,7 +546,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
             let tmp = d.poisoned(p.scratch_bytes(rows))?;
             let ob = d.poisoned(rows * n * 4)?;
             p.scores_by(e, xb.ptr, rows, tmp.ptr, ob.ptr, split)?;
-            let fits = |k: usize| crate::cuda::sparse::mma_dense_fits(e, rows, k);
+            let fits = |k: usize| crate::cuda::gather::mma_dense_fits(e, rows, k);
             let hidden = if split && crate::launch::hidden_split(dim, rows).is_some() {
                 "pred_hidden"
             } else if fits(dim) {
@@ -560,7 +561,7 @@ fn check_predictor(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
     Ok(())
 }
 
-fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_norms(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     // The engine's choice at each width (the register-held kernels where d % 4 == 0, d <= 16384) and the plain
     // kernels at every width; `in place`: the f32 output written over the input (OPT's post-LayerNorm layers).
@@ -578,7 +579,7 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
         let (name, threads) = if plain {
             (format!("{}_{}", if rms { "rmsnorm" } else { "layernorm" }, dt.name()), (dim.div_ceil(32) * 32).clamp(32, 1024) as u32)
         } else {
-            crate::cuda::engine::norm_kernel(rms, dt, dim)
+            crate::cuda::launcher::norm_kernel(rms, dt, dim)
         };
         let bias = if rms { 0 } else { bb.ptr };
         let xin = if in_place { xo.ptr } else { xb.ptr };
@@ -609,7 +610,7 @@ fn check_norms(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
     Ok(())
 }
 
-fn check_embed(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_embed(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     let (vocab, dim, seq, past) = (50usize, 96usize, 3usize, 7usize);
     let emb = rounded(&randv(vocab * dim, seed, 1.0), dt);
@@ -630,7 +631,7 @@ fn check_embed(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> G
 }
 
 /// RoPE + cache write + split attention + combine, against f64 on the same rounded cache.
-fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_attention(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     // splits = 1 writes the output directly (no combine pass); more splits go through attn_combine.
     for (hd, heads, kvh, splits) in [(64usize, 8usize, 2usize, 1usize), (64, 8, 2, 5), (128, 4, 4, 3), (128, 4, 4, 1), (8, 8, 4, 1), (256, 2, 1, 2)] {
@@ -755,7 +756,7 @@ fn check_attention(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
 
 /// The decode attention with RoPE and the cache write folded in (`attn_split_rope_*`, `DEJAVU_ROPE_FUSE`) against
 /// rope_kv + attn_split on the same inputs: the same output bits, the same cache and presence flags afterwards.
-fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_rope_fused(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     let t = dt.name();
     for (hd, heads, kvh, splits, flags) in [(64usize, 8usize, 2usize, 1usize, false), (64, 8, 2, 5, true), (128, 4, 4, 3, false), (128, 8, 2, 1, true), (8, 8, 4, 1, false), (256, 2, 1, 2, true)] {
@@ -814,7 +815,7 @@ fn check_rope_fused(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>)
 /// The out-projection that merges the attention's key splits itself (`gemv_comb_*`, `DEJAVU_COMB_FOLD`) against
 /// attn_combine + the GEMV on the same partials (bit for bit) and against f64 (the merge in f64, rounded to the
 /// 16-bit type as attn_combine stores it, then the product); some splits empty, as at the start of a context.
-fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_comb_fold(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     let t = dt.name();
     for (heads, hd, splits) in [(9usize, 64usize, 3usize), (4, 128, 2), (2, 256, 5), (16, 8, 2), (8, 64, 1)] {
@@ -873,7 +874,7 @@ fn check_comb_fold(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) 
     Ok(())
 }
 
-fn check_rows(e: &Engine, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+fn check_rows(e: &Launcher, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     for v in [1000usize, 1001, 49152] { // 1001: rows not 16-byte aligned, the scalar loop
         let rows = 4;
@@ -913,7 +914,7 @@ pub fn kernels(seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
         let mut cfg = crate::bench::Shape::find("smollm2-135m").map(|s| s.config()).ok_or_else(|| GpuError::new("shape table"))?;
         cfg.layers = 1;
         let w = Weights::random(&gpu, &k, &cfg, dt, 3)?;
-        let mut e = Engine::new(gpu, k, w, cfg)?;
+        let mut e = Launcher::new(gpu, k, w, cfg)?;
         // The grouped one-row GEMV (`DEJAVU_GEMV_GROUP`, on unless 0) is checked on its own below, forced to 2 and
         // 4 warps a row; every other check runs the ungrouped kernels, so the bit-for-bit ones compare two paths
         // that sum in the same order.

@@ -3,9 +3,9 @@
 //! output columns the kernel must not write stay poisoned.
 
 use super::{randv, rounded, silu, verdict, Dev, KernelCheck};
-use crate::cuda::engine::{Engine, Epi};
+use crate::cuda::launcher::{Epi, Launcher};
 use crate::cuda::gpu::GpuResult;
-use crate::cuda::sparse::{gather_mul, gather_store, gather_up, random_kept, In, Kept};
+use crate::cuda::gather::{gather_mul, gather_store, gather_up, random_kept, In, Kept};
 use crate::source::weights::Half;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -16,7 +16,7 @@ enum Kind {
     Mul,
 }
 
-pub(super) fn check_mma(e: &Engine, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
+pub(super) fn check_mma(e: &Launcher, dt: Half, seed: u64, out: &mut Vec<KernelCheck>) -> GpuResult<()> {
     let d = Dev { e };
     // (rows, k, f): both tile widths (n1: up to 8 rows, n2: 9-16), partial tiles of 16 kept rows, K slices shorter
     // than one unrolled step (k = 576: 18 chunks over 8 warps) and long ones (5,120).

@@ -21,7 +21,7 @@ use half::{bf16, f16};
 
 use crate::source::weights::Half;
 
-use super::engine::Engine;
+use super::launcher::Launcher;
 use super::gpu::{Args, DBuf, GpuResult};
 
 fn rng(seed: u64) -> crate::decode::SplitMix64 {
@@ -65,7 +65,7 @@ fn verdict(kernel: String, dt: Half, got: &[f32], want: &[f32], tol: f64) -> Ker
 }
 
 struct Dev<'a> {
-    e: &'a Engine,
+    e: &'a Launcher,
 }
 
 impl Dev<'_> {

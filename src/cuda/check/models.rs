@@ -140,7 +140,7 @@ pub fn model(
         None => RefDecoder::dense(&m),
     };
     let mut gpu = engine_decoder(files, dt, plan.map(|(p, _)| p), copies, predictors)?;
-    let dt = gpu.engine.w.dt;
+    let dt = gpu.engine.ctx.w.dt;
     let name = match plan {
         Some((_, label)) => format!("{} ({label})", files.identity),
         None => files.identity.clone(),

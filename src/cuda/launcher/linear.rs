@@ -10,7 +10,7 @@ use crate::launch::{k_of, split_for, GEMV_SMEM};
 use crate::source::weights::Half;
 
 use crate::cuda::gpu::{Args, DBuf, GpuError, GpuResult};
-use super::{Engine, GEMV_MAX_ROWS, GEMV_THREADS};
+use super::{Launcher, GEMV_MAX_ROWS, GEMV_THREADS};
 
 
 /// Shared memory of the cp.async GEMV's ring: per thread, ASYNC_STAGES (4) x ASYNC_U (2) 16-byte slots per matrix
@@ -94,7 +94,7 @@ pub(in crate::cuda) fn norm_kernel(rms: bool, dt: Half, d: usize) -> (String, u3
     }
 }
 
-impl Engine {
+impl Launcher {
     /// Blocks of `threads` for a kernel whose warps loop over `rows` rows (kernels/gemv.cu, qscore.cu): one warp a
     /// row when they fit on the multiprocessors at once, else as many blocks as fit, with the rows spread evenly
     /// (every warp gets the same number, give or take one, and each block stages its input once for all of them).
@@ -114,7 +114,7 @@ impl Engine {
     }
 
     /// Blocks of `f` one multiprocessor holds at once (the occupancy calculator, cached per kernel and shape).
-    pub(super) fn blocks_per_sm(&self, f: CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
+    pub(in crate::cuda) fn blocks_per_sm(&self, f: CUfunction, threads: u32, smem: usize) -> GpuResult<u32> {
         let key = (f as usize, threads, smem);
         if let Some(n) = self.occupancy.borrow().get(&key).copied() {
             return Ok(n);
@@ -158,7 +158,7 @@ impl Engine {
         self.gemv_group = if [0, 1, 2, 4].contains(&s) { s } else { 0 };
     }
 
-    /// The one-row group setting (see [`Engine::set_gemv_group`]).
+    /// The one-row group setting (see [`Launcher::set_gemv_group`]).
     pub fn gemv_group(&self) -> usize {
         self.gemv_group
     }
@@ -285,7 +285,7 @@ impl Engine {
         self.gpu.launch(f, (grid, 1, 1), threads, smem as u32, &mut args)
     }
 
-    /// [`Engine::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
+    /// [`Launcher::linear`] whose input is `norm(x)` when `norm` is given (then `x` is ignored).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_in(&self, w: CUdeviceptr, bias: Option<CUdeviceptr>, x: CUdeviceptr, norm: Option<NormIn>, out: CUdeviceptr, rows: usize, n: usize, k: usize, epi: Epi, y: CUdeviceptr) -> GpuResult<()> {
         let b0 = bias.unwrap_or(0);
@@ -340,20 +340,20 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn norm(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, rows: usize) -> GpuResult<()> {
+    pub(in crate::cuda) fn norm(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, rows: usize) -> GpuResult<()> {
         self.norm_copy(w, b, x, out, xout, 0, rows)
     }
 
-    /// [`Engine::norm`], also copying `x` itself to `xraw` (f32 `[rows, d]`) where it is not 0.
+    /// [`Launcher::norm`], also copying `x` itself to `xraw` (f32 `[rows, d]`) where it is not 0.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn norm_copy(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize) -> GpuResult<()> {
+    pub(in crate::cuda) fn norm_copy(&self, w: &DBuf, b: Option<&DBuf>, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize) -> GpuResult<()> {
         let rms = self.cfg.family == Family::Llama;
         self.norm_launch(rms, w.ptr, b.map_or(0, |b| b.ptr), x, out, xout, xraw, rows, self.cfg.hidden, self.cfg.norm_eps as f32)
     }
 
     /// The engine's norm kernel at width `d` (`norm_kernel`; kernels/norm.cu says what each pointer is, 0: none).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn norm_launch(&self, rms: bool, w: CUdeviceptr, b: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize, d: usize, eps: f32) -> GpuResult<()> {
+    pub(in crate::cuda) fn norm_launch(&self, rms: bool, w: CUdeviceptr, b: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, xout: CUdeviceptr, xraw: CUdeviceptr, rows: usize, d: usize, eps: f32) -> GpuResult<()> {
         let (name, threads) = norm_kernel(rms, self.dt(), d);
         let args = Args::new().ptr(x).ptr(w).ptr(b).ptr(out).ptr(xout).ptr(xraw).i32(d as i32).f32(eps);
         self.launch(&name, (rows as u32, 1, 1), threads, args)

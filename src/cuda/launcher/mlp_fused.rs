@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::launch::mlpf_pick;
 
 use crate::cuda::gpu::{Args, GpuError, GpuResult};
-use super::Engine;
+use super::Launcher;
 
 /// Threads of a fused-MLP block (W = 8 warps in kernels/mlp.cu; the `_x16` kernels take twice as many).
 const MLPF_THREADS: u32 = 256;
@@ -33,7 +33,7 @@ pub fn mlp_fuse_default(cfg: &ModelConfig) -> bool {
     }
 }
 
-impl Engine {
+impl Launcher {
     /// Device bytes an engine for `cfg` holds beyond the checkpoint's weights at start: the fused MLP's
     /// transposed down copies when the fused MLP is on ([`mlp_fuse_default`]; for `bench`'s fit check).
     pub fn extra_weight_bytes(cfg: &ModelConfig) -> usize {
@@ -44,14 +44,14 @@ impl Engine {
         }
     }
 
-    /// Make [`Engine::down_t`], the transposed down copies of every layer (the fused MLP's widths only, see
+    /// Make [`Launcher::down_t`], the transposed down copies of every layer (the fused MLP's widths only, see
     /// [`mlp_fused_fits`]).
-    pub(super) fn transpose_downs(&mut self) -> GpuResult<()> {
+    pub(in crate::cuda) fn transpose_downs(&mut self) -> GpuResult<()> {
         if mlp_fused_fits(self.cfg.hidden, self.cfg.hidden) {
             let (d, f) = (self.cfg.hidden, self.cfg.ffn);
             for l in 0..self.cfg.layers {
                 let b = self.gpu.alloc(f * d * 2)?;
-                crate::cuda::sparse::transpose(self, self.w.layers[l].down.ptr, b.ptr, d, f)?;
+                crate::cuda::gather::transpose(self, self.w.layers[l].down.ptr, b.ptr, d, f)?;
                 self.down_t.push(b);
             }
             self.gpu.sync()?;
@@ -97,7 +97,7 @@ impl Engine {
 
     /// Warps a fused-MLP block for `f` neurons of input width `k` and output width `d` by [`mlpf_pick`] from the
     /// occupancy of both kernels.
-    pub(super) fn mlpf_warps_for(&self, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<u32> {
+    pub(in crate::cuda) fn mlpf_warps_for(&self, f: usize, k: usize, d: usize, glu: bool) -> GpuResult<u32> {
         let per_sm = |warps: u32| -> GpuResult<usize> {
             let (func, threads) = self.mlpf_kernel(d, glu, warps)?;
             Ok(self.blocks_per_sm(func, threads, k * 4)? as usize)
