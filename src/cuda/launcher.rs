@@ -2,7 +2,9 @@
 //! launch settings (the `DEJAVU_*` knobs, read once at start), with the launches every piece shares: projections
 //! and norms (`linear`), the one-launch MLP (`mlp_fused`), and the grids of the row-looping kernels. The dense
 //! forward ([`super::engine`]) and the sparse layers ([`super::sparse`], [`super::heads`], [`super::select`],
-//! [`super::predict`]) all launch through it; it holds none of a forward's state (cache, scratch, graphs, plan).
+//! [`super::predict`]) all launch through it. Of a forward's state it holds only whether the forward under way
+//! runs one sequence (`one_seq`, which picks the projections' kernels), none of its buffers (cache, scratch, graphs,
+//! plan).
 
 mod linear;
 mod mlp_fused;
