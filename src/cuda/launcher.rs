@@ -21,7 +21,7 @@ use super::weights::Weights;
 
 pub(in crate::cuda) use linear::norm_kernel;
 pub use linear::{Epi, NormIn};
-pub use mlp_fused::{mlp_fuse_default, mlp_fused_fits};
+use mlp_fused::mlp_fuse_default;
 
 /// Rows at or below this go through our GEMV kernels (one weight pass serves them all); above, through cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 16;
